@@ -1,0 +1,30 @@
+//! Errors of the runtime. Each names what a user needs to find the fault: the FQNs, the
+//! units, and (once ranks run) the rank and the operation.
+
+/// The runtime's error type.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "parameter `{second_fqn}` (unit `{second_unit}`) is the same tensor as `{first_fqn}` \
+         (unit `{first_unit}`): tied parameters must live in one unit; move the tie into \
+         their lowest common unit"
+    )]
+    TieAcrossUnits { first_fqn: String, first_unit: String, second_fqn: String, second_unit: String },
+
+    #[error("the model and the VarMap disagree:\n  {}", mismatches.join("\n  "))]
+    VarMapMismatch { mismatches: Vec<String> },
+
+    #[error("`{fqn}` (template `{template}`) is not in the model's static table: the value does not match its type's schema")]
+    NotInTable { fqn: String, template: String },
+
+    #[error("unit `{fqn}` directly wraps another unit at the same FQN; remove one of the two `Unit`s")]
+    UnitInUnit { fqn: String },
+
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

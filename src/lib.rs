@@ -1,0 +1,9 @@
+//! candle-fsdp: fully sharded data parallel training for candle.
+//!
+//! Depend on this crate alone: it re-exports `#[derive(Shardable)]` and the runtime.
+
+// The derive names `::candle_fsdp`, also inside this crate.
+extern crate self as candle_fsdp;
+
+pub use fsdp_macros::Shardable;
+pub use fsdp_runtime::*;
