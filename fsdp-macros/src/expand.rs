@@ -83,6 +83,9 @@ fn expand(cont: &Container) -> TokenStream {
 
     let visit_arms = fields.iter().enumerate().map(|(index, field)| {
         let member = &field.member;
+        let ty = field.ty;
+        // Spanned at the type like `node`, so a missing impl is reported once, on the field.
+        let visit = quote_spanned!(ty.span()=> <#ty as #krate::schema::Shardable>::visit);
         let name = field_name(cont, field);
         let buffer = field.attrs.buffer || cont.attrs.buffer;
         let (enter_buffer, leave_buffer) = if buffer {
@@ -94,7 +97,7 @@ fn expand(cont: &Container) -> TokenStream {
             #index => {
                 visitor.enter(#name);
                 #enter_buffer
-                #krate::schema::Shardable::visit(&self.#member, visitor, order);
+                #visit(&self.#member, visitor, order);
                 #leave_buffer
                 visitor.leave();
             }
@@ -115,7 +118,9 @@ fn expand(cont: &Container) -> TokenStream {
     let rebuilt = cont.fields.iter().zip(&bindings).map(|(field, binding)| {
         let member = &field.member;
         if field.holds_tensors() {
-            quote!(#member: #krate::schema::Shardable::map_tensors(#binding, map)?)
+            let ty = field.ty;
+            let map_tensors = quote_spanned!(ty.span()=> <#ty as #krate::schema::Shardable>::map_tensors);
+            quote!(#member: #map_tensors(#binding, map)?)
         } else {
             quote!(#member: #binding)
         }

@@ -2,6 +2,7 @@
 
 use super::attr;
 use super::Ctxt;
+use syn::spanned::Spanned;
 use syn::{Member, Type};
 
 pub struct Container<'a> {
@@ -23,7 +24,6 @@ pub struct Field<'a> {
     pub member: Member,
     pub attrs: attr::Field,
     pub ty: &'a Type,
-    pub original: &'a syn::Field,
 }
 
 impl Field<'_> {
@@ -94,11 +94,11 @@ fn fields_from_ast<'a>(
         .map(|(index, field)| Field {
             member: match &field.ident {
                 Some(ident) => Member::Named(ident.clone()),
-                None => Member::Unnamed(index.into()),
+                // Spanned at the field's type: a tuple field has no name to point errors at.
+                None => Member::Unnamed(syn::Index { index: index as u32, span: field.ty.span() }),
             },
             attrs: attr::Field::from_ast(cx, field),
             ty: &field.ty,
-            original: field,
         })
         .collect()
 }

@@ -35,7 +35,7 @@ fn check_field(cx: &Ctxt, field: &Field) {
             );
         }
         if attrs.buffer {
-            cx.error_spanned_by(&field.original.ident, "a field cannot be both `skip` and `buffer`");
+            cx.error_spanned_by(&field.member, "a field cannot be both `skip` and `buffer`");
         }
         if let Some(name) = &attrs.rename {
             cx.syn_error(syn::Error::new(name.span, "a skipped field has no name to rename"));

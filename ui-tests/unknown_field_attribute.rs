@@ -1,0 +1,11 @@
+// An unknown key in a field's `#[fsdp(...)]` attribute.
+use candle_fsdp::Shardable;
+use candle_nn::Linear;
+
+#[derive(Shardable)]
+struct Model {
+    #[fsdp(frozen)]
+    proj: Linear,
+}
+
+fn main() {}
