@@ -7,3 +7,4 @@ extern crate self as candle_fsdp;
 
 pub use fsdp_macros::Shardable;
 pub use fsdp_runtime::*;
+pub mod models;

@@ -126,18 +126,24 @@ impl Layout {
 
     /// Checks that the model's tensors are exactly a `VarMap`'s variables, by name and by
     /// identity (the same tensor, not a copy). Lists every mismatched FQN.
+    ///
+    /// A tied parameter's second FQN may be absent from the `VarMap` (a model built through
+    /// a `VarBuilder` registers the shared tensor once, like PyTorch's `named_parameters()`);
+    /// where present, it must hold the same tensor.
     pub fn check_var_map(&self, var_map: &candle_nn::VarMap) -> Result<()> {
         let vars = var_map.data().lock().expect("VarMap lock poisoned");
         let mut mismatches = Vec::new();
-        let mut model_names: HashMap<&str, TensorId> = HashMap::new();
+        // FQN -> (tensor, whether the VarMap must hold the name).
+        let mut model_names: HashMap<&str, (TensorId, bool)> = HashMap::new();
         for param in &self.params {
-            model_names.insert(&param.fqn, param.tensor.id());
+            model_names.insert(&param.fqn, (param.tensor.id(), true));
         }
         for tie in &self.ties {
-            model_names.insert(&tie.fqn, self.params[tie.param].tensor.id());
+            model_names.insert(&tie.fqn, (self.params[tie.param].tensor.id(), false));
         }
-        for (fqn, id) in &model_names {
+        for (fqn, (id, required)) in &model_names {
             match vars.get(*fqn) {
+                None if !required => {}
                 None => mismatches.push(format!("{fqn}: in the model, not in the VarMap")),
                 Some(var) if var.as_tensor().id() != *id => {
                     mismatches.push(format!("{fqn}: the VarMap holds a different tensor under this name"))
@@ -221,7 +227,7 @@ impl Visitor for Collector {
         self.template_path.pop();
     }
 
-    fn enter_unit(&mut self) {
+    fn enter_unit(&mut self, _cell: &crate::unit::UnitCell) {
         let fqn = self.path.join(".");
         let template_fqn = self.template_path.join(".");
         let template = match self.unit_template_index.get(&template_fqn) {
@@ -312,7 +318,7 @@ impl Visitor for OrderCollector {
         self.path.pop();
     }
 
-    fn enter_unit(&mut self) {
+    fn enter_unit(&mut self, _cell: &crate::unit::UnitCell) {
         self.pre.push(self.current_unit());
     }
 

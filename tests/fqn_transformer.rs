@@ -1,0 +1,298 @@
+//! The FQN table, units and orders of the `nn.Transformer` port, against the values of
+//! PyTorch's `test_fsdp_backward_prefetch.py` (spec §1.1, §1.3).
+//!
+//! The seed builds `nn.Transformer(d_model=1024, nhead=8)` with 6 + 6 layers and
+//! dim_feedforward 2048; here d_model is 16 and dim_feedforward 32 for CPU speed. Names,
+//! units and orders do not depend on those sizes.
+//!
+//! Every expected value is written out literally from the spec.
+
+use candle_core::{DType, Device, Tensor};
+use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
+use candle_fsdp::{Layout, Role, ShardableModel};
+use candle_nn::{VarBuilder, VarMap};
+
+/// spec §1.3 `ENCODER_PARAM_FQNS` (12, flat-parameter order).
+const ENCODER_PARAM_FQNS: [&str; 12] = [
+    "encoder.layers.{index}.self_attn.in_proj_weight",
+    "encoder.layers.{index}.self_attn.in_proj_bias",
+    "encoder.layers.{index}.self_attn.out_proj.weight",
+    "encoder.layers.{index}.self_attn.out_proj.bias",
+    "encoder.layers.{index}.linear1.weight",
+    "encoder.layers.{index}.linear1.bias",
+    "encoder.layers.{index}.linear2.weight",
+    "encoder.layers.{index}.linear2.bias",
+    "encoder.layers.{index}.norm1.weight",
+    "encoder.layers.{index}.norm1.bias",
+    "encoder.layers.{index}.norm2.weight",
+    "encoder.layers.{index}.norm2.bias",
+];
+
+/// spec §1.3 `DECODER_PARAM_FQNS` (18, flat-parameter order).
+const DECODER_PARAM_FQNS: [&str; 18] = [
+    "decoder.layers.{index}.self_attn.in_proj_weight",
+    "decoder.layers.{index}.self_attn.in_proj_bias",
+    "decoder.layers.{index}.self_attn.out_proj.weight",
+    "decoder.layers.{index}.self_attn.out_proj.bias",
+    "decoder.layers.{index}.multihead_attn.in_proj_weight",
+    "decoder.layers.{index}.multihead_attn.in_proj_bias",
+    "decoder.layers.{index}.multihead_attn.out_proj.weight",
+    "decoder.layers.{index}.multihead_attn.out_proj.bias",
+    "decoder.layers.{index}.linear1.weight",
+    "decoder.layers.{index}.linear1.bias",
+    "decoder.layers.{index}.linear2.weight",
+    "decoder.layers.{index}.linear2.bias",
+    "decoder.layers.{index}.norm1.weight",
+    "decoder.layers.{index}.norm1.bias",
+    "decoder.layers.{index}.norm2.weight",
+    "decoder.layers.{index}.norm2.bias",
+    "decoder.layers.{index}.norm3.weight",
+    "decoder.layers.{index}.norm3.bias",
+];
+
+const ROOT_PARAM_FQNS: [&str; 4] = ["encoder.norm.weight", "encoder.norm.bias", "decoder.norm.weight", "decoder.norm.bias"];
+
+const D_MODEL: usize = 16;
+const DIM_FEEDFORWARD: usize = 32;
+
+fn config() -> TransformerConfig {
+    TransformerConfig {
+        d_model: D_MODEL,
+        nhead: 8,
+        num_encoder_layers: 6,
+        num_decoder_layers: 6,
+        dim_feedforward: DIM_FEEDFORWARD,
+        layer_norm_eps: 1e-5,
+    }
+}
+
+fn build() -> (Transformer, VarMap) {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let model = Transformer::new(&config(), vb).expect("build the transformer");
+    (model, varmap)
+}
+
+/// The template list with `{index}` replaced by `i`.
+fn layer_fqns(templates: &[&str], i: usize) -> Vec<String> {
+    templates.iter().map(|t| t.replace("{index}", &i.to_string())).collect()
+}
+
+#[test]
+fn static_table_lists_pytorch_flat_param_order() {
+    let table = Transformer::TABLE;
+    let actual: Vec<String> = table.params.iter().map(|p| p.fqn.to_string()).collect();
+    let mut expected: Vec<&str> = Vec::new();
+    expected.extend(ENCODER_PARAM_FQNS);
+    expected.extend(["encoder.norm.weight", "encoder.norm.bias"]);
+    expected.extend(DECODER_PARAM_FQNS);
+    expected.extend(["decoder.norm.weight", "decoder.norm.bias"]);
+    assert_eq!(actual, expected);
+    assert!(table.params.iter().all(|p| p.role == Role::Parameter));
+}
+
+#[test]
+fn static_table_has_root_and_two_layer_unit_templates() {
+    let table = Transformer::TABLE;
+    let units: Vec<String> = table.units.iter().map(|u| u.display_name()).collect();
+    assert_eq!(units, ["<root>", "encoder.layers.{index}", "decoder.layers.{index}"]);
+    assert_eq!(table.units[0].parent, None);
+    assert_eq!(table.units[1].parent, Some(0));
+    assert_eq!(table.units[2].parent, Some(0));
+
+    let fqns_of = |unit: usize| -> Vec<String> { table.unit_params(unit).map(|p| p.fqn.to_string()).collect() };
+    assert_eq!(fqns_of(0), ROOT_PARAM_FQNS);
+    assert_eq!(fqns_of(1), ENCODER_PARAM_FQNS);
+    assert_eq!(fqns_of(2), DECODER_PARAM_FQNS);
+
+    // Templates: root first / last, encoder before decoder.
+    assert_eq!(table.forward_order, [0, 1, 2]);
+    assert_eq!(table.post_forward_order, [1, 2, 0]);
+}
+
+#[test]
+fn layout_has_thirteen_units_with_the_spec_fqns() {
+    let (model, varmap) = build();
+    let layout = Layout::of(&model).expect("layout");
+    layout.check_var_map(&varmap).expect("the VarMap's keys are the model's FQNs");
+
+    assert_eq!(layout.units.len(), 13);
+    assert_eq!(layout.params.len(), 6 * 12 + 6 * 18 + 4);
+    assert!(layout.ties.is_empty());
+
+    let names: Vec<&str> = layout.units.iter().map(|u| u.display_name()).collect();
+    assert_eq!(
+        names,
+        [
+            "<root>",
+            "encoder.layers.0",
+            "encoder.layers.1",
+            "encoder.layers.2",
+            "encoder.layers.3",
+            "encoder.layers.4",
+            "encoder.layers.5",
+            "decoder.layers.0",
+            "decoder.layers.1",
+            "decoder.layers.2",
+            "decoder.layers.3",
+            "decoder.layers.4",
+            "decoder.layers.5",
+        ]
+    );
+
+    assert_eq!(layout.unit_fqns(0), ROOT_PARAM_FQNS);
+    for i in 0..6 {
+        let enc = layout.unit_named(&format!("encoder.layers.{i}")).expect("encoder unit");
+        assert_eq!(layout.unit_fqns(enc), layer_fqns(&ENCODER_PARAM_FQNS, i), "encoder layer {i}");
+        assert_eq!(layout.units[enc].parent, Some(0));
+        let dec = layout.unit_named(&format!("decoder.layers.{i}")).expect("decoder unit");
+        assert_eq!(layout.unit_fqns(dec), layer_fqns(&DECODER_PARAM_FQNS, i), "decoder layer {i}");
+        assert_eq!(layout.units[dec].parent, Some(0));
+    }
+}
+
+#[test]
+fn parameter_shapes_are_pytorch_shapes() {
+    let (model, _) = build();
+    let layout = Layout::of(&model).expect("layout");
+    let shape = |fqn: &str| -> Vec<usize> {
+        layout.params.iter().find(|p| p.fqn == fqn).unwrap_or_else(|| panic!("{fqn}")).tensor.dims().to_vec()
+    };
+    // spec §1.1 with d_model 16 and dim_feedforward 32.
+    assert_eq!(shape("encoder.layers.0.self_attn.in_proj_weight"), [48, 16]);
+    assert_eq!(shape("encoder.layers.0.self_attn.in_proj_bias"), [48]);
+    assert_eq!(shape("encoder.layers.0.self_attn.out_proj.weight"), [16, 16]);
+    assert_eq!(shape("encoder.layers.0.self_attn.out_proj.bias"), [16]);
+    assert_eq!(shape("encoder.layers.3.linear1.weight"), [32, 16]);
+    assert_eq!(shape("encoder.layers.3.linear1.bias"), [32]);
+    assert_eq!(shape("encoder.layers.3.linear2.weight"), [16, 32]);
+    assert_eq!(shape("encoder.layers.3.linear2.bias"), [16]);
+    assert_eq!(shape("decoder.layers.5.multihead_attn.in_proj_weight"), [48, 16]);
+    assert_eq!(shape("decoder.layers.5.norm3.weight"), [16]);
+    assert_eq!(shape("encoder.norm.bias"), [16]);
+    assert_eq!(shape("decoder.norm.weight"), [16]);
+}
+
+#[test]
+fn forward_and_post_forward_orders() {
+    let (model, _) = build();
+    let layout = Layout::of(&model).expect("layout");
+    let names = |order: &[usize]| -> Vec<String> {
+        order.iter().map(|&u| layout.units[u].display_name().to_string()).collect()
+    };
+    assert_eq!(
+        names(&layout.forward_order),
+        [
+            "<root>",
+            "encoder.layers.0",
+            "encoder.layers.1",
+            "encoder.layers.2",
+            "encoder.layers.3",
+            "encoder.layers.4",
+            "encoder.layers.5",
+            "decoder.layers.0",
+            "decoder.layers.1",
+            "decoder.layers.2",
+            "decoder.layers.3",
+            "decoder.layers.4",
+            "decoder.layers.5",
+        ]
+    );
+    assert_eq!(
+        names(&layout.post_forward_order),
+        [
+            "encoder.layers.0",
+            "encoder.layers.1",
+            "encoder.layers.2",
+            "encoder.layers.3",
+            "encoder.layers.4",
+            "encoder.layers.5",
+            "decoder.layers.0",
+            "decoder.layers.1",
+            "decoder.layers.2",
+            "decoder.layers.3",
+            "decoder.layers.4",
+            "decoder.layers.5",
+            "<root>",
+        ]
+    );
+}
+
+/// spec §1.3/§1.5, BACKWARD_PRE: the pre-backward hooks run root, dec5..dec0, enc5..enc0,
+/// and each prefetches the unit that ended its forward just before it.
+#[test]
+fn backward_pre_prefetch_targets_match_the_spec() {
+    let (model, _) = build();
+    let layout = Layout::of(&model).expect("layout");
+    let unit = |name: &str| layout.unit_named(name).unwrap_or_else(|| panic!("unit {name}"));
+
+    let pre_backward = [
+        "<root>",
+        "decoder.layers.5",
+        "decoder.layers.4",
+        "decoder.layers.3",
+        "decoder.layers.2",
+        "decoder.layers.1",
+        "decoder.layers.0",
+        "encoder.layers.5",
+        "encoder.layers.4",
+        "encoder.layers.3",
+        "encoder.layers.2",
+        "encoder.layers.1",
+        "encoder.layers.0",
+    ];
+    let expected_targets = [
+        Some("decoder.layers.5"),
+        Some("decoder.layers.4"),
+        Some("decoder.layers.3"),
+        Some("decoder.layers.2"),
+        Some("decoder.layers.1"),
+        Some("decoder.layers.0"),
+        Some("encoder.layers.5"),
+        Some("encoder.layers.4"),
+        Some("encoder.layers.3"),
+        Some("encoder.layers.2"),
+        Some("encoder.layers.1"),
+        Some("encoder.layers.0"),
+        None,
+    ];
+    let backward: Vec<&str> = layout.backward_order().map(|u| layout.units[u].display_name()).collect();
+    assert_eq!(backward, pre_backward);
+
+    let targets: Vec<Option<&str>> = pre_backward
+        .iter()
+        .map(|name| layout.backward_prefetch_target(unit(name)).map(|t| layout.units[t].display_name()))
+        .collect();
+    assert_eq!(targets, expected_targets);
+
+    // The seed's check rule with ENCODER_BEGIN_INDEX_FOR_PRE = 6: entry k is the decoder
+    // FQNs of layer 5 - k for k < 6, the encoder FQNs of layer 11 - k for 6 <= k <= 11,
+    // and None after.
+    for (k, name) in pre_backward.iter().enumerate() {
+        let recorded: Option<Vec<&str>> = layout.backward_prefetch_target(unit(name)).map(|t| layout.unit_fqns(t));
+        let expected: Option<Vec<String>> = match k {
+            0..=5 => Some(layer_fqns(&DECODER_PARAM_FQNS, 5 - k)),
+            6..=11 => Some(layer_fqns(&ENCODER_PARAM_FQNS, 11 - k)),
+            _ => None,
+        };
+        assert_eq!(recorded.map(|v| v.iter().map(|s| s.to_string()).collect::<Vec<_>>()), expected, "entry {k}");
+    }
+}
+
+#[test]
+fn forward_pass_gives_tgt_shaped_output() {
+    let (model, _) = build();
+    let device = Device::Cpu;
+    // The seed's input shapes (sequence x batch x d_model) with d_model 16.
+    let src = Tensor::randn(0f32, 1.0, (10, 1, D_MODEL), &device).unwrap();
+    let tgt = Tensor::randn(0f32, 1.0, (20, 1, D_MODEL), &device).unwrap();
+    let out = model.forward(&src, &tgt).expect("forward");
+    assert_eq!(out.dims(), [20, 1, D_MODEL]);
+    let values: Vec<f32> = out.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(values.iter().all(|v| v.is_finite()));
+
+    // A batch mismatch is refused with a message, not a shape error deep inside.
+    let bad_tgt = Tensor::zeros((20, 2, D_MODEL), DType::F32, &device).unwrap();
+    let err = model.forward(&src, &bad_tgt).unwrap_err().to_string();
+    assert!(err.contains("batch"), "{err}");
+}
