@@ -20,6 +20,21 @@ pub enum Error {
     #[error("unit `{fqn}` directly wraps another unit at the same FQN; remove one of the two `Unit`s")]
     UnitInUnit { fqn: String },
 
+    #[error("rank {rank}: {op} for {label} timed out after {timeout:?}; rank(s) {missing:?} never joined")]
+    CollectiveTimeout { rank: usize, op: String, label: String, timeout: std::time::Duration, missing: Vec<usize> },
+
+    #[error("rank {rank}: {op} for {label} was aborted: {reason}")]
+    CollectiveAborted { rank: usize, op: String, label: String, reason: String },
+
+    #[error("rank {rank}: {op} for {label} does not match {other}")]
+    CollectiveMismatch { rank: usize, op: String, label: String, other: String },
+
+    #[error("rank {rank} panicked: {message}")]
+    RankPanicked { rank: usize, message: String },
+
+    #[error("rank {rank}: {message}")]
+    Rank { rank: usize, message: String },
+
     #[error("invalid configuration: {0}")]
     Config(String),
 

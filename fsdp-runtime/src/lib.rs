@@ -1,19 +1,40 @@
 //! The runtime of candle-fsdp: the static model description that `#[derive(Shardable)]`
-//! emits, its expansion for a built model, and the sharding plan.
+//! emits, its expansion for a built model, the sharding plan, and the executor that trains
+//! a model sharded over ranks.
 
+pub mod activations;
+pub mod collectives;
+pub mod config;
 pub mod error;
+pub mod fsdp;
+pub mod launch;
 pub mod layers;
 pub mod layout;
+pub mod memory;
+mod ops;
+pub mod optim;
+mod param;
 pub mod plan;
 pub mod schema;
+mod sharded_unit;
+mod state;
 pub mod table;
+pub mod trace;
 pub mod unit;
 
+pub use activations::Activations;
+pub use collectives::Collectives;
+pub use config::{FsdpConfig, OrderCheck};
 pub use error::{Error, Result};
+pub use fsdp::Fsdp;
+pub use launch::{launch, launch_each, LaunchOptions, RankContext};
 pub use layout::{Layout, ParamInfo, Tie, UnitInfo};
-pub use plan::{Plan, ShardingStrategy};
+pub use memory::MemoryStats;
+pub use optim::{SgdMomentum, SgdMomentumConfig};
+pub use plan::{BackwardPrefetch, Plan, PlanConfig, ShardingStrategy};
 pub use schema::{Role, Shardable, VisitOrder};
 pub use table::{ShardableModel, StaticTable};
+pub use trace::{TraceEvent, UnshardCause};
 pub use unit::Unit;
 
 /// Items the derive's generated code names; not part of the public API.

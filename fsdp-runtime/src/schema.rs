@@ -105,8 +105,8 @@ pub trait Visitor {
     fn enter_index(&mut self, index: usize);
     /// Leaving the innermost segment entered.
     fn leave(&mut self);
-    /// Entering a unit boundary.
-    fn enter_unit(&mut self);
+    /// Entering a unit boundary; `cell` is where the unit's runtime is installed.
+    fn enter_unit(&mut self, cell: &crate::unit::UnitCell);
     /// Leaving the innermost unit.
     fn leave_unit(&mut self);
     /// A tensor leaf at the current path. `role` is the leaf's own role; a `buffer`

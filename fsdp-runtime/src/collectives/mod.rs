@@ -1,0 +1,91 @@
+//! Collective communication between ranks.
+//!
+//! [`Collectives`] is what the runtime needs from a process group: all-gather,
+//! reduce-scatter, all-reduce, broadcast and barrier over one group of ranks, plus
+//! sub-groups. Every operation is issued first and waited on later ([`Work`]), so a
+//! backend with its own communication stream (NCCL) can overlap it with compute; the CPU
+//! backend ([`threads`]) runs ranks as threads of one process. Every wait has a timeout,
+//! and every error names the rank, the operation and what it was for (the unit).
+
+pub mod threads;
+
+use crate::error::Result;
+use candle_core::Tensor;
+use std::fmt;
+
+/// How a reduction combines the ranks' contributions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    /// The sum divided by the group size.
+    Avg,
+}
+
+/// The kind of a collective, for matching calls across ranks and for messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    AllGather,
+    ReduceScatter(ReduceOp),
+    AllReduce(ReduceOp),
+    Broadcast { root: usize },
+    Barrier,
+}
+
+impl fmt::Display for OpKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpKind::AllGather => f.write_str("all_gather"),
+            OpKind::ReduceScatter(_) => f.write_str("reduce_scatter"),
+            OpKind::AllReduce(_) => f.write_str("all_reduce"),
+            OpKind::Broadcast { root } => write!(f, "broadcast from rank {root}"),
+            OpKind::Barrier => f.write_str("barrier"),
+        }
+    }
+}
+
+/// A collective that has been issued and not yet waited on.
+pub trait Pending: Send {
+    /// Blocks until every rank of the group has joined (or the timeout passes) and
+    /// returns this rank's result.
+    fn wait(self: Box<Self>) -> Result<Tensor>;
+}
+
+/// The handle to an issued collective.
+pub struct Work(Box<dyn Pending>);
+
+impl Work {
+    pub fn new(pending: impl Pending + 'static) -> Self {
+        Work(Box::new(pending))
+    }
+
+    pub fn wait(self) -> Result<Tensor> {
+        self.0.wait()
+    }
+}
+
+/// One rank's view of a group of ranks.
+///
+/// Inputs are 1-D contiguous tensors. `label` says what the operation is for (e.g.
+/// "unit `encoder.layers.3`") and appears in every error about it.
+pub trait Collectives: Send + Sync {
+    /// This rank's position in the group.
+    fn rank(&self) -> usize;
+    /// The number of ranks in the group.
+    fn size(&self) -> usize;
+    /// The rank's global rank (its position in the whole world), for messages.
+    fn global_rank(&self) -> usize;
+
+    /// Concatenates every rank's `input` (all the same length) in rank order.
+    fn all_gather(&self, input: &Tensor, label: &str) -> Result<Work>;
+    /// Reduces every rank's `input` (length divisible by the group size) and returns this
+    /// rank's contiguous chunk of the result.
+    fn reduce_scatter(&self, input: &Tensor, op: ReduceOp, label: &str) -> Result<Work>;
+    fn all_reduce(&self, input: &Tensor, op: ReduceOp, label: &str) -> Result<Work>;
+    /// Every rank receives `root`'s `input`.
+    fn broadcast(&self, input: &Tensor, root: usize, label: &str) -> Result<Work>;
+    fn barrier(&self, label: &str) -> Result<()>;
+
+    /// The sub-group of the listed global ranks. Every listed rank must make the same
+    /// call; this rank must be among them.
+    fn new_group(&self, global_ranks: &[usize]) -> Result<Box<dyn Collectives>>;
+}

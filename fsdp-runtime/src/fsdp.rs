@@ -1,0 +1,223 @@
+//! [`Fsdp`]: a model wrapped for fully sharded data parallel training on one rank.
+
+use crate::activations::Activations;
+use crate::collectives::Collectives;
+use crate::config::{FsdpConfig, ShardingStrategy};
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::memory::MemoryStats;
+use crate::ops::GradSink;
+use crate::param::{flat_shards, unflatten_gathered, ShardedParam};
+use crate::schema::{Role, VisitOrder, Visitor};
+use crate::sharded_unit::ShardedUnit;
+use crate::state::{RankState, ROOT};
+use crate::table::ShardableModel;
+use crate::trace::TraceEvent;
+use crate::unit::UnitCell;
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, TensorId, Var};
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+
+/// A model whose parameters are sharded over the ranks of a communicator.
+///
+/// Each rank wraps its own copy of the model. Afterwards the rank holds only its shard of
+/// every parameter ([`Fsdp::parameters`], what the optimizer steps); [`Fsdp::forward`] and
+/// the model's [`crate::Unit`]s gather parameters when they are needed and free them as
+/// the strategy says, and [`Fsdp::backward`] returns the shard gradients averaged over
+/// the ranks.
+pub struct Fsdp<M> {
+    model: M,
+    state: Arc<RankState>,
+}
+
+impl<M: ShardableModel> Fsdp<M> {
+    pub fn wrap(model: M, comm: Arc<dyn Collectives>, config: FsdpConfig) -> Result<Self> {
+        let layout = Layout::of(&model)?;
+        let sharded = config.strategy != ShardingStrategy::NoShard;
+        let (shard_rank, shard_world) = if sharded { (comm.rank(), comm.size()) } else { (0, 1) };
+
+        // Every rank starts from rank 0's values when asked to.
+        let mut values: HashMap<TensorId, Tensor> = HashMap::new();
+        for param in &layout.params {
+            let value = if config.sync_module_states && comm.size() > 1 {
+                let flat = param.tensor.flatten_all()?.contiguous()?;
+                let label = format!("initial value of `{}`", param.fqn);
+                comm.broadcast(&flat, 0, &label)?.wait()?.reshape(param.tensor.shape())?
+            } else {
+                param.tensor.clone()
+            };
+            values.insert(param.tensor.id(), value);
+        }
+
+        let build_units = |sink: Weak<dyn GradSink>| -> Result<Vec<ShardedUnit>> {
+            layout
+                .units
+                .iter()
+                .enumerate()
+                .map(|(index, unit)| {
+                    let trained: Vec<_> =
+                        unit.params.iter().map(|&p| &layout.params[p]).filter(|p| p.role == Role::Parameter).collect();
+                    if let Some(other) = trained.iter().find(|p| p.tensor.dtype() != trained[0].tensor.dtype()) {
+                        return Err(Error::Config(format!(
+                            "unit `{}` mixes dtypes: `{}` is {:?}, `{}` is {:?}; one unit is gathered in one collective",
+                            unit.display_name(),
+                            trained[0].fqn,
+                            trained[0].tensor.dtype(),
+                            other.fqn,
+                            other.tensor.dtype()
+                        )));
+                    }
+                    let params = trained
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| {
+                            let full = &values[&p.tensor.id()];
+                            Ok(ShardedParam::new(p.fqn.clone(), full, shard_rank, shard_world, sink.clone(), index, i)?)
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok(ShardedUnit::new(index, unit.display_name().to_string(), params, shard_world))
+                })
+                .collect()
+        };
+        let state = RankState::new(comm, config, layout.forward_order.clone(), build_units)?;
+
+        // The model's layers now hold the gathered nodes (and the synced buffers).
+        let mut replacement: HashMap<TensorId, Tensor> = values;
+        for unit in &state.units {
+            for (param, info) in unit.params.iter().zip(layout.units[unit.index].params.iter().map(|&p| &layout.params[p]).filter(|p| p.role == Role::Parameter)) {
+                replacement.insert(info.tensor.id(), param.gathered.clone());
+            }
+        }
+        drop(layout);
+        let model = model.map_tensors(&mut |t: Tensor| Ok(replacement.get(&t.id()).cloned().unwrap_or(t)))?;
+        drop(replacement);
+
+        let mut installer = CellInstaller { state: state.clone(), next: 1, error: None };
+        model.visit(&mut installer, VisitOrder::Declaration);
+        if let Some(error) = installer.error {
+            return Err(error);
+        }
+        state.release_initial()?;
+        Ok(Self { model, state })
+    }
+}
+
+impl<M> Fsdp<M> {
+    /// Runs the model's forward `f` as the root unit: the root's parameters are gathered
+    /// first and kept until the end of backward, and the outputs are hooked.
+    pub fn forward<R: Activations>(&self, f: impl FnOnce(&M) -> candle_core::Result<R>) -> Result<R> {
+        self.state.pre_forward(ROOT)?;
+        let outputs = f(&self.model)?;
+        self.state.post_forward(ROOT, outputs)
+    }
+
+    /// Backpropagates `loss`; returns a `GradStore` holding, for every shard `Var` that
+    /// received a gradient, that shard's gradient averaged over the ranks.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        let mut grads = loss.backward()?;
+        for (unit, param, grad) in self.state.finish_backward()? {
+            grads.insert(self.state.units[unit].params[param].shard.as_tensor(), grad);
+        }
+        Ok(grads)
+    }
+
+    /// This rank's shards of every trained parameter, in FQN-table order per unit.
+    pub fn parameters(&self) -> Vec<Var> {
+        self.named_parameters().into_iter().map(|(_, v)| v).collect()
+    }
+
+    pub fn named_parameters(&self) -> Vec<(String, Var)> {
+        self.state
+            .units
+            .iter()
+            .flat_map(|u| u.params.iter().map(|p| (p.fqn.clone(), p.shard.clone())))
+            .collect()
+    }
+
+    /// The full value of every trained parameter, gathered from the shards. A collective:
+    /// every rank must call it.
+    pub fn full_parameters(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for unit in &self.state.units {
+            if unit.params.is_empty() {
+                continue;
+            }
+            let flat = flat_shards(&unit.params)?;
+            let gathered = if unit.shard_world == 1 {
+                flat
+            } else {
+                self.state.comm.all_gather(&flat, &format!("full parameters of {}", unit.label()))?.wait()?
+            };
+            let values = unflatten_gathered(&unit.params, &gathered, unit.shard_world)?;
+            out.extend(unit.params.iter().map(|p| p.fqn.clone()).zip(values));
+        }
+        Ok(out)
+    }
+
+    /// The units' names and their trained parameters' FQNs, root first.
+    pub fn units(&self) -> Vec<(String, Vec<String>)> {
+        self.state
+            .units
+            .iter()
+            .map(|u| (u.name.clone(), u.params.iter().map(|p| p.fqn.clone()).collect()))
+            .collect()
+    }
+
+    pub fn trace(&self) -> Vec<TraceEvent> {
+        self.state.trace.events()
+    }
+
+    pub fn take_trace(&self) -> Vec<TraceEvent> {
+        self.state.trace.take()
+    }
+
+    pub fn memory(&self) -> MemoryStats {
+        self.state.memory.stats()
+    }
+
+    pub fn reset_memory_peak(&self) {
+        self.state.memory.reset_peak()
+    }
+
+    pub fn rank(&self) -> usize {
+        self.state.comm.rank()
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.state.comm.size()
+    }
+
+    pub fn config(&self) -> &FsdpConfig {
+        &self.state.config
+    }
+
+    /// The wrapped model, for reading its structure. Calling its forward directly skips
+    /// the root's gather; use [`Fsdp::forward`].
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+}
+
+/// Hands each `Unit` of the wrapped model its runtime, in declaration order (the order of
+/// the layout's units).
+struct CellInstaller {
+    state: Arc<RankState>,
+    next: usize,
+    error: Option<Error>,
+}
+
+impl Visitor for CellInstaller {
+    fn enter(&mut self, _name: &'static str) {}
+    fn enter_index(&mut self, _index: usize) {}
+    fn leave(&mut self) {}
+    fn tensor(&mut self, _tensor: &Tensor, _role: Role) {}
+    fn leave_unit(&mut self) {}
+
+    fn enter_unit(&mut self, cell: &UnitCell) {
+        if let Err(error) = cell.install(self.state.clone(), self.next) {
+            self.error.get_or_insert(error);
+        }
+        self.next += 1;
+    }
+}

@@ -1,0 +1,114 @@
+//! Runs one closure per rank, each on its own thread with its own communicator, and joins
+//! them. A rank that returns an error or panics aborts the world, so the others fail fast
+//! with an error naming it rather than waiting out their timeouts.
+
+use crate::collectives::threads::ThreadWorld;
+use crate::collectives::Collectives;
+use crate::error::{Error, Result};
+use std::any::Any;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How to start the ranks.
+#[derive(Clone, Copy, Debug)]
+pub struct LaunchOptions {
+    pub world_size: usize,
+    /// The longest any collective waits for its peers.
+    pub timeout: Duration,
+    /// Stack size of each rank's thread. candle's backward walks the graph recursively,
+    /// so deep models need more than the default 2 MiB.
+    pub stack_size: usize,
+}
+
+impl LaunchOptions {
+    pub fn new(world_size: usize) -> Self {
+        Self { world_size, timeout: Duration::from_secs(60), stack_size: 256 << 20 }
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+}
+
+/// What a rank's closure receives.
+#[derive(Clone)]
+pub struct RankContext {
+    pub rank: usize,
+    pub world_size: usize,
+    pub comm: Arc<dyn Collectives>,
+}
+
+/// Runs `f` on every rank and returns each rank's own result, in rank order.
+pub fn launch_each<R, F>(options: LaunchOptions, f: F) -> Result<Vec<Result<R>>>
+where
+    R: Send,
+    F: Fn(RankContext) -> Result<R> + Sync,
+{
+    let world = ThreadWorld::new(options.world_size, options.timeout)?;
+    let contexts = (0..options.world_size)
+        .map(|rank| {
+            let comm: Arc<dyn Collectives> = Arc::new(world.communicator(rank)?);
+            Ok(RankContext { rank, world_size: options.world_size, comm })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (world, f) = (&world, &f);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = contexts
+            .into_iter()
+            .map(|context| {
+                let rank = context.rank;
+                std::thread::Builder::new()
+                    .name(format!("rank-{rank}"))
+                    .stack_size(options.stack_size)
+                    .spawn_scoped(scope, move || {
+                        let outcome = match catch_unwind(AssertUnwindSafe(|| f(context))) {
+                            Ok(result) => result,
+                            Err(payload) => Err(Error::RankPanicked { rank, message: panic_message(payload) }),
+                        };
+                        if let Err(error) = &outcome {
+                            world.abort(format!("rank {rank} failed: {error}"));
+                        }
+                        outcome
+                    })
+                    .map_err(|e| Error::Rank { rank, message: format!("could not start its thread: {e}") })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(rank, handle)| {
+                let handle = handle?;
+                handle.join().unwrap_or_else(|payload| Err(Error::RankPanicked { rank, message: panic_message(payload) }))
+            })
+            .map(Ok)
+            .collect()
+    })
+}
+
+/// Runs `f` on every rank; all results in rank order, or the error that caused the
+/// failure (a rank's own error before the aborts it triggered on the others).
+pub fn launch<R, F>(options: LaunchOptions, f: F) -> Result<Vec<R>>
+where
+    R: Send,
+    F: Fn(RankContext) -> Result<R> + Sync,
+{
+    let outcomes = launch_each(options, f)?;
+    if outcomes.iter().all(|o| o.is_ok()) {
+        return Ok(outcomes.into_iter().map(|o| o.expect("checked")).collect());
+    }
+    let mut errors: Vec<Error> = outcomes.into_iter().filter_map(|o| o.err()).collect();
+    let cause = errors.iter().position(|e| !matches!(e, Error::CollectiveAborted { .. })).unwrap_or(0);
+    Err(errors.swap_remove(cause))
+}
+
+fn panic_message(payload: Box<dyn Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_string()
+    }
+}

@@ -1,0 +1,130 @@
+//! The candle custom ops through which the runtime takes part in autograd.
+//!
+//! - [`GatheredParam`]: the node a unit's full (gathered) parameter hangs from. Its input is
+//!   the rank's shard `Var`; in backward it receives the parameter's complete gradient
+//!   (every use in the step summed by candle) and hands it to the unit, which reduces all
+//!   its parameters' gradients in one collective. It returns no gradient itself, so full
+//!   gradients never reach the `GradStore`.
+//! - [`BackwardHook`]: a zero scalar computed from a tensor and added to it. Because it
+//!   consumes the tensor, candle's topological walk runs its backward before any op that
+//!   produced the tensor: on a unit's outputs that is the unit's pre-backward point.
+//! - [`Free`] and [`Fill`]: in-place storage swaps that release and restore a gathered
+//!   parameter's memory while every tensor and graph node referring to it stays valid.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, InplaceOp1, Layout, Result, Shape, Storage, Tensor};
+use std::sync::Mutex;
+
+/// The CPU storage behind `tensor`, copied, contiguous and starting at offset 0.
+pub(crate) fn cpu_storage(tensor: &Tensor) -> Result<CpuStorage> {
+    // `copy` would keep the layout (and the whole underlying buffer); this compacts.
+    let tensor = tensor.flatten_all()?.force_contiguous()?;
+    let (storage, _) = tensor.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => Ok(cpu.clone()),
+        _ => candle_core::bail!("candle-fsdp runs on CPU ranks only in this build; got a {:?} tensor", tensor.device()),
+    }
+}
+
+/// Called by the ops when autograd reaches them.
+pub(crate) trait GradSink: Send + Sync {
+    /// The complete gradient of parameter `param` of unit `unit`.
+    fn deposit(&self, unit: usize, param: usize, grad: &Tensor) -> Result<()>;
+    /// The gradient reached unit `unit`'s outputs: its backward is about to start.
+    fn pre_backward(&self, unit: usize) -> Result<()>;
+}
+
+/// See the module docs. `initial` is the full value the node starts with (consumed by the
+/// one forward that creates the node); later values arrive through [`Fill`].
+pub(crate) struct GatheredParam {
+    pub sink: std::sync::Weak<dyn GradSink>,
+    pub unit: usize,
+    pub param: usize,
+    pub initial: Mutex<Option<(CpuStorage, Shape)>>,
+}
+
+impl CustomOp1 for GatheredParam {
+    fn name(&self) -> &'static str {
+        "fsdp-gathered-param"
+    }
+
+    fn cpu_fwd(&self, _shard: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        match self.initial.lock().expect("op state").take() {
+            Some(initial) => Ok(initial),
+            None => candle_core::bail!("a gathered parameter node is created once and never recomputed"),
+        }
+    }
+
+    fn bwd(&self, _shard: &Tensor, _full: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if let Some(sink) = self.sink.upgrade() {
+            sink.deposit(self.unit, self.param, grad)?;
+        }
+        Ok(None)
+    }
+}
+
+/// See the module docs. Without a sink the node only orders the backward walk (it ties
+/// a tensor into another one's history, see `RankState::bind_inputs`).
+pub(crate) struct BackwardHook {
+    pub sink: Option<std::sync::Weak<dyn GradSink>>,
+    pub unit: usize,
+}
+
+impl CustomOp1 for BackwardHook {
+    fn name(&self) -> &'static str {
+        "fsdp-backward-hook"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let zero = cpu_storage(&Tensor::zeros((), storage.dtype(), &Device::Cpu)?)?;
+        Ok((zero, Shape::from(())))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, _grad: &Tensor) -> Result<Option<Tensor>> {
+        if let Some(sink) = self.sink.as_ref().and_then(|s| s.upgrade()) {
+            sink.pre_backward(self.unit)?;
+        }
+        Ok(None)
+    }
+}
+
+/// An empty CPU storage of `dtype`.
+fn empty_storage(dtype: DType) -> Result<CpuStorage> {
+    cpu_storage(&Tensor::zeros(0, dtype, &Device::Cpu)?)
+}
+
+/// Releases a tensor's storage in place. Reading the tensor before a [`Fill`] fails.
+pub(crate) struct Free;
+
+impl InplaceOp1 for Free {
+    fn name(&self) -> &'static str {
+        "fsdp-free"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, _layout: &Layout) -> Result<()> {
+        *storage = empty_storage(storage.dtype())?;
+        Ok(())
+    }
+}
+
+/// Puts data back into a tensor's storage in place.
+pub(crate) struct Fill(pub Mutex<Option<CpuStorage>>);
+
+impl InplaceOp1 for Fill {
+    fn name(&self) -> &'static str {
+        "fsdp-fill"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let data = self.0.lock().expect("op state").take();
+        match data {
+            Some(data) if data.dtype() == storage.dtype() => {
+                debug_assert!(layout.start_offset() == 0);
+                *storage = data;
+                Ok(())
+            }
+            Some(data) => candle_core::bail!("fill: {:?} data into a {:?} tensor", data.dtype(), storage.dtype()),
+            None => candle_core::bail!("fill: applied twice"),
+        }
+    }
+}

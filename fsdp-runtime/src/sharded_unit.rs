@@ -1,0 +1,100 @@
+//! One FSDP unit at run time: its sharded parameters, whether they are gathered, the
+//! gradients its backward has produced so far, and the three collective-backed steps
+//! (unshard, reshard, reduce) that [`crate::state::RankState`] sequences.
+
+use crate::collectives::{Collectives, ReduceOp};
+use crate::error::Result;
+use crate::ops::{cpu_storage, Fill, Free};
+use crate::param::{flat_shards, pack_for_reduce_scatter, split_reduced, unflatten_gathered, ShardedParam};
+use candle_core::Tensor;
+use std::sync::{Mutex, MutexGuard};
+
+/// The per-step flags of a unit (PyTorch FSDP1's handle state, by the same names).
+#[derive(Debug, Default)]
+pub(crate) struct UnitFlags {
+    pub gathered: bool,
+    /// Gathered ahead of its use by a prefetch and not used since.
+    pub prefetched: bool,
+    pub needs_pre_backward_unshard: bool,
+    pub ran_pre_backward: bool,
+    pub ran_post_backward: bool,
+    /// Full gradients handed over by autograd this step, by parameter.
+    pub grads: Vec<Option<Tensor>>,
+    /// Parameters whose gradient has not arrived yet this step.
+    pub grads_pending: usize,
+}
+
+pub(crate) struct ShardedUnit {
+    pub index: usize,
+    pub name: String,
+    pub params: Vec<ShardedParam>,
+    /// How many ranks the parameters are split over (1 without sharding).
+    pub shard_world: usize,
+    flags: Mutex<UnitFlags>,
+}
+
+impl ShardedUnit {
+    pub fn new(index: usize, name: String, params: Vec<ShardedParam>, shard_world: usize) -> Self {
+        let flags = UnitFlags {
+            gathered: true,
+            grads: vec![None; params.len()],
+            grads_pending: params.len(),
+            ..UnitFlags::default()
+        };
+        Self { index, name, params, shard_world, flags: Mutex::new(flags) }
+    }
+
+    pub fn flags(&self) -> MutexGuard<'_, UnitFlags> {
+        self.flags.lock().expect("unit flags lock")
+    }
+
+    /// What errors about this unit's collectives call it.
+    pub fn label(&self) -> String {
+        format!("unit `{}`", self.name)
+    }
+
+    pub fn gathered_bytes(&self) -> usize {
+        self.params.iter().map(|p| p.gathered_bytes()).sum()
+    }
+
+    /// All-gathers the parameters (one collective) and refills the gathered nodes.
+    pub fn gather(&self, comm: &dyn Collectives) -> Result<()> {
+        if self.params.is_empty() {
+            return Ok(());
+        }
+        let full = if self.shard_world == 1 {
+            flat_shards(&self.params)?
+        } else {
+            comm.all_gather(&flat_shards(&self.params)?, &self.label())?.wait()?
+        };
+        let values = unflatten_gathered(&self.params, &full, self.shard_world)?;
+        for (param, value) in self.params.iter().zip(values) {
+            param.gathered.inplace_op1(&Fill(Mutex::new(Some(cpu_storage(&value)?))))?;
+        }
+        Ok(())
+    }
+
+    /// Releases the gathered storage.
+    pub fn free(&self) -> Result<()> {
+        for param in &self.params {
+            param.gathered.inplace_op1(&Free)?;
+        }
+        Ok(())
+    }
+
+    /// Averages the gradients that arrived over the ranks (one collective) and returns
+    /// this rank's shard of each, by parameter index. Parameters without a gradient get
+    /// none, as in a plain backward.
+    pub fn reduce(&self, comm: &dyn Collectives, grads: Vec<(usize, Tensor)>) -> Result<Vec<(usize, Tensor)>> {
+        if grads.is_empty() {
+            return Ok(Vec::new());
+        }
+        let packed = pack_for_reduce_scatter(&self.params, &grads, self.shard_world)?;
+        let reduced = if self.shard_world == 1 {
+            comm.all_reduce(&packed, ReduceOp::Avg, &self.label())?.wait()?
+        } else {
+            comm.reduce_scatter(&packed, ReduceOp::Avg, &self.label())?.wait()?
+        };
+        Ok(split_reduced(&self.params, &grads, &reduced)?)
+    }
+}
