@@ -12,45 +12,8 @@ use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
 use candle_fsdp::{Layout, Role, ShardableModel};
 use candle_nn::{VarBuilder, VarMap};
 
-/// spec §1.3 `ENCODER_PARAM_FQNS` (12, flat-parameter order).
-const ENCODER_PARAM_FQNS: [&str; 12] = [
-    "encoder.layers.{index}.self_attn.in_proj_weight",
-    "encoder.layers.{index}.self_attn.in_proj_bias",
-    "encoder.layers.{index}.self_attn.out_proj.weight",
-    "encoder.layers.{index}.self_attn.out_proj.bias",
-    "encoder.layers.{index}.linear1.weight",
-    "encoder.layers.{index}.linear1.bias",
-    "encoder.layers.{index}.linear2.weight",
-    "encoder.layers.{index}.linear2.bias",
-    "encoder.layers.{index}.norm1.weight",
-    "encoder.layers.{index}.norm1.bias",
-    "encoder.layers.{index}.norm2.weight",
-    "encoder.layers.{index}.norm2.bias",
-];
-
-/// spec §1.3 `DECODER_PARAM_FQNS` (18, flat-parameter order).
-const DECODER_PARAM_FQNS: [&str; 18] = [
-    "decoder.layers.{index}.self_attn.in_proj_weight",
-    "decoder.layers.{index}.self_attn.in_proj_bias",
-    "decoder.layers.{index}.self_attn.out_proj.weight",
-    "decoder.layers.{index}.self_attn.out_proj.bias",
-    "decoder.layers.{index}.multihead_attn.in_proj_weight",
-    "decoder.layers.{index}.multihead_attn.in_proj_bias",
-    "decoder.layers.{index}.multihead_attn.out_proj.weight",
-    "decoder.layers.{index}.multihead_attn.out_proj.bias",
-    "decoder.layers.{index}.linear1.weight",
-    "decoder.layers.{index}.linear1.bias",
-    "decoder.layers.{index}.linear2.weight",
-    "decoder.layers.{index}.linear2.bias",
-    "decoder.layers.{index}.norm1.weight",
-    "decoder.layers.{index}.norm1.bias",
-    "decoder.layers.{index}.norm2.weight",
-    "decoder.layers.{index}.norm2.bias",
-    "decoder.layers.{index}.norm3.weight",
-    "decoder.layers.{index}.norm3.bias",
-];
-
-const ROOT_PARAM_FQNS: [&str; 4] = ["encoder.norm.weight", "encoder.norm.bias", "decoder.norm.weight", "decoder.norm.bias"];
+mod common;
+use common::seed_fqns::{layer_fqns, DECODER_PARAM_FQNS, ENCODER_PARAM_FQNS, ROOT_PARAM_FQNS};
 
 const D_MODEL: usize = 16;
 const DIM_FEEDFORWARD: usize = 32;
@@ -73,10 +36,6 @@ fn build() -> (Transformer, VarMap) {
     (model, varmap)
 }
 
-/// The template list with `{index}` replaced by `i`.
-fn layer_fqns(templates: &[&str], i: usize) -> Vec<String> {
-    templates.iter().map(|t| t.replace("{index}", &i.to_string())).collect()
-}
 
 #[test]
 fn static_table_lists_pytorch_flat_param_order() {

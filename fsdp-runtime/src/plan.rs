@@ -122,9 +122,11 @@ pub struct UnitPlan {
     pub fqns: Vec<String>,
     /// Trained elements (buffers excluded), unpadded.
     pub numel: usize,
-    /// Bytes of the unit's trained parameters when gathered (each padded to a multiple of
-    /// the world size, as the all-gather moves them).
+    /// Bytes of the unit's trained parameters when gathered.
     pub gathered_bytes: usize,
+    /// Bytes one all-gather or reduce-scatter of the unit moves: each parameter padded to
+    /// a multiple of the world size.
+    pub collective_bytes: usize,
     /// Bytes of this rank's shard of the unit's trained parameters.
     pub shard_bytes: usize,
     /// Bytes of the unit's buffers, replicated on every rank.
@@ -181,6 +183,7 @@ impl Plan {
                     fqns: layout.unit_fqns(index).into_iter().map(String::from).collect(),
                     numel: 0,
                     gathered_bytes: 0,
+                    collective_bytes: 0,
                     shard_bytes: 0,
                     buffer_bytes: 0,
                 };
@@ -194,7 +197,8 @@ impl Plan {
                             plan.numel += numel;
                             let shard = if shards { numel.div_ceil(world) } else { numel };
                             plan.shard_bytes += shard * size;
-                            plan.gathered_bytes += if shards { shard * world * size } else { numel * size };
+                            plan.gathered_bytes += numel * size;
+                            plan.collective_bytes += if shards { shard * world * size } else { numel * size };
                         }
                     }
                 }
@@ -282,8 +286,8 @@ fn full_shard_gathered_peak(layout: &Layout, units: &[UnitPlan], config: &PlanCo
 fn bytes_sent(units: &[UnitPlan], config: &PlanConfig) -> usize {
     let world = config.world_size;
     let ring = |bytes: usize| bytes * (world - 1) / world;
-    let all: usize = units.iter().map(|u| u.gathered_bytes).sum();
-    let root = units[0].gathered_bytes;
+    let all: usize = units.iter().map(|u| u.collective_bytes).sum();
+    let root = units[0].collective_bytes;
     match config.strategy {
         // Forward gathers every unit; backward gathers all but the root again; gradients
         // are reduce-scattered.

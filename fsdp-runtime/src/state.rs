@@ -230,37 +230,35 @@ impl RankState {
         Ok(outputs)
     }
 
-    /// Ties a unit's inputs into one autograd node, so that candle's backward walk reaches
-    /// every input (and what produced it) only after the unit's own parameters: their
-    /// gradients are then complete before earlier units' backward starts.
+    /// Ties a unit's inputs into its first input tensor, so that candle's backward walk
+    /// (a depth-first order from the loss) reaches every input, and what produced it, only
+    /// after the unit's own parameters: their gradients are then complete, and the unit's
+    /// post-backward runs, before the backward of the units that produced its inputs.
+    /// Without this, a unit whose second input comes from far back (a decoder layer's
+    /// encoder memory) would keep its parameters gathered through that whole backward.
     pub fn bind_inputs<I: Activations>(&self, inputs: I) -> Result<I> {
-        let mut tracked = Vec::new();
-        inputs.for_each_tensor(&mut |t| {
-            if t.track_op() {
-                tracked.push(t.clone())
-            }
-        });
-        if tracked.len() < 2 {
+        let mut tensors = Vec::new();
+        inputs.for_each_tensor(&mut |t| tensors.push(t.clone()));
+        let Some((first, rest)) = tensors.split_first() else {
             return Ok(inputs);
-        }
-        let first_id = tracked[0].id();
+        };
         let mut anchor: Option<Tensor> = None;
-        for other in &tracked[1..] {
-            let zero = other.apply_op1(BackwardHook { sink: None, unit: ROOT })?;
+        for other in rest.iter().filter(|t| t.track_op() && t.id() != first.id()) {
+            let zero = other.apply_op1(BackwardHook { sink: None, unit: ROOT })?.to_dtype(first.dtype())?;
             anchor = Some(match anchor {
                 None => zero,
-                Some(sum) => {
-                    let zero = zero.to_dtype(sum.dtype())?;
-                    (sum + zero)?
-                }
+                Some(sum) => (sum + zero)?,
             });
         }
-        let anchor = anchor.expect("at least one other input");
+        let Some(anchor) = anchor else {
+            return Ok(inputs);
+        };
+        let first_id = first.id();
         let mut bound = false;
         Ok(inputs.map_tensors(&mut |t| {
             if !bound && t.id() == first_id {
                 bound = true;
-                t.broadcast_add(&anchor.to_dtype(t.dtype())?)
+                t.broadcast_add(&anchor)
             } else {
                 Ok(t)
             }

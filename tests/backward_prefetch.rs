@@ -1,0 +1,137 @@
+//! Port of PyTorch's `test_fsdp_backward_prefetch.py` (spec §1): which unit each backward
+//! prefetch targets, under no prefetch, `BACKWARD_PRE` and `BACKWARD_POST`.
+//!
+//! The seed's model is `nn.Transformer(d_model=1024, nhead=8)` with 6 encoder and 6
+//! decoder layers, each layer a unit and the root holding the two final norms; world size
+//! 2, two iterations of SGD(lr 1e-2) on `model(src, tgt).sum()`. Here d_model is 64 and
+//! dim_feedforward 128 for CPU speed; the structure (layers, units, orders) is the seed's.
+//!
+//! The seed records, at every prefetch decision made in the configured mode, the FQNs of
+//! the unit returned (or None); per iteration it expects 13 entries under both modes.
+
+use candle_core::{DType, Tensor};
+use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
+use candle_fsdp::{launch, BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, TraceEvent};
+use candle_nn::{Optimizer, SGD};
+
+mod common;
+use common::seed_fqns::{layer_fqns, DECODER_PARAM_FQNS, ENCODER_PARAM_FQNS};
+
+const NUM_ITERS: usize = 2;
+const TOTAL_NUM_PREFETCH_FOR_PRE: usize = 12;
+const TOTAL_NUM_PREFETCH_FOR_POST: usize = 11;
+const ENCODER_BEGIN_INDEX_FOR_PRE: usize = 6;
+const ENCODER_BEGIN_INDEX_FOR_POST: usize = 5;
+const ENCODER_PREFETCH_NUM: usize = 5;
+const D_MODEL: usize = 64;
+
+fn config() -> TransformerConfig {
+    TransformerConfig {
+        d_model: D_MODEL,
+        nhead: 8,
+        num_encoder_layers: 6,
+        num_decoder_layers: 6,
+        dim_feedforward: 128,
+        layer_norm_eps: 1e-5,
+    }
+}
+
+/// The seed's check rule (spec §1.3) for entry `k` with encoder begin index `b`.
+fn expected_entry(k: usize, b: usize) -> Option<Vec<String>> {
+    if k < b {
+        Some(layer_fqns(&DECODER_PARAM_FQNS, b - 1 - k))
+    } else if k <= b + ENCODER_PREFETCH_NUM {
+        Some(layer_fqns(&ENCODER_PARAM_FQNS, b + ENCODER_PREFETCH_NUM - k))
+    } else {
+        None
+    }
+}
+
+/// Trains as the seed does and returns, per rank and iteration, the recorded prefetch
+/// targets as FQN lists.
+fn recorded_prefetches(mode: BackwardPrefetch) -> Vec<Vec<Vec<Option<Vec<String>>>>> {
+    let (_, _, snapshot) = common::build(None, DType::F32, |vb| Transformer::new(&config(), vb)).unwrap();
+    launch(LaunchOptions::new(2), |ctx| {
+        let (model, _, _) = common::build(Some(&snapshot), DType::F32, |vb| Transformer::new(&config(), vb))?;
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default().backward_prefetch(mode))?;
+        let units = fsdp.units();
+        let fqns_of = |name: &str| units.iter().find(|(n, _)| n == name).map(|(_, f)| f.clone()).unwrap();
+        let mut optimizer = SGD::new(fsdp.parameters(), 1e-2)?;
+        let seed = ctx.rank as u64 + 1;
+        let src = common::randn(seed, &[10, 1, D_MODEL]);
+        let tgt = common::randn(seed + 100, &[20, 1, D_MODEL]);
+        let mut per_iteration = Vec::new();
+        for _ in 0..NUM_ITERS {
+            let loss = fsdp.forward(|m| m.forward(&src, &tgt))?.sum_all()?;
+            optimizer.step(&fsdp.backward(&loss)?)?;
+            let recorded = fsdp
+                .take_trace()
+                .into_iter()
+                .filter_map(|event| match event {
+                    TraceEvent::BackwardPrefetch { target, .. } => Some(target.map(|t| fqns_of(&t))),
+                    _ => None,
+                })
+                .collect();
+            per_iteration.push(recorded);
+        }
+        Ok(per_iteration)
+    })
+    .unwrap()
+}
+
+fn check(mode: BackwardPrefetch, expected_len: usize, begin: usize) {
+    for (rank, iterations) in recorded_prefetches(mode).into_iter().enumerate() {
+        assert_eq!(iterations.len(), NUM_ITERS);
+        for (iteration, recorded) in iterations.into_iter().enumerate() {
+            assert_eq!(recorded.len(), expected_len, "{mode}: rank {rank} iteration {iteration}");
+            for (k, entry) in recorded.iter().enumerate() {
+                assert_eq!(entry, &expected_entry(k, begin), "{mode}: rank {rank} iteration {iteration} entry {k}");
+            }
+        }
+    }
+}
+
+#[test]
+fn no_backward_prefetch_records_nothing() {
+    check(BackwardPrefetch::None, 0, 0);
+}
+
+#[test]
+fn backward_pre_prefetches_dec5_to_enc0_then_none() {
+    check(BackwardPrefetch::Pre, TOTAL_NUM_PREFETCH_FOR_PRE + 1, ENCODER_BEGIN_INDEX_FOR_PRE);
+}
+
+#[test]
+fn backward_post_prefetches_dec4_to_enc0_then_none_twice() {
+    check(BackwardPrefetch::Post, TOTAL_NUM_PREFETCH_FOR_POST + 2, ENCODER_BEGIN_INDEX_FOR_POST);
+}
+
+/// The prefetches are real gathers, not only decisions: under `BACKWARD_PRE` every unit
+/// but the first-prefetched decoder layer is gathered by a prefetch in backward.
+#[test]
+fn backward_pre_gathers_through_prefetch() {
+    let (_, _, snapshot) = common::build(None, DType::F32, |vb| Transformer::new(&config(), vb)).unwrap();
+    let causes = launch(LaunchOptions::new(2), |ctx| {
+        let (model, _, _) = common::build(Some(&snapshot), DType::F32, |vb| Transformer::new(&config(), vb))?;
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
+        let src = common::randn(1, &[10, 1, D_MODEL]);
+        let tgt: Tensor = common::randn(2, &[20, 1, D_MODEL]);
+        let loss = fsdp.forward(|m| m.forward(&src, &tgt))?.sum_all()?;
+        fsdp.backward(&loss)?;
+        Ok(fsdp
+            .take_trace()
+            .into_iter()
+            .filter_map(|e| match e {
+                TraceEvent::Unshard { unit, cause: candle_fsdp::UnshardCause::BackwardPrefetch } => Some(unit),
+                _ => None,
+            })
+            .collect::<Vec<_>>())
+    })
+    .unwrap();
+    let expected: Vec<String> = (0..6)
+        .rev()
+        .map(|i| format!("decoder.layers.{i}"))
+        .chain((0..6).rev().map(|i| format!("encoder.layers.{i}")))
+        .collect();
+    assert_eq!(causes[0], expected);
+}

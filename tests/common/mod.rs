@@ -1,0 +1,90 @@
+//! Helpers shared by the integration tests: reproducible model construction (candle's CPU
+//! generator cannot be seeded, so a model is built once and its values copied into every
+//! other copy) and tolerance checks.
+#![allow(dead_code)]
+
+pub mod seed_fqns;
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use std::collections::HashMap;
+
+/// The values of every variable of a model, by FQN.
+#[derive(Clone)]
+pub struct Snapshot(pub HashMap<String, Tensor>);
+
+impl Snapshot {
+    pub fn of(var_map: &VarMap) -> Result<Self> {
+        let data = var_map.data().lock().expect("VarMap lock");
+        data.iter().map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?))).collect::<Result<_>>().map(Snapshot)
+    }
+}
+
+/// Builds a model with `ctor`; when `snapshot` is given, overwrites every variable with
+/// its value there, so every copy starts from the same parameters.
+pub fn build<M>(
+    snapshot: Option<&Snapshot>,
+    dtype: DType,
+    ctor: impl FnOnce(VarBuilder) -> Result<M>,
+) -> Result<(M, VarMap, Snapshot)> {
+    let var_map = VarMap::new();
+    let model = ctor(VarBuilder::from_varmap(&var_map, dtype, &Device::Cpu))?;
+    if let Some(snapshot) = snapshot {
+        let data = var_map.data().lock().expect("VarMap lock");
+        for (name, var) in data.iter() {
+            let value = snapshot.0.get(name).unwrap_or_else(|| panic!("snapshot has no `{name}`"));
+            var.set(value)?;
+        }
+    }
+    let snapshot = Snapshot::of(&var_map)?;
+    Ok((model, var_map, snapshot))
+}
+
+/// `|a - b| <= atol + rtol * |b|` elementwise (PyTorch's `assert_close`), with the worst
+/// offender in the message.
+pub fn assert_close(actual: &Tensor, expected: &Tensor, atol: f64, rtol: f64, what: &str) {
+    assert_eq!(actual.shape(), expected.shape(), "{what}: shapes differ");
+    let a = actual.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let e = expected.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let mut worst: Option<(usize, f64)> = None;
+    for (i, (x, y)) in a.iter().zip(&e).enumerate() {
+        let excess = (x - y).abs() - (atol + rtol * y.abs());
+        if excess > 0.0 && worst.is_none_or(|(_, w)| excess > w) {
+            worst = Some((i, excess));
+        }
+    }
+    if let Some((i, _)) = worst {
+        panic!("{what}: element {i} is {} but expected {} (atol {atol}, rtol {rtol})", a[i], e[i]);
+    }
+}
+
+/// PyTorch's default float32 tolerances.
+pub const F32_ATOL: f64 = 1e-5;
+pub const F32_RTOL: f64 = 1.3e-6;
+
+/// A deterministic pseudo-random tensor in [0, 1): `seed` picks the sequence, so ranks
+/// can draw different inputs reproducibly.
+pub fn rand(seed: u64, shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let values: Vec<f32> = (0..n)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 40) as f32) / ((1u64 << 24) as f32)
+        })
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
+
+/// As [`rand`], standard-normal by Box-Muller.
+pub fn randn(seed: u64, shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    let u = rand(seed, &[2 * n]).to_vec1::<f32>().unwrap();
+    let values: Vec<f32> = (0..n)
+        .map(|i| {
+            let (u1, u2) = ((u[2 * i] as f64).max(1e-12), u[2 * i + 1] as f64);
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+        })
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
