@@ -34,6 +34,7 @@ pub struct Fsdp<M> {
 impl<M: ShardableModel> Fsdp<M> {
     pub fn wrap(model: M, comm: Arc<dyn Collectives>, config: FsdpConfig) -> Result<Self> {
         let layout = Layout::of(&model)?;
+        check_ranks_agree(comm.as_ref(), &layout)?;
         let sharded = config.strategy != ShardingStrategy::NoShard;
         let (shard_rank, shard_world) = if sharded { (comm.rank(), comm.size()) } else { (0, 1) };
 
@@ -197,6 +198,36 @@ impl<M> Fsdp<M> {
     pub fn model(&self) -> &M {
         &self.model
     }
+}
+
+/// Refuses to wrap when the ranks disagree on the world size or on the model's shape: a
+/// mismatch would otherwise surface later as a failed or mismatched collective.
+fn check_ranks_agree(comm: &dyn Collectives, layout: &Layout) -> Result<()> {
+    let trained = layout.params.iter().filter(|p| p.role == Role::Parameter);
+    let facts = [
+        comm.size() as f64,
+        layout.units.len() as f64,
+        trained.clone().count() as f64,
+        trained.map(|p| p.tensor.elem_count()).sum::<usize>() as f64,
+    ];
+    let mine = Tensor::new(&facts, &candle_core::Device::Cpu)?;
+    let all = comm.all_gather(&mine, "the wrap-time check that all ranks agree")?.wait()?.to_vec1::<f64>()?;
+    let describe = |f: &[f64]| {
+        format!("world size {}, {} units, {} parameters, {} elements", f[0], f[1], f[2], f[3])
+    };
+    for (rank, theirs) in all.chunks(facts.len()).enumerate() {
+        if theirs != all[..facts.len()].as_ref() {
+            return Err(Error::Rank {
+                rank: comm.global_rank(),
+                message: format!(
+                    "ranks disagree before wrapping: group rank 0 has {} but group rank {rank} has {}",
+                    describe(&all[..facts.len()]),
+                    describe(theirs)
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Hands each `Unit` of the wrapped model its runtime, in declaration order (the order of
