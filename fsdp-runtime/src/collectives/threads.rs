@@ -48,6 +48,17 @@ struct Slot {
     contributions: Vec<Option<Tensor>>,
     arrived: Vec<bool>,
     departed: usize,
+    /// A later call that did not match this one: what it was, e.g. "rank 1's all_reduce of
+    /// 4 F32 elements for unit `x`". The ranks already waiting here report it.
+    mismatch: Option<String>,
+}
+
+/// A call for messages: "all_reduce of 4 F32 elements", or "barrier".
+fn describe(kind: OpKind, len: usize, dtype: Option<DType>) -> String {
+    match dtype {
+        Some(dtype) => format!("{kind} of {len} {dtype:?} elements"),
+        None => kind.to_string(),
+    }
 }
 
 impl ThreadWorld {
@@ -142,17 +153,24 @@ impl ThreadComm {
             contributions: vec![None; size],
             arrived: vec![false; size],
             departed: 0,
+            mismatch: None,
         });
         if slot.kind != kind || slot.len != len || slot.dtype != dtype {
+            let op = describe(kind, len, dtype);
             let error = Error::CollectiveMismatch {
                 rank: global_rank,
-                op: format!("{kind} of {len} {dtype:?} elements"),
+                op: op.clone(),
                 label: label.to_string(),
                 other: format!(
-                    "rank {}'s {} of {} {:?} elements for {}",
-                    slot.first_rank, slot.kind, slot.len, slot.dtype, slot.label
+                    "rank {}'s {} for {}",
+                    slot.first_rank,
+                    describe(slot.kind, slot.len, slot.dtype),
+                    slot.label
                 ),
             };
+            // The ranks that already joined this call fail with the mismatch too, not
+            // with the abort it causes.
+            slot.mismatch.get_or_insert(format!("rank {global_rank}'s {op} for {label}"));
             drop(state);
             self.shared.abort(error.to_string());
             return Err(error);
@@ -187,6 +205,15 @@ impl ThreadPending {
         let deadline = Instant::now() + self.shared.timeout;
         let mut state = self.shared.lock();
         loop {
+            let slot = state.slots.get(&self.key).expect("a slot lives until every rank departed");
+            if let Some(other) = &slot.mismatch {
+                return Err(Error::CollectiveMismatch {
+                    rank: self.global_rank,
+                    op: describe(slot.kind, slot.len, slot.dtype),
+                    label: self.label.clone(),
+                    other: other.clone(),
+                });
+            }
             if let Some(reason) = &state.aborted {
                 return Err(Error::CollectiveAborted {
                     rank: self.global_rank,
@@ -195,7 +222,6 @@ impl ThreadPending {
                     reason: reason.clone(),
                 });
             }
-            let slot = state.slots.get(&self.key).expect("a slot lives until every rank departed");
             if slot.arrived.iter().all(|&a| a) {
                 break;
             }
