@@ -5,6 +5,6 @@
 // The derive names `::candle_fsdp`, also inside this crate.
 extern crate self as candle_fsdp;
 
-pub use fsdp_macros::Shardable;
+pub use fsdp_macros::{Activations, Shardable};
 pub use fsdp_runtime::*;
 pub mod models;

@@ -6,6 +6,7 @@
 //! generates code (`expand`); on errors it still emits a stand-in impl so a mistake is
 //! reported once, at its own tokens.
 
+mod activations;
 mod expand;
 mod internals;
 
@@ -29,4 +30,13 @@ pub fn derive_shardable(input: TokenStream) -> TokenStream {
             quote::quote!(#errors #fallback).into()
         }
     }
+}
+
+/// Derives `candle_fsdp::Activations` for a struct passed into or out of a unit: every
+/// field's tensors, in declaration order. Every field's type must implement
+/// `Activations` (tensors, containers of them, and plain values such as numbers do).
+#[proc_macro_derive(Activations)]
+pub fn derive_activations(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    activations::derive_activations(&input).unwrap_or_else(syn::Error::into_compile_error).into()
 }

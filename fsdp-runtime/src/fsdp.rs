@@ -33,18 +33,37 @@ pub struct Fsdp<M> {
 
 impl<M: ShardableModel> Fsdp<M> {
     pub fn wrap(model: M, comm: Arc<dyn Collectives>, config: FsdpConfig) -> Result<Self> {
+        Self::wrap_with_groups(model, comm, config, Vec::new())
+    }
+
+    /// As [`Fsdp::wrap`], with some units sharded over their own group of ranks instead
+    /// of the world: `(unit name, group)`. A size-1 group keeps a unit whole and
+    /// unreduced on its rank (a per-rank expert), like PyTorch FSDP on `new_group([rank])`.
+    pub fn wrap_with_groups(
+        model: M,
+        comm: Arc<dyn Collectives>,
+        config: FsdpConfig,
+        unit_groups: Vec<(String, Arc<dyn Collectives>)>,
+    ) -> Result<Self> {
         let layout = Layout::of(&model)?;
         check_ranks_agree(comm.as_ref(), &layout)?;
+        let mut unit_comms: Vec<Arc<dyn Collectives>> = vec![comm.clone(); layout.units.len()];
+        for (name, group) in unit_groups {
+            let index = layout.unit_named(&name).ok_or_else(|| {
+                Error::Config(format!("a group is given for unit `{name}`, but the model has no such unit"))
+            })?;
+            unit_comms[index] = group;
+        }
         let sharded = config.strategy != ShardingStrategy::NoShard;
-        let (shard_rank, shard_world) = if sharded { (comm.rank(), comm.size()) } else { (0, 1) };
 
-        // Every rank starts from rank 0's values when asked to.
+        // Every rank starts from its group's first rank's values when asked to.
         let mut values: HashMap<TensorId, Tensor> = HashMap::new();
         for param in &layout.params {
-            let value = if config.sync_module_states && comm.size() > 1 {
+            let group = &unit_comms[param.unit];
+            let value = if config.sync_module_states && group.size() > 1 {
                 let flat = param.tensor.flatten_all()?.contiguous()?;
                 let label = format!("initial value of `{}`", param.fqn);
-                comm.broadcast(&flat, 0, &label)?.wait()?.reshape(param.tensor.shape())?
+                group.broadcast(&flat, 0, &label)?.wait()?.reshape(param.tensor.shape())?
             } else {
                 param.tensor.clone()
             };
@@ -69,6 +88,8 @@ impl<M: ShardableModel> Fsdp<M> {
                             other.tensor.dtype()
                         )));
                     }
+                    let group = unit_comms[index].clone();
+                    let (shard_rank, shard_world) = if sharded { (group.rank(), group.size()) } else { (0, 1) };
                     let params = trained
                         .iter()
                         .enumerate()
@@ -77,7 +98,7 @@ impl<M: ShardableModel> Fsdp<M> {
                             Ok(ShardedParam::new(p.fqn.clone(), full, shard_rank, shard_world, sink.clone(), index, i)?)
                         })
                         .collect::<Result<Vec<_>>>()?;
-                    Ok(ShardedUnit::new(index, unit.display_name().to_string(), params, shard_world))
+                    Ok(ShardedUnit::new(index, unit.display_name().to_string(), params, group, shard_world))
                 })
                 .collect()
         };
@@ -123,6 +144,51 @@ impl<M> Fsdp<M> {
         Ok(grads)
     }
 
+    /// Runs `f` for inference: units gather and free as in training, but no backward
+    /// hook is attached, the outputs are detached, and every unit (the root too) is freed
+    /// at the end. candle has no grad mode, so the operations are still recorded while `f`
+    /// runs; the record is dropped with the detached outputs.
+    pub fn forward_inference<R: Activations>(&self, f: impl FnOnce(&M) -> candle_core::Result<R>) -> Result<R> {
+        use std::sync::atomic::Ordering;
+        self.state.inference.store(true, Ordering::Relaxed);
+        let outputs = self.forward(f);
+        self.state.inference.store(false, Ordering::Relaxed);
+        let outputs = outputs?;
+        self.state.finish_inference()?;
+        Ok(outputs)
+    }
+
+    /// With `false`, backward passes keep each rank's unsharded gradients and add them up
+    /// instead of reducing them (PyTorch's `no_sync`, FSDP2's
+    /// `set_requires_gradient_sync`); the first backward with `true` again reduces the sum.
+    /// Costs one unsharded copy of the gradients per rank while off.
+    pub fn set_requires_gradient_sync(&self, sync: bool) {
+        self.state.gradient_sync.store(sync, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Registers `hook` to run on parameter `fqn`'s shard and its reduced shard gradient
+    /// each time backward produces that gradient, before `backward` returns (PyTorch's
+    /// `register_post_accumulate_grad_hook` on a sharded parameter).
+    pub fn register_post_accumulate_grad_hook(
+        &self,
+        fqn: &str,
+        hook: impl FnMut(&Var, &Tensor) -> candle_core::Result<()> + Send + 'static,
+    ) -> Result<()> {
+        for unit in &self.state.units {
+            if let Some(param) = unit.params.iter().position(|p| p.fqn == fqn) {
+                self.state.register_post_accumulate_hook(unit.index, param, Box::new(hook));
+                return Ok(());
+            }
+        }
+        Err(Error::Config(format!("no trained parameter is named `{fqn}`")))
+    }
+
+    /// How many backward hooks the graphs of earlier forwards still hold: one per hooked
+    /// output tensor of each unit's forward, gone when those outputs are dropped.
+    pub fn live_backward_hooks(&self) -> usize {
+        self.state.live_hooks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// This rank's shards of every trained parameter, in FQN-table order per unit.
     pub fn parameters(&self) -> Vec<Var> {
         self.named_parameters().into_iter().map(|(_, v)| v).collect()
@@ -148,7 +214,7 @@ impl<M> Fsdp<M> {
             let gathered = if unit.shard_world == 1 {
                 flat
             } else {
-                self.state.comm.all_gather(&flat, &format!("full parameters of {}", unit.label()))?.wait()?
+                unit.comm.all_gather(&flat, &format!("full parameters of {}", unit.label()))?.wait()?
             };
             let values = unflatten_gathered(&unit.params, &gathered, unit.shard_world)?;
             out.extend(unit.params.iter().map(|p| p.fqn.clone()).zip(values));

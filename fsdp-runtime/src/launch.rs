@@ -16,6 +16,8 @@ pub struct LaunchOptions {
     pub world_size: usize,
     /// The longest any collective waits for its peers.
     pub timeout: Duration,
+    /// Every reduce-scatter sleeps this long first (a slow-network fault injection).
+    pub reduce_scatter_delay: Duration,
     /// Stack size of each rank's thread. candle's backward walks the graph recursively,
     /// so deep models need more than the default 2 MiB.
     pub stack_size: usize,
@@ -23,11 +25,16 @@ pub struct LaunchOptions {
 
 impl LaunchOptions {
     pub fn new(world_size: usize) -> Self {
-        Self { world_size, timeout: Duration::from_secs(60), stack_size: 256 << 20 }
+        Self { world_size, timeout: Duration::from_secs(60), reduce_scatter_delay: Duration::ZERO, stack_size: 256 << 20 }
     }
 
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    pub fn reduce_scatter_delay(mut self, delay: Duration) -> Self {
+        self.reduce_scatter_delay = delay;
         self
     }
 }
@@ -47,6 +54,7 @@ where
     F: Fn(RankContext) -> Result<R> + Sync,
 {
     let world = ThreadWorld::new(options.world_size, options.timeout)?;
+    world.delay_reduce_scatter(options.reduce_scatter_delay);
     let contexts = (0..options.world_size)
         .map(|rank| {
             let comm: Arc<dyn Collectives> = Arc::new(world.communicator(rank)?);

@@ -41,4 +41,5 @@ pub use unit::Unit;
 #[doc(hidden)]
 pub mod __private {
     pub type CandleResult<T> = candle_core::Result<T>;
+    pub use candle_core::Tensor;
 }

@@ -13,7 +13,8 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, InplaceOp1, Layout, Result, Shape, Storage, Tensor};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// The CPU storage behind `tensor`, copied, contiguous and starting at offset 0.
 pub(crate) fn cpu_storage(tensor: &Tensor) -> Result<CpuStorage> {
@@ -68,6 +69,25 @@ impl CustomOp1 for GatheredParam {
 pub(crate) struct BackwardHook {
     pub sink: Option<std::sync::Weak<dyn GradSink>>,
     pub unit: usize,
+    /// Counts the hook as live until the graph holding it is dropped.
+    pub _live: Option<LiveHook>,
+}
+
+/// Increments a counter while alive: the runtime can tell how many backward hooks the
+/// graphs still hold (none once the outputs of a step are dropped).
+pub(crate) struct LiveHook(Arc<AtomicUsize>);
+
+impl LiveHook {
+    pub fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for LiveHook {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl CustomOp1 for BackwardHook {

@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::ops::{cpu_storage, Fill, Free};
 use crate::param::{flat_shards, pack_for_reduce_scatter, split_reduced, unflatten_gathered, ShardedParam};
 use candle_core::Tensor;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The per-step flags of a unit (PyTorch FSDP1's handle state, by the same names).
 #[derive(Debug, Default)]
@@ -22,26 +22,38 @@ pub(crate) struct UnitFlags {
     pub grads: Vec<Option<Tensor>>,
     /// Parameters whose gradient has not arrived yet this step.
     pub grads_pending: usize,
+    /// Unsharded gradients kept from backward passes run without gradient sync.
+    pub accumulated: Vec<Option<Tensor>>,
 }
 
 pub(crate) struct ShardedUnit {
     pub index: usize,
     pub name: String,
     pub params: Vec<ShardedParam>,
+    /// The ranks this unit is sharded over and reduced across: the world, or the group
+    /// given for it at wrap time (a size-1 group keeps a unit local to its rank).
+    pub comm: Arc<dyn Collectives>,
     /// How many ranks the parameters are split over (1 without sharding).
     pub shard_world: usize,
     flags: Mutex<UnitFlags>,
 }
 
 impl ShardedUnit {
-    pub fn new(index: usize, name: String, params: Vec<ShardedParam>, shard_world: usize) -> Self {
+    pub fn new(
+        index: usize,
+        name: String,
+        params: Vec<ShardedParam>,
+        comm: Arc<dyn Collectives>,
+        shard_world: usize,
+    ) -> Self {
         let flags = UnitFlags {
             gathered: true,
             grads: vec![None; params.len()],
             grads_pending: params.len(),
+            accumulated: vec![None; params.len()],
             ..UnitFlags::default()
         };
-        Self { index, name, params, shard_world, flags: Mutex::new(flags) }
+        Self { index, name, params, comm, shard_world, flags: Mutex::new(flags) }
     }
 
     pub fn flags(&self) -> MutexGuard<'_, UnitFlags> {
@@ -58,14 +70,14 @@ impl ShardedUnit {
     }
 
     /// All-gathers the parameters (one collective) and refills the gathered nodes.
-    pub fn gather(&self, comm: &dyn Collectives) -> Result<()> {
+    pub fn gather(&self) -> Result<()> {
         if self.params.is_empty() {
             return Ok(());
         }
         let full = if self.shard_world == 1 {
             flat_shards(&self.params)?
         } else {
-            comm.all_gather(&flat_shards(&self.params)?, &self.label())?.wait()?
+            self.comm.all_gather(&flat_shards(&self.params)?, &self.label())?.wait()?
         };
         let values = unflatten_gathered(&self.params, &full, self.shard_world)?;
         for (param, value) in self.params.iter().zip(values) {
@@ -85,15 +97,15 @@ impl ShardedUnit {
     /// Averages the gradients that arrived over the ranks (one collective) and returns
     /// this rank's shard of each, by parameter index. Parameters without a gradient get
     /// none, as in a plain backward.
-    pub fn reduce(&self, comm: &dyn Collectives, grads: Vec<(usize, Tensor)>) -> Result<Vec<(usize, Tensor)>> {
+    pub fn reduce(&self, grads: Vec<(usize, Tensor)>) -> Result<Vec<(usize, Tensor)>> {
         if grads.is_empty() {
             return Ok(Vec::new());
         }
         let packed = pack_for_reduce_scatter(&self.params, &grads, self.shard_world)?;
         let reduced = if self.shard_world == 1 {
-            comm.all_reduce(&packed, ReduceOp::Avg, &self.label())?.wait()?
+            self.comm.all_reduce(&packed, ReduceOp::Avg, &self.label())?.wait()?
         } else {
-            comm.reduce_scatter(&packed, ReduceOp::Avg, &self.label())?.wait()?
+            self.comm.reduce_scatter(&packed, ReduceOp::Avg, &self.label())?.wait()?
         };
         Ok(split_reduced(&self.params, &grads, &reduced)?)
     }

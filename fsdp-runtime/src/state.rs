@@ -14,10 +14,12 @@ use crate::collectives::Collectives;
 use crate::config::{BackwardPrefetch, FsdpConfig, OrderCheck, ShardingStrategy};
 use crate::error::{Error, Result};
 use crate::memory::MemoryTracker;
-use crate::ops::{BackwardHook, GradSink};
+use crate::ops::{BackwardHook, GradSink, LiveHook};
 use crate::sharded_unit::ShardedUnit;
 use crate::trace::{Trace, TraceEvent, UnshardCause};
 use candle_core::Tensor;
+use candle_core::Var;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 /// The unit of parameters that sit in no `Unit`.
@@ -44,9 +46,20 @@ pub(crate) struct RankState {
     pub forward_order: Vec<usize>,
     pub trace: Trace,
     pub memory: MemoryTracker,
+    /// Whether backward reduces gradients; when off they accumulate unsharded per rank.
+    pub gradient_sync: AtomicBool,
+    /// While on, forwards attach no backward hooks and free the root at the end.
+    pub inference: AtomicBool,
+    /// Backward hooks attached to outputs and not yet dropped with their graphs.
+    pub live_hooks: Arc<AtomicUsize>,
+    post_accumulate_hooks: Mutex<Vec<(usize, usize, PostAccumulateHook)>>,
     step: Mutex<Step>,
     this: Weak<RankState>,
 }
+
+/// Called with a parameter's shard and its reduced shard gradient, right after the
+/// gradient is computed in backward (PyTorch's post-accumulate-grad hook).
+pub type PostAccumulateHook = Box<dyn FnMut(&Var, &Tensor) -> candle_core::Result<()> + Send>;
 
 impl RankState {
     pub fn new(
@@ -69,6 +82,10 @@ impl RankState {
                 forward_order,
                 trace: Trace::default(),
                 memory: MemoryTracker::default(),
+                gradient_sync: AtomicBool::new(true),
+                inference: AtomicBool::new(false),
+                live_hooks: Arc::new(AtomicUsize::new(0)),
+                post_accumulate_hooks: Mutex::new(Vec::new()),
                 step: Mutex::new(Step::default()),
                 this: this.clone(),
             }
@@ -120,7 +137,7 @@ impl RankState {
             }
         }
         let _span = tracing::debug_span!("unshard", unit = %target.name, ?cause).entered();
-        target.gather(self.comm.as_ref())?;
+        target.gather()?;
         // Without sharding the gathered values were never released: a gather refreshes
         // them from the parameters the optimizer stepped.
         if self.config.strategy != ShardingStrategy::NoShard {
@@ -216,6 +233,9 @@ impl RankState {
         if self.config.strategy == ShardingStrategy::FullShard && unit != ROOT {
             self.reshard(unit)?;
         }
+        if self.inference.load(Ordering::Relaxed) {
+            return Ok(outputs.map_tensors(&mut |tensor| Ok(tensor.detach()))?);
+        }
         let mut hooked = false;
         let outputs = outputs.map_tensors(&mut |tensor| {
             if !tensor.track_op() {
@@ -223,8 +243,8 @@ impl RankState {
             }
             hooked = true;
             let sink: Weak<dyn GradSink> = self.this.clone();
-            let hook = tensor.apply_op1(BackwardHook { sink: Some(sink), unit })?;
-            tensor.broadcast_add(&hook)
+            let hook = BackwardHook { sink: Some(sink), unit, _live: Some(LiveHook::new(&self.live_hooks)) };
+            tensor.broadcast_add(&tensor.apply_op1(hook)?)
         })?;
         self.units[unit].flags().needs_pre_backward_unshard |= hooked;
         Ok(outputs)
@@ -244,7 +264,7 @@ impl RankState {
         };
         let mut anchor: Option<Tensor> = None;
         for other in rest.iter().filter(|t| t.track_op() && t.id() != first.id()) {
-            let zero = other.apply_op1(BackwardHook { sink: None, unit: ROOT })?.to_dtype(first.dtype())?;
+            let zero = other.apply_op1(BackwardHook { sink: None, unit: ROOT, _live: None })?.to_dtype(first.dtype())?;
             anchor = Some(match anchor {
                 None => zero,
                 Some(sum) => (sum + zero)?,
@@ -306,21 +326,36 @@ impl RankState {
         Ok(())
     }
 
-    /// Reduces `unit`'s gradients, frees it, and (under `BACKWARD_POST`) prefetches.
+    /// Reduces `unit`'s gradients (or, without gradient sync, adds them to the unit's
+    /// unsharded accumulation), frees it, and (under `BACKWARD_POST`) prefetches.
     fn run_post_backward(&self, unit: usize) -> Result<()> {
         let target = &self.units[unit];
+        let sync = self.gradient_sync.load(Ordering::Relaxed);
         let grads: Vec<(usize, Tensor)> = {
             let mut flags = target.flags();
             if flags.ran_post_backward {
                 return Ok(());
             }
             flags.ran_post_backward = true;
-            flags.grads.iter_mut().enumerate().filter_map(|(i, g)| g.take().map(|g| (i, g))).collect()
+            let mut grads = Vec::new();
+            for i in 0..target.params.len() {
+                let fresh = flags.grads[i].take();
+                let total = match (flags.accumulated[i].take(), fresh) {
+                    (Some(acc), Some(new)) => Some((acc + new)?),
+                    (acc, new) => acc.or(new),
+                };
+                match total {
+                    Some(total) if sync => grads.push((i, total)),
+                    total => flags.accumulated[i] = total,
+                }
+            }
+            grads
         };
         if !grads.is_empty() {
             let params = grads.len();
-            let reduced = target.reduce(self.comm.as_ref(), grads)?;
+            let reduced = target.reduce(grads)?;
             self.trace.record(TraceEvent::ReduceGrads { unit: target.name.clone(), params });
+            self.run_post_accumulate_hooks(unit, &reduced)?;
             self.step().reduced.extend(reduced.into_iter().map(|(p, g)| (unit, p, g)));
         }
         if self.config.strategy != ShardingStrategy::NoShard {
@@ -330,6 +365,36 @@ impl RankState {
         if self.config.backward_prefetch == BackwardPrefetch::Post {
             self.backward_prefetch(unit)?;
         }
+        Ok(())
+    }
+
+    pub fn register_post_accumulate_hook(&self, unit: usize, param: usize, hook: PostAccumulateHook) {
+        self.post_accumulate_hooks.lock().expect("hooks lock").push((unit, param, hook));
+    }
+
+    fn run_post_accumulate_hooks(&self, unit: usize, reduced: &[(usize, Tensor)]) -> Result<()> {
+        let mut hooks = self.post_accumulate_hooks.lock().expect("hooks lock");
+        for (param, grad) in reduced {
+            let shard = &self.units[unit].params[*param].shard;
+            for (_, _, hook) in hooks.iter_mut().filter(|(u, p, _)| *u == unit && p == param) {
+                hook(shard, grad)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends an inference forward: nothing waits for a backward, so the root is freed too
+    /// and the step starts over.
+    pub fn finish_inference(&self) -> Result<()> {
+        if self.config.strategy != ShardingStrategy::NoShard {
+            for unit in 0..self.units.len() {
+                self.reshard(unit)?;
+            }
+        }
+        for unit in &self.units {
+            unit.flags().needs_pre_backward_unshard = false;
+        }
+        *self.step() = Step::default();
         Ok(())
     }
 

@@ -22,6 +22,8 @@ pub struct ThreadWorld {
 struct Shared {
     size: usize,
     timeout: Duration,
+    /// Each reduce-scatter first sleeps this long (see [`ThreadWorld::delay_reduce_scatter`]).
+    reduce_scatter_delay: Mutex<Duration>,
     state: Mutex<State>,
     changed: Condvar,
 }
@@ -68,7 +70,13 @@ impl ThreadWorld {
             return Err(Error::Config("world size must be at least 1".into()));
         }
         Ok(Self {
-            shared: Arc::new(Shared { size, timeout, state: Mutex::default(), changed: Condvar::new() }),
+            shared: Arc::new(Shared {
+                size,
+                timeout,
+                reduce_scatter_delay: Mutex::new(Duration::ZERO),
+                state: Mutex::default(),
+                changed: Condvar::new(),
+            }),
         })
     }
 
@@ -86,6 +94,12 @@ impl ThreadWorld {
         }
         let group: Arc<[usize]> = (0..self.shared.size).collect();
         Ok(ThreadComm::new(self.shared.clone(), group, 0, rank))
+    }
+
+    /// Makes every reduce-scatter sleep `delay` before it starts: a slow reduction, to
+    /// show that nothing reads gradients before their reduction is complete.
+    pub fn delay_reduce_scatter(&self, delay: Duration) {
+        *self.shared.reduce_scatter_delay.lock().unwrap_or_else(|p| p.into_inner()) = delay;
     }
 
     /// Fails every pending and future collective with `reason`. The first reason sticks.
@@ -328,6 +342,10 @@ impl Collectives for ThreadComm {
     }
 
     fn reduce_scatter(&self, input: &Tensor, op: ReduceOp, label: &str) -> Result<Work> {
+        let delay = *self.shared.reduce_scatter_delay.lock().unwrap_or_else(|p| p.into_inner());
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
         if input.elem_count() % self.size() != 0 {
             return Err(Error::Config(format!(
                 "rank {}: reduce_scatter for {label}: {} elements do not split over {} ranks",
