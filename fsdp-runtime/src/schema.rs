@@ -162,15 +162,20 @@ impl Shardable for candle_core::Var {
     }
 }
 
+/// Walks a sequence's elements under their `{index}` segments.
+fn visit_elements<T: Shardable>(items: &[T], visitor: &mut dyn Visitor, order: VisitOrder) {
+    for (index, item) in items.iter().enumerate() {
+        visitor.enter_index(index);
+        item.visit(visitor, order);
+        visitor.leave();
+    }
+}
+
 impl<T: Shardable> Shardable for Vec<T> {
     const NODE: Node = Node::Repeated(&T::NODE);
 
     fn visit(&self, visitor: &mut dyn Visitor, order: VisitOrder) {
-        for (index, item) in self.iter().enumerate() {
-            visitor.enter_index(index);
-            item.visit(visitor, order);
-            visitor.leave();
-        }
+        visit_elements(self, visitor, order)
     }
 
     fn map_tensors(self, map: &mut dyn TensorMap) -> Result<Self> {
@@ -182,11 +187,7 @@ impl<T: Shardable, const N: usize> Shardable for [T; N] {
     const NODE: Node = Node::Array(N, &T::NODE);
 
     fn visit(&self, visitor: &mut dyn Visitor, order: VisitOrder) {
-        for (index, item) in self.iter().enumerate() {
-            visitor.enter_index(index);
-            item.visit(visitor, order);
-            visitor.leave();
-        }
+        visit_elements(self, visitor, order)
     }
 
     fn map_tensors(self, map: &mut dyn TensorMap) -> Result<Self> {
