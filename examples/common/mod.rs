@@ -1,0 +1,212 @@
+//! Helpers shared by the examples: a seedable random number generator, a synthetic but
+//! learnable token stream, the next-token loss, and small formatting utilities.
+//!
+//! (Each example includes this module with `mod common;`; not every example uses every
+//! item.)
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_fsdp::models::log_softmax_last_dim;
+use std::collections::HashMap;
+use std::str::FromStr;
+
+/// SplitMix64: a tiny deterministic generator (candle's CPU RNG cannot be seeded, and the
+/// examples must produce the same data on every run).
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// An independent stream per `(seed, stream)` pair, e.g. one per rank.
+    pub fn stream(seed: u64, stream: u64) -> Self {
+        let mut base = Self(seed ^ stream.wrapping_mul(0xA076_1D64_78BD_642F));
+        Self(base.next_u64())
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, n)`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// A synthetic language: every token is followed by a fixed successor (a random
+/// permutation of the vocabulary, drawn once from the seed) with probability
+/// `1 - noise`, and by a uniformly random token otherwise. A model that learns the
+/// permutation reaches [`BigramTask::entropy`] nats per token; one that knows nothing is at
+/// `ln(vocab)`.
+#[derive(Clone, Debug)]
+pub struct BigramTask {
+    pub vocab: usize,
+    pub noise: f64,
+    successor: Vec<u32>,
+}
+
+impl BigramTask {
+    pub fn new(vocab: usize, noise: f64, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let mut successor: Vec<u32> = (0..vocab as u32).collect();
+        for i in (1..vocab).rev() {
+            successor.swap(i, rng.below(i + 1));
+        }
+        Self { vocab, noise, successor }
+    }
+
+    /// The loss of the ideal predictor (the entropy of the next token), in nats.
+    pub fn entropy(&self) -> f64 {
+        let v = self.vocab as f64;
+        let other = self.noise / v;
+        let right = 1.0 - self.noise + other;
+        let mut h = -right * right.ln();
+        if other > 0.0 {
+            h -= (v - 1.0) * other * other.ln();
+        }
+        h
+    }
+
+    /// `batch` sequences of `seq_len + 1` tokens, split into inputs `(batch, seq_len)` and
+    /// next-token targets `(batch, seq_len)` (u32).
+    pub fn batch(
+        &self,
+        rng: &mut Rng,
+        batch: usize,
+        seq_len: usize,
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let mut tokens = Vec::with_capacity(batch * (seq_len + 1));
+        for _ in 0..batch {
+            let mut token = rng.below(self.vocab) as u32;
+            tokens.push(token);
+            for _ in 0..seq_len {
+                token =
+                    if rng.unit() < self.noise { rng.below(self.vocab) as u32 } else { self.successor[token as usize] };
+                tokens.push(token);
+            }
+        }
+        let all = Tensor::from_vec(tokens, (batch, seq_len + 1), device)?;
+        Ok((all.narrow(1, 0, seq_len)?.contiguous()?, all.narrow(1, 1, seq_len)?.contiguous()?))
+    }
+}
+
+/// Mean next-token cross-entropy of `logits` `(batch, seq, vocab)` against `targets`
+/// `(batch, seq)`: the negative mean of the targets' log-probabilities. Built from
+/// differentiable ops only (candle-nn's fused softmax has no backward).
+pub fn next_token_loss(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, s, v) = logits.dims3()?;
+    let log_probs = log_softmax_last_dim(&logits.reshape((b * s, v))?)?;
+    let picked = log_probs.gather(&targets.reshape((b * s, 1))?, 1)?;
+    picked.mean_all()?.neg()
+}
+
+/// Independent copies of a `VarMap`'s values, by name: what every rank builds its model
+/// from, so all ranks (and the single-process baseline) start from the same weights.
+pub fn snapshot(var_map: &candle_nn::VarMap) -> candle_core::Result<HashMap<String, Tensor>> {
+    let vars = var_map.data().lock().expect("VarMap lock poisoned");
+    vars.iter().map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?))).collect()
+}
+
+/// Bytes held by the tensors.
+pub fn tensor_bytes<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> usize {
+    tensors.into_iter().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+}
+
+pub fn var_bytes(vars: &[Var]) -> usize {
+    tensor_bytes(vars.iter().map(|v| v.as_tensor()))
+}
+
+/// Total element count of the tensors.
+pub fn numel<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> usize {
+    tensors.into_iter().map(|t| t.elem_count()).sum()
+}
+
+pub fn human_bytes(bytes: usize) -> String {
+    candle_fsdp::plan::human_bytes(bytes)
+}
+
+/// `1234567` as `1.23M`.
+pub fn human_count(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}k", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+/// Milliseconds of a duration, for tables.
+pub fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(|a, b| a.partial_cmp(b).expect("no NaN timings"));
+    let n = sorted.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
+
+/// clap value parser for a world size: a positive count of ranks (threads).
+pub fn parse_world_size(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|_| format!("`{s}` is not a number of ranks"))?;
+    match n {
+        0 => Err("the world size must be at least 1".into()),
+        n if n > 1024 => Err(format!("a world size of {n} is more ranks than this example supports (at most 1024)")),
+        n => Ok(n),
+    }
+}
+
+/// clap value parser for a sharding strategy, through the library's `FromStr`.
+pub fn parse_strategy(s: &str) -> Result<candle_fsdp::ShardingStrategy, String> {
+    candle_fsdp::ShardingStrategy::from_str(s).map_err(|e| e.to_string())
+}
+
+/// clap value parser for a backward prefetch mode, through the library's `FromStr`.
+pub fn parse_backward_prefetch(s: &str) -> Result<candle_fsdp::BackwardPrefetch, String> {
+    candle_fsdp::BackwardPrefetch::from_str(s).map_err(|e| e.to_string())
+}
+
+/// The dtype every example trains in.
+pub const DTYPE: DType = DType::F32;
+
+/// Sets how many CPU threads candle uses for one op, process-wide (candle reads
+/// `CANDLE_NUM_THREADS` and `RAYON_NUM_THREADS`); must run before the first candle op.
+///
+/// CPU ranks are threads of this process and share candle's pool: with more candle
+/// threads than cores per rank they oversubscribe the cores (candle's pool spin-waits),
+/// which slows every rank down. The default is therefore `cores / ranks`, at least 1,
+/// unless the environment already sets `CANDLE_NUM_THREADS`. Returns the count in effect.
+pub fn configure_candle_threads(requested: Option<usize>, ranks: usize) -> usize {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let from_env = std::env::var("CANDLE_NUM_THREADS").ok().and_then(|s| s.parse::<usize>().ok()).filter(|&n| n > 0);
+    let threads = requested.or(from_env).unwrap_or((cores / ranks.max(1)).max(1));
+    // Called at the start of `main`, before any other thread exists.
+    std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    threads
+}
+
+/// Logical cores available to this process.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}

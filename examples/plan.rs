@@ -1,0 +1,207 @@
+//! Prints the FSDP sharding plan of a real model: how its parameters split into units, what
+//! each rank stores, the peak of gathered parameters, the prefetch order and the bytes each
+//! rank sends per step; and the static FQN table that `#[derive(Shardable)]` emitted for the
+//! model's type at compile time.
+//!
+//! ```text
+//! cargo run --release --example plan -- --model llama --world-size 4
+//! cargo run --release --example plan -- --model transformer --strategy shard-grad-op --optimizer sgd
+//! ```
+
+mod common;
+
+use anyhow::Context;
+use candle_core::Device;
+use candle_fsdp::models::llama::{Llama, LlamaConfig};
+use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
+use candle_fsdp::{BackwardPrefetch, Layout, Plan, PlanConfig, Role, ShardableModel, ShardingStrategy, StaticTable};
+use candle_nn::{VarBuilder, VarMap};
+use clap::{Parser, ValueEnum};
+use common::{human_bytes, human_count, DTYPE};
+use std::time::Instant;
+
+/// Print the FSDP sharding plan of an example model (built on the CPU, f32).
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// The model to plan: `transformer` is the port of PyTorch's nn.Transformer at the size
+    /// of PyTorch's backward-prefetch test (d_model 1024, 8 heads, 6 encoder + 6 decoder
+    /// layers, feed-forward 2048: about 126M parameters); `llama` is a Llama decoder with
+    /// hidden size 512, 8 layers, 8 heads (4 key/value heads) and a 32000-token vocabulary
+    /// (about 56M parameters).
+    #[arg(long, value_enum, default_value_t = ModelKind::Transformer)]
+    model: ModelKind,
+
+    /// Number of ranks the parameters are sharded over.
+    #[arg(long, default_value = "2", value_parser = common::parse_world_size)]
+    world_size: usize,
+
+    /// Sharding strategy: `full-shard` (ZeRO-3), `shard-grad-op` (ZeRO-2) or `no-shard` (DDP).
+    #[arg(long, default_value = "full-shard", value_parser = common::parse_strategy)]
+    strategy: ShardingStrategy,
+
+    /// Backward prefetch: `none`, `backward-pre` or `backward-post`.
+    #[arg(long, default_value = "backward-pre", value_parser = common::parse_backward_prefetch)]
+    backward_prefetch: BackwardPrefetch,
+
+    /// Gather the next unit of the forward order when a unit's forward starts.
+    #[arg(long)]
+    forward_prefetch: bool,
+
+    /// The optimizer, for its per-parameter state: AdamW keeps 2 tensors per parameter,
+    /// SGD with momentum 1, plain SGD none.
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Adamw)]
+    optimizer: OptimizerKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ModelKind {
+    Transformer,
+    Llama,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OptimizerKind {
+    Adamw,
+    SgdMomentum,
+    Sgd,
+}
+
+impl OptimizerKind {
+    fn states(self) -> usize {
+        match self {
+            Self::Adamw => 2,
+            Self::SgdMomentum => 1,
+            Self::Sgd => 0,
+        }
+    }
+}
+
+fn transformer_config() -> TransformerConfig {
+    TransformerConfig {
+        d_model: 1024,
+        nhead: 8,
+        num_encoder_layers: 6,
+        num_decoder_layers: 6,
+        dim_feedforward: 2048,
+        layer_norm_eps: 1e-5,
+    }
+}
+
+fn llama_config() -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 32_000,
+        hidden_size: 512,
+        intermediate_size: 1376,
+        num_hidden_layers: 8,
+        num_attention_heads: 8,
+        num_key_value_heads: 4,
+        max_position_embeddings: 2048,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        initializer_range: 0.02,
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let plan_config = PlanConfig {
+        world_size: args.world_size,
+        strategy: args.strategy,
+        backward_prefetch: args.backward_prefetch,
+        forward_prefetch: args.forward_prefetch,
+        optimizer_states: args.optimizer.states(),
+    };
+
+    let var_map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&var_map, DTYPE, &Device::Cpu);
+    let started = Instant::now();
+    // The layout borrows nothing from the model, so the model can be dropped right after.
+    let (name, description, layout, table) = match args.model {
+        ModelKind::Transformer => {
+            let config = transformer_config();
+            let model = Transformer::new(&config, vb).context("building the transformer")?;
+            let description = format!(
+                "d_model {}, {} heads, {} encoder + {} decoder layers, feed-forward {}",
+                config.d_model,
+                config.nhead,
+                config.num_encoder_layers,
+                config.num_decoder_layers,
+                config.dim_feedforward
+            );
+            ("Transformer", description, Layout::of(&model)?, <Transformer as ShardableModel>::TABLE)
+        }
+        ModelKind::Llama => {
+            let config = llama_config();
+            let model = Llama::new(&config, vb).context("building the Llama model")?;
+            let description = format!(
+                "vocab {}, hidden {}, {} layers, {} heads ({} key/value heads), MLP {}",
+                config.vocab_size,
+                config.hidden_size,
+                config.num_hidden_layers,
+                config.num_attention_heads,
+                config.num_key_value_heads,
+                config.intermediate_size
+            );
+            ("Llama", description, Layout::of(&model)?, <Llama as ShardableModel>::TABLE)
+        }
+    };
+    let built_in = started.elapsed();
+    layout.check_var_map(&var_map).context("the model's FQNs disagree with its VarMap")?;
+
+    let plan = Plan::new(&layout, plan_config)?;
+
+    let trained: Vec<_> = layout.params.iter().filter(|p| p.role == Role::Parameter).collect();
+    let numel: usize = trained.iter().map(|p| p.tensor.elem_count()).sum();
+    let bytes: usize = trained.iter().map(|p| p.tensor.elem_count() * p.tensor.dtype().size_in_bytes()).sum();
+    println!("model: {name} ({description})");
+    println!(
+        "       {} trained parameters ({numel}), {} in {:?}; {} tensors, {} units; built on the CPU in {:.1} s",
+        human_count(numel),
+        human_bytes(bytes),
+        DTYPE,
+        layout.params.len(),
+        layout.units.len(),
+        built_in.as_secs_f64()
+    );
+
+    print_static_table(name, &table, &layout);
+
+    println!("\n== sharding plan ==");
+    print!("{plan}");
+    Ok(())
+}
+
+/// The compile-time table: unit templates with their parameter templates (`{index}` stands
+/// for a `Vec` element), and how many concrete units each template expanded to here.
+fn print_static_table(name: &str, table: &StaticTable, layout: &Layout) {
+    println!(
+        "\n== static FQN table of `{name}` (emitted by #[derive(Shardable)] at compile time) ==\n{} unit templates, {} parameter templates",
+        table.units.len(),
+        table.params.len()
+    );
+    for (index, unit) in table.units.iter().enumerate() {
+        let instances = layout.units.iter().filter(|u| u.template == index).count();
+        let parent = match unit.parent {
+            Some(p) => format!("parent {}", table.units[p].display_name()),
+            None => "no parent".to_string(),
+        };
+        let params: Vec<_> = table.unit_params(index).collect();
+        println!(
+            "  unit template {index}: {}  ({parent}; {} parameter templates; {instances} concrete unit{} in this model)",
+            unit.display_name(),
+            params.len(),
+            if instances == 1 { "" } else { "s" }
+        );
+        for param in params {
+            let role = match param.role {
+                Role::Parameter => "",
+                Role::Buffer => "  [buffer]",
+            };
+            println!("      {}{role}", param.fqn);
+        }
+    }
+    let names = |order: &[usize]| order.iter().map(|&u| table.units[u].display_name()).collect::<Vec<_>>().join(" -> ");
+    println!("  forward order (templates):      {}", names(table.forward_order));
+    println!("  post-forward order (templates): {}", names(table.post_forward_order));
+}

@@ -1,0 +1,335 @@
+//! Trains a small Llama-style language model with fully sharded data parallelism on CPU
+//! ranks (one thread per rank, all in this process).
+//!
+//! The data is a synthetic but learnable token stream: each token is followed by a fixed
+//! successor (a random permutation of the vocabulary) with probability 0.9 and by a
+//! random token otherwise, so a model that learns the rule gets well below `ln(vocab)`.
+//! Every rank draws its own batches; the gradients are averaged over the ranks by the
+//! reduce-scatter of FSDP, so one step trains on `world_size × batch_size` sequences.
+//!
+//! ```text
+//! cargo run --release --example train
+//! cargo run --release --example train -- --world-size 4 --strategy shard-grad-op --steps 100
+//! ```
+
+mod common;
+
+use anyhow::{bail, Context};
+use candle_core::{Device, Tensor};
+use candle_fsdp::collectives::ReduceOp;
+use candle_fsdp::models::llama::{Llama, LlamaConfig};
+use candle_fsdp::{
+    launch, BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, Layout, Plan, PlanConfig, RankContext, Role,
+    ShardingStrategy,
+};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use clap::Parser;
+use common::{human_bytes, human_count, median, ms, BigramTask, Rng, DTYPE};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Train a small Llama language model with FSDP on CPU ranks (threads of this process).
+///
+/// The model learns a synthetic token stream (a fixed random successor for every token,
+/// 10% noise). Each rank trains on its own batches; FSDP averages the gradients over the
+/// ranks, shards parameters, gradients and AdamW state, and gathers each decoder layer only
+/// while it runs.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Number of ranks (one thread each).
+    #[arg(long, default_value = "2", value_parser = common::parse_world_size)]
+    world_size: usize,
+
+    /// Sharding strategy: `full-shard` (ZeRO-3), `shard-grad-op` (ZeRO-2) or `no-shard` (DDP).
+    #[arg(long, default_value = "full-shard", value_parser = common::parse_strategy)]
+    strategy: ShardingStrategy,
+
+    /// Backward prefetch: `none`, `backward-pre` or `backward-post`.
+    #[arg(long, default_value = "backward-pre", value_parser = common::parse_backward_prefetch)]
+    backward_prefetch: BackwardPrefetch,
+
+    /// Gather the next decoder layer when a layer's forward starts.
+    #[arg(long)]
+    forward_prefetch: bool,
+
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    steps: u64,
+
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 1e-2)]
+    lr: f64,
+
+    /// Sequences per rank and step.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: u64,
+
+    /// Tokens per sequence (the model's context length).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    seq_len: u64,
+
+    /// Seed of the synthetic language and of the ranks' batches.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+
+    /// CPU threads candle uses per op, for the whole process (all ranks share them).
+    /// Default: available cores / world size, at least 1 (or CANDLE_NUM_THREADS if set):
+    /// more threads than cores per rank oversubscribe the cores and slow every rank down.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    candle_threads: Option<u64>,
+
+    /// Print the loss every this many steps (besides the progress bar).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    log_every: u64,
+}
+
+/// Vocabulary of the synthetic language.
+const VOCAB: usize = 128;
+/// Probability that a token is followed by a random token instead of its successor.
+const NOISE: f64 = 0.1;
+
+fn model_config(seq_len: usize) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: VOCAB,
+        hidden_size: 128,
+        intermediate_size: 344,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        max_position_embeddings: seq_len,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        initializer_range: 0.02,
+    }
+}
+
+/// What a rank hands back after training.
+struct RankReport {
+    rank: usize,
+    /// The global loss (average over ranks) of every step, before its update.
+    losses: Vec<f64>,
+    step_times: Vec<Duration>,
+    /// Elements and bytes of this rank's parameter shards (what the optimizer steps).
+    shard_numel: usize,
+    shard_bytes: usize,
+    /// Bytes of the shard gradients of the last step, from the actual tensors.
+    grad_bytes: usize,
+    /// AdamW keeps two moments the size of every parameter it steps.
+    optimizer_bytes: usize,
+    gathered_peak: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let candle_threads = common::configure_candle_threads(args.candle_threads.map(|n| n as usize), args.world_size);
+    if args.world_size > 64 {
+        bail!("--world-size {}: this example runs at most 64 CPU ranks (one thread each)", args.world_size);
+    }
+    if !(args.lr.is_finite() && args.lr > 0.0) {
+        bail!("--lr must be a positive number, got {}", args.lr);
+    }
+    let world = args.world_size;
+    let (steps, batch, seq_len) = (args.steps as usize, args.batch_size as usize, args.seq_len as usize);
+    let config = model_config(seq_len);
+    let task = BigramTask::new(VOCAB, NOISE, args.seed);
+
+    // Build the model once, here: candle's CPU RNG cannot be seeded, so the ranks build
+    // their copies from a snapshot of these values rather than from their own draws.
+    let var_map = VarMap::new();
+    let model =
+        Llama::new(&config, VarBuilder::from_varmap(&var_map, DTYPE, &Device::Cpu)).context("building the model")?;
+    let layout = Layout::of(&model)?;
+    let plan = Plan::new(
+        &layout,
+        PlanConfig {
+            world_size: world,
+            strategy: args.strategy,
+            backward_prefetch: args.backward_prefetch,
+            forward_prefetch: args.forward_prefetch,
+            optimizer_states: 2,
+        },
+    )?;
+    let full_numel: usize =
+        layout.params.iter().filter(|p| p.role == Role::Parameter).map(|p| p.tensor.elem_count()).sum();
+    let full_bytes = full_numel * DTYPE.size_in_bytes();
+    let snapshot = common::snapshot(&var_map)?;
+    drop((model, layout, var_map));
+
+    println!(
+        "model: Llama, vocab {VOCAB}, hidden {}, {} layers ({} FSDP units + root), {} heads / {} kv heads, MLP {}: {} parameters ({})",
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.intermediate_size,
+        human_count(full_numel),
+        human_bytes(full_bytes)
+    );
+    println!(
+        "fsdp:  world size {world} (CPU ranks as threads; {} cores, {candle_threads} candle thread(s) per op), {}, backward prefetch {}, forward prefetch {}",
+        common::cores(),
+        args.strategy,
+        args.backward_prefetch,
+        if args.forward_prefetch { "on" } else { "off" }
+    );
+    println!(
+        "train: {steps} steps of AdamW (lr {}), {batch} sequences x {seq_len} tokens per rank ({} tokens per step globally)",
+        args.lr,
+        world * batch * seq_len
+    );
+    println!(
+        "data:  successor rule with {:.0}% noise; loss of a model that knows nothing ln({VOCAB}) = {:.3}, of the ideal model {:.3}\n",
+        NOISE * 100.0,
+        (VOCAB as f64).ln(),
+        task.entropy()
+    );
+
+    let started = Instant::now();
+    let reports = launch(LaunchOptions::new(world), |ctx| train_rank(ctx, &args, &config, &snapshot, &task))
+        .context("training failed")?;
+    let wall = started.elapsed();
+
+    let losses = &reports[0].losses;
+    let (start, end) = (losses[0], losses[losses.len() - 1]);
+    let tail = &losses[losses.len().saturating_sub(5)..];
+    let tail_mean = tail.iter().sum::<f64>() / tail.len() as f64;
+    let times: Vec<f64> = reports[0].step_times.iter().map(|&d| ms(d)).collect();
+    let step_median = median(&times);
+    println!("\nloss: start {start:.4}, end {end:.4} (mean of the last {} steps {tail_mean:.4})", tail.len());
+    println!(
+        "time: {:.2} s in all; step (forward + backward + AdamW) median {step_median:.1} ms, first {:.1} ms; {:.0} tokens/s",
+        wall.as_secs_f64(),
+        times[0],
+        (world * batch * seq_len) as f64 / (step_median / 1e3)
+    );
+
+    print_memory(&reports, full_bytes, plan.memory.gathered_peak);
+
+    if steps >= 10 {
+        if tail_mean < start - 0.5 {
+            println!(
+                "\nok: the loss fell by {:.3} nats, from about ln({VOCAB}) (no knowledge) towards the ideal {:.3} \
+                 (a single batch's loss scatters around it)",
+                start - tail_mean,
+                task.entropy()
+            );
+        } else {
+            bail!("the loss did not fall clearly: {start:.4} at the start, {tail_mean:.4} over the last steps");
+        }
+    }
+    Ok(())
+}
+
+fn train_rank(
+    ctx: RankContext,
+    args: &Args,
+    config: &LlamaConfig,
+    snapshot: &HashMap<String, Tensor>,
+    task: &BigramTask,
+) -> candle_fsdp::Result<RankReport> {
+    let device = Device::Cpu;
+    let (steps, batch, seq_len) = (args.steps as usize, args.batch_size as usize, args.seq_len as usize);
+    let model = Llama::new(config, VarBuilder::from_tensors(snapshot.clone(), DTYPE, &device))?;
+    let fsdp_config = FsdpConfig {
+        // Every rank loaded the same snapshot: nothing to broadcast.
+        sync_module_states: false,
+        ..FsdpConfig::default()
+            .strategy(args.strategy)
+            .backward_prefetch(args.backward_prefetch)
+            .forward_prefetch(args.forward_prefetch)
+    };
+    let fsdp = Fsdp::wrap(model, ctx.comm.clone(), fsdp_config)?;
+    let shards = fsdp.parameters();
+    let shard_numel: usize = shards.iter().map(|v| v.elem_count()).sum();
+    let shard_bytes = common::var_bytes(&shards);
+    let mut optimizer = AdamW::new(shards.clone(), ParamsAdamW { lr: args.lr, ..ParamsAdamW::default() })?;
+
+    let mut rng = Rng::stream(args.seed, 1 + ctx.rank as u64);
+    let progress = if ctx.rank == 0 {
+        let bar = ProgressBar::new(steps as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40.cyan/blue} {pos}/{len} steps  loss {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+
+    let mut losses = Vec::with_capacity(steps);
+    let mut step_times = Vec::with_capacity(steps);
+    let mut grad_bytes = 0;
+    for step in 1..=steps {
+        let (inputs, targets) = task.batch(&mut rng, batch, seq_len, &device)?;
+        let started = Instant::now();
+        let logits = fsdp.forward(|model| model.forward(&inputs))?;
+        let loss = common::next_token_loss(&logits, &targets)?;
+        let grads = fsdp.backward(&loss)?;
+        optimizer.step(&grads)?;
+        step_times.push(started.elapsed());
+        grad_bytes = common::tensor_bytes(shards.iter().filter_map(|v| grads.get(v.as_tensor())));
+
+        let global = ctx.comm.all_reduce(&loss.detach().reshape(1)?, ReduceOp::Avg, "loss")?.wait()?;
+        let global = global.to_vec1::<f32>()?[0] as f64;
+        losses.push(global);
+        progress.set_message(format!("{global:.4}"));
+        progress.inc(1);
+        if ctx.rank == 0 && (step == 1 || step % args.log_every as usize == 0 || step == steps) {
+            progress.suspend(|| println!("step {step:>4}/{steps}  loss {global:.4}"));
+        }
+    }
+    progress.finish();
+
+    Ok(RankReport {
+        rank: ctx.rank,
+        losses,
+        step_times,
+        shard_numel,
+        shard_bytes,
+        grad_bytes,
+        optimizer_bytes: 2 * shard_bytes,
+        gathered_peak: fsdp.memory().gathered_peak,
+    })
+}
+
+fn print_memory(reports: &[RankReport], full_bytes: usize, planned_peak: usize) {
+    println!("\nmodel-state memory per rank (activations not counted):");
+    println!(
+        "  {:<22} {:>12} {:>12} {:>12} {:>14} {:>12} {:>7}",
+        "", "param shards", "gradients", "AdamW state", "gathered peak", "total", "ratio"
+    );
+    let single_total = 4 * full_bytes;
+    for r in reports {
+        let total = r.shard_bytes + r.grad_bytes + r.optimizer_bytes + r.gathered_peak;
+        println!(
+            "  {:<22} {:>12} {:>12} {:>12} {:>14} {:>12} {:>7.3}",
+            format!("rank {} ({} elems)", r.rank, human_count(r.shard_numel)),
+            human_bytes(r.shard_bytes),
+            human_bytes(r.grad_bytes),
+            human_bytes(r.optimizer_bytes),
+            human_bytes(r.gathered_peak),
+            human_bytes(total),
+            total as f64 / single_total as f64
+        );
+    }
+    println!(
+        "  {:<22} {:>12} {:>12} {:>12} {:>14} {:>12} {:>7.3}",
+        "one process, no FSDP",
+        human_bytes(full_bytes),
+        human_bytes(full_bytes),
+        human_bytes(2 * full_bytes),
+        "-",
+        human_bytes(single_total),
+        1.0
+    );
+    println!(
+        "  (gathered peak: the most full-size parameters alive at once while units are gathered; the plan predicted {})",
+        human_bytes(planned_peak)
+    );
+}
