@@ -127,24 +127,52 @@ impl InplaceOp1 for Free {
     }
 }
 
-/// Puts data back into a tensor's storage in place.
-pub(crate) struct Fill(pub Mutex<Option<CpuStorage>>);
+/// Puts data back into a tensor's storage in place: the concatenation of element ranges
+/// `(start, len)` of `source` (a contiguous tensor), copied once, straight from the
+/// collective's output or the shard into the new storage.
+pub(crate) struct Fill {
+    pub source: Tensor,
+    pub ranges: Vec<(usize, usize)>,
+}
 
 impl InplaceOp1 for Fill {
     fn name(&self) -> &'static str {
         "fsdp-fill"
     }
 
-    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
-        let data = self.0.lock().expect("op state").take();
-        match data {
-            Some(data) if data.dtype() == storage.dtype() => {
-                debug_assert!(layout.start_offset() == 0);
-                *storage = data;
-                Ok(())
-            }
-            Some(data) => candle_core::bail!("fill: {:?} data into a {:?} tensor", data.dtype(), storage.dtype()),
-            None => candle_core::bail!("fill: applied twice"),
+    fn cpu_fwd(&self, storage: &mut CpuStorage, _layout: &Layout) -> Result<()> {
+        let (source, source_layout) = self.source.storage_and_layout();
+        let (Storage::Cpu(source), true) = (&*source, source_layout.is_contiguous()) else {
+            candle_core::bail!("fill: the source must be a contiguous CPU tensor");
+        };
+        let base = source_layout.start_offset();
+        let total: usize = self.ranges.iter().map(|(_, len)| len).sum();
+        macro_rules! concat {
+            ($values:expr, $variant:ident) => {{
+                let mut out = Vec::with_capacity(total);
+                for &(start, len) in &self.ranges {
+                    out.extend_from_slice(&$values[base + start..base + start + len]);
+                }
+                CpuStorage::$variant(out)
+            }};
         }
+        let filled = match source {
+            CpuStorage::U8(v) => concat!(v, U8),
+            CpuStorage::U32(v) => concat!(v, U32),
+            CpuStorage::I16(v) => concat!(v, I16),
+            CpuStorage::I32(v) => concat!(v, I32),
+            CpuStorage::I64(v) => concat!(v, I64),
+            CpuStorage::BF16(v) => concat!(v, BF16),
+            CpuStorage::F16(v) => concat!(v, F16),
+            CpuStorage::F32(v) => concat!(v, F32),
+            CpuStorage::F64(v) => concat!(v, F64),
+            CpuStorage::F8E4M3(v) => concat!(v, F8E4M3),
+            other => candle_core::bail!("fill: {:?} parameters are not supported", other.dtype()),
+        };
+        if filled.dtype() != storage.dtype() {
+            candle_core::bail!("fill: {:?} data into a {:?} tensor", filled.dtype(), storage.dtype());
+        }
+        *storage = filled;
+        Ok(())
     }
 }

@@ -72,19 +72,38 @@ pub(crate) fn flat_shards(params: &[ShardedParam]) -> Result<Tensor> {
     Tensor::cat(&shards, 0)
 }
 
-/// Splits a rank-major all-gather output into the full parameters.
-pub(crate) fn unflatten_gathered(params: &[ShardedParam], gathered: &Tensor, world: usize) -> Result<Vec<Tensor>> {
+/// Where each parameter's elements lie in a rank-major all-gather output: per parameter,
+/// one `(start, len)` range per rank, the last trimmed so the padding is left out.
+pub(crate) fn gathered_ranges(params: &[ShardedParam], world: usize) -> Vec<Vec<(usize, usize)>> {
     let per_rank: usize = params.iter().map(|p| p.shard_len).sum();
     let mut offset = 0;
     params
         .iter()
         .map(|param| {
-            let pieces = (0..world)
-                .map(|r| gathered.narrow(0, r * per_rank + offset, param.shard_len))
-                .collect::<Result<Vec<_>>>()?;
+            let mut remaining = param.numel;
+            let ranges = (0..world)
+                .map(|r| {
+                    let len = param.shard_len.min(remaining);
+                    remaining -= len;
+                    (r * per_rank + offset, len)
+                })
+                .filter(|(_, len)| *len > 0)
+                .collect();
             offset += param.shard_len;
-            let padded = if world == 1 { pieces[0].clone() } else { Tensor::cat(&pieces, 0)? };
-            padded.narrow(0, 0, param.numel)?.reshape(param.shape.clone())
+            ranges
+        })
+        .collect()
+}
+
+/// Splits a rank-major all-gather output into the full parameters.
+pub(crate) fn unflatten_gathered(params: &[ShardedParam], gathered: &Tensor, world: usize) -> Result<Vec<Tensor>> {
+    params
+        .iter()
+        .zip(gathered_ranges(params, world))
+        .map(|(param, ranges)| {
+            let pieces =
+                ranges.iter().map(|&(start, len)| gathered.narrow(0, start, len)).collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&pieces, 0)?.reshape(param.shape.clone())
         })
         .collect()
 }

@@ -4,8 +4,8 @@
 
 use crate::collectives::{Collectives, ReduceOp};
 use crate::error::Result;
-use crate::ops::{cpu_storage, Fill, Free};
-use crate::param::{flat_shards, pack_for_reduce_scatter, split_reduced, unflatten_gathered, ShardedParam};
+use crate::ops::{Fill, Free};
+use crate::param::{flat_shards, gathered_ranges, pack_for_reduce_scatter, split_reduced, ShardedParam};
 use candle_core::Tensor;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -69,19 +69,22 @@ impl ShardedUnit {
         self.params.iter().map(|p| p.gathered_bytes()).sum()
     }
 
-    /// All-gathers the parameters (one collective) and refills the gathered nodes.
+    /// All-gathers the parameters (one collective) and refills the gathered nodes, each
+    /// with one copy out of the collective's output (or, unsharded, out of its shard).
     pub fn gather(&self) -> Result<()> {
         if self.params.is_empty() {
             return Ok(());
         }
-        let full = if self.shard_world == 1 {
-            flat_shards(&self.params)?
-        } else {
-            self.comm.all_gather(&flat_shards(&self.params)?, &self.label())?.wait()?
-        };
-        let values = unflatten_gathered(&self.params, &full, self.shard_world)?;
-        for (param, value) in self.params.iter().zip(values) {
-            param.gathered.inplace_op1(&Fill(Mutex::new(Some(cpu_storage(&value)?))))?;
+        if self.shard_world == 1 {
+            for param in &self.params {
+                let fill = Fill { source: param.shard.as_tensor().clone(), ranges: vec![(0, param.numel)] };
+                param.gathered.inplace_op1(&fill)?;
+            }
+            return Ok(());
+        }
+        let full = self.comm.all_gather(&flat_shards(&self.params)?, &self.label())?.wait()?;
+        for (param, ranges) in self.params.iter().zip(gathered_ranges(&self.params, self.shard_world)) {
+            param.gathered.inplace_op1(&Fill { source: full.clone(), ranges })?;
         }
         Ok(())
     }
@@ -100,6 +103,10 @@ impl ShardedUnit {
     pub fn reduce(&self, grads: Vec<(usize, Tensor)>) -> Result<Vec<(usize, Tensor)>> {
         if grads.is_empty() {
             return Ok(Vec::new());
+        }
+        if self.comm.size() == 1 {
+            // Averaging over one rank changes nothing: no packing, no collective.
+            return grads.into_iter().map(|(i, grad)| Ok((i, grad.flatten_all()?))).collect();
         }
         let packed = pack_for_reduce_scatter(&self.params, &grads, self.shard_world)?;
         let reduced = if self.shard_world == 1 {
