@@ -78,7 +78,16 @@ impl fmt::Debug for FqnTemplate {
 
 impl PartialEq<&str> for FqnTemplate {
     fn eq(&self, other: &&str) -> bool {
-        self.to_string() == *other
+        let mut rest = *other;
+        for (i, segment) in self.segments().iter().enumerate() {
+            if i > 0 {
+                let Some(after_dot) = rest.strip_prefix('.') else { return false };
+                rest = after_dot;
+            }
+            let Some(after) = rest.strip_prefix(segment) else { return false };
+            rest = after;
+        }
+        rest.is_empty()
     }
 }
 

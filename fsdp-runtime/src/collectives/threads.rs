@@ -346,7 +346,7 @@ impl Collectives for ThreadComm {
         if !delay.is_zero() {
             std::thread::sleep(delay);
         }
-        if input.elem_count() % self.size() != 0 {
+        if !input.elem_count().is_multiple_of(self.size()) {
             return Err(Error::Config(format!(
                 "rank {}: reduce_scatter for {label}: {} elements do not split over {} ranks",
                 self.global_rank(),
