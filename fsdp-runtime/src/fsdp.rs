@@ -136,6 +136,9 @@ impl<M> Fsdp<M> {
 
     /// Backpropagates `loss`; returns a `GradStore` holding, for every shard `Var` that
     /// received a gradient, that shard's gradient averaged over the ranks.
+    ///
+    /// One backward per forward: a second backward through the outputs of a forward whose
+    /// backward already ran fails (as PyTorch refuses to backward through a freed graph).
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
         let mut grads = loss.backward()?;
         for (unit, param, grad) in self.state.finish_backward()? {
@@ -147,14 +150,16 @@ impl<M> Fsdp<M> {
     /// Runs `f` for inference: units gather and free as in training, but no backward
     /// hook is attached, the outputs are detached, and every unit (the root too) is freed
     /// at the end. candle has no grad mode, so the operations are still recorded while `f`
-    /// runs; the record is dropped with the detached outputs.
+    /// runs; the record is dropped with the detached outputs. It may run between a
+    /// training forward and its backward, which then gathers again what it needs.
     pub fn forward_inference<R: Activations>(&self, f: impl FnOnce(&M) -> candle_core::Result<R>) -> Result<R> {
         use std::sync::atomic::Ordering;
+        let pending = self.state.training_step_pending();
         self.state.inference.store(true, Ordering::Relaxed);
         let outputs = self.forward(f);
         self.state.inference.store(false, Ordering::Relaxed);
         let outputs = outputs?;
-        self.state.finish_inference()?;
+        self.state.finish_inference(pending)?;
         Ok(outputs)
     }
 
@@ -259,8 +264,10 @@ impl<M> Fsdp<M> {
         &self.state.config
     }
 
-    /// The wrapped model, for reading its structure. Calling its forward directly skips
-    /// the root's gather; use [`Fsdp::forward`].
+    /// The wrapped model, for reading its structure. Never run it outside
+    /// [`Fsdp::forward`]: the root's parameters are only gathered there, and a freed
+    /// parameter keeps its shape over released storage, which candle's CPU kernels read
+    /// without a bounds check.
     pub fn model(&self) -> &M {
         &self.model
     }

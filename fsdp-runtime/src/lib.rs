@@ -30,7 +30,7 @@ pub use fsdp::Fsdp;
 pub use launch::{launch, launch_each, LaunchOptions, RankContext};
 pub use layout::{Layout, ParamInfo, Tie, UnitInfo};
 pub use memory::MemoryStats;
-pub use optim::{SgdMomentum, SgdMomentumConfig};
+pub use optim::{SgdMomentum, SgdMomentumConfig, StepLr};
 pub use plan::{BackwardPrefetch, Plan, PlanConfig, ShardingStrategy};
 pub use schema::{Role, Shardable, VisitOrder};
 pub use table::{ShardableModel, StaticTable};

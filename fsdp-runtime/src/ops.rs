@@ -31,8 +31,9 @@ pub(crate) fn cpu_storage(tensor: &Tensor) -> Result<CpuStorage> {
 pub(crate) trait GradSink: Send + Sync {
     /// The complete gradient of parameter `param` of unit `unit`.
     fn deposit(&self, unit: usize, param: usize, grad: &Tensor) -> Result<()>;
-    /// The gradient reached unit `unit`'s outputs: its backward is about to start.
-    fn pre_backward(&self, unit: usize) -> Result<()>;
+    /// The gradient reached unit `unit`'s outputs, hooked by the forward of step
+    /// `generation`: its backward is about to start.
+    fn pre_backward(&self, unit: usize, generation: u64) -> Result<()>;
 }
 
 /// See the module docs. `initial` is the full value the node starts with (consumed by the
@@ -69,6 +70,8 @@ impl CustomOp1 for GatheredParam {
 pub(crate) struct BackwardHook {
     pub sink: Option<std::sync::Weak<dyn GradSink>>,
     pub unit: usize,
+    /// The step whose forward attached the hook (see `RankState::generation`).
+    pub generation: u64,
     /// Counts the hook as live until the graph holding it is dropped.
     pub _live: Option<LiveHook>,
 }
@@ -102,7 +105,7 @@ impl CustomOp1 for BackwardHook {
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, _grad: &Tensor) -> Result<Option<Tensor>> {
         if let Some(sink) = self.sink.as_ref().and_then(|s| s.upgrade()) {
-            sink.pre_backward(self.unit)?;
+            sink.pre_backward(self.unit, self.generation)?;
         }
         Ok(None)
     }

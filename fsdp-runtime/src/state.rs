@@ -19,7 +19,7 @@ use crate::sharded_unit::ShardedUnit;
 use crate::trace::{Trace, TraceEvent, UnshardCause};
 use candle_core::Tensor;
 use candle_core::Var;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 /// The unit of parameters that sit in no `Unit`.
@@ -52,6 +52,10 @@ pub(crate) struct RankState {
     pub inference: AtomicBool,
     /// Backward hooks attached to outputs and not yet dropped with their graphs.
     pub live_hooks: Arc<AtomicUsize>,
+    /// How many backward passes have finished. Hooks carry the value of their forward, so
+    /// a backward through the outputs of a finished step (whose gathered parameters are
+    /// freed and whose bookkeeping is gone) is refused instead of run.
+    generation: AtomicU64,
     post_accumulate_hooks: Mutex<Vec<(usize, usize, PostAccumulateHook)>>,
     step: Mutex<Step>,
     this: Weak<RankState>,
@@ -85,6 +89,7 @@ impl RankState {
                 gradient_sync: AtomicBool::new(true),
                 inference: AtomicBool::new(false),
                 live_hooks: Arc::new(AtomicUsize::new(0)),
+                generation: AtomicU64::new(0),
                 post_accumulate_hooks: Mutex::new(Vec::new()),
                 step: Mutex::new(Step::default()),
                 this: this.clone(),
@@ -109,15 +114,17 @@ impl RankState {
     }
 
     /// Frees the full values the units were built with: from now on a unit is gathered
-    /// when it runs. Without sharding the values stay, as the parameters themselves.
+    /// when it runs. Without sharding the values stay, as the parameters themselves, but
+    /// are refreshed from the parameters at the first forward, which so sees any change
+    /// made to them after wrapping.
     pub fn release_initial(&self) -> Result<()> {
         for unit in &self.units {
             if self.config.strategy == ShardingStrategy::NoShard {
                 self.memory.allocated(unit.gathered_bytes());
             } else {
                 unit.free()?;
-                unit.flags().gathered = false;
             }
+            unit.flags().gathered = false;
         }
         Ok(())
     }
@@ -243,7 +250,12 @@ impl RankState {
             }
             hooked = true;
             let sink: Weak<dyn GradSink> = self.this.clone();
-            let hook = BackwardHook { sink: Some(sink), unit, _live: Some(LiveHook::new(&self.live_hooks)) };
+            let hook = BackwardHook {
+                sink: Some(sink),
+                unit,
+                generation: self.generation.load(Ordering::Relaxed),
+                _live: Some(LiveHook::new(&self.live_hooks)),
+            };
             tensor.broadcast_add(&tensor.apply_op1(hook)?)
         })?;
         self.units[unit].flags().needs_pre_backward_unshard |= hooked;
@@ -264,7 +276,8 @@ impl RankState {
         };
         let mut anchor: Option<Tensor> = None;
         for other in rest.iter().filter(|t| t.track_op() && t.id() != first.id()) {
-            let zero = other.apply_op1(BackwardHook { sink: None, unit: ROOT, _live: None })?.to_dtype(first.dtype())?;
+            let hook = BackwardHook { sink: None, unit: ROOT, generation: 0, _live: None };
+            let zero = other.apply_op1(hook)?.to_dtype(first.dtype())?;
             anchor = Some(match anchor {
                 None => zero,
                 Some(sum) => (sum + zero)?,
@@ -383,18 +396,31 @@ impl RankState {
         Ok(())
     }
 
-    /// Ends an inference forward: nothing waits for a backward, so the root is freed too
-    /// and the step starts over.
-    pub fn finish_inference(&self) -> Result<()> {
-        if self.config.strategy != ShardingStrategy::NoShard {
-            for unit in 0..self.units.len() {
+    /// Whether a training forward ran since the last backward: its outputs may still be
+    /// backpropagated, so the step's bookkeeping must survive an inference forward.
+    pub fn training_step_pending(&self) -> bool {
+        !self.step().post_forward_order.is_empty()
+    }
+
+    /// Ends an inference forward: nothing waits for its backward, so every unit, the root
+    /// too, is freed (without sharding the values stay, marked for a refresh from the
+    /// parameters as after backward). Unless a training forward is `pending`, the step
+    /// starts over; if one is, its bookkeeping stays, and its backward gathers again what
+    /// the inference freed.
+    pub fn finish_inference(&self, pending: bool) -> Result<()> {
+        for unit in 0..self.units.len() {
+            if self.config.strategy == ShardingStrategy::NoShard {
+                self.units[unit].flags().gathered = false;
+            } else {
                 self.reshard(unit)?;
             }
         }
-        for unit in &self.units {
-            unit.flags().needs_pre_backward_unshard = false;
+        if !pending {
+            for unit in &self.units {
+                unit.flags().needs_pre_backward_unshard = false;
+            }
+            *self.step() = Step::default();
         }
-        *self.step() = Step::default();
         Ok(())
     }
 
@@ -429,6 +455,7 @@ impl RankState {
         let mut step = self.step();
         let reduced = std::mem::take(&mut step.reduced);
         *step = Step::default();
+        self.generation.fetch_add(1, Ordering::Relaxed);
         Ok(reduced)
     }
 }
@@ -460,7 +487,12 @@ impl GradSink for RankState {
         Ok(())
     }
 
-    fn pre_backward(&self, unit: usize) -> candle_core::Result<()> {
+    fn pre_backward(&self, unit: usize, generation: u64) -> candle_core::Result<()> {
+        if generation != self.generation.load(Ordering::Relaxed) {
+            let message = "backward reached the outputs of a forward whose backward already ran; its gathered \
+                           parameters are freed and its gradients reduced. Run the forward again for another backward";
+            return Err(to_candle(self.fail(unit, message.to_string())));
+        }
         self.run_pre_backward(unit).map_err(to_candle)
     }
 }

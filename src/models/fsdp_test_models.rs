@@ -13,9 +13,10 @@
 
 use super::transformer::{Transformer, TransformerConfig};
 use super::{log_softmax_last_dim, torch_linear};
-use crate::{Shardable, Unit};
+use crate::{Activations, Shardable, Unit};
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, Embedding, Init, Linear, VarBuilder};
+use std::collections::HashMap;
 
 // ---------------------------------------------------------------------------------------
 // NestedWrappedModule
@@ -348,5 +349,216 @@ impl Mlp {
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.out_proj.forward(&self.in_proj.forward(x)?.relu()?)?.relu()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// MixtureOfExperts
+
+/// `MixtureOfExperts` of `common_fsdp.py`: `module = Sequential(Linear(8, 12), shared,
+/// expert, Linear(12, 8))` with `shared = Linear(12, 23)` and `expert = Linear(23, 12)`,
+/// no activations (`forward` is `self.module(x)`).
+///
+/// Three units, as PyTorch wraps it: the root (`module.0`, `module.3`), the shared layer
+/// `module.1` (sharded over the world) and the expert `module.2`. PyTorch builds the
+/// expert from a per-rank seed and wraps it on a one-rank group (`new_group([rank])`), so
+/// every rank keeps its own expert, whole and never reduced; here that is
+/// [`Fsdp::wrap_with_groups`](crate::Fsdp::wrap_with_groups) with a size-1 group for
+/// [`MixtureOfExperts::EXPERT_UNIT`], and the per-rank values are the caller's (build
+/// each rank's model from its own values). Input `(batch, 8)`, output `(batch, 8)`; the
+/// tests use `rand(4, 8)` and `output.sum()` like `NestedWrappedModule`.
+#[derive(Debug, Shardable)]
+pub struct MixtureOfExperts {
+    pub module: MixtureOfExpertsSequential,
+}
+
+/// The `nn.Sequential(Linear(8, 12), shared, expert, Linear(12, 8))` of [`MixtureOfExperts`].
+#[derive(Debug, Shardable)]
+pub struct MixtureOfExpertsSequential(pub Linear, pub Unit<Linear>, pub Unit<Linear>, pub Linear);
+
+impl MixtureOfExperts {
+    pub const D_EXPERT: usize = 23;
+    pub const D_SHARED: usize = 12;
+    pub const D_INPUT: usize = 8;
+    /// The unit of the shared layer, `Linear(12, 23)`.
+    pub const SHARED_UNIT: &'static str = "module.1";
+    /// The unit of the per-rank expert, `Linear(23, 12)`.
+    pub const EXPERT_UNIT: &'static str = "module.2";
+
+    pub fn new(vb: VarBuilder) -> Result<Self> {
+        let vb = vb.pp("module");
+        Ok(Self {
+            module: MixtureOfExpertsSequential(
+                torch_linear(Self::D_INPUT, Self::D_SHARED, vb.pp("0"))?,
+                Unit::new(torch_linear(Self::D_SHARED, Self::D_EXPERT, vb.pp("1"))?),
+                Unit::new(torch_linear(Self::D_EXPERT, Self::D_SHARED, vb.pp("2"))?),
+                torch_linear(Self::D_SHARED, Self::D_INPUT, vb.pp("3"))?,
+            ),
+        })
+    }
+
+    /// Whether `fqn` is a parameter of the expert (PyTorch tags these `p.expert = True`):
+    /// its gradient stays local to the rank, where every other gradient is averaged.
+    pub fn is_expert_param(fqn: &str) -> bool {
+        fqn.strip_prefix(Self::EXPERT_UNIT).is_some_and(|rest| rest.starts_with('.'))
+    }
+}
+
+impl Module for MixtureOfExperts {
+    /// `x` `(batch, 8)` to `(batch, 8)`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let MixtureOfExpertsSequential(input, shared, expert, output) = &self.module;
+        let x = input.forward(x)?;
+        let x = shared.forward(&x)?;
+        let x = expert.forward(&x)?;
+        output.forward(&x)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Non-tensor activations (FSDP2 autograd test `test_nontensor_activations`)
+
+/// A container that carries the activation `x` between the units of [`NontensorActivations`],
+/// like the seed's `container_type` (`list`, `namedtuple`, `tuple`, `dict`). The runtime
+/// finds the tensors inside through [`Activations`].
+pub trait ActivationContainer: Activations {
+    /// What `ToContainerType` builds from the input.
+    fn pack(x: Tensor) -> Result<Self>;
+    /// The activation the blocks transform: element 0, field `x` or key `"x"`.
+    fn x(&self) -> &Tensor;
+    /// The container with `x` replaced and every other entry kept.
+    fn with_x(self, x: Tensor) -> Self;
+}
+
+/// `[x]` (a Python `list`).
+impl ActivationContainer for Vec<Tensor> {
+    fn pack(x: Tensor) -> Result<Self> {
+        Ok(vec![x])
+    }
+
+    fn x(&self) -> &Tensor {
+        &self[0]
+    }
+
+    fn with_x(mut self, x: Tensor) -> Self {
+        self[0] = x;
+        self
+    }
+}
+
+/// `(x,)` (a Python `tuple`).
+impl ActivationContainer for (Tensor,) {
+    fn pack(x: Tensor) -> Result<Self> {
+        Ok((x,))
+    }
+
+    fn x(&self) -> &Tensor {
+        &self.0
+    }
+
+    fn with_x(self, x: Tensor) -> Self {
+        (x,)
+    }
+}
+
+/// `{"x": x}` (a Python `dict`).
+impl ActivationContainer for HashMap<String, Tensor> {
+    fn pack(x: Tensor) -> Result<Self> {
+        Ok(HashMap::from([("x".to_string(), x)]))
+    }
+
+    fn x(&self) -> &Tensor {
+        &self["x"]
+    }
+
+    fn with_x(mut self, x: Tensor) -> Self {
+        self.insert("x".to_string(), x);
+        self
+    }
+}
+
+/// The seed's `namedtuple("NT", ["x", "y"])`, packed as `NT(x, ones_like(x))`: a user
+/// struct with a second tensor that no parameter contributes to (it never requires a
+/// gradient, so no hook is attached to it).
+#[derive(Clone, Debug, Activations)]
+pub struct NamedActivations {
+    pub x: Tensor,
+    pub y: Tensor,
+}
+
+impl ActivationContainer for NamedActivations {
+    fn pack(x: Tensor) -> Result<Self> {
+        let y = x.ones_like()?;
+        Ok(Self { x, y })
+    }
+
+    fn x(&self) -> &Tensor {
+        &self.x
+    }
+
+    fn with_x(self, x: Tensor) -> Self {
+        Self { x, ..self }
+    }
+}
+
+/// `ToContainerType`: packs the input into the container; no parameters.
+#[derive(Debug, Default, Shardable)]
+pub struct ToContainerType;
+
+/// `FromContainerType`: takes `x` back out of the container; no parameters.
+#[derive(Debug, Default, Shardable)]
+pub struct FromContainerType;
+
+/// The seed's `Module(dim)`: `relu(lin2(relu(lin1(x))))` on the container's `x`, re-packed
+/// in the same container.
+#[derive(Debug, Shardable)]
+pub struct NontensorBlock {
+    pub lin1: Linear,
+    pub lin2: Linear,
+}
+
+impl NontensorBlock {
+    pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { lin1: torch_linear(dim, dim, vb.pp("lin1"))?, lin2: torch_linear(dim, dim, vb.pp("lin2"))? })
+    }
+
+    pub fn forward<C: ActivationContainer>(&self, input: C) -> Result<C> {
+        let z = self.lin2.forward(&self.lin1.forward(input.x())?.relu()?)?.relu()?;
+        Ok(input.with_x(z))
+    }
+}
+
+/// The model of `test_nontensor_activations`: `Sequential(ToContainerType(ct), Module(dim),
+/// Module(dim), Module(dim), FromContainerType(ct))` with every child a unit and the root
+/// holding no parameters (`fully_shard` on each child, then on the root). The container
+/// type is [`NontensorActivations::forward`]'s type parameter. FQNs are the `Sequential`'s:
+/// `1.lin1.weight`, …, `3.lin2.bias`.
+#[derive(Debug, Shardable)]
+pub struct NontensorActivations(
+    pub Unit<ToContainerType>,
+    pub Unit<NontensorBlock>,
+    pub Unit<NontensorBlock>,
+    pub Unit<NontensorBlock>,
+    pub Unit<FromContainerType>,
+);
+
+impl NontensorActivations {
+    pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self(
+            Unit::new(ToContainerType),
+            Unit::new(NontensorBlock::new(dim, vb.pp("1"))?),
+            Unit::new(NontensorBlock::new(dim, vb.pp("2"))?),
+            Unit::new(NontensorBlock::new(dim, vb.pp("3"))?),
+            Unit::new(FromContainerType),
+        ))
+    }
+
+    /// `x` `(batch, dim)` to `(batch, dim)`, carried between the units in a `C`.
+    pub fn forward<C: ActivationContainer>(&self, x: &Tensor) -> Result<Tensor> {
+        let packed: C = self.0.run(x.clone(), |_, x| C::pack(x))?;
+        let packed = self.1.run(packed, |block, c| block.forward(c))?;
+        let packed = self.2.run(packed, |block, c| block.forward(c))?;
+        let packed = self.3.run(packed, |block, c| block.forward(c))?;
+        self.4.run(packed, |_, c| Ok(c.x().clone()))
     }
 }

@@ -324,7 +324,7 @@ impl Llama {
 }
 
 /// `(seq, seq)`: 0 where key position ≤ query position, −∞ above the diagonal.
-fn causal_mask(seq: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+pub(crate) fn causal_mask(seq: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..seq)
         .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();

@@ -4,7 +4,9 @@
 //!   backward-prefetch test), with its parameter names;
 //! - [`llama`]: a small Llama-style decoder with the Hugging Face parameter names;
 //! - [`fsdp_test_models`]: the reference models of PyTorch's FSDP test suite
-//!   (`NestedWrappedModule`, `TransformerWithSharedParams`, …), ported for parity tests.
+//!   (`NestedWrappedModule`, `TransformerWithSharedParams`, …), ported for parity tests;
+//! - [`gpt`]: the small decoder-only transformer of PyTorch's distributed tests (FSDP2's
+//!   optimizer-in-backward test), with tied input and output embeddings.
 //!
 //! Every model is built from a `candle_nn::VarBuilder`, under exactly the FQNs of its
 //! static table, so the keys of a `VarMap` it was built from equal its FQNs and
@@ -21,6 +23,7 @@
 //! differentiable primitives, and the models use them instead.
 
 pub mod fsdp_test_models;
+pub mod gpt;
 pub mod llama;
 pub mod transformer;
 

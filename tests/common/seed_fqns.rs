@@ -39,7 +39,8 @@ pub const DECODER_PARAM_FQNS: [&str; 18] = [
     "decoder.layers.{index}.norm3.bias",
 ];
 
-pub const ROOT_PARAM_FQNS: [&str; 4] = ["encoder.norm.weight", "encoder.norm.bias", "decoder.norm.weight", "decoder.norm.bias"];
+pub const ROOT_PARAM_FQNS: [&str; 4] =
+    ["encoder.norm.weight", "encoder.norm.bias", "decoder.norm.weight", "decoder.norm.bias"];
 
 /// The template list with `{index}` replaced by `i`.
 pub fn layer_fqns(templates: &[&str], i: usize) -> Vec<String> {
