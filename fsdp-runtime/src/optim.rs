@@ -81,7 +81,7 @@ impl StepLr {
     /// since the last decay.
     pub fn step(&mut self, optimizer: &mut impl Optimizer) {
         self.last_epoch += 1;
-        if self.last_epoch % self.step_size == 0 {
+        if self.last_epoch.is_multiple_of(self.step_size) {
             optimizer.set_learning_rate(optimizer.learning_rate() * self.gamma);
         }
     }

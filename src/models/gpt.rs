@@ -58,7 +58,7 @@ impl Default for GptConfig {
 
 impl GptConfig {
     fn validate(&self) -> Result<()> {
-        if self.n_heads == 0 || self.dim % self.n_heads != 0 {
+        if self.n_heads == 0 || !self.dim.is_multiple_of(self.n_heads) {
             candle_core::bail!("Gpt: dim ({}) must be a positive multiple of n_heads ({})", self.dim, self.n_heads)
         }
         Ok(())

@@ -64,18 +64,18 @@ impl LlamaConfig {
     fn validate(&self) -> Result<()> {
         let heads = self.num_attention_heads;
         let kv_heads = self.num_key_value_heads;
-        if heads == 0 || self.hidden_size % heads != 0 {
+        if heads == 0 || !self.hidden_size.is_multiple_of(heads) {
             candle_core::bail!(
                 "Llama: hidden_size ({}) must be a positive multiple of num_attention_heads ({heads})",
                 self.hidden_size
             )
         }
-        if kv_heads == 0 || heads % kv_heads != 0 {
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             candle_core::bail!(
                 "Llama: num_attention_heads ({heads}) must be a positive multiple of num_key_value_heads ({kv_heads})"
             )
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             candle_core::bail!("Llama: the head dimension ({}) must be even for rotary embeddings", self.head_dim())
         }
         Ok(())

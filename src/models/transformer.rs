@@ -57,7 +57,7 @@ impl Default for TransformerConfig {
 
 impl TransformerConfig {
     fn validate(&self) -> Result<()> {
-        if self.nhead == 0 || self.d_model % self.nhead != 0 {
+        if self.nhead == 0 || !self.d_model.is_multiple_of(self.nhead) {
             candle_core::bail!(
                 "Transformer: d_model ({}) must be a positive multiple of nhead ({})",
                 self.d_model,
@@ -107,7 +107,7 @@ pub struct MultiheadAttention {
 
 impl MultiheadAttention {
     pub fn new(embed_dim: usize, num_heads: usize, vb: VarBuilder) -> Result<Self> {
-        if num_heads == 0 || embed_dim % num_heads != 0 {
+        if num_heads == 0 || !embed_dim.is_multiple_of(num_heads) {
             candle_core::bail!("MultiheadAttention: embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
         }
         let in_proj_weight =
