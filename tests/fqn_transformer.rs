@@ -67,6 +67,7 @@ fn static_table_has_root_and_two_layer_unit_templates() {
     // Templates: root first / last, encoder before decoder.
     assert_eq!(table.forward_order, [0, 1, 2]);
     assert_eq!(table.post_forward_order, [1, 2, 0]);
+    assert_eq!(table.backward_order, [0, 2, 1]);
 }
 
 #[test]

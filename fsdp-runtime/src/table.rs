@@ -170,6 +170,10 @@ pub struct Table<const P: usize, const U: usize> {
     pub forward_order: [usize; U],
     /// Unit templates in the order their forward ends (the root last).
     pub post_forward_order: [usize; U],
+    /// Unit templates in the order their pre-backward runs (the root first): the reverse
+    /// of the post-forward order. Each unit's backward prefetch targets the unit after it
+    /// here (for a `Vec` of units, the same template at the next lower index).
+    pub backward_order: [usize; U],
 }
 
 struct Cursor<'a, const P: usize, const U: usize> {
@@ -192,11 +196,17 @@ impl<const P: usize, const U: usize> Table<P, U> {
             units: [root; U],
             forward_order: [0; U],
             post_forward_order: [0; U],
+            backward_order: [0; U],
         };
         let mut cursor = Cursor { table: &mut table, params: 0, units: 1, pre: 1, post: 0 };
         declare(node, FqnTemplate::ROOT, 0, None, &mut cursor);
         order(node, 1, &mut cursor);
         cursor.table.post_forward_order[U - 1] = 0;
+        let mut i = 0;
+        while i < U {
+            table.backward_order[i] = table.post_forward_order[U - 1 - i];
+            i += 1;
+        }
         table
     }
 
@@ -207,6 +217,7 @@ impl<const P: usize, const U: usize> Table<P, U> {
             units: &self.units,
             forward_order: &self.forward_order,
             post_forward_order: &self.post_forward_order,
+            backward_order: &self.backward_order,
         }
     }
 }
@@ -285,6 +296,7 @@ pub struct StaticTable {
     pub units: &'static [UnitTemplate],
     pub forward_order: &'static [usize],
     pub post_forward_order: &'static [usize],
+    pub backward_order: &'static [usize],
 }
 
 impl StaticTable {
@@ -293,10 +305,6 @@ impl StaticTable {
         self.params.iter().filter(move |p| p.unit == unit)
     }
 
-    /// Unit templates in the order their pre-backward runs: the reverse of post-forward.
-    pub fn backward_order(&self) -> impl Iterator<Item = usize> + '_ {
-        self.post_forward_order.iter().rev().copied()
-    }
 }
 
 /// A type with a static table: every struct deriving `Shardable` can be a model root.
