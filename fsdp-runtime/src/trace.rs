@@ -2,6 +2,7 @@
 //! gathers, prefetches, frees and reductions in order. Each event is also emitted as a
 //! `tracing` event.
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
 
 /// Why a unit's parameters were gathered.
@@ -30,24 +31,32 @@ pub enum TraceEvent {
     PostBackward { unit: String },
 }
 
+/// The most recent events, at most [`Trace::CAPACITY`]: a long run that never reads its
+/// trace keeps a bounded window instead of growing without end.
 #[derive(Default)]
 pub struct Trace {
-    events: Mutex<Vec<TraceEvent>>,
+    events: Mutex<VecDeque<TraceEvent>>,
 }
 
 impl Trace {
+    pub const CAPACITY: usize = 1 << 16;
+
     pub fn record(&self, event: TraceEvent) {
         tracing::debug!(?event, "fsdp");
-        self.events.lock().expect("trace lock").push(event);
+        let mut events = self.events.lock().expect("trace lock");
+        if events.len() == Self::CAPACITY {
+            events.pop_front();
+        }
+        events.push_back(event);
     }
 
-    /// The events so far, leaving them in place.
+    /// The events kept, oldest first, leaving them in place.
     pub fn events(&self) -> Vec<TraceEvent> {
-        self.events.lock().expect("trace lock").clone()
+        self.events.lock().expect("trace lock").iter().cloned().collect()
     }
 
-    /// The events so far, clearing the record.
+    /// The events kept, oldest first, clearing the record.
     pub fn take(&self) -> Vec<TraceEvent> {
-        std::mem::take(&mut *self.events.lock().expect("trace lock"))
+        std::mem::take(&mut *self.events.lock().expect("trace lock")).into()
     }
 }
