@@ -38,6 +38,27 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
 
+    #[error(
+        "stage output {index} tracks gradients, so it requires output gradients from the next \
+         stage, but output_grads[{index}] is None"
+    )]
+    StageOutputGradMissing { index: usize },
+
+    #[error("stage output {index} is {output} but its output gradient is {grad}")]
+    StageGradMismatch { index: usize, output: String, grad: String },
+
+    #[error("{outputs} stage outputs but {grads} output gradients")]
+    StageGradCount { outputs: usize, grads: usize },
+
+    #[error(
+        "stage_backward_weight: no stage_backward_input ran since the last weight pass, so there \
+         is no deferred weight work to compute"
+    )]
+    StageNoInputPass,
+
+    #[error("{0} was called while the stage context is in an input pass")]
+    StageReentrant(&'static str),
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

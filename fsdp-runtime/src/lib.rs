@@ -14,6 +14,7 @@ pub mod memory;
 mod ops;
 pub mod optim;
 mod param;
+pub mod pipeline;
 pub mod plan;
 pub mod schema;
 mod sharded_unit;
@@ -31,6 +32,10 @@ pub use launch::{launch, launch_each, LaunchOptions, RankContext};
 pub use layout::{Layout, ParamInfo, Tie, UnitInfo};
 pub use memory::MemoryStats;
 pub use optim::{SgdMomentum, SgdMomentumConfig, StepLr};
+pub use pipeline::{
+    deferred_bias_add, deferred_matmul, deferred_matmul_t, stage_backward, stage_backward_input, stage_backward_weight,
+    GradAccumulator, PassMode, StageContext, StageInput, StageLinear, WorkCounts,
+};
 pub use plan::{BackwardPrefetch, Plan, PlanConfig, ShardingStrategy};
 pub use schema::{Role, Shardable, VisitOrder};
 pub use table::{ShardableModel, StaticTable};
