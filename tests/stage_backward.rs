@@ -58,22 +58,24 @@ fn var(t: &Tensor) -> Var {
 
 /// `MLPModule` as a pipeline stage: net1 Linear(512,512), ReLU, net2 Linear(512,512).
 struct StageMlp {
+    vars: [Var; 4],
     net1: StageLinear,
     net2: StageLinear,
 }
 
 impl StageMlp {
     fn new(ctx: &StageContext, v: &MlpValues) -> Self {
-        Self {
-            net1: StageLinear::new(ctx, var(&v.w1), Some(var(&v.b1))),
-            net2: StageLinear::new(ctx, var(&v.w2), Some(var(&v.b2))),
-        }
+        let vars = [var(&v.w1), var(&v.b1), var(&v.w2), var(&v.b2)];
+        let tensor = |i: usize| vars[i].as_tensor().clone();
+        let net1 = StageLinear::new(ctx, tensor(0), Some(tensor(1)));
+        let net2 = StageLinear::new(ctx, tensor(2), Some(tensor(3)));
+        Self { vars, net1, net2 }
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.net2.forward(&self.net1.forward(x)?.relu()?)
     }
     fn params(&self) -> [&Var; 4] {
-        [self.net1.weight(), self.net1.bias().unwrap(), self.net2.weight(), self.net2.bias().unwrap()]
+        [&self.vars[0], &self.vars[1], &self.vars[2], &self.vars[3]]
     }
 }
 
@@ -320,7 +322,7 @@ fn multi_intermediate_model() -> Result<()> {
 
     let (w, x_stage) = (var(&w_value), var(&x));
     let (a, b) = (x_stage.narrow(1, 0, 256)?, x_stage.narrow(1, 256, 256)?);
-    let loss = (deferred_matmul(&ctx, &a, &w)? * b)?.sum_all()?;
+    let loss = (deferred_matmul(&ctx, &a, w.as_tensor())? * b)?.sum_all()?;
     let dinputs = stage_backward_input(&ctx, &[loss], None, &[(&x_stage).into()]).unwrap();
     assert_eq!(ctx.counts().weight_matmuls, 0);
     let mut acc = GradAccumulator::new();
@@ -344,7 +346,7 @@ fn shared_weight() -> Result<()> {
     let x = randn(82, &[BATCH, D_HID]);
 
     let (w, x_stage) = (var(&w_value), var(&x));
-    let out = deferred_matmul(&ctx, &deferred_matmul(&ctx, &x_stage, &w)?.relu()?, &w)?;
+    let out = deferred_matmul(&ctx, &deferred_matmul(&ctx, &x_stage, w.as_tensor())?.relu()?, w.as_tensor())?;
     let loss = out.sum_all()?;
     let dinputs = stage_backward_input(&ctx, &[loss], None, &[(&x_stage).into()]).unwrap();
     drop(out);
@@ -361,7 +363,7 @@ fn shared_weight() -> Result<()> {
 
     // The fused backward sums the two uses the same way.
     let x_stage = var(&x);
-    let loss = deferred_matmul(&ctx, &deferred_matmul(&ctx, &x_stage, &w)?.relu()?, &w)?.sum_all()?;
+    let loss = deferred_matmul(&ctx, &deferred_matmul(&ctx, &x_stage, w.as_tensor())?.relu()?, w.as_tensor())?.sum_all()?;
     let mut acc = GradAccumulator::new();
     stage_backward(&ctx, &[loss], None, &[(&x_stage).into()], &mut acc).unwrap();
     assert_close(acc.get(&w).unwrap(), grads.get(&w_ref).unwrap(), F32_ATOL, F32_RTOL, "w grad (B)");
@@ -378,7 +380,7 @@ fn batched_input_and_ordinary_parameters() -> Result<()> {
     let (w_value, s_value, x) = (randn(91, &[16, 8]), randn(92, &[8]), randn(93, &[3, 5, 16]));
 
     let (w, s, x_stage) = (var(&w_value), var(&s_value), var(&x));
-    let loss = deferred_matmul(&ctx, &x_stage, &w)?.broadcast_mul(&s)?.sqr()?.sum_all()?;
+    let loss = deferred_matmul(&ctx, &x_stage, w.as_tensor())?.broadcast_mul(&s)?.sqr()?.sum_all()?;
     let dinputs = stage_backward_input(&ctx, &[loss], None, &[(&x_stage).into()]).unwrap();
     let mut acc = GradAccumulator::new();
     stage_backward_weight(&ctx, &mut acc).unwrap();

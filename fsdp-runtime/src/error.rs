@@ -35,6 +35,12 @@ pub enum Error {
     #[error("rank {rank}: {message}")]
     Rank { rank: usize, message: String },
 
+    #[error(
+        "a deferred weight of shape {shape} is neither a `Var` nor a parameter of the stage's gradient sink; \
+         for an FSDP model, give the stage context `fsdp.deferred_grad_sink()`"
+    )]
+    StageWeightUnowned { shape: String },
+
     #[error("invalid configuration: {0}")]
     Config(String),
 

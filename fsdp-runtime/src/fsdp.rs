@@ -8,6 +8,7 @@ use crate::layout::Layout;
 use crate::memory::MemoryStats;
 use crate::ops::GradSink;
 use crate::param::{flat_shards, unflatten_gathered, ShardedParam};
+use crate::pipeline::DeferredGradSink;
 use crate::schema::{Role, VisitOrder, Visitor};
 use crate::sharded_unit::ShardedUnit;
 use crate::state::{RankState, ROOT};
@@ -141,10 +142,39 @@ impl<M> Fsdp<M> {
     /// backward already ran fails (as PyTorch refuses to backward through a freed graph).
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
         let mut grads = loss.backward()?;
+        self.insert_reduced(&mut grads)?;
+        Ok(grads)
+    }
+
+    /// Ends a backward run outside [`Fsdp::backward`] (a pipeline stage's
+    /// `stage_backward`, or `stage_backward_input` + `stage_backward_weight`): reduces what
+    /// is left, resets the step, and returns the shard gradients.
+    pub fn finish_backward(&self) -> Result<GradStore> {
+        let mut grads = GradStore::default();
+        self.insert_reduced(&mut grads)?;
+        Ok(grads)
+    }
+
+    /// Ends a pipeline stage's input pass (`stage_backward_input`): frees the gathered
+    /// parameters, which the weight pass does not read. Units whose weight gradients were
+    /// deferred are reduced when `stage_backward_weight` delivers them, through
+    /// [`Fsdp::deferred_grad_sink`].
+    pub fn finish_input_pass(&self) -> Result<()> {
+        self.state.finish_input_pass()
+    }
+
+    /// The receiver of deferred weight gradients for this model's parameters: give it to
+    /// the stage's `StageContext::set_grad_sink`. A unit's gradients are reduced as soon
+    /// as the weight pass has delivered the last of them.
+    pub fn deferred_grad_sink(&self) -> Arc<dyn DeferredGradSink> {
+        self.state.clone()
+    }
+
+    fn insert_reduced(&self, grads: &mut GradStore) -> Result<()> {
         for (unit, param, grad) in self.state.finish_backward()? {
             grads.insert(self.state.units[unit].params[param].shard.as_tensor(), grad);
         }
-        Ok(grads)
+        Ok(())
     }
 
     /// Runs `f` for inference: units gather and free as in training, but no backward

@@ -283,3 +283,17 @@ impl Shardable for GroupNorm {
         GroupNorm::new(weight, bias, self.num_groups, self.eps)
     }
 }
+
+impl Shardable for crate::pipeline::StageLinear {
+    const NODE: Node = layer_node!("StageLinear", [field("weight", &PARAM), field("bias", &OPTIONAL_PARAM)]);
+
+    fn visit(&self, visitor: &mut dyn Visitor, _order: VisitOrder) {
+        weight_and_bias(visitor, self.weight(), self.bias());
+    }
+
+    fn map_tensors(self, map: &mut dyn TensorMap) -> Result<Self> {
+        let weight = map.map(self.weight().clone())?;
+        let bias = map_bias(self.bias(), map)?;
+        Ok(self.with_parameters(weight, bias))
+    }
+}

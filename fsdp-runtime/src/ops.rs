@@ -103,11 +103,19 @@ impl CustomOp1 for BackwardHook {
         Ok((zero, Shape::from(())))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, _grad: &Tensor) -> Result<Option<Tensor>> {
-        if let Some(sink) = self.sink.as_ref().and_then(|s| s.upgrade()) {
-            sink.pre_backward(self.unit, self.generation)?;
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, _grad: &Tensor) -> Result<Option<Tensor>> {
+        match &self.sink {
+            Some(sink) => {
+                if let Some(sink) = sink.upgrade() {
+                    sink.pre_backward(self.unit, self.generation)?;
+                }
+                // A hooked output also feeds the add that carries its real gradient.
+                Ok(None)
+            }
+            // An anchored input may have no other consumer, and candle's walk requires a
+            // gradient for every tracked node it reaches.
+            None => Ok(Some(arg.zeros_like()?)),
         }
-        Ok(None)
     }
 }
 

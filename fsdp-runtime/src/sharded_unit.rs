@@ -24,6 +24,15 @@ pub(crate) struct UnitFlags {
     pub grads_pending: usize,
     /// Unsharded gradients kept from backward passes run without gradient sync.
     pub accumulated: Vec<Option<Tensor>>,
+    /// Parameters part of whose gradient a pipeline input pass deferred to its weight pass.
+    pub deferred: Vec<bool>,
+}
+
+impl UnitFlags {
+    /// Every gradient of the step has arrived, deferred parts included.
+    pub fn complete(&self) -> bool {
+        self.grads_pending == 0 && !self.deferred.iter().any(|&d| d)
+    }
 }
 
 pub(crate) struct ShardedUnit {
@@ -51,6 +60,7 @@ impl ShardedUnit {
             grads: vec![None; params.len()],
             grads_pending: params.len(),
             accumulated: vec![None; params.len()],
+            deferred: vec![false; params.len()],
             ..UnitFlags::default()
         };
         Self { index, name, params, comm, shard_world, flags: Mutex::new(flags) }

@@ -18,7 +18,8 @@ use crate::ops::{BackwardHook, GradSink, LiveHook};
 use crate::sharded_unit::ShardedUnit;
 use crate::trace::{Trace, TraceEvent, UnshardCause};
 use candle_core::Tensor;
-use candle_core::Var;
+use candle_core::{TensorId, Var};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -57,6 +58,9 @@ pub(crate) struct RankState {
     /// freed and whose bookkeeping is gone) is refused instead of run.
     generation: AtomicU64,
     post_accumulate_hooks: Mutex<Vec<(usize, usize, PostAccumulateHook)>>,
+    /// (unit, parameter) of each gathered node, for gradients computed outside candle's
+    /// backward walk (a pipeline stage's deferred weight pass).
+    gathered_index: HashMap<TensorId, (usize, usize)>,
     step: Mutex<Step>,
     this: Weak<RankState>,
 }
@@ -79,7 +83,12 @@ impl RankState {
                 failure = Some(e);
                 Vec::new()
             });
+            let gathered_index = units
+                .iter()
+                .flat_map(|u| u.params.iter().enumerate().map(move |(p, param)| (param.gathered.id(), (u.index, p))))
+                .collect();
             RankState {
+                gathered_index,
                 comm,
                 config,
                 units,
@@ -396,6 +405,17 @@ impl RankState {
         Ok(())
     }
 
+    /// Ends a pipeline input pass: the weight pass needs no gathered parameter, so every
+    /// unit is freed; the step's bookkeeping stays for the gradients still to come.
+    pub fn finish_input_pass(&self) -> Result<()> {
+        if self.config.strategy != ShardingStrategy::NoShard {
+            for unit in 0..self.units.len() {
+                self.reshard(unit)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether a training forward ran since the last backward: its outputs may still be
     /// backpropagated, so the step's bookkeeping must survive an inference forward.
     pub fn training_step_pending(&self) -> bool {
@@ -450,6 +470,7 @@ impl RankState {
             flags.ran_post_backward = false;
             flags.needs_pre_backward_unshard = false;
             flags.grads.iter_mut().for_each(|g| *g = None);
+            flags.deferred.iter_mut().for_each(|d| *d = false);
             flags.grads_pending = unit.params.len();
         }
         let mut step = self.step();
@@ -475,10 +496,16 @@ impl GradSink for RankState {
                     format!("gradient of `{}` arrived after the unit's gradients were reduced", self.units[unit].params[param].fqn),
                 )));
             }
-            if flags.grads[param].replace(grad.clone()).is_none() {
-                flags.grads_pending -= 1;
+            // Normally one call per parameter and backward; a pipeline weight pass may add
+            // the deferred part of a gradient whose other part autograd delivered.
+            match flags.grads[param].take() {
+                None => {
+                    flags.grads[param] = Some(grad.clone());
+                    flags.grads_pending -= 1;
+                }
+                Some(earlier) => flags.grads[param] = Some((earlier + grad)?),
             }
-            flags.grads_pending == 0
+            flags.complete()
         };
         // The root's gradients are reduced at the end of backward, like PyTorch's root.
         if complete && unit != ROOT {
@@ -494,5 +521,51 @@ impl GradSink for RankState {
             return Err(to_candle(self.fail(unit, message.to_string())));
         }
         self.run_pre_backward(unit).map_err(to_candle)
+    }
+}
+
+impl RankState {
+    fn param_of(&self, weight: &Tensor) -> Result<(usize, usize)> {
+        self.gathered_index.get(&weight.id()).copied().ok_or_else(|| Error::Rank {
+            rank: self.rank(),
+            message: format!("a deferred gradient for a {:?} tensor that is no parameter of this model", weight.shape()),
+        })
+    }
+}
+
+impl crate::pipeline::DeferredGradSink for RankState {
+    fn owns(&self, weight: &Tensor) -> bool {
+        self.gathered_index.contains_key(&weight.id())
+    }
+
+    fn expect(&self, weight: &Tensor) -> Result<()> {
+        let (unit, param) = self.param_of(weight)?;
+        self.units[unit].flags().deferred[param] = true;
+        Ok(())
+    }
+
+    /// The weight pass's part of a gradient: added to what the input pass delivered, and
+    /// the unit is reduced at once if nothing else is missing.
+    fn deposit(&self, weight: &Tensor, grad: &Tensor) -> Result<()> {
+        let (unit, param) = self.param_of(weight)?;
+        let complete = {
+            let mut flags = self.units[unit].flags();
+            if flags.ran_post_backward {
+                return Err(self.fail(unit, format!("deferred gradient of `{}` arrived after the unit was reduced", self.units[unit].params[param].fqn)));
+            }
+            flags.deferred[param] = false;
+            flags.grads[param] = Some(match flags.grads[param].take() {
+                Some(earlier) => (earlier + grad)?,
+                None => {
+                    flags.grads_pending -= 1;
+                    grad.clone()
+                }
+            });
+            flags.complete()
+        };
+        if complete && unit != ROOT {
+            self.run_post_backward(unit)?;
+        }
+        Ok(())
     }
 }

@@ -27,20 +27,35 @@ pub struct WorkCounts {
     pub bias_reductions: usize,
 }
 
-/// One piece of queued weight-gradient work.
+/// One piece of queued weight-gradient work. A weight is a `Var`, or a parameter a
+/// [`DeferredGradSink`] owns (an FSDP unit's gathered parameter).
 pub(crate) enum Deferred {
     /// `dw = x_flatᵀ·dy_flat` (or its transpose, for a weight used as `x·wᵀ`).
-    Matmul { weight: Var, x: Tensor, dy: Tensor, transposed: bool },
+    Matmul { weight: Tensor, x: Tensor, dy: Tensor, transposed: bool },
     /// `db = dy_flat` summed over the rows.
-    Bias { bias: Var, dy: Tensor },
+    Bias { bias: Tensor, dy: Tensor },
     /// A gradient candle computed during the input pass anyway (a parameter used through an
     /// ordinary op); handed over at the weight pass.
     Ready { var: Var, grad: Tensor },
 }
 
+/// Receives the deferred gradients of weights that are not `Var`s: a wrapped FSDP model
+/// ([`crate::Fsdp::deferred_grad_sink`]) takes those of its gathered parameters, and
+/// reduces a unit's gradients as soon as its last one arrives.
+pub trait DeferredGradSink: Send + Sync {
+    /// Whether `weight` is one of the sink's parameters.
+    fn owns(&self, weight: &Tensor) -> bool;
+    /// An input pass deferred (part of) `weight`'s gradient: the sink must wait for the
+    /// weight pass before it treats the gradient as complete.
+    fn expect(&self, weight: &Tensor) -> crate::Result<()>;
+    /// Adds `grad`, the deferred part, to `weight`'s gradient for the current step.
+    fn deposit(&self, weight: &Tensor, grad: &Tensor) -> crate::Result<()>;
+}
+
 #[derive(Default)]
 pub(crate) struct State {
     pub mode: PassMode,
+    pub sink: Option<Arc<dyn DeferredGradSink>>,
     pub queue: Vec<Deferred>,
     /// Input passes since the last weight pass (0: a weight pass has nothing to work on).
     pub input_passes: usize,
@@ -77,6 +92,11 @@ impl StageContext {
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain data; keep going with it.
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Where the weight pass sends the gradients of weights that are not `Var`s.
+    pub fn set_grad_sink(&self, sink: Arc<dyn DeferredGradSink>) {
+        self.lock().sink = Some(sink);
     }
 
     /// The current pass mode (`Full` outside `stage_backward_input`).

@@ -9,7 +9,7 @@
 
 use super::context::{Deferred, PassMode, StageContext};
 use crate::ops::cpu_storage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Module, Result, Shape, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp2, Layout, Module, Result, Shape, Tensor};
 use std::sync::Mutex;
 
 /// `2·m·k·n`.
@@ -29,7 +29,7 @@ fn take_value(value: &Mutex<Option<Tensor>>, name: &str) -> Result<(CpuStorage, 
 /// `x·w` (or `x·wᵀ`) for `x` of shape `(…, k)`, flattened to `(rows, k)`.
 struct DeferredMatmulOp {
     ctx: StageContext,
-    weight: Var,
+    weight: Tensor,
     transposed: bool,
     value: Mutex<Option<Tensor>>,
 }
@@ -44,6 +44,7 @@ impl CustomOp2 for DeferredMatmulOp {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let w_node = w;
         let w = w.detach();
         let (k, n) = if self.transposed { (w.dim(1)?, w.dim(0)?) } else { (w.dim(0)?, w.dim(1)?) };
         let rows = x.elem_count() / k.max(1);
@@ -78,10 +79,31 @@ impl CustomOp2 for DeferredMatmulOp {
                     transposed: self.transposed,
                 };
                 self.ctx.lock().queue.push(work);
-                None
+                defer(&self.ctx, w_node)?
             }
         };
         Ok((dx, dw))
+    }
+}
+
+/// What an input pass returns as a deferred weight's gradient. A `Var` gets none (candle
+/// skips variables). A parameter owned by the context's sink (an FSDP unit's gathered
+/// node) is a tracked node that candle's walk requires a gradient for: it gets zeros, and
+/// the sink is told to wait for the weight pass before reducing it.
+fn defer(ctx: &StageContext, weight: &Tensor) -> Result<Option<Tensor>> {
+    if weight.is_variable() || !weight.track_op() {
+        return Ok(None);
+    }
+    let sink = ctx.lock().sink.clone();
+    match sink {
+        Some(sink) if sink.owns(weight) => {
+            sink.expect(weight).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            Ok(Some(weight.zeros_like()?))
+        }
+        _ => candle_core::bail!(
+            "a deferred weight of shape {:?} is neither a Var nor owned by the stage's gradient sink",
+            weight.shape()
+        ),
     }
 }
 
@@ -96,7 +118,7 @@ pub(crate) fn weight_grad(x_flat: &Tensor, dy_flat: &Tensor, transposed: bool) -
     }
 }
 
-fn matmul_impl(ctx: &StageContext, x: &Tensor, w: &Var, transposed: bool) -> Result<Tensor> {
+fn matmul_impl(ctx: &StageContext, x: &Tensor, w: &Tensor, transposed: bool) -> Result<Tensor> {
     let (w0, w1) = w.dims2()?;
     let (k, n) = if transposed { (w1, w0) } else { (w0, w1) };
     let dims = x.dims();
@@ -113,31 +135,31 @@ fn matmul_impl(ctx: &StageContext, x: &Tensor, w: &Var, transposed: bool) -> Res
     }
     let rows = x.elem_count() / k.max(1);
     let x_flat = x.detach().reshape((rows, k))?;
-    let w_value = w.as_detached_tensor();
+    let w_value = w.detach();
     let value = if transposed { x_flat.matmul(&w_value.t()?)? } else { x_flat.matmul(&w_value)? };
     let mut out_dims = batch.to_vec();
     out_dims.push(n);
     let value = value.reshape(out_dims)?;
     let op = DeferredMatmulOp { ctx: ctx.clone(), weight: w.clone(), transposed, value: Mutex::new(Some(value)) };
-    x.apply_op2(w.as_tensor(), op)
+    x.apply_op2(w, op)
 }
 
 /// `x·w` for `x` of shape `(…, k)` and a 2-D weight `w` of shape `(k, n)` (like
 /// `broadcast_matmul`), whose weight gradient a [`PassMode::InputOnly`] backward defers.
-pub fn deferred_matmul(ctx: &StageContext, x: &Tensor, w: &Var) -> Result<Tensor> {
+pub fn deferred_matmul(ctx: &StageContext, x: &Tensor, w: &Tensor) -> Result<Tensor> {
     matmul_impl(ctx, x, w, false)
 }
 
 /// `x·wᵀ` for `x` of shape `(…, k)` and a weight of shape `(n, k)` (a linear layer's
 /// layout), whose weight gradient a [`PassMode::InputOnly`] backward defers.
-pub fn deferred_matmul_t(ctx: &StageContext, x: &Tensor, w: &Var) -> Result<Tensor> {
+pub fn deferred_matmul_t(ctx: &StageContext, x: &Tensor, w: &Tensor) -> Result<Tensor> {
     matmul_impl(ctx, x, w, true)
 }
 
 /// `y + bias` broadcast over the leading dimensions.
 struct DeferredBiasAddOp {
     ctx: StageContext,
-    bias: Var,
+    bias: Tensor,
     value: Mutex<Option<Tensor>>,
 }
 
@@ -165,7 +187,7 @@ impl CustomOp2 for DeferredBiasAddOp {
             }
             PassMode::InputOnly => {
                 self.ctx.lock().queue.push(Deferred::Bias { bias: self.bias.clone(), dy: dy_flat });
-                None
+                defer(&self.ctx, b)?
             }
         };
         Ok((dy_y, db))
@@ -178,40 +200,54 @@ pub(crate) fn bias_grad(dy_flat: &Tensor) -> Result<Tensor> {
 
 /// `y + bias` for `y` of shape `(…, n)` and a 1-D `bias` of shape `(n,)`, whose bias
 /// gradient a [`PassMode::InputOnly`] backward defers.
-pub fn deferred_bias_add(ctx: &StageContext, y: &Tensor, bias: &Var) -> Result<Tensor> {
+pub fn deferred_bias_add(ctx: &StageContext, y: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let n = bias.dims1()?;
     if y.dims().last() != Some(&n) {
         candle_core::bail!("deferred bias add: input {:?} and bias {:?}", y.shape(), bias.shape());
     }
-    let value = y.detach().broadcast_add(&bias.as_detached_tensor())?;
+    let value = y.detach().broadcast_add(&bias.detach())?;
     let op = DeferredBiasAddOp { ctx: ctx.clone(), bias: bias.clone(), value: Mutex::new(Some(value)) };
-    y.apply_op2(bias.as_tensor(), op)
+    y.apply_op2(bias, op)
 }
 
 /// A linear layer (`x·Wᵀ + b`, PyTorch's and candle-nn's layout: `weight` is
-/// `(out, in)`, `bias` `(out,)`) whose parameter gradients an input pass defers.
+/// `(out, in)`, `bias` `(out,)`) whose parameter gradients an input pass defers. Its
+/// parameters are `Var`s in a plain stage, or an FSDP unit's gathered parameters once the
+/// model is wrapped (it is `Shardable`, named `weight` and `bias` like candle-nn's).
 #[derive(Clone, Debug)]
 pub struct StageLinear {
     ctx: StageContext,
-    weight: Var,
-    bias: Option<Var>,
+    weight: Tensor,
+    bias: Option<Tensor>,
 }
 
 impl StageLinear {
-    pub fn new(ctx: &StageContext, weight: Var, bias: Option<Var>) -> Self {
+    pub fn new(ctx: &StageContext, weight: Tensor, bias: Option<Tensor>) -> Self {
         Self { ctx: ctx.clone(), weight, bias }
     }
 
-    pub fn weight(&self) -> &Var {
+    /// Like `candle_nn::linear`: parameters `weight` `(out, in)` and `bias` `(out,)`
+    /// created through `vb` with candle-nn's initialisation.
+    pub fn build(ctx: &StageContext, in_dim: usize, out_dim: usize, vb: candle_nn::VarBuilder) -> Result<Self> {
+        let linear = candle_nn::linear(in_dim, out_dim, vb)?;
+        Ok(Self::new(ctx, linear.weight().clone(), linear.bias().cloned()))
+    }
+
+    pub fn weight(&self) -> &Tensor {
         &self.weight
     }
 
-    pub fn bias(&self) -> Option<&Var> {
+    pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
 
     pub fn context(&self) -> &StageContext {
         &self.ctx
+    }
+
+    /// The same layer with its parameters replaced, for `Shardable::map_tensors`.
+    pub(crate) fn with_parameters(self, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { ctx: self.ctx, weight, bias }
     }
 }
 

@@ -49,6 +49,6 @@ mod deferred;
 mod stage;
 
 pub use accumulator::GradAccumulator;
-pub use context::{PassMode, StageContext, WorkCounts};
+pub use context::{DeferredGradSink, PassMode, StageContext, WorkCounts};
 pub use deferred::{deferred_bias_add, deferred_matmul, deferred_matmul_t, StageLinear};
 pub use stage::{stage_backward, stage_backward_input, stage_backward_weight, StageInput};

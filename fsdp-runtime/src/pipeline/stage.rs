@@ -206,7 +206,7 @@ pub fn stage_backward_weight(ctx: &StageContext, acc: &mut GradAccumulator) -> R
         }
         std::mem::take(&mut state.queue)
     };
-    let summed = match compute_weight_work(ctx, &queue) {
+    let summed = match compute_weight_work(ctx, &queue).and_then(|summed| check_owners(ctx, summed)) {
         Ok(summed) => summed,
         Err(err) => {
             let mut state = ctx.lock();
@@ -216,19 +216,45 @@ pub fn stage_backward_weight(ctx: &StageContext, acc: &mut GradAccumulator) -> R
         }
     };
     ctx.lock().input_passes = 0;
-    for (var, grad) in &summed {
-        acc.add(var, grad)?;
+    let sink = ctx.lock().sink.clone();
+    for (weight, grad) in &summed {
+        match weight {
+            Owner::Var(var) => acc.add(var, grad)?,
+            Owner::Sink(tensor) => sink.as_ref().expect("checked by check_owners").deposit(tensor, grad)?,
+        }
     }
     Ok(())
 }
 
-/// The gradient of every queued variable, uses summed in queue (backward) order, which is
-/// the order candle sums them in a full backward.
-fn compute_weight_work(ctx: &StageContext, queue: &[Deferred]) -> Result<Vec<(Var, Tensor)>> {
+/// Who receives a weight's gradient: the accumulator (a `Var`) or the context's sink.
+enum Owner {
+    Var(Var),
+    Sink(Tensor),
+}
+
+/// Resolves every weight's receiver before any gradient is handed over, so a weight
+/// nobody owns fails the pass without a partial update.
+fn check_owners(ctx: &StageContext, summed: Vec<(Tensor, Tensor)>) -> Result<Vec<(Owner, Tensor)>> {
+    let sink = ctx.lock().sink.clone();
+    summed
+        .into_iter()
+        .map(|(weight, grad)| {
+            if weight.is_variable() {
+                Ok((Owner::Var(Var::from_tensor(&weight)?), grad))
+            } else if sink.as_ref().is_some_and(|s| s.owns(&weight)) {
+                Ok((Owner::Sink(weight), grad))
+            } else {
+                Err(Error::StageWeightUnowned { shape: format!("{:?}", weight.shape()) })
+            }
+        })
+        .collect()
+}
+
+fn compute_weight_work(ctx: &StageContext, queue: &[Deferred]) -> Result<Vec<(Tensor, Tensor)>> {
     let mut index: HashMap<TensorId, usize> = HashMap::new();
-    let mut summed: Vec<(Var, Tensor)> = Vec::new();
+    let mut summed: Vec<(Tensor, Tensor)> = Vec::new();
     for work in queue {
-        let (var, grad) = match work {
+        let (weight, grad) = match work {
             Deferred::Matmul { weight, x, dy, transposed } => {
                 let grad = weight_grad(x, dy, *transposed)?;
                 let (rows, k) = x.dims2()?;
@@ -242,13 +268,13 @@ fn compute_weight_work(ctx: &StageContext, queue: &[Deferred]) -> Result<Vec<(Va
                 ctx.lock().counts.bias_reductions += 1;
                 (bias, grad)
             }
-            Deferred::Ready { var, grad } => (var, grad.clone()),
+            Deferred::Ready { var, grad } => (var.as_tensor(), grad.clone()),
         };
-        match index.get(&var.id()) {
+        match index.get(&weight.id()) {
             Some(&i) => summed[i].1 = (&summed[i].1 + &grad)?,
             None => {
-                index.insert(var.id(), summed.len());
-                summed.push((var.clone(), grad));
+                index.insert(weight.id(), summed.len());
+                summed.push((weight.clone(), grad));
             }
         }
     }
