@@ -162,3 +162,38 @@ fn out_of_order_forward_still_runs_under_the_warning() {
         common::assert_close(&out, &ref_out, common::F32_ATOL, common::F32_RTOL, "output");
     }
 }
+
+/// A unit given an input it does not use: the runtime ties every input into the first for
+/// ordering, and candle's backward requires a gradient for each tracked tensor it reaches,
+/// so the tie itself must supply one.
+#[derive(Shardable)]
+struct IgnoresSecondInput {
+    first: Unit<Linear>,
+    second: Unit<Linear>,
+}
+
+#[test]
+fn a_unit_input_used_only_for_ordering_does_not_break_backward() {
+    let ctor = |vb: candle_nn::VarBuilder| -> candle_core::Result<IgnoresSecondInput> {
+        Ok(IgnoresSecondInput {
+            first: Unit::new(candle_nn::linear(4, 4, vb.pp("first"))?),
+            second: Unit::new(candle_nn::linear(4, 4, vb.pp("second"))?),
+        })
+    };
+    let (_, _, snapshot) = common::build(None, DType::F32, ctor).unwrap();
+    launch(LaunchOptions::new(2).timeout(Duration::from_secs(30)), |ctx| {
+        let (model, _, _) = common::build(Some(&snapshot), DType::F32, ctor)?;
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
+        let x = common::rand(ctx.rank as u64, &[2, 4]);
+        let out = fsdp.forward(|m| {
+            let unused = m.first.forward(&x)?;
+            // `second` receives `unused` but computes from `x` alone.
+            m.second.run((x.clone(), unused), |layer, (x, _unused)| layer.forward(&x))
+        })?;
+        let grads = fsdp.backward(&out.sum_all()?)?;
+        let (_, second_weight) = fsdp.named_parameters().into_iter().find(|(n, _)| n == "second.weight").unwrap();
+        assert!(grads.get(second_weight.as_tensor()).is_some());
+        Ok(())
+    })
+    .unwrap();
+}
