@@ -26,14 +26,7 @@ const ENCODER_PREFETCH_NUM: usize = 5;
 const D_MODEL: usize = 64;
 
 fn config() -> TransformerConfig {
-    TransformerConfig {
-        d_model: D_MODEL,
-        nhead: 8,
-        num_encoder_layers: 6,
-        num_decoder_layers: 6,
-        dim_feedforward: 128,
-        layer_norm_eps: 1e-5,
-    }
+    common::seed_fqns::seed_transformer_config(D_MODEL, 8, 128)
 }
 
 /// The seed's check rule (spec §1.3) for entry `k` with encoder begin index `b`.

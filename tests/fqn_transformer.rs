@@ -19,14 +19,7 @@ const D_MODEL: usize = 16;
 const DIM_FEEDFORWARD: usize = 32;
 
 fn config() -> TransformerConfig {
-    TransformerConfig {
-        d_model: D_MODEL,
-        nhead: 8,
-        num_encoder_layers: 6,
-        num_decoder_layers: 6,
-        dim_feedforward: DIM_FEEDFORWARD,
-        layer_norm_eps: 1e-5,
-    }
+    common::seed_fqns::seed_transformer_config(D_MODEL, 8, DIM_FEEDFORWARD)
 }
 
 fn build() -> (Transformer, VarMap) {

@@ -12,14 +12,7 @@ mod common;
 const D_MODEL: usize = 32;
 
 fn config() -> TransformerConfig {
-    TransformerConfig {
-        d_model: D_MODEL,
-        nhead: 4,
-        num_encoder_layers: 6,
-        num_decoder_layers: 6,
-        dim_feedforward: 64,
-        layer_norm_eps: 1e-5,
-    }
+    common::seed_fqns::seed_transformer_config(D_MODEL, 4, 64)
 }
 
 struct Measured {

@@ -46,3 +46,20 @@ pub const ROOT_PARAM_FQNS: [&str; 4] =
 pub fn layer_fqns(templates: &[&str], i: usize) -> Vec<String> {
     templates.iter().map(|t| t.replace("{index}", &i.to_string())).collect()
 }
+
+/// The seed's `nn.Transformer` structure (6 encoder + 6 decoder layers, PyTorch's layer
+/// norm eps) at a size small enough for CPU tests.
+pub fn seed_transformer_config(
+    d_model: usize,
+    nhead: usize,
+    dim_feedforward: usize,
+) -> candle_fsdp::models::transformer::TransformerConfig {
+    candle_fsdp::models::transformer::TransformerConfig {
+        d_model,
+        nhead,
+        num_encoder_layers: 6,
+        num_decoder_layers: 6,
+        dim_feedforward,
+        layer_norm_eps: 1e-5,
+    }
+}
