@@ -14,7 +14,7 @@ use anyhow::Context;
 use candle_core::Device;
 use candle_fsdp::models::llama::{Llama, LlamaConfig};
 use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
-use candle_fsdp::{BackwardPrefetch, Layout, Plan, PlanConfig, Role, ShardableModel, ShardingStrategy, StaticTable};
+use candle_fsdp::{Layout, Plan, PlanConfig, Role, ShardableModel, StaticTable};
 use candle_nn::{VarBuilder, VarMap};
 use clap::{Parser, ValueEnum};
 use common::{human_bytes, human_count, DTYPE};
@@ -32,21 +32,8 @@ struct Args {
     #[arg(long, value_enum, default_value_t = ModelKind::Transformer)]
     model: ModelKind,
 
-    /// Number of ranks the parameters are sharded over.
-    #[arg(long, default_value = "2", value_parser = common::parse_world_size)]
-    world_size: usize,
-
-    /// Sharding strategy: `full-shard` (ZeRO-3), `shard-grad-op` (ZeRO-2) or `no-shard` (DDP).
-    #[arg(long, default_value = "full-shard", value_parser = common::parse_strategy)]
-    strategy: ShardingStrategy,
-
-    /// Backward prefetch: `none`, `backward-pre` or `backward-post`.
-    #[arg(long, default_value = "backward-pre", value_parser = common::parse_backward_prefetch)]
-    backward_prefetch: BackwardPrefetch,
-
-    /// Gather the next unit of the forward order when a unit's forward starts.
-    #[arg(long)]
-    forward_prefetch: bool,
+    #[command(flatten)]
+    fsdp: common::FsdpArgs,
 
     /// The optimizer, for its per-parameter state: AdamW keeps 2 tensors per parameter,
     /// SGD with momentum 1, plain SGD none.
@@ -106,10 +93,10 @@ fn llama_config() -> LlamaConfig {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let plan_config = PlanConfig {
-        world_size: args.world_size,
-        strategy: args.strategy,
-        backward_prefetch: args.backward_prefetch,
-        forward_prefetch: args.forward_prefetch,
+        world_size: args.fsdp.world_size,
+        strategy: args.fsdp.strategy,
+        backward_prefetch: args.fsdp.backward_prefetch,
+        forward_prefetch: args.fsdp.forward_prefetch,
         optimizer_states: args.optimizer.states(),
     };
 

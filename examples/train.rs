@@ -18,10 +18,7 @@ use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
 use candle_fsdp::collectives::ReduceOp;
 use candle_fsdp::models::llama::{Llama, LlamaConfig};
-use candle_fsdp::{
-    launch, BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, Layout, Plan, PlanConfig, RankContext, Role,
-    ShardingStrategy,
-};
+use candle_fsdp::{launch, Fsdp, FsdpConfig, LaunchOptions, Layout, Plan, PlanConfig, RankContext, Role};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
 use common::{human_bytes, human_count, median, ms, BigramTask, Rng, DTYPE};
@@ -38,21 +35,8 @@ use std::time::{Duration, Instant};
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Number of ranks (one thread each).
-    #[arg(long, default_value = "2", value_parser = common::parse_world_size)]
-    world_size: usize,
-
-    /// Sharding strategy: `full-shard` (ZeRO-3), `shard-grad-op` (ZeRO-2) or `no-shard` (DDP).
-    #[arg(long, default_value = "full-shard", value_parser = common::parse_strategy)]
-    strategy: ShardingStrategy,
-
-    /// Backward prefetch: `none`, `backward-pre` or `backward-post`.
-    #[arg(long, default_value = "backward-pre", value_parser = common::parse_backward_prefetch)]
-    backward_prefetch: BackwardPrefetch,
-
-    /// Gather the next decoder layer when a layer's forward starts.
-    #[arg(long)]
-    forward_prefetch: bool,
+    #[command(flatten)]
+    fsdp: common::FsdpArgs,
 
     /// Optimizer steps.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
@@ -123,14 +107,14 @@ struct RankReport {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let candle_threads = common::configure_candle_threads(args.candle_threads.map(|n| n as usize), args.world_size);
-    if args.world_size > 64 {
-        bail!("--world-size {}: this example runs at most 64 CPU ranks (one thread each)", args.world_size);
+    let candle_threads = common::configure_candle_threads(args.candle_threads.map(|n| n as usize), args.fsdp.world_size);
+    if args.fsdp.world_size > 64 {
+        bail!("--world-size {}: this example runs at most 64 CPU ranks (one thread each)", args.fsdp.world_size);
     }
     if !(args.lr.is_finite() && args.lr > 0.0) {
         bail!("--lr must be a positive number, got {}", args.lr);
     }
-    let world = args.world_size;
+    let world = args.fsdp.world_size;
     let (steps, batch, seq_len) = (args.steps as usize, args.batch_size as usize, args.seq_len as usize);
     let config = model_config(seq_len);
     let task = BigramTask::new(VOCAB, NOISE, args.seed);
@@ -145,9 +129,9 @@ fn main() -> anyhow::Result<()> {
         &layout,
         PlanConfig {
             world_size: world,
-            strategy: args.strategy,
-            backward_prefetch: args.backward_prefetch,
-            forward_prefetch: args.forward_prefetch,
+            strategy: args.fsdp.strategy,
+            backward_prefetch: args.fsdp.backward_prefetch,
+            forward_prefetch: args.fsdp.forward_prefetch,
             optimizer_states: 2,
         },
     )?;
@@ -171,9 +155,9 @@ fn main() -> anyhow::Result<()> {
     println!(
         "fsdp:  world size {world} (CPU ranks as threads; {} cores, {candle_threads} candle thread(s) per op), {}, backward prefetch {}, forward prefetch {}",
         common::cores(),
-        args.strategy,
-        args.backward_prefetch,
-        if args.forward_prefetch { "on" } else { "off" }
+        args.fsdp.strategy,
+        args.fsdp.backward_prefetch,
+        if args.fsdp.forward_prefetch { "on" } else { "off" }
     );
     println!(
         "train: {steps} steps of AdamW (lr {}), {batch} sequences x {seq_len} tokens per rank ({} tokens per step globally)",
@@ -237,9 +221,9 @@ fn train_rank(
         // Every rank loaded the same snapshot: nothing to broadcast.
         sync_module_states: false,
         ..FsdpConfig::default()
-            .strategy(args.strategy)
-            .backward_prefetch(args.backward_prefetch)
-            .forward_prefetch(args.forward_prefetch)
+            .strategy(args.fsdp.strategy)
+            .backward_prefetch(args.fsdp.backward_prefetch)
+            .forward_prefetch(args.fsdp.forward_prefetch)
     };
     let fsdp = Fsdp::wrap(model, ctx.comm.clone(), fsdp_config)?;
     let shards = fsdp.parameters();

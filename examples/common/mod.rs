@@ -210,3 +210,23 @@ pub fn configure_candle_threads(requested: Option<usize>, ranks: usize) -> usize
 pub fn cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
+
+/// The FSDP options the examples share, flattened into each one's arguments.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct FsdpArgs {
+    /// Number of ranks the parameters are sharded over (one thread each).
+    #[arg(long, default_value = "2", value_parser = parse_world_size)]
+    pub world_size: usize,
+
+    /// Sharding strategy: `full-shard` (ZeRO-3), `shard-grad-op` (ZeRO-2) or `no-shard` (DDP).
+    #[arg(long, default_value = "full-shard", value_parser = parse_strategy)]
+    pub strategy: candle_fsdp::ShardingStrategy,
+
+    /// Backward prefetch: `none`, `backward-pre` or `backward-post`.
+    #[arg(long, default_value = "backward-pre", value_parser = parse_backward_prefetch)]
+    pub backward_prefetch: candle_fsdp::BackwardPrefetch,
+
+    /// Gather the next unit of the static forward order when a unit's forward starts.
+    #[arg(long)]
+    pub forward_prefetch: bool,
+}
