@@ -131,6 +131,22 @@ struct RankRun {
 }
 
 impl RankRun {
+    /// The figures of one rank's run: its step times, the loss of every step, the bytes
+    /// of the variables it stepped and of their last gradients, its gathered peak.
+    fn new(times: Vec<Duration>, losses: &[f64], param_bytes: usize, grad_bytes: usize, gathered_peak: usize) -> Self {
+        Self {
+            times,
+            first_loss: losses[0],
+            last_loss: *losses.last().expect("a step"),
+            param_bytes,
+            grad_bytes,
+            optimizer_bytes: 2 * param_bytes,
+            gathered_peak,
+        }
+    }
+}
+
+impl RankRun {
     fn total(&self) -> usize {
         self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.gathered_peak
     }
@@ -352,16 +368,7 @@ fn run_plain(
         losses.push(loss.to_scalar::<f32>()? as f64);
         grad_bytes = common::tensor_bytes(vars.iter().filter_map(|v| grads.get(v.as_tensor())));
     }
-    let param_bytes = common::var_bytes(&vars);
-    Ok(RankRun {
-        times,
-        first_loss: losses[0],
-        last_loss: *losses.last().expect("a step"),
-        param_bytes,
-        grad_bytes,
-        optimizer_bytes: 2 * param_bytes,
-        gathered_peak: 0,
-    })
+    Ok(RankRun::new(times, &losses, common::var_bytes(&vars), grad_bytes, 0))
 }
 
 /// (b) and (c): FSDP over `world` CPU ranks, rank `r` on its slice of every global batch.
@@ -398,16 +405,7 @@ fn run_fsdp(
             losses.push(global.to_vec1::<f32>()?[0] as f64);
             grad_bytes = common::tensor_bytes(shards.iter().filter_map(|v| grads.get(v.as_tensor())));
         }
-        let param_bytes = common::var_bytes(&shards);
-        Ok(RankRun {
-            times,
-            first_loss: losses[0],
-            last_loss: *losses.last().expect("a step"),
-            param_bytes,
-            grad_bytes,
-            optimizer_bytes: 2 * param_bytes,
-            gathered_peak: fsdp.memory().gathered_peak,
-        })
+        Ok(RankRun::new(times, &losses, common::var_bytes(&shards), grad_bytes, fsdp.memory().gathered_peak))
     })?;
     Ok(runs)
 }
