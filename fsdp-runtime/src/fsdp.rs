@@ -313,7 +313,9 @@ fn check_ranks_agree(comm: &dyn Collectives, layout: &Layout) -> Result<()> {
         trained.clone().count() as f64,
         trained.map(|p| p.tensor.elem_count()).sum::<usize>() as f64,
     ];
-    let mine = Tensor::new(&facts, &candle_core::Device::Cpu)?;
+    // On the parameters' device: a GPU backend moves device buffers only.
+    let device = layout.params.first().map_or(candle_core::Device::Cpu, |p| p.tensor.device().clone());
+    let mine = Tensor::new(&facts, &device)?;
     let all = comm.all_gather(&mine, "the wrap-time check that all ranks agree")?.wait()?.to_vec1::<f64>()?;
     let describe = |f: &[f64]| {
         format!("world size {}, {} units, {} parameters, {} elements", f[0], f[1], f[2], f[3])

@@ -8,9 +8,9 @@
 //! rank-major (rank 0's shards of every parameter, then rank 1's, …), and the
 //! reduce-scatter input is packed the same way.
 
-use crate::ops::{cpu_storage, GatheredParam, GradSink};
+use crate::ops::{BuiltValue, GatheredParam, GradSink};
 use candle_core::{Result, Shape, Tensor, Var};
-use std::sync::{Mutex, Weak};
+use std::sync::Weak;
 
 pub struct ShardedParam {
     pub fqn: String,
@@ -45,7 +45,7 @@ impl ShardedParam {
             sink,
             unit,
             param,
-            initial: Mutex::new(Some((cpu_storage(full)?, full.shape().clone()))),
+            initial: BuiltValue::new("fsdp-gathered-param", full.clone()),
         };
         let gathered = shard.as_tensor().apply_op1(op)?;
         Ok(Self { fqn, shape: full.shape().clone(), numel, shard_len, shard, gathered })

@@ -2,28 +2,18 @@
 //! now or queues it, as the stage's [`PassMode`] says.
 //!
 //! Each op computes its value with ordinary tensor ops on detached inputs when it is built,
-//! and its `cpu_fwd` only hands that value's storage to candle, so no raw-storage
+//! and its forward only hands that value's storage to candle (on any backend), so no raw-storage
 //! arithmetic is written here; the backward also uses ordinary tensor ops. The forward and
 //! the gradients are the same products candle's own `matmul`/`broadcast_add` compute, so a
 //! stage built from these ops matches a plain candle model numerically.
 
 use super::context::{Deferred, PassMode, StageContext};
-use crate::ops::cpu_storage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Module, Result, Shape, Tensor};
-use std::sync::Mutex;
+use crate::ops::BuiltValue;
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Module, Result, Shape, Tensor};
 
 /// `2·m·k·n`.
 fn matmul_flops(m: usize, k: usize, n: usize) -> u64 {
     2 * (m as u64) * (k as u64) * (n as u64)
-}
-
-/// Takes the value computed at build time (consumed by the one forward that creates the node).
-fn take_value(value: &Mutex<Option<Tensor>>, name: &str) -> Result<(CpuStorage, Shape)> {
-    let value = value.lock().unwrap_or_else(|p| p.into_inner()).take();
-    match value {
-        Some(value) => Ok((cpu_storage(&value)?, value.shape().clone())),
-        None => candle_core::bail!("{name}: the node is created once and never recomputed"),
-    }
 }
 
 /// `x·w` (or `x·wᵀ`) for `x` of shape `(…, k)`, flattened to `(rows, k)`.
@@ -31,7 +21,7 @@ struct DeferredMatmulOp {
     ctx: StageContext,
     weight: Tensor,
     transposed: bool,
-    value: Mutex<Option<Tensor>>,
+    value: BuiltValue,
 }
 
 impl CustomOp2 for DeferredMatmulOp {
@@ -40,7 +30,11 @@ impl CustomOp2 for DeferredMatmulOp {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        take_value(&self.value, self.name())
+        self.value.take()
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.value.take()
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -140,7 +134,7 @@ fn matmul_impl(ctx: &StageContext, x: &Tensor, w: &Tensor, transposed: bool) -> 
     let mut out_dims = batch.to_vec();
     out_dims.push(n);
     let value = value.reshape(out_dims)?;
-    let op = DeferredMatmulOp { ctx: ctx.clone(), weight: w.clone(), transposed, value: Mutex::new(Some(value)) };
+    let op = DeferredMatmulOp { ctx: ctx.clone(), weight: w.clone(), transposed, value: BuiltValue::new("stage-deferred-matmul", value) };
     x.apply_op2(w, op)
 }
 
@@ -160,7 +154,7 @@ pub fn deferred_matmul_t(ctx: &StageContext, x: &Tensor, w: &Tensor) -> Result<T
 struct DeferredBiasAddOp {
     ctx: StageContext,
     bias: Tensor,
-    value: Mutex<Option<Tensor>>,
+    value: BuiltValue,
 }
 
 impl CustomOp2 for DeferredBiasAddOp {
@@ -169,7 +163,11 @@ impl CustomOp2 for DeferredBiasAddOp {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        take_value(&self.value, self.name())
+        self.value.take()
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.value.take()
     }
 
     fn bwd(&self, y: &Tensor, b: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -206,7 +204,7 @@ pub fn deferred_bias_add(ctx: &StageContext, y: &Tensor, bias: &Tensor) -> Resul
         candle_core::bail!("deferred bias add: input {:?} and bias {:?}", y.shape(), bias.shape());
     }
     let value = y.detach().broadcast_add(&bias.detach())?;
-    let op = DeferredBiasAddOp { ctx: ctx.clone(), bias: bias.clone(), value: Mutex::new(Some(value)) };
+    let op = DeferredBiasAddOp { ctx: ctx.clone(), bias: bias.clone(), value: BuiltValue::new("stage-deferred-bias-add", value) };
     y.apply_op2(bias, op)
 }
 
