@@ -65,6 +65,16 @@ pub enum Error {
     #[error("{0} was called while the stage context is in an input pass")]
     StageReentrant(&'static str),
 
+    #[error("rank {rank}: rendezvous at {addr}: {message}")]
+    Rendezvous { rank: usize, addr: String, message: String },
+
+    #[error(
+        "the launch environment (torchrun's RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, \
+         MASTER_PORT) is not usable: {}",
+        problems.join("; ")
+    )]
+    LaunchEnv { problems: Vec<String> },
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -16,9 +16,11 @@ pub mod optim;
 mod param;
 pub mod pipeline;
 pub mod plan;
+pub mod rendezvous;
 pub mod schema;
 mod sharded_unit;
 mod state;
+pub mod store;
 pub mod table;
 pub mod trace;
 pub mod unit;
@@ -37,7 +39,9 @@ pub use pipeline::{
     GradAccumulator, PassMode, StageContext, StageInput, StageLinear, WorkCounts,
 };
 pub use plan::{BackwardPrefetch, Plan, PlanConfig, ShardingStrategy};
+pub use rendezvous::{DistEnv, Rendezvous};
 pub use schema::{Role, Shardable, VisitOrder};
+pub use store::{Store, StoreServer};
 pub use table::{ShardableModel, StaticTable};
 pub use trace::{TraceEvent, UnshardCause};
 pub use unit::Unit;
