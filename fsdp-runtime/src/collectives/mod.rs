@@ -3,10 +3,12 @@
 //! [`Collectives`] is what the runtime needs from a process group: all-gather,
 //! reduce-scatter, all-reduce, broadcast and barrier over one group of ranks, plus
 //! sub-groups. Every operation is issued first and waited on later ([`Work`]), so a
-//! backend with its own communication stream (NCCL) can overlap it with compute; the CPU
-//! backend ([`threads`]) runs ranks as threads of one process. Every wait has a timeout,
-//! and every error names the rank, the operation and what it was for (the unit).
+//! backend with its own communication stream (NCCL) can overlap it with compute. Backends:
+//! [`threads`] runs ranks as threads of one process; [`tcp`] runs them as separate
+//! processes on CPUs, meeting through a [`crate::store::Store`] (like PyTorch's gloo). Every wait has a timeout, and every error names the rank, the operation and
+//! what it was for (the unit).
 
+pub mod tcp;
 pub mod threads;
 
 use crate::error::Result;
