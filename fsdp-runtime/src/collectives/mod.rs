@@ -5,9 +5,13 @@
 //! sub-groups. Every operation is issued first and waited on later ([`Work`]), so a
 //! backend with its own communication stream (NCCL) can overlap it with compute. Backends:
 //! [`threads`] runs ranks as threads of one process; [`tcp`] runs them as separate
-//! processes on CPUs, meeting through a [`crate::store::Store`] (like PyTorch's gloo). Every wait has a timeout, and every error names the rank, the operation and
+//! processes on CPUs, meeting through a [`crate::store::Store`] (like PyTorch's gloo);
+//! `nccl` (feature `cuda`) runs NCCL on a communication stream beside candle's compute
+//! stream. Every wait has a timeout, and every error names the rank, the operation and
 //! what it was for (the unit).
 
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod tcp;
 pub mod threads;
 
