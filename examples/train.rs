@@ -1,5 +1,10 @@
-//! Trains a small Llama-style language model with fully sharded data parallelism on CPU
-//! ranks (one thread per rank, all in this process).
+//! Trains a small Llama-style language model with fully sharded data parallelism.
+//!
+//! Ranks are, by default, threads of this process on the CPU. Started by a launcher
+//! (`fsdp-run`, torchrun, SLURM: `RANK`/`WORLD_SIZE`/`MASTER_ADDR`... set), this process is
+//! one rank: the CPU ranks talk over TCP, or with `--device cuda` each process drives the GPU
+//! `LOCAL_RANK` names and talks through NCCL. `--device cuda` without a launcher runs one
+//! thread per GPU of this machine.
 //!
 //! The data is a synthetic but learnable token stream: each token is followed by a fixed
 //! successor (a random permutation of the vocabulary) with probability 0.9 and by a
@@ -10,6 +15,7 @@
 //! ```text
 //! cargo run --release --example train
 //! cargo run --release --example train -- --world-size 4 --strategy shard-grad-op --steps 100
+//! cargo build --release --example train && target/release/fsdp-run --nproc-per-node 2 -- target/release/examples/train
 //! ```
 
 mod common;
@@ -18,7 +24,8 @@ use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
 use candle_fsdp::collectives::ReduceOp;
 use candle_fsdp::models::llama::{Llama, LlamaConfig};
-use candle_fsdp::{launch, Fsdp, FsdpConfig, LaunchOptions, Layout, Plan, PlanConfig, RankContext, Role};
+use candle_fsdp::process_group::{Backend, ProcessGroup};
+use candle_fsdp::{launch, DistEnv, Fsdp, FsdpConfig, LaunchOptions, Layout, Plan, PlanConfig, RankContext, Role};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
 use common::{human_bytes, human_count, median, ms, BigramTask, Rng, DTYPE};
@@ -26,7 +33,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// Train a small Llama language model with FSDP on CPU ranks (threads of this process).
+/// Train a small Llama language model with FSDP: CPU ranks as threads of this process by
+/// default; one rank per process when started by `fsdp-run` or torchrun.
 ///
 /// The model learns a synthetic token stream (a fixed random successor for every token,
 /// 10% noise). Each rank trains on its own batches; FSDP averages the gradients over the
@@ -67,6 +75,25 @@ struct Args {
     /// Print the loss every this many steps (besides the progress bar).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     log_every: u64,
+
+    /// `cpu`, or `cuda` (NCCL; needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
+
+    /// The longest the rendezvous or any collective waits for the other ranks.
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    timeout_secs: u64,
+}
+
+/// How the ranks of this run are started.
+enum Ranks {
+    /// Threads of this process on the CPU.
+    CpuThreads,
+    /// Threads of this process, one per GPU.
+    #[cfg(feature = "cuda")]
+    GpuThreads,
+    /// This process is one rank of a launched job.
+    Process(Box<ProcessGroup>),
 }
 
 /// Vocabulary of the synthetic language.
@@ -107,14 +134,31 @@ struct RankReport {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let candle_threads = common::configure_candle_threads(args.candle_threads.map(|n| n as usize), args.fsdp.world_size);
-    if args.fsdp.world_size > 64 {
-        bail!("--world-size {}: this example runs at most 64 CPU ranks (one thread each)", args.fsdp.world_size);
+    let launched = DistEnv::is_set().then(DistEnv::from_env).transpose()?;
+    // Ranks in this process share its cores.
+    let local_ranks = launched.as_ref().map_or(args.fsdp.world_size, |env| env.local_world_size.max(1));
+    let candle_threads = common::configure_candle_threads(args.candle_threads.map(|n| n as usize), local_ranks);
+    if launched.is_none() && args.fsdp.world_size > 64 {
+        bail!("--world-size {}: this example runs at most 64 ranks as threads", args.fsdp.world_size);
     }
     if !(args.lr.is_finite() && args.lr > 0.0) {
         bail!("--lr must be a positive number, got {}", args.lr);
     }
-    let world = args.fsdp.world_size;
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let ranks = match (launched, args.device.as_str()) {
+        (Some(env), "cpu") => Ranks::Process(Box::new(ProcessGroup::join(env, Backend::Tcp, timeout)?)),
+        #[cfg(feature = "cuda")]
+        (Some(env), _) => Ranks::Process(Box::new(ProcessGroup::join(env, Backend::Nccl, timeout)?)),
+        (None, "cpu") => Ranks::CpuThreads,
+        #[cfg(feature = "cuda")]
+        (None, _) => Ranks::GpuThreads,
+        #[cfg(not(feature = "cuda"))]
+        (_, device) => bail!("--device {device}: this binary was built without the `cuda` feature (cargo build --features cuda)"),
+    };
+    let (world, printer) = match &ranks {
+        Ranks::Process(group) => (group.env().world_size, group.env().rank == 0),
+        _ => (args.fsdp.world_size, true),
+    };
     let (steps, batch, seq_len) = (args.steps as usize, args.batch_size as usize, args.seq_len as usize);
     let config = model_config(seq_len);
     let task = BigramTask::new(VOCAB, NOISE, args.seed);
@@ -141,7 +185,12 @@ fn main() -> anyhow::Result<()> {
     let snapshot = common::snapshot(&var_map)?;
     drop((model, layout, var_map));
 
-    println!(
+    let say = |line: String| {
+        if printer {
+            println!("{line}");
+        }
+    };
+    say(format!(
         "model: Llama, vocab {VOCAB}, hidden {}, {} layers ({} FSDP units + root), {} heads / {} kv heads, MLP {}: {} parameters ({})",
         config.hidden_size,
         config.num_hidden_layers,
@@ -151,29 +200,53 @@ fn main() -> anyhow::Result<()> {
         config.intermediate_size,
         human_count(full_numel),
         human_bytes(full_bytes)
-    );
-    println!(
-        "fsdp:  world size {world} (CPU ranks as threads; {} cores, {candle_threads} candle thread(s) per op), {}, backward prefetch {}, forward prefetch {}",
+    ));
+    let how = match &ranks {
+        Ranks::CpuThreads => "CPU ranks as threads".to_string(),
+        #[cfg(feature = "cuda")]
+        Ranks::GpuThreads => "one thread per GPU, NCCL".to_string(),
+        Ranks::Process(_) => format!("one process per rank, {}", if args.device == "cpu" { "CPU over TCP" } else { "GPU with NCCL" }),
+    };
+    say(format!(
+        "fsdp:  world size {world} ({how}; {} cores, {candle_threads} candle thread(s) per op), {}, backward prefetch {}, forward prefetch {}",
         common::cores(),
         args.fsdp.strategy,
         args.fsdp.backward_prefetch,
         if args.fsdp.forward_prefetch { "on" } else { "off" }
-    );
-    println!(
+    ));
+    say(format!(
         "train: {steps} steps of AdamW (lr {}), {batch} sequences x {seq_len} tokens per rank ({} tokens per step globally)",
         args.lr,
         world * batch * seq_len
-    );
-    println!(
+    ));
+    say(format!(
         "data:  successor rule with {:.0}% noise; loss of a model that knows nothing ln({VOCAB}) = {:.3}, of the ideal model {:.3}\n",
         NOISE * 100.0,
         (VOCAB as f64).ln(),
         task.entropy()
-    );
+    ));
 
     let started = Instant::now();
-    let reports = launch(LaunchOptions::new(world), |ctx| train_rank(ctx, &args, &config, &snapshot, &task))
-        .context("training failed")?;
+    let train = |ctx: RankContext, launched: bool| train_rank(ctx, &args, &config, &snapshot, &task, launched);
+    let options = LaunchOptions::new(world).timeout(timeout);
+    let reports = match ranks {
+        Ranks::CpuThreads => launch(options, |ctx| train(ctx, false)).context("training failed")?,
+        #[cfg(feature = "cuda")]
+        Ranks::GpuThreads => candle_fsdp::launch::launch_gpus(options, |ctx| train(ctx, false))?
+            .into_iter()
+            .collect::<candle_fsdp::Result<Vec<_>>>()
+            .context("training failed")?,
+        Ranks::Process(group) => {
+            let ctx = group.context();
+            let mine = train(ctx.clone(), true).context("training failed")?;
+            let reports = gather_reports(&ctx, mine)?;
+            group.finish()?;
+            if !printer {
+                return Ok(());
+            }
+            reports
+        }
+    };
     let wall = started.elapsed();
 
     let losses = &reports[0].losses;
@@ -207,19 +280,23 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Trains one rank. `launched`: this process is one rank of a launched job, so its
+/// snapshot differs from the other processes' and rank 0's values are broadcast.
 fn train_rank(
     ctx: RankContext,
     args: &Args,
     config: &LlamaConfig,
     snapshot: &HashMap<String, Tensor>,
     task: &BigramTask,
+    launched: bool,
 ) -> candle_fsdp::Result<RankReport> {
-    let device = Device::Cpu;
+    let device = ctx.device.clone();
     let (steps, batch, seq_len) = (args.steps as usize, args.batch_size as usize, args.seq_len as usize);
     let model = Llama::new(config, VarBuilder::from_tensors(snapshot.clone(), DTYPE, &device))?;
     let fsdp_config = FsdpConfig {
-        // Every rank loaded the same snapshot: nothing to broadcast.
-        sync_module_states: false,
+        // Thread ranks loaded the same snapshot: nothing to broadcast. Processes built
+        // their own (candle's CPU RNG cannot be seeded): take rank 0's.
+        sync_module_states: launched,
         ..FsdpConfig::default()
             .strategy(args.fsdp.strategy)
             .backward_prefetch(args.fsdp.backward_prefetch)
@@ -280,6 +357,29 @@ fn train_rank(
         optimizer_bytes: 2 * shard_bytes,
         gathered_peak: fsdp.memory().gathered_peak,
     })
+}
+
+/// Every rank's memory figures on every rank, so rank 0 can print the table; the losses and
+/// step times are rank 0's own (the losses are global already).
+fn gather_reports(ctx: &RankContext, mine: RankReport) -> anyhow::Result<Vec<RankReport>> {
+    let figures = [mine.shard_numel, mine.shard_bytes, mine.grad_bytes, mine.optimizer_bytes, mine.gathered_peak];
+    let figures: Vec<f64> = figures.iter().map(|&n| n as f64).collect();
+    let all = ctx.comm.all_gather(&Tensor::new(figures.as_slice(), &ctx.device)?, "the memory report")?.wait()?;
+    let all = all.to_vec1::<f64>()?;
+    Ok(all
+        .chunks(figures.len())
+        .enumerate()
+        .map(|(rank, f)| RankReport {
+            rank,
+            losses: mine.losses.clone(),
+            step_times: mine.step_times.clone(),
+            shard_numel: f[0] as usize,
+            shard_bytes: f[1] as usize,
+            grad_bytes: f[2] as usize,
+            optimizer_bytes: f[3] as usize,
+            gathered_peak: f[4] as usize,
+        })
+        .collect())
 }
 
 fn print_memory(reports: &[RankReport], full_bytes: usize, planned_peak: usize) {

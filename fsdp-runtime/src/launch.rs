@@ -10,6 +10,7 @@
 use crate::collectives::threads::ThreadWorld;
 use crate::collectives::Collectives;
 use crate::error::{Error, Result};
+use candle_core::Device;
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -50,6 +51,8 @@ pub struct RankContext {
     pub rank: usize,
     pub world_size: usize,
     pub comm: Arc<dyn Collectives>,
+    /// Where this rank's tensors live: the CPU for thread ranks, its GPU under NCCL.
+    pub device: Device,
 }
 
 /// Runs `f` on every rank and returns each rank's own result, in rank order.
@@ -60,28 +63,40 @@ where
 {
     let world = ThreadWorld::new(options.world_size, options.timeout)?;
     world.delay_reduce_scatter(options.reduce_scatter_delay);
-    let contexts = (0..options.world_size)
-        .map(|rank| {
-            let comm: Arc<dyn Collectives> = Arc::new(world.communicator(rank)?);
-            Ok(RankContext { rank, world_size: options.world_size, comm })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let (world, f) = (&world, &f);
+    let connect = |rank| {
+        let comm: Arc<dyn Collectives> = Arc::new(world.communicator(rank)?);
+        Ok(RankContext { rank, world_size: options.world_size, comm, device: Device::Cpu })
+    };
+    run_rank_threads(options, connect, |reason| world.abort(reason), f)
+}
+
+/// One thread per rank: `connect` makes the rank's context on its own thread (NCCL
+/// communicators are set up by all ranks at once, each on the thread that will use it),
+/// then `f` runs. A failing or panicking rank calls `abort` so its peers fail fast.
+fn run_rank_threads<R, F>(
+    options: LaunchOptions,
+    connect: impl Fn(usize) -> Result<RankContext> + Sync,
+    abort: impl Fn(String) + Sync,
+    f: F,
+) -> Result<Vec<Result<R>>>
+where
+    R: Send,
+    F: Fn(RankContext) -> Result<R> + Sync,
+{
+    let (connect, abort, f) = (&connect, &abort, &f);
     std::thread::scope(|scope| {
-        let handles: Vec<_> = contexts
-            .into_iter()
-            .map(|context| {
-                let rank = context.rank;
+        let handles: Vec<_> = (0..options.world_size)
+            .map(|rank| {
                 std::thread::Builder::new()
                     .name(format!("rank-{rank}"))
                     .stack_size(options.stack_size)
                     .spawn_scoped(scope, move || {
-                        let outcome = match catch_unwind(AssertUnwindSafe(|| f(context))) {
+                        let outcome = match catch_unwind(AssertUnwindSafe(|| f(connect(rank)?))) {
                             Ok(result) => result,
                             Err(payload) => Err(Error::RankPanicked { rank, message: panic_message(payload) }),
                         };
                         if let Err(error) = &outcome {
-                            world.abort(format!("rank {rank} failed: {error}"));
+                            abort(format!("rank {rank} failed: {error}"));
                         }
                         outcome
                     })
@@ -98,6 +113,37 @@ where
             .map(Ok)
             .collect()
     })
+}
+
+/// Runs `f` on GPUs `0..world_size` of this machine, one thread and one NCCL communicator
+/// per GPU, all in this process. The ranks meet through a store on a free loopback port.
+/// A failing rank's peers fail at their next collective's timeout (NCCL has no
+/// cross-thread wake-up short of aborting, which the watchdog does).
+#[cfg(feature = "cuda")]
+pub fn launch_gpus<R, F>(options: LaunchOptions, f: F) -> Result<Vec<Result<R>>>
+where
+    R: Send,
+    F: Fn(RankContext) -> Result<R> + Sync,
+{
+    use crate::collectives::nccl::{gpu_count, NcclComm};
+    use crate::store::{Store, StoreServer};
+    let gpus = gpu_count(0)?;
+    if gpus < options.world_size {
+        return Err(Error::Config(format!("{} ranks asked for, but this process sees {gpus} GPU(s)", options.world_size)));
+    }
+    let server = StoreServer::bind("127.0.0.1:0")?;
+    let addr = server.local_addr().to_string();
+    let connect = |rank| {
+        let store = Store::connect(&addr, rank, options.timeout)?;
+        let device = Device::new_cuda(rank)?;
+        let Device::Cuda(cuda) = &device else { unreachable!("new_cuda returns a CUDA device") };
+        let comm: Arc<dyn Collectives> =
+            Arc::new(NcclComm::world(cuda, store, rank, options.world_size, options.timeout)?);
+        Ok(RankContext { rank, world_size: options.world_size, comm, device })
+    };
+    let outcomes = run_rank_threads(options, connect, |reason| tracing::error!("{reason}"), f);
+    drop(server);
+    outcomes
 }
 
 /// Runs `f` on every rank; all results in rank order, or the error that caused the

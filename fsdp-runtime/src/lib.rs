@@ -16,6 +16,7 @@ pub mod optim;
 mod param;
 pub mod pipeline;
 pub mod plan;
+pub mod process_group;
 pub mod rendezvous;
 pub mod schema;
 mod sharded_unit;
@@ -39,6 +40,7 @@ pub use pipeline::{
     GradAccumulator, PassMode, StageContext, StageInput, StageLinear, WorkCounts,
 };
 pub use plan::{BackwardPrefetch, Plan, PlanConfig, ShardingStrategy};
+pub use process_group::{Backend, ProcessGroup};
 pub use rendezvous::{DistEnv, Rendezvous};
 pub use schema::{Role, Shardable, VisitOrder};
 pub use store::{Store, StoreServer};
