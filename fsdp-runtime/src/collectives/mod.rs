@@ -15,9 +15,10 @@ pub mod nccl;
 pub mod tcp;
 pub mod threads;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use candle_core::Tensor;
 use std::fmt;
+use std::sync::Arc;
 
 /// How a reduction combines the ranks' contributions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +68,51 @@ impl Work {
     pub fn wait(self) -> Result<Tensor> {
         self.0.wait()
     }
+}
+
+/// A collective that is complete when issued: over a group of one rank, every collective
+/// hands back its input.
+pub(crate) struct Ready(pub Tensor);
+
+impl Pending for Ready {
+    fn wait(self: Box<Self>) -> Result<Tensor> {
+        Ok(self.0)
+    }
+}
+
+// The argument checks every backend makes, so that a bad call reads the same on all.
+
+/// A reduce-scatter input must split evenly over the group.
+pub(crate) fn check_split(global_rank: usize, size: usize, len: usize, label: &str) -> Result<()> {
+    if len.is_multiple_of(size) {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "rank {global_rank}: reduce_scatter for {label}: {len} elements do not split over {size} ranks"
+    )))
+}
+
+/// A broadcast's root must be in the group.
+pub(crate) fn check_root(global_rank: usize, size: usize, root: usize, label: &str) -> Result<()> {
+    if root < size {
+        return Ok(());
+    }
+    Err(Error::Config(format!("rank {global_rank}: broadcast for {label} from rank {root} in a group of {size}")))
+}
+
+/// A new group's members, ascending and without repeats; `me` must be one of them and
+/// every member a rank of the world.
+pub(crate) fn group_members(global_ranks: &[usize], me: usize, world: usize) -> Result<Arc<[usize]>> {
+    let mut ranks = global_ranks.to_vec();
+    ranks.sort_unstable();
+    ranks.dedup();
+    if !ranks.contains(&me) {
+        return Err(Error::Config(format!("rank {me} is not in the new group {ranks:?}")));
+    }
+    if let Some(&bad) = ranks.iter().find(|&&r| r >= world) {
+        return Err(Error::Config(format!("rank {me}: group {ranks:?} names rank {bad}, but the world has {world} ranks")));
+    }
+    Ok(ranks.into())
 }
 
 /// One rank's view of a group of ranks.

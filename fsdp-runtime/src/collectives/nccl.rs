@@ -22,7 +22,7 @@
 //! makes sure every member arrived (NCCL's own initialisation would wait without limit).
 //! Sub-groups are new communicators made the same way.
 
-use super::{Collectives, OpKind, Pending, ReduceOp, Work};
+use super::{check_root, check_split, group_members, Collectives, OpKind, Pending, ReduceOp, Work};
 use crate::error::{Error, Result};
 use crate::store::Store;
 use candle_core::cuda::cudarc::driver::{CudaContext, CudaEvent, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
@@ -236,7 +236,9 @@ struct NcclWorld {
     store: Store,
     timeout: Duration,
     watchdog: Watchdog,
-    groups_created: Mutex<HashMap<Vec<usize>, u64>>,
+    /// The number of ranks in the world.
+    size: usize,
+    groups_created: Mutex<HashMap<Arc<[usize]>, u64>>,
 }
 
 /// One rank's NCCL communicator over one group of ranks.
@@ -257,13 +259,15 @@ pub struct NcclComm {
 
 impl NcclComm {
     /// The communicator over all `world_size` ranks, for the rank `rank` driving `device`.
-    /// Every rank calls this with a client of the same store.
+    /// Every rank calls this with a client of the same store, once per store: the unique
+    /// id lives under a fixed key. Sub-groups come from [`Collectives::new_group`].
     pub fn world(device: &CudaDevice, store: Store, rank: usize, world_size: usize, timeout: Duration) -> Result<Self> {
         check_libraries(rank)?;
         let world = Arc::new(NcclWorld {
             store,
             timeout,
             watchdog: Watchdog::start(timeout)?,
+            size: world_size,
             groups_created: Mutex::default(),
         });
         let group: Arc<[usize]> = (0..world_size).collect();
@@ -554,12 +558,7 @@ impl Collectives for NcclComm {
 
     fn reduce_scatter(&self, input: &Tensor, op: ReduceOp, label: &str) -> Result<Work> {
         let len = input.elem_count();
-        if !len.is_multiple_of(self.size()) {
-            return Err(Error::Rank {
-                rank: self.global(),
-                message: format!("reduce_scatter for {label}: {len} elements do not split over {} ranks", self.size()),
-            });
-        }
+        check_split(self.global(), self.size(), len, label)?;
         self.issue(OpKind::ReduceScatter(op), input, len / self.size(), label, NcclCall::ReduceScatter(nccl_op(op)))
     }
 
@@ -568,6 +567,7 @@ impl Collectives for NcclComm {
     }
 
     fn broadcast(&self, input: &Tensor, root: usize, label: &str) -> Result<Work> {
+        check_root(self.global(), self.size(), root, label)?;
         let kind = OpKind::Broadcast { root };
         self.issue(kind, input, input.elem_count(), label, NcclCall::Broadcast { root: root as i32 })
     }
@@ -581,7 +581,7 @@ impl Collectives for NcclComm {
     }
 
     fn new_group(&self, global_ranks: &[usize]) -> Result<Box<dyn Collectives>> {
-        let ranks = global_ranks.to_vec();
+        let ranks = group_members(global_ranks, self.global(), self.world.size)?;
         let instance = {
             let mut created = self.world.groups_created.lock().unwrap_or_else(|p| p.into_inner());
             let count = created.entry(ranks.clone()).or_default();
@@ -590,7 +590,7 @@ impl Collectives for NcclComm {
         };
         let names: Vec<String> = ranks.iter().map(usize::to_string).collect();
         let key = format!("nccl/group/{}/{instance}", names.join(","));
-        let comm = Self::create(self.world.clone(), self.device.clone(), ranks.into(), self.global(), key)?;
+        let comm = Self::create(self.world.clone(), self.device.clone(), ranks, self.global(), key)?;
         Ok(Box::new(comm))
     }
 }

@@ -34,7 +34,7 @@
 //! on (a finished rank does not break the others). A connection that ends without a
 //! goodbye or fails aborts every call.
 
-use super::{Collectives, OpKind, Pending, ReduceOp, Work};
+use super::{check_root, check_split, group_members, Collectives, OpKind, Pending, ReduceOp, Ready, Work};
 use crate::error::{Error, Result};
 use crate::store::Store;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
@@ -166,14 +166,6 @@ impl TcpComm {
 }
 
 /// A collective on a group of one rank: nothing to wait for.
-struct Ready(Tensor);
-
-impl Pending for Ready {
-    fn wait(self: Box<Self>) -> Result<Tensor> {
-        Ok(self.0)
-    }
-}
-
 impl Collectives for TcpComm {
     fn rank(&self) -> usize {
         self.rank
@@ -195,14 +187,7 @@ impl Collectives for TcpComm {
     }
 
     fn reduce_scatter(&self, input: &Tensor, op: ReduceOp, label: &str) -> Result<Work> {
-        if !input.elem_count().is_multiple_of(self.size()) {
-            return Err(Error::Config(format!(
-                "rank {}: reduce_scatter for {label}: {} elements do not split over {} ranks",
-                self.global_rank(),
-                input.elem_count(),
-                self.size()
-            )));
-        }
+        check_split(self.global_rank(), self.size(), input.elem_count(), label)?;
         if self.size() == 1 {
             return Ok(Work::new(Ready(input.clone())));
         }
@@ -217,13 +202,7 @@ impl Collectives for TcpComm {
     }
 
     fn broadcast(&self, input: &Tensor, root: usize, label: &str) -> Result<Work> {
-        if root >= self.size() {
-            return Err(Error::Config(format!(
-                "rank {}: broadcast for {label} from rank {root} in a group of {}",
-                self.global_rank(),
-                self.size()
-            )));
-        }
+        check_root(self.global_rank(), self.size(), root, label)?;
         if self.size() == 1 {
             return Ok(Work::new(Ready(input.clone())));
         }
@@ -238,20 +217,8 @@ impl Collectives for TcpComm {
     }
 
     fn new_group(&self, global_ranks: &[usize]) -> Result<Box<dyn Collectives>> {
-        let mut ranks = global_ranks.to_vec();
-        ranks.sort_unstable();
-        ranks.dedup();
         let me = self.global_rank();
-        let world = self.mesh.shared.world;
-        if !ranks.contains(&me) {
-            return Err(Error::Config(format!("rank {me} is not in the new group {ranks:?}")));
-        }
-        if let Some(&bad) = ranks.iter().find(|&&r| r >= world) {
-            return Err(Error::Config(format!(
-                "rank {me}: group {ranks:?} names rank {bad}, but the world has {world} ranks"
-            )));
-        }
-        let ranks: Arc<[usize]> = ranks.into();
+        let ranks = group_members(global_ranks, me, self.mesh.shared.world)?;
         let instance = {
             let mut state = self.mesh.shared.lock();
             let count = state.groups_created.entry(ranks.clone()).or_insert(0);

@@ -6,7 +6,7 @@
 //! other rank's pending and future calls fail at once with an error naming the cause
 //! instead of waiting for a peer that will never come.
 
-use super::{Collectives, OpKind, Pending, ReduceOp, Work};
+use super::{check_root, check_split, group_members, Collectives, OpKind, Pending, ReduceOp, Ready, Work};
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
@@ -313,14 +313,6 @@ impl Pending for ThreadPending {
 }
 
 /// A collective on a group of one rank: nothing to wait for.
-struct Ready(Tensor);
-
-impl Pending for Ready {
-    fn wait(self: Box<Self>) -> Result<Tensor> {
-        Ok(self.0)
-    }
-}
-
 impl Collectives for ThreadComm {
     fn rank(&self) -> usize {
         self.rank
@@ -346,14 +338,7 @@ impl Collectives for ThreadComm {
         if !delay.is_zero() {
             std::thread::sleep(delay);
         }
-        if !input.elem_count().is_multiple_of(self.size()) {
-            return Err(Error::Config(format!(
-                "rank {}: reduce_scatter for {label}: {} elements do not split over {} ranks",
-                self.global_rank(),
-                input.elem_count(),
-                self.size()
-            )));
-        }
+        check_split(self.global_rank(), self.size(), input.elem_count(), label)?;
         if self.size() == 1 {
             return Ok(Work::new(Ready(input.clone())));
         }
@@ -368,13 +353,7 @@ impl Collectives for ThreadComm {
     }
 
     fn broadcast(&self, input: &Tensor, root: usize, label: &str) -> Result<Work> {
-        if root >= self.size() {
-            return Err(Error::Config(format!(
-                "rank {}: broadcast for {label} from rank {root} in a group of {}",
-                self.global_rank(),
-                self.size()
-            )));
-        }
+        check_root(self.global_rank(), self.size(), root, label)?;
         if self.size() == 1 {
             return Ok(Work::new(Ready(input.clone())));
         }
@@ -389,20 +368,8 @@ impl Collectives for ThreadComm {
     }
 
     fn new_group(&self, global_ranks: &[usize]) -> Result<Box<dyn Collectives>> {
-        let mut ranks = global_ranks.to_vec();
-        ranks.sort_unstable();
-        ranks.dedup();
         let me = self.global_rank();
-        if !ranks.contains(&me) {
-            return Err(Error::Config(format!("rank {me} is not in the new group {ranks:?}")));
-        }
-        if let Some(&bad) = ranks.iter().find(|&&r| r >= self.shared.size) {
-            return Err(Error::Config(format!(
-                "rank {me}: group {ranks:?} names rank {bad}, but the world has {} ranks",
-                self.shared.size
-            )));
-        }
-        let ranks: Arc<[usize]> = ranks.into();
+        let ranks = group_members(global_ranks, me, self.shared.size)?;
         let instance = {
             let mut state = self.shared.lock();
             let count = state.groups_created.entry((me, ranks.clone())).or_insert(0);
