@@ -15,29 +15,17 @@ use candle_fsdp::{launch, BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, Tra
 use candle_nn::{Optimizer, SGD};
 
 mod common;
-use common::seed_fqns::{layer_fqns, DECODER_PARAM_FQNS, ENCODER_PARAM_FQNS};
+use common::seed_fqns::expected_prefetch_entry;
 
 const NUM_ITERS: usize = 2;
 const TOTAL_NUM_PREFETCH_FOR_PRE: usize = 12;
 const TOTAL_NUM_PREFETCH_FOR_POST: usize = 11;
 const ENCODER_BEGIN_INDEX_FOR_PRE: usize = 6;
 const ENCODER_BEGIN_INDEX_FOR_POST: usize = 5;
-const ENCODER_PREFETCH_NUM: usize = 5;
 const D_MODEL: usize = 64;
 
 fn config() -> TransformerConfig {
     common::seed_fqns::seed_transformer_config(D_MODEL, 8, 128)
-}
-
-/// The seed's check rule (spec §1.3) for entry `k` with encoder begin index `b`.
-fn expected_entry(k: usize, b: usize) -> Option<Vec<String>> {
-    if k < b {
-        Some(layer_fqns(&DECODER_PARAM_FQNS, b - 1 - k))
-    } else if k <= b + ENCODER_PREFETCH_NUM {
-        Some(layer_fqns(&ENCODER_PARAM_FQNS, b + ENCODER_PREFETCH_NUM - k))
-    } else {
-        None
-    }
 }
 
 /// Trains as the seed does and returns, per rank and iteration, the recorded prefetch
@@ -78,7 +66,7 @@ fn check(mode: BackwardPrefetch, expected_len: usize, begin: usize) {
         for (iteration, recorded) in iterations.into_iter().enumerate() {
             assert_eq!(recorded.len(), expected_len, "{mode}: rank {rank} iteration {iteration}");
             for (k, entry) in recorded.iter().enumerate() {
-                assert_eq!(entry, &expected_entry(k, begin), "{mode}: rank {rank} iteration {iteration} entry {k}");
+                assert_eq!(entry, &expected_prefetch_entry(k, begin), "{mode}: rank {rank} iteration {iteration} entry {k}");
             }
         }
     }

@@ -47,6 +47,21 @@ pub fn layer_fqns(templates: &[&str], i: usize) -> Vec<String> {
     templates.iter().map(|t| t.replace("{index}", &i.to_string())).collect()
 }
 
+/// Encoder layers whose prefetch the seed's rule expects after the decoder ones.
+pub const ENCODER_PREFETCH_NUM: usize = 5;
+
+/// The seed's check rule (spec §1.3) for backward-prefetch entry `k` of one iteration
+/// with encoder begin index `b`: the FQNs of the layer prefetched there, or none.
+pub fn expected_prefetch_entry(k: usize, b: usize) -> Option<Vec<String>> {
+    if k < b {
+        Some(layer_fqns(&DECODER_PARAM_FQNS, b - 1 - k))
+    } else if k <= b + ENCODER_PREFETCH_NUM {
+        Some(layer_fqns(&ENCODER_PARAM_FQNS, b + ENCODER_PREFETCH_NUM - k))
+    } else {
+        None
+    }
+}
+
 /// The seed's `nn.Transformer` structure (6 encoder + 6 decoder layers, PyTorch's layer
 /// norm eps) at a size small enough for CPU tests.
 pub fn seed_transformer_config(
