@@ -232,10 +232,7 @@ fn main() -> anyhow::Result<()> {
     let reports = match ranks {
         Ranks::CpuThreads => launch(options, |ctx| train(ctx, false)).context("training failed")?,
         #[cfg(feature = "cuda")]
-        Ranks::GpuThreads => candle_fsdp::launch::launch_gpus(options, |ctx| train(ctx, false))?
-            .into_iter()
-            .collect::<candle_fsdp::Result<Vec<_>>>()
-            .context("training failed")?,
+        Ranks::GpuThreads => candle_fsdp::launch::launch_gpus(options, |ctx| train(ctx, false)).context("training failed")?,
         Ranks::Process(group) => {
             let ctx = group.context();
             let mine = train(ctx.clone(), true).context("training failed")?;

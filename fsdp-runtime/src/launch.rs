@@ -116,11 +116,12 @@ where
 }
 
 /// Runs `f` on GPUs `0..world_size` of this machine, one thread and one NCCL communicator
-/// per GPU, all in this process. The ranks meet through a store on a free loopback port.
-/// A failing rank's peers fail at their next collective's timeout (NCCL has no
-/// cross-thread wake-up short of aborting, which the watchdog does).
+/// per GPU, all in this process, and returns each rank's own result. The ranks meet
+/// through a store on a free loopback port. A failing rank's peers fail at their next
+/// collective's timeout (NCCL has no cross-thread wake-up short of aborting, which the
+/// watchdog does).
 #[cfg(feature = "cuda")]
-pub fn launch_gpus<R, F>(options: LaunchOptions, f: F) -> Result<Vec<Result<R>>>
+pub fn launch_gpus_each<R, F>(options: LaunchOptions, f: F) -> Result<Vec<Result<R>>>
 where
     R: Send,
     F: Fn(RankContext) -> Result<R> + Sync,
@@ -153,7 +154,22 @@ where
     R: Send,
     F: Fn(RankContext) -> Result<R> + Sync,
 {
-    let outcomes = launch_each(options, f)?;
+    all_or_cause(launch_each(options, f)?)
+}
+
+/// [`launch_gpus_each`], folded like [`launch`].
+#[cfg(feature = "cuda")]
+pub fn launch_gpus<R, F>(options: LaunchOptions, f: F) -> Result<Vec<R>>
+where
+    R: Send,
+    F: Fn(RankContext) -> Result<R> + Sync,
+{
+    all_or_cause(launch_gpus_each(options, f)?)
+}
+
+/// Every rank's result, or the error that caused the failure: a rank's own error before
+/// the aborts it triggered on the others.
+fn all_or_cause<R>(outcomes: Vec<Result<R>>) -> Result<Vec<R>> {
     if outcomes.iter().all(|o| o.is_ok()) {
         return Ok(outcomes.into_iter().map(|o| o.expect("checked")).collect());
     }

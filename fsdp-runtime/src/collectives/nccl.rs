@@ -32,32 +32,40 @@ use candle_core::{CudaDevice, CudaStorage, CustomOp1, Device, Layout, Shape, Ten
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 /// How often the watchdog looks at the collectives in flight.
 const WATCHDOG_PERIOD: Duration = Duration::from_millis(5);
 
 /// Fails with a clear error when the CUDA driver or NCCL cannot be loaded. cudarc loads
-/// them on first use and panics when it cannot; this asks first, on the calling thread.
+/// them on first use and panics when it cannot; this asks first, once per process.
 pub fn check_libraries(rank: usize) -> Result<()> {
+    static LOADED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    LOADED.get_or_init(probe_libraries).clone().map_err(|message| Error::Rank { rank, message })
+}
+
+fn probe_libraries() -> std::result::Result<(), String> {
     let loaded = |what: &str, probe: &dyn Fn() -> std::result::Result<(), String>| {
         match catch_unwind(AssertUnwindSafe(probe)) {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(message)) => Err(Error::Rank { rank, message: format!("{what}: {message}") }),
-            Err(_) => Err(Error::Rank {
-                rank,
-                message: format!(
-                    "{what} could not be loaded; install it or put its folder on LD_LIBRARY_PATH \
-                     (NCCL is looked up as libnccl.so)"
-                ),
-            }),
+            Ok(Err(message)) => Err(format!("{what}: {message}")),
+            Err(_) => Err(format!(
+                "{what} could not be loaded; install it or put its folder on LD_LIBRARY_PATH \
+                 (NCCL is looked up as libnccl.so)"
+            )),
         }
     };
-    loaded("the CUDA driver (libcuda)", &|| {
+    // The panic that reports a missing library is expected here: keep its message and
+    // backtrace off stderr while asking.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let outcome = loaded("the CUDA driver (libcuda)", &|| {
         candle_core::cuda::cudarc::driver::result::init().map_err(|e| format!("cuInit failed: {e:?}"))
-    })?;
-    loaded("NCCL (libnccl)", &|| nccl::get_nccl_version().map(|_| ()).map_err(|e| describe_nccl(e.0)))
+    })
+    .and_then(|()| loaded("NCCL (libnccl)", &|| nccl::get_nccl_version().map(|_| ()).map_err(|e| describe_nccl(e.0))));
+    std::panic::set_hook(hook);
+    outcome
 }
 
 /// The number of GPUs this process sees.
