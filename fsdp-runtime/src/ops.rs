@@ -10,13 +10,15 @@
 //!   produced the tensor: on a unit's outputs that is the unit's pre-backward point.
 //! - [`Free`] and [`Fill`]: in-place storage swaps that release and restore a gathered
 //!   parameter's memory while every tensor and graph node referring to it stays valid.
+//!
+//! Every op is written once over candle's backend traits and runs on the CPU and on CUDA.
 
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, InplaceOp1, Layout, Result, Shape, Storage, Tensor};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// The backend storage of `S` behind `storage`, if it lives on that backend.
+/// A candle backend's storage type, and how to find it inside a `Storage`.
 pub(crate) trait OnBackend: BackendStorage<Device: BackendDevice<Storage = Self>> + Sized {
     fn pick(storage: &Storage) -> Option<&Self>;
 }
@@ -40,7 +42,7 @@ impl OnBackend for CudaStorage {
 }
 
 /// A copy of `tensor`'s data as backend storage `S`, contiguous and starting at offset 0.
-pub(crate) fn owned_storage<S: OnBackend>(tensor: &Tensor) -> Result<S> {
+fn owned_storage<S: OnBackend>(tensor: &Tensor) -> Result<S> {
     // `copy` would keep the layout (and the whole underlying buffer); this compacts.
     let tensor = tensor.flatten_all()?.force_contiguous()?;
     let (storage, layout) = tensor.storage_and_layout();
