@@ -72,12 +72,33 @@ impl Work {
 
 /// A collective that is complete when issued: over a group of one rank, every collective
 /// hands back its input.
-pub(crate) struct Ready(pub Tensor);
+struct Ready(Tensor);
 
 impl Pending for Ready {
     fn wait(self: Box<Self>) -> Result<Tensor> {
         Ok(self.0)
     }
+}
+
+/// A data collective of a message-passing backend (threads, TCP): the argument checks
+/// every backend makes, then `issue`, except over a group of one rank, where the call is
+/// complete at once.
+pub(crate) fn checked_issue(
+    comm: &dyn Collectives,
+    kind: OpKind,
+    input: &Tensor,
+    label: &str,
+    issue: impl FnOnce() -> Result<Work>,
+) -> Result<Work> {
+    match kind {
+        OpKind::ReduceScatter(_) => check_split(comm.global_rank(), comm.size(), input.elem_count(), label)?,
+        OpKind::Broadcast { root } => check_root(comm.global_rank(), comm.size(), root, label)?,
+        _ => {}
+    }
+    if comm.size() == 1 {
+        return Ok(Work::new(Ready(input.clone())));
+    }
+    issue()
 }
 
 // The argument checks every backend makes, so that a bad call reads the same on all.

@@ -6,7 +6,7 @@
 //! other rank's pending and future calls fail at once with an error naming the cause
 //! instead of waiting for a peer that will never come.
 
-use super::{check_root, check_split, group_members, Collectives, OpKind, Pending, ReduceOp, Ready, Work};
+use super::{checked_issue, group_members, Collectives, OpKind, Pending, ReduceOp, Work};
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
@@ -327,10 +327,8 @@ impl Collectives for ThreadComm {
     }
 
     fn all_gather(&self, input: &Tensor, label: &str) -> Result<Work> {
-        if self.size() == 1 {
-            return Ok(Work::new(Ready(input.clone())));
-        }
-        self.issue(OpKind::AllGather, Some(input), label)
+        let kind = OpKind::AllGather;
+        checked_issue(self, kind, input, label, || self.issue(kind, Some(input), label))
     }
 
     fn reduce_scatter(&self, input: &Tensor, op: ReduceOp, label: &str) -> Result<Work> {
@@ -338,26 +336,18 @@ impl Collectives for ThreadComm {
         if !delay.is_zero() {
             std::thread::sleep(delay);
         }
-        check_split(self.global_rank(), self.size(), input.elem_count(), label)?;
-        if self.size() == 1 {
-            return Ok(Work::new(Ready(input.clone())));
-        }
-        self.issue(OpKind::ReduceScatter(op), Some(input), label)
+        let kind = OpKind::ReduceScatter(op);
+        checked_issue(self, kind, input, label, || self.issue(kind, Some(input), label))
     }
 
     fn all_reduce(&self, input: &Tensor, op: ReduceOp, label: &str) -> Result<Work> {
-        if self.size() == 1 {
-            return Ok(Work::new(Ready(input.clone())));
-        }
-        self.issue(OpKind::AllReduce(op), Some(input), label)
+        let kind = OpKind::AllReduce(op);
+        checked_issue(self, kind, input, label, || self.issue(kind, Some(input), label))
     }
 
     fn broadcast(&self, input: &Tensor, root: usize, label: &str) -> Result<Work> {
-        check_root(self.global_rank(), self.size(), root, label)?;
-        if self.size() == 1 {
-            return Ok(Work::new(Ready(input.clone())));
-        }
-        self.issue(OpKind::Broadcast { root }, Some(input), label)
+        let kind = OpKind::Broadcast { root };
+        checked_issue(self, kind, input, label, || self.issue(kind, Some(input), label))
     }
 
     fn barrier(&self, label: &str) -> Result<()> {
