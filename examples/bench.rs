@@ -30,7 +30,7 @@ use candle_fsdp::models::llama::{Llama, LlamaConfig};
 use candle_fsdp::{launch, Fsdp, FsdpConfig, LaunchOptions, ShardingStrategy};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::{Parser, ValueEnum};
-use common::{human_bytes, human_count, median, ms, BigramTask, Rng, DTYPE};
+use common::{human_bytes, median, ms, BigramTask, Rng, DTYPE};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -178,19 +178,7 @@ fn main() -> anyhow::Result<()> {
         .map(|(i, t)| Ok((i.narrow(0, 0, setup.batch / 2)?, t.narrow(0, 0, setup.batch / 2)?)))
         .collect::<candle_core::Result<Vec<_>>>()?;
 
-    let c = &setup.config;
-    println!(
-        "model {:?}: Llama, vocab {}, hidden {}, {} layers, {} heads / {} kv heads, MLP {}: {} parameters ({}, f32)",
-        args.model,
-        c.vocab_size,
-        c.hidden_size,
-        c.num_hidden_layers,
-        c.num_attention_heads,
-        c.num_key_value_heads,
-        c.intermediate_size,
-        human_count(numel),
-        human_bytes(numel * DTYPE.size_in_bytes())
-    );
+    println!("model {:?}: {}", args.model, common::describe_llama(&setup.config, numel));
     println!(
         "global batch {} x {} tokens; {steps} measured steps per run, in {rounds} round(s) of {warmup} warm-up + {per_round} measured steps;\nFSDP strategy {}; AdamW lr {LR}",
         setup.batch, setup.seq_len, args.strategy

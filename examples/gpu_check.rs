@@ -47,7 +47,7 @@ use candle_fsdp::{
 };
 use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap, SGD};
 use clap::{Parser, ValueEnum};
-use common::{human_bytes, human_count, median, BigramTask, Rng, DTYPE};
+use common::{human_count, median, BigramTask, Rng, DTYPE};
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::io::Write;
@@ -553,21 +553,7 @@ fn setup(size: ModelSize, args: &Args) -> Setup {
 }
 
 fn describe(s: &Setup, numel: usize) -> String {
-    let c = &s.config;
-    format!(
-        "Llama {}: vocab {}, hidden {}, {} layers, {} heads / {} kv heads, MLP {}: {} parameters ({} f32); batch {} x {} tokens",
-        s.name,
-        c.vocab_size,
-        c.hidden_size,
-        c.num_hidden_layers,
-        c.num_attention_heads,
-        c.num_key_value_heads,
-        c.intermediate_size,
-        human_count(numel),
-        human_bytes(numel * 4),
-        s.batch,
-        s.seq_len
-    )
+    format!("{}: {}; batch {} x {} tokens", s.name, common::describe_llama(&s.config, numel), s.batch, s.seq_len)
 }
 
 /// Builds the model once on the CPU: the snapshot every run starts from, and its size.

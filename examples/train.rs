@@ -191,15 +191,9 @@ fn main() -> anyhow::Result<()> {
         }
     };
     say(format!(
-        "model: Llama, vocab {VOCAB}, hidden {}, {} layers ({} FSDP units + root), {} heads / {} kv heads, MLP {}: {} parameters ({})",
-        config.hidden_size,
-        config.num_hidden_layers,
-        config.num_hidden_layers,
-        config.num_attention_heads,
-        config.num_key_value_heads,
-        config.intermediate_size,
-        human_count(full_numel),
-        human_bytes(full_bytes)
+        "model: {}; FSDP units: {} decoder layers + the root",
+        common::describe_llama(&config, full_numel),
+        config.num_hidden_layers
     ));
     let how = match &ranks {
         Ranks::CpuThreads => "CPU ranks as threads".to_string(),

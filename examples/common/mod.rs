@@ -134,6 +134,22 @@ pub fn numel<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> usize {
     tensors.into_iter().map(|t| t.elem_count()).sum()
 }
 
+/// One line on a Llama model: its shape and its size in parameters and bytes (`DTYPE`).
+pub fn describe_llama(c: &candle_fsdp::models::llama::LlamaConfig, numel: usize) -> String {
+    format!(
+        "Llama, vocab {}, hidden {}, {} layers, {} heads / {} kv heads, MLP {}: {} parameters ({}, {:?})",
+        c.vocab_size,
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.intermediate_size,
+        human_count(numel),
+        human_bytes(numel * DTYPE.size_in_bytes()),
+        DTYPE
+    )
+}
+
 pub fn human_bytes(bytes: usize) -> String {
     candle_fsdp::plan::human_bytes(bytes)
 }
