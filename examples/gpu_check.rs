@@ -36,13 +36,14 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::cuda::cudarc::driver::{result as cu_result, sys as cu_sys, CudaContext};
 use candle_core::cuda::cudarc::nccl::result as nccl_result;
 use candle_core::{DType, Device, Module, Tensor, Var};
-use candle_fsdp::collectives::nccl::{check_libraries, gpu_count};
-use candle_fsdp::collectives::{ReduceOp, Work};
-use candle_fsdp::launch::launch_gpus_each;
+use candle_fsdp::dist::launch_gpus_each;
+use candle_fsdp::dist::{check_libraries, gpu_count};
+use candle_fsdp::dist::{ReduceOp, Work};
+use candle_fsdp::model::Layout;
 use candle_fsdp::models::llama::{Llama, LlamaConfig};
 use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
 use candle_fsdp::{
-    BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, Layout, Plan, PlanConfig, RankContext, Shardable,
+    BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, Plan, PlanConfig, RankContext, Shardable,
     ShardingStrategy, TraceEvent, Unit, UnshardCause,
 };
 use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap, SGD};
@@ -248,7 +249,10 @@ impl Section {
     fn figure(&self, key: &str, value: impl Display) {
         let line = format!("{key}: {value}");
         out!("  ---> {line}");
-        self.figures.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+        self.figures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(line);
     }
 }
 
@@ -311,10 +315,17 @@ fn run_section(number: u32, title: &'static str, body: impl FnOnce(&Section) -> 
         if result.passed() { "PASS" } else { "FAIL" },
         result.checks,
         result.failures,
-        if result.aborted.is_some() { ", ended early" } else { "" },
+        if result.aborted.is_some() {
+            ", ended early"
+        } else {
+            ""
+        },
         result.seconds
     );
-    RESULTS.lock().unwrap_or_else(|p| p.into_inner()).push(result);
+    RESULTS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(result);
     *CURRENT.lock().unwrap_or_else(|p| p.into_inner()) = None;
 }
 
@@ -341,7 +352,10 @@ fn print_summary(started: Instant) -> bool {
             r.title,
             r.checks,
             r.failures,
-            r.aborted.as_ref().map(|a| format!(", ended early: {a}")).unwrap_or_default(),
+            r.aborted
+                .as_ref()
+                .map(|a| format!(", ended early: {a}"))
+                .unwrap_or_default(),
             r.seconds
         );
         for f in &r.figures {
@@ -390,7 +404,10 @@ fn signed_mib(bytes: i64) -> String {
 }
 
 fn values(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
+    Ok(t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?)
 }
 
 fn max_abs(t: &Tensor) -> Result<f64> {
@@ -398,9 +415,20 @@ fn max_abs(t: &Tensor) -> Result<f64> {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    ensure!(a.shape() == b.shape(), "shapes differ: {:?} vs {:?}", a.shape(), b.shape());
+    ensure!(
+        a.shape() == b.shape(),
+        "shapes differ: {:?} vs {:?}",
+        a.shape(),
+        b.shape()
+    );
     let (a, b) = (values(a)?, values(b)?);
-    Ok(a.iter().zip(&b).fold(0.0, |m, (x, y)| if x.is_nan() || y.is_nan() { f64::NAN } else { m.max((x - y).abs()) }))
+    Ok(a.iter().zip(&b).fold(0.0, |m, (x, y)| {
+        if x.is_nan() || y.is_nan() {
+            f64::NAN
+        } else {
+            m.max((x - y).abs())
+        }
+    }))
 }
 
 /// Standard normal values from the examples' deterministic generator, on the CPU.
@@ -458,8 +486,14 @@ fn mem(dev: &Device) -> Result<Mem> {
     let (free, total) = ctx.mem_get_info().explain("cuMemGetInfo")?;
     Ok(Mem {
         used: total - free,
-        pool_used: pool_attr(dev, cu_sys::CUmemPool_attribute_enum::CU_MEMPOOL_ATTR_USED_MEM_CURRENT),
-        pool_reserved: pool_attr(dev, cu_sys::CUmemPool_attribute_enum::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT),
+        pool_used: pool_attr(
+            dev,
+            cu_sys::CUmemPool_attribute_enum::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+        ),
+        pool_reserved: pool_attr(
+            dev,
+            cu_sys::CUmemPool_attribute_enum::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+        ),
     })
 }
 
@@ -474,7 +508,9 @@ fn pool_attr(dev: &Device, attr: cu_sys::CUmemPool_attribute_enum) -> Option<u64
     let pool = mem_pool(dev)?;
     let mut value: u64 = 0;
     // SAFETY: the attributes asked for are all 64-bit values.
-    let status = unsafe { cu_sys::cuMemPoolGetAttribute(pool, attr, &mut value as *mut u64 as *mut std::ffi::c_void) };
+    let status = unsafe {
+        cu_sys::cuMemPoolGetAttribute(pool, attr, &mut value as *mut u64 as *mut std::ffi::c_void)
+    };
     status.result().ok().map(|_| value)
 }
 
@@ -499,7 +535,10 @@ fn on_gpu<R: Send>(timeout: Duration, f: impl Fn(RankContext) -> Result<R> + Syn
         f(ctx).map_err(|e| candle_fsdp::Error::Config(format!("{e:#}")))
     })
     .context("launch_gpus_each")?;
-    let outcome = outcomes.into_iter().next().ok_or_else(|| anyhow!("launch_gpus returned no rank"))?;
+    let outcome = outcomes
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("launch_gpus returned no rank"))?;
     Ok(outcome?)
 }
 
@@ -514,7 +553,15 @@ struct Setup {
     seq_len: usize,
 }
 
-fn llama_config(vocab: usize, hidden: usize, intermediate: usize, layers: usize, heads: usize, kv: usize, seq: usize) -> LlamaConfig {
+fn llama_config(
+    vocab: usize,
+    hidden: usize,
+    intermediate: usize,
+    layers: usize,
+    heads: usize,
+    kv: usize,
+    seq: usize,
+) -> LlamaConfig {
     LlamaConfig {
         vocab_size: vocab,
         hidden_size: hidden,
@@ -531,10 +578,18 @@ fn llama_config(vocab: usize, hidden: usize, intermediate: usize, layers: usize,
 
 fn setup(size: ModelSize, args: &Args) -> Setup {
     match size {
-        ModelSize::Small => Setup { name: "small", config: llama_config(512, 128, 344, 4, 4, 2, 64), batch: 16, seq_len: 64 },
-        ModelSize::Medium => {
-            Setup { name: "medium", config: llama_config(1024, 256, 688, 6, 8, 4, 128), batch: 16, seq_len: 128 }
-        }
+        ModelSize::Small => Setup {
+            name: "small",
+            config: llama_config(512, 128, 344, 4, 4, 2, 64),
+            batch: 16,
+            seq_len: 64,
+        },
+        ModelSize::Medium => Setup {
+            name: "medium",
+            config: llama_config(1024, 256, 688, 6, 8, 4, 128),
+            batch: 16,
+            seq_len: 128,
+        },
         ModelSize::Large => Setup {
             name: "large",
             config: llama_config(
@@ -553,23 +608,39 @@ fn setup(size: ModelSize, args: &Args) -> Setup {
 }
 
 fn describe(s: &Setup, numel: usize) -> String {
-    format!("{}: {}; batch {} x {} tokens", s.name, common::describe_llama(&s.config, numel), s.batch, s.seq_len)
+    format!(
+        "{}: {}; batch {} x {} tokens",
+        s.name,
+        common::describe_llama(&s.config, numel),
+        s.batch,
+        s.seq_len
+    )
 }
 
 /// Builds the model once on the CPU: the snapshot every run starts from, and its size.
 fn llama_snapshot(config: &LlamaConfig) -> Result<(HashMap<String, Tensor>, usize)> {
     let var_map = VarMap::new();
-    let _model = Llama::new(config, VarBuilder::from_varmap(&var_map, DTYPE, &Device::Cpu))?;
+    let _model = Llama::new(
+        config,
+        VarBuilder::from_varmap(&var_map, DTYPE, &Device::Cpu),
+    )?;
     let snapshot = common::snapshot(&var_map)?;
     let numel = common::numel(snapshot.values());
     Ok((snapshot, numel))
 }
 
 /// A plain (unwrapped) Llama on `dev` whose variables hold the snapshot's values.
-fn plain_llama(config: &LlamaConfig, snapshot: &HashMap<String, Tensor>, dev: &Device) -> Result<(Llama, VarMap)> {
+fn plain_llama(
+    config: &LlamaConfig,
+    snapshot: &HashMap<String, Tensor>,
+    dev: &Device,
+) -> Result<(Llama, VarMap)> {
     let var_map = VarMap::new();
     {
-        let mut data = var_map.data().lock().map_err(|_| anyhow!("VarMap lock poisoned"))?;
+        let mut data = var_map
+            .data()
+            .lock()
+            .map_err(|_| anyhow!("VarMap lock poisoned"))?;
         for (name, value) in snapshot {
             data.insert(name.clone(), Var::from_tensor(&value.to_device(dev)?)?);
         }
@@ -616,7 +687,10 @@ impl BigModel {
                 }))
             })
             .collect::<candle_core::Result<_>>()?;
-        Ok(Self { blocks, head: lin(vb.pp("head"))? })
+        Ok(Self {
+            blocks,
+            head: lin(vb.pp("head"))?,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -646,10 +720,16 @@ fn main() {
             "[panic in thread {} at {}: {short}{}]",
             std::thread::current().name().unwrap_or("?"),
             info.location().map(|l| l.to_string()).unwrap_or_default(),
-            if text.chars().count() > 300 { " ..." } else { "" }
+            if text.chars().count() > 300 {
+                " ..."
+            } else {
+                ""
+            }
         );
     }));
-    let log = args.log.clone().or_else(|| std::env::var_os("OUT").map(|o| std::path::PathBuf::from(o).join("gpu_check.log")));
+    let log = args.log.clone().or_else(|| {
+        std::env::var_os("OUT").map(|o| std::path::PathBuf::from(o).join("gpu_check.log"))
+    });
     if let Some(path) = &log {
         match std::fs::File::create(path) {
             Ok(file) => *LOG.lock().unwrap_or_else(|p| p.into_inner()) = Some(file),
@@ -688,7 +768,9 @@ fn main() {
         out!(
             "\nDEADLINE: {} s passed{}; the run ends here (--deadline-secs)",
             deadline.as_secs(),
-            current.map(|(n, t)| format!(" during section {n} ({t})")).unwrap_or_default()
+            current
+                .map(|(n, t)| format!(" during section {n} ({t})"))
+                .unwrap_or_default()
         );
         print_summary(started);
         std::process::exit(3);
@@ -703,19 +785,35 @@ fn main() {
         run_section(2, "candle CUDA kernels load and match the CPU", kernels);
     }
     if wanted(3) {
-        run_section(3, "NCCL collectives at world size 1 (launch_gpus)", |sec| collectives(sec, s));
+        run_section(3, "NCCL collectives at world size 1 (launch_gpus)", |sec| {
+            collectives(sec, s)
+        });
     }
     if wanted(4) {
-        run_section(4, "CUDA storage swap and device memory", |sec| memory(sec, a, s));
+        run_section(4, "CUDA storage swap and device memory", |sec| {
+            memory(sec, a, s)
+        });
     }
     if wanted(5) {
-        run_section(5, "parity: FSDP world 1 (NCCL) vs plain candle, small Llama, AdamW", |sec| parity(sec, a, s));
+        run_section(
+            5,
+            "parity: FSDP world 1 (NCCL) vs plain candle, small Llama, AdamW",
+            |sec| parity(sec, a, s),
+        );
     }
     if wanted(6) {
-        run_section(6, "backward prefetch sequences on the GPU (seed check)", |sec| prefetch_sequences(sec, s));
+        run_section(
+            6,
+            "backward prefetch sequences on the GPU (seed check)",
+            |sec| prefetch_sequences(sec, s),
+        );
     }
     if wanted(7) {
-        run_section(7, "step time: plain candle vs FSDP world 1 (NCCL), f32", |sec| step_time(sec, a, s));
+        run_section(
+            7,
+            "step time: plain candle vs FSDP world 1 (NCCL), f32",
+            |sec| step_time(sec, a, s),
+        );
     }
     let all = print_summary(started);
     std::process::exit(if all { 0 } else { 1 });
@@ -725,15 +823,24 @@ fn main() {
 // 1. Environment.
 
 fn environment(sec: &Section) -> Result<()> {
-    for var in ["CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "NCCL_DEBUG", "CUDA_COMPUTE_CAP"] {
-        sec.info(format!("{var}={}", std::env::var(var).unwrap_or_else(|_| "(unset)".into())));
+    for var in [
+        "CUDA_VISIBLE_DEVICES",
+        "LD_LIBRARY_PATH",
+        "NCCL_DEBUG",
+        "CUDA_COMPUTE_CAP",
+    ] {
+        sec.info(format!(
+            "{var}={}",
+            std::env::var(var).unwrap_or_else(|_| "(unset)".into())
+        ));
     }
     sec.info(format!("host CPU cores: {}", common::cores()));
     let loaded = check_libraries(0);
     sec.check(
         loaded.is_ok(),
         match &loaded {
-            Ok(()) => "libcuda and libnccl load (candle_fsdp::collectives::nccl::check_libraries)".to_string(),
+            Ok(()) => "libcuda and libnccl load (candle_fsdp::collectives::nccl::check_libraries)"
+                .to_string(),
             Err(e) => format!("libcuda and libnccl load: {e}"),
         },
     );
@@ -741,8 +848,13 @@ fn environment(sec: &Section) -> Result<()> {
 
     let mut driver: std::ffi::c_int = 0;
     // SAFETY: writes one int.
-    unsafe { cu_sys::cuDriverGetVersion(&mut driver) }.result().explain("cuDriverGetVersion")?;
-    sec.figure("CUDA driver API", format!("{}.{} ({driver})", driver / 1000, (driver % 1000) / 10));
+    unsafe { cu_sys::cuDriverGetVersion(&mut driver) }
+        .result()
+        .explain("cuDriverGetVersion")?;
+    sec.figure(
+        "CUDA driver API",
+        format!("{}.{} ({driver})", driver / 1000, (driver % 1000) / 10),
+    );
 
     let code = nccl_result::get_nccl_version().explain("ncclGetVersion")?;
     let version = if code >= 10000 {
@@ -753,7 +865,10 @@ fn environment(sec: &Section) -> Result<()> {
     sec.figure("NCCL", format!("{version} ({code})"));
 
     let count = gpu_count(0)?;
-    sec.check(count >= 1, format!("GPUs visible: {count} (candle_fsdp::collectives::nccl::gpu_count)"));
+    sec.check(
+        count >= 1,
+        format!("GPUs visible: {count} (candle_fsdp::collectives::nccl::gpu_count)"),
+    );
     for ordinal in 0..count {
         let ctx = CudaContext::new(ordinal).explain("CudaContext::new")?;
         let name = ctx.name().explain("cuDeviceGetName")?;
@@ -771,7 +886,11 @@ fn environment(sec: &Section) -> Result<()> {
         if ordinal == 0 {
             sec.info(format!(
                 "stream-ordered allocation (cuMemAllocAsync) supported: {}",
-                if ctx.has_async_alloc() { "yes: cudarc allocates from the device's pool and frees with cuMemFreeAsync" } else { "no" }
+                if ctx.has_async_alloc() {
+                    "yes: cudarc allocates from the device's pool and frees with cuMemFreeAsync"
+                } else {
+                    "no"
+                }
             ));
             // SAFETY: the device handle comes from a live context.
             if let Ok(pool) = unsafe { cu_result::device::get_mem_pool(ctx.cu_device()) } {
@@ -820,60 +939,168 @@ fn kernels(sec: &Section) -> Result<()> {
     let ids = Tensor::new(&[3u32, 0, 127, 64, 5, 5, 99], &Device::Cpu)?;
     let f32_ones = |n: usize, d: &Device| Tensor::ones(n, DType::F32, d);
     let ops: Vec<(&str, f64, Op)> = vec![
-        ("matmul 128x256 @ 256x96 (cuBLAS)", 1e-4, op(|a, b, _| a.matmul(b))),
-        ("matmul with a transposed operand (x @ w.t(), as Linear)", 1e-4, op(|a, b, _| a.matmul(&b.t()?.contiguous()?.t()?))),
-        ("fused softmax_last_dim (candle-nn kernel)", 1e-5, op(|a, b, _| candle_nn::ops::softmax_last_dim(&a.matmul(b)?))),
-        ("softmax from primitives (candle_fsdp::models::softmax_last_dim)", 1e-5, op(|a, b, _| {
-            candle_fsdp::models::softmax_last_dim(&a.matmul(b)?)
-        })),
-        ("log_softmax (candle_fsdp::models::log_softmax_last_dim)", 1e-4, op(|a, _, _| {
-            candle_fsdp::models::log_softmax_last_dim(a)
-        })),
-        ("fused rms_norm (candle-nn kernel)", 1e-4, op(move |a, _, _| {
-            candle_nn::ops::rms_norm(a, &f32_ones(256, a.device())?, 1e-5)
-        })),
-        ("unary: silu, exp, tanh, sqrt(|x|), neg, sqr", 1e-4, op(|a, _, _| {
-            Tensor::cat(&[a.silu()?, (a * 0.1)?.exp()?, a.tanh()?, a.abs()?.sqrt()?, a.neg()?, a.sqr()?], 1)
-        })),
-        ("binary broadcast add / mul / div / sub / maximum", 1e-4, op(|a, _, _| {
-            let row = a.sum_keepdim(1)?;
-            let col = a.mean_keepdim(0)?;
-            Tensor::cat(
-                &[a.broadcast_add(&row)?, a.broadcast_mul(&col)?, a.broadcast_div(&(row.abs()? + 1.0)?)?, a.broadcast_sub(&col)?, a.broadcast_maximum(&col)?],
-                1,
-            )
-        })),
-        ("reductions: sum, max, min, mean over a dimension", 1e-4, op(|a, _, _| {
-            Tensor::cat(&[a.sum_keepdim(1)?, a.max_keepdim(1)?, a.min_keepdim(1)?, a.mean_keepdim(1)?], 1)
-        })),
-        ("argmax (u32 output)", 0.0, op(|a, _, _| a.argmax_keepdim(1))),
-        ("arg_sort_last_dim (sort kernel)", 0.0, op(|a, _, _| a.narrow(1, 0, 64)?.contiguous()?.arg_sort_last_dim(true))),
+        (
+            "matmul 128x256 @ 256x96 (cuBLAS)",
+            1e-4,
+            op(|a, b, _| a.matmul(b)),
+        ),
+        (
+            "matmul with a transposed operand (x @ w.t(), as Linear)",
+            1e-4,
+            op(|a, b, _| a.matmul(&b.t()?.contiguous()?.t()?)),
+        ),
+        (
+            "fused softmax_last_dim (candle-nn kernel)",
+            1e-5,
+            op(|a, b, _| candle_nn::ops::softmax_last_dim(&a.matmul(b)?)),
+        ),
+        (
+            "softmax from primitives (candle_fsdp::models::softmax_last_dim)",
+            1e-5,
+            op(|a, b, _| candle_fsdp::models::softmax_last_dim(&a.matmul(b)?)),
+        ),
+        (
+            "log_softmax (candle_fsdp::models::log_softmax_last_dim)",
+            1e-4,
+            op(|a, _, _| candle_fsdp::models::log_softmax_last_dim(a)),
+        ),
+        (
+            "fused rms_norm (candle-nn kernel)",
+            1e-4,
+            op(move |a, _, _| candle_nn::ops::rms_norm(a, &f32_ones(256, a.device())?, 1e-5)),
+        ),
+        (
+            "unary: silu, exp, tanh, sqrt(|x|), neg, sqr",
+            1e-4,
+            op(|a, _, _| {
+                Tensor::cat(
+                    &[
+                        a.silu()?,
+                        (a * 0.1)?.exp()?,
+                        a.tanh()?,
+                        a.abs()?.sqrt()?,
+                        a.neg()?,
+                        a.sqr()?,
+                    ],
+                    1,
+                )
+            }),
+        ),
+        (
+            "binary broadcast add / mul / div / sub / maximum",
+            1e-4,
+            op(|a, _, _| {
+                let row = a.sum_keepdim(1)?;
+                let col = a.mean_keepdim(0)?;
+                Tensor::cat(
+                    &[
+                        a.broadcast_add(&row)?,
+                        a.broadcast_mul(&col)?,
+                        a.broadcast_div(&(row.abs()? + 1.0)?)?,
+                        a.broadcast_sub(&col)?,
+                        a.broadcast_maximum(&col)?,
+                    ],
+                    1,
+                )
+            }),
+        ),
+        (
+            "reductions: sum, max, min, mean over a dimension",
+            1e-4,
+            op(|a, _, _| {
+                Tensor::cat(
+                    &[
+                        a.sum_keepdim(1)?,
+                        a.max_keepdim(1)?,
+                        a.min_keepdim(1)?,
+                        a.mean_keepdim(1)?,
+                    ],
+                    1,
+                )
+            }),
+        ),
+        (
+            "argmax (u32 output)",
+            0.0,
+            op(|a, _, _| a.argmax_keepdim(1)),
+        ),
+        (
+            "arg_sort_last_dim (sort kernel)",
+            0.0,
+            op(|a, _, _| a.narrow(1, 0, 64)?.contiguous()?.arg_sort_last_dim(true)),
+        ),
         ("affine (2x + 1)", 1e-5, op(|a, _, _| a.affine(2.0, 1.0))),
-        ("cast f32 -> bf16 -> f32", 1e-2, op(|a, _, _| a.to_dtype(DType::BF16)?.to_dtype(DType::F32))),
-        ("cast f32 -> f16 -> f32", 1e-3, op(|a, _, _| a.to_dtype(DType::F16)?.to_dtype(DType::F32))),
-        ("bf16 matmul (cuBLAS, bf16 in and out)", 2e-2, op(|a, b, _| {
-            a.to_dtype(DType::BF16)?.matmul(&b.to_dtype(DType::BF16)?)?.to_dtype(DType::F32)
-        })),
-        ("index_select of rows (u32 ids; the embedding lookup)", 0.0, op(|a, _, ids| a.index_select(ids, 0))),
-        ("gather along the last dimension", 0.0, op(|a, _, ids| {
-            let idx = ids.narrow(0, 0, 4)?.reshape((1, 4))?.broadcast_as((128, 4))?.contiguous()?;
-            a.gather(&idx, 1)
-        })),
-        ("where_cond / ge (relu by mask)", 0.0, op(|a, _, _| a.ge(0.0)?.where_cond(a, &a.zeros_like()?))),
-        ("transpose + contiguous (strided copy)", 0.0, op(|a, _, _| a.t()?.contiguous())),
-        ("cat along dim 1", 0.0, op(|a, _, _| Tensor::cat(&[a, a], 1))),
-        ("rope_slow (the Llama model's rotary embedding)", 1e-5, op(|a, _, _| {
-            let x = a.reshape((1, 2, 64, 256))?.narrow(3, 0, 16)?.contiguous()?;
-            let cos = a.narrow(0, 0, 64)?.narrow(1, 0, 8)?.cos()?.contiguous()?;
-            let sin = a.narrow(0, 0, 64)?.narrow(1, 0, 8)?.sin()?.contiguous()?;
-            candle_nn::rotary_emb::rope_slow(&x, &cos, &sin)
-        })),
-        ("fused rope (candle-nn kernel)", 1e-5, op(|a, _, _| {
-            let x = a.reshape((1, 2, 64, 256))?.narrow(3, 0, 16)?.contiguous()?;
-            let cos = a.narrow(0, 0, 64)?.narrow(1, 0, 8)?.cos()?.contiguous()?;
-            let sin = a.narrow(0, 0, 64)?.narrow(1, 0, 8)?.sin()?.contiguous()?;
-            candle_nn::rotary_emb::rope(&x, &cos, &sin)
-        })),
+        (
+            "cast f32 -> bf16 -> f32",
+            1e-2,
+            op(|a, _, _| a.to_dtype(DType::BF16)?.to_dtype(DType::F32)),
+        ),
+        (
+            "cast f32 -> f16 -> f32",
+            1e-3,
+            op(|a, _, _| a.to_dtype(DType::F16)?.to_dtype(DType::F32)),
+        ),
+        (
+            "bf16 matmul (cuBLAS, bf16 in and out)",
+            2e-2,
+            op(|a, b, _| {
+                a.to_dtype(DType::BF16)?
+                    .matmul(&b.to_dtype(DType::BF16)?)?
+                    .to_dtype(DType::F32)
+            }),
+        ),
+        (
+            "index_select of rows (u32 ids; the embedding lookup)",
+            0.0,
+            op(|a, _, ids| a.index_select(ids, 0)),
+        ),
+        (
+            "gather along the last dimension",
+            0.0,
+            op(|a, _, ids| {
+                let idx = ids
+                    .narrow(0, 0, 4)?
+                    .reshape((1, 4))?
+                    .broadcast_as((128, 4))?
+                    .contiguous()?;
+                a.gather(&idx, 1)
+            }),
+        ),
+        (
+            "where_cond / ge (relu by mask)",
+            0.0,
+            op(|a, _, _| a.ge(0.0)?.where_cond(a, &a.zeros_like()?)),
+        ),
+        (
+            "transpose + contiguous (strided copy)",
+            0.0,
+            op(|a, _, _| a.t()?.contiguous()),
+        ),
+        (
+            "cat along dim 1",
+            0.0,
+            op(|a, _, _| Tensor::cat(&[a, a], 1)),
+        ),
+        (
+            "rope_slow (the Llama model's rotary embedding)",
+            1e-5,
+            op(|a, _, _| {
+                let x = a.reshape((1, 2, 64, 256))?.narrow(3, 0, 16)?.contiguous()?;
+                let cos = a.narrow(0, 0, 64)?.narrow(1, 0, 8)?.cos()?.contiguous()?;
+                let sin = a.narrow(0, 0, 64)?.narrow(1, 0, 8)?.sin()?.contiguous()?;
+                candle_nn::rotary_emb::rope_slow(&x, &cos, &sin)
+            }),
+        ),
+        (
+            "fused rope (candle-nn kernel)",
+            1e-5,
+            op(|a, _, _| {
+                let x = a.reshape((1, 2, 64, 256))?.narrow(3, 0, 16)?.contiguous()?;
+                let cos = a.narrow(0, 0, 64)?.narrow(1, 0, 8)?.cos()?.contiguous()?;
+                let sin = a.narrow(0, 0, 64)?.narrow(1, 0, 8)?.sin()?.contiguous()?;
+                candle_nn::rotary_emb::rope(&x, &cos, &sin)
+            }),
+        ),
     ];
     let (ga, gb, gids) = (a.to_device(&dev)?, b.to_device(&dev)?, ids.to_device(&dev)?);
     for (name, tol, op) in &ops {
@@ -881,12 +1108,20 @@ fn kernels(sec: &Section) -> Result<()> {
             let cpu = op(&a, &b, &ids)?;
             let gpu = op(&ga, &gb, &gids)?;
             ensure!(gpu.device().is_cuda(), "the result is not on the GPU");
-            ensure!(gpu.dtype() == cpu.dtype(), "dtype {:?} on the GPU, {:?} on the CPU", gpu.dtype(), cpu.dtype());
+            ensure!(
+                gpu.dtype() == cpu.dtype(),
+                "dtype {:?} on the GPU, {:?} on the CPU",
+                gpu.dtype(),
+                cpu.dtype()
+            );
             Ok((max_abs_diff(&gpu, &cpu)?, max_abs(&cpu)?))
         });
         if let Some((diff, scale)) = sec.check_result(name, result) {
             let bound = tol * scale.max(1.0);
-            sec.check(diff <= bound, format!("{name}: max |gpu - cpu| = {diff:.3e} (bound {bound:.1e})"));
+            sec.check(
+                diff <= bound,
+                format!("{name}: max |gpu - cpu| = {diff:.3e} (bound {bound:.1e})"),
+            );
         }
     }
 
@@ -894,17 +1129,31 @@ fn kernels(sec: &Section) -> Result<()> {
     let grads = attempt(|| -> Result<f64> {
         let grad_on = |dev: &Device| -> Result<Tensor> {
             let w = Var::from_tensor(&b.to_device(dev)?)?;
-            let loss = a.to_device(dev)?.matmul(w.as_tensor())?.silu()?.sqr()?.mean_all()?;
+            let loss = a
+                .to_device(dev)?
+                .matmul(w.as_tensor())?
+                .silu()?
+                .sqr()?
+                .mean_all()?;
             let grads = loss.backward()?;
-            Ok(grads.get(w.as_tensor()).ok_or_else(|| anyhow!("no gradient"))?.clone())
+            Ok(grads
+                .get(w.as_tensor())
+                .ok_or_else(|| anyhow!("no gradient"))?
+                .clone())
         };
         let (g, c) = (grad_on(&dev)?, grad_on(&Device::Cpu)?);
         let diff = max_abs_diff(&g, &c)?;
-        ensure!(diff <= 1e-4 * max_abs(&c)?.max(1e-6), "max |gpu - cpu| = {diff:.3e}");
+        ensure!(
+            diff <= 1e-4 * max_abs(&c)?.max(1e-6),
+            "max |gpu - cpu| = {diff:.3e}"
+        );
         Ok(diff)
     });
     if let Some(diff) = sec.check_result("backward of mean(silu(a @ w)^2) on the GPU", grads) {
-        sec.check(true, format!("backward of mean(silu(a @ w)^2): gradient max |gpu - cpu| = {diff:.3e}"));
+        sec.check(
+            true,
+            format!("backward of mean(silu(a @ w)^2): gradient max |gpu - cpu| = {diff:.3e}"),
+        );
     }
 
     // curand.
@@ -916,7 +1165,10 @@ fn kernels(sec: &Section) -> Result<()> {
         Ok((mean, var.sqrt()))
     });
     if let Some((mean, std)) = sec.check_result("randn on the GPU (cuRAND)", random) {
-        sec.check(mean.abs() < 0.01 && (std - 1.0).abs() < 0.01, format!("randn on the GPU (cuRAND): mean {mean:.4}, std {std:.4}"));
+        sec.check(
+            mean.abs() < 0.01 && (std - 1.0).abs() < 0.01,
+            format!("randn on the GPU (cuRAND): mean {mean:.4}, std {std:.4}"),
+        );
     }
 
     // f32 matmul throughput, for perspective.
@@ -937,7 +1189,10 @@ fn kernels(sec: &Section) -> Result<()> {
         Ok((m, 2.0 * (n as f64).powi(3) / (m / 1e3) / 1e12))
     });
     if let Some((ms, tflops)) = sec.check_result("f32 matmul timing", speed) {
-        sec.figure("candle f32 matmul 4096^3", format!("{ms:.2} ms median of 5, {tflops:.1} TFLOP/s"));
+        sec.figure(
+            "candle f32 matmul 4096^3",
+            format!("{ms:.2} ms median of 5, {tflops:.1} TFLOP/s"),
+        );
     }
     Ok(())
 }
@@ -961,20 +1216,42 @@ fn collectives(sec: &Section, settings: &Settings) -> Result<()> {
         let exact = |input: &Tensor, got: Result<Tensor>| -> Result<()> {
             let got = got?;
             ensure!(got.device().is_cuda(), "the output is not on the GPU");
-            ensure!(got.dtype() == input.dtype(), "output dtype {:?}, input {:?}", got.dtype(), input.dtype());
+            ensure!(
+                got.dtype() == input.dtype(),
+                "output dtype {:?}, input {:?}",
+                got.dtype(),
+                input.dtype()
+            );
             let (g, e) = (values(&got)?, values(input)?);
-            ensure!(g.len() == e.len(), "{} output elements, expected {}", g.len(), e.len());
+            ensure!(
+                g.len() == e.len(),
+                "{} output elements, expected {}",
+                g.len(),
+                e.len()
+            );
             let wrong = g.iter().zip(&e).filter(|(x, y)| x != y).count();
-            ensure!(wrong == 0, "{wrong} of {} elements differ from the expected values", e.len());
+            ensure!(
+                wrong == 0,
+                "{wrong} of {} elements differ from the expected values",
+                e.len()
+            );
             Ok(())
         };
         // One line per group of cases: PASS naming them all, or a FAIL per failing case.
         let report = |what: &str, len: usize, cases: Vec<(&str, Result<()>)>| {
             let names: Vec<&str> = cases.iter().map(|(n, _)| *n).collect();
-            let failed: Vec<String> =
-                cases.into_iter().filter_map(|(n, r)| r.err().map(|e| format!("{n}: {e:#}"))).collect();
+            let failed: Vec<String> = cases
+                .into_iter()
+                .filter_map(|(n, r)| r.err().map(|e| format!("{n}: {e:#}")))
+                .collect();
             if failed.is_empty() {
-                sec.check(true, format!("{what}: {} — {len} elements each, output == input exactly", names.join(", ")));
+                sec.check(
+                    true,
+                    format!(
+                        "{what}: {} — {len} elements each, output == input exactly",
+                        names.join(", ")
+                    ),
+                );
             }
             for f in failed {
                 sec.check(false, format!("{what}: {f}"));
@@ -987,21 +1264,45 @@ fn collectives(sec: &Section, settings: &Settings) -> Result<()> {
                 n,
                 vec![
                     ("all_gather", exact(&t, waited(comm.all_gather(&t, label)))),
-                    ("reduce_scatter Sum", exact(&t, waited(comm.reduce_scatter(&t, ReduceOp::Sum, label)))),
-                    ("reduce_scatter Avg", exact(&t, waited(comm.reduce_scatter(&t, ReduceOp::Avg, label)))),
-                    ("all_reduce Sum", exact(&t, waited(comm.all_reduce(&t, ReduceOp::Sum, label)))),
-                    ("all_reduce Avg", exact(&t, waited(comm.all_reduce(&t, ReduceOp::Avg, label)))),
-                    ("broadcast from rank 0", exact(&t, waited(comm.broadcast(&t, 0, label)))),
+                    (
+                        "reduce_scatter Sum",
+                        exact(&t, waited(comm.reduce_scatter(&t, ReduceOp::Sum, label))),
+                    ),
+                    (
+                        "reduce_scatter Avg",
+                        exact(&t, waited(comm.reduce_scatter(&t, ReduceOp::Avg, label))),
+                    ),
+                    (
+                        "all_reduce Sum",
+                        exact(&t, waited(comm.all_reduce(&t, ReduceOp::Sum, label))),
+                    ),
+                    (
+                        "all_reduce Avg",
+                        exact(&t, waited(comm.all_reduce(&t, ReduceOp::Avg, label))),
+                    ),
+                    (
+                        "broadcast from rank 0",
+                        exact(&t, waited(comm.broadcast(&t, 0, label))),
+                    ),
                 ],
             );
         }
-        let ints = Tensor::new((0..n as u32).map(|i| i * 3).collect::<Vec<_>>().as_slice(), &dev)?;
+        let ints = Tensor::new(
+            (0..n as u32).map(|i| i * 3).collect::<Vec<_>>().as_slice(),
+            &dev,
+        )?;
         report(
             "U32",
             n,
             vec![
-                ("all_gather", exact(&ints, waited(comm.all_gather(&ints, label)))),
-                ("broadcast from rank 0", exact(&ints, waited(comm.broadcast(&ints, 0, label)))),
+                (
+                    "all_gather",
+                    exact(&ints, waited(comm.all_gather(&ints, label))),
+                ),
+                (
+                    "broadcast from rank 0",
+                    exact(&ints, waited(comm.broadcast(&ints, 0, label))),
+                ),
             ],
         );
         let whole = Tensor::new(base.as_slice(), &dev)?;
@@ -1010,8 +1311,17 @@ fn collectives(sec: &Section, settings: &Settings) -> Result<()> {
             "F32 input at a storage offset (narrow(0, 3, 500))",
             500,
             vec![
-                ("all_gather", exact(&slice.copy()?, waited(comm.all_gather(&slice, label)))),
-                ("all_reduce Sum", exact(&slice.copy()?, waited(comm.all_reduce(&slice, ReduceOp::Sum, label)))),
+                (
+                    "all_gather",
+                    exact(&slice.copy()?, waited(comm.all_gather(&slice, label))),
+                ),
+                (
+                    "all_reduce Sum",
+                    exact(
+                        &slice.copy()?,
+                        waited(comm.all_reduce(&slice, ReduceOp::Sum, label)),
+                    ),
+                ),
             ],
         );
         // The output is usable by later kernels on candle's stream.
@@ -1025,13 +1335,24 @@ fn collectives(sec: &Section, settings: &Settings) -> Result<()> {
         }
 
         let barrier = comm.barrier("gpu_check barrier");
-        sec.check(barrier.is_ok(), format!("barrier: {}", barrier.map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string())));
+        sec.check(
+            barrier.is_ok(),
+            format!(
+                "barrier: {}",
+                barrier
+                    .map(|_| "ok".to_string())
+                    .unwrap_or_else(|e| e.to_string())
+            ),
+        );
 
         let group = attempt(|| -> Result<(usize, usize, usize)> {
             let g = comm.new_group(&[0])?;
             let t = Tensor::new(base.as_slice(), &dev)?;
             let r = g.all_reduce(&t, ReduceOp::Sum, "gpu_check group")?.wait()?;
-            ensure!(values(&r)? == values(&t)?, "all_reduce on the group changed the values");
+            ensure!(
+                values(&r)? == values(&t)?,
+                "all_reduce on the group changed the values"
+            );
             let again = comm.new_group(&[0])?;
             again.barrier("gpu_check group barrier")?;
             Ok((g.size(), g.rank(), g.global_rank()))
@@ -1048,7 +1369,9 @@ fn collectives(sec: &Section, settings: &Settings) -> Result<()> {
             matches!(&cpu, Err(e) if e.to_string().contains("not on a GPU")),
             format!(
                 "a CPU input is refused with a clear error: {}",
-                cpu.err().map(|e| e.to_string()).unwrap_or_else(|| "it was accepted".into())
+                cpu.err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "it was accepted".into())
             ),
         );
 
@@ -1074,7 +1397,11 @@ fn collectives(sec: &Section, settings: &Settings) -> Result<()> {
             let gather = time(&|| Ok(comm.all_gather(&big, label)?.wait()?))?;
             let reduce = time(&|| Ok(comm.all_reduce(&big, ReduceOp::Sum, label)?.wait()?))?;
             let copy = time(&|| Ok(big.copy()?))?;
-            Ok((bytes / gather / 1e9, bytes / reduce / 1e9, bytes / copy / 1e9))
+            Ok((
+                bytes / gather / 1e9,
+                bytes / reduce / 1e9,
+                bytes / copy / 1e9,
+            ))
         });
         if let Some((g, r, c)) = sec.check_result("256 MiB collective timing", timing) {
             sec.figure(
@@ -1112,14 +1439,30 @@ fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
 
         // Build on the GPU, wrap, drop the VarMap: what stays is the shards.
         let var_map = VarMap::new();
-        let model = BigModel::new(hidden, units, VarBuilder::from_varmap(&var_map, DType::F32, &dev))?;
+        let model = BigModel::new(
+            hidden,
+            units,
+            VarBuilder::from_varmap(&var_map, DType::F32, &dev),
+        )?;
         let layout = Layout::of(&model)?;
-        let plan = Plan::new(&layout, PlanConfig::new(1, ShardingStrategy::FullShard))?;
+        let plan = Plan::new(&layout, PlanConfig::new(1, FsdpConfig::default().strategy(ShardingStrategy::FullShard)))?;
         drop(layout);
-        let unit_bytes: Vec<(String, usize)> = plan.units.iter().map(|u| (u.name.clone(), u.gathered_bytes)).collect();
+        let unit_bytes: Vec<(String, usize)> = plan
+            .units
+            .iter()
+            .map(|u| (u.name.clone(), u.gathered_bytes))
+            .collect();
         let param_bytes: usize = unit_bytes.iter().map(|(_, b)| b).sum();
-        let root_bytes = unit_bytes.iter().find(|(n, _)| !n.starts_with("blocks")).map_or(0, |(_, b)| *b);
-        let block_bytes = unit_bytes.iter().filter(|(n, _)| n.starts_with("blocks")).map(|(_, b)| *b).max().unwrap_or(0);
+        let root_bytes = unit_bytes
+            .iter()
+            .find(|(n, _)| !n.starts_with("blocks"))
+            .map_or(0, |(_, b)| *b);
+        let block_bytes = unit_bytes
+            .iter()
+            .filter(|(n, _)| n.starts_with("blocks"))
+            .map(|(_, b)| *b)
+            .max()
+            .unwrap_or(0);
         sec.info(format!(
             "model: {units} units x 4 Linear({hidden}, {hidden}) + root Linear({hidden}, {hidden}), f32: parameters {}; per unit gathered: {}; \
              planned gathered peak {}",
@@ -1127,12 +1470,18 @@ fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
             unit_bytes.iter().map(|(n, b)| format!("{n} {}", mib(*b as f64))).collect::<Vec<_>>().join(", "),
             mib(plan.memory.gathered_peak as f64)
         ));
-        let config = FsdpConfig { sync_module_states: false, ..FsdpConfig::default() };
+        let config = FsdpConfig {
+            sync_module_states: false,
+            ..FsdpConfig::default()
+        };
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), config)?;
         drop(var_map);
         let m_wrap = mem(&dev)?;
         let d = delta(&m0, &m_wrap);
-        sec.info(format!("after wrap (FULL_SHARD, world 1; VarMap dropped): {}", m_wrap.show()));
+        sec.info(format!(
+            "after wrap (FULL_SHARD, world 1; VarMap dropped): {}",
+            m_wrap.show()
+        ));
         sec.figure(
             "after wrap",
             format!(
@@ -1145,9 +1494,19 @@ fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
         sec.info(format!(
             "  within {} MiB of the expectation: {}",
             args.mem_tol_mib,
-            if (d - param_bytes as i64).abs() <= tol { "yes" } else { "no" }
+            if (d - param_bytes as i64).abs() <= tol {
+                "yes"
+            } else {
+                "no"
+            }
         ));
-        sec.check(fsdp.memory().gathered_bytes == 0, format!("the runtime's accounting after wrap: {} gathered", fsdp.memory().gathered_bytes));
+        sec.check(
+            fsdp.memory().gathered_bytes == 0,
+            format!(
+                "the runtime's accounting after wrap: {} gathered",
+                fsdp.memory().gathered_bytes
+            ),
+        );
 
         let mut optimizer = AdamW::new(fsdp.parameters(), ParamsAdamW::default())?;
         let m_opt = mem(&dev)?;
@@ -1166,7 +1525,10 @@ fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
         // Warm-up: loads kernels and cuBLAS's workspace, which stay.
         drop(fsdp.forward_inference(|m| m.forward(&input))?);
         let m_before = mem(&dev)?;
-        sec.info(format!("after a warm-up inference forward (kernels, cuBLAS workspace): {}", m_before.show()));
+        sec.info(format!(
+            "after a warm-up inference forward (kernels, cuBLAS workspace): {}",
+            m_before.show()
+        ));
 
         // The inference forward, probed between units.
         let mut probes: Vec<(Mem, usize)> = Vec::new();
@@ -1212,8 +1574,18 @@ fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
             previous = *probe;
         }
         let d_inf = delta(&m_before, &m_after);
-        sec.info(format!("after the inference forward (output dropped): {}", m_after.show()));
-        sec.figure("inference forward", format!("device {} after it, pool {}", signed_mib(d_inf), show_pool(pool_delta(&m_before, &m_after))));
+        sec.info(format!(
+            "after the inference forward (output dropped): {}",
+            m_after.show()
+        ));
+        sec.figure(
+            "inference forward",
+            format!(
+                "device {} after it, pool {}",
+                signed_mib(d_inf),
+                show_pool(pool_delta(&m_before, &m_after))
+            ),
+        );
         sec.check(
             d_inf.abs() <= tol,
             format!(
@@ -1224,9 +1596,18 @@ fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
             ),
         );
         if let Some(p) = pool_delta(&m_before, &m_after) {
-            sec.check(p.abs() <= tol, format!("after forward_inference the pool's used bytes are back: {}", signed_mib(p)));
+            sec.check(
+                p.abs() <= tol,
+                format!(
+                    "after forward_inference the pool's used bytes are back: {}",
+                    signed_mib(p)
+                ),
+            );
         }
-        sec.check(fsdp.memory().gathered_bytes == 0, "after forward_inference nothing is gathered (runtime accounting)");
+        sec.check(
+            fsdp.memory().gathered_bytes == 0,
+            "after forward_inference nothing is gathered (runtime accounting)",
+        );
 
         // Training steps.
         let mut after_steps = Vec::new();
@@ -1286,9 +1667,16 @@ fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
         let leak = delta(&after_steps[0], &after_steps[1]);
         sec.check(
             leak.abs() <= tol,
-            format!("no growth from one training step to the next: {} (tolerance {} MiB)", signed_mib(leak), args.mem_tol_mib),
+            format!(
+                "no growth from one training step to the next: {} (tolerance {} MiB)",
+                signed_mib(leak),
+                args.mem_tol_mib
+            ),
         );
-        sec.check(fsdp.memory().gathered_bytes == 0, "after backward nothing is gathered (runtime accounting)");
+        sec.check(
+            fsdp.memory().gathered_bytes == 0,
+            "after backward nothing is gathered (runtime accounting)",
+        );
         Ok(())
     })
 }
@@ -1301,9 +1689,20 @@ struct Trained {
     params: HashMap<String, Tensor>,
 }
 
-fn train_plain(config: &LlamaConfig, snapshot: &HashMap<String, Tensor>, batches: &[(Tensor, Tensor)], dev: &Device) -> Result<Trained> {
+fn train_plain(
+    config: &LlamaConfig,
+    snapshot: &HashMap<String, Tensor>,
+    batches: &[(Tensor, Tensor)],
+    dev: &Device,
+) -> Result<Trained> {
     let (model, var_map) = plain_llama(config, snapshot, dev)?;
-    let mut optimizer = AdamW::new(var_map.all_vars(), ParamsAdamW { lr: LR, ..ParamsAdamW::default() })?;
+    let mut optimizer = AdamW::new(
+        var_map.all_vars(),
+        ParamsAdamW {
+            lr: LR,
+            ..ParamsAdamW::default()
+        },
+    )?;
     let mut losses = Vec::new();
     for (inputs, targets) in batches {
         let (inputs, targets) = (inputs.to_device(dev)?, targets.to_device(dev)?);
@@ -1329,9 +1728,25 @@ fn train_fsdp(
     batches: &[(Tensor, Tensor)],
 ) -> Result<Trained> {
     let dev = &ctx.device;
-    let model = Llama::new(config, VarBuilder::from_tensors(snapshot.clone(), DTYPE, dev))?;
-    let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig { sync_module_states: false, ..fsdp_config })?;
-    let mut optimizer = AdamW::new(fsdp.parameters(), ParamsAdamW { lr: LR, ..ParamsAdamW::default() })?;
+    let model = Llama::new(
+        config,
+        VarBuilder::from_tensors(snapshot.clone(), DTYPE, dev),
+    )?;
+    let fsdp = Fsdp::wrap(
+        model,
+        ctx.comm.clone(),
+        FsdpConfig {
+            sync_module_states: false,
+            ..fsdp_config
+        },
+    )?;
+    let mut optimizer = AdamW::new(
+        fsdp.parameters(),
+        ParamsAdamW {
+            lr: LR,
+            ..ParamsAdamW::default()
+        },
+    )?;
     let mut losses = Vec::new();
     for (inputs, targets) in batches {
         let (inputs, targets) = (inputs.to_device(dev)?, targets.to_device(dev)?);
@@ -1370,25 +1785,56 @@ fn parity(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
          hands the gradient back unchanged (no collective in the step), so the runs should agree to the bit",
     );
     let configs = [
-        ("FULL_SHARD, backward prefetch BACKWARD_PRE (default)", FsdpConfig::default()),
-        ("FULL_SHARD, BACKWARD_PRE + forward prefetch", FsdpConfig::default().forward_prefetch(true)),
-        ("FULL_SHARD, BACKWARD_POST", FsdpConfig::default().backward_prefetch(BackwardPrefetch::Post)),
-        ("FULL_SHARD, no backward prefetch", FsdpConfig::default().backward_prefetch(BackwardPrefetch::None)),
-        ("SHARD_GRAD_OP", FsdpConfig::default().strategy(ShardingStrategy::ShardGradOp)),
-        ("NO_SHARD", FsdpConfig::default().strategy(ShardingStrategy::NoShard)),
+        (
+            "FULL_SHARD, backward prefetch BACKWARD_PRE (default)",
+            FsdpConfig::default(),
+        ),
+        (
+            "FULL_SHARD, BACKWARD_PRE + forward prefetch",
+            FsdpConfig::default().forward_prefetch(true),
+        ),
+        (
+            "FULL_SHARD, BACKWARD_POST",
+            FsdpConfig::default().backward_prefetch(BackwardPrefetch::Post),
+        ),
+        (
+            "FULL_SHARD, no backward prefetch",
+            FsdpConfig::default().backward_prefetch(BackwardPrefetch::None),
+        ),
+        (
+            "SHARD_GRAD_OP",
+            FsdpConfig::default().strategy(ShardingStrategy::ShardGradOp),
+        ),
+        (
+            "NO_SHARD",
+            FsdpConfig::default().strategy(ShardingStrategy::NoShard),
+        ),
     ];
     on_gpu(settings.timeout, |ctx| {
         let plain = train_plain(&s.config, &snapshot, &batches, &ctx.device)?;
         sec.info(format!(
             "plain candle on the GPU: losses {}",
-            plain.losses.iter().map(|l| format!("{l:.5}")).collect::<Vec<_>>().join(" ")
+            plain
+                .losses
+                .iter()
+                .map(|l| format!("{l:.5}"))
+                .collect::<Vec<_>>()
+                .join(" ")
         ));
         let mut worst = (0.0f64, 0.0f64);
         for (name, config) in &configs {
             let outcome = attempt(|| -> Result<(f64, f64, bool)> {
                 let fsdp = train_fsdp(&ctx, &s.config, *config, &snapshot, &batches)?;
-                let loss_diff = fsdp.losses.iter().zip(&plain.losses).fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
-                let loss_ok = fsdp.losses.iter().zip(&plain.losses).all(|(a, b)| (a - b).abs() <= rtol * b.abs());
+                let loss_diff = fsdp
+                    .losses
+                    .iter()
+                    .zip(&plain.losses)
+                    .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+                let loss_ok = fsdp
+                    .losses
+                    .iter()
+                    .zip(&plain.losses)
+                    .all(|(a, b)| (a - b).abs() <= rtol * b.abs());
                 ensure!(
                     fsdp.params.len() == plain.params.len(),
                     "{} trained parameters under FSDP, {} in plain candle",
@@ -1399,13 +1845,19 @@ fn parity(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
                 let mut params_ok = true;
                 let mut identical = loss_diff == 0.0;
                 for (fqn, value) in &fsdp.params {
-                    let reference = plain.params.get(fqn).ok_or_else(|| anyhow!("`{fqn}` is not a plain-candle variable"))?;
+                    let reference = plain
+                        .params
+                        .get(fqn)
+                        .ok_or_else(|| anyhow!("`{fqn}` is not a plain-candle variable"))?;
                     let diff = max_abs_diff(value, reference)?;
                     params_ok &= diff <= rtol * max_abs(reference)?;
                     identical &= diff == 0.0;
                     param_diff = param_diff.max(diff);
                 }
-                ensure!(loss_ok && params_ok && !param_diff.is_nan(), "max |loss diff| {loss_diff:.3e}, max |param diff| {param_diff:.3e}");
+                ensure!(
+                    loss_ok && params_ok && !param_diff.is_nan(),
+                    "max |loss diff| {loss_diff:.3e}, max |param diff| {param_diff:.3e}"
+                );
                 Ok((loss_diff, param_diff, identical))
             });
             if let Some((l, p, identical)) = sec.check_result(name, outcome) {
@@ -1421,7 +1873,10 @@ fn parity(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
         }
         sec.figure(
             "parity, 6 FSDP configurations vs plain candle",
-            format!("max |loss diff| {:.3e}, max |param diff| {:.3e} after {} steps", worst.0, worst.1, settings.parity_steps),
+            format!(
+                "max |loss diff| {:.3e}, max |param diff| {:.3e} after {} steps",
+                worst.0, worst.1, settings.parity_steps
+            ),
         );
         Ok(())
     })
@@ -1435,7 +1890,10 @@ fn prefetch_sequences(sec: &Section, settings: &Settings) -> Result<()> {
     let d_model = 64;
     let config: TransformerConfig = seed_fqns::seed_transformer_config(d_model, 8, 128);
     let var_map = VarMap::new();
-    let _model = Transformer::new(&config, VarBuilder::from_varmap(&var_map, DType::F32, &Device::Cpu))?;
+    let _model = Transformer::new(
+        &config,
+        VarBuilder::from_varmap(&var_map, DType::F32, &Device::Cpu),
+    )?;
     let snapshot = common::snapshot(&var_map)?;
     let mut rng = Rng::new(1);
     let src = randn_cpu(&mut rng, &[10, 1, d_model])?;
@@ -1449,15 +1907,23 @@ fn prefetch_sequences(sec: &Section, settings: &Settings) -> Result<()> {
     on_gpu(settings.timeout, |ctx| {
         let dev = ctx.device.clone();
         let (src, tgt) = (src.to_device(&dev)?, tgt.to_device(&dev)?);
-        for (mode, expected_len, begin) in
-            [(BackwardPrefetch::None, 0, 0), (BackwardPrefetch::Pre, 13, 6), (BackwardPrefetch::Post, 13, 5)]
-        {
+        for (mode, expected_len, begin) in [
+            (BackwardPrefetch::None, 0, 0),
+            (BackwardPrefetch::Pre, 13, 6),
+            (BackwardPrefetch::Post, 13, 5),
+        ] {
             let recorded = attempt(|| -> Result<Vec<Vec<Option<String>>>> {
-                let model = Transformer::new(&config, VarBuilder::from_tensors(snapshot.clone(), DType::F32, &dev))?;
+                let model = Transformer::new(
+                    &config,
+                    VarBuilder::from_tensors(snapshot.clone(), DType::F32, &dev),
+                )?;
                 let fsdp = Fsdp::wrap(
                     model,
                     ctx.comm.clone(),
-                    FsdpConfig { sync_module_states: false, ..FsdpConfig::default().backward_prefetch(mode) },
+                    FsdpConfig {
+                        sync_module_states: false,
+                        ..FsdpConfig::default().backward_prefetch(mode)
+                    },
                 )?;
                 let mut optimizer = SGD::new(fsdp.parameters(), 1e-2)?;
                 let mut per_iteration = Vec::new();
@@ -1480,15 +1946,28 @@ fn prefetch_sequences(sec: &Section, settings: &Settings) -> Result<()> {
                     .into_iter()
                     .map(|it: Vec<Option<String>>| {
                         it.into_iter()
-                            .map(|t| t.map(|name| units.iter().find(|(n, _)| *n == name).map(|(_, f)| f.join(",")).unwrap_or(name)))
+                            .map(|t| {
+                                t.map(|name| {
+                                    units
+                                        .iter()
+                                        .find(|(n, _)| *n == name)
+                                        .map(|(_, f)| f.join(","))
+                                        .unwrap_or(name)
+                                })
+                            })
                             .collect()
                     })
                     .collect())
             });
-            let Some(recorded) = sec.check_result(format!("{mode}: training with the trace"), recorded) else { continue };
+            let Some(recorded) =
+                sec.check_result(format!("{mode}: training with the trace"), recorded)
+            else {
+                continue;
+            };
             for (iteration, entries) in recorded.iter().enumerate() {
-                let expected: Vec<Option<String>> =
-                    (0..expected_len).map(|k| seed_fqns::expected_prefetch_entry(k, begin).map(|f| f.join(","))).collect();
+                let expected: Vec<Option<String>> = (0..expected_len)
+                    .map(|k| seed_fqns::expected_prefetch_entry(k, begin).map(|f| f.join(",")))
+                    .collect();
                 let short = |e: &Option<String>| match e {
                     None => "None".to_string(),
                     Some(fqns) => fqns.split('.').take(3).collect::<Vec<_>>().join("."),
@@ -1503,7 +1982,11 @@ fn prefetch_sequences(sec: &Section, settings: &Settings) -> Result<()> {
                         iteration + 1,
                         entries.len(),
                         match first_bad {
-                            Some(k) => format!(", entry {k} is {} but the seed expects {}", short(&entries[k]), short(&expected[k])),
+                            Some(k) => format!(
+                                ", entry {k} is {} but the seed expects {}",
+                                short(&entries[k]),
+                                short(&expected[k])
+                            ),
                             None => String::new(),
                         }
                     ),
@@ -1513,15 +1996,28 @@ fn prefetch_sequences(sec: &Section, settings: &Settings) -> Result<()> {
 
         // The prefetches are real gathers.
         let gathers = attempt(|| -> Result<Vec<String>> {
-            let model = Transformer::new(&config, VarBuilder::from_tensors(snapshot.clone(), DType::F32, &dev))?;
-            let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig { sync_module_states: false, ..FsdpConfig::default() })?;
+            let model = Transformer::new(
+                &config,
+                VarBuilder::from_tensors(snapshot.clone(), DType::F32, &dev),
+            )?;
+            let fsdp = Fsdp::wrap(
+                model,
+                ctx.comm.clone(),
+                FsdpConfig {
+                    sync_module_states: false,
+                    ..FsdpConfig::default()
+                },
+            )?;
             let loss = fsdp.forward(|m| m.forward(&src, &tgt))?.sum_all()?;
             fsdp.backward(&loss)?;
             Ok(fsdp
                 .take_trace()
                 .into_iter()
                 .filter_map(|e| match e {
-                    TraceEvent::Unshard { unit, cause: UnshardCause::BackwardPrefetch } => Some(unit),
+                    TraceEvent::Unshard {
+                        unit,
+                        cause: UnshardCause::BackwardPrefetch,
+                    } => Some(unit),
                     _ => None,
                 })
                 .collect())
@@ -1534,7 +2030,10 @@ fn prefetch_sequences(sec: &Section, settings: &Settings) -> Result<()> {
                 .collect();
             sec.check(
                 units == expected,
-                format!("BACKWARD_PRE: units gathered by a backward prefetch, in order: [{}]", units.join(", ")),
+                format!(
+                    "BACKWARD_PRE: units gathered by a backward prefetch, in order: [{}]",
+                    units.join(", ")
+                ),
             );
         }
         Ok(())
@@ -1590,13 +2089,33 @@ fn timed_steps(
         }
         losses.push(loss.to_scalar::<f32>()? as f64);
     }
-    let peak = pool_attr(dev, cu_sys::CUmemPool_attribute_enum::CU_MEMPOOL_ATTR_USED_MEM_HIGH);
-    Ok(Timed { times, first_loss: losses[0], last_loss: *losses.last().unwrap_or(&f64::NAN), peak })
+    let peak = pool_attr(
+        dev,
+        cu_sys::CUmemPool_attribute_enum::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+    );
+    Ok(Timed {
+        times,
+        first_loss: losses[0],
+        last_loss: *losses.last().unwrap_or(&f64::NAN),
+        peak,
+    })
 }
 
-fn time_plain(config: &LlamaConfig, snapshot: &HashMap<String, Tensor>, batches: &[(Tensor, Tensor)], warmup: usize, dev: &Device) -> Result<Timed> {
+fn time_plain(
+    config: &LlamaConfig,
+    snapshot: &HashMap<String, Tensor>,
+    batches: &[(Tensor, Tensor)],
+    warmup: usize,
+    dev: &Device,
+) -> Result<Timed> {
     let (model, var_map) = plain_llama(config, snapshot, dev)?;
-    let mut optimizer = AdamW::new(var_map.all_vars(), ParamsAdamW { lr: LR, ..ParamsAdamW::default() })?;
+    let mut optimizer = AdamW::new(
+        var_map.all_vars(),
+        ParamsAdamW {
+            lr: LR,
+            ..ParamsAdamW::default()
+        },
+    )?;
     timed_steps(dev, batches, warmup, |inputs, targets| {
         let loss = common::next_token_loss(&model.forward(inputs)?, targets)?;
         optimizer.step(&loss.backward()?)?;
@@ -1604,11 +2123,33 @@ fn time_plain(config: &LlamaConfig, snapshot: &HashMap<String, Tensor>, batches:
     })
 }
 
-fn time_fsdp(ctx: &RankContext, config: &LlamaConfig, snapshot: &HashMap<String, Tensor>, batches: &[(Tensor, Tensor)], warmup: usize) -> Result<Timed> {
+fn time_fsdp(
+    ctx: &RankContext,
+    config: &LlamaConfig,
+    snapshot: &HashMap<String, Tensor>,
+    batches: &[(Tensor, Tensor)],
+    warmup: usize,
+) -> Result<Timed> {
     let dev = &ctx.device;
-    let model = Llama::new(config, VarBuilder::from_tensors(snapshot.clone(), DTYPE, dev))?;
-    let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig { sync_module_states: false, ..FsdpConfig::default() })?;
-    let mut optimizer = AdamW::new(fsdp.parameters(), ParamsAdamW { lr: LR, ..ParamsAdamW::default() })?;
+    let model = Llama::new(
+        config,
+        VarBuilder::from_tensors(snapshot.clone(), DTYPE, dev),
+    )?;
+    let fsdp = Fsdp::wrap(
+        model,
+        ctx.comm.clone(),
+        FsdpConfig {
+            sync_module_states: false,
+            ..FsdpConfig::default()
+        },
+    )?;
+    let mut optimizer = AdamW::new(
+        fsdp.parameters(),
+        ParamsAdamW {
+            lr: LR,
+            ..ParamsAdamW::default()
+        },
+    )?;
     timed_steps(dev, batches, warmup, |inputs, targets| {
         let logits = fsdp.forward(|m| m.forward(inputs))?;
         let loss = common::next_token_loss(&logits, targets)?;
@@ -1648,12 +2189,30 @@ fn step_time(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
                 let fresh = Device::new_cuda(0)?;
                 let (mut a, mut a2, mut b) = (None, None, None);
                 for round in 1..=settings.rounds {
-                    eprintln!("  {} round {round}/{}: (a) plain, fresh device", s.name, settings.rounds);
-                    Timed::merge(&mut a, time_plain(&s.config, &snapshot, &batches, settings.warmup, &fresh)?);
-                    eprintln!("  {} round {round}/{}: (a') plain, NCCL rank's device", s.name, settings.rounds);
-                    Timed::merge(&mut a2, time_plain(&s.config, &snapshot, &batches, settings.warmup, &ctx.device)?);
-                    eprintln!("  {} round {round}/{}: (b) FSDP world 1", s.name, settings.rounds);
-                    Timed::merge(&mut b, time_fsdp(&ctx, &s.config, &snapshot, &batches, settings.warmup)?);
+                    eprintln!(
+                        "  {} round {round}/{}: (a) plain, fresh device",
+                        s.name, settings.rounds
+                    );
+                    Timed::merge(
+                        &mut a,
+                        time_plain(&s.config, &snapshot, &batches, settings.warmup, &fresh)?,
+                    );
+                    eprintln!(
+                        "  {} round {round}/{}: (a') plain, NCCL rank's device",
+                        s.name, settings.rounds
+                    );
+                    Timed::merge(
+                        &mut a2,
+                        time_plain(&s.config, &snapshot, &batches, settings.warmup, &ctx.device)?,
+                    );
+                    eprintln!(
+                        "  {} round {round}/{}: (b) FSDP world 1",
+                        s.name, settings.rounds
+                    );
+                    Timed::merge(
+                        &mut b,
+                        time_fsdp(&ctx, &s.config, &snapshot, &batches, settings.warmup)?,
+                    );
                 }
                 let done = |t: Option<Timed>| t.ok_or_else(|| anyhow!("no round ran"));
                 Ok((done(a)?, done(a2)?, done(b)?))
@@ -1677,7 +2236,9 @@ fn step_time(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
                     median(&t.times) / base_med,
                     min(t) / base_min,
                     tokens / (median(&t.times) / 1e3),
-                    t.peak.map(|p| mib(p as f64)).unwrap_or_else(|| "n/a".into())
+                    t.peak
+                        .map(|p| mib(p as f64))
+                        .unwrap_or_else(|| "n/a".into())
                 ));
             }
             sec.info(format!(

@@ -12,12 +12,13 @@ mod common;
 
 use anyhow::Context;
 use candle_core::Device;
+use candle_fsdp::model::{Layout, Role, StaticTable};
 use candle_fsdp::models::llama::{Llama, LlamaConfig};
 use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
-use candle_fsdp::{Layout, Plan, PlanConfig, Role, ShardableModel, StaticTable};
+use candle_fsdp::{Bytes, Plan, PlanConfig, ShardableModel};
 use candle_nn::{VarBuilder, VarMap};
 use clap::{Parser, ValueEnum};
-use common::{human_bytes, human_count, DTYPE};
+use common::{human_count, DTYPE};
 use std::time::Instant;
 
 /// Print the FSDP sharding plan of an example model (built on the CPU, f32).
@@ -92,13 +93,8 @@ fn llama_config() -> LlamaConfig {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let plan_config = PlanConfig {
-        world_size: args.fsdp.world_size,
-        strategy: args.fsdp.strategy,
-        backward_prefetch: args.fsdp.backward_prefetch,
-        forward_prefetch: args.fsdp.forward_prefetch,
-        optimizer_states: args.optimizer.states(),
-    };
+    let plan_config =
+        PlanConfig::new(args.fsdp.world_size, args.fsdp.fsdp_config()).optimizer_states(args.optimizer.states());
 
     let var_map = VarMap::new();
     let vb = VarBuilder::from_varmap(&var_map, DTYPE, &Device::Cpu);
@@ -116,7 +112,12 @@ fn main() -> anyhow::Result<()> {
                 config.num_decoder_layers,
                 config.dim_feedforward
             );
-            ("Transformer", description, Layout::of(&model)?, <Transformer as ShardableModel>::TABLE)
+            (
+                "Transformer",
+                description,
+                Layout::of(&model)?,
+                <Transformer as ShardableModel>::TABLE,
+            )
         }
         ModelKind::Llama => {
             let config = llama_config();
@@ -130,22 +131,36 @@ fn main() -> anyhow::Result<()> {
                 config.num_key_value_heads,
                 config.intermediate_size
             );
-            ("Llama", description, Layout::of(&model)?, <Llama as ShardableModel>::TABLE)
+            (
+                "Llama",
+                description,
+                Layout::of(&model)?,
+                <Llama as ShardableModel>::TABLE,
+            )
         }
     };
     let built_in = started.elapsed();
-    layout.check_var_map(&var_map).context("the model's FQNs disagree with its VarMap")?;
+    layout
+        .check_var_map(&var_map)
+        .context("the model's FQNs disagree with its VarMap")?;
 
     let plan = Plan::new(&layout, plan_config)?;
 
-    let trained: Vec<_> = layout.params.iter().filter(|p| p.role == Role::Parameter).collect();
+    let trained: Vec<_> = layout
+        .params
+        .iter()
+        .filter(|p| p.role == Role::Parameter)
+        .collect();
     let numel: usize = trained.iter().map(|p| p.tensor.elem_count()).sum();
-    let bytes: usize = trained.iter().map(|p| p.tensor.elem_count() * p.tensor.dtype().size_in_bytes()).sum();
+    let bytes: usize = trained
+        .iter()
+        .map(|p| p.tensor.elem_count() * p.tensor.dtype().size_in_bytes())
+        .sum();
     println!("model: {name} ({description})");
     println!(
         "       {} trained parameters ({numel}), {} in {:?}; {} tensors, {} units; built on the CPU in {:.1} s",
         human_count(numel),
-        human_bytes(bytes),
+        Bytes(bytes),
         DTYPE,
         layout.params.len(),
         layout.units.len(),
@@ -188,7 +203,19 @@ fn print_static_table(name: &str, table: &StaticTable, layout: &Layout) {
             println!("      {}{role}", param.fqn);
         }
     }
-    let names = |order: &[usize]| order.iter().map(|&u| table.units[u].display_name()).collect::<Vec<_>>().join(" -> ");
-    println!("  forward order (templates):      {}", names(table.forward_order));
-    println!("  post-forward order (templates): {}", names(table.post_forward_order));
+    let names = |order: &[usize]| {
+        order
+            .iter()
+            .map(|&u| table.units[u].display_name())
+            .collect::<Vec<_>>()
+            .join(" -> ")
+    };
+    println!(
+        "  forward order (templates):      {}",
+        names(table.forward_order)
+    );
+    println!(
+        "  post-forward order (templates): {}",
+        names(table.post_forward_order)
+    );
 }

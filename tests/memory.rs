@@ -4,8 +4,11 @@
 //! one unit besides the root).
 
 use candle_core::DType;
+use candle_fsdp::model::Layout;
 use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
-use candle_fsdp::{launch, BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, Layout, Plan, PlanConfig, ShardingStrategy};
+use candle_fsdp::{
+    launch, BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, Plan, PlanConfig, ShardingStrategy,
+};
 
 mod common;
 
@@ -24,22 +27,34 @@ struct Measured {
     after_backward: usize,
 }
 
-fn measure(strategy: ShardingStrategy, prefetch: BackwardPrefetch, forward_prefetch: bool) -> (Vec<Measured>, Plan) {
+fn measure(
+    strategy: ShardingStrategy,
+    prefetch: BackwardPrefetch,
+    forward_prefetch: bool,
+) -> (Vec<Measured>, Plan) {
     let world = 2;
-    let (model, _, snapshot) = common::build(None, DType::F32, |vb| Transformer::new(&config(), vb)).unwrap();
-    let plan_config = PlanConfig { backward_prefetch: prefetch, forward_prefetch, ..PlanConfig::new(world, strategy) };
-    let plan = Plan::new(&Layout::of(&model).unwrap(), plan_config).unwrap();
+    let (model, _, snapshot) =
+        common::build(None, DType::F32, |vb| Transformer::new(&config(), vb)).unwrap();
+    let fsdp_config = FsdpConfig::default()
+        .strategy(strategy)
+        .backward_prefetch(prefetch)
+        .forward_prefetch(forward_prefetch);
+    let plan = Plan::new(&Layout::of(&model).unwrap(), PlanConfig::new(world, fsdp_config)).unwrap();
     let measured = launch(LaunchOptions::new(world), |ctx| {
-        let (model, _, _) = common::build(Some(&snapshot), DType::F32, |vb| Transformer::new(&config(), vb))?;
-        let fsdp_config =
-            FsdpConfig::default().strategy(strategy).backward_prefetch(prefetch).forward_prefetch(forward_prefetch);
+        let (model, _, _) = common::build(Some(&snapshot), DType::F32, |vb| {
+            Transformer::new(&config(), vb)
+        })?;
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), fsdp_config)?;
         let src = common::randn(ctx.rank as u64, &[5, 2, D_MODEL]);
         let tgt = common::randn(ctx.rank as u64 + 10, &[4, 2, D_MODEL]);
         let out = fsdp.forward(|m| m.forward(&src, &tgt))?;
         let after_forward = fsdp.memory().gathered_bytes;
         fsdp.backward(&out.sum_all()?)?;
-        Ok(Measured { after_forward, peak: fsdp.memory().gathered_peak, after_backward: fsdp.memory().gathered_bytes })
+        Ok(Measured {
+            after_forward,
+            peak: fsdp.memory().gathered_peak,
+            after_backward: fsdp.memory().gathered_bytes,
+        })
     })
     .unwrap();
     (measured, plan)
@@ -50,7 +65,11 @@ fn whole_model_bytes(plan: &Plan) -> usize {
 }
 
 fn unit_bytes(plan: &Plan, name: &str) -> usize {
-    plan.units.iter().find(|u| u.name == name).unwrap().gathered_bytes
+    plan.units
+        .iter()
+        .find(|u| u.name == name)
+        .unwrap()
+        .gathered_bytes
 }
 
 #[test]
@@ -62,9 +81,19 @@ fn full_shard_backward_pre_peak_is_root_plus_two_adjacent_units() {
     assert_eq!(plan.memory.gathered_peak, expected);
     for (rank, m) in measured.iter().enumerate() {
         assert_eq!(m.peak, expected, "rank {rank}");
-        assert!(m.peak * 4 < whole_model_bytes(&plan), "rank {rank}: the peak must stay far below the whole model");
-        assert_eq!(m.after_forward, unit_bytes(&plan, "<root>"), "rank {rank}: only the root stays after forward");
-        assert_eq!(m.after_backward, 0, "rank {rank}: everything is freed after backward");
+        assert!(
+            m.peak * 4 < whole_model_bytes(&plan),
+            "rank {rank}: the peak must stay far below the whole model"
+        );
+        assert_eq!(
+            m.after_forward,
+            unit_bytes(&plan, "<root>"),
+            "rank {rank}: only the root stays after forward"
+        );
+        assert_eq!(
+            m.after_backward, 0,
+            "rank {rank}: everything is freed after backward"
+        );
     }
 }
 

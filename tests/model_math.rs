@@ -17,11 +17,22 @@ use candle_nn::{VarBuilder, VarMap};
 type Rows = Vec<Vec<f64>>;
 
 fn var(varmap: &VarMap, name: &str) -> Var {
-    varmap.data().lock().unwrap().get(name).unwrap_or_else(|| panic!("no var {name}")).clone()
+    varmap
+        .data()
+        .lock()
+        .unwrap()
+        .get(name)
+        .unwrap_or_else(|| panic!("no var {name}"))
+        .clone()
 }
 
 fn values(varmap: &VarMap, name: &str) -> Vec<f64> {
-    var(varmap, name).as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    var(varmap, name)
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
 }
 
 /// A `(rows, cols)` parameter as rows.
@@ -52,11 +63,16 @@ fn linear(x: &Rows, w: &Rows, b: Option<&[f64]>) -> Rows {
 }
 
 fn add(a: &Rows, b: &Rows) -> Rows {
-    a.iter().zip(b).map(|(x, y)| x.iter().zip(y).map(|(p, q)| p + q).collect()).collect()
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.iter().zip(y).map(|(p, q)| p + q).collect())
+        .collect()
 }
 
 fn relu(x: &Rows) -> Rows {
-    x.iter().map(|r| r.iter().map(|v| v.max(0.0)).collect()).collect()
+    x.iter()
+        .map(|r| r.iter().map(|v| v.max(0.0)).collect())
+        .collect()
 }
 
 fn layer_norm(x: &Rows, w: &[f64], b: &[f64], eps: f64) -> Rows {
@@ -65,7 +81,10 @@ fn layer_norm(x: &Rows, w: &[f64], b: &[f64], eps: f64) -> Rows {
             let n = row.len() as f64;
             let mean = row.iter().sum::<f64>() / n;
             let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
-            row.iter().enumerate().map(|(i, v)| (v - mean) / (var + eps).sqrt() * w[i] + b[i]).collect()
+            row.iter()
+                .enumerate()
+                .map(|(i, v)| (v - mean) / (var + eps).sqrt() * w[i] + b[i])
+                .collect()
         })
         .collect()
 }
@@ -74,7 +93,10 @@ fn rms_norm(x: &Rows, w: &[f64], eps: f64) -> Rows {
     x.iter()
         .map(|row| {
             let ms = row.iter().map(|v| v * v).sum::<f64>() / row.len() as f64;
-            row.iter().enumerate().map(|(i, v)| v / (ms + eps).sqrt() * w[i]).collect()
+            row.iter()
+                .enumerate()
+                .map(|(i, v)| v / (ms + eps).sqrt() * w[i])
+                .collect()
         })
         .collect()
 }
@@ -88,7 +110,15 @@ fn softmax(row: &[f64]) -> Vec<f64> {
 
 /// Per-head scaled dot-product attention; `kv_head(h)` picks the key/value head of query
 /// head `h`; `causal` masks keys after the query.
-fn attention(q: &Rows, k: &Rows, v: &Rows, heads: usize, head_dim: usize, kv_head: impl Fn(usize) -> usize, causal: bool) -> Rows {
+fn attention(
+    q: &Rows,
+    k: &Rows,
+    v: &Rows,
+    heads: usize,
+    head_dim: usize,
+    kv_head: impl Fn(usize) -> usize,
+    causal: bool,
+) -> Rows {
     let mut out = vec![vec![0.0; heads * head_dim]; q.len()];
     for h in 0..heads {
         let g = kv_head(h);
@@ -98,13 +128,16 @@ fn attention(q: &Rows, k: &Rows, v: &Rows, heads: usize, head_dim: usize, kv_hea
                     if causal && j > i {
                         return f64::NEG_INFINITY;
                     }
-                    (0..head_dim).map(|d| q[i][h * head_dim + d] * k[j][g * head_dim + d]).sum::<f64>()
+                    (0..head_dim)
+                        .map(|d| q[i][h * head_dim + d] * k[j][g * head_dim + d])
+                        .sum::<f64>()
                         / (head_dim as f64).sqrt()
                 })
                 .collect();
             let p = softmax(&scores);
             for d in 0..head_dim {
-                out[i][h * head_dim + d] = (0..k.len()).map(|j| p[j] * v[j][g * head_dim + d]).sum();
+                out[i][h * head_dim + d] =
+                    (0..k.len()).map(|j| p[j] * v[j][g * head_dim + d]).sum();
             }
         }
     }
@@ -128,40 +161,87 @@ fn mha(varmap: &VarMap, prefix: &str, query: &Rows, kv: &Rows, heads: usize) -> 
 }
 
 fn ln(varmap: &VarMap, prefix: &str, x: &Rows) -> Rows {
-    layer_norm(x, &values(varmap, &format!("{prefix}.weight")), &values(varmap, &format!("{prefix}.bias")), 1e-5)
+    layer_norm(
+        x,
+        &values(varmap, &format!("{prefix}.weight")),
+        &values(varmap, &format!("{prefix}.bias")),
+        1e-5,
+    )
 }
 
 fn lin(varmap: &VarMap, prefix: &str, x: &Rows) -> Rows {
-    linear(x, &matrix(varmap, &format!("{prefix}.weight")), Some(&values(varmap, &format!("{prefix}.bias"))))
+    linear(
+        x,
+        &matrix(varmap, &format!("{prefix}.weight")),
+        Some(&values(varmap, &format!("{prefix}.bias"))),
+    )
 }
 
 fn feed_forward(varmap: &VarMap, p: &str, x: &Rows) -> Rows {
-    lin(varmap, &format!("{p}.linear2"), &relu(&lin(varmap, &format!("{p}.linear1"), x)))
+    lin(
+        varmap,
+        &format!("{p}.linear2"),
+        &relu(&lin(varmap, &format!("{p}.linear1"), x)),
+    )
 }
 
 /// `nn.Transformer` on one batch element: `src` `(S, E)`, `tgt` `(T, E)`.
-fn reference_transformer(varmap: &VarMap, prefix: &str, config: &TransformerConfig, src: &Rows, tgt: &Rows) -> Rows {
+fn reference_transformer(
+    varmap: &VarMap,
+    prefix: &str,
+    config: &TransformerConfig,
+    src: &Rows,
+    tgt: &Rows,
+) -> Rows {
     let heads = config.nhead;
     let mut x = src.clone();
     for i in 0..config.num_encoder_layers {
         let p = format!("{prefix}encoder.layers.{i}");
-        x = ln(varmap, &format!("{p}.norm1"), &add(&x, &mha(varmap, &format!("{p}.self_attn"), &x, &x, heads)));
-        x = ln(varmap, &format!("{p}.norm2"), &add(&x, &feed_forward(varmap, &p, &x)));
+        x = ln(
+            varmap,
+            &format!("{p}.norm1"),
+            &add(&x, &mha(varmap, &format!("{p}.self_attn"), &x, &x, heads)),
+        );
+        x = ln(
+            varmap,
+            &format!("{p}.norm2"),
+            &add(&x, &feed_forward(varmap, &p, &x)),
+        );
     }
     let memory = ln(varmap, &format!("{prefix}encoder.norm"), &x);
     let mut x = tgt.clone();
     for i in 0..config.num_decoder_layers {
         let p = format!("{prefix}decoder.layers.{i}");
-        x = ln(varmap, &format!("{p}.norm1"), &add(&x, &mha(varmap, &format!("{p}.self_attn"), &x, &x, heads)));
-        x = ln(varmap, &format!("{p}.norm2"), &add(&x, &mha(varmap, &format!("{p}.multihead_attn"), &x, &memory, heads)));
-        x = ln(varmap, &format!("{p}.norm3"), &add(&x, &feed_forward(varmap, &p, &x)));
+        x = ln(
+            varmap,
+            &format!("{p}.norm1"),
+            &add(&x, &mha(varmap, &format!("{p}.self_attn"), &x, &x, heads)),
+        );
+        x = ln(
+            varmap,
+            &format!("{p}.norm2"),
+            &add(
+                &x,
+                &mha(varmap, &format!("{p}.multihead_attn"), &x, &memory, heads),
+            ),
+        );
+        x = ln(
+            varmap,
+            &format!("{p}.norm3"),
+            &add(&x, &feed_forward(varmap, &p, &x)),
+        );
     }
     ln(varmap, &format!("{prefix}decoder.norm"), &x)
 }
 
 /// Column `n` of a `(L, N, E)` tensor as `L` rows.
 fn batch_rows(t: &Tensor, n: usize) -> Rows {
-    t.narrow(1, n, 1).unwrap().squeeze(1).unwrap().to_vec2::<f64>().unwrap()
+    t.narrow(1, n, 1)
+        .unwrap()
+        .squeeze(1)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap()
 }
 
 fn assert_close(actual: &Rows, expected: &Rows, tol: f64, what: &str) {
@@ -169,7 +249,10 @@ fn assert_close(actual: &Rows, expected: &Rows, tol: f64, what: &str) {
     for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
         assert_eq!(a.len(), e.len(), "{what}: row {i} length");
         for (j, (x, y)) in a.iter().zip(e).enumerate() {
-            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{what}[{i}][{j}]: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= tol * (1.0 + y.abs()),
+                "{what}[{i}][{j}]: {x} vs {y}"
+            );
         }
     }
 }
@@ -195,9 +278,17 @@ fn randomize(varmap: &VarMap) {
     let names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
     for name in names {
         let v = var(varmap, &name);
-        if v.as_tensor().rank() == 1 && !name.contains("running") && !name.ends_with("_buffer") && name != "vocab_bias" {
+        if v.as_tensor().rank() == 1
+            && !name.contains("running")
+            && !name.ends_with("_buffer")
+            && name != "vocab_bias"
+        {
             let t = Tensor::randn(0f64, 0.5, v.as_tensor().shape(), &Device::Cpu).unwrap();
-            let t = if name.ends_with("weight") { (t + 1.0).unwrap() } else { t };
+            let t = if name.ends_with("weight") {
+                (t + 1.0).unwrap()
+            } else {
+                t
+            };
             v.set(&t).unwrap();
         }
     }
@@ -214,8 +305,19 @@ fn transformer_matches_the_pytorch_definition() {
     let out = model.forward(&src, &tgt).unwrap();
     assert_eq!(out.dims(), [4, 3, 8]);
     for n in 0..3 {
-        let expected = reference_transformer(&varmap, "", &config, &batch_rows(&src, n), &batch_rows(&tgt, n));
-        assert_close(&batch_rows(&out, n), &expected, 1e-10, &format!("batch {n}"));
+        let expected = reference_transformer(
+            &varmap,
+            "",
+            &config,
+            &batch_rows(&src, n),
+            &batch_rows(&tgt, n),
+        );
+        assert_close(
+            &batch_rows(&out, n),
+            &expected,
+            1e-10,
+            &format!("batch {n}"),
+        );
     }
 }
 
@@ -240,12 +342,24 @@ fn transformer_with_shared_params_matches_the_pytorch_definition() {
     let mut expected_loss = 0.0;
     for n in 0..2 {
         // src = embed + vocab_bias + long_buffer (zeros).
-        let s: Rows = src.iter().map(|row| embed[row[n] as usize].iter().zip(&vocab_bias).map(|(e, b)| e + b).collect()).collect();
+        let s: Rows = src
+            .iter()
+            .map(|row| {
+                embed[row[n] as usize]
+                    .iter()
+                    .zip(&vocab_bias)
+                    .map(|(e, b)| e + b)
+                    .collect()
+            })
+            .collect();
         // BatchNorm1d(2) on (T, B, D): channel = batch index n, running statistics.
         let t: Rows = tgt
             .iter()
             .map(|row| {
-                embed[row[n] as usize].iter().map(|e| (e - mean[n]) / (var[n] + 1e-5f64).sqrt() * bn_w[n] + bn_b[n]).collect()
+                embed[row[n] as usize]
+                    .iter()
+                    .map(|e| (e - mean[n]) / (var[n] + 1e-5f64).sqrt() * bn_w[n] + bn_b[n])
+                    .collect()
             })
             .collect();
         let x = reference_transformer(&varmap, "transformer.", &config, &s, &t);
@@ -257,18 +371,29 @@ fn transformer_with_shared_params_matches_the_pytorch_definition() {
             expected_loss -= p[tgt[i][n] as usize].ln();
         }
     }
-    let loss = TransformerWithSharedParams::get_loss(&tgt_ids, &out).unwrap().to_scalar::<f64>().unwrap();
-    assert!((loss - expected_loss).abs() < 1e-9 * expected_loss.abs().max(1.0), "{loss} vs {expected_loss}");
+    let loss = TransformerWithSharedParams::get_loss(&tgt_ids, &out)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(
+        (loss - expected_loss).abs() < 1e-9 * expected_loss.abs().max(1.0),
+        "{loss} vs {expected_loss}"
+    );
 }
 
 #[test]
 fn llama_matches_the_hugging_face_definition() {
-    let config = LlamaConfig { initializer_range: 0.3, ..LlamaConfig::default() };
+    let config = LlamaConfig {
+        initializer_range: 0.3,
+        ..LlamaConfig::default()
+    };
     let varmap = VarMap::new();
     let model = Llama::new(&config, f64_builder(&varmap)).unwrap();
     randomize(&varmap);
     let ids = [[3u32, 17, 99, 5, 64, 2, 127], [0, 1, 2, 3, 4, 5, 6]];
-    let logits = model.forward(&Tensor::new(&ids, &Device::Cpu).unwrap()).unwrap();
+    let logits = model
+        .forward(&Tensor::new(&ids, &Device::Cpu).unwrap())
+        .unwrap();
     assert_eq!(logits.dims(), [2, 7, 128]);
 
     let head_dim = config.hidden_size / config.num_attention_heads;
@@ -296,24 +421,60 @@ fn llama_matches_the_hugging_face_definition() {
     let eps = config.rms_norm_eps;
     for (b, sequence) in ids.iter().enumerate() {
         let embed = w("model.embed_tokens.weight");
-        let mut x: Rows = sequence.iter().map(|&id| embed[id as usize].clone()).collect();
+        let mut x: Rows = sequence
+            .iter()
+            .map(|&id| embed[id as usize].clone())
+            .collect();
         for l in 0..config.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            let h = rms_norm(&x, &values(&varmap, &format!("{p}.input_layernorm.weight")), eps);
-            let q = rope(&linear(&h, &w(&format!("{p}.self_attn.q_proj.weight")), None), config.num_attention_heads);
-            let k = rope(&linear(&h, &w(&format!("{p}.self_attn.k_proj.weight")), None), config.num_key_value_heads);
+            let h = rms_norm(
+                &x,
+                &values(&varmap, &format!("{p}.input_layernorm.weight")),
+                eps,
+            );
+            let q = rope(
+                &linear(&h, &w(&format!("{p}.self_attn.q_proj.weight")), None),
+                config.num_attention_heads,
+            );
+            let k = rope(
+                &linear(&h, &w(&format!("{p}.self_attn.k_proj.weight")), None),
+                config.num_key_value_heads,
+            );
             let v = linear(&h, &w(&format!("{p}.self_attn.v_proj.weight")), None);
-            let a = attention(&q, &k, &v, config.num_attention_heads, head_dim, |h| h / group, true);
-            x = add(&x, &linear(&a, &w(&format!("{p}.self_attn.o_proj.weight")), None));
-            let h = rms_norm(&x, &values(&varmap, &format!("{p}.post_attention_layernorm.weight")), eps);
+            let a = attention(
+                &q,
+                &k,
+                &v,
+                config.num_attention_heads,
+                head_dim,
+                |h| h / group,
+                true,
+            );
+            x = add(
+                &x,
+                &linear(&a, &w(&format!("{p}.self_attn.o_proj.weight")), None),
+            );
+            let h = rms_norm(
+                &x,
+                &values(&varmap, &format!("{p}.post_attention_layernorm.weight")),
+                eps,
+            );
             let gate = linear(&h, &w(&format!("{p}.mlp.gate_proj.weight")), None);
             let up = linear(&h, &w(&format!("{p}.mlp.up_proj.weight")), None);
             let act: Rows = gate
                 .iter()
                 .zip(&up)
-                .map(|(g, u)| g.iter().zip(u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect())
+                .map(|(g, u)| {
+                    g.iter()
+                        .zip(u)
+                        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                        .collect()
+                })
                 .collect();
-            x = add(&x, &linear(&act, &w(&format!("{p}.mlp.down_proj.weight")), None));
+            x = add(
+                &x,
+                &linear(&act, &w(&format!("{p}.mlp.down_proj.weight")), None),
+            );
         }
         let x = rms_norm(&x, &values(&varmap, "model.norm.weight"), eps);
         let expected = linear(&x, &w("lm_head.weight"), None);
@@ -349,11 +510,15 @@ fn check_gradients(varmap: &VarMap, no_grad: &[&str], loss: impl Fn() -> Tensor)
             let eval = |delta: f64| -> f64 {
                 let mut data = original.clone();
                 data[i] += delta;
-                v.set(&Tensor::from_vec(data, v.as_tensor().shape(), &Device::Cpu).unwrap()).unwrap();
+                v.set(&Tensor::from_vec(data, v.as_tensor().shape(), &Device::Cpu).unwrap())
+                    .unwrap();
                 loss().to_scalar::<f64>().unwrap()
             };
             let numeric = (eval(h) - eval(-h)) / (2.0 * h);
-            v.set(&Tensor::from_vec(original.clone(), v.as_tensor().shape(), &Device::Cpu).unwrap()).unwrap();
+            v.set(
+                &Tensor::from_vec(original.clone(), v.as_tensor().shape(), &Device::Cpu).unwrap(),
+            )
+            .unwrap();
             assert!(
                 (numeric - grad[i]).abs() <= 1e-6 * (1.0 + numeric.abs()),
                 "{name}[{i}]: autograd {} vs finite difference {numeric}",
@@ -377,7 +542,9 @@ fn transformer_gradients() {
     let src = Tensor::randn(0f64, 1.0, (5, 2, 8), &Device::Cpu).unwrap();
     let tgt = Tensor::randn(0f64, 1.0, (3, 2, 8), &Device::Cpu).unwrap();
     let r = Tensor::randn(0f64, 1.0, (3, 2, 8), &Device::Cpu).unwrap();
-    check_gradients(&varmap, &[], || projection(&model.forward(&src, &tgt).unwrap(), &r));
+    check_gradients(&varmap, &[], || {
+        projection(&model.forward(&src, &tgt).unwrap(), &r)
+    });
 }
 
 #[test]
@@ -387,7 +554,12 @@ fn transformer_with_shared_params_gradients() {
     randomize(&varmap);
     let (src, tgt) = TransformerWithSharedParams::get_input(&Device::Cpu).unwrap();
     // The buffers (and the BatchNorm running statistics) get no gradient.
-    let buffers = ["vocab_bias", "long_buffer", "bn.running_mean", "bn.running_var"];
+    let buffers = [
+        "vocab_bias",
+        "long_buffer",
+        "bn.running_mean",
+        "bn.running_var",
+    ];
     check_gradients(&varmap, &buffers, || {
         TransformerWithSharedParams::get_loss(&tgt, &model.forward(&src, &tgt).unwrap()).unwrap()
     });
@@ -395,7 +567,11 @@ fn transformer_with_shared_params_gradients() {
 
 #[test]
 fn llama_gradients() {
-    let config = LlamaConfig { initializer_range: 0.3, num_hidden_layers: 2, ..LlamaConfig::default() };
+    let config = LlamaConfig {
+        initializer_range: 0.3,
+        num_hidden_layers: 2,
+        ..LlamaConfig::default()
+    };
     let varmap = VarMap::new();
     let model = Llama::new(&config, f64_builder(&varmap)).unwrap();
     randomize(&varmap);
@@ -404,7 +580,9 @@ fn llama_gradients() {
     let ids: Vec<u32> = (0..128).collect();
     let ids = Tensor::from_vec(ids, (4, 32), &Device::Cpu).unwrap();
     let r = Tensor::randn(0f64, 1.0, (4, 32, 128), &Device::Cpu).unwrap();
-    check_gradients(&varmap, &[], || projection(&model.forward(&ids).unwrap(), &r));
+    check_gradients(&varmap, &[], || {
+        projection(&model.forward(&ids).unwrap(), &r)
+    });
 }
 
 #[test]
@@ -412,5 +590,7 @@ fn nested_wrapped_module_gradients() {
     let varmap = VarMap::new();
     let model = NestedWrappedModule::new(f64_builder(&varmap)).unwrap();
     let x = Tensor::rand(0f64, 1.0, (4, 8), &Device::Cpu).unwrap();
-    check_gradients(&varmap, &[], || model.forward(&x).unwrap().sum_all().unwrap());
+    check_gradients(&varmap, &[], || {
+        model.forward(&x).unwrap().sum_all().unwrap()
+    });
 }

@@ -7,6 +7,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_fsdp::models::log_softmax_last_dim;
+use candle_fsdp::Bytes;
 use std::collections::HashMap;
 use std::str::FromStr;
 
@@ -64,7 +65,11 @@ impl BigramTask {
         for i in (1..vocab).rev() {
             successor.swap(i, rng.below(i + 1));
         }
-        Self { vocab, noise, successor }
+        Self {
+            vocab,
+            noise,
+            successor,
+        }
     }
 
     /// The loss of the ideal predictor (the entropy of the next token), in nats.
@@ -93,13 +98,19 @@ impl BigramTask {
             let mut token = rng.below(self.vocab) as u32;
             tokens.push(token);
             for _ in 0..seq_len {
-                token =
-                    if rng.unit() < self.noise { rng.below(self.vocab) as u32 } else { self.successor[token as usize] };
+                token = if rng.unit() < self.noise {
+                    rng.below(self.vocab) as u32
+                } else {
+                    self.successor[token as usize]
+                };
                 tokens.push(token);
             }
         }
         let all = Tensor::from_vec(tokens, (batch, seq_len + 1), device)?;
-        Ok((all.narrow(1, 0, seq_len)?.contiguous()?, all.narrow(1, 1, seq_len)?.contiguous()?))
+        Ok((
+            all.narrow(1, 0, seq_len)?.contiguous()?,
+            all.narrow(1, 1, seq_len)?.contiguous()?,
+        ))
     }
 }
 
@@ -117,12 +128,17 @@ pub fn next_token_loss(logits: &Tensor, targets: &Tensor) -> candle_core::Result
 /// from, so all ranks (and the single-process baseline) start from the same weights.
 pub fn snapshot(var_map: &candle_nn::VarMap) -> candle_core::Result<HashMap<String, Tensor>> {
     let vars = var_map.data().lock().expect("VarMap lock poisoned");
-    vars.iter().map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?))).collect()
+    vars.iter()
+        .map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?)))
+        .collect()
 }
 
 /// Bytes held by the tensors.
 pub fn tensor_bytes<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> usize {
-    tensors.into_iter().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+    tensors
+        .into_iter()
+        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+        .sum()
 }
 
 pub fn var_bytes(vars: &[Var]) -> usize {
@@ -145,13 +161,9 @@ pub fn describe_llama(c: &candle_fsdp::models::llama::LlamaConfig, numel: usize)
         c.num_key_value_heads,
         c.intermediate_size,
         human_count(numel),
-        human_bytes(numel * DTYPE.size_in_bytes()),
+        Bytes(numel * DTYPE.size_in_bytes()),
         DTYPE
     )
-}
-
-pub fn human_bytes(bytes: usize) -> String {
-    candle_fsdp::plan::human_bytes(bytes)
 }
 
 /// `1234567` as `1.23M`.
@@ -184,10 +196,14 @@ pub fn median(values: &[f64]) -> f64 {
 
 /// clap value parser for a world size: a positive count of ranks (threads).
 pub fn parse_world_size(s: &str) -> Result<usize, String> {
-    let n: usize = s.parse().map_err(|_| format!("`{s}` is not a number of ranks"))?;
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of ranks"))?;
     match n {
         0 => Err("the world size must be at least 1".into()),
-        n if n > 1024 => Err(format!("a world size of {n} is more ranks than this example supports (at most 1024)")),
+        n if n > 1024 => Err(format!(
+            "a world size of {n} is more ranks than this example supports (at most 1024)"
+        )),
         n => Ok(n),
     }
 }
@@ -213,9 +229,16 @@ pub const DTYPE: DType = DType::F32;
 /// which slows every rank down. The default is therefore `cores / ranks`, at least 1,
 /// unless the environment already sets `CANDLE_NUM_THREADS`. Returns the count in effect.
 pub fn configure_candle_threads(requested: Option<usize>, ranks: usize) -> usize {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let from_env = std::env::var("CANDLE_NUM_THREADS").ok().and_then(|s| s.parse::<usize>().ok()).filter(|&n| n > 0);
-    let threads = requested.or(from_env).unwrap_or((cores / ranks.max(1)).max(1));
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let from_env = std::env::var("CANDLE_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|&n| n > 0);
+    let threads = requested
+        .or(from_env)
+        .unwrap_or((cores / ranks.max(1)).max(1));
     // Called at the start of `main`, before any other thread exists.
     std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
@@ -224,7 +247,9 @@ pub fn configure_candle_threads(requested: Option<usize>, ranks: usize) -> usize
 
 /// Logical cores available to this process.
 pub fn cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// The FSDP options the examples share, flattened into each one's arguments.
@@ -245,4 +270,14 @@ pub struct FsdpArgs {
     /// Gather the next unit of the static forward order when a unit's forward starts.
     #[arg(long)]
     pub forward_prefetch: bool,
+}
+
+impl FsdpArgs {
+    /// The wrap options these arguments choose.
+    pub fn fsdp_config(&self) -> candle_fsdp::FsdpConfig {
+        candle_fsdp::FsdpConfig::default()
+            .strategy(self.strategy)
+            .backward_prefetch(self.backward_prefetch)
+            .forward_prefetch(self.forward_prefetch)
+    }
 }

@@ -1,56 +1,52 @@
-//! The runtime of candle-fsdp: the static model description that `#[derive(Shardable)]`
-//! emits, its expansion for a built model, the sharding plan, and the executor that trains
-//! a model sharded over ranks.
+//! The runtime of candle-fsdp: fully sharded data parallel training (ZeRO-3) for candle.
+//! Depend on `candle-fsdp`, which re-exports this crate with the derives.
+//!
+//! The crate root holds what a training program needs: wrap and configure ([`Fsdp`],
+//! [`FsdpConfig`]), describe the model ([`Shardable`], [`Unit`], [`Activations`]), start
+//! ranks ([`launch`], [`ProcessGroup`]), plan ([`Plan`]) and observe ([`TraceEvent`],
+//! [`MemoryStats`]). The modules hold what is implemented or called less often: [`model`]
+//! (the schema a hand-written `Shardable` speaks, the FQN tables, the layout of a built
+//! model), [`dist`] (the collectives and their backends, the store and rendezvous),
+//! [`layers`], [`optim`] and [`pipeline`].
+//!
+//! Inside, `model` knows no ranks, `dist` knows no model, and `runtime` (how one rank runs
+//! a wrapped model) uses both.
 
-pub mod activations;
-pub mod collectives;
-pub mod config;
-pub mod error;
-pub mod fsdp;
-pub mod launch;
-pub mod layers;
-pub mod layout;
-pub mod memory;
-mod ops;
+mod backend;
+mod config;
+pub mod dist;
+mod error;
+pub mod model;
 pub mod optim;
-mod param;
 pub mod pipeline;
-pub mod plan;
-pub mod process_group;
-pub mod rendezvous;
-pub mod schema;
-mod sharded_unit;
-mod state;
-pub mod store;
-pub mod table;
-pub mod trace;
-pub mod unit;
+mod plan;
+mod runtime;
 
-pub use activations::Activations;
-pub use collectives::Collectives;
-pub use config::{FsdpConfig, OrderCheck};
+pub use config::{BackwardPrefetch, FsdpConfig, OrderCheck, ShardingStrategy};
+pub use dist::launch::{launch, launch_each, LaunchOptions, RankContext};
+pub use dist::process_group::{Backend, ProcessGroup};
 pub use error::{Error, Result};
-pub use fsdp::Fsdp;
-pub use launch::{launch, launch_each, LaunchOptions, RankContext};
-pub use layout::{Layout, ParamInfo, Tie, UnitInfo};
-pub use memory::MemoryStats;
-pub use optim::{SgdMomentum, SgdMomentumConfig, StepLr};
-pub use pipeline::{
-    deferred_bias_add, deferred_matmul, deferred_matmul_t, stage_backward, stage_backward_input, stage_backward_weight,
-    GradAccumulator, PassMode, StageContext, StageInput, StageLinear, WorkCounts,
-};
-pub use plan::{BackwardPrefetch, Plan, PlanConfig, ShardingStrategy};
-pub use process_group::{Backend, ProcessGroup};
-pub use rendezvous::{DistEnv, Rendezvous};
-pub use schema::{Role, Shardable, VisitOrder};
-pub use store::{Store, StoreServer};
-pub use table::{ShardableModel, StaticTable};
-pub use trace::{TraceEvent, UnshardCause};
-pub use unit::Unit;
+pub use model::activations::Activations;
+pub use model::schema::Shardable;
+pub use model::table::ShardableModel;
+pub use model::unit::Unit;
+pub use plan::{Bytes, Plan, PlanConfig, RankMemory, UnitPlan};
+pub use runtime::{Fsdp, MemoryStats, TraceEvent, UnshardCause};
 
-/// Items the derive's generated code names; not part of the public API.
+/// Layers candle-nn lacks in a form the runtime can shard.
+pub mod layers {
+    pub use crate::model::group_norm::{group_norm, GroupNorm};
+}
+
+/// Items the derives' generated code names: the only paths it uses, so the crate's
+/// module tree can change freely. Not part of the public API.
 #[doc(hidden)]
 pub mod __private {
-    pub type CandleResult<T> = candle_core::Result<T>;
+    pub use crate::model::activations::Activations;
+    pub use crate::model::schema::{
+        FieldSchema, Node, Role, Shardable, StructSchema, TensorMap, VisitOrder, Visitor,
+    };
+    pub use crate::model::table::{param_count, unit_count, ShardableModel, StaticTable, Table};
     pub use candle_core::Tensor;
+    pub type CandleResult<T> = candle_core::Result<T>;
 }

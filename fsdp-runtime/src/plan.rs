@@ -4,114 +4,35 @@
 //!
 //! Every figure is computed from the model's tensors; nothing is estimated from names.
 
+use crate::config::{BackwardPrefetch, FsdpConfig, ShardingStrategy};
 use crate::error::{Error, Result};
-use crate::layout::Layout;
-use crate::schema::Role;
+use crate::model::{Layout, Role};
+use crate::runtime::{backward_prefetch_target, forward_prefetch_target};
 use std::fmt;
-use std::str::FromStr;
 
-/// How parameters are distributed over ranks (PyTorch's `ShardingStrategy`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ShardingStrategy {
-    /// ZeRO-3: parameters, gradients and optimizer state sharded; gathered parameters
-    /// freed after each unit's forward and gathered again for its backward.
-    FullShard,
-    /// ZeRO-2: as `FullShard`, but gathered parameters stay from forward to backward.
-    ShardGradOp,
-    /// DDP: every rank holds everything; gradients are all-reduced.
-    NoShard,
-}
-
-impl ShardingStrategy {
-    pub const ALL: [ShardingStrategy; 3] = [Self::FullShard, Self::ShardGradOp, Self::NoShard];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::FullShard => "full-shard",
-            Self::ShardGradOp => "shard-grad-op",
-            Self::NoShard => "no-shard",
-        }
-    }
-}
-
-impl fmt::Display for ShardingStrategy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for ShardingStrategy {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        Self::ALL.into_iter().find(|strategy| strategy.name() == s).ok_or_else(|| {
-            let known: Vec<_> = Self::ALL.iter().map(|s| s.name()).collect();
-            Error::Config(format!("unknown sharding strategy `{s}` (expected one of: {})", known.join(", ")))
-        })
-    }
-}
-
-/// Which gathered unit the backward pass requests ahead of time (PyTorch's `BackwardPrefetch`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum BackwardPrefetch {
-    /// No prefetch: each unit is gathered when its backward starts.
-    None,
-    /// Gather the next unit before computing the current unit's gradients.
-    Pre,
-    /// Gather the next unit after the current unit's gradients are computed and freed.
-    Post,
-}
-
-impl BackwardPrefetch {
-    pub const ALL: [BackwardPrefetch; 3] = [Self::None, Self::Pre, Self::Post];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Pre => "backward-pre",
-            Self::Post => "backward-post",
-        }
-    }
-}
-
-impl fmt::Display for BackwardPrefetch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for BackwardPrefetch {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        Self::ALL.into_iter().find(|mode| mode.name() == s).ok_or_else(|| {
-            let known: Vec<_> = Self::ALL.iter().map(|m| m.name()).collect();
-            Error::Config(format!("unknown backward prefetch `{s}` (expected one of: {})", known.join(", ")))
-        })
-    }
-}
-
-/// What the plan is computed for.
+/// What the plan is computed for: the wrap's [`FsdpConfig`] at a world size.
 #[derive(Clone, Copy, Debug)]
 pub struct PlanConfig {
     pub world_size: usize,
-    pub strategy: ShardingStrategy,
-    pub backward_prefetch: BackwardPrefetch,
-    pub forward_prefetch: bool,
+    pub fsdp: FsdpConfig,
     /// Optimizer state tensors per parameter, each the parameter's size (AdamW: 2, SGD with
     /// momentum: 1, plain SGD: 0).
     pub optimizer_states: usize,
 }
 
 impl PlanConfig {
-    pub fn new(world_size: usize, strategy: ShardingStrategy) -> Self {
+    /// `fsdp` at `world_size` ranks, with AdamW's two states per parameter.
+    pub fn new(world_size: usize, fsdp: FsdpConfig) -> Self {
         Self {
             world_size,
-            strategy,
-            backward_prefetch: BackwardPrefetch::Pre,
-            forward_prefetch: false,
+            fsdp,
             optimizer_states: 2,
         }
+    }
+
+    pub fn optimizer_states(mut self, states: usize) -> Self {
+        self.optimizer_states = states;
+        self
     }
 }
 
@@ -170,9 +91,9 @@ impl Plan {
     pub fn new(layout: &Layout, config: PlanConfig) -> Result<Self> {
         let world = config.world_size;
         if world == 0 {
-            return Err(Error::Config("world size must be at least 1".into()));
+            return Err(Error::EmptyWorld);
         }
-        let shards = config.strategy != ShardingStrategy::NoShard;
+        let shards = config.fsdp.strategy.shards();
         let units: Vec<UnitPlan> = layout
             .units
             .iter()
@@ -180,7 +101,11 @@ impl Plan {
             .map(|(index, unit)| {
                 let mut plan = UnitPlan {
                     name: unit.display_name().to_string(),
-                    fqns: layout.unit_fqns(index).into_iter().map(String::from).collect(),
+                    fqns: layout
+                        .unit_fqns(index)
+                        .into_iter()
+                        .map(String::from)
+                        .collect(),
                     numel: 0,
                     gathered_bytes: 0,
                     collective_bytes: 0,
@@ -198,7 +123,11 @@ impl Plan {
                             let shard = if shards { numel.div_ceil(world) } else { numel };
                             plan.shard_bytes += shard * size;
                             plan.gathered_bytes += numel * size;
-                            plan.collective_bytes += if shards { shard * world * size } else { numel * size };
+                            plan.collective_bytes += if shards {
+                                shard * world * size
+                            } else {
+                                numel * size
+                            };
                         }
                     }
                 }
@@ -208,16 +137,29 @@ impl Plan {
 
         let memory = rank_memory(layout, &units, &config);
         let unsharded_memory = single_process_memory(layout, config.optimizer_states);
-        let forward_order = layout.forward_order.iter().map(|&u| units[u].name.clone()).collect();
+        let forward_order = layout
+            .forward_order
+            .iter()
+            .map(|&u| units[u].name.clone())
+            .collect();
         let backward_prefetch = layout
             .backward_order()
             .map(|u| {
-                let target = layout.backward_prefetch_target(u).map(|t| units[t].name.clone());
+                let target = backward_prefetch_target(&layout.post_forward_order, u)
+                    .map(|t| units[t].name.clone());
                 (units[u].name.clone(), target)
             })
             .collect();
         let bytes_sent_per_step = bytes_sent(&units, &config);
-        Ok(Self { config, units, forward_order, backward_prefetch, memory, unsharded_memory, bytes_sent_per_step })
+        Ok(Self {
+            config,
+            units,
+            forward_order,
+            backward_prefetch,
+            memory,
+            unsharded_memory,
+            bytes_sent_per_step,
+        })
     }
 }
 
@@ -243,12 +185,17 @@ fn single_process_memory(layout: &Layout, optimizer_states: usize) -> RankMemory
 fn rank_memory(layout: &Layout, units: &[UnitPlan], config: &PlanConfig) -> RankMemory {
     let shard: usize = units.iter().map(|u| u.shard_bytes).sum();
     let buffers: usize = units.iter().map(|u| u.buffer_bytes).sum();
-    let gathered_peak = match config.strategy {
+    let gathered_peak = match config.fsdp.strategy {
         ShardingStrategy::NoShard => 0,
         ShardingStrategy::ShardGradOp => units.iter().map(|u| u.gathered_bytes).sum(),
         ShardingStrategy::FullShard => full_shard_gathered_peak(layout, units, config),
     };
-    RankMemory { params: shard + buffers, grads: shard, optimizer: shard * config.optimizer_states, gathered_peak }
+    RankMemory {
+        params: shard + buffers,
+        grads: shard,
+        optimizer: shard * config.optimizer_states,
+        gathered_peak,
+    }
 }
 
 /// The largest set of gathered units alive at once under FULL_SHARD: a running unit, its
@@ -268,12 +215,16 @@ fn full_shard_gathered_peak(layout: &Layout, units: &[UnitPlan], config: &PlanCo
         alive.iter().map(|&u| units[u].gathered_bytes).sum()
     };
     let forward = layout.forward_order.iter().map(|&u| {
-        let target = if config.forward_prefetch { layout.forward_prefetch_target(u) } else { None };
+        let target = if config.fsdp.forward_prefetch {
+            forward_prefetch_target(&layout.forward_order, u)
+        } else {
+            None
+        };
         alive_with(u, target)
     });
     let backward = layout.backward_order().map(|u| {
-        let target = match config.backward_prefetch {
-            BackwardPrefetch::Pre => layout.backward_prefetch_target(u),
+        let target = match config.fsdp.backward_prefetch {
+            BackwardPrefetch::Pre => backward_prefetch_target(&layout.post_forward_order, u),
             BackwardPrefetch::None | BackwardPrefetch::Post => None,
         };
         alive_with(u, target)
@@ -288,7 +239,7 @@ fn bytes_sent(units: &[UnitPlan], config: &PlanConfig) -> usize {
     let ring = |bytes: usize| bytes * (world - 1) / world;
     let all: usize = units.iter().map(|u| u.collective_bytes).sum();
     let root = units[0].collective_bytes;
-    match config.strategy {
+    match config.fsdp.strategy {
         // Forward gathers every unit; backward gathers all but the root again; gradients
         // are reduce-scattered.
         ShardingStrategy::FullShard => ring(all) + ring(all - root) + ring(all),
@@ -297,19 +248,38 @@ fn bytes_sent(units: &[UnitPlan], config: &PlanConfig) -> usize {
     }
 }
 
-/// Bytes in binary units, for humans.
-pub fn human_bytes(bytes: usize) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
+/// A byte count that displays in binary units, for humans: `Bytes(1536)` is `1.50 KiB`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Bytes(pub usize);
+
+impl fmt::Display for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+        let mut value = self.0 as f64;
+        let mut unit = 0;
+        while value >= 1024.0 && unit + 1 < UNITS.len() {
+            value /= 1024.0;
+            unit += 1;
+        }
+        // Through `pad`, so widths and alignment in format strings apply.
+        if unit == 0 {
+            f.pad(&format!("{} B", self.0))
+        } else {
+            f.pad(&format!("{value:.2} {}", UNITS[unit]))
+        }
     }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.2} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_show_in_binary_units_and_honour_widths() {
+        assert_eq!(Bytes(512).to_string(), "512 B");
+        assert_eq!(Bytes(1536).to_string(), "1.50 KiB");
+        assert_eq!(Bytes(3 << 30).to_string(), "3.00 GiB");
+        assert_eq!(format!("[{:>10}]", Bytes(1024)), "[  1.00 KiB]");
     }
 }
 
@@ -320,9 +290,9 @@ impl fmt::Display for Plan {
             f,
             "world size {}, strategy {}, backward prefetch {}, forward prefetch {}, {} optimizer state(s) per parameter",
             c.world_size,
-            c.strategy,
-            c.backward_prefetch,
-            if c.forward_prefetch { "on" } else { "off" },
+            c.fsdp.strategy,
+            c.fsdp.backward_prefetch,
+            if c.fsdp.forward_prefetch { "on" } else { "off" },
             c.optimizer_states
         )?;
         writeln!(f, "\nunits ({}):", self.units.len())?;
@@ -332,9 +302,9 @@ impl fmt::Display for Plan {
                 "  {:<28} {:>10} params  gathered {:>11}  shard/rank {:>11}  buffers {:>9}",
                 unit.name,
                 unit.numel,
-                human_bytes(unit.gathered_bytes),
-                human_bytes(unit.shard_bytes),
-                human_bytes(unit.buffer_bytes)
+                Bytes(unit.gathered_bytes),
+                Bytes(unit.shard_bytes),
+                Bytes(unit.buffer_bytes)
             )?;
             for fqn in &unit.fqns {
                 writeln!(f, "      {fqn}")?;
@@ -346,15 +316,56 @@ impl fmt::Display for Plan {
             writeln!(f, "  {unit} => {}", target.as_deref().unwrap_or("none"))?;
         }
         let row = |f: &mut fmt::Formatter<'_>, name: &str, sharded: usize, single: usize| {
-            let ratio = if single == 0 { 0.0 } else { sharded as f64 / single as f64 };
-            writeln!(f, "  {name:<16} {:>12}   {:>12}   {ratio:>6.3}", human_bytes(sharded), human_bytes(single))
+            let ratio = if single == 0 {
+                0.0
+            } else {
+                sharded as f64 / single as f64
+            };
+            writeln!(
+                f,
+                "  {name:<16} {:>12}   {:>12}   {ratio:>6.3}",
+                Bytes(sharded),
+                Bytes(single)
+            )
         };
-        writeln!(f, "\nper-rank memory      this plan    one process    ratio")?;
-        row(f, "parameters", self.memory.params, self.unsharded_memory.params)?;
-        row(f, "gradients", self.memory.grads, self.unsharded_memory.grads)?;
-        row(f, "optimizer state", self.memory.optimizer, self.unsharded_memory.optimizer)?;
-        row(f, "gathered peak", self.memory.gathered_peak, self.unsharded_memory.gathered_peak)?;
-        row(f, "total peak", self.memory.total_peak(), self.unsharded_memory.total_peak())?;
-        writeln!(f, "\nbytes sent per rank per step: {}", human_bytes(self.bytes_sent_per_step))
+        writeln!(
+            f,
+            "\nper-rank memory      this plan    one process    ratio"
+        )?;
+        row(
+            f,
+            "parameters",
+            self.memory.params,
+            self.unsharded_memory.params,
+        )?;
+        row(
+            f,
+            "gradients",
+            self.memory.grads,
+            self.unsharded_memory.grads,
+        )?;
+        row(
+            f,
+            "optimizer state",
+            self.memory.optimizer,
+            self.unsharded_memory.optimizer,
+        )?;
+        row(
+            f,
+            "gathered peak",
+            self.memory.gathered_peak,
+            self.unsharded_memory.gathered_peak,
+        )?;
+        row(
+            f,
+            "total peak",
+            self.memory.total_peak(),
+            self.unsharded_memory.total_peak(),
+        )?;
+        writeln!(
+            f,
+            "\nbytes sent per rank per step: {}",
+            Bytes(self.bytes_sent_per_step)
+        )
     }
 }

@@ -16,7 +16,10 @@ pub struct Snapshot(pub HashMap<String, Tensor>);
 impl Snapshot {
     pub fn of(var_map: &VarMap) -> Result<Self> {
         let data = var_map.data().lock().expect("VarMap lock");
-        data.iter().map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?))).collect::<Result<_>>().map(Snapshot)
+        data.iter()
+            .map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?)))
+            .collect::<Result<_>>()
+            .map(Snapshot)
     }
 }
 
@@ -32,7 +35,10 @@ pub fn build<M>(
     if let Some(snapshot) = snapshot {
         let data = var_map.data().lock().expect("VarMap lock");
         for (name, var) in data.iter() {
-            let value = snapshot.0.get(name).unwrap_or_else(|| panic!("snapshot has no `{name}`"));
+            let value = snapshot
+                .0
+                .get(name)
+                .unwrap_or_else(|| panic!("snapshot has no `{name}`"));
             var.set(value)?;
         }
     }
@@ -44,8 +50,20 @@ pub fn build<M>(
 /// offender in the message.
 pub fn assert_close(actual: &Tensor, expected: &Tensor, atol: f64, rtol: f64, what: &str) {
     assert_eq!(actual.shape(), expected.shape(), "{what}: shapes differ");
-    let a = actual.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    let e = expected.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let a = actual
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let e = expected
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     let mut worst: Option<(usize, f64)> = None;
     for (i, (x, y)) in a.iter().zip(&e).enumerate() {
         let excess = (x - y).abs() - (atol + rtol * y.abs());
@@ -54,7 +72,10 @@ pub fn assert_close(actual: &Tensor, expected: &Tensor, atol: f64, rtol: f64, wh
         }
     }
     if let Some((i, _)) = worst {
-        panic!("{what}: element {i} is {} but expected {} (atol {atol}, rtol {rtol})", a[i], e[i]);
+        panic!(
+            "{what}: element {i} is {} but expected {} (atol {atol}, rtol {rtol})",
+            a[i], e[i]
+        );
     }
 }
 
@@ -66,10 +87,14 @@ pub const F32_RTOL: f64 = 1.3e-6;
 /// can draw different inputs reproducibly.
 pub fn rand(seed: u64, shape: &[usize]) -> Tensor {
     let n: usize = shape.iter().product();
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let values: Vec<f32> = (0..n)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 40) as f32) / ((1u64 << 24) as f32)
         })
         .collect();
@@ -87,4 +112,55 @@ pub fn randn(seed: u64, shape: &[usize]) -> Tensor {
         })
         .collect();
     Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
+
+/// A rank's collectives with every reduce-scatter issued `delay` late: the slow network of
+/// PyTorch's delayed-reduce-scatter test, without a fault knob in the library.
+pub struct SlowReduceScatter {
+    pub inner: std::sync::Arc<dyn candle_fsdp::dist::Collectives>,
+    pub delay: std::time::Duration,
+}
+
+impl candle_fsdp::dist::Collectives for SlowReduceScatter {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+    fn global_rank(&self) -> usize {
+        self.inner.global_rank()
+    }
+    fn all_gather(&self, input: &Tensor, label: &str) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
+        self.inner.all_gather(input, label)
+    }
+    fn reduce_scatter(
+        &self,
+        input: &Tensor,
+        op: candle_fsdp::dist::ReduceOp,
+        label: &str,
+    ) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
+        std::thread::sleep(self.delay);
+        self.inner.reduce_scatter(input, op, label)
+    }
+    fn all_reduce(
+        &self,
+        input: &Tensor,
+        op: candle_fsdp::dist::ReduceOp,
+        label: &str,
+    ) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
+        self.inner.all_reduce(input, op, label)
+    }
+    fn broadcast(&self, input: &Tensor, root: usize, label: &str) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
+        self.inner.broadcast(input, root, label)
+    }
+    fn barrier(&self, label: &str) -> candle_fsdp::Result<()> {
+        self.inner.barrier(label)
+    }
+    fn new_group(&self, global_ranks: &[usize]) -> candle_fsdp::Result<Box<dyn candle_fsdp::dist::Collectives>> {
+        self.inner.new_group(global_ranks)
+    }
+    fn abort(&self, reason: &str) {
+        self.inner.abort(reason)
+    }
 }

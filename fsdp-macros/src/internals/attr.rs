@@ -3,13 +3,15 @@
 //! Container: `rename = "prefix"` (a prefix for every field's name), `buffer` (every
 //! tensor is a buffer), `forward_order(a, b, ...)`, `crate = "path"`.
 //! Field: `rename = "name"` (may hold several dot-separated segments), `skip`, `buffer`.
+//! `#[derive(Activations)]` container: `crate = "path"` only.
 
 use super::symbol::{Symbol, BUFFER, CRATE, FORWARD_ORDER, FSDP, RENAME, SKIP};
 use super::Ctxt;
-use proc_macro2::Span;
+use proc_macro2::{Span, TokenStream};
+use quote::quote;
 use syn::meta::ParseNestedMeta;
-use syn::spanned::Spanned;
 use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
 use syn::{LitStr, Member, Token};
 
 /// An attribute value that may be given at most once.
@@ -25,7 +27,10 @@ impl<T> Once<T> {
 
     fn set(&mut self, cx: &Ctxt, meta: &ParseNestedMeta, value: T) {
         if self.value.is_some() {
-            cx.error_spanned_by(&meta.path, format!("duplicate fsdp attribute `{}`", self.name));
+            cx.error_spanned_by(
+                &meta.path,
+                format!("duplicate fsdp attribute `{}`", self.name),
+            );
         } else {
             self.value = Some(value);
         }
@@ -71,13 +76,14 @@ impl Container {
                 let members = Punctuated::<Member, Token![,]>::parse_terminated(&content)?;
                 forward_order.set(cx, &meta, (members.into_iter().collect(), meta.path.span()));
             } else if meta.path == CRATE {
-                let literal: LitStr = meta.value()?.parse()?;
-                match literal.parse::<syn::Path>() {
-                    Ok(path) => crate_path.set(cx, &meta, path),
-                    Err(_) => cx.error_spanned_by(&literal, "`crate` must be a path, e.g. \"::candle_fsdp\""),
+                if let Some(path) = parse_crate_path(cx, &meta)? {
+                    crate_path.set(cx, &meta, path);
                 }
             } else if meta.path == SKIP {
-                cx.error_spanned_by(&meta.path, "`skip` is a field attribute; a struct cannot be skipped");
+                cx.error_spanned_by(
+                    &meta.path,
+                    "`skip` is a field attribute; a struct cannot be skipped",
+                );
             } else {
                 unknown(cx, &meta, &[RENAME, BUFFER, FORWARD_ORDER, CRATE]);
             }
@@ -89,6 +95,48 @@ impl Container {
             forward_order: forward_order.value,
             crate_path: crate_path.value,
         }
+    }
+}
+
+/// Where the generated code finds the runtime: `crate = "..."`, or `::candle_fsdp`.
+fn crate_tokens(path: &Option<syn::Path>) -> TokenStream {
+    match path {
+        Some(path) => quote!(#path),
+        None => quote!(::candle_fsdp),
+    }
+}
+
+impl Container {
+    pub fn crate_path(&self) -> TokenStream {
+        crate_tokens(&self.crate_path)
+    }
+}
+
+/// The attributes of `#[derive(Activations)]`: only `crate = "path"`.
+pub struct Activations {
+    crate_path: Option<syn::Path>,
+}
+
+impl Activations {
+    pub fn from_ast(cx: &Ctxt, input: &syn::DeriveInput) -> Self {
+        let mut crate_path = Once::new(CRATE);
+        for_each_fsdp_meta(cx, &input.attrs, |meta| {
+            if meta.path == CRATE {
+                if let Some(path) = parse_crate_path(cx, &meta)? {
+                    crate_path.set(cx, &meta, path);
+                }
+            } else {
+                unknown(cx, &meta, &[CRATE]);
+            }
+            Ok(())
+        });
+        Activations {
+            crate_path: crate_path.value,
+        }
+    }
+
+    pub fn crate_path(&self) -> TokenStream {
+        crate_tokens(&self.crate_path)
     }
 }
 
@@ -107,8 +155,15 @@ impl Field {
             } else if meta.path == BUFFER {
                 buffer.set(cx, &meta, ());
             } else if meta.path == FORWARD_ORDER || meta.path == CRATE {
-                let name = meta.path.get_ident().map(|i| i.to_string()).unwrap_or_default();
-                cx.error_spanned_by(&meta.path, format!("`{name}` is a container attribute; put it on the struct"));
+                let name = meta
+                    .path
+                    .get_ident()
+                    .map(|i| i.to_string())
+                    .unwrap_or_default();
+                cx.error_spanned_by(
+                    &meta.path,
+                    format!("`{name}` is a container attribute; put it on the struct"),
+                );
                 // Consume the value so one misplaced attribute gives one error.
                 if meta.input.peek(Token![=]) {
                     meta.value()?.parse::<syn::Expr>()?;
@@ -122,7 +177,11 @@ impl Field {
             }
             Ok(())
         });
-        Field { rename: rename.value, skip: skip.value.is_some(), buffer: buffer.value.is_some() }
+        Field {
+            rename: rename.value,
+            skip: skip.value.is_some(),
+            buffer: buffer.value.is_some(),
+        }
     }
 }
 
@@ -144,12 +203,17 @@ fn for_each_fsdp_meta(
 }
 
 fn unknown(cx: &Ctxt, meta: &ParseNestedMeta, expected: &[Symbol]) {
-    let name = meta.path.get_ident().map(|i| i.to_string()).unwrap_or_else(|| "?".into());
+    let name = meta
+        .path
+        .get_ident()
+        .map(|i| i.to_string())
+        .unwrap_or_else(|| "?".into());
     let expected: Vec<_> = expected.iter().map(|s| format!("`{}`", s.name())).collect();
-    cx.error_spanned_by(
-        &meta.path,
-        format!("unknown fsdp attribute `{name}`; expected one of {}", expected.join(", ")),
-    );
+    let expected = match expected.as_slice() {
+        [only] => only.clone(),
+        several => format!("one of {}", several.join(", ")),
+    };
+    cx.error_spanned_by(&meta.path, format!("unknown fsdp attribute `{name}`; expected {expected}"));
     // Skip the value so the parse continues with the next key.
     if meta.input.peek(Token![=]) {
         let _ = meta.value().and_then(|v| v.parse::<syn::Expr>());
@@ -160,6 +224,18 @@ fn unknown(cx: &Ctxt, meta: &ParseNestedMeta, expected: &[Symbol]) {
             content.parse::<proc_macro2::TokenStream>()?;
             Ok(())
         })();
+    }
+}
+
+/// Parses `= "path"`; `None` (with the error in `cx`) when it is not a path.
+fn parse_crate_path(cx: &Ctxt, meta: &ParseNestedMeta) -> syn::Result<Option<syn::Path>> {
+    let literal: LitStr = meta.value()?.parse()?;
+    match literal.parse::<syn::Path>() {
+        Ok(path) => Ok(Some(path)),
+        Err(_) => {
+            cx.error_spanned_by(&literal, "`crate` must be a path, e.g. \"::candle_fsdp\"");
+            Ok(None)
+        }
     }
 }
 
@@ -179,7 +255,10 @@ fn parse_name(cx: &Ctxt, meta: &ParseNestedMeta) -> syn::Result<Option<Name>> {
         );
         return Ok(None);
     }
-    if let Some(bad) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '.')) {
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '.'))
+    {
         cx.error_spanned_by(
             &literal,
             format!(
@@ -188,5 +267,8 @@ fn parse_name(cx: &Ctxt, meta: &ParseNestedMeta) -> syn::Result<Option<Name>> {
         );
         return Ok(None);
     }
-    Ok(Some(Name { value, span: literal.span() }))
+    Ok(Some(Name {
+        value,
+        span: literal.span(),
+    }))
 }

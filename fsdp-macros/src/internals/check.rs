@@ -38,10 +38,16 @@ fn check_field(cx: &Ctxt, field: &Field) {
             cx.error_spanned_by(&field.member, "a field cannot be both `skip` and `buffer`");
         }
         if let Some(name) = &attrs.rename {
-            cx.syn_error(syn::Error::new(name.span, "a skipped field has no name to rename"));
+            cx.syn_error(syn::Error::new(
+                name.span,
+                "a skipped field has no name to rename",
+            ));
         }
     } else if field.is_primitive() && (attrs.buffer || attrs.rename.is_some()) {
-        cx.error_spanned_by(field.ty, "a primitive field holds no tensors: it cannot be a buffer or be renamed");
+        cx.error_spanned_by(
+            field.ty,
+            "a primitive field holds no tensors: it cannot be a buffer or be renamed",
+        );
     }
 }
 
@@ -84,10 +90,19 @@ fn check_forward_order(cx: &Ctxt, cont: &Container) {
     for member in members {
         let field = cont.fields.iter().find(|f| f.member == *member);
         match field {
-            None => cx.error_spanned_by(member, format!("`forward_order` names `{}`, which is not a field", member_string(member))),
+            None => cx.error_spanned_by(
+                member,
+                format!(
+                    "`forward_order` names `{}`, which is not a field",
+                    member_string(member)
+                ),
+            ),
             Some(field) if !field.holds_tensors() => cx.error_spanned_by(
                 member,
-                format!("field `{}` holds no tensors; leave it out of `forward_order`", member_string(member)),
+                format!(
+                    "field `{}` holds no tensors; leave it out of `forward_order`",
+                    member_string(member)
+                ),
             ),
             Some(_) if listed.contains(&member) => cx.error_spanned_by(
                 member,
@@ -135,10 +150,12 @@ fn contains_unit(ty: &Type) -> bool {
             }
             let wrapper = ["Vec", "Option", "Box"].iter().any(|w| last.ident == w);
             match &last.arguments {
-                PathArguments::AngleBracketed(args) if wrapper => args.args.iter().any(|arg| match arg {
-                    GenericArgument::Type(inner) => contains_unit(inner),
-                    _ => false,
-                }),
+                PathArguments::AngleBracketed(args) if wrapper => {
+                    args.args.iter().any(|arg| match arg {
+                        GenericArgument::Type(inner) => contains_unit(inner),
+                        _ => false,
+                    })
+                }
                 _ => false,
             }
         }

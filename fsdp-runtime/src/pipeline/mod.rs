@@ -39,9 +39,16 @@
 //! must be a `Var` (the caller wraps the activation received from the previous stage in
 //! one); other inputs get `None` positionally (see [`StageInput`]).
 //!
-//! The deferrable ops run on CPU tensors only, like the rest of the runtime.
-//! Not covered yet: FSDP units (a stage made of sharded units) and batching the uses of a
-//! shared weight into one matmul.
+//! # FSDP units
+//!
+//! A stage may be made of FSDP units ([`StageLinear`] is `Shardable`): give the stage
+//! context the model's `Fsdp::deferred_grad_sink`, which reduces a unit as soon as the
+//! weight pass has delivered its last deferred gradient, and end the input pass with
+//! `Fsdp::finish_input_pass`, which frees the gathered parameters the weight pass does not
+//! read. The ops are written over candle's backend traits, so they run on the CPU and on
+//! CUDA alike.
+//!
+//! Not done: batching the uses of a shared weight into one matmul.
 
 mod accumulator;
 mod context;

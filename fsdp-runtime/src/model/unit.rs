@@ -1,0 +1,113 @@
+//! [`Unit`]: the FSDP unit boundary in a model struct.
+//!
+//! A field of type `Unit<T>` (directly, or inside a `Vec`, `Option` or array) makes `T`'s
+//! parameters one FSDP unit: gathered together before the unit runs and reduced together
+//! after its backward, like a nested FSDP wrap in PyTorch FSDP1 or `fully_shard(module)` in
+//! FSDP2. `Unit` adds no FQN segment: a model's names are those of the plain model.
+//!
+//! Before the model is wrapped by [`crate::Fsdp`], a `Unit` just runs `T`; after, every
+//! call goes through the [`UnitHooks`] installed in its [`UnitCell`].
+
+use super::activations::Activations;
+use super::schema::{Node, Shardable, TensorMap, VisitOrder, Visitor};
+use crate::error::{into_candle, Error};
+use candle_core::{Module, Result, Tensor};
+use std::sync::{Arc, OnceLock};
+
+/// What a wrapped unit calls around its forward. The executor implements it; hooks see
+/// only the flat list of tensors in the unit's inputs and outputs, in
+/// [`Activations::for_each_tensor`] order, and return the list to continue with.
+pub(crate) trait UnitHooks: Send + Sync {
+    /// Before the forward, on the inputs (to order the unit's backward).
+    fn bind_inputs(&self, unit: usize, inputs: Vec<Tensor>) -> crate::Result<Vec<Tensor>>;
+    /// Before the forward: the unit's parameters must be gathered.
+    fn pre_forward(&self, unit: usize) -> crate::Result<()>;
+    /// After the forward, on the outputs (to hook the unit's pre-backward).
+    fn post_forward(&self, unit: usize, outputs: Vec<Tensor>) -> crate::Result<Vec<Tensor>>;
+}
+
+/// Where a wrapped unit finds the hooks of its executor and its index there. Empty until
+/// the model is wrapped.
+#[derive(Default)]
+pub struct UnitCell(OnceLock<(Arc<dyn UnitHooks>, usize)>);
+
+impl UnitCell {
+    pub(crate) fn install(&self, hooks: Arc<dyn UnitHooks>, index: usize) -> crate::Result<()> {
+        self.0
+            .set((hooks, index))
+            .map_err(|_| Error::AlreadyWrapped)
+    }
+}
+
+impl std::fmt::Debug for UnitCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.get() {
+            Some((_, index)) => write!(f, "UnitCell(unit {index})"),
+            None => f.write_str("UnitCell(not wrapped)"),
+        }
+    }
+}
+
+/// An FSDP unit wrapping the module `T`.
+#[derive(Debug)]
+pub struct Unit<T> {
+    inner: T,
+    cell: UnitCell,
+}
+
+impl<T> Unit<T> {
+    pub fn new(inner: T) -> Self {
+        Self {
+            inner,
+            cell: UnitCell::default(),
+        }
+    }
+
+    /// Runs the unit's forward `f` on `inputs`: the way to call a forward with any
+    /// signature. Once wrapped, the unit's parameters are gathered before `f` and freed
+    /// after it as the strategy says, and the outputs are hooked for the backward.
+    pub fn run<I: Activations, R: Activations>(
+        &self,
+        inputs: I,
+        f: impl FnOnce(&T, I) -> Result<R>,
+    ) -> Result<R> {
+        let Some((hooks, index)) = self.cell.0.get() else {
+            return f(&self.inner, inputs);
+        };
+        let bound = hooks
+            .bind_inputs(*index, inputs.tensors())
+            .map_err(into_candle)?;
+        let inputs = inputs.with_tensors(bound)?;
+        hooks.pre_forward(*index).map_err(into_candle)?;
+        let outputs = f(&self.inner, inputs)?;
+        let hooked = hooks
+            .post_forward(*index, outputs.tensors())
+            .map_err(into_candle)?;
+        outputs.with_tensors(hooked)
+    }
+
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+}
+
+impl<T: Module> Module for Unit<T> {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.run(xs.clone(), |inner, xs| inner.forward(&xs))
+    }
+}
+
+impl<T: Shardable> Shardable for Unit<T> {
+    const NODE: Node = Node::Unit(&T::NODE);
+
+    fn visit(&self, visitor: &mut dyn Visitor, order: VisitOrder) {
+        visitor.enter_unit(&self.cell);
+        self.inner.visit(visitor, order);
+        visitor.leave_unit();
+    }
+
+    /// The rebuilt unit is not wrapped: its cell starts empty.
+    fn map_tensors(self, map: &mut dyn TensorMap) -> Result<Self> {
+        Ok(Self::new(self.inner.map_tensors(map)?))
+    }
+}

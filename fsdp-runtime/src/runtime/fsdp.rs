@@ -1,0 +1,462 @@
+//! [`Fsdp`]: a model wrapped for fully sharded data parallel training on one rank.
+
+use super::autograd::GradSink;
+use super::param_group::ParamGroup;
+use super::rank_agreement::check_ranks_agree;
+use super::rank_state::{ForwardMode, RankState, ROOT};
+use super::sharded_param::ShardedParam;
+use super::{MemoryStats, TraceEvent};
+use crate::config::FsdpConfig;
+use crate::dist::Collectives;
+use crate::error::{Error, Result};
+use crate::model::{
+    Activations, Layout, Role, Shardable, ShardableModel, UnitCell, UnitHooks, VisitOrder, Visitor,
+};
+use crate::pipeline::DeferredGradSink;
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, TensorId, Var};
+use std::collections::HashMap;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Weak};
+
+/// A model whose parameters are sharded over the ranks of a communicator.
+///
+/// Each rank wraps its own copy of the model. Afterwards the rank holds only its shard of
+/// every parameter ([`Fsdp::parameters`], what the optimizer steps); [`Fsdp::forward`] and
+/// the model's [`crate::Unit`]s gather parameters when they are needed and free them as
+/// the strategy says, and [`Fsdp::backward`] returns the shard gradients averaged over
+/// the ranks.
+///
+/// The wrapped model is reachable only where its parameters are gathered: inside
+/// [`Fsdp::forward`], [`Fsdp::forward_inference`] and [`Fsdp::summon_full_params`]; a
+/// released parameter keeps its shape over freed storage, which no safe call may read.
+/// [`Fsdp::into_inner`] hands back a plain model with the full trained parameters.
+pub struct Fsdp<M> {
+    model: M,
+    state: Arc<RankState>,
+}
+
+impl<M: ShardableModel> Fsdp<M> {
+    /// Wraps `model` (this rank's copy) for sharded training over `comm`'s ranks. A
+    /// collective: every rank of `comm` wraps at the same time, and wrapping fails on
+    /// every rank when the ranks built different models.
+    pub fn wrap(model: M, comm: Arc<dyn Collectives>, config: FsdpConfig) -> Result<Self> {
+        Self::wrap_with_groups(model, comm, config, Vec::new())
+    }
+
+    /// As [`Fsdp::wrap`], with some units sharded over their own group of ranks instead
+    /// of the world: `(unit name, group)`. A size-1 group keeps a unit whole and
+    /// unreduced on its rank (a per-rank expert), like PyTorch FSDP on `new_group([rank])`.
+    pub fn wrap_with_groups(
+        model: M,
+        comm: Arc<dyn Collectives>,
+        config: FsdpConfig,
+        unit_groups: Vec<(String, Arc<dyn Collectives>)>,
+    ) -> Result<Self> {
+        let layout = Layout::of(&model)?;
+        check_ranks_agree(comm.as_ref(), &layout)?;
+        let mut unit_comms: Vec<Arc<dyn Collectives>> = vec![comm.clone(); layout.units.len()];
+        for (name, group) in unit_groups {
+            let index = layout
+                .unit_named(&name)
+                .ok_or(Error::UnknownUnit { name })?;
+            unit_comms[index] = group;
+        }
+        let sharded = config.strategy.shards();
+
+        // Every rank starts from its group's first rank's values when asked to.
+        let mut values: HashMap<TensorId, Tensor> = HashMap::new();
+        for param in &layout.params {
+            let group = &unit_comms[param.unit];
+            let value = if config.sync_module_states && group.size() > 1 {
+                let flat = param.tensor.flatten_all()?.contiguous()?;
+                let label = format!("initial value of `{}`", param.fqn);
+                group
+                    .broadcast(&flat, 0, &label)?
+                    .wait()?
+                    .reshape(param.tensor.shape())?
+            } else {
+                param.tensor.clone()
+            };
+            values.insert(param.tensor.id(), value);
+        }
+
+        let build_groups = |sink: Weak<dyn GradSink>| -> Result<Vec<ParamGroup>> {
+            layout
+                .units
+                .iter()
+                .enumerate()
+                .map(|(index, unit)| {
+                    let trained: Vec<_> = unit
+                        .params
+                        .iter()
+                        .map(|&p| &layout.params[p])
+                        .filter(|p| p.role == Role::Parameter)
+                        .collect();
+                    if let Some(other) = trained
+                        .iter()
+                        .find(|p| p.tensor.dtype() != trained[0].tensor.dtype())
+                    {
+                        return Err(Error::MixedDtypes {
+                            unit: unit.display_name().to_string(),
+                            first: trained[0].fqn.clone(),
+                            first_dtype: trained[0].tensor.dtype(),
+                            other: other.fqn.clone(),
+                            other_dtype: other.tensor.dtype(),
+                        });
+                    }
+                    let group = unit_comms[index].clone();
+                    let (shard_rank, shard_world) = if sharded {
+                        (group.rank(), group.size())
+                    } else {
+                        (0, 1)
+                    };
+                    let params = trained
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| {
+                            let full = &values[&p.tensor.id()];
+                            Ok(ShardedParam::new(
+                                p.fqn.clone(),
+                                full,
+                                shard_rank,
+                                shard_world,
+                                sink.clone(),
+                                index,
+                                i,
+                            )?)
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    let name = unit.display_name().to_string();
+                    Ok(ParamGroup::new(
+                        index,
+                        name,
+                        params,
+                        group,
+                        shard_world,
+                        config.strategy,
+                        index == ROOT,
+                    ))
+                })
+                .collect()
+        };
+        let state = RankState::new(comm, config, layout.forward_order.clone(), build_groups)?;
+
+        // The model's layers now hold the gathered nodes (and the synced buffers).
+        let mut replacement: HashMap<TensorId, Tensor> = values;
+        for (group, unit) in state.groups.iter().zip(&layout.units) {
+            let trained = unit
+                .params
+                .iter()
+                .map(|&p| &layout.params[p])
+                .filter(|p| p.role == Role::Parameter);
+            for (param, info) in group.params.iter().zip(trained) {
+                replacement.insert(info.tensor.id(), param.gathered.clone());
+            }
+        }
+        drop(layout);
+        let model = model
+            .map_tensors(&mut |t: Tensor| Ok(replacement.get(&t.id()).cloned().unwrap_or(t)))?;
+        drop(replacement);
+
+        let hooks: Arc<dyn UnitHooks> = state.clone();
+        let mut installer = CellInstaller {
+            hooks,
+            next: 1,
+            error: None,
+        };
+        model.visit(&mut installer, VisitOrder::Declaration);
+        if let Some(error) = installer.error {
+            return Err(error);
+        }
+        state.release_initial()?;
+        Ok(Self { model, state })
+    }
+}
+
+impl<M: Shardable> Fsdp<M> {
+    /// Unwraps the model: the plain model (no unit wrapped any more) holding the full
+    /// trained parameters, gathered one unit at a time, and the buffers. A collective:
+    /// every rank calls it; each gets its own full copy.
+    pub fn into_inner(self) -> Result<M> {
+        if self.state.training_step_pending() {
+            return Err(Error::StepInProgress {
+                rank: self.rank(),
+                call: "Fsdp::into_inner",
+            });
+        }
+        let mut full: HashMap<TensorId, Tensor> = HashMap::new();
+        for group in &self.state.groups {
+            for (param, value) in group.params.iter().zip(group.full_values()?) {
+                full.insert(param.gathered.id(), value);
+            }
+        }
+        let Fsdp { model, state } = self;
+        drop(state);
+        // A tied parameter is one gathered node at two places: both get the one value.
+        Ok(model.map_tensors(&mut |t: Tensor| Ok(full.get(&t.id()).cloned().unwrap_or(t)))?)
+    }
+}
+
+impl<M> Fsdp<M> {
+    /// Runs the model's forward `f` as the root unit: the root's parameters are gathered
+    /// first and kept until the end of backward, and the outputs are hooked.
+    pub fn forward<R: Activations>(
+        &self,
+        f: impl FnOnce(&M) -> candle_core::Result<R>,
+    ) -> Result<R> {
+        self.state.pre_forward(ROOT)?;
+        let outputs = f(&self.model)?;
+        let hooked = self.state.post_forward(ROOT, outputs.tensors())?;
+        Ok(outputs.with_tensors(hooked)?)
+    }
+
+    /// Backpropagates `loss`; returns a `GradStore` holding, for every shard `Var` that
+    /// received a gradient, that shard's gradient averaged over the ranks.
+    ///
+    /// One backward per forward: a second backward through the outputs of a forward whose
+    /// backward already ran fails (as PyTorch refuses to backward through a freed graph).
+    /// A backward with no training forward before it fails before any collective, so the
+    /// ranks stay in step when every rank made the mistake (and under [`launch`](crate::launch)
+    /// a rank that returns the error makes its peers fail at once, naming it). A loss that
+    /// depends on none of the forward's outputs fails and aborts the communicator with the
+    /// reason: the peers whose losses did reach their outputs wait in this step's
+    /// reduce-scatters, which this rank will never issue, and fail at once instead.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        if !self.state.training_step_pending() {
+            return Err(Error::BackwardWithoutForward { rank: self.rank() });
+        }
+        let mut grads = loss.backward()?;
+        if !self.state.backward_reached()
+            && !self
+                .parameters()
+                .iter()
+                .any(|v| grads.get(v.as_tensor()).is_some())
+        {
+            return Err(self.abort_world(Error::LossReachesNoOutput { rank: self.rank() }));
+        }
+        self.insert_reduced(&mut grads)?;
+        Ok(grads)
+    }
+
+    /// Fails every collective of this rank's world with `error`'s message, here and on
+    /// the peers, and returns `error`.
+    fn abort_world(&self, error: Error) -> Error {
+        self.state.comm.abort(&error.to_string());
+        error
+    }
+
+    /// Ends a backward run outside [`Fsdp::backward`] (a pipeline stage's
+    /// `stage_backward`, or `stage_backward_input` + `stage_backward_weight`): reduces what
+    /// is left, resets the step, and returns the shard gradients.
+    pub fn finish_backward(&self) -> Result<GradStore> {
+        let mut grads = GradStore::default();
+        self.insert_reduced(&mut grads)?;
+        Ok(grads)
+    }
+
+    /// Ends a pipeline stage's input pass (`stage_backward_input`): frees the gathered
+    /// parameters, which the weight pass does not read. Units whose weight gradients were
+    /// deferred are reduced when `stage_backward_weight` delivers them, through
+    /// [`Fsdp::deferred_grad_sink`].
+    pub fn finish_input_pass(&self) -> Result<()> {
+        self.state.finish_input_pass()
+    }
+
+    /// The receiver of deferred weight gradients for this model's parameters: give it to
+    /// the stage's `StageContext::set_grad_sink`. A unit's gradients are reduced as soon
+    /// as the weight pass has delivered the last of them.
+    pub fn deferred_grad_sink(&self) -> Arc<dyn DeferredGradSink> {
+        self.state.clone()
+    }
+
+    fn insert_reduced(&self, grads: &mut GradStore) -> Result<()> {
+        for (unit, param, grad) in self.state.finish_backward()? {
+            grads.insert(
+                self.state.groups[unit].params[param].shard.as_tensor(),
+                grad,
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs `f` for inference: units gather and free as in training, but no backward
+    /// hook is attached, the outputs are detached, and every unit (the root too) is freed
+    /// at the end, also when `f` fails or panics. candle has no grad mode, so the
+    /// operations are still recorded while `f` runs; the record is dropped with the
+    /// detached outputs. It may run between a training forward and its backward, which
+    /// then gathers again what it needs.
+    pub fn forward_inference<R: Activations>(
+        &self,
+        f: impl FnOnce(&M) -> candle_core::Result<R>,
+    ) -> Result<R> {
+        let pending = self.state.training_step_pending();
+        self.state
+            .enter_mode(ForwardMode::Inference, "Fsdp::forward_inference")?;
+        let outputs = catch_unwind(AssertUnwindSafe(|| self.forward(f)));
+        self.state.leave_mode();
+        let finished = self.state.finish_inference(pending);
+        match outputs {
+            Err(panic) => resume_unwind(panic),
+            Ok(outputs) => {
+                let outputs = outputs?;
+                finished?;
+                Ok(outputs)
+            }
+        }
+    }
+
+    /// Runs `f` with every unit's full parameters gathered (PyTorch's
+    /// `summon_full_params`): `f` may read the model's layers and run them. A collective:
+    /// every rank calls it. Refused between a forward and its backward. What `f` computes
+    /// is for reading only: no gradient of it reaches the shards, and changes to the full
+    /// values are not written back. The units are freed again afterwards, also when `f`
+    /// panics.
+    pub fn summon_full_params<R>(&self, f: impl FnOnce(&M) -> R) -> Result<R> {
+        self.state.summon()?;
+        let result = catch_unwind(AssertUnwindSafe(|| f(&self.model)));
+        let released = self.state.end_summon();
+        match result {
+            Err(panic) => resume_unwind(panic),
+            Ok(result) => {
+                released?;
+                Ok(result)
+            }
+        }
+    }
+
+    /// With `false`, backward passes keep each rank's unsharded gradients and add them up
+    /// instead of reducing them (PyTorch's `no_sync`, FSDP2's
+    /// `set_requires_gradient_sync`); the first backward with `true` again reduces the sum.
+    /// Costs one unsharded copy of the gradients per rank while off.
+    pub fn set_requires_gradient_sync(&self, sync: bool) {
+        self.state
+            .gradient_sync
+            .store(sync, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Registers `hook` to run on parameter `fqn`'s shard and its reduced shard gradient
+    /// each time backward produces that gradient, before `backward` returns (PyTorch's
+    /// `register_post_accumulate_grad_hook` on a sharded parameter).
+    pub fn register_post_accumulate_grad_hook(
+        &self,
+        fqn: &str,
+        hook: impl FnMut(&Var, &Tensor) -> candle_core::Result<()> + Send + 'static,
+    ) -> Result<()> {
+        for unit in &self.state.groups {
+            if let Some(param) = unit.params.iter().position(|p| p.fqn == fqn) {
+                self.state
+                    .register_post_accumulate_hook(unit.index, param, Box::new(hook));
+                return Ok(());
+            }
+        }
+        Err(Error::UnknownParameter {
+            fqn: fqn.to_string(),
+        })
+    }
+
+    /// How many backward hooks the graphs of earlier forwards still hold: one per hooked
+    /// output tensor of each unit's forward, gone when those outputs are dropped.
+    pub fn live_backward_hooks(&self) -> usize {
+        self.state
+            .live_hooks
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// This rank's shards of every trained parameter, in FQN-table order per unit.
+    pub fn parameters(&self) -> Vec<Var> {
+        self.named_parameters()
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    pub fn named_parameters(&self) -> Vec<(String, Var)> {
+        self.state
+            .groups
+            .iter()
+            .flat_map(|g| g.params.iter().map(|p| (p.fqn.clone(), p.shard.clone())))
+            .collect()
+    }
+
+    /// The full value of every trained parameter, gathered from the shards. A collective:
+    /// every rank must call it.
+    pub fn full_parameters(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for group in &self.state.groups {
+            out.extend(
+                group
+                    .params
+                    .iter()
+                    .map(|p| p.fqn.clone())
+                    .zip(group.full_values()?),
+            );
+        }
+        Ok(out)
+    }
+
+    /// The units' names and their trained parameters' FQNs, root first.
+    pub fn units(&self) -> Vec<(String, Vec<String>)> {
+        self.state
+            .groups
+            .iter()
+            .map(|u| {
+                (
+                    u.name.clone(),
+                    u.params.iter().map(|p| p.fqn.clone()).collect(),
+                )
+            })
+            .collect()
+    }
+
+    pub fn trace(&self) -> Vec<TraceEvent> {
+        self.state.recorders.trace.events()
+    }
+
+    pub fn take_trace(&self) -> Vec<TraceEvent> {
+        self.state.recorders.trace.take()
+    }
+
+    pub fn memory(&self) -> MemoryStats {
+        self.state.recorders.memory.stats()
+    }
+
+    pub fn reset_memory_peak(&self) {
+        self.state.recorders.memory.reset_peak()
+    }
+
+    pub fn rank(&self) -> usize {
+        self.state.comm.rank()
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.state.comm.size()
+    }
+
+    pub fn config(&self) -> &FsdpConfig {
+        &self.state.config
+    }
+}
+
+/// Hands each `Unit` of the wrapped model its runtime, in declaration order (the order of
+/// the layout's units).
+struct CellInstaller {
+    hooks: Arc<dyn UnitHooks>,
+    next: usize,
+    error: Option<Error>,
+}
+
+impl Visitor for CellInstaller {
+    fn enter(&mut self, _name: &'static str) {}
+    fn enter_index(&mut self, _index: usize) {}
+    fn leave(&mut self) {}
+    fn tensor(&mut self, _tensor: &Tensor, _role: Role) {}
+    fn leave_unit(&mut self) {}
+
+    fn enter_unit(&mut self, cell: &UnitCell) {
+        if let Err(error) = cell.install(self.hooks.clone(), self.next) {
+            self.error.get_or_insert(error);
+        }
+        self.next += 1;
+    }
+}

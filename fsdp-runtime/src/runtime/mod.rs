@@ -1,0 +1,28 @@
+//! How one rank runs a wrapped model: [`Fsdp`] (wrap, forward, backward), the rank's
+//! executor that sequences the units, the parameter group (one unit and its lifecycle),
+//! the sharded parameter and its flat-buffer layout, the autograd ops and storage swaps,
+//! and the trace and memory records. Uses `model` and `dist`; neither uses it.
+
+mod autograd;
+mod flat_buffer;
+mod fsdp;
+mod memory;
+mod param_group;
+mod prefetch;
+mod rank_agreement;
+mod rank_state;
+mod sharded_param;
+mod storage;
+mod trace;
+
+pub use fsdp::Fsdp;
+pub use memory::MemoryStats;
+pub(crate) use prefetch::{backward_prefetch_target, forward_prefetch_target};
+pub use trace::{TraceEvent, UnshardCause};
+
+/// What a rank records as it runs: the trace of events and the gathered-memory count.
+#[derive(Default)]
+pub(crate) struct Recorders {
+    pub trace: trace::Trace,
+    pub memory: memory::MemoryTracker,
+}

@@ -1,0 +1,480 @@
+//! One FSDP unit at run time (FSDP2's parameter group): its sharded parameters, the
+//! gradients its backward has produced so far, and its whole lifecycle: unshard, reshard,
+//! pre/post forward, pre/post backward. Where the unit stands is two explicit states,
+//! [`Residency`] and [`TrainingState`]; the rank's executor decides *when* each step runs
+//! (sequencing, prefetch targets), the group *how*.
+
+use super::flat_buffer::{
+    gathered_ranges, pack_for_reduce_scatter, split_reduced, unflatten_gathered, ShardSpec,
+};
+use super::sharded_param::ShardedParam;
+use super::storage::{Fill, Free};
+use super::trace::{TraceEvent, UnshardCause};
+use super::Recorders;
+use crate::config::ShardingStrategy;
+use crate::dist::{Collectives, ReduceOp};
+use crate::error::{Error, Result};
+use candle_core::{Shape, Tensor};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Where a group's full parameters are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Residency {
+    /// Only the shards are held. Without sharding the full values stay in memory but may
+    /// be stale: the next unshard refreshes them from the parameters the optimizer stepped.
+    Sharded,
+    /// Gathered for the unit's own forward or backward.
+    Unsharded,
+    /// Gathered ahead of use by a prefetch, and not used since.
+    Prefetched,
+}
+
+/// Where a group stands in the current step (FSDP2's `TrainingState`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TrainingState {
+    /// No training forward of the unit this step.
+    Idle,
+    /// Its forward ran, and none of its outputs tracks gradients.
+    Forward,
+    /// Its forward hooked outputs: backward will reach them and run the pre-backward.
+    AwaitingBackward,
+    /// Its pre-backward ran: gathered for backward, gradients arriving.
+    Backward,
+    /// Its post-backward ran: the step's gradients are reduced.
+    Reduced,
+}
+
+/// The gradients a unit's backward has produced so far this step.
+struct Gradients {
+    /// Full gradients handed over by autograd, by parameter.
+    arrived: Vec<Option<Tensor>>,
+    /// Parameters whose gradient has not arrived yet.
+    missing: usize,
+    /// Parameters part of whose gradient a pipeline input pass deferred to its weight pass.
+    deferred: Vec<bool>,
+    /// Unsharded gradients kept from backward passes run without gradient sync.
+    accumulated: Vec<Option<Tensor>>,
+}
+
+impl Gradients {
+    fn new(params: usize) -> Self {
+        Self {
+            arrived: vec![None; params],
+            missing: params,
+            deferred: vec![false; params],
+            accumulated: vec![None; params],
+        }
+    }
+
+    /// Every gradient of the step has arrived, deferred parts included.
+    fn complete(&self) -> bool {
+        self.missing == 0 && !self.deferred.iter().any(|&d| d)
+    }
+
+    /// Adds `grad` to parameter `param`'s gradient of this step.
+    fn add(&mut self, param: usize, grad: &Tensor) -> Result<()> {
+        self.arrived[param] = Some(match self.arrived[param].take() {
+            None => {
+                self.missing -= 1;
+                grad.clone()
+            }
+            Some(earlier) => (earlier + grad)?,
+        });
+        Ok(())
+    }
+
+    /// Clears the step's gradients; the unsynced accumulation stays.
+    fn reset_step(&mut self) {
+        self.arrived.iter_mut().for_each(|g| *g = None);
+        self.deferred.iter_mut().for_each(|d| *d = false);
+        self.missing = self.arrived.len();
+    }
+}
+
+struct GroupState {
+    residency: Residency,
+    training: TrainingState,
+    grads: Gradients,
+}
+
+pub(crate) struct ParamGroup {
+    pub index: usize,
+    pub name: String,
+    pub params: Vec<ShardedParam>,
+    /// The ranks this unit is sharded over and reduced across: the world, or the group
+    /// given for it at wrap time (a size-1 group keeps a unit local to its rank).
+    pub comm: Arc<dyn Collectives>,
+    /// How many ranks the parameters are split over (1 without sharding).
+    pub shard_world: usize,
+    /// Free the gathered parameters when the unit's forward ends (FULL_SHARD, not the root).
+    reshard_after_forward: bool,
+    /// Without sharding the full values are never released, only refreshed.
+    keeps_full_values: bool,
+    state: Mutex<GroupState>,
+}
+
+impl ParamGroup {
+    /// A group whose gathered nodes still hold the values they were built with.
+    pub fn new(
+        index: usize,
+        name: String,
+        params: Vec<ShardedParam>,
+        comm: Arc<dyn Collectives>,
+        shard_world: usize,
+        strategy: ShardingStrategy,
+        is_root: bool,
+    ) -> Self {
+        let state = GroupState {
+            residency: Residency::Unsharded,
+            training: TrainingState::Idle,
+            grads: Gradients::new(params.len()),
+        };
+        Self {
+            index,
+            name,
+            comm,
+            shard_world,
+            reshard_after_forward: strategy == ShardingStrategy::FullShard && !is_root,
+            keeps_full_values: !strategy.shards(),
+            params,
+            state: Mutex::new(state),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, GroupState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn residency(&self) -> Residency {
+        self.state().residency
+    }
+
+    pub fn training_state(&self) -> TrainingState {
+        self.state().training
+    }
+
+    /// What errors about this unit's collectives call it.
+    pub fn label(&self) -> String {
+        format!("unit `{}`", self.name)
+    }
+
+    pub fn gathered_bytes(&self) -> usize {
+        self.params.iter().map(|p| p.gathered_bytes()).sum()
+    }
+
+    fn specs(&self) -> Vec<ShardSpec> {
+        self.params.iter().map(|p| p.spec).collect()
+    }
+
+    fn fail(&self, message: String) -> Error {
+        Error::Unit {
+            rank: self.comm.global_rank(),
+            unit: self.name.clone(),
+            message,
+        }
+    }
+
+    /// Frees the full values the group was built with: from now on it is gathered when it
+    /// runs. Without sharding the values stay (and are counted once as gathered memory),
+    /// refreshed from the parameters at the first forward, which so sees any change made
+    /// to them after wrapping.
+    pub fn release_initial(&self, recorders: &Recorders) -> Result<()> {
+        if self.keeps_full_values {
+            recorders.memory.allocated(self.gathered_bytes());
+        } else {
+            self.free()?;
+        }
+        self.state().residency = Residency::Sharded;
+        Ok(())
+    }
+
+    /// Gathers the full parameters unless they are gathered already; a use (not a
+    /// prefetch) of prefetched parameters marks them used.
+    pub fn unshard(&self, cause: UnshardCause, recorders: &Recorders) -> Result<()> {
+        {
+            let mut state = self.state();
+            match state.residency {
+                Residency::Unsharded => return Ok(()),
+                Residency::Prefetched => {
+                    if !cause.is_prefetch() {
+                        state.residency = Residency::Unsharded;
+                    }
+                    return Ok(());
+                }
+                Residency::Sharded => {}
+            }
+        }
+        let _span = tracing::debug_span!("unshard", unit = %self.name, ?cause).entered();
+        self.gather()?;
+        if !self.keeps_full_values {
+            recorders.memory.allocated(self.gathered_bytes());
+        }
+        self.state().residency = if cause.is_prefetch() {
+            Residency::Prefetched
+        } else {
+            Residency::Unsharded
+        };
+        recorders.trace.record(TraceEvent::Unshard {
+            unit: self.name.clone(),
+            cause,
+        });
+        Ok(())
+    }
+
+    /// Releases the gathered parameters unless they are released already (without
+    /// sharding: marks them for a refresh).
+    pub fn reshard(&self, recorders: &Recorders) -> Result<()> {
+        {
+            let mut state = self.state();
+            if state.residency == Residency::Sharded {
+                return Ok(());
+            }
+            state.residency = Residency::Sharded;
+        }
+        if self.keeps_full_values {
+            return Ok(());
+        }
+        self.free()?;
+        recorders.memory.freed(self.gathered_bytes());
+        recorders.trace.record(TraceEvent::Reshard {
+            unit: self.name.clone(),
+        });
+        Ok(())
+    }
+
+    /// Ends the unit's forward: records whether backward will come through its outputs
+    /// (`hooked`), and frees the parameters under FULL_SHARD.
+    pub fn post_forward(&self, hooked: bool, recorders: &Recorders) -> Result<()> {
+        {
+            let mut state = self.state();
+            state.training = match state.training {
+                TrainingState::Idle | TrainingState::Forward if hooked => {
+                    TrainingState::AwaitingBackward
+                }
+                TrainingState::Idle => TrainingState::Forward,
+                // A second call in one forward keeps the first call's hooks; a forward
+                // inside backward changes nothing about the step's backward.
+                other => other,
+            };
+        }
+        if self.reshard_after_forward {
+            self.reshard(recorders)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a backward prefetch should gather this unit: its backward is still to
+    /// come and no prefetch gathered it already.
+    pub fn wants_backward_prefetch(&self) -> bool {
+        let state = self.state();
+        state.training == TrainingState::AwaitingBackward
+            && state.residency != Residency::Prefetched
+    }
+
+    /// The unit's backward starts: gathers it for the gradient computation. Returns
+    /// `false` when its pre-backward already ran this step.
+    pub fn pre_backward(&self, recorders: &Recorders) -> Result<bool> {
+        {
+            let mut state = self.state();
+            if matches!(
+                state.training,
+                TrainingState::Backward | TrainingState::Reduced
+            ) {
+                return Ok(false);
+            }
+            state.training = TrainingState::Backward;
+        }
+        recorders.trace.record(TraceEvent::PreBackward {
+            unit: self.name.clone(),
+        });
+        self.unshard(UnshardCause::Backward, recorders)?;
+        Ok(true)
+    }
+
+    /// Autograd's gradient of parameter `param`; `true` when it was the last one missing.
+    pub fn deposit(&self, param: usize, grad: &Tensor) -> Result<bool> {
+        let mut state = self.state();
+        self.check_accepts_gradient(&state, param)?;
+        state.grads.add(param, grad)?;
+        Ok(state.grads.complete())
+    }
+
+    /// A pipeline input pass deferred (part of) parameter `param`'s gradient.
+    pub fn expect_deferred(&self, param: usize) {
+        self.state().grads.deferred[param] = true;
+    }
+
+    /// The weight pass's part of parameter `param`'s gradient; `true` when nothing is
+    /// missing any more.
+    pub fn deposit_deferred(&self, param: usize, grad: &Tensor) -> Result<bool> {
+        let mut state = self.state();
+        self.check_accepts_gradient(&state, param)?;
+        state.grads.deferred[param] = false;
+        state.grads.add(param, grad)?;
+        Ok(state.grads.complete())
+    }
+
+    fn check_accepts_gradient(&self, state: &GroupState, param: usize) -> Result<()> {
+        let fqn = &self.params[param].fqn;
+        match state.training {
+            TrainingState::Reduced => {
+                Err(self.fail(format!("gradient of `{fqn}` arrived after the unit's gradients were reduced")))
+            }
+            TrainingState::Idle => Err(self.fail(format!(
+                "gradient of `{fqn}` arrived, but the unit ran no training forward this step \
+                 (a backward through values read in `summon_full_params` or outside `Fsdp::forward`?)"
+            ))),
+            TrainingState::Forward | TrainingState::AwaitingBackward | TrainingState::Backward => Ok(()),
+        }
+    }
+
+    /// Ends the unit's backward: reduces the step's gradients (or, without gradient sync,
+    /// adds them to the unsharded accumulation) and frees the parameters. Returns this
+    /// rank's shard gradients by parameter, or `None` when the post-backward already ran.
+    pub fn post_backward(
+        &self,
+        sync: bool,
+        recorders: &Recorders,
+    ) -> Result<Option<Vec<(usize, Tensor)>>> {
+        let grads = {
+            let mut state = self.state();
+            if state.training == TrainingState::Reduced {
+                return Ok(None);
+            }
+            state.training = TrainingState::Reduced;
+            let grads = &mut state.grads;
+            let mut ready = Vec::new();
+            for i in 0..self.params.len() {
+                let total = match (grads.accumulated[i].take(), grads.arrived[i].take()) {
+                    (Some(acc), Some(new)) => Some((acc + new)?),
+                    (acc, new) => acc.or(new),
+                };
+                match total {
+                    Some(total) if sync => ready.push((i, total)),
+                    total => grads.accumulated[i] = total,
+                }
+            }
+            ready
+        };
+        let reduced = if grads.is_empty() {
+            Vec::new()
+        } else {
+            let params = grads.len();
+            let reduced = self.reduce(grads)?;
+            recorders.trace.record(TraceEvent::ReduceGrads {
+                unit: self.name.clone(),
+                params,
+            });
+            reduced
+        };
+        self.reshard(recorders)?;
+        recorders.trace.record(TraceEvent::PostBackward {
+            unit: self.name.clone(),
+        });
+        Ok(Some(reduced))
+    }
+
+    /// Ends the step: the next forward starts afresh.
+    pub fn finish_step(&self) {
+        let mut state = self.state();
+        state.training = TrainingState::Idle;
+        state.grads.reset_step();
+    }
+
+    /// The full value of every parameter, gathered into fresh tensors (a collective over
+    /// the unit's group), leaving the gathered nodes as they are.
+    pub fn full_values(&self) -> Result<Vec<Tensor>> {
+        if self.params.is_empty() {
+            return Ok(Vec::new());
+        }
+        let flat = self.flat_shards()?;
+        let gathered = if self.shard_world == 1 {
+            // A copy: the values must not alias the shards the optimizer keeps stepping.
+            flat.copy()?
+        } else {
+            self.comm
+                .all_gather(&flat, &format!("full parameters of {}", self.label()))?
+                .wait()?
+        };
+        let shapes: Vec<Shape> = self.params.iter().map(|p| p.shape.clone()).collect();
+        Ok(unflatten_gathered(
+            &self.specs(),
+            &shapes,
+            &gathered.detach(),
+            self.shard_world,
+        )?)
+    }
+
+    /// The all-gather input: this rank's shards, concatenated.
+    fn flat_shards(&self) -> Result<Tensor> {
+        let shards: Vec<&Tensor> = self.params.iter().map(|p| p.shard.as_tensor()).collect();
+        Ok(Tensor::cat(&shards, 0)?)
+    }
+
+    /// All-gathers the parameters (one collective) and refills the gathered nodes, each
+    /// with one copy out of the collective's output (or, unsharded, out of its shard).
+    fn gather(&self) -> Result<()> {
+        if self.params.is_empty() {
+            return Ok(());
+        }
+        if self.shard_world == 1 {
+            for param in &self.params {
+                let fill = Fill {
+                    source: param.shard.as_tensor().clone(),
+                    ranges: vec![(0, param.spec.numel)],
+                };
+                param.gathered.inplace_op1(&fill)?;
+            }
+            return Ok(());
+        }
+        let full = self
+            .comm
+            .all_gather(&self.flat_shards()?, &self.label())?
+            .wait()?;
+        for (param, ranges) in self
+            .params
+            .iter()
+            .zip(gathered_ranges(&self.specs(), self.shard_world))
+        {
+            param.gathered.inplace_op1(&Fill {
+                source: full.clone(),
+                ranges,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn free(&self) -> Result<()> {
+        for param in &self.params {
+            param.gathered.inplace_op1(&Free)?;
+        }
+        Ok(())
+    }
+
+    /// Averages the gradients over the ranks (one collective) and returns this rank's
+    /// shard of each, by parameter index. Parameters without a gradient get none, as in a
+    /// plain backward.
+    fn reduce(&self, grads: Vec<(usize, Tensor)>) -> Result<Vec<(usize, Tensor)>> {
+        if self.comm.size() == 1 {
+            // Averaging over one rank changes nothing: no packing, no collective.
+            return grads
+                .into_iter()
+                .map(|(i, grad)| Ok((i, grad.flatten_all()?)))
+                .collect();
+        }
+        let packed = pack_for_reduce_scatter(&self.specs(), &grads, self.shard_world)?;
+        let reduced = if self.shard_world == 1 {
+            self.comm
+                .all_reduce(&packed, ReduceOp::Avg, &self.label())?
+                .wait()?
+        } else {
+            self.comm
+                .reduce_scatter(&packed, ReduceOp::Avg, &self.label())?
+                .wait()?
+        };
+        let params: Vec<usize> = grads.iter().map(|(i, _)| *i).collect();
+        Ok(split_reduced(&self.specs(), &params, &reduced)?)
+    }
+}
