@@ -1,0 +1,332 @@
+//! What the library refuses, on every rank and well within the timeout, with an error that
+//! says what: ranks whose models differ in shapes, dtypes or names with equal counts, a
+//! backward without a forward, a loss that reaches no forward output, a panic inside a
+//! unit's collective (reported as the panic, not as its peers' aborts), and access to
+//! the model only while its parameters are gathered.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_fsdp::models::fsdp_test_models::NestedWrappedModule;
+use candle_fsdp::{launch, launch_each, Error, Fsdp, FsdpConfig, LaunchOptions, Shardable, Unit};
+use std::time::{Duration, Instant};
+
+mod common;
+
+/// Long enough that finishing far below it shows a refusal did not wait for it.
+const TIMEOUT: Duration = Duration::from_secs(20);
+const FAST: Duration = Duration::from_secs(5);
+
+fn options(world: usize) -> LaunchOptions {
+    LaunchOptions::new(world).timeout(TIMEOUT)
+}
+
+fn input(rank: usize) -> Tensor {
+    common::rand(1 + rank as u64, &[4, 8])
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+#[derive(Shardable)]
+struct OneTensor {
+    block: Unit<Weight>,
+}
+
+#[derive(Shardable)]
+struct Weight {
+    w: Tensor,
+}
+
+#[derive(Shardable)]
+struct OneTensorRenamed {
+    block: Unit<Gain>,
+}
+
+#[derive(Shardable)]
+struct Gain {
+    g: Tensor,
+}
+
+/// Rank 0 wraps `OneTensor { w: (2, 6) f32 }`; rank 1 the variant `case` names. Every
+/// count (units, tensors, elements) agrees.
+fn wrap_disagreeing(
+    rank: usize,
+    case: &str,
+    comm: std::sync::Arc<dyn candle_fsdp::dist::Collectives>,
+) -> candle_fsdp::Result<()> {
+    let tensor = |shape: (usize, usize), dtype| Tensor::zeros(shape, dtype, &Device::Cpu);
+    let config = FsdpConfig::default();
+    match (rank, case) {
+        (0, _) => Fsdp::wrap(
+            OneTensor {
+                block: Unit::new(Weight {
+                    w: tensor((2, 6), DType::F32)?,
+                }),
+            },
+            comm,
+            config,
+        )
+        .map(drop),
+        (_, "shape") => Fsdp::wrap(
+            OneTensor {
+                block: Unit::new(Weight {
+                    w: tensor((6, 2), DType::F32)?,
+                }),
+            },
+            comm,
+            config,
+        )
+        .map(drop),
+        (_, "dtype") => Fsdp::wrap(
+            OneTensor {
+                block: Unit::new(Weight {
+                    w: tensor((2, 6), DType::F64)?,
+                }),
+            },
+            comm,
+            config,
+        )
+        .map(drop),
+        (_, "name") => Fsdp::wrap(
+            OneTensorRenamed {
+                block: Unit::new(Gain {
+                    g: tensor((2, 6), DType::F32)?,
+                }),
+            },
+            comm,
+            config,
+        )
+        .map(drop),
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn ranks_with_equal_counts_but_different_shapes_dtypes_or_names_are_refused() {
+    for (case, rank0_says, rank1_says) in [
+        ("shape", "[2, 6]", "[6, 2]"),
+        ("dtype", "F32", "F64"),
+        ("name", "block.w", "block.g"),
+    ] {
+        let started = Instant::now();
+        let outcomes = launch_each(options(2), |ctx| {
+            wrap_disagreeing(ctx.rank, case, ctx.comm.clone())
+        })
+        .unwrap();
+        assert!(
+            started.elapsed() < FAST,
+            "{case}: took {:?}",
+            started.elapsed()
+        );
+        for (rank, outcome) in outcomes.iter().enumerate() {
+            match outcome {
+                Err(error @ Error::RanksDisagree { rank: r, .. }) if *r == rank => {
+                    let message = error.to_string();
+                    assert!(
+                        message.contains(rank0_says) && message.contains(rank1_says),
+                        "{case}, rank {rank}: the error shows both sides: {message}"
+                    );
+                }
+                other => panic!("{case}, rank {rank}: expected RanksDisagree, got {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn backward_without_a_forward_is_refused_and_the_ranks_stay_in_step() {
+    let (_, _, snapshot) = common::build(None, DType::F32, NestedWrappedModule::new).unwrap();
+    let losses = launch(options(2), |ctx| {
+        let (model, _, _) = common::build(Some(&snapshot), DType::F32, NestedWrappedModule::new)?;
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
+        let stray = input(ctx.rank).sum_all()?;
+        match fsdp.backward(&stray) {
+            Err(Error::BackwardWithoutForward { rank }) => assert_eq!(rank, ctx.rank),
+            other => panic!(
+                "rank {}: expected BackwardWithoutForward, got {other:?}",
+                ctx.rank
+            ),
+        }
+        // No collective was issued: the ranks train on together.
+        let loss = fsdp.forward(|m| m.forward(&input(ctx.rank)))?.sum_all()?;
+        let grads = fsdp.backward(&loss)?;
+        assert!(fsdp
+            .parameters()
+            .iter()
+            .all(|p| grads.get(p.as_tensor()).is_some()));
+        Ok(loss.to_scalar::<f32>()?)
+    })
+    .unwrap();
+    assert_eq!(losses.len(), 2);
+}
+
+#[test]
+fn a_loss_that_reaches_no_forward_output_is_refused_at_world_one() {
+    let outcome = launch(options(1), |ctx| {
+        let (model, _, _) = common::build(None, DType::F32, NestedWrappedModule::new)?;
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
+        let _out = fsdp.forward(|m| m.forward(&input(0)))?;
+        fsdp.backward(&input(0).sum_all()?).map(drop)
+    });
+    assert!(
+        matches!(outcome, Err(Error::LossReachesNoOutput { rank: 0 })),
+        "{outcome:?}"
+    );
+}
+
+#[test]
+fn a_loss_that_reaches_no_output_on_one_rank_fails_its_peers_at_once_naming_it() {
+    let (_, _, snapshot) = common::build(None, DType::F32, NestedWrappedModule::new).unwrap();
+    let started = Instant::now();
+    let outcomes = launch_each(options(3), |ctx| {
+        let (model, _, _) = common::build(Some(&snapshot), DType::F32, NestedWrappedModule::new)?;
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
+        let out = fsdp.forward(|m| m.forward(&input(ctx.rank)))?;
+        let loss = if ctx.rank == 2 {
+            input(ctx.rank).sum_all()?
+        } else {
+            out.sum_all()?
+        };
+        fsdp.backward(&loss).map(drop)
+    })
+    .unwrap();
+    assert!(started.elapsed() < FAST, "took {:?}", started.elapsed());
+    assert!(
+        matches!(outcomes[2], Err(Error::LossReachesNoOutput { rank: 2 })),
+        "{:?}",
+        outcomes[2]
+    );
+    for rank in [0, 1] {
+        match &outcomes[rank] {
+            Err(Error::CollectiveAborted {
+                rank: r, reason, ..
+            }) => {
+                assert_eq!(*r, rank);
+                assert!(
+                    reason.contains("rank 2") && reason.contains("reaches none"),
+                    "rank {rank}: {reason}"
+                );
+            }
+            other => panic!("rank {rank}: expected CollectiveAborted, got {other:?}"),
+        }
+    }
+    // `launch` folds to the cause.
+    let cause = launch(options(2), |ctx| {
+        let (model, _, _) = common::build(Some(&snapshot), DType::F32, NestedWrappedModule::new)?;
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
+        let out = fsdp.forward(|m| m.forward(&input(ctx.rank)))?;
+        let loss = if ctx.rank == 1 {
+            input(ctx.rank).sum_all()?
+        } else {
+            out.sum_all()?
+        };
+        fsdp.backward(&loss).map(drop)
+    })
+    .unwrap_err();
+    assert!(
+        matches!(cause, Error::LossReachesNoOutput { rank: 1 }),
+        "{cause}"
+    );
+}
+
+/// Rank 1 panics inside its forward while rank 0 waits in the next unit's all-gather:
+/// `launch` returns rank 1's panic, not rank 0's abort, although rank 0 comes first.
+#[test]
+fn launch_returns_the_panicking_rank_not_the_peer_it_aborted() {
+    let (_, _, snapshot) = common::build(None, DType::F32, NestedWrappedModule::new).unwrap();
+    let started = Instant::now();
+    let cause = launch(options(2), |ctx| {
+        let (model, _, _) = common::build(Some(&snapshot), DType::F32, NestedWrappedModule::new)?;
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
+        let out = fsdp.forward(|m| {
+            if ctx.rank == 1 {
+                panic!("rank 1 breaks inside the model");
+            }
+            m.forward(&input(ctx.rank))
+        })?;
+        fsdp.backward(&out.sum_all()?).map(drop)
+    })
+    .unwrap_err();
+    assert!(started.elapsed() < FAST, "took {:?}", started.elapsed());
+    match cause {
+        Error::RankPanicked { rank: 1, message } => {
+            assert!(message.contains("breaks inside"), "{message}")
+        }
+        other => panic!("expected rank 1's panic, got {other}"),
+    }
+}
+
+/// A plain single-process copy of `NestedWrappedModule`'s values is the reference for
+/// what the gathered model computes.
+#[test]
+fn the_model_is_reachable_only_with_full_parameters() {
+    let (reference, _, snapshot) =
+        common::build(None, DType::F32, NestedWrappedModule::new).unwrap();
+    let expected = reference.forward(&input(0)).unwrap();
+    let results = launch(options(2), |ctx| {
+        let (model, _, _) = common::build(Some(&snapshot), DType::F32, NestedWrappedModule::new)?;
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
+        // Between steps the units are released; inside the scope they are gathered.
+        let summoned = fsdp.summon_full_params(|m| m.forward(&input(0)))??;
+        let full = fsdp.full_parameters()?;
+        assert_eq!(
+            fsdp.memory().gathered_bytes,
+            0,
+            "the scope freed what it gathered"
+        );
+
+        // Refused between a forward and its backward, and the step still completes.
+        let out = fsdp.forward(|m| m.forward(&input(ctx.rank)))?;
+        match fsdp.summon_full_params(|_| ()) {
+            Err(Error::StepInProgress { rank, .. }) => assert_eq!(rank, ctx.rank),
+            other => panic!("rank {}: expected StepInProgress, got {other:?}", ctx.rank),
+        }
+        fsdp.backward(&out.sum_all()?)?;
+
+        // A failing inference closure leaves training usable.
+        let failed = fsdp.forward_inference(|_| -> candle_core::Result<Tensor> {
+            candle_core::bail!("no input")
+        });
+        assert!(failed.is_err());
+        let out = fsdp.forward(|m| m.forward(&input(ctx.rank)))?;
+        fsdp.backward(&out.sum_all()?)?;
+
+        let full_after = fsdp.full_parameters()?;
+        let plain = fsdp.into_inner()?;
+        let unwrapped = plain.forward(&input(0))?;
+        Ok((summoned, full, full_after, unwrapped))
+    })
+    .unwrap();
+    for (rank, (summoned, full, full_after, unwrapped)) in results.into_iter().enumerate() {
+        common::assert_close(
+            &summoned,
+            &expected,
+            common::F32_ATOL,
+            common::F32_RTOL,
+            &format!("rank {rank}: summoned forward"),
+        );
+        for (name, value) in &full {
+            assert_eq!(
+                values(value),
+                values(&snapshot.0[name]),
+                "rank {rank}: full value of {name}"
+            );
+        }
+        // The unwrapped model holds the trained values and runs without the runtime: it
+        // computes what a plain model built from those values computes.
+        let mut rebuilt = snapshot.clone();
+        for (name, value) in &full_after {
+            rebuilt.0.insert(name.clone(), value.clone());
+        }
+        let (reference, _, _) =
+            common::build(Some(&rebuilt), DType::F32, NestedWrappedModule::new).unwrap();
+        let expected = reference.forward(&input(0)).unwrap();
+        common::assert_close(
+            &unwrapped,
+            &expected,
+            common::F32_ATOL,
+            common::F32_RTOL,
+            &format!("rank {rank}: unwrapped forward"),
+        );
+    }
+}
