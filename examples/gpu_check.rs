@@ -1445,7 +1445,13 @@ fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
             VarBuilder::from_varmap(&var_map, DType::F32, &dev),
         )?;
         let layout = Layout::of(&model)?;
-        let plan = Plan::new(&layout, PlanConfig::new(1, FsdpConfig::default().strategy(ShardingStrategy::FullShard)))?;
+        let plan = Plan::new(
+            &layout,
+            PlanConfig::new(
+                1,
+                FsdpConfig::default().strategy(ShardingStrategy::FullShard),
+            ),
+        )?;
         drop(layout);
         let unit_bytes: Vec<(String, usize)> = plan
             .units

@@ -93,8 +93,8 @@ fn llama_config() -> LlamaConfig {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let plan_config =
-        PlanConfig::new(args.fsdp.world_size, args.fsdp.fsdp_config()).optimizer_states(args.optimizer.states());
+    let plan_config = PlanConfig::new(args.fsdp.world_size, args.fsdp.fsdp_config())
+        .optimizer_states(args.optimizer.states());
 
     let var_map = VarMap::new();
     let vb = VarBuilder::from_varmap(&var_map, DTYPE, &Device::Cpu);

@@ -1476,7 +1476,10 @@ fn delayed_run(snapshot: &Snapshot, strategy: ShardingStrategy, delay: Duration)
     let started = Instant::now();
     let ranks = launch(options(world), |ctx| {
         let (model, _, _) = build(Some(snapshot), DType::F32, NestedWrappedModule::new)?;
-        let comm = Arc::new(SlowReduceScatter { inner: ctx.comm.clone(), delay });
+        let comm = Arc::new(SlowReduceScatter {
+            inner: ctx.comm.clone(),
+            delay,
+        });
         let fsdp = Fsdp::wrap(model, comm, config(strategy))?;
         let mut optim = SgdMomentum::new(fsdp.parameters(), SGD)?;
         let mut losses = Vec::new();

@@ -641,7 +641,10 @@ fn world_of_zero_ranks_and_ranks_outside_the_world_are_refused() {
     assert!(world.communicator(1).is_ok());
     for rank in [2, 3, 100] {
         match world.communicator(rank) {
-            Err(Error::NoSuchRank { rank: refused, world_size }) => {
+            Err(Error::NoSuchRank {
+                rank: refused,
+                world_size,
+            }) => {
                 assert_eq!((refused, world_size), (rank, 2))
             }
             Err(other) => panic!("rank {rank}: expected NoSuchRank, got {other:?}"),

@@ -139,7 +139,10 @@ fn ranks_with_different_models_are_refused_at_wrap() {
     .unwrap();
     for (rank, outcome) in outcomes.iter().enumerate() {
         let error = outcome.as_ref().expect_err("must be refused").to_string();
-        assert!(error.contains("the ranks built different models"), "rank {rank}: {error}");
+        assert!(
+            error.contains("the ranks built different models"),
+            "rank {rank}: {error}"
+        );
         assert!(
             error.contains("3 units") && error.contains("4 units"),
             "rank {rank}: {error}"

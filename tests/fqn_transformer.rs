@@ -256,9 +256,17 @@ fn backward_pre_prefetch_targets_match_the_spec() {
 
     // The targets as the executor and the plan choose them.
     let plan = Plan::new(&layout, PlanConfig::new(2, FsdpConfig::default())).expect("plan");
-    let planned: Vec<&str> = plan.backward_prefetch.iter().map(|(u, _)| u.as_str()).collect();
+    let planned: Vec<&str> = plan
+        .backward_prefetch
+        .iter()
+        .map(|(u, _)| u.as_str())
+        .collect();
     assert_eq!(planned, pre_backward);
-    let targets: Vec<Option<&str>> = plan.backward_prefetch.iter().map(|(_, t)| t.as_deref()).collect();
+    let targets: Vec<Option<&str>> = plan
+        .backward_prefetch
+        .iter()
+        .map(|(_, t)| t.as_deref())
+        .collect();
     assert_eq!(targets, expected_targets);
 
     // The seed's check rule with ENCODER_BEGIN_INDEX_FOR_PRE = 6: entry k is the decoder

@@ -39,7 +39,11 @@ fn measure(
         .strategy(strategy)
         .backward_prefetch(prefetch)
         .forward_prefetch(forward_prefetch);
-    let plan = Plan::new(&Layout::of(&model).unwrap(), PlanConfig::new(world, fsdp_config)).unwrap();
+    let plan = Plan::new(
+        &Layout::of(&model).unwrap(),
+        PlanConfig::new(world, fsdp_config),
+    )
+    .unwrap();
     let measured = launch(LaunchOptions::new(world), |ctx| {
         let (model, _, _) = common::build(Some(&snapshot), DType::F32, |vb| {
             Transformer::new(&config(), vb)

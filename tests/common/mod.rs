@@ -131,7 +131,11 @@ impl candle_fsdp::dist::Collectives for SlowReduceScatter {
     fn global_rank(&self) -> usize {
         self.inner.global_rank()
     }
-    fn all_gather(&self, input: &Tensor, label: &str) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
+    fn all_gather(
+        &self,
+        input: &Tensor,
+        label: &str,
+    ) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
         self.inner.all_gather(input, label)
     }
     fn reduce_scatter(
@@ -151,13 +155,21 @@ impl candle_fsdp::dist::Collectives for SlowReduceScatter {
     ) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
         self.inner.all_reduce(input, op, label)
     }
-    fn broadcast(&self, input: &Tensor, root: usize, label: &str) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
+    fn broadcast(
+        &self,
+        input: &Tensor,
+        root: usize,
+        label: &str,
+    ) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
         self.inner.broadcast(input, root, label)
     }
     fn barrier(&self, label: &str) -> candle_fsdp::Result<()> {
         self.inner.barrier(label)
     }
-    fn new_group(&self, global_ranks: &[usize]) -> candle_fsdp::Result<Box<dyn candle_fsdp::dist::Collectives>> {
+    fn new_group(
+        &self,
+        global_ranks: &[usize],
+    ) -> candle_fsdp::Result<Box<dyn candle_fsdp::dist::Collectives>> {
         self.inner.new_group(global_ranks)
     }
     fn abort(&self, reason: &str) {

@@ -213,7 +213,10 @@ fn unknown(cx: &Ctxt, meta: &ParseNestedMeta, expected: &[Symbol]) {
         [only] => only.clone(),
         several => format!("one of {}", several.join(", ")),
     };
-    cx.error_spanned_by(&meta.path, format!("unknown fsdp attribute `{name}`; expected {expected}"));
+    cx.error_spanned_by(
+        &meta.path,
+        format!("unknown fsdp attribute `{name}`; expected {expected}"),
+    );
     // Skip the value so the parse continues with the next key.
     if meta.input.peek(Token![=]) {
         let _ = meta.value().and_then(|v| v.parse::<syn::Expr>());

@@ -718,9 +718,11 @@ fn read_loop(shared: &Shared, peer: usize, stream: TcpStream) {
                 shared.arrived.notify_all();
                 return;
             }
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break format!(
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                break format!(
                 "rank {peer} closed its connection without saying goodbye (did its process die?)"
-            ),
+            )
+            }
             Err(e) => break format!("the connection to rank {peer} failed: {e}"),
         }
     };
@@ -896,9 +898,11 @@ fn connect_upper(
         })();
         match greeted {
             Ok((rank, size)) if rank == peer && size == world => streams.push(Some(stream)),
-            Ok((rank, size)) => return Err(failed(format!(
+            Ok((rank, size)) => {
+                return Err(failed(format!(
                 "{addr} answered as rank {rank} of a world of {size}, not rank {peer} of {world}"
-            ))),
+            )))
+            }
             Err(e) if is_timeout(&e) => streams.push(None),
             Err(e) => return Err(failed(format!("the hello to {addr} failed: {e}"))),
         }

@@ -6,6 +6,8 @@
 //! The child ranks are this test binary, run again with only `process_rank_child` selected
 //! and the work folder in `CHILD_DIR`.
 
+// The integration tests' shared helpers (snapshots, seeded inputs) of the candle-fsdp crate.
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use candle_core::Module;
