@@ -594,3 +594,63 @@ fn nested_wrapped_module_gradients() {
         model.forward(&x).unwrap().sum_all().unwrap()
     });
 }
+
+/// candle-nn 0.11.1's `Linear` is wrong for a non-contiguous 3-D input (every batch element
+/// after the first). The library's models must not depend on their input's layout: a
+/// transposed input gives what its contiguous copy gives, and the copy's result is the
+/// one checked against PyTorch and against plain loops above.
+#[test]
+fn models_give_the_same_result_for_a_non_contiguous_input() {
+    let varmap = VarMap::new();
+    let transformer = Transformer::new(&small_transformer_config(), f64_builder(&varmap)).unwrap();
+    randomize(&varmap);
+    // (S, N, E) made from a batch-first (N, S, E) tensor, as a caller would.
+    let batch_first = |seed: f64, s: usize| {
+        Tensor::arange(0.0, (3 * s * 8) as f64, &Device::Cpu)
+            .unwrap()
+            .affine(0.37, seed)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .reshape((3, s, 8))
+            .unwrap()
+    };
+    let src = batch_first(0.1, 5).transpose(0, 1).unwrap();
+    let tgt = batch_first(0.7, 4).transpose(0, 1).unwrap();
+    assert!(!src.is_contiguous() && !tgt.is_contiguous());
+    let strided = transformer.forward(&src, &tgt).unwrap();
+    let contiguous = transformer
+        .forward(&src.contiguous().unwrap(), &tgt.contiguous().unwrap())
+        .unwrap();
+    let diff = (strided - contiguous)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(
+        diff.to_scalar::<f64>().unwrap() < 1e-12,
+        "transformer: {diff}"
+    );
+
+    let varmap = VarMap::new();
+    let nested = NestedWrappedModule::new(f64_builder(&varmap)).unwrap();
+    let x = batch_first(0.3, 8)
+        .narrow(1, 0, 8)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .t()
+        .unwrap();
+    assert!(!x.is_contiguous());
+    let diff = (nested.forward(&x).unwrap() - nested.forward(&x.contiguous().unwrap()).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(
+        diff.to_scalar::<f64>().unwrap() < 1e-12,
+        "NestedWrappedModule: {diff}"
+    );
+}
