@@ -36,7 +36,7 @@ impl FqnTemplate {
         }
         assert!(
             self.len < MAX_DEPTH,
-            "model nesting is deeper than candle_fsdp::table::MAX_DEPTH"
+            "model nesting is deeper than candle_fsdp::model::MAX_DEPTH"
         );
         self.segments[self.len] = segment;
         self.len += 1;
@@ -356,4 +356,102 @@ impl StaticTable {
 /// A type with a static table: every struct deriving `Shardable` can be a model root.
 pub trait ShardableModel: Shardable {
     const TABLE: StaticTable;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::schema::{FieldSchema, StructSchema};
+
+    const PARAMETER: Node = Node::Tensor(Role::Parameter);
+
+    const fn field(name: &'static str, role: Option<Role>, node: &'static Node) -> FieldSchema {
+        FieldSchema {
+            ident: name,
+            name,
+            role,
+            node,
+        }
+    }
+
+    static LINEAR: StructSchema = StructSchema {
+        type_name: "Linear",
+        fields: &[
+            field("weight", None, &PARAMETER),
+            field("bias", None, &PARAMETER),
+        ],
+        forward_order: &[0, 1],
+    };
+    /// A block whose forward runs its norm scale (a buffer) before its attention unit.
+    static BLOCK: StructSchema = StructSchema {
+        type_name: "Block",
+        fields: &[
+            field("self_attn", None, &Node::Unit(&Node::Struct(&LINEAR))),
+            field("scale", Some(Role::Buffer), &PARAMETER),
+        ],
+        forward_order: &[1, 0],
+    };
+    /// Declared head, layers, embedding; run embedding, layers, head.
+    static MODEL: StructSchema = StructSchema {
+        type_name: "Model",
+        fields: &[
+            field("lm_head", None, &Node::Optional(&Node::Struct(&LINEAR))),
+            field(
+                "model.layers",
+                None,
+                &Node::Repeated(&Node::Unit(&Node::Struct(&BLOCK))),
+            ),
+            field("embed.weight", None, &PARAMETER),
+        ],
+        forward_order: &[2, 1, 0],
+    };
+    static ROOT: Node = Node::Struct(&MODEL);
+
+    #[test]
+    fn a_hand_built_schema_flattens_to_its_fqns_units_and_orders() {
+        assert_eq!((param_count(&ROOT), unit_count(&ROOT)), (6, 3));
+        let table = Table::<6, 3>::build(&ROOT);
+        let params: Vec<(String, usize, Role)> = table
+            .params
+            .iter()
+            .map(|p| (p.fqn.segments().join("."), p.unit, p.role))
+            .collect();
+        let expected = [
+            ("lm_head.weight", 0, Role::Parameter),
+            ("lm_head.bias", 0, Role::Parameter),
+            ("model.layers.{index}.self_attn.weight", 2, Role::Parameter),
+            ("model.layers.{index}.self_attn.bias", 2, Role::Parameter),
+            ("model.layers.{index}.scale", 1, Role::Buffer),
+            ("embed.weight", 0, Role::Parameter),
+        ];
+        let expected: Vec<(String, usize, Role)> = expected
+            .iter()
+            .map(|&(f, u, r)| (f.to_string(), u, r))
+            .collect();
+        assert_eq!(params, expected);
+
+        let units: Vec<(String, Option<usize>)> = table
+            .units
+            .iter()
+            .map(|u| (u.display_name(), u.parent))
+            .collect();
+        assert_eq!(
+            units,
+            [
+                ("<root>".to_string(), None),
+                ("model.layers.{index}".to_string(), Some(0)),
+                ("model.layers.{index}.self_attn".to_string(), Some(1)),
+            ]
+        );
+        // The root starts first and ends last; the attention unit ends inside its block.
+        assert_eq!(table.forward_order, [0, 1, 2]);
+        assert_eq!(table.post_forward_order, [2, 1, 0]);
+        assert_eq!(table.backward_order, [0, 1, 2]);
+        // Expanded with the layer index.
+        assert_eq!(
+            table.params[3].fqn.expand(&[7]),
+            "model.layers.7.self_attn.bias"
+        );
+        assert_eq!(table.params[2].fqn.index_count(), 1);
+    }
 }
