@@ -29,8 +29,7 @@
 mod common;
 
 #[allow(dead_code)]
-#[path = "../tests/common/seed_fqns.rs"]
-mod seed_fqns;
+use fsdp_testkit::seed_fqns;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::cuda::cudarc::driver::{result as cu_result, sys as cu_sys, CudaContext};

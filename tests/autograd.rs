@@ -16,17 +16,13 @@
 //! alternation guarded — a parameter that received no gradient has none (`None`), exactly
 //! as in the reference — is asserted directly on the `GradStore`s.
 
-mod common;
+use fsdp_testkit as common;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_fsdp::dist::Collectives;
 use candle_fsdp::dist::ReduceOp;
 use candle_fsdp::model::{Layout, Tie};
-use candle_fsdp::models::fsdp_test_models::{
-    ActivationContainer, DoubleLinear, DoubleLinearEachUnit, MixtureOfExperts, Mlp,
-    NamedActivations, NestedWrappedModule, NontensorActivations, TransformerWithSharedParams,
-};
 use candle_fsdp::models::gpt::{Gpt, GptConfig};
 use candle_fsdp::optim::{SgdMomentum, SgdMomentumConfig, StepLr};
 use candle_fsdp::{
@@ -35,6 +31,10 @@ use candle_fsdp::{
 };
 use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use common::{assert_close, build, rand, randn, SlowReduceScatter, Snapshot, F32_ATOL, F32_RTOL};
+use fsdp_testkit::fsdp_test_models::{
+    ActivationContainer, DoubleLinear, DoubleLinearEachUnit, MixtureOfExperts, Mlp,
+    NamedActivations, NestedWrappedModule, NontensorActivations, TransformerWithSharedParams,
+};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -14,8 +14,8 @@ use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
 use candle_fsdp::{launch, BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, TraceEvent};
 use candle_nn::{Optimizer, SGD};
 
-mod common;
 use common::seed_fqns::expected_prefetch_entry;
+use fsdp_testkit as common;
 
 const NUM_ITERS: usize = 2;
 const TOTAL_NUM_PREFETCH_FOR_PRE: usize = 12;

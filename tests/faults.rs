@@ -3,14 +3,14 @@
 //! runs units out of the static order under the strict check.
 
 use candle_core::{DType, Module, Tensor};
-use candle_fsdp::models::fsdp_test_models::NestedWrappedModule;
 use candle_fsdp::{
     launch, launch_each, Error, Fsdp, FsdpConfig, LaunchOptions, OrderCheck, Shardable, Unit,
 };
 use candle_nn::Linear;
+use fsdp_testkit::fsdp_test_models::NestedWrappedModule;
 use std::time::{Duration, Instant};
 
-mod common;
+use fsdp_testkit as common;
 
 const TIMEOUT: Duration = Duration::from_millis(500);
 

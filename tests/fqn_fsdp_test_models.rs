@@ -3,12 +3,12 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_fsdp::model::{Layout, Role, Tie};
-use candle_fsdp::models::fsdp_test_models::{
+use candle_fsdp::{Error, Shardable, ShardableModel, Unit};
+use candle_nn::{Linear, VarBuilder, VarMap};
+use fsdp_testkit::fsdp_test_models::{
     AlwaysWrapNestedWrappedModule, DoubleLinear, DoubleLinearEachUnit, Mlp, NestedWrappedModule,
     TransformerWithSharedParams,
 };
-use candle_fsdp::{Error, Shardable, ShardableModel, Unit};
-use candle_nn::{Linear, VarBuilder, VarMap};
 
 fn var_builder(varmap: &VarMap) -> VarBuilder<'static> {
     VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu)

@@ -13,8 +13,8 @@ use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
 use candle_fsdp::{FsdpConfig, Plan, PlanConfig, ShardableModel};
 use candle_nn::{VarBuilder, VarMap};
 
-mod common;
 use common::seed_fqns::{layer_fqns, DECODER_PARAM_FQNS, ENCODER_PARAM_FQNS, ROOT_PARAM_FQNS};
+use fsdp_testkit as common;
 
 const D_MODEL: usize = 16;
 const DIM_FEEDFORWARD: usize = 32;

@@ -10,7 +10,7 @@ use candle_fsdp::{
     launch, BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, Plan, PlanConfig, ShardingStrategy,
 };
 
-mod common;
+use fsdp_testkit as common;
 
 const D_MODEL: usize = 32;
 

@@ -9,10 +9,10 @@
 //!   differences.
 
 use candle_core::{DType, Device, Module, Tensor, Var};
-use candle_fsdp::models::fsdp_test_models::{NestedWrappedModule, TransformerWithSharedParams};
 use candle_fsdp::models::llama::{Llama, LlamaConfig};
 use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
 use candle_nn::{VarBuilder, VarMap};
+use fsdp_testkit::fsdp_test_models::{NestedWrappedModule, TransformerWithSharedParams};
 
 type Rows = Vec<Vec<f64>>;
 

@@ -24,18 +24,18 @@
 //! - `TransformerWithSharedParams` (with BatchNorm): `get_input` (the same on every rank)
 //!   and the summed cross-entropy `get_loss`.
 
-mod common;
+use fsdp_testkit as common;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_fsdp::models::fsdp_test_models::{
-    AlwaysWrapNestedWrappedModule, NestedWrappedModule, TransformerWithSharedParams,
-};
 use candle_fsdp::optim::{SgdMomentum, SgdMomentumConfig};
 use candle_fsdp::{
     launch, BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, ShardableModel, ShardingStrategy,
 };
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use common::{assert_close, build, Snapshot, F32_ATOL, F32_RTOL};
+use fsdp_testkit::fsdp_test_models::{
+    AlwaysWrapNestedWrappedModule, NestedWrappedModule, TransformerWithSharedParams,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Instant;

@@ -5,11 +5,11 @@
 //! the model only while its parameters are gathered.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_fsdp::models::fsdp_test_models::NestedWrappedModule;
 use candle_fsdp::{launch, launch_each, Error, Fsdp, FsdpConfig, LaunchOptions, Shardable, Unit};
+use fsdp_testkit::fsdp_test_models::NestedWrappedModule;
 use std::time::{Duration, Instant};
 
-mod common;
+use fsdp_testkit as common;
 
 /// Long enough that finishing far below it shows a refusal did not wait for it.
 const TIMEOUT: Duration = Duration::from_secs(20);

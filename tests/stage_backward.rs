@@ -18,7 +18,7 @@
 //!   (the queue holds per-use activation/gradient pairs), so it has no port.
 //! - Gradients are read from a `GradAccumulator`: candle has no `.grad` field.
 
-mod common;
+use fsdp_testkit as common;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use common::{assert_close, rand, randn, F32_ATOL, F32_RTOL};

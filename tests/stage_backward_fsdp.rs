@@ -15,8 +15,8 @@ use candle_fsdp::{
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
 
-mod common;
 use common::{assert_close, build, Snapshot, F32_ATOL, F32_RTOL};
+use fsdp_testkit as common;
 
 const DIM: usize = 16;
 const BATCH: usize = 8;

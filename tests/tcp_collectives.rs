@@ -7,7 +7,7 @@
 //! rank that never calls or never connects, a rank that drops its communicator) and FSDP
 //! training over TCP against training over the thread backend.
 
-mod common;
+use fsdp_testkit as common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_fsdp::dist::Collectives;
@@ -15,10 +15,10 @@ use candle_fsdp::dist::ReduceOp;
 use candle_fsdp::dist::TcpComm;
 use candle_fsdp::dist::ThreadWorld;
 use candle_fsdp::dist::{Store, StoreServer};
-use candle_fsdp::models::fsdp_test_models::NestedWrappedModule;
 use candle_fsdp::optim::{SgdMomentum, SgdMomentumConfig};
 use candle_fsdp::{launch, Error, Fsdp, FsdpConfig, LaunchOptions};
 use candle_nn::Optimizer;
+use fsdp_testkit::fsdp_test_models::NestedWrappedModule;
 use std::collections::BTreeMap;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};

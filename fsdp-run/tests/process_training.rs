@@ -6,20 +6,18 @@
 //! The child ranks are this test binary, run again with only `process_rank_child` selected
 //! and the work folder in `CHILD_DIR`.
 
-// The integration tests' shared helpers (snapshots, seeded inputs) of the candle-fsdp crate.
-#[path = "../../tests/common/mod.rs"]
-mod common;
+use fsdp_testkit as common;
 
 use candle_core::Module;
 use candle_core::{DType, Tensor};
 use candle_fsdp::dist::ReduceOp;
-use candle_fsdp::models::fsdp_test_models::NestedWrappedModule;
 use candle_fsdp::optim::{SgdMomentum, SgdMomentumConfig};
 use candle_fsdp::{
     launch, Backend, Fsdp, FsdpConfig, LaunchOptions, ProcessGroup, RankContext, ShardingStrategy,
 };
 use candle_nn::Optimizer;
 use common::{build, Snapshot};
+use fsdp_testkit::fsdp_test_models::NestedWrappedModule;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -3,14 +3,12 @@
 //! - [`transformer`]: a port of PyTorch's `nn.Transformer` (the model of PyTorch's FSDP
 //!   backward-prefetch test), with its parameter names;
 //! - [`llama`]: a small Llama-style decoder with the Hugging Face parameter names;
-//! - [`fsdp_test_models`]: the reference models of PyTorch's FSDP test suite
-//!   (`NestedWrappedModule`, `TransformerWithSharedParams`, …), ported for parity tests;
 //! - [`gpt`]: the small decoder-only transformer of PyTorch's distributed tests (FSDP2's
 //!   optimizer-in-backward test), with tied input and output embeddings.
 //!
 //! Every model is built from a `candle_nn::VarBuilder`, under exactly the FQNs of its
 //! static table, so the keys of a `VarMap` it was built from equal its FQNs and
-//! [`Layout::check_var_map`](crate::Layout::check_var_map) holds.
+//! [`Layout::check_var_map`](crate::model::Layout::check_var_map) holds.
 //!
 //! # Autograd
 //!
@@ -22,7 +20,6 @@
 //! ([`layer_norm`], [`rms_norm`], [`softmax_last_dim`]) compute the same functions from
 //! differentiable primitives, and the models use them instead.
 
-pub mod fsdp_test_models;
 pub mod gpt;
 pub mod llama;
 pub mod transformer;
@@ -103,7 +100,7 @@ pub(crate) fn xavier_uniform(fan_out: usize, fan_in: usize) -> Init {
 
 /// `Init` of PyTorch's default `nn.Linear` parameters: `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`
 /// for both weight and bias.
-pub(crate) fn torch_linear_init(fan_in: usize) -> Init {
+pub fn torch_linear_init(fan_in: usize) -> Init {
     let bound = 1.0 / (fan_in as f64).sqrt();
     Init::Uniform {
         lo: -bound,
@@ -113,7 +110,7 @@ pub(crate) fn torch_linear_init(fan_in: usize) -> Init {
 
 /// A linear layer with PyTorch's default `nn.Linear` initialisation distribution
 /// (weight `(out, in)` and bias `(out)`, both `U(±1/sqrt(in))`).
-pub(crate) fn torch_linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+pub fn torch_linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let init = torch_linear_init(in_dim);
     let weight = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
     let bias = vb.get_with_hints(out_dim, "bias", init)?;

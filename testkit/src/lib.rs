@@ -1,8 +1,10 @@
-//! Helpers shared by the integration tests: reproducible model construction (candle's CPU
-//! generator cannot be seeded, so a model is built once and its values copied into every
-//! other copy) and tolerance checks.
-#![allow(dead_code)]
+//! What candle-fsdp's tests and examples share, not published: the models of PyTorch's
+//! FSDP test suite ([`fsdp_test_models`]), the FQN lists of the seed documents
+//! ([`seed_fqns`]), reproducible model construction (candle's CPU generator cannot be
+//! seeded, so a model is built once and its values copied into every other copy), seeded
+//! inputs, tolerance checks, and a collectives wrapper that injects a slow network.
 
+pub mod fsdp_test_models;
 pub mod seed_fqns;
 
 use candle_core::{DType, Device, Result, Tensor};

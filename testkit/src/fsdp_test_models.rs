@@ -11,10 +11,10 @@
 //! (another random generator), so parity tests compare against a reference built from the
 //! same `VarMap`.
 
-use super::transformer::{Transformer, TransformerConfig};
-use super::{log_softmax_last_dim, torch_linear};
-use crate::{Activations, Shardable, Unit};
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor};
+use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
+use candle_fsdp::models::{log_softmax_last_dim, torch_linear, torch_linear_init};
+use candle_fsdp::{Activations, Shardable, Unit};
 use candle_nn::{BatchNorm, BatchNormConfig, Embedding, Init, Linear, VarBuilder};
 use std::collections::HashMap;
 
@@ -214,7 +214,7 @@ impl TransformerWithSharedParams {
         let output_bias = vb.pp("output_proj").get_with_hints(
             Self::D_VOCAB,
             "bias",
-            super::torch_linear_init(Self::D_MODEL),
+            torch_linear_init(Self::D_MODEL),
         )?;
         let output_proj = Linear::new(embed_tokens.embeddings().clone(), Some(output_bias));
         let vocab_bias = vb.get_with_hints(Self::D_MODEL, "vocab_bias", Init::Const(1.0))?;
@@ -391,7 +391,7 @@ impl Module for Mlp {
 /// `module.1` (sharded over the world) and the expert `module.2`. PyTorch builds the
 /// expert from a per-rank seed and wraps it on a one-rank group (`new_group([rank])`), so
 /// every rank keeps its own expert, whole and never reduced; here that is
-/// [`Fsdp::wrap_with_groups`](crate::Fsdp::wrap_with_groups) with a size-1 group for
+/// [`Fsdp::wrap_with_groups`](candle_fsdp::Fsdp::wrap_with_groups) with a size-1 group for
 /// [`MixtureOfExperts::EXPERT_UNIT`], and the per-rank values are the caller's (build
 /// each rank's model from its own values). Input `(batch, 8)`, output `(batch, 8)`; the
 /// tests use `rand(4, 8)` and `output.sum()` like `NestedWrappedModule`.
