@@ -1,5 +1,5 @@
 //! What a model is, for the runtime: its static schema (emitted by `#[derive(Shardable)]`),
-//! the [`Unit`](crate::Unit) boundaries and the [`Activations`](crate::Activations) that
+//! the [`Unit`](crate::Unit) boundaries and the [`Activations`] that
 //! flow between them, the FQN table flattened at compile time, and the [`Layout`] of one
 //! built model. This module holds what a hand-written `Shardable` impl and a reader of the
 //! tables use; the traits themselves are at the crate root.

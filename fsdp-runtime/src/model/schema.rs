@@ -69,7 +69,7 @@ pub const INDEX: &str = "{index}";
 /// A model, or part of one, that the runtime can describe, walk and rebuild.
 ///
 /// Derive it with `#[derive(Shardable)]`; the runtime implements it for `Tensor`, `Var`,
-/// the candle-nn layers, `Vec`, `Option`, arrays and [`super::Unit`].
+/// the candle-nn layers, `Vec`, `Option`, arrays and [`Unit`](crate::Unit).
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not `Shardable`, so candle-fsdp cannot find its parameters",
     label = "this field's type does not implement `Shardable`",

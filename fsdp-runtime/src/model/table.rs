@@ -3,7 +3,7 @@
 //! Everything here is `const fn`, so `#[derive(Shardable)]` turns a model's [`Node`] tree
 //! into constants: the parameter templates in flat-parameter (declaration) order with
 //! `{index}` segments for `Vec` and array elements, the unit each template belongs to (its
-//! nearest enclosing [`super::Unit`], else the root unit 0), and the unit templates in
+//! nearest enclosing [`Unit`](crate::Unit), else the root unit 0), and the unit templates in
 //! pre-forward and post-forward order. The backward prefetch order follows from the
 //! post-forward order: in backward each unit prefetches the unit that finished its forward
 //! just before it.
@@ -110,7 +110,7 @@ pub struct ParamTemplate {
     pub role: Role,
 }
 
-/// One unit of the table. Unit 0 is the root: every parameter in no [`super::Unit`].
+/// One unit of the table. Unit 0 is the root: every parameter in no [`Unit`](crate::Unit).
 #[derive(Clone, Copy, Debug)]
 pub struct UnitTemplate {
     /// Where the unit sits; the root's is empty.
