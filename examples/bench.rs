@@ -133,13 +133,7 @@ struct RankRun {
 impl RankRun {
     /// The figures of one rank's run: its step times, the loss of every step, the bytes
     /// of the variables it stepped and of their last gradients, its gathered peak.
-    fn new(
-        times: Vec<Duration>,
-        losses: &[f64],
-        param_bytes: usize,
-        grad_bytes: usize,
-        gathered_peak: usize,
-    ) -> Self {
+    fn new(times: Vec<Duration>, losses: &[f64], param_bytes: usize, grad_bytes: usize, gathered_peak: usize) -> Self {
         Self {
             times,
             first_loss: losses[0],
@@ -169,10 +163,7 @@ fn main() -> anyhow::Result<()> {
 
     // One set of weights and one sequence of global batches for all three runs.
     let var_map = VarMap::new();
-    let model = Llama::new(
-        &setup.config,
-        VarBuilder::from_varmap(&var_map, DTYPE, &device),
-    )?;
+    let model = Llama::new(&setup.config, VarBuilder::from_varmap(&var_map, DTYPE, &device))?;
     let snapshot = common::snapshot(&var_map)?;
     drop((model, var_map));
     let numel = common::numel(snapshot.values());
@@ -184,19 +175,10 @@ fn main() -> anyhow::Result<()> {
     // Rank 0's half of every global batch, for the reference run (a/2).
     let half_batches = batches
         .iter()
-        .map(|(i, t)| {
-            Ok((
-                i.narrow(0, 0, setup.batch / 2)?,
-                t.narrow(0, 0, setup.batch / 2)?,
-            ))
-        })
+        .map(|(i, t)| Ok((i.narrow(0, 0, setup.batch / 2)?, t.narrow(0, 0, setup.batch / 2)?)))
         .collect::<candle_core::Result<Vec<_>>>()?;
 
-    println!(
-        "model {:?}: {}",
-        args.model,
-        common::describe_llama(&setup.config, numel)
-    );
+    println!("model {:?}: {}", args.model, common::describe_llama(&setup.config, numel));
     println!(
         "global batch {} x {} tokens; {steps} measured steps per run, in {rounds} round(s) of {warmup} warm-up + {per_round} measured steps;\nFSDP strategy {}; AdamW lr {LR}",
         setup.batch, setup.seq_len, args.strategy
@@ -207,48 +189,23 @@ fn main() -> anyhow::Result<()> {
         load_average()
     );
 
-    let (mut plain, mut one, mut two): (
-        Option<RankRun>,
-        Option<Vec<RankRun>>,
-        Option<Vec<RankRun>>,
-    ) = (None, None, None);
+    let (mut plain, mut one, mut two): (Option<RankRun>, Option<Vec<RankRun>>, Option<Vec<RankRun>>) =
+        (None, None, None);
     let mut half = None;
     for round in 1..=rounds {
         eprintln!("round {round}/{rounds}: (a) plain candle ...");
-        merge(
-            &mut plain,
-            on_thread(|| run_plain(&setup.config, &snapshot, &batches, warmup))?,
-        );
+        merge(&mut plain, on_thread(|| run_plain(&setup.config, &snapshot, &batches, warmup))?);
         eprintln!("round {round}/{rounds}: (a/2) plain candle, half batch ...");
-        merge(
-            &mut half,
-            on_thread(|| run_plain(&setup.config, &snapshot, &half_batches, warmup))?,
-        );
+        merge(&mut half, on_thread(|| run_plain(&setup.config, &snapshot, &half_batches, warmup))?);
         eprintln!("round {round}/{rounds}: (b) FSDP, world size 1 ...");
-        merge_ranks(
-            &mut one,
-            run_fsdp(1, args.strategy, &setup.config, &snapshot, &batches, warmup)?,
-        );
+        merge_ranks(&mut one, run_fsdp(1, args.strategy, &setup.config, &snapshot, &batches, warmup)?);
         eprintln!("round {round}/{rounds}: (c) FSDP, world size 2 ...");
-        merge_ranks(
-            &mut two,
-            run_fsdp(2, args.strategy, &setup.config, &snapshot, &batches, warmup)?,
-        );
+        merge_ranks(&mut two, run_fsdp(2, args.strategy, &setup.config, &snapshot, &batches, warmup)?);
     }
-    let (plain, one, two) = (
-        plain.expect("a round"),
-        one.expect("a round"),
-        two.expect("a round"),
-    );
+    let (plain, one, two) = (plain.expect("a round"), one.expect("a round"), two.expect("a round"));
     let half = half.expect("a round");
     if args.verbose {
-        let list = |times: &[Duration]| {
-            times
-                .iter()
-                .map(|&d| format!("{:.0}", ms(d)))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
+        let list = |times: &[Duration]| times.iter().map(|&d| format!("{:.0}", ms(d))).collect::<Vec<_>>().join(" ");
         println!("\nstep times (ms), in order:");
         println!("  (a)   {}", list(&plain.times));
         println!("  (b)   {}", list(&one[0].times));
@@ -261,43 +218,23 @@ fn main() -> anyhow::Result<()> {
     let min_ms = |times: &[Duration]| times.iter().map(|&d| ms(d)).fold(f64::INFINITY, f64::min);
     // A world's step ends when its slowest rank's does.
     let world_times = |ranks: &[RankRun]| -> Vec<Duration> {
-        (0..ranks[0].times.len())
-            .map(|i| ranks.iter().map(|r| r.times[i]).max().expect("a rank"))
-            .collect()
+        (0..ranks[0].times.len()).map(|i| ranks.iter().map(|r| r.times[i]).max().expect("a rank")).collect()
     };
     let (ta, tb, tc) = (plain.times.clone(), world_times(&one), world_times(&two));
     let base = median_ms(&ta);
     let per_rank = setup.batch / 2;
 
-    println!(
-        "\nstep time (forward + backward + AdamW step), median and min of {steps} measured steps:"
-    );
+    println!("\nstep time (forward + backward + AdamW step), median and min of {steps} measured steps:");
     let base_min = min_ms(&ta);
-    println!(
-        "  {:<52} {:>10} {:>10}   {:>13} {:>10}",
-        "run", "median", "min", "ratio: median", "min"
-    );
+    println!("  {:<52} {:>10} {:>10}   {:>13} {:>10}", "run", "median", "min", "ratio: median", "min");
     let row = |name: String, times: &[Duration]| {
         let (m, least) = (median_ms(times), min_ms(times));
-        println!(
-            "  {name:<52} {m:>7.1} ms {least:>7.1} ms   {:>13.3} {:>10.3}",
-            m / base,
-            least / base_min
-        );
+        println!("  {name:<52} {m:>7.1} ms {least:>7.1} ms   {:>13.3} {:>10.3}", m / base, least / base_min);
     };
-    row(
-        format!("(a) plain candle (no FSDP), batch {}", setup.batch),
-        &ta,
-    );
+    row(format!("(a) plain candle (no FSDP), batch {}", setup.batch), &ta);
     row(format!("(b) FSDP world size 1, batch {}", setup.batch), &tb);
-    row(
-        format!("(c) FSDP world size 2, 2 ranks x batch {per_rank}"),
-        &tc,
-    );
-    row(
-        format!("(a/2) plain candle, batch {per_rank} [reference]"),
-        &half.times,
-    );
+    row(format!("(c) FSDP world size 2, 2 ranks x batch {per_rank}"), &tc);
+    row(format!("(a/2) plain candle, batch {per_rank} [reference]"), &half.times);
     println!(
         "  (c) speed-up over (a): {:.2}x by medians, {:.2}x by minima; (b) overhead over (a): {:+.1}% by medians, {:+.1}% by minima",
         base / median_ms(&tc),
@@ -345,8 +282,7 @@ fn main() -> anyhow::Result<()> {
     println!("  (c) {:.5} / {:.5}", two[0].first_loss, two[0].last_loss);
     for (name, run) in [("(b)", &one[0]), ("(c)", &two[0])] {
         ensure!(
-            (run.first_loss - plain.first_loss).abs() < 1e-3
-                && (run.last_loss - plain.last_loss).abs() < 2e-2,
+            (run.first_loss - plain.first_loss).abs() < 1e-3 && (run.last_loss - plain.last_loss).abs() < 2e-2,
             "{name} computed other losses than (a): {} / {} vs {} / {}",
             run.first_loss,
             run.last_loss,
@@ -378,10 +314,7 @@ fn merge(into: &mut Option<RankRun>, run: RankRun) {
 fn merge_ranks(into: &mut Option<Vec<RankRun>>, runs: Vec<RankRun>) {
     match into {
         None => *into = Some(runs),
-        Some(first) => first
-            .iter_mut()
-            .zip(runs)
-            .for_each(|(f, r)| f.times.extend(r.times)),
+        Some(first) => first.iter_mut().zip(runs).for_each(|(f, r)| f.times.extend(r.times)),
     }
 }
 
@@ -391,13 +324,8 @@ fn merge_ranks(into: &mut Option<Vec<RankRun>>, runs: Vec<RankRun>) {
 fn on_thread<R: Send>(f: impl FnOnce() -> anyhow::Result<R> + Send) -> anyhow::Result<R> {
     let stack = LaunchOptions::new(1).stack_size;
     std::thread::scope(|scope| {
-        let handle = std::thread::Builder::new()
-            .name("plain".into())
-            .stack_size(stack)
-            .spawn_scoped(scope, f)?;
-        handle
-            .join()
-            .map_err(|_| anyhow::anyhow!("the plain-candle run panicked"))?
+        let handle = std::thread::Builder::new().name("plain".into()).stack_size(stack).spawn_scoped(scope, f)?;
+        handle.join().map_err(|_| anyhow::anyhow!("the plain-candle run panicked"))?
     })
 }
 
@@ -409,25 +337,12 @@ fn run_plain(
     warmup: usize,
 ) -> anyhow::Result<RankRun> {
     let var_map = VarMap::new();
-    let model = Llama::new(
-        config,
-        VarBuilder::from_varmap(&var_map, DTYPE, &Device::Cpu),
-    )?;
+    let model = Llama::new(config, VarBuilder::from_varmap(&var_map, DTYPE, &Device::Cpu))?;
     for (name, var) in var_map.data().lock().expect("VarMap lock").iter() {
-        var.set(
-            snapshot
-                .get(name)
-                .with_context(|| format!("`{name}` missing from the snapshot"))?,
-        )?;
+        var.set(snapshot.get(name).with_context(|| format!("`{name}` missing from the snapshot"))?)?;
     }
     let vars = var_map.all_vars();
-    let mut optimizer = AdamW::new(
-        vars.clone(),
-        ParamsAdamW {
-            lr: LR,
-            ..ParamsAdamW::default()
-        },
-    )?;
+    let mut optimizer = AdamW::new(vars.clone(), ParamsAdamW { lr: LR, ..ParamsAdamW::default() })?;
     let (mut times, mut losses, mut grad_bytes) = (Vec::new(), Vec::new(), 0);
     for (step, (inputs, targets)) in batches.iter().enumerate() {
         let started = Instant::now();
@@ -441,13 +356,7 @@ fn run_plain(
         losses.push(loss.to_scalar::<f32>()? as f64);
         grad_bytes = common::tensor_bytes(vars.iter().filter_map(|v| grads.get(v.as_tensor())));
     }
-    Ok(RankRun::new(
-        times,
-        &losses,
-        common::var_bytes(&vars),
-        grad_bytes,
-        0,
-    ))
+    Ok(RankRun::new(times, &losses, common::var_bytes(&vars), grad_bytes, 0))
 }
 
 /// (b) and (c): FSDP over `world` CPU ranks, rank `r` on its slice of every global batch.
@@ -460,23 +369,11 @@ fn run_fsdp(
     warmup: usize,
 ) -> anyhow::Result<Vec<RankRun>> {
     let runs = launch(LaunchOptions::new(world), |ctx| {
-        let model = Llama::new(
-            config,
-            VarBuilder::from_tensors(snapshot.clone(), DTYPE, &Device::Cpu),
-        )?;
-        let fsdp_config = FsdpConfig {
-            sync_module_states: false,
-            ..FsdpConfig::default().strategy(strategy)
-        };
+        let model = Llama::new(config, VarBuilder::from_tensors(snapshot.clone(), DTYPE, &Device::Cpu))?;
+        let fsdp_config = FsdpConfig { sync_module_states: false, ..FsdpConfig::default().strategy(strategy) };
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), fsdp_config)?;
         let shards = fsdp.parameters();
-        let mut optimizer = AdamW::new(
-            shards.clone(),
-            ParamsAdamW {
-                lr: LR,
-                ..ParamsAdamW::default()
-            },
-        )?;
+        let mut optimizer = AdamW::new(shards.clone(), ParamsAdamW { lr: LR, ..ParamsAdamW::default() })?;
         let (mut times, mut losses, mut grad_bytes) = (Vec::new(), Vec::new(), 0);
         for (step, (inputs, targets)) in batches.iter().enumerate() {
             let rows = inputs.dim(0)? / world;
@@ -492,21 +389,11 @@ fn run_fsdp(
             if step >= warmup {
                 times.push(elapsed);
             }
-            let global = ctx
-                .comm
-                .all_reduce(&loss.detach().reshape(1)?, ReduceOp::Avg, "loss")?
-                .wait()?;
+            let global = ctx.comm.all_reduce(&loss.detach().reshape(1)?, ReduceOp::Avg, "loss")?.wait()?;
             losses.push(global.to_vec1::<f32>()?[0] as f64);
-            grad_bytes =
-                common::tensor_bytes(shards.iter().filter_map(|v| grads.get(v.as_tensor())));
+            grad_bytes = common::tensor_bytes(shards.iter().filter_map(|v| grads.get(v.as_tensor())));
         }
-        Ok(RankRun::new(
-            times,
-            &losses,
-            common::var_bytes(&shards),
-            grad_bytes,
-            fsdp.memory().gathered_peak,
-        ))
+        Ok(RankRun::new(times, &losses, common::var_bytes(&shards), grad_bytes, fsdp.memory().gathered_peak))
     })?;
     Ok(runs)
 }

@@ -42,8 +42,8 @@ use candle_fsdp::model::Layout;
 use candle_fsdp::models::llama::{Llama, LlamaConfig};
 use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
 use candle_fsdp::{
-    BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, Plan, PlanConfig, RankContext, Shardable,
-    ShardingStrategy, TraceEvent, Unit, UnshardCause,
+    BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, Plan, PlanConfig, RankContext, Shardable, ShardingStrategy,
+    TraceEvent, Unit, UnshardCause,
 };
 use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap, SGD};
 use clap::{Parser, ValueEnum};
@@ -248,10 +248,7 @@ impl Section {
     fn figure(&self, key: &str, value: impl Display) {
         let line = format!("{key}: {value}");
         out!("  ---> {line}");
-        self.figures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(line);
+        self.figures.lock().unwrap_or_else(|p| p.into_inner()).push(line);
     }
 }
 
@@ -314,17 +311,10 @@ fn run_section(number: u32, title: &'static str, body: impl FnOnce(&Section) -> 
         if result.passed() { "PASS" } else { "FAIL" },
         result.checks,
         result.failures,
-        if result.aborted.is_some() {
-            ", ended early"
-        } else {
-            ""
-        },
+        if result.aborted.is_some() { ", ended early" } else { "" },
         result.seconds
     );
-    RESULTS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(result);
+    RESULTS.lock().unwrap_or_else(|p| p.into_inner()).push(result);
     *CURRENT.lock().unwrap_or_else(|p| p.into_inner()) = None;
 }
 
@@ -351,10 +341,7 @@ fn print_summary(started: Instant) -> bool {
             r.title,
             r.checks,
             r.failures,
-            r.aborted
-                .as_ref()
-                .map(|a| format!(", ended early: {a}"))
-                .unwrap_or_default(),
+            r.aborted.as_ref().map(|a| format!(", ended early: {a}")).unwrap_or_default(),
             r.seconds
         );
         for f in &r.figures {
@@ -403,10 +390,7 @@ fn signed_mib(bytes: i64) -> String {
 }
 
 fn values(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(t.to_device(&Device::Cpu)?
-        .to_dtype(DType::F64)?
-        .flatten_all()?
-        .to_vec1::<f64>()?)
+    Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
 }
 
 fn max_abs(t: &Tensor) -> Result<f64> {
@@ -414,20 +398,9 @@ fn max_abs(t: &Tensor) -> Result<f64> {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-    ensure!(
-        a.shape() == b.shape(),
-        "shapes differ: {:?} vs {:?}",
-        a.shape(),
-        b.shape()
-    );
+    ensure!(a.shape() == b.shape(), "shapes differ: {:?} vs {:?}", a.shape(), b.shape());
     let (a, b) = (values(a)?, values(b)?);
-    Ok(a.iter().zip(&b).fold(0.0, |m, (x, y)| {
-        if x.is_nan() || y.is_nan() {
-            f64::NAN
-        } else {
-            m.max((x - y).abs())
-        }
-    }))
+    Ok(a.iter().zip(&b).fold(0.0, |m, (x, y)| if x.is_nan() || y.is_nan() { f64::NAN } else { m.max((x - y).abs()) }))
 }
 
 /// Standard normal values from the examples' deterministic generator, on the CPU.
@@ -485,14 +458,8 @@ fn mem(dev: &Device) -> Result<Mem> {
     let (free, total) = ctx.mem_get_info().explain("cuMemGetInfo")?;
     Ok(Mem {
         used: total - free,
-        pool_used: pool_attr(
-            dev,
-            cu_sys::CUmemPool_attribute_enum::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
-        ),
-        pool_reserved: pool_attr(
-            dev,
-            cu_sys::CUmemPool_attribute_enum::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
-        ),
+        pool_used: pool_attr(dev, cu_sys::CUmemPool_attribute_enum::CU_MEMPOOL_ATTR_USED_MEM_CURRENT),
+        pool_reserved: pool_attr(dev, cu_sys::CUmemPool_attribute_enum::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT),
     })
 }
 
@@ -507,9 +474,7 @@ fn pool_attr(dev: &Device, attr: cu_sys::CUmemPool_attribute_enum) -> Option<u64
     let pool = mem_pool(dev)?;
     let mut value: u64 = 0;
     // SAFETY: the attributes asked for are all 64-bit values.
-    let status = unsafe {
-        cu_sys::cuMemPoolGetAttribute(pool, attr, &mut value as *mut u64 as *mut std::ffi::c_void)
-    };
+    let status = unsafe { cu_sys::cuMemPoolGetAttribute(pool, attr, &mut value as *mut u64 as *mut std::ffi::c_void) };
     status.result().ok().map(|_| value)
 }
 
@@ -534,10 +499,7 @@ fn on_gpu<R: Send>(timeout: Duration, f: impl Fn(RankContext) -> Result<R> + Syn
         f(ctx).map_err(|e| candle_fsdp::Error::Config(format!("{e:#}")))
     })
     .context("launch_gpus_each")?;
-    let outcome = outcomes
-        .into_iter()
-        .next()
-        .ok_or_else(|| anyhow!("launch_gpus returned no rank"))?;
+    let outcome = outcomes.into_iter().next().ok_or_else(|| anyhow!("launch_gpus returned no rank"))?;
     Ok(outcome?)
 }
 
@@ -577,18 +539,12 @@ fn llama_config(
 
 fn setup(size: ModelSize, args: &Args) -> Setup {
     match size {
-        ModelSize::Small => Setup {
-            name: "small",
-            config: llama_config(512, 128, 344, 4, 4, 2, 64),
-            batch: 16,
-            seq_len: 64,
-        },
-        ModelSize::Medium => Setup {
-            name: "medium",
-            config: llama_config(1024, 256, 688, 6, 8, 4, 128),
-            batch: 16,
-            seq_len: 128,
-        },
+        ModelSize::Small => {
+            Setup { name: "small", config: llama_config(512, 128, 344, 4, 4, 2, 64), batch: 16, seq_len: 64 }
+        }
+        ModelSize::Medium => {
+            Setup { name: "medium", config: llama_config(1024, 256, 688, 6, 8, 4, 128), batch: 16, seq_len: 128 }
+        }
         ModelSize::Large => Setup {
             name: "large",
             config: llama_config(
@@ -607,39 +563,23 @@ fn setup(size: ModelSize, args: &Args) -> Setup {
 }
 
 fn describe(s: &Setup, numel: usize) -> String {
-    format!(
-        "{}: {}; batch {} x {} tokens",
-        s.name,
-        common::describe_llama(&s.config, numel),
-        s.batch,
-        s.seq_len
-    )
+    format!("{}: {}; batch {} x {} tokens", s.name, common::describe_llama(&s.config, numel), s.batch, s.seq_len)
 }
 
 /// Builds the model once on the CPU: the snapshot every run starts from, and its size.
 fn llama_snapshot(config: &LlamaConfig) -> Result<(HashMap<String, Tensor>, usize)> {
     let var_map = VarMap::new();
-    let _model = Llama::new(
-        config,
-        VarBuilder::from_varmap(&var_map, DTYPE, &Device::Cpu),
-    )?;
+    let _model = Llama::new(config, VarBuilder::from_varmap(&var_map, DTYPE, &Device::Cpu))?;
     let snapshot = common::snapshot(&var_map)?;
     let numel = common::numel(snapshot.values());
     Ok((snapshot, numel))
 }
 
 /// A plain (unwrapped) Llama on `dev` whose variables hold the snapshot's values.
-fn plain_llama(
-    config: &LlamaConfig,
-    snapshot: &HashMap<String, Tensor>,
-    dev: &Device,
-) -> Result<(Llama, VarMap)> {
+fn plain_llama(config: &LlamaConfig, snapshot: &HashMap<String, Tensor>, dev: &Device) -> Result<(Llama, VarMap)> {
     let var_map = VarMap::new();
     {
-        let mut data = var_map
-            .data()
-            .lock()
-            .map_err(|_| anyhow!("VarMap lock poisoned"))?;
+        let mut data = var_map.data().lock().map_err(|_| anyhow!("VarMap lock poisoned"))?;
         for (name, value) in snapshot {
             data.insert(name.clone(), Var::from_tensor(&value.to_device(dev)?)?);
         }
@@ -686,10 +626,7 @@ impl BigModel {
                 }))
             })
             .collect::<candle_core::Result<_>>()?;
-        Ok(Self {
-            blocks,
-            head: lin(vb.pp("head"))?,
-        })
+        Ok(Self { blocks, head: lin(vb.pp("head"))? })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -719,16 +656,11 @@ fn main() {
             "[panic in thread {} at {}: {short}{}]",
             std::thread::current().name().unwrap_or("?"),
             info.location().map(|l| l.to_string()).unwrap_or_default(),
-            if text.chars().count() > 300 {
-                " ..."
-            } else {
-                ""
-            }
+            if text.chars().count() > 300 { " ..." } else { "" }
         );
     }));
-    let log = args.log.clone().or_else(|| {
-        std::env::var_os("OUT").map(|o| std::path::PathBuf::from(o).join("gpu_check.log"))
-    });
+    let log =
+        args.log.clone().or_else(|| std::env::var_os("OUT").map(|o| std::path::PathBuf::from(o).join("gpu_check.log")));
     if let Some(path) = &log {
         match std::fs::File::create(path) {
             Ok(file) => *LOG.lock().unwrap_or_else(|p| p.into_inner()) = Some(file),
@@ -767,9 +699,7 @@ fn main() {
         out!(
             "\nDEADLINE: {} s passed{}; the run ends here (--deadline-secs)",
             deadline.as_secs(),
-            current
-                .map(|(n, t)| format!(" during section {n} ({t})"))
-                .unwrap_or_default()
+            current.map(|(n, t)| format!(" during section {n} ({t})")).unwrap_or_default()
         );
         print_summary(started);
         std::process::exit(3);
@@ -784,35 +714,19 @@ fn main() {
         run_section(2, "candle CUDA kernels load and match the CPU", kernels);
     }
     if wanted(3) {
-        run_section(3, "NCCL collectives at world size 1 (launch_gpus)", |sec| {
-            collectives(sec, s)
-        });
+        run_section(3, "NCCL collectives at world size 1 (launch_gpus)", |sec| collectives(sec, s));
     }
     if wanted(4) {
-        run_section(4, "CUDA storage swap and device memory", |sec| {
-            memory(sec, a, s)
-        });
+        run_section(4, "CUDA storage swap and device memory", |sec| memory(sec, a, s));
     }
     if wanted(5) {
-        run_section(
-            5,
-            "parity: FSDP world 1 (NCCL) vs plain candle, small Llama, AdamW",
-            |sec| parity(sec, a, s),
-        );
+        run_section(5, "parity: FSDP world 1 (NCCL) vs plain candle, small Llama, AdamW", |sec| parity(sec, a, s));
     }
     if wanted(6) {
-        run_section(
-            6,
-            "backward prefetch sequences on the GPU (seed check)",
-            |sec| prefetch_sequences(sec, s),
-        );
+        run_section(6, "backward prefetch sequences on the GPU (seed check)", |sec| prefetch_sequences(sec, s));
     }
     if wanted(7) {
-        run_section(
-            7,
-            "step time: plain candle vs FSDP world 1 (NCCL), f32",
-            |sec| step_time(sec, a, s),
-        );
+        run_section(7, "step time: plain candle vs FSDP world 1 (NCCL), f32", |sec| step_time(sec, a, s));
     }
     let all = print_summary(started);
     std::process::exit(if all { 0 } else { 1 });
@@ -822,24 +736,15 @@ fn main() {
 // 1. Environment.
 
 fn environment(sec: &Section) -> Result<()> {
-    for var in [
-        "CUDA_VISIBLE_DEVICES",
-        "LD_LIBRARY_PATH",
-        "NCCL_DEBUG",
-        "CUDA_COMPUTE_CAP",
-    ] {
-        sec.info(format!(
-            "{var}={}",
-            std::env::var(var).unwrap_or_else(|_| "(unset)".into())
-        ));
+    for var in ["CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "NCCL_DEBUG", "CUDA_COMPUTE_CAP"] {
+        sec.info(format!("{var}={}", std::env::var(var).unwrap_or_else(|_| "(unset)".into())));
     }
     sec.info(format!("host CPU cores: {}", common::cores()));
     let loaded = check_libraries(0);
     sec.check(
         loaded.is_ok(),
         match &loaded {
-            Ok(()) => "libcuda and libnccl load (candle_fsdp::collectives::nccl::check_libraries)"
-                .to_string(),
+            Ok(()) => "libcuda and libnccl load (candle_fsdp::collectives::nccl::check_libraries)".to_string(),
             Err(e) => format!("libcuda and libnccl load: {e}"),
         },
     );
@@ -847,13 +752,8 @@ fn environment(sec: &Section) -> Result<()> {
 
     let mut driver: std::ffi::c_int = 0;
     // SAFETY: writes one int.
-    unsafe { cu_sys::cuDriverGetVersion(&mut driver) }
-        .result()
-        .explain("cuDriverGetVersion")?;
-    sec.figure(
-        "CUDA driver API",
-        format!("{}.{} ({driver})", driver / 1000, (driver % 1000) / 10),
-    );
+    unsafe { cu_sys::cuDriverGetVersion(&mut driver) }.result().explain("cuDriverGetVersion")?;
+    sec.figure("CUDA driver API", format!("{}.{} ({driver})", driver / 1000, (driver % 1000) / 10));
 
     let code = nccl_result::get_nccl_version().explain("ncclGetVersion")?;
     let version = if code >= 10000 {
@@ -864,10 +764,7 @@ fn environment(sec: &Section) -> Result<()> {
     sec.figure("NCCL", format!("{version} ({code})"));
 
     let count = gpu_count(0)?;
-    sec.check(
-        count >= 1,
-        format!("GPUs visible: {count} (candle_fsdp::collectives::nccl::gpu_count)"),
-    );
+    sec.check(count >= 1, format!("GPUs visible: {count} (candle_fsdp::collectives::nccl::gpu_count)"));
     for ordinal in 0..count {
         let ctx = CudaContext::new(ordinal).explain("CudaContext::new")?;
         let name = ctx.name().explain("cuDeviceGetName")?;
@@ -912,10 +809,7 @@ fn environment(sec: &Section) -> Result<()> {
             }
         }
     }
-    sec.info(format!(
-        "candle f32 GEMM reduced precision (TF32): {}",
-        candle_core::cuda::gemm_reduced_precision_f32()
-    ));
+    sec.info(format!("candle f32 GEMM reduced precision (TF32): {}", candle_core::cuda::gemm_reduced_precision_f32()));
     Ok(())
 }
 
@@ -938,11 +832,7 @@ fn kernels(sec: &Section) -> Result<()> {
     let ids = Tensor::new(&[3u32, 0, 127, 64, 5, 5, 99], &Device::Cpu)?;
     let f32_ones = |n: usize, d: &Device| Tensor::ones(n, DType::F32, d);
     let ops: Vec<(&str, f64, Op)> = vec![
-        (
-            "matmul 128x256 @ 256x96 (cuBLAS)",
-            1e-4,
-            op(|a, b, _| a.matmul(b)),
-        ),
+        ("matmul 128x256 @ 256x96 (cuBLAS)", 1e-4, op(|a, b, _| a.matmul(b))),
         (
             "matmul with a transposed operand (x @ w.t(), as Linear)",
             1e-4,
@@ -972,17 +862,7 @@ fn kernels(sec: &Section) -> Result<()> {
             "unary: silu, exp, tanh, sqrt(|x|), neg, sqr",
             1e-4,
             op(|a, _, _| {
-                Tensor::cat(
-                    &[
-                        a.silu()?,
-                        (a * 0.1)?.exp()?,
-                        a.tanh()?,
-                        a.abs()?.sqrt()?,
-                        a.neg()?,
-                        a.sqr()?,
-                    ],
-                    1,
-                )
+                Tensor::cat(&[a.silu()?, (a * 0.1)?.exp()?, a.tanh()?, a.abs()?.sqrt()?, a.neg()?, a.sqr()?], 1)
             }),
         ),
         (
@@ -1007,79 +887,35 @@ fn kernels(sec: &Section) -> Result<()> {
             "reductions: sum, max, min, mean over a dimension",
             1e-4,
             op(|a, _, _| {
-                Tensor::cat(
-                    &[
-                        a.sum_keepdim(1)?,
-                        a.max_keepdim(1)?,
-                        a.min_keepdim(1)?,
-                        a.mean_keepdim(1)?,
-                    ],
-                    1,
-                )
+                Tensor::cat(&[a.sum_keepdim(1)?, a.max_keepdim(1)?, a.min_keepdim(1)?, a.mean_keepdim(1)?], 1)
             }),
         ),
-        (
-            "argmax (u32 output)",
-            0.0,
-            op(|a, _, _| a.argmax_keepdim(1)),
-        ),
+        ("argmax (u32 output)", 0.0, op(|a, _, _| a.argmax_keepdim(1))),
         (
             "arg_sort_last_dim (sort kernel)",
             0.0,
             op(|a, _, _| a.narrow(1, 0, 64)?.contiguous()?.arg_sort_last_dim(true)),
         ),
         ("affine (2x + 1)", 1e-5, op(|a, _, _| a.affine(2.0, 1.0))),
-        (
-            "cast f32 -> bf16 -> f32",
-            1e-2,
-            op(|a, _, _| a.to_dtype(DType::BF16)?.to_dtype(DType::F32)),
-        ),
-        (
-            "cast f32 -> f16 -> f32",
-            1e-3,
-            op(|a, _, _| a.to_dtype(DType::F16)?.to_dtype(DType::F32)),
-        ),
+        ("cast f32 -> bf16 -> f32", 1e-2, op(|a, _, _| a.to_dtype(DType::BF16)?.to_dtype(DType::F32))),
+        ("cast f32 -> f16 -> f32", 1e-3, op(|a, _, _| a.to_dtype(DType::F16)?.to_dtype(DType::F32))),
         (
             "bf16 matmul (cuBLAS, bf16 in and out)",
             2e-2,
-            op(|a, b, _| {
-                a.to_dtype(DType::BF16)?
-                    .matmul(&b.to_dtype(DType::BF16)?)?
-                    .to_dtype(DType::F32)
-            }),
+            op(|a, b, _| a.to_dtype(DType::BF16)?.matmul(&b.to_dtype(DType::BF16)?)?.to_dtype(DType::F32)),
         ),
-        (
-            "index_select of rows (u32 ids; the embedding lookup)",
-            0.0,
-            op(|a, _, ids| a.index_select(ids, 0)),
-        ),
+        ("index_select of rows (u32 ids; the embedding lookup)", 0.0, op(|a, _, ids| a.index_select(ids, 0))),
         (
             "gather along the last dimension",
             0.0,
             op(|a, _, ids| {
-                let idx = ids
-                    .narrow(0, 0, 4)?
-                    .reshape((1, 4))?
-                    .broadcast_as((128, 4))?
-                    .contiguous()?;
+                let idx = ids.narrow(0, 0, 4)?.reshape((1, 4))?.broadcast_as((128, 4))?.contiguous()?;
                 a.gather(&idx, 1)
             }),
         ),
-        (
-            "where_cond / ge (relu by mask)",
-            0.0,
-            op(|a, _, _| a.ge(0.0)?.where_cond(a, &a.zeros_like()?)),
-        ),
-        (
-            "transpose + contiguous (strided copy)",
-            0.0,
-            op(|a, _, _| a.t()?.contiguous()),
-        ),
-        (
-            "cat along dim 1",
-            0.0,
-            op(|a, _, _| Tensor::cat(&[a, a], 1)),
-        ),
+        ("where_cond / ge (relu by mask)", 0.0, op(|a, _, _| a.ge(0.0)?.where_cond(a, &a.zeros_like()?))),
+        ("transpose + contiguous (strided copy)", 0.0, op(|a, _, _| a.t()?.contiguous())),
+        ("cat along dim 1", 0.0, op(|a, _, _| Tensor::cat(&[a, a], 1))),
         (
             "rope_slow (the Llama model's rotary embedding)",
             1e-5,
@@ -1107,20 +943,12 @@ fn kernels(sec: &Section) -> Result<()> {
             let cpu = op(&a, &b, &ids)?;
             let gpu = op(&ga, &gb, &gids)?;
             ensure!(gpu.device().is_cuda(), "the result is not on the GPU");
-            ensure!(
-                gpu.dtype() == cpu.dtype(),
-                "dtype {:?} on the GPU, {:?} on the CPU",
-                gpu.dtype(),
-                cpu.dtype()
-            );
+            ensure!(gpu.dtype() == cpu.dtype(), "dtype {:?} on the GPU, {:?} on the CPU", gpu.dtype(), cpu.dtype());
             Ok((max_abs_diff(&gpu, &cpu)?, max_abs(&cpu)?))
         });
         if let Some((diff, scale)) = sec.check_result(name, result) {
             let bound = tol * scale.max(1.0);
-            sec.check(
-                diff <= bound,
-                format!("{name}: max |gpu - cpu| = {diff:.3e} (bound {bound:.1e})"),
-            );
+            sec.check(diff <= bound, format!("{name}: max |gpu - cpu| = {diff:.3e} (bound {bound:.1e})"));
         }
     }
 
@@ -1128,31 +956,17 @@ fn kernels(sec: &Section) -> Result<()> {
     let grads = attempt(|| -> Result<f64> {
         let grad_on = |dev: &Device| -> Result<Tensor> {
             let w = Var::from_tensor(&b.to_device(dev)?)?;
-            let loss = a
-                .to_device(dev)?
-                .matmul(w.as_tensor())?
-                .silu()?
-                .sqr()?
-                .mean_all()?;
+            let loss = a.to_device(dev)?.matmul(w.as_tensor())?.silu()?.sqr()?.mean_all()?;
             let grads = loss.backward()?;
-            Ok(grads
-                .get(w.as_tensor())
-                .ok_or_else(|| anyhow!("no gradient"))?
-                .clone())
+            Ok(grads.get(w.as_tensor()).ok_or_else(|| anyhow!("no gradient"))?.clone())
         };
         let (g, c) = (grad_on(&dev)?, grad_on(&Device::Cpu)?);
         let diff = max_abs_diff(&g, &c)?;
-        ensure!(
-            diff <= 1e-4 * max_abs(&c)?.max(1e-6),
-            "max |gpu - cpu| = {diff:.3e}"
-        );
+        ensure!(diff <= 1e-4 * max_abs(&c)?.max(1e-6), "max |gpu - cpu| = {diff:.3e}");
         Ok(diff)
     });
     if let Some(diff) = sec.check_result("backward of mean(silu(a @ w)^2) on the GPU", grads) {
-        sec.check(
-            true,
-            format!("backward of mean(silu(a @ w)^2): gradient max |gpu - cpu| = {diff:.3e}"),
-        );
+        sec.check(true, format!("backward of mean(silu(a @ w)^2): gradient max |gpu - cpu| = {diff:.3e}"));
     }
 
     // curand.
@@ -1188,10 +1002,7 @@ fn kernels(sec: &Section) -> Result<()> {
         Ok((m, 2.0 * (n as f64).powi(3) / (m / 1e3) / 1e12))
     });
     if let Some((ms, tflops)) = sec.check_result("f32 matmul timing", speed) {
-        sec.figure(
-            "candle f32 matmul 4096^3",
-            format!("{ms:.2} ms median of 5, {tflops:.1} TFLOP/s"),
-        );
+        sec.figure("candle f32 matmul 4096^3", format!("{ms:.2} ms median of 5, {tflops:.1} TFLOP/s"));
     }
     Ok(())
 }
@@ -1215,42 +1026,20 @@ fn collectives(sec: &Section, settings: &Settings) -> Result<()> {
         let exact = |input: &Tensor, got: Result<Tensor>| -> Result<()> {
             let got = got?;
             ensure!(got.device().is_cuda(), "the output is not on the GPU");
-            ensure!(
-                got.dtype() == input.dtype(),
-                "output dtype {:?}, input {:?}",
-                got.dtype(),
-                input.dtype()
-            );
+            ensure!(got.dtype() == input.dtype(), "output dtype {:?}, input {:?}", got.dtype(), input.dtype());
             let (g, e) = (values(&got)?, values(input)?);
-            ensure!(
-                g.len() == e.len(),
-                "{} output elements, expected {}",
-                g.len(),
-                e.len()
-            );
+            ensure!(g.len() == e.len(), "{} output elements, expected {}", g.len(), e.len());
             let wrong = g.iter().zip(&e).filter(|(x, y)| x != y).count();
-            ensure!(
-                wrong == 0,
-                "{wrong} of {} elements differ from the expected values",
-                e.len()
-            );
+            ensure!(wrong == 0, "{wrong} of {} elements differ from the expected values", e.len());
             Ok(())
         };
         // One line per group of cases: PASS naming them all, or a FAIL per failing case.
         let report = |what: &str, len: usize, cases: Vec<(&str, Result<()>)>| {
             let names: Vec<&str> = cases.iter().map(|(n, _)| *n).collect();
-            let failed: Vec<String> = cases
-                .into_iter()
-                .filter_map(|(n, r)| r.err().map(|e| format!("{n}: {e:#}")))
-                .collect();
+            let failed: Vec<String> =
+                cases.into_iter().filter_map(|(n, r)| r.err().map(|e| format!("{n}: {e:#}"))).collect();
             if failed.is_empty() {
-                sec.check(
-                    true,
-                    format!(
-                        "{what}: {} — {len} elements each, output == input exactly",
-                        names.join(", ")
-                    ),
-                );
+                sec.check(true, format!("{what}: {} — {len} elements each, output == input exactly", names.join(", ")));
             }
             for f in failed {
                 sec.check(false, format!("{what}: {f}"));
@@ -1263,45 +1052,21 @@ fn collectives(sec: &Section, settings: &Settings) -> Result<()> {
                 n,
                 vec![
                     ("all_gather", exact(&t, waited(comm.all_gather(&t, label)))),
-                    (
-                        "reduce_scatter Sum",
-                        exact(&t, waited(comm.reduce_scatter(&t, ReduceOp::Sum, label))),
-                    ),
-                    (
-                        "reduce_scatter Avg",
-                        exact(&t, waited(comm.reduce_scatter(&t, ReduceOp::Avg, label))),
-                    ),
-                    (
-                        "all_reduce Sum",
-                        exact(&t, waited(comm.all_reduce(&t, ReduceOp::Sum, label))),
-                    ),
-                    (
-                        "all_reduce Avg",
-                        exact(&t, waited(comm.all_reduce(&t, ReduceOp::Avg, label))),
-                    ),
-                    (
-                        "broadcast from rank 0",
-                        exact(&t, waited(comm.broadcast(&t, 0, label))),
-                    ),
+                    ("reduce_scatter Sum", exact(&t, waited(comm.reduce_scatter(&t, ReduceOp::Sum, label)))),
+                    ("reduce_scatter Avg", exact(&t, waited(comm.reduce_scatter(&t, ReduceOp::Avg, label)))),
+                    ("all_reduce Sum", exact(&t, waited(comm.all_reduce(&t, ReduceOp::Sum, label)))),
+                    ("all_reduce Avg", exact(&t, waited(comm.all_reduce(&t, ReduceOp::Avg, label)))),
+                    ("broadcast from rank 0", exact(&t, waited(comm.broadcast(&t, 0, label)))),
                 ],
             );
         }
-        let ints = Tensor::new(
-            (0..n as u32).map(|i| i * 3).collect::<Vec<_>>().as_slice(),
-            &dev,
-        )?;
+        let ints = Tensor::new((0..n as u32).map(|i| i * 3).collect::<Vec<_>>().as_slice(), &dev)?;
         report(
             "U32",
             n,
             vec![
-                (
-                    "all_gather",
-                    exact(&ints, waited(comm.all_gather(&ints, label))),
-                ),
-                (
-                    "broadcast from rank 0",
-                    exact(&ints, waited(comm.broadcast(&ints, 0, label))),
-                ),
+                ("all_gather", exact(&ints, waited(comm.all_gather(&ints, label)))),
+                ("broadcast from rank 0", exact(&ints, waited(comm.broadcast(&ints, 0, label)))),
             ],
         );
         let whole = Tensor::new(base.as_slice(), &dev)?;
@@ -1310,17 +1075,8 @@ fn collectives(sec: &Section, settings: &Settings) -> Result<()> {
             "F32 input at a storage offset (narrow(0, 3, 500))",
             500,
             vec![
-                (
-                    "all_gather",
-                    exact(&slice.copy()?, waited(comm.all_gather(&slice, label))),
-                ),
-                (
-                    "all_reduce Sum",
-                    exact(
-                        &slice.copy()?,
-                        waited(comm.all_reduce(&slice, ReduceOp::Sum, label)),
-                    ),
-                ),
+                ("all_gather", exact(&slice.copy()?, waited(comm.all_gather(&slice, label)))),
+                ("all_reduce Sum", exact(&slice.copy()?, waited(comm.all_reduce(&slice, ReduceOp::Sum, label)))),
             ],
         );
         // The output is usable by later kernels on candle's stream.
@@ -1330,28 +1086,23 @@ fn collectives(sec: &Section, settings: &Settings) -> Result<()> {
         });
         let expected: f64 = base.iter().map(|&v| 2.0 * v as f64).sum();
         if let Some(v) = sec.check_result("a kernel reading an all_gather output", used) {
-            sec.check(v == expected, format!("a kernel reading an all_gather output on candle's stream: sum {v} (expected {expected})"));
+            sec.check(
+                v == expected,
+                format!("a kernel reading an all_gather output on candle's stream: sum {v} (expected {expected})"),
+            );
         }
 
         let barrier = comm.barrier("gpu_check barrier");
         sec.check(
             barrier.is_ok(),
-            format!(
-                "barrier: {}",
-                barrier
-                    .map(|_| "ok".to_string())
-                    .unwrap_or_else(|e| e.to_string())
-            ),
+            format!("barrier: {}", barrier.map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string())),
         );
 
         let group = attempt(|| -> Result<(usize, usize, usize)> {
             let g = comm.new_group(&[0])?;
             let t = Tensor::new(base.as_slice(), &dev)?;
             let r = g.all_reduce(&t, ReduceOp::Sum, "gpu_check group")?.wait()?;
-            ensure!(
-                values(&r)? == values(&t)?,
-                "all_reduce on the group changed the values"
-            );
+            ensure!(values(&r)? == values(&t)?, "all_reduce on the group changed the values");
             let again = comm.new_group(&[0])?;
             again.barrier("gpu_check group barrier")?;
             Ok((g.size(), g.rank(), g.global_rank()))
@@ -1368,9 +1119,7 @@ fn collectives(sec: &Section, settings: &Settings) -> Result<()> {
             matches!(&cpu, Err(e) if e.to_string().contains("not on a GPU")),
             format!(
                 "a CPU input is refused with a clear error: {}",
-                cpu.err()
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(|| "it was accepted".into())
+                cpu.err().map(|e| e.to_string()).unwrap_or_else(|| "it was accepted".into())
             ),
         );
 
@@ -1396,11 +1145,7 @@ fn collectives(sec: &Section, settings: &Settings) -> Result<()> {
             let gather = time(&|| Ok(comm.all_gather(&big, label)?.wait()?))?;
             let reduce = time(&|| Ok(comm.all_reduce(&big, ReduceOp::Sum, label)?.wait()?))?;
             let copy = time(&|| Ok(big.copy()?))?;
-            Ok((
-                bytes / gather / 1e9,
-                bytes / reduce / 1e9,
-                bytes / copy / 1e9,
-            ))
+            Ok((bytes / gather / 1e9, bytes / reduce / 1e9, bytes / copy / 1e9))
         });
         if let Some((g, r, c)) = sec.check_result("256 MiB collective timing", timing) {
             sec.figure(
@@ -1438,36 +1183,15 @@ fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
 
         // Build on the GPU, wrap, drop the VarMap: what stays is the shards.
         let var_map = VarMap::new();
-        let model = BigModel::new(
-            hidden,
-            units,
-            VarBuilder::from_varmap(&var_map, DType::F32, &dev),
-        )?;
+        let model = BigModel::new(hidden, units, VarBuilder::from_varmap(&var_map, DType::F32, &dev))?;
         let layout = Layout::of(&model)?;
-        let plan = Plan::new(
-            &layout,
-            PlanConfig::new(
-                1,
-                FsdpConfig::default().strategy(ShardingStrategy::FullShard),
-            ),
-        )?;
+        let plan = Plan::new(&layout, PlanConfig::new(1, FsdpConfig::default().strategy(ShardingStrategy::FullShard)))?;
         drop(layout);
-        let unit_bytes: Vec<(String, usize)> = plan
-            .units
-            .iter()
-            .map(|u| (u.name.clone(), u.gathered_bytes))
-            .collect();
+        let unit_bytes: Vec<(String, usize)> = plan.units.iter().map(|u| (u.name.clone(), u.gathered_bytes)).collect();
         let param_bytes: usize = unit_bytes.iter().map(|(_, b)| b).sum();
-        let root_bytes = unit_bytes
-            .iter()
-            .find(|(n, _)| !n.starts_with("blocks"))
-            .map_or(0, |(_, b)| *b);
-        let block_bytes = unit_bytes
-            .iter()
-            .filter(|(n, _)| n.starts_with("blocks"))
-            .map(|(_, b)| *b)
-            .max()
-            .unwrap_or(0);
+        let root_bytes = unit_bytes.iter().find(|(n, _)| !n.starts_with("blocks")).map_or(0, |(_, b)| *b);
+        let block_bytes =
+            unit_bytes.iter().filter(|(n, _)| n.starts_with("blocks")).map(|(_, b)| *b).max().unwrap_or(0);
         sec.info(format!(
             "model: {units} units x 4 Linear({hidden}, {hidden}) + root Linear({hidden}, {hidden}), f32: parameters {}; per unit gathered: {}; \
              planned gathered peak {}",
@@ -1475,18 +1199,12 @@ fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
             unit_bytes.iter().map(|(n, b)| format!("{n} {}", mib(*b as f64))).collect::<Vec<_>>().join(", "),
             mib(plan.memory.gathered_peak as f64)
         ));
-        let config = FsdpConfig {
-            sync_module_states: false,
-            ..FsdpConfig::default()
-        };
+        let config = FsdpConfig { sync_module_states: false, ..FsdpConfig::default() };
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), config)?;
         drop(var_map);
         let m_wrap = mem(&dev)?;
         let d = delta(&m0, &m_wrap);
-        sec.info(format!(
-            "after wrap (FULL_SHARD, world 1; VarMap dropped): {}",
-            m_wrap.show()
-        ));
+        sec.info(format!("after wrap (FULL_SHARD, world 1; VarMap dropped): {}", m_wrap.show()));
         sec.figure(
             "after wrap",
             format!(
@@ -1499,18 +1217,11 @@ fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
         sec.info(format!(
             "  within {} MiB of the expectation: {}",
             args.mem_tol_mib,
-            if (d - param_bytes as i64).abs() <= tol {
-                "yes"
-            } else {
-                "no"
-            }
+            if (d - param_bytes as i64).abs() <= tol { "yes" } else { "no" }
         ));
         sec.check(
             fsdp.memory().gathered_bytes == 0,
-            format!(
-                "the runtime's accounting after wrap: {} gathered",
-                fsdp.memory().gathered_bytes
-            ),
+            format!("the runtime's accounting after wrap: {} gathered", fsdp.memory().gathered_bytes),
         );
 
         let mut optimizer = AdamW::new(fsdp.parameters(), ParamsAdamW::default())?;
@@ -1530,10 +1241,7 @@ fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
         // Warm-up: loads kernels and cuBLAS's workspace, which stay.
         drop(fsdp.forward_inference(|m| m.forward(&input))?);
         let m_before = mem(&dev)?;
-        sec.info(format!(
-            "after a warm-up inference forward (kernels, cuBLAS workspace): {}",
-            m_before.show()
-        ));
+        sec.info(format!("after a warm-up inference forward (kernels, cuBLAS workspace): {}", m_before.show()));
 
         // The inference forward, probed between units.
         let mut probes: Vec<(Mem, usize)> = Vec::new();
@@ -1562,7 +1270,10 @@ fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
             ));
             sec.check(
                 *gathered == root_bytes,
-                format!("after unit blocks.{i}'s forward only the root is gathered (runtime accounting {})", mib(*gathered as f64)),
+                format!(
+                    "after unit blocks.{i}'s forward only the root is gathered (runtime accounting {})",
+                    mib(*gathered as f64)
+                ),
             );
             if i > 0 {
                 sec.check(
@@ -1579,17 +1290,10 @@ fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
             previous = *probe;
         }
         let d_inf = delta(&m_before, &m_after);
-        sec.info(format!(
-            "after the inference forward (output dropped): {}",
-            m_after.show()
-        ));
+        sec.info(format!("after the inference forward (output dropped): {}", m_after.show()));
         sec.figure(
             "inference forward",
-            format!(
-                "device {} after it, pool {}",
-                signed_mib(d_inf),
-                show_pool(pool_delta(&m_before, &m_after))
-            ),
+            format!("device {} after it, pool {}", signed_mib(d_inf), show_pool(pool_delta(&m_before, &m_after))),
         );
         sec.check(
             d_inf.abs() <= tol,
@@ -1603,10 +1307,7 @@ fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
         if let Some(p) = pool_delta(&m_before, &m_after) {
             sec.check(
                 p.abs() <= tol,
-                format!(
-                    "after forward_inference the pool's used bytes are back: {}",
-                    signed_mib(p)
-                ),
+                format!("after forward_inference the pool's used bytes are back: {}", signed_mib(p)),
             );
         }
         sec.check(
@@ -1678,10 +1379,7 @@ fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
                 args.mem_tol_mib
             ),
         );
-        sec.check(
-            fsdp.memory().gathered_bytes == 0,
-            "after backward nothing is gathered (runtime accounting)",
-        );
+        sec.check(fsdp.memory().gathered_bytes == 0, "after backward nothing is gathered (runtime accounting)");
         Ok(())
     })
 }
@@ -1701,13 +1399,7 @@ fn train_plain(
     dev: &Device,
 ) -> Result<Trained> {
     let (model, var_map) = plain_llama(config, snapshot, dev)?;
-    let mut optimizer = AdamW::new(
-        var_map.all_vars(),
-        ParamsAdamW {
-            lr: LR,
-            ..ParamsAdamW::default()
-        },
-    )?;
+    let mut optimizer = AdamW::new(var_map.all_vars(), ParamsAdamW { lr: LR, ..ParamsAdamW::default() })?;
     let mut losses = Vec::new();
     for (inputs, targets) in batches {
         let (inputs, targets) = (inputs.to_device(dev)?, targets.to_device(dev)?);
@@ -1733,25 +1425,9 @@ fn train_fsdp(
     batches: &[(Tensor, Tensor)],
 ) -> Result<Trained> {
     let dev = &ctx.device;
-    let model = Llama::new(
-        config,
-        VarBuilder::from_tensors(snapshot.clone(), DTYPE, dev),
-    )?;
-    let fsdp = Fsdp::wrap(
-        model,
-        ctx.comm.clone(),
-        FsdpConfig {
-            sync_module_states: false,
-            ..fsdp_config
-        },
-    )?;
-    let mut optimizer = AdamW::new(
-        fsdp.parameters(),
-        ParamsAdamW {
-            lr: LR,
-            ..ParamsAdamW::default()
-        },
-    )?;
+    let model = Llama::new(config, VarBuilder::from_tensors(snapshot.clone(), DTYPE, dev))?;
+    let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig { sync_module_states: false, ..fsdp_config })?;
+    let mut optimizer = AdamW::new(fsdp.parameters(), ParamsAdamW { lr: LR, ..ParamsAdamW::default() })?;
     let mut losses = Vec::new();
     for (inputs, targets) in batches {
         let (inputs, targets) = (inputs.to_device(dev)?, targets.to_device(dev)?);
@@ -1790,56 +1466,25 @@ fn parity(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
          hands the gradient back unchanged (no collective in the step), so the runs should agree to the bit",
     );
     let configs = [
-        (
-            "FULL_SHARD, backward prefetch BACKWARD_PRE (default)",
-            FsdpConfig::default(),
-        ),
-        (
-            "FULL_SHARD, BACKWARD_PRE + forward prefetch",
-            FsdpConfig::default().forward_prefetch(true),
-        ),
-        (
-            "FULL_SHARD, BACKWARD_POST",
-            FsdpConfig::default().backward_prefetch(BackwardPrefetch::Post),
-        ),
-        (
-            "FULL_SHARD, no backward prefetch",
-            FsdpConfig::default().backward_prefetch(BackwardPrefetch::None),
-        ),
-        (
-            "SHARD_GRAD_OP",
-            FsdpConfig::default().strategy(ShardingStrategy::ShardGradOp),
-        ),
-        (
-            "NO_SHARD",
-            FsdpConfig::default().strategy(ShardingStrategy::NoShard),
-        ),
+        ("FULL_SHARD, backward prefetch BACKWARD_PRE (default)", FsdpConfig::default()),
+        ("FULL_SHARD, BACKWARD_PRE + forward prefetch", FsdpConfig::default().forward_prefetch(true)),
+        ("FULL_SHARD, BACKWARD_POST", FsdpConfig::default().backward_prefetch(BackwardPrefetch::Post)),
+        ("FULL_SHARD, no backward prefetch", FsdpConfig::default().backward_prefetch(BackwardPrefetch::None)),
+        ("SHARD_GRAD_OP", FsdpConfig::default().strategy(ShardingStrategy::ShardGradOp)),
+        ("NO_SHARD", FsdpConfig::default().strategy(ShardingStrategy::NoShard)),
     ];
     on_gpu(settings.timeout, |ctx| {
         let plain = train_plain(&s.config, &snapshot, &batches, &ctx.device)?;
         sec.info(format!(
             "plain candle on the GPU: losses {}",
-            plain
-                .losses
-                .iter()
-                .map(|l| format!("{l:.5}"))
-                .collect::<Vec<_>>()
-                .join(" ")
+            plain.losses.iter().map(|l| format!("{l:.5}")).collect::<Vec<_>>().join(" ")
         ));
         let mut worst = (0.0f64, 0.0f64);
         for (name, config) in &configs {
             let outcome = attempt(|| -> Result<(f64, f64, bool)> {
                 let fsdp = train_fsdp(&ctx, &s.config, *config, &snapshot, &batches)?;
-                let loss_diff = fsdp
-                    .losses
-                    .iter()
-                    .zip(&plain.losses)
-                    .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
-                let loss_ok = fsdp
-                    .losses
-                    .iter()
-                    .zip(&plain.losses)
-                    .all(|(a, b)| (a - b).abs() <= rtol * b.abs());
+                let loss_diff = fsdp.losses.iter().zip(&plain.losses).fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+                let loss_ok = fsdp.losses.iter().zip(&plain.losses).all(|(a, b)| (a - b).abs() <= rtol * b.abs());
                 ensure!(
                     fsdp.params.len() == plain.params.len(),
                     "{} trained parameters under FSDP, {} in plain candle",
@@ -1850,10 +1495,8 @@ fn parity(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
                 let mut params_ok = true;
                 let mut identical = loss_diff == 0.0;
                 for (fqn, value) in &fsdp.params {
-                    let reference = plain
-                        .params
-                        .get(fqn)
-                        .ok_or_else(|| anyhow!("`{fqn}` is not a plain-candle variable"))?;
+                    let reference =
+                        plain.params.get(fqn).ok_or_else(|| anyhow!("`{fqn}` is not a plain-candle variable"))?;
                     let diff = max_abs_diff(value, reference)?;
                     params_ok &= diff <= rtol * max_abs(reference)?;
                     identical &= diff == 0.0;
@@ -1895,10 +1538,7 @@ fn prefetch_sequences(sec: &Section, settings: &Settings) -> Result<()> {
     let d_model = 64;
     let config: TransformerConfig = seed_fqns::seed_transformer_config(d_model, 8, 128);
     let var_map = VarMap::new();
-    let _model = Transformer::new(
-        &config,
-        VarBuilder::from_varmap(&var_map, DType::F32, &Device::Cpu),
-    )?;
+    let _model = Transformer::new(&config, VarBuilder::from_varmap(&var_map, DType::F32, &Device::Cpu))?;
     let snapshot = common::snapshot(&var_map)?;
     let mut rng = Rng::new(1);
     let src = randn_cpu(&mut rng, &[10, 1, d_model])?;
@@ -1912,23 +1552,15 @@ fn prefetch_sequences(sec: &Section, settings: &Settings) -> Result<()> {
     on_gpu(settings.timeout, |ctx| {
         let dev = ctx.device.clone();
         let (src, tgt) = (src.to_device(&dev)?, tgt.to_device(&dev)?);
-        for (mode, expected_len, begin) in [
-            (BackwardPrefetch::None, 0, 0),
-            (BackwardPrefetch::Pre, 13, 6),
-            (BackwardPrefetch::Post, 13, 5),
-        ] {
+        for (mode, expected_len, begin) in
+            [(BackwardPrefetch::None, 0, 0), (BackwardPrefetch::Pre, 13, 6), (BackwardPrefetch::Post, 13, 5)]
+        {
             let recorded = attempt(|| -> Result<Vec<Vec<Option<String>>>> {
-                let model = Transformer::new(
-                    &config,
-                    VarBuilder::from_tensors(snapshot.clone(), DType::F32, &dev),
-                )?;
+                let model = Transformer::new(&config, VarBuilder::from_tensors(snapshot.clone(), DType::F32, &dev))?;
                 let fsdp = Fsdp::wrap(
                     model,
                     ctx.comm.clone(),
-                    FsdpConfig {
-                        sync_module_states: false,
-                        ..FsdpConfig::default().backward_prefetch(mode)
-                    },
+                    FsdpConfig { sync_module_states: false, ..FsdpConfig::default().backward_prefetch(mode) },
                 )?;
                 let mut optimizer = SGD::new(fsdp.parameters(), 1e-2)?;
                 let mut per_iteration = Vec::new();
@@ -1953,20 +1585,14 @@ fn prefetch_sequences(sec: &Section, settings: &Settings) -> Result<()> {
                         it.into_iter()
                             .map(|t| {
                                 t.map(|name| {
-                                    units
-                                        .iter()
-                                        .find(|(n, _)| *n == name)
-                                        .map(|(_, f)| f.join(","))
-                                        .unwrap_or(name)
+                                    units.iter().find(|(n, _)| *n == name).map(|(_, f)| f.join(",")).unwrap_or(name)
                                 })
                             })
                             .collect()
                     })
                     .collect())
             });
-            let Some(recorded) =
-                sec.check_result(format!("{mode}: training with the trace"), recorded)
-            else {
+            let Some(recorded) = sec.check_result(format!("{mode}: training with the trace"), recorded) else {
                 continue;
             };
             for (iteration, entries) in recorded.iter().enumerate() {
@@ -2001,28 +1627,16 @@ fn prefetch_sequences(sec: &Section, settings: &Settings) -> Result<()> {
 
         // The prefetches are real gathers.
         let gathers = attempt(|| -> Result<Vec<String>> {
-            let model = Transformer::new(
-                &config,
-                VarBuilder::from_tensors(snapshot.clone(), DType::F32, &dev),
-            )?;
-            let fsdp = Fsdp::wrap(
-                model,
-                ctx.comm.clone(),
-                FsdpConfig {
-                    sync_module_states: false,
-                    ..FsdpConfig::default()
-                },
-            )?;
+            let model = Transformer::new(&config, VarBuilder::from_tensors(snapshot.clone(), DType::F32, &dev))?;
+            let fsdp =
+                Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig { sync_module_states: false, ..FsdpConfig::default() })?;
             let loss = fsdp.forward(|m| m.forward(&src, &tgt))?.sum_all()?;
             fsdp.backward(&loss)?;
             Ok(fsdp
                 .take_trace()
                 .into_iter()
                 .filter_map(|e| match e {
-                    TraceEvent::Unshard {
-                        unit,
-                        cause: UnshardCause::BackwardPrefetch,
-                    } => Some(unit),
+                    TraceEvent::Unshard { unit, cause: UnshardCause::BackwardPrefetch } => Some(unit),
                     _ => None,
                 })
                 .collect())
@@ -2035,10 +1649,7 @@ fn prefetch_sequences(sec: &Section, settings: &Settings) -> Result<()> {
                 .collect();
             sec.check(
                 units == expected,
-                format!(
-                    "BACKWARD_PRE: units gathered by a backward prefetch, in order: [{}]",
-                    units.join(", ")
-                ),
+                format!("BACKWARD_PRE: units gathered by a backward prefetch, in order: [{}]", units.join(", ")),
             );
         }
         Ok(())
@@ -2077,10 +1688,8 @@ fn timed_steps(
     warmup: usize,
     mut step: impl FnMut(&Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<Timed> {
-    let batches = batches
-        .iter()
-        .map(|(i, t)| Ok((i.to_device(dev)?, t.to_device(dev)?)))
-        .collect::<Result<Vec<_>>>()?;
+    let batches =
+        batches.iter().map(|(i, t)| Ok((i.to_device(dev)?, t.to_device(dev)?))).collect::<Result<Vec<_>>>()?;
     sync(dev)?;
     reset_pool_peak(dev);
     let (mut times, mut losses) = (Vec::new(), Vec::new());
@@ -2094,16 +1703,8 @@ fn timed_steps(
         }
         losses.push(loss.to_scalar::<f32>()? as f64);
     }
-    let peak = pool_attr(
-        dev,
-        cu_sys::CUmemPool_attribute_enum::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-    );
-    Ok(Timed {
-        times,
-        first_loss: losses[0],
-        last_loss: *losses.last().unwrap_or(&f64::NAN),
-        peak,
-    })
+    let peak = pool_attr(dev, cu_sys::CUmemPool_attribute_enum::CU_MEMPOOL_ATTR_USED_MEM_HIGH);
+    Ok(Timed { times, first_loss: losses[0], last_loss: *losses.last().unwrap_or(&f64::NAN), peak })
 }
 
 fn time_plain(
@@ -2114,13 +1715,7 @@ fn time_plain(
     dev: &Device,
 ) -> Result<Timed> {
     let (model, var_map) = plain_llama(config, snapshot, dev)?;
-    let mut optimizer = AdamW::new(
-        var_map.all_vars(),
-        ParamsAdamW {
-            lr: LR,
-            ..ParamsAdamW::default()
-        },
-    )?;
+    let mut optimizer = AdamW::new(var_map.all_vars(), ParamsAdamW { lr: LR, ..ParamsAdamW::default() })?;
     timed_steps(dev, batches, warmup, |inputs, targets| {
         let loss = common::next_token_loss(&model.forward(inputs)?, targets)?;
         optimizer.step(&loss.backward()?)?;
@@ -2136,25 +1731,9 @@ fn time_fsdp(
     warmup: usize,
 ) -> Result<Timed> {
     let dev = &ctx.device;
-    let model = Llama::new(
-        config,
-        VarBuilder::from_tensors(snapshot.clone(), DTYPE, dev),
-    )?;
-    let fsdp = Fsdp::wrap(
-        model,
-        ctx.comm.clone(),
-        FsdpConfig {
-            sync_module_states: false,
-            ..FsdpConfig::default()
-        },
-    )?;
-    let mut optimizer = AdamW::new(
-        fsdp.parameters(),
-        ParamsAdamW {
-            lr: LR,
-            ..ParamsAdamW::default()
-        },
-    )?;
+    let model = Llama::new(config, VarBuilder::from_tensors(snapshot.clone(), DTYPE, dev))?;
+    let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig { sync_module_states: false, ..FsdpConfig::default() })?;
+    let mut optimizer = AdamW::new(fsdp.parameters(), ParamsAdamW { lr: LR, ..ParamsAdamW::default() })?;
     timed_steps(dev, batches, warmup, |inputs, targets| {
         let logits = fsdp.forward(|m| m.forward(inputs))?;
         let loss = common::next_token_loss(&logits, targets)?;
@@ -2194,30 +1773,12 @@ fn step_time(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
                 let fresh = Device::new_cuda(0)?;
                 let (mut a, mut a2, mut b) = (None, None, None);
                 for round in 1..=settings.rounds {
-                    eprintln!(
-                        "  {} round {round}/{}: (a) plain, fresh device",
-                        s.name, settings.rounds
-                    );
-                    Timed::merge(
-                        &mut a,
-                        time_plain(&s.config, &snapshot, &batches, settings.warmup, &fresh)?,
-                    );
-                    eprintln!(
-                        "  {} round {round}/{}: (a') plain, NCCL rank's device",
-                        s.name, settings.rounds
-                    );
-                    Timed::merge(
-                        &mut a2,
-                        time_plain(&s.config, &snapshot, &batches, settings.warmup, &ctx.device)?,
-                    );
-                    eprintln!(
-                        "  {} round {round}/{}: (b) FSDP world 1",
-                        s.name, settings.rounds
-                    );
-                    Timed::merge(
-                        &mut b,
-                        time_fsdp(&ctx, &s.config, &snapshot, &batches, settings.warmup)?,
-                    );
+                    eprintln!("  {} round {round}/{}: (a) plain, fresh device", s.name, settings.rounds);
+                    Timed::merge(&mut a, time_plain(&s.config, &snapshot, &batches, settings.warmup, &fresh)?);
+                    eprintln!("  {} round {round}/{}: (a') plain, NCCL rank's device", s.name, settings.rounds);
+                    Timed::merge(&mut a2, time_plain(&s.config, &snapshot, &batches, settings.warmup, &ctx.device)?);
+                    eprintln!("  {} round {round}/{}: (b) FSDP world 1", s.name, settings.rounds);
+                    Timed::merge(&mut b, time_fsdp(&ctx, &s.config, &snapshot, &batches, settings.warmup)?);
                 }
                 let done = |t: Option<Timed>| t.ok_or_else(|| anyhow!("no round ran"));
                 Ok((done(a)?, done(a2)?, done(b)?))
@@ -2241,9 +1802,7 @@ fn step_time(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
                     median(&t.times) / base_med,
                     min(t) / base_min,
                     tokens / (median(&t.times) / 1e3),
-                    t.peak
-                        .map(|p| mib(p as f64))
-                        .unwrap_or_else(|| "n/a".into())
+                    t.peak.map(|p| mib(p as f64)).unwrap_or_else(|| "n/a".into())
                 ));
             }
             sec.info(format!(

@@ -93,8 +93,8 @@ fn llama_config() -> LlamaConfig {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let plan_config = PlanConfig::new(args.fsdp.world_size, args.fsdp.fsdp_config())
-        .optimizer_states(args.optimizer.states());
+    let plan_config =
+        PlanConfig::new(args.fsdp.world_size, args.fsdp.fsdp_config()).optimizer_states(args.optimizer.states());
 
     let var_map = VarMap::new();
     let vb = VarBuilder::from_varmap(&var_map, DTYPE, &Device::Cpu);
@@ -112,12 +112,7 @@ fn main() -> anyhow::Result<()> {
                 config.num_decoder_layers,
                 config.dim_feedforward
             );
-            (
-                "Transformer",
-                description,
-                Layout::of(&model)?,
-                <Transformer as ShardableModel>::TABLE,
-            )
+            ("Transformer", description, Layout::of(&model)?, <Transformer as ShardableModel>::TABLE)
         }
         ModelKind::Llama => {
             let config = llama_config();
@@ -131,31 +126,17 @@ fn main() -> anyhow::Result<()> {
                 config.num_key_value_heads,
                 config.intermediate_size
             );
-            (
-                "Llama",
-                description,
-                Layout::of(&model)?,
-                <Llama as ShardableModel>::TABLE,
-            )
+            ("Llama", description, Layout::of(&model)?, <Llama as ShardableModel>::TABLE)
         }
     };
     let built_in = started.elapsed();
-    layout
-        .check_var_map(&var_map)
-        .context("the model's FQNs disagree with its VarMap")?;
+    layout.check_var_map(&var_map).context("the model's FQNs disagree with its VarMap")?;
 
     let plan = Plan::new(&layout, plan_config)?;
 
-    let trained: Vec<_> = layout
-        .params
-        .iter()
-        .filter(|p| p.role == Role::Parameter)
-        .collect();
+    let trained: Vec<_> = layout.params.iter().filter(|p| p.role == Role::Parameter).collect();
     let numel: usize = trained.iter().map(|p| p.tensor.elem_count()).sum();
-    let bytes: usize = trained
-        .iter()
-        .map(|p| p.tensor.elem_count() * p.tensor.dtype().size_in_bytes())
-        .sum();
+    let bytes: usize = trained.iter().map(|p| p.tensor.elem_count() * p.tensor.dtype().size_in_bytes()).sum();
     println!("model: {name} ({description})");
     println!(
         "       {} trained parameters ({numel}), {} in {:?}; {} tensors, {} units; built on the CPU in {:.1} s",
@@ -203,19 +184,7 @@ fn print_static_table(name: &str, table: &StaticTable, layout: &Layout) {
             println!("      {}{role}", param.fqn);
         }
     }
-    let names = |order: &[usize]| {
-        order
-            .iter()
-            .map(|&u| table.units[u].display_name())
-            .collect::<Vec<_>>()
-            .join(" -> ")
-    };
-    println!(
-        "  forward order (templates):      {}",
-        names(table.forward_order)
-    );
-    println!(
-        "  post-forward order (templates): {}",
-        names(table.post_forward_order)
-    );
+    let names = |order: &[usize]| order.iter().map(|&u| table.units[u].display_name()).collect::<Vec<_>>().join(" -> ");
+    println!("  forward order (templates):      {}", names(table.forward_order));
+    println!("  post-forward order (templates): {}", names(table.post_forward_order));
 }

@@ -138,16 +138,10 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let launched = DistEnv::is_set().then(DistEnv::from_env).transpose()?;
     // Ranks in this process share its cores.
-    let local_ranks = launched
-        .as_ref()
-        .map_or(args.fsdp.world_size, |env| env.local_world_size.max(1));
-    let candle_threads =
-        common::configure_candle_threads(args.candle_threads.map(|n| n as usize), local_ranks);
+    let local_ranks = launched.as_ref().map_or(args.fsdp.world_size, |env| env.local_world_size.max(1));
+    let candle_threads = common::configure_candle_threads(args.candle_threads.map(|n| n as usize), local_ranks);
     if launched.is_none() && args.fsdp.world_size > 64 {
-        bail!(
-            "--world-size {}: this example runs at most 64 ranks as threads",
-            args.fsdp.world_size
-        );
+        bail!("--world-size {}: this example runs at most 64 ranks as threads", args.fsdp.world_size);
     }
     if !(args.lr.is_finite() && args.lr > 0.0) {
         bail!("--lr must be a positive number, got {}", args.lr);
@@ -161,39 +155,27 @@ fn main() -> anyhow::Result<()> {
         #[cfg(feature = "cuda")]
         (None, _) => Ranks::GpuThreads,
         #[cfg(not(feature = "cuda"))]
-        (_, device) => bail!("--device {device}: this binary was built without the `cuda` feature (cargo build --features cuda)"),
+        (_, device) => {
+            bail!("--device {device}: this binary was built without the `cuda` feature (cargo build --features cuda)")
+        }
     };
     let (world, printer) = match &ranks {
         Ranks::Process(group) => (group.env().world_size, group.env().rank == 0),
         _ => (args.fsdp.world_size, true),
     };
-    let (steps, batch, seq_len) = (
-        args.steps as usize,
-        args.batch_size as usize,
-        args.seq_len as usize,
-    );
+    let (steps, batch, seq_len) = (args.steps as usize, args.batch_size as usize, args.seq_len as usize);
     let config = model_config(seq_len);
     let task = BigramTask::new(VOCAB, NOISE, args.seed);
 
     // Build the model once, here: candle's CPU RNG cannot be seeded, so the ranks build
     // their copies from a snapshot of these values rather than from their own draws.
     let var_map = VarMap::new();
-    let model = Llama::new(
-        &config,
-        VarBuilder::from_varmap(&var_map, DTYPE, &Device::Cpu),
-    )
-    .context("building the model")?;
+    let model =
+        Llama::new(&config, VarBuilder::from_varmap(&var_map, DTYPE, &Device::Cpu)).context("building the model")?;
     let layout = Layout::of(&model)?;
-    let plan = Plan::new(
-        &layout,
-        PlanConfig::new(world, args.fsdp.fsdp_config()).optimizer_states(2),
-    )?;
-    let full_numel: usize = layout
-        .params
-        .iter()
-        .filter(|p| p.role == Role::Parameter)
-        .map(|p| p.tensor.elem_count())
-        .sum();
+    let plan = Plan::new(&layout, PlanConfig::new(world, args.fsdp.fsdp_config()).optimizer_states(2))?;
+    let full_numel: usize =
+        layout.params.iter().filter(|p| p.role == Role::Parameter).map(|p| p.tensor.elem_count()).sum();
     let full_bytes = full_numel * DTYPE.size_in_bytes();
     let snapshot = common::snapshot(&var_map)?;
     drop((model, layout, var_map));
@@ -212,14 +194,9 @@ fn main() -> anyhow::Result<()> {
         Ranks::CpuThreads => "CPU ranks as threads".to_string(),
         #[cfg(feature = "cuda")]
         Ranks::GpuThreads => "one thread per GPU, NCCL".to_string(),
-        Ranks::Process(_) => format!(
-            "one process per rank, {}",
-            if args.device == "cpu" {
-                "CPU over TCP"
-            } else {
-                "GPU with NCCL"
-            }
-        ),
+        Ranks::Process(_) => {
+            format!("one process per rank, {}", if args.device == "cpu" { "CPU over TCP" } else { "GPU with NCCL" })
+        }
     };
     say(format!(
         "fsdp:  world size {world} ({how}; {} cores, {candle_threads} candle thread(s) per op), {}, backward prefetch {}, forward prefetch {}",
@@ -241,15 +218,14 @@ fn main() -> anyhow::Result<()> {
     ));
 
     let started = Instant::now();
-    let train = |ctx: RankContext, launched: bool| {
-        train_rank(ctx, &args, &config, &snapshot, &task, launched)
-    };
+    let train = |ctx: RankContext, launched: bool| train_rank(ctx, &args, &config, &snapshot, &task, launched);
     let options = LaunchOptions::new(world).timeout(timeout);
     let reports = match ranks {
         Ranks::CpuThreads => launch(options, |ctx| train(ctx, false)).context("training failed")?,
         #[cfg(feature = "cuda")]
-        Ranks::GpuThreads => candle_fsdp::launch::launch_gpus(options, |ctx| train(ctx, false))
-            .context("training failed")?,
+        Ranks::GpuThreads => {
+            candle_fsdp::launch::launch_gpus(options, |ctx| train(ctx, false)).context("training failed")?
+        }
         Ranks::Process(group) => {
             let ctx = group.context();
             let mine = train(ctx.clone(), true).context("training failed")?;
@@ -269,10 +245,7 @@ fn main() -> anyhow::Result<()> {
     let tail_mean = tail.iter().sum::<f64>() / tail.len() as f64;
     let times: Vec<f64> = reports[0].step_times.iter().map(|&d| ms(d)).collect();
     let step_median = median(&times);
-    println!(
-        "\nloss: start {start:.4}, end {end:.4} (mean of the last {} steps {tail_mean:.4})",
-        tail.len()
-    );
+    println!("\nloss: start {start:.4}, end {end:.4} (mean of the last {} steps {tail_mean:.4})", tail.len());
     println!(
         "time: {:.2} s in all; step (forward + backward + AdamW) median {step_median:.1} ms, first {:.1} ms; {:.0} tokens/s",
         wall.as_secs_f64(),
@@ -308,15 +281,8 @@ fn train_rank(
     launched: bool,
 ) -> candle_fsdp::Result<RankReport> {
     let device = ctx.device.clone();
-    let (steps, batch, seq_len) = (
-        args.steps as usize,
-        args.batch_size as usize,
-        args.seq_len as usize,
-    );
-    let model = Llama::new(
-        config,
-        VarBuilder::from_tensors(snapshot.clone(), DTYPE, &device),
-    )?;
+    let (steps, batch, seq_len) = (args.steps as usize, args.batch_size as usize, args.seq_len as usize);
+    let model = Llama::new(config, VarBuilder::from_tensors(snapshot.clone(), DTYPE, &device))?;
     let fsdp_config = FsdpConfig {
         // Thread ranks loaded the same snapshot: nothing to broadcast. Processes built
         // their own (candle's CPU RNG cannot be seeded): take rank 0's.
@@ -327,13 +293,7 @@ fn train_rank(
     let shards = fsdp.parameters();
     let shard_numel: usize = shards.iter().map(|v| v.elem_count()).sum();
     let shard_bytes = common::var_bytes(&shards);
-    let mut optimizer = AdamW::new(
-        shards.clone(),
-        ParamsAdamW {
-            lr: args.lr,
-            ..ParamsAdamW::default()
-        },
-    )?;
+    let mut optimizer = AdamW::new(shards.clone(), ParamsAdamW { lr: args.lr, ..ParamsAdamW::default() })?;
 
     let mut rng = Rng::stream(args.seed, 1 + ctx.rank as u64);
     let progress = if ctx.rank == 0 {
@@ -363,10 +323,7 @@ fn train_rank(
         step_times.push(started.elapsed());
         grad_bytes = common::tensor_bytes(shards.iter().filter_map(|v| grads.get(v.as_tensor())));
 
-        let global = ctx
-            .comm
-            .all_reduce(&loss.detach().reshape(1)?, ReduceOp::Avg, "loss")?
-            .wait()?;
+        let global = ctx.comm.all_reduce(&loss.detach().reshape(1)?, ReduceOp::Avg, "loss")?.wait()?;
         let global = global.to_vec1::<f32>()?[0] as f64;
         losses.push(global);
         progress.set_message(format!("{global:.4}"));
@@ -392,21 +349,9 @@ fn train_rank(
 /// Every rank's memory figures on every rank, so rank 0 can print the table; the losses and
 /// step times are rank 0's own (the losses are global already).
 fn gather_reports(ctx: &RankContext, mine: RankReport) -> anyhow::Result<Vec<RankReport>> {
-    let figures = [
-        mine.shard_numel,
-        mine.shard_bytes,
-        mine.grad_bytes,
-        mine.optimizer_bytes,
-        mine.gathered_peak,
-    ];
+    let figures = [mine.shard_numel, mine.shard_bytes, mine.grad_bytes, mine.optimizer_bytes, mine.gathered_peak];
     let figures: Vec<f64> = figures.iter().map(|&n| n as f64).collect();
-    let all = ctx
-        .comm
-        .all_gather(
-            &Tensor::new(figures.as_slice(), &ctx.device)?,
-            "the memory report",
-        )?
-        .wait()?;
+    let all = ctx.comm.all_gather(&Tensor::new(figures.as_slice(), &ctx.device)?, "the memory report")?.wait()?;
     let all = all.to_vec1::<f64>()?;
     Ok(all
         .chunks(figures.len())

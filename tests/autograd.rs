@@ -26,14 +26,13 @@ use candle_fsdp::model::{Layout, Tie};
 use candle_fsdp::models::gpt::{Gpt, GptConfig};
 use candle_fsdp::optim::{SgdMomentum, SgdMomentumConfig, StepLr};
 use candle_fsdp::{
-    launch, Fsdp, FsdpConfig, LaunchOptions, Shardable, ShardingStrategy, TraceEvent, Unit,
-    UnshardCause,
+    launch, Fsdp, FsdpConfig, LaunchOptions, Shardable, ShardingStrategy, TraceEvent, Unit, UnshardCause,
 };
 use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use common::{assert_close, build, rand, randn, SlowReduceScatter, Snapshot, F32_ATOL, F32_RTOL};
 use fsdp_testkit::fsdp_test_models::{
-    ActivationContainer, DoubleLinear, DoubleLinearEachUnit, MixtureOfExperts, Mlp,
-    NamedActivations, NestedWrappedModule, NontensorActivations, TransformerWithSharedParams,
+    ActivationContainer, DoubleLinear, DoubleLinearEachUnit, MixtureOfExperts, Mlp, NamedActivations,
+    NestedWrappedModule, NontensorActivations, TransformerWithSharedParams,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -44,14 +43,10 @@ const DIM: usize = 24;
 const LOCAL_BATCH: usize = 2;
 /// Iterations of the FSDP2 autograd tests.
 const ITERS: usize = 10;
-const SGD: SgdMomentumConfig = SgdMomentumConfig {
-    lr: 1e-2,
-    momentum: 0.9,
-};
+const SGD: SgdMomentumConfig = SgdMomentumConfig { lr: 1e-2, momentum: 0.9 };
 
 /// The strategies PyTorch's `reshard_after_forward ∈ {True, False}` subtests map to.
-const RESHARD_AFTER_FORWARD: [ShardingStrategy; 2] =
-    [ShardingStrategy::FullShard, ShardingStrategy::ShardGradOp];
+const RESHARD_AFTER_FORWARD: [ShardingStrategy; 2] = [ShardingStrategy::FullShard, ShardingStrategy::ShardGradOp];
 
 type FsdpResult<T> = candle_fsdp::Result<T>;
 
@@ -69,11 +64,7 @@ fn config(strategy: ShardingStrategy) -> FsdpConfig {
 
 /// `Adam(lr=1e-2)`: candle's AdamW without weight decay.
 fn adam() -> ParamsAdamW {
-    ParamsAdamW {
-        lr: 1e-2,
-        weight_decay: 0.0,
-        ..ParamsAdamW::default()
-    }
+    ParamsAdamW { lr: 1e-2, weight_decay: 0.0, ..ParamsAdamW::default() }
 }
 
 fn scalar(t: &Tensor) -> f64 {
@@ -86,13 +77,7 @@ fn values(t: &Tensor) -> Vec<f32> {
 
 /// `dist.all_reduce(loss, op)` of the rank's scalar loss.
 fn all_reduce(comm: &dyn Collectives, loss: &Tensor, op: ReduceOp) -> FsdpResult<f64> {
-    let total = comm
-        .all_reduce(
-            &loss.to_dtype(DType::F32)?.reshape(1)?,
-            op,
-            "the test's loss",
-        )?
-        .wait()?;
+    let total = comm.all_reduce(&loss.to_dtype(DType::F32)?.reshape(1)?, op, "the test's loss")?.wait()?;
     Ok(scalar(&total.reshape(())?))
 }
 
@@ -114,10 +99,7 @@ fn nested_input(rank: usize) -> Tensor {
 /// A fixed start for a model of `nn.Linear`s (the seed's `torch.manual_seed(42)`): the
 /// snapshot of `ctor`'s model with every parameter redrawn from PyTorch's `nn.Linear`
 /// distribution `U(±1/sqrt(fan_in))` by the seeded [`rand`], in FQN order.
-fn seeded_linear_snapshot<M>(
-    ctor: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
-    seed: u64,
-) -> Snapshot {
+fn seeded_linear_snapshot<M>(ctor: impl FnOnce(VarBuilder) -> candle_core::Result<M>, seed: u64) -> Snapshot {
     let (_, _, random) = build(None, DType::F32, ctor).unwrap();
     let names: BTreeSet<&String> = random.0.keys().collect();
     let values = names
@@ -126,14 +108,8 @@ fn seeded_linear_snapshot<M>(
         .map(|(i, name)| {
             let weight = &random.0[&name.replace(".bias", ".weight")];
             let bound = 1.0 / (weight.dim(1).unwrap() as f64).sqrt();
-            let uniform = rand(
-                splitmix64(seed ^ splitmix64(i as u64)),
-                random.0[name].dims(),
-            );
-            (
-                name.clone(),
-                ((uniform * (2.0 * bound)).unwrap() - bound).unwrap(),
-            )
+            let uniform = rand(splitmix64(seed ^ splitmix64(i as u64)), random.0[name].dims());
+            (name.clone(), ((uniform * (2.0 * bound)).unwrap() - bound).unwrap())
         })
         .collect();
     Snapshot(values)
@@ -150,13 +126,7 @@ fn splitmix64(x: u64) -> u64 {
 
 /// The reference's variables by FQN.
 fn vars_by_name(var_map: &VarMap) -> HashMap<String, Var> {
-    var_map
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(name, var)| (name.clone(), var.clone()))
-        .collect()
+    var_map.data().lock().unwrap().iter().map(|(name, var)| (name.clone(), var.clone())).collect()
 }
 
 /// The reference's gradients divided by the world size (the seed's
@@ -189,26 +159,14 @@ fn shard_of(full: &Tensor, (rank, world): (usize, usize)) -> Tensor {
     let padded = if padding == 0 {
         flat
     } else {
-        Tensor::cat(
-            &[
-                flat,
-                Tensor::zeros(padding, full.dtype(), full.device()).unwrap(),
-            ],
-            0,
-        )
-        .unwrap()
+        Tensor::cat(&[flat, Tensor::zeros(padding, full.dtype(), full.device()).unwrap()], 0).unwrap()
     };
     padded.narrow(0, rank * len, len).unwrap()
 }
 
 /// The seed's `check_sharded_parity` for the values: every shard equals the slice of the
 /// reference parameter.
-fn check_shards<M>(
-    what: &str,
-    fsdp: &Fsdp<M>,
-    reference: &HashMap<String, Var>,
-    position: (usize, usize),
-) {
+fn check_shards<M>(what: &str, fsdp: &Fsdp<M>, reference: &HashMap<String, Var>, position: (usize, usize)) {
     let shards = fsdp.named_parameters();
     assert_eq!(
         shards.len(),
@@ -219,13 +177,7 @@ fn check_shards<M>(
     );
     for (fqn, shard) in shards {
         let expected = shard_of(reference[&fqn].as_tensor(), position);
-        assert_close(
-            shard.as_tensor(),
-            &expected,
-            F32_ATOL,
-            F32_RTOL,
-            &format!("{what}: shard of `{fqn}`"),
-        );
+        assert_close(shard.as_tensor(), &expected, F32_ATOL, F32_RTOL, &format!("{what}: shard of `{fqn}`"));
     }
 }
 
@@ -241,10 +193,7 @@ fn check_grads<M>(
     position: (usize, usize),
 ) {
     for (fqn, shard) in fsdp.named_parameters() {
-        match (
-            grads.get(shard.as_tensor()),
-            ref_grads.get(reference[&fqn].as_tensor()),
-        ) {
+        match (grads.get(shard.as_tensor()), ref_grads.get(reference[&fqn].as_tensor())) {
             (None, None) => {}
             (Some(grad), Some(expected)) => assert_close(
                 grad,
@@ -263,23 +212,13 @@ fn check_grads<M>(
 }
 
 /// Every full parameter (a collective) against the reference.
-fn check_full_params<M>(
-    what: &str,
-    fsdp: &Fsdp<M>,
-    reference: &HashMap<String, Var>,
-) -> FsdpResult<()> {
+fn check_full_params<M>(what: &str, fsdp: &Fsdp<M>, reference: &HashMap<String, Var>) -> FsdpResult<()> {
     let full = fsdp.full_parameters()?;
     let names: BTreeSet<&String> = full.iter().map(|(n, _)| n).collect();
     let expected: BTreeSet<&String> = reference.keys().collect();
     assert_eq!(names, expected, "{what}: full_parameters() names");
     for (fqn, value) in &full {
-        assert_close(
-            value,
-            reference[fqn].as_tensor(),
-            F32_ATOL,
-            F32_RTOL,
-            &format!("{what}: full `{fqn}`"),
-        );
+        assert_close(value, reference[fqn].as_tensor(), F32_ATOL, F32_RTOL, &format!("{what}: full `{fqn}`"));
     }
     Ok(())
 }
@@ -297,10 +236,7 @@ fn unit_of(event: &TraceEvent) -> &str {
 
 /// How many events of `unit` match `kind`.
 fn count(events: &[TraceEvent], unit: &str, kind: impl Fn(&TraceEvent) -> bool) -> usize {
-    events
-        .iter()
-        .filter(|e| unit_of(e) == unit && kind(e))
-        .count()
+    events.iter().filter(|e| unit_of(e) == unit && kind(e)).count()
 }
 
 fn is_reduce(e: &TraceEvent) -> bool {
@@ -341,118 +277,50 @@ fn added_models_have_pytorch_names_and_units() {
         "feed_forward.w2.weight",
         "feed_forward.w2.bias",
     ];
-    let layers: Vec<String> = (0..2)
-        .flat_map(|i| layer.iter().map(move |name| format!("layers.{i}.{name}")))
-        .collect();
+    let layers: Vec<String> = (0..2).flat_map(|i| layer.iter().map(move |name| format!("layers.{i}.{name}"))).collect();
     expected.extend(layers.iter().map(String::as_str));
     expected.extend(["norm.weight", "norm.bias"]);
     assert_eq!(fqns, expected);
     let units: Vec<&str> = layout.units.iter().map(|u| u.display_name()).collect();
     assert_eq!(units, ["<root>", "layers.0", "layers.1"]);
-    assert_eq!(
-        layout.ties,
-        [Tie {
-            param: 0,
-            fqn: "output.weight".to_string()
-        }]
-    );
+    assert_eq!(layout.ties, [Tie { param: 0, fqn: "output.weight".to_string() }]);
     // Causal: changing the last token changes no earlier position's logits.
     let tokens = Tensor::new(&[[1u32, 2, 3, 4, 5, 6, 7, 0]], &Device::Cpu).unwrap();
     let changed = Tensor::new(&[[1u32, 2, 3, 4, 5, 6, 7, 3]], &Device::Cpu).unwrap();
-    let (a, b) = (
-        gpt.forward(&tokens).unwrap(),
-        gpt.forward(&changed).unwrap(),
-    );
+    let (a, b) = (gpt.forward(&tokens).unwrap(), gpt.forward(&changed).unwrap());
     assert_eq!(a.dims(), [1, 8, 8]);
-    assert_eq!(
-        values(&a.narrow(1, 0, 7).unwrap()),
-        values(&b.narrow(1, 0, 7).unwrap())
-    );
-    assert_ne!(
-        values(&a.narrow(1, 7, 1).unwrap()),
-        values(&b.narrow(1, 7, 1).unwrap())
-    );
+    assert_eq!(values(&a.narrow(1, 0, 7).unwrap()), values(&b.narrow(1, 0, 7).unwrap()));
+    assert_ne!(values(&a.narrow(1, 7, 1).unwrap()), values(&b.narrow(1, 7, 1).unwrap()));
 
     let var_map = VarMap::new();
-    let moe =
-        MixtureOfExperts::new(VarBuilder::from_varmap(&var_map, DType::F32, &Device::Cpu)).unwrap();
+    let moe = MixtureOfExperts::new(VarBuilder::from_varmap(&var_map, DType::F32, &Device::Cpu)).unwrap();
     let layout = Layout::of(&moe).unwrap();
     layout.check_var_map(&var_map).unwrap();
     let units: Vec<&str> = layout.units.iter().map(|u| u.display_name()).collect();
-    assert_eq!(
-        units,
-        [
-            "<root>",
-            MixtureOfExperts::SHARED_UNIT,
-            MixtureOfExperts::EXPERT_UNIT
-        ]
-    );
-    assert_eq!(
-        layout.unit_fqns(0),
-        [
-            "module.0.weight",
-            "module.0.bias",
-            "module.3.weight",
-            "module.3.bias"
-        ]
-    );
+    assert_eq!(units, ["<root>", MixtureOfExperts::SHARED_UNIT, MixtureOfExperts::EXPERT_UNIT]);
+    assert_eq!(layout.unit_fqns(0), ["module.0.weight", "module.0.bias", "module.3.weight", "module.3.bias"]);
     assert_eq!(layout.unit_fqns(2), ["module.2.weight", "module.2.bias"]);
-    let shape = |fqn: &str| {
-        layout
-            .params
-            .iter()
-            .find(|p| p.fqn == fqn)
-            .unwrap()
-            .tensor
-            .dims()
-            .to_vec()
-    };
-    assert_eq!(
-        (shape("module.1.weight"), shape("module.2.weight")),
-        (vec![23, 12], vec![12, 23])
-    );
+    let shape = |fqn: &str| layout.params.iter().find(|p| p.fqn == fqn).unwrap().tensor.dims().to_vec();
+    assert_eq!((shape("module.1.weight"), shape("module.2.weight")), (vec![23, 12], vec![12, 23]));
     assert!(MixtureOfExperts::is_expert_param("module.2.bias"));
     assert!(
-        !MixtureOfExperts::is_expert_param("module.1.bias")
-            && !MixtureOfExperts::is_expert_param("module.20.bias")
+        !MixtureOfExperts::is_expert_param("module.1.bias") && !MixtureOfExperts::is_expert_param("module.20.bias")
     );
 
     let var_map = VarMap::new();
-    let model = NontensorActivations::new(
-        DIM,
-        VarBuilder::from_varmap(&var_map, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
+    let model = NontensorActivations::new(DIM, VarBuilder::from_varmap(&var_map, DType::F32, &Device::Cpu)).unwrap();
     let layout = Layout::of(&model).unwrap();
     layout.check_var_map(&var_map).unwrap();
     let units: Vec<&str> = layout.units.iter().map(|u| u.display_name()).collect();
     assert_eq!(units, ["<root>", "0", "1", "2", "3", "4"]);
-    assert!(
-        layout.unit_fqns(0).is_empty()
-            && layout.unit_fqns(1).is_empty()
-            && layout.unit_fqns(5).is_empty()
-    );
-    assert_eq!(
-        layout.unit_fqns(2),
-        [
-            "1.lin1.weight",
-            "1.lin1.bias",
-            "1.lin2.weight",
-            "1.lin2.bias"
-        ]
-    );
+    assert!(layout.unit_fqns(0).is_empty() && layout.unit_fqns(1).is_empty() && layout.unit_fqns(5).is_empty());
+    assert_eq!(layout.unit_fqns(2), ["1.lin1.weight", "1.lin1.bias", "1.lin2.weight", "1.lin2.bias"]);
     // Every container carries the same computation.
     let x = rand(7, &[2, DIM]);
     let reference = values(&model.forward::<Vec<Tensor>>(&x).unwrap());
     assert_eq!(values(&model.forward::<(Tensor,)>(&x).unwrap()), reference);
-    assert_eq!(
-        values(&model.forward::<NamedActivations>(&x).unwrap()),
-        reference
-    );
-    assert_eq!(
-        values(&model.forward::<HashMap<String, Tensor>>(&x).unwrap()),
-        reference
-    );
+    assert_eq!(values(&model.forward::<NamedActivations>(&x).unwrap()), reference);
+    assert_eq!(values(&model.forward::<HashMap<String, Tensor>>(&x).unwrap()), reference);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -461,10 +329,7 @@ fn added_models_have_pytorch_names_and_units() {
 /// `lin1` a unit, `lin2` in the root. The loss uses both outputs for 3 iterations, then only
 /// `out1`: from then on `lin2` (and the root's whole reduction) gets no gradient.
 fn unused_forward_output(world: usize, strategy: ShardingStrategy) {
-    let what = format!(
-        "unused forward output on {world} ranks, {}",
-        strategy.name()
-    );
+    let what = format!("unused forward output on {world} ranks, {}", strategy.name());
     let ctor = |vb: VarBuilder| DoubleLinear::new(DIM, true, vb);
     let (_, _, snapshot) = build(None, DType::F32, ctor).unwrap();
     launch(options(world), |ctx| {
@@ -508,19 +373,11 @@ fn unused_forward_output(world: usize, strategy: ShardingStrategy) {
             check_grads(&what, &fsdp, &grads, &ref_vars, &ref_grads, position);
             for (fqn, shard) in fsdp.named_parameters() {
                 let expect_grad = iter < 3 || fqn.starts_with("lin1.");
-                assert_eq!(
-                    grads.get(shard.as_tensor()).is_some(),
-                    expect_grad,
-                    "{what}: gradient of `{fqn}`"
-                );
+                assert_eq!(grads.get(shard.as_tensor()).is_some(), expect_grad, "{what}: gradient of `{fqn}`");
             }
             // The root (`lin2`) reduces nothing once `out2` is unused; `lin1` every time.
             let events = fsdp.take_trace();
-            assert_eq!(
-                count(&events, "<root>", is_reduce),
-                usize::from(iter < 3),
-                "{what}: {events:?}"
-            );
+            assert_eq!(count(&events, "<root>", is_reduce), usize::from(iter < 3), "{what}: {events:?}");
             assert_eq!(count(&events, "lin1", is_reduce), 1, "{what}: {events:?}");
             check_shards(&what, &fsdp, &ref_vars, position);
         }
@@ -549,10 +406,7 @@ fn unused_forward_output_world_3() {
 /// `lin1`, `lin2` and the root each a unit; `lin2` never runs forward. Per iteration, as
 /// the seed: losses, then parity of parameters and gradients before the step.
 fn unused_forward_module(world: usize, strategy: ShardingStrategy) {
-    let what = format!(
-        "unused forward module on {world} ranks, {}",
-        strategy.name()
-    );
+    let what = format!("unused forward module on {world} ranks, {}", strategy.name());
     let ctor = |vb: VarBuilder| DoubleLinearEachUnit::new(DIM, false, vb);
     let (_, _, snapshot) = build(None, DType::F32, ctor).unwrap();
     launch(options(world), |ctx| {
@@ -586,15 +440,8 @@ fn unused_forward_module(world: usize, strategy: ShardingStrategy) {
             );
             check_shards(&what, &fsdp, &ref_vars, position);
             check_grads(&what, &fsdp, &grads, &ref_vars, &ref_grads, position);
-            for (fqn, shard) in fsdp
-                .named_parameters()
-                .into_iter()
-                .filter(|(f, _)| f.starts_with("lin2."))
-            {
-                assert!(
-                    grads.get(shard.as_tensor()).is_none(),
-                    "{what}: `{fqn}` must have no gradient"
-                );
+            for (fqn, shard) in fsdp.named_parameters().into_iter().filter(|(f, _)| f.starts_with("lin2.")) {
+                assert!(grads.get(shard.as_tensor()).is_none(), "{what}: `{fqn}` must have no gradient");
             }
             // `lin2` never ran: no all-gather and no reduction for it (PyTorch's post-backward
             // finds no gradient and issues no collective), while `lin1` did both.
@@ -604,11 +451,7 @@ fn unused_forward_module(world: usize, strategy: ShardingStrategy) {
                 0,
                 "{what}: collectives for `lin2`: {events:?}"
             );
-            assert_eq!(
-                count(&events, "lin1", is_reduce),
-                1,
-                "{what}: `lin1` reduced once: {events:?}"
-            );
+            assert_eq!(count(&events, "lin1", is_reduce), 1, "{what}: `lin1` reduced once: {events:?}");
             optim.step(&grads)?;
             ref_optim.step(&ref_grads)?;
         }
@@ -638,10 +481,7 @@ fn unused_forward_module_world_3() {
 /// FromContainerType)` with the activation carried in a `C`.
 fn nontensor_activations<C: ActivationContainer>(container: &str, strategy: ShardingStrategy) {
     let world = 2;
-    let what = format!(
-        "activations in a {container} on {world} ranks, {}",
-        strategy.name()
-    );
+    let what = format!("activations in a {container} on {world} ranks, {}", strategy.name());
     let ctor = |vb: VarBuilder| NontensorActivations::new(DIM, vb);
     // A fixed start, as the seed's `manual_seed(42)`. Three ReLU blocks leave some gradient
     // entries nearly cancelled (|g| ~ 1e-7..1e-10, computed by FSDP on the local batch and
@@ -668,9 +508,7 @@ fn nontensor_activations<C: ActivationContainer>(container: &str, strategy: Shar
             let global = global_input(iter, world);
             let ref_loss = reference.forward::<C>(&global)?.sum_all()?;
             let ref_grads = averaged(&ref_loss.backward()?, &ref_vars, world);
-            let loss = fsdp
-                .forward(|m| m.forward::<C>(&local_input(&global, ctx.rank)))?
-                .sum_all()?;
+            let loss = fsdp.forward(|m| m.forward::<C>(&local_input(&global, ctx.rank)))?.sum_all()?;
             let grads = fsdp.backward(&loss)?;
 
             let total = all_reduce(ctx.comm.as_ref(), &loss, ReduceOp::Sum)?;
@@ -683,36 +521,18 @@ fn nontensor_activations<C: ActivationContainer>(container: &str, strategy: Shar
             );
             check_shards(&what, &fsdp, &ref_vars, position);
             check_grads(&what, &fsdp, &grads, &ref_vars, &ref_grads, position);
-            assert_eq!(
-                fsdp.parameters()
-                    .iter()
-                    .filter(|s| grads.get(s.as_tensor()).is_some())
-                    .count(),
-                12
-            );
+            assert_eq!(fsdp.parameters().iter().filter(|s| grads.get(s.as_tensor()).is_some()).count(), 12);
 
             // The pre-backward hook fired once for every unit whose outputs require a
             // gradient. `ToContainerType` ("0") packs the raw input, which requires none,
             // so neither PyTorch nor this runtime hooks its outputs.
             let events = fsdp.take_trace();
             for unit in ["<root>", "1", "2", "3", "4"] {
-                assert_eq!(
-                    count(&events, unit, is_pre_backward),
-                    1,
-                    "{what}: pre-backward of `{unit}`: {events:?}"
-                );
+                assert_eq!(count(&events, unit, is_pre_backward), 1, "{what}: pre-backward of `{unit}`: {events:?}");
             }
-            assert_eq!(
-                count(&events, "0", is_pre_backward),
-                0,
-                "{what}: pre-backward of `0`: {events:?}"
-            );
+            assert_eq!(count(&events, "0", is_pre_backward), 0, "{what}: pre-backward of `0`: {events:?}");
             for unit in ["1", "2", "3"] {
-                assert_eq!(
-                    count(&events, unit, is_reduce),
-                    1,
-                    "{what}: reduction of `{unit}`: {events:?}"
-                );
+                assert_eq!(count(&events, unit, is_reduce), 1, "{what}: reduction of `{unit}`: {events:?}");
             }
             optim.step(&grads)?;
             ref_optim.step(&ref_grads)?;
@@ -785,59 +605,32 @@ fn post_accumulate_grad_hook_runs_once_per_parameter() {
                 Ok(())
             })?;
         }
-        assert!(fsdp
-            .register_post_accumulate_grad_hook("in_proj.nonexistent", |_, _| Ok(()))
-            .is_err());
+        assert!(fsdp.register_post_accumulate_grad_hook("in_proj.nonexistent", |_, _| Ok(())).is_err());
 
         let inputs: Vec<Tensor> = (0..world).map(|r| randn(r as u64, &[2, 8])).collect();
         let loss = fsdp.forward(|m| m.forward(&inputs[ctx.rank]))?.sum_all()?;
-        assert!(
-            records.lock().unwrap().is_empty(),
-            "{what}: a hook ran during forward"
-        );
+        assert!(records.lock().unwrap().is_empty(), "{what}: a hook ran during forward");
         let grads = fsdp.backward(&loss)?;
         let ref_loss = reference.forward(&Tensor::cat(&inputs, 0)?)?.sum_all()?;
         let ref_grads = averaged(&ref_loss.backward()?, &ref_vars, world);
 
         let records = records.lock().unwrap();
         let names: Vec<&String> = records.keys().collect();
-        assert_eq!(
-            names,
-            [
-                "in_proj.bias",
-                "in_proj.weight",
-                "out_proj.bias",
-                "out_proj.weight"
-            ],
-            "{what}"
-        );
+        assert_eq!(names, ["in_proj.bias", "in_proj.weight", "out_proj.bias", "out_proj.weight"], "{what}");
         for (fqn, shard) in fsdp.named_parameters() {
             let record = &records[&fqn];
             assert_eq!(record.calls, 1, "{what}: hook of `{fqn}`");
             let seen = record.shard.as_ref().unwrap();
-            assert_eq!(
-                seen.as_tensor().id(),
-                shard.as_tensor().id(),
-                "{what}: `{fqn}`'s hook got another tensor"
-            );
+            assert_eq!(seen.as_tensor().id(), shard.as_tensor().id(), "{what}: `{fqn}`'s hook got another tensor");
             // The hook got the reduced shard gradient, the one backward returns.
-            let returned = grads
-                .get(shard.as_tensor())
-                .unwrap_or_else(|| panic!("{what}: no gradient for `{fqn}`"));
+            let returned = grads.get(shard.as_tensor()).unwrap_or_else(|| panic!("{what}: no gradient for `{fqn}`"));
             assert_eq!(
                 values(record.grad.as_ref().unwrap()),
                 values(returned),
                 "{what}: gradient given to `{fqn}`'s hook"
             );
         }
-        check_grads(
-            &what,
-            &fsdp,
-            &grads,
-            &ref_vars,
-            &ref_grads,
-            (ctx.rank, world),
-        );
+        check_grads(&what, &fsdp, &grads, &ref_vars, &ref_grads, (ctx.rank, world));
         Ok(())
     })
     .unwrap();
@@ -856,10 +649,7 @@ fn optimizer_in_backward_is_bitwise_equal_to_a_normal_step() {
     let gpt = GptConfig::default();
     let ctor = |vb: VarBuilder| Gpt::new(&gpt, vb);
     let (_, _, snapshot) = build(None, DType::F32, ctor).unwrap();
-    let optim_config = ParamsAdamW {
-        lr: 1e-2,
-        ..ParamsAdamW::default()
-    };
+    let optim_config = ParamsAdamW { lr: 1e-2, ..ParamsAdamW::default() };
     let (step_size, gamma) = (5, 0.1);
     launch(options(world), |ctx| {
         let (model, _, _) = build(Some(&snapshot), DType::F32, ctor)?;
@@ -887,13 +677,7 @@ fn optimizer_in_backward_is_bitwise_equal_to_a_normal_step() {
         }
         let params = fsdp.parameters().len();
         // The tied output projection is `tok_embeddings.weight`: one parameter.
-        assert_eq!(
-            fsdp.named_parameters()
-                .iter()
-                .filter(|(f, _)| f.starts_with("output"))
-                .count(),
-            0
-        );
+        assert_eq!(fsdp.named_parameters().iter().filter(|(f, _)| f.starts_with("output")).count(), 0);
 
         // `torch.manual_seed(42 + rank); randint(0, vocab_size, (2, 16))`, the same every iteration.
         let tokens = (rand(42 + ctx.rank as u64, &[2, gpt.max_seq_len]) * gpt.vocab_size as f64)?
@@ -908,33 +692,17 @@ fn optimizer_in_backward_is_bitwise_equal_to_a_normal_step() {
 
             let loss = fsdp.forward(|m| m.forward(&tokens))?.sum_all()?;
             fsdp.backward(&loss)?;
-            assert_eq!(
-                *steps.lock().unwrap(),
-                (iter + 1) * params,
-                "{what}: every hook steps once per iteration"
-            );
+            assert_eq!(*steps.lock().unwrap(), (iter + 1) * params, "{what}: every hook steps once per iteration");
 
             let (ref_loss, loss) = (ref_loss.to_scalar::<f32>()?, loss.to_scalar::<f32>()?);
-            assert_eq!(
-                loss.to_bits(),
-                ref_loss.to_bits(),
-                "{what}: loss {loss} vs {ref_loss}"
-            );
-            for ((ref_fqn, ref_shard), (fqn, shard)) in reference
-                .named_parameters()
-                .into_iter()
-                .zip(fsdp.named_parameters())
+            assert_eq!(loss.to_bits(), ref_loss.to_bits(), "{what}: loss {loss} vs {ref_loss}");
+            for ((ref_fqn, ref_shard), (fqn, shard)) in
+                reference.named_parameters().into_iter().zip(fsdp.named_parameters())
             {
                 assert_eq!(ref_fqn, fqn);
                 let (expected, actual) = (values(ref_shard.as_tensor()), values(shard.as_tensor()));
-                let same = expected
-                    .iter()
-                    .zip(&actual)
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(
-                    same,
-                    "{what}: `{fqn}` differs from the normally stepped model"
-                );
+                let same = expected.iter().zip(&actual).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{what}: `{fqn}` differs from the normally stepped model");
             }
         }
         // Two decays of StepLR(step_size 5) over 10 epochs.
@@ -988,42 +756,22 @@ fn param_change_after_init(strategy: ShardingStrategy) {
             let new_shard = |r: usize| randn(seed + r as u64, shard.dims());
             shard.set(&new_shard(shard_rank))?;
             let pieces: Vec<Tensor> = (0..shard_world).map(new_shard).collect();
-            let full = Tensor::cat(&pieces, 0)?
-                .narrow(0, 0, ref_param.elem_count())?
-                .reshape(ref_param.shape())?;
+            let full = Tensor::cat(&pieces, 0)?.narrow(0, 0, ref_param.elem_count())?.reshape(ref_param.shape())?;
             ref_param.set(&full)?;
             Ok(())
         };
 
         edit(500)?;
         let first = fsdp.forward_inference(|m| m.forward(&src, &tgt))?;
-        assert!(
-            values(&first) != values(&unedited),
-            "{what}: the edit made right after wrapping was not used"
-        );
+        assert!(values(&first) != values(&unedited), "{what}: the edit made right after wrapping was not used");
         let expected = reference.forward(&src, &tgt)?;
-        assert_close(
-            &first,
-            &expected,
-            F32_ATOL,
-            F32_RTOL,
-            &format!("{what}: output after the first edit"),
-        );
+        assert_close(&first, &expected, F32_ATOL, F32_RTOL, &format!("{what}: output after the first edit"));
 
         edit(600)?;
         let second = fsdp.forward(|m| m.forward(&src, &tgt))?;
-        assert!(
-            values(&second) != values(&first),
-            "{what}: the edit made after an inference forward was not used"
-        );
+        assert!(values(&second) != values(&first), "{what}: the edit made after an inference forward was not used");
         let expected = reference.forward(&src, &tgt)?;
-        assert_close(
-            &second,
-            &expected,
-            F32_ATOL,
-            F32_RTOL,
-            &format!("{what}: output after the second edit"),
-        );
+        assert_close(&second, &expected, F32_ATOL, F32_RTOL, &format!("{what}: output after the second edit"));
         Ok(())
     })
     .unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -1053,74 +801,35 @@ fn no_grad(strategy: ShardingStrategy) {
         // Without sharding the full parameters are the parameters themselves, counted as
         // gathered for good; sharded, nothing is gathered outside a step.
         let resident = fsdp.memory().gathered_bytes;
-        assert_eq!(
-            resident == 0,
-            strategy != ShardingStrategy::NoShard,
-            "{what}: gathered bytes after wrapping"
-        );
+        assert_eq!(resident == 0, strategy != ShardingStrategy::NoShard, "{what}: gathered bytes after wrapping");
         let mut optim = SgdMomentum::new(fsdp.parameters(), SGD)?;
         let (src, tgt) = TransformerWithSharedParams::get_input(&Device::Cpu)?;
         let out = fsdp.forward(|m| m.forward(&src, &tgt))?;
         let grads = fsdp.backward(&TransformerWithSharedParams::get_loss(&tgt, &out)?)?;
         optim.step(&grads)?;
         drop((out, grads));
-        assert_eq!(
-            fsdp.live_backward_hooks(),
-            0,
-            "{what}: hooks after the training step"
-        );
+        assert_eq!(fsdp.live_backward_hooks(), 0, "{what}: hooks after the training step");
 
         let training = fsdp.forward(|m| m.forward(&src, &tgt))?;
         let hooks = fsdp.live_backward_hooks();
         assert!(hooks > 0, "{what}: a training forward hooks its outputs");
         let inference = fsdp.forward_inference(|m| m.forward(&src, &tgt))?;
-        assert_eq!(
-            fsdp.live_backward_hooks(),
-            hooks,
-            "{what}: the inference forward attached hooks"
-        );
-        assert!(
-            !inference.track_op(),
-            "{what}: the inference output is detached"
-        );
-        assert_eq!(
-            values(&inference),
-            values(&training),
-            "{what}: inference vs training output"
-        );
-        assert_eq!(
-            fsdp.memory().gathered_bytes,
-            resident,
-            "{what}: gathered bytes after the inference forward"
-        );
+        assert_eq!(fsdp.live_backward_hooks(), hooks, "{what}: the inference forward attached hooks");
+        assert!(!inference.track_op(), "{what}: the inference output is detached");
+        assert_eq!(values(&inference), values(&training), "{what}: inference vs training output");
+        assert_eq!(fsdp.memory().gathered_bytes, resident, "{what}: gathered bytes after the inference forward");
         drop(training);
-        assert_eq!(
-            fsdp.live_backward_hooks(),
-            0,
-            "{what}: hooks after dropping the training output"
-        );
+        assert_eq!(fsdp.live_backward_hooks(), 0, "{what}: hooks after dropping the training output");
 
         // Alone, an inference forward leaves no hook and nothing gathered.
         let again = fsdp.forward_inference(|m| m.forward(&src, &tgt))?;
-        assert_eq!(
-            fsdp.live_backward_hooks(),
-            0,
-            "{what}: hooks while an inference output is alive"
-        );
-        assert_eq!(
-            fsdp.memory().gathered_bytes,
-            resident,
-            "{what}: gathered bytes"
-        );
+        assert_eq!(fsdp.live_backward_hooks(), 0, "{what}: hooks while an inference output is alive");
+        assert_eq!(fsdp.memory().gathered_bytes, resident, "{what}: gathered bytes");
         assert_eq!(values(&again), values(&inference));
 
         // Training still works afterwards.
         let out = fsdp.forward(|m| m.forward(&src, &tgt))?;
-        assert_eq!(
-            values(&out),
-            values(&inference),
-            "{what}: training forward after inference"
-        );
+        assert_eq!(values(&out), values(&inference), "{what}: training forward after inference");
         fsdp.backward(&TransformerWithSharedParams::get_loss(&tgt, &out)?)?;
         Ok(())
     })
@@ -1157,13 +866,7 @@ fn inference_inside_a_training_step(strategy: ShardingStrategy) {
             assert_eq!(values(&inference), values(&out), "{what}: inference output");
             let grads = fsdp.backward(&out.sum_all()?)?;
             check_grads(&what, &fsdp, &grads, &ref_vars, &ref_grads, position);
-            assert_eq!(
-                fsdp.parameters()
-                    .iter()
-                    .filter(|s| grads.get(s.as_tensor()).is_some())
-                    .count(),
-                10
-            );
+            assert_eq!(fsdp.parameters().iter().filter(|s| grads.get(s.as_tensor()).is_some()).count(), 10);
         }
         Ok(())
     })
@@ -1190,32 +893,18 @@ fn second_backward_through_a_finished_step_is_refused() {
             let what = format!("{what}, rank {}", ctx.rank);
             let (model, _, _) = build(Some(&snapshot), DType::F32, NestedWrappedModule::new)?;
             let fsdp = Fsdp::wrap(model, ctx.comm.clone(), config(strategy))?;
-            let loss = fsdp
-                .forward(|m| m.forward(&nested_input(ctx.rank)))?
-                .sum_all()?;
+            let loss = fsdp.forward(|m| m.forward(&nested_input(ctx.rank)))?.sum_all()?;
             let first = fsdp.backward(&loss)?;
-            let error = fsdp
-                .backward(&loss)
-                .err()
-                .unwrap_or_else(|| panic!("{what}: a second backward ran"));
+            let error = fsdp.backward(&loss).err().unwrap_or_else(|| panic!("{what}: a second backward ran"));
             assert!(
                 matches!(error, candle_fsdp::Error::BackwardWithoutForward { rank } if rank == ctx.rank),
                 "{what}: {error}"
             );
-            let loss = fsdp
-                .forward(|m| m.forward(&nested_input(ctx.rank)))?
-                .sum_all()?;
+            let loss = fsdp.forward(|m| m.forward(&nested_input(ctx.rank)))?.sum_all()?;
             let again = fsdp.backward(&loss)?;
             for shard in fsdp.parameters() {
-                let (a, b) = (
-                    first.get(shard.as_tensor()).unwrap(),
-                    again.get(shard.as_tensor()).unwrap(),
-                );
-                assert_eq!(
-                    values(a),
-                    values(b),
-                    "{what}: gradients after the refused backward"
-                );
+                let (a, b) = (first.get(shard.as_tensor()).unwrap(), again.get(shard.as_tensor()).unwrap());
+                assert_eq!(values(a), values(b), "{what}: gradients after the refused backward");
             }
             Ok(())
         })
@@ -1245,30 +934,17 @@ fn training_forward_attaches_one_hook_per_unit_output() {
             assert_eq!(fsdp.live_backward_hooks(), 4, "step {step}: after forward");
             let loss = out.sum_all()?;
             let grads = fsdp.backward(&loss)?;
-            assert_eq!(
-                fsdp.live_backward_hooks(),
-                4,
-                "step {step}: after backward, outputs alive"
-            );
+            assert_eq!(fsdp.live_backward_hooks(), 4, "step {step}: after backward, outputs alive");
             optim.step(&grads)?;
-            assert_eq!(
-                fsdp.live_backward_hooks(),
-                4,
-                "step {step}: after the optimizer step"
-            );
+            assert_eq!(fsdp.live_backward_hooks(), 4, "step {step}: after the optimizer step");
             drop((out, loss, grads));
-            assert_eq!(
-                fsdp.live_backward_hooks(),
-                0,
-                "step {step}: after dropping the outputs"
-            );
+            assert_eq!(fsdp.live_backward_hooks(), 0, "step {step}: after dropping the outputs");
         }
 
         // `DoubleLinear`: the root returns two tensors, `lin1` one.
         let (model, _, _) = build(Some(&double_snapshot), DType::F32, double)?;
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
-        let (out1, out2) =
-            fsdp.forward(|m| m.forward(&local_input(&global_input(0, world), ctx.rank)))?;
+        let (out1, out2) = fsdp.forward(|m| m.forward(&local_input(&global_input(0, world), ctx.rank)))?;
         assert_eq!(fsdp.live_backward_hooks(), 3);
         fsdp.backward(&out1.sum_all()?)?;
         drop((out1, out2));
@@ -1319,11 +995,7 @@ fn moe_reference(snapshots: &[Snapshot], steps: usize) -> Vec<MoeRun> {
             .iter()
             .enumerate()
             .map(|(rank, (model, _, _))| {
-                let loss = model
-                    .forward(&nested_input(rank))
-                    .unwrap()
-                    .sum_all()
-                    .unwrap();
+                let loss = model.forward(&nested_input(rank)).unwrap().sum_all().unwrap();
                 losses[rank].push(scalar(&loss));
                 loss.backward().unwrap()
             })
@@ -1331,12 +1003,7 @@ fn moe_reference(snapshots: &[Snapshot], steps: usize) -> Vec<MoeRun> {
         let names: Vec<String> = ranks[0].1.keys().cloned().collect();
         let mut reduced: Vec<GradStore> = (0..world).map(|_| GradStore::default()).collect();
         for name in &names {
-            let grad = |rank: usize| {
-                grads[rank]
-                    .get(ranks[rank].1[name].as_tensor())
-                    .unwrap()
-                    .clone()
-            };
+            let grad = |rank: usize| grads[rank].get(ranks[rank].1[name].as_tensor()).unwrap().clone();
             let mean = if MixtureOfExperts::is_expert_param(name) {
                 None
             } else {
@@ -1344,10 +1011,7 @@ fn moe_reference(snapshots: &[Snapshot], steps: usize) -> Vec<MoeRun> {
                 Some((sum / world as f64).unwrap())
             };
             for (rank, out) in reduced.iter_mut().enumerate() {
-                out.insert(
-                    ranks[rank].1[name].as_tensor(),
-                    mean.clone().unwrap_or_else(|| grad(rank)),
-                );
+                out.insert(ranks[rank].1[name].as_tensor(), mean.clone().unwrap_or_else(|| grad(rank)));
             }
         }
         for ((_, _, optim), grads) in ranks.iter_mut().zip(&reduced) {
@@ -1359,10 +1023,7 @@ fn moe_reference(snapshots: &[Snapshot], steps: usize) -> Vec<MoeRun> {
         .zip(losses)
         .map(|((_, vars, _), losses)| MoeRun {
             losses,
-            params: vars
-                .into_iter()
-                .map(|(name, var)| (name, var.as_tensor().clone()))
-                .collect(),
+            params: vars.into_iter().map(|(name, var)| (name, var.as_tensor().clone())).collect(),
         })
         .collect()
 }
@@ -1371,21 +1032,11 @@ fn mixture_of_experts(world: usize, strategy: ShardingStrategy) {
     let what = format!("mixture of experts on {world} ranks, {}", strategy.name());
     let steps = 3;
     let (_, _, shared) = build(None, DType::F32, MixtureOfExperts::new).unwrap();
-    let snapshots: Vec<Snapshot> = (0..world)
-        .map(|_| {
-            moe_snapshot(
-                &shared,
-                &build(None, DType::F32, MixtureOfExperts::new).unwrap().2,
-            )
-        })
-        .collect();
+    let snapshots: Vec<Snapshot> =
+        (0..world).map(|_| moe_snapshot(&shared, &build(None, DType::F32, MixtureOfExperts::new).unwrap().2)).collect();
     let reference = moe_reference(&snapshots, steps);
     let runs = launch(options(world), |ctx| {
-        let (model, _, _) = build(
-            Some(&snapshots[ctx.rank]),
-            DType::F32,
-            MixtureOfExperts::new,
-        )?;
+        let (model, _, _) = build(Some(&snapshots[ctx.rank]), DType::F32, MixtureOfExperts::new)?;
         // The seed's `FSDP(expert, new_group([rank]))`: whole, local, never reduced.
         let expert_group: Arc<dyn Collectives> = Arc::from(ctx.comm.new_group(&[ctx.rank])?);
         let groups = vec![(MixtureOfExperts::EXPERT_UNIT.to_string(), expert_group)];
@@ -1393,17 +1044,12 @@ fn mixture_of_experts(world: usize, strategy: ShardingStrategy) {
         let mut optim = SgdMomentum::new(fsdp.parameters(), SGD)?;
         let mut losses = Vec::new();
         for _ in 0..steps {
-            let loss = fsdp
-                .forward(|m| m.forward(&nested_input(ctx.rank)))?
-                .sum_all()?;
+            let loss = fsdp.forward(|m| m.forward(&nested_input(ctx.rank)))?.sum_all()?;
             losses.push(scalar(&loss));
             let grads = fsdp.backward(&loss)?;
             optim.step(&grads)?;
         }
-        Ok(MoeRun {
-            losses,
-            params: fsdp.full_parameters()?.into_iter().collect(),
-        })
+        Ok(MoeRun { losses, params: fsdp.full_parameters()?.into_iter().collect() })
     })
     .unwrap_or_else(|e| panic!("{what}: {e}"));
 
@@ -1418,11 +1064,7 @@ fn mixture_of_experts(world: usize, strategy: ShardingStrategy) {
             );
         }
         let names: Vec<&String> = run.params.keys().collect();
-        assert_eq!(
-            names,
-            expected.params.keys().collect::<Vec<_>>(),
-            "{what}: rank {rank}'s parameter names"
-        );
+        assert_eq!(names, expected.params.keys().collect::<Vec<_>>(), "{what}: rank {rank}'s parameter names");
         for (name, value) in &run.params {
             let label = format!("{what}: rank {rank}'s `{name}` after {steps} steps");
             assert_close(value, &expected.params[name], F32_ATOL, F32_RTOL, &label);
@@ -1430,16 +1072,8 @@ fn mixture_of_experts(world: usize, strategy: ShardingStrategy) {
     }
     // Each rank kept its own expert; the shared layer is the same everywhere.
     let weight = |rank: usize, name: &str| values(&runs[rank].params[name]);
-    assert_ne!(
-        weight(0, "module.2.weight"),
-        weight(1, "module.2.weight"),
-        "{what}: the experts were synchronised"
-    );
-    assert_eq!(
-        weight(0, "module.1.weight"),
-        weight(1, "module.1.weight"),
-        "{what}: the shared layer diverged"
-    );
+    assert_ne!(weight(0, "module.2.weight"), weight(1, "module.2.weight"), "{what}: the experts were synchronised");
+    assert_eq!(weight(0, "module.1.weight"), weight(1, "module.1.weight"), "{what}: the shared layer diverged");
 }
 
 #[test]
@@ -1476,38 +1110,24 @@ fn delayed_run(snapshot: &Snapshot, strategy: ShardingStrategy, delay: Duration)
     let started = Instant::now();
     let ranks = launch(options(world), |ctx| {
         let (model, _, _) = build(Some(snapshot), DType::F32, NestedWrappedModule::new)?;
-        let comm = Arc::new(SlowReduceScatter {
-            inner: ctx.comm.clone(),
-            delay,
-        });
+        let comm = Arc::new(SlowReduceScatter { inner: ctx.comm.clone(), delay });
         let fsdp = Fsdp::wrap(model, comm, config(strategy))?;
         let mut optim = SgdMomentum::new(fsdp.parameters(), SGD)?;
         let mut losses = Vec::new();
         for _ in 0..3 {
-            let loss = fsdp
-                .forward(|m| m.forward(&nested_input(ctx.rank)))?
-                .sum_all()?;
+            let loss = fsdp.forward(|m| m.forward(&nested_input(ctx.rank)))?.sum_all()?;
             std::thread::sleep(delay);
             losses.push(loss.to_scalar::<f32>()?);
             let grads = fsdp.backward(&loss)?;
             optim.step(&grads)?;
         }
         let reductions = fsdp.trace().iter().filter(|e| is_reduce(e)).count();
-        let params = fsdp
-            .full_parameters()?
-            .into_iter()
-            .map(|(name, value)| (name, values(&value)))
-            .collect();
+        let params = fsdp.full_parameters()?.into_iter().map(|(name, value)| (name, values(&value))).collect();
         Ok((losses, params, reductions))
     })
     .unwrap();
     let elapsed = started.elapsed();
-    let mut run = DelayedRun {
-        losses: Vec::new(),
-        params: Vec::new(),
-        reductions: Vec::new(),
-        elapsed,
-    };
+    let mut run = DelayedRun { losses: Vec::new(), params: Vec::new(), reductions: Vec::new(), elapsed };
     for (losses, params, reductions) in ranks {
         run.losses.push(losses);
         run.params.push(params);
@@ -1526,26 +1146,11 @@ fn delayed_reduce_scatter_and_optimizer_step_change_nothing() {
         let prompt = delayed_run(&snapshot, strategy, Duration::ZERO);
         let delayed = delayed_run(&snapshot, strategy, delay);
         assert_eq!(delayed.losses, prompt.losses, "{}: losses", strategy.name());
-        assert_eq!(
-            delayed.params,
-            prompt.params,
-            "{}: parameters",
-            strategy.name()
-        );
+        assert_eq!(delayed.params, prompt.params, "{}: parameters", strategy.name());
         // The delays really happened: every reduce-scatter and every step slept on each rank.
-        assert_eq!(
-            delayed.reductions,
-            [12, 12],
-            "{}: 4 units × 3 steps",
-            strategy.name()
-        );
+        assert_eq!(delayed.reductions, [12, 12], "{}: 4 units × 3 steps", strategy.name());
         let slept = delay * (delayed.reductions[0] + 3) as u32;
-        assert!(
-            delayed.elapsed >= slept,
-            "{}: {:?} < {slept:?}",
-            strategy.name(),
-            delayed.elapsed
-        );
+        assert!(delayed.elapsed >= slept, "{}: {:?} < {slept:?}", strategy.name(), delayed.elapsed);
     }
 }
 
@@ -1601,9 +1206,7 @@ fn student_teacher(world: usize, strategy: ShardingStrategy) {
         for iter in 0..5 {
             let what = format!("{what}, rank {}, iteration {iter}", ctx.rank);
             let global = global_input(iter, world);
-            let loss = StudentTeacher::loss(
-                fsdp.forward(|m| m.forward(&local_input(&global, ctx.rank)))?,
-            )?;
+            let loss = StudentTeacher::loss(fsdp.forward(|m| m.forward(&local_input(&global, ctx.rank)))?)?;
             let grads = fsdp.backward(&loss)?;
             let ref_loss = StudentTeacher::loss(reference.forward(&global)?)?;
             let ref_grads = averaged(&ref_loss.backward()?, &ref_vars, world);
@@ -1619,41 +1222,22 @@ fn student_teacher(world: usize, strategy: ShardingStrategy) {
             check_grads(&what, &fsdp, &grads, &ref_vars, &ref_grads, position);
             let events = fsdp.take_trace();
             for unit in ["teacher", "student", "head"] {
-                assert_eq!(
-                    count(&events, unit, is_reduce),
-                    1,
-                    "{what}: reductions of `{unit}`: {events:?}"
-                );
+                assert_eq!(count(&events, unit, is_reduce), 1, "{what}: reductions of `{unit}`: {events:?}");
             }
             // Under FULL_SHARD the head is freed after each of its two forwards and gathered
             // again for the second; otherwise it stays gathered.
-            let head_forward_gathers = count(&events, "head", |e| {
-                matches!(
-                    e,
-                    TraceEvent::Unshard {
-                        cause: UnshardCause::Forward,
-                        ..
-                    }
-                )
-            });
+            let head_forward_gathers =
+                count(&events, "head", |e| matches!(e, TraceEvent::Unshard { cause: UnshardCause::Forward, .. }));
             let expected = match strategy {
                 ShardingStrategy::FullShard => 2,
                 ShardingStrategy::ShardGradOp => 1,
                 ShardingStrategy::NoShard => 1,
             };
-            assert_eq!(
-                head_forward_gathers, expected,
-                "{what}: forward gathers of `head`: {events:?}"
-            );
+            assert_eq!(head_forward_gathers, expected, "{what}: forward gathers of `head`: {events:?}");
             optim.step(&grads)?;
             ref_optim.step(&ref_grads)?;
         }
-        check_shards(
-            &format!("{what}, rank {}", ctx.rank),
-            &fsdp,
-            &ref_vars,
-            position,
-        );
+        check_shards(&format!("{what}, rank {}", ctx.rank), &fsdp, &ref_vars, position);
         check_full_params(&format!("{what}, rank {}", ctx.rank), &fsdp, &ref_vars)
     })
     .unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -1685,10 +1269,7 @@ fn micro_batch(round: usize, micro: usize, rank: usize) -> Tensor {
 /// Each micro-batch's loss is its mean output over `k`; one step then equals one step on
 /// the union of every rank's micro-batches with the mean over the union.
 fn gradient_accumulation(world: usize, strategy: ShardingStrategy) {
-    let what = format!(
-        "gradient accumulation on {world} ranks, {}",
-        strategy.name()
-    );
+    let what = format!("gradient accumulation on {world} ranks, {}", strategy.name());
     let (k, rounds) = (3, 2);
     let (_, _, snapshot) = build(None, DType::F32, NestedWrappedModule::new).unwrap();
     launch(options(world), |ctx| {
@@ -1713,53 +1294,23 @@ fn gradient_accumulation(world: usize, strategy: ShardingStrategy) {
                 let grads = fsdp.backward(&loss)?;
                 let events = fsdp.take_trace();
                 let reductions = events.iter().filter(|e| is_reduce(e)).count();
-                let with_grads = fsdp
-                    .parameters()
-                    .iter()
-                    .filter(|s| grads.get(s.as_tensor()).is_some())
-                    .count();
+                let with_grads = fsdp.parameters().iter().filter(|s| grads.get(s.as_tensor()).is_some()).count();
                 if sync {
-                    assert_eq!(
-                        reductions, 4,
-                        "{what}: the synchronised backward reduces every unit once"
-                    );
-                    assert_eq!(
-                        with_grads,
-                        fsdp.parameters().len(),
-                        "{what}: gradients of the synchronised backward"
-                    );
+                    assert_eq!(reductions, 4, "{what}: the synchronised backward reduces every unit once");
+                    assert_eq!(with_grads, fsdp.parameters().len(), "{what}: gradients of the synchronised backward");
                     last = Some(grads);
                 } else {
-                    assert_eq!(
-                        reductions, 0,
-                        "{what}: micro-batch {micro} reduced without gradient sync: {events:?}"
-                    );
-                    assert_eq!(
-                        with_grads, 0,
-                        "{what}: micro-batch {micro} returned shard gradients"
-                    );
+                    assert_eq!(reductions, 0, "{what}: micro-batch {micro} reduced without gradient sync: {events:?}");
+                    assert_eq!(with_grads, 0, "{what}: micro-batch {micro} returned shard gradients");
                 }
             }
             let grads = last.expect("the last micro-batch synchronises");
 
-            let union: Vec<Tensor> = (0..world)
-                .flat_map(|r| (0..k).map(move |m| micro_batch(round, m, r)))
-                .collect();
+            let union: Vec<Tensor> = (0..world).flat_map(|r| (0..k).map(move |m| micro_batch(round, m, r))).collect();
             let ref_loss = reference.forward(&Tensor::cat(&union, 0)?)?.mean_all()?;
             let ref_grads = ref_loss.backward()?;
-            check_grads(
-                &what,
-                &fsdp,
-                &grads,
-                &ref_vars,
-                &averaged(&ref_grads, &ref_vars, 1),
-                position,
-            );
-            let average = all_reduce(
-                ctx.comm.as_ref(),
-                &Tensor::new(local_loss as f32, &Device::Cpu)?,
-                ReduceOp::Avg,
-            )?;
+            check_grads(&what, &fsdp, &grads, &ref_vars, &averaged(&ref_grads, &ref_vars, 1), position);
+            let average = all_reduce(ctx.comm.as_ref(), &Tensor::new(local_loss as f32, &Device::Cpu)?, ReduceOp::Avg)?;
             assert_close(
                 &Tensor::new(average, &Device::Cpu)?,
                 &Tensor::new(scalar(&ref_loss), &Device::Cpu)?,

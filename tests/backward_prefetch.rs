@@ -31,25 +31,12 @@ fn config() -> TransformerConfig {
 /// Trains as the seed does and returns, per rank and iteration, the recorded prefetch
 /// targets as FQN lists.
 fn recorded_prefetches(mode: BackwardPrefetch) -> Vec<Vec<Vec<Option<Vec<String>>>>> {
-    let (_, _, snapshot) =
-        common::build(None, DType::F32, |vb| Transformer::new(&config(), vb)).unwrap();
+    let (_, _, snapshot) = common::build(None, DType::F32, |vb| Transformer::new(&config(), vb)).unwrap();
     launch(LaunchOptions::new(2), |ctx| {
-        let (model, _, _) = common::build(Some(&snapshot), DType::F32, |vb| {
-            Transformer::new(&config(), vb)
-        })?;
-        let fsdp = Fsdp::wrap(
-            model,
-            ctx.comm.clone(),
-            FsdpConfig::default().backward_prefetch(mode),
-        )?;
+        let (model, _, _) = common::build(Some(&snapshot), DType::F32, |vb| Transformer::new(&config(), vb))?;
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default().backward_prefetch(mode))?;
         let units = fsdp.units();
-        let fqns_of = |name: &str| {
-            units
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, f)| f.clone())
-                .unwrap()
-        };
+        let fqns_of = |name: &str| units.iter().find(|(n, _)| n == name).map(|(_, f)| f.clone()).unwrap();
         let mut optimizer = SGD::new(fsdp.parameters(), 1e-2)?;
         let seed = ctx.rank as u64 + 1;
         let src = common::randn(seed, &[10, 1, D_MODEL]);
@@ -62,9 +49,7 @@ fn recorded_prefetches(mode: BackwardPrefetch) -> Vec<Vec<Vec<Option<Vec<String>
                 .take_trace()
                 .into_iter()
                 .filter_map(|event| match event {
-                    TraceEvent::BackwardPrefetch { target, .. } => {
-                        Some(target.map(|t| fqns_of(&t)))
-                    }
+                    TraceEvent::BackwardPrefetch { target, .. } => Some(target.map(|t| fqns_of(&t))),
                     _ => None,
                 })
                 .collect();
@@ -79,11 +64,7 @@ fn check(mode: BackwardPrefetch, expected_len: usize, begin: usize) {
     for (rank, iterations) in recorded_prefetches(mode).into_iter().enumerate() {
         assert_eq!(iterations.len(), NUM_ITERS);
         for (iteration, recorded) in iterations.into_iter().enumerate() {
-            assert_eq!(
-                recorded.len(),
-                expected_len,
-                "{mode}: rank {rank} iteration {iteration}"
-            );
+            assert_eq!(recorded.len(), expected_len, "{mode}: rank {rank} iteration {iteration}");
             for (k, entry) in recorded.iter().enumerate() {
                 assert_eq!(
                     entry,
@@ -102,32 +83,21 @@ fn no_backward_prefetch_records_nothing() {
 
 #[test]
 fn backward_pre_prefetches_dec5_to_enc0_then_none() {
-    check(
-        BackwardPrefetch::Pre,
-        TOTAL_NUM_PREFETCH_FOR_PRE + 1,
-        ENCODER_BEGIN_INDEX_FOR_PRE,
-    );
+    check(BackwardPrefetch::Pre, TOTAL_NUM_PREFETCH_FOR_PRE + 1, ENCODER_BEGIN_INDEX_FOR_PRE);
 }
 
 #[test]
 fn backward_post_prefetches_dec4_to_enc0_then_none_twice() {
-    check(
-        BackwardPrefetch::Post,
-        TOTAL_NUM_PREFETCH_FOR_POST + 2,
-        ENCODER_BEGIN_INDEX_FOR_POST,
-    );
+    check(BackwardPrefetch::Post, TOTAL_NUM_PREFETCH_FOR_POST + 2, ENCODER_BEGIN_INDEX_FOR_POST);
 }
 
 /// The prefetches are real gathers, not only decisions: under `BACKWARD_PRE` every unit
 /// but the first-prefetched decoder layer is gathered by a prefetch in backward.
 #[test]
 fn backward_pre_gathers_through_prefetch() {
-    let (_, _, snapshot) =
-        common::build(None, DType::F32, |vb| Transformer::new(&config(), vb)).unwrap();
+    let (_, _, snapshot) = common::build(None, DType::F32, |vb| Transformer::new(&config(), vb)).unwrap();
     let causes = launch(LaunchOptions::new(2), |ctx| {
-        let (model, _, _) = common::build(Some(&snapshot), DType::F32, |vb| {
-            Transformer::new(&config(), vb)
-        })?;
+        let (model, _, _) = common::build(Some(&snapshot), DType::F32, |vb| Transformer::new(&config(), vb))?;
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
         let src = common::randn(1, &[10, 1, D_MODEL]);
         let tgt: Tensor = common::randn(2, &[20, 1, D_MODEL]);
@@ -137,10 +107,7 @@ fn backward_pre_gathers_through_prefetch() {
             .take_trace()
             .into_iter()
             .filter_map(|e| match e {
-                TraceEvent::Unshard {
-                    unit,
-                    cause: candle_fsdp::UnshardCause::BackwardPrefetch,
-                } => Some(unit),
+                TraceEvent::Unshard { unit, cause: candle_fsdp::UnshardCause::BackwardPrefetch } => Some(unit),
                 _ => None,
             })
             .collect::<Vec<_>>())

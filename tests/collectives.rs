@@ -36,20 +36,14 @@ fn input(rank: usize, len: usize) -> Tensor {
 
 /// Element `i` of the sum over ranks `ranks` of their contributions.
 fn sum_at(ranks: &[usize], len: usize, i: usize) -> f32 {
-    ranks
-        .iter()
-        .map(|&r| input_values(r, len)[i] as f64)
-        .sum::<f64>() as f32
+    ranks.iter().map(|&r| input_values(r, len)[i] as f64).sum::<f64>() as f32
 }
 
 /// Averages are sums times `1/n` in f32, so they may be one rounding off the exact quotient.
 fn assert_avg(actual: &[f32], exact: &[f64], what: &str) {
     assert_eq!(actual.len(), exact.len(), "{what}: length");
     for (i, (a, e)) in actual.iter().zip(exact).enumerate() {
-        assert!(
-            (*a as f64 - e).abs() <= 1e-6 * e.abs(),
-            "{what}: element {i} is {a}, expected {e}"
-        );
+        assert!((*a as f64 - e).abs() <= 1e-6 * e.abs(), "{what}: element {i} is {a}, expected {e}");
     }
 }
 
@@ -64,13 +58,8 @@ fn options(world: usize) -> LaunchOptions {
 fn all_gather_concatenates_in_rank_order() {
     for world in WORLDS {
         let outputs = launch(options(world), |ctx| {
-            assert_eq!(
-                (ctx.comm.rank(), ctx.comm.size(), ctx.comm.global_rank()),
-                (ctx.rank, world, ctx.rank)
-            );
-            Ok(values(
-                &ctx.comm.all_gather(&input(ctx.rank, 3), "test")?.wait()?,
-            ))
+            assert_eq!((ctx.comm.rank(), ctx.comm.size(), ctx.comm.global_rank()), (ctx.rank, world, ctx.rank));
+            Ok(values(&ctx.comm.all_gather(&input(ctx.rank, 3), "test")?.wait()?))
         })
         .unwrap();
         let expected: Vec<f32> = (0..world).flat_map(|r| input_values(r, 3)).collect();
@@ -86,28 +75,19 @@ fn reduce_scatter_sum_and_avg_give_each_rank_its_chunk() {
         let chunk = 3;
         let len = world * chunk;
         let outputs = launch(options(world), |ctx| {
-            let sum = ctx
-                .comm
-                .reduce_scatter(&input(ctx.rank, len), ReduceOp::Sum, "sum")?
-                .wait()?;
-            let avg = ctx
-                .comm
-                .reduce_scatter(&input(ctx.rank, len), ReduceOp::Avg, "avg")?
-                .wait()?;
+            let sum = ctx.comm.reduce_scatter(&input(ctx.rank, len), ReduceOp::Sum, "sum")?.wait()?;
+            let avg = ctx.comm.reduce_scatter(&input(ctx.rank, len), ReduceOp::Avg, "avg")?.wait()?;
             Ok((values(&sum), values(&avg)))
         })
         .unwrap();
         let ranks: Vec<usize> = (0..world).collect();
         for (rank, (sum, avg)) in outputs.iter().enumerate() {
             let what = format!("world {world}, rank {rank}");
-            let exact_sum: Vec<f32> = (0..chunk)
-                .map(|j| sum_at(&ranks, len, rank * chunk + j))
-                .collect();
+            let exact_sum: Vec<f32> = (0..chunk).map(|j| sum_at(&ranks, len, rank * chunk + j)).collect();
             assert_eq!(sum, &exact_sum, "{what}: reduce_scatter(Sum)");
             // Rank r's chunk j is the mean over q of 100q + r·chunk + j + 1.
-            let exact_avg: Vec<f64> = (0..chunk)
-                .map(|j| 100.0 * (world - 1) as f64 / 2.0 + (rank * chunk + j + 1) as f64)
-                .collect();
+            let exact_avg: Vec<f64> =
+                (0..chunk).map(|j| 100.0 * (world - 1) as f64 / 2.0 + (rank * chunk + j + 1) as f64).collect();
             assert_avg(avg, &exact_avg, &format!("{what}: reduce_scatter(Avg)"));
         }
     }
@@ -118,32 +98,17 @@ fn all_reduce_sum_and_avg() {
     for world in WORLDS {
         let len = 5;
         let outputs = launch(options(world), |ctx| {
-            let sum = ctx
-                .comm
-                .all_reduce(&input(ctx.rank, len), ReduceOp::Sum, "sum")?
-                .wait()?;
-            let avg = ctx
-                .comm
-                .all_reduce(&input(ctx.rank, len), ReduceOp::Avg, "avg")?
-                .wait()?;
+            let sum = ctx.comm.all_reduce(&input(ctx.rank, len), ReduceOp::Sum, "sum")?.wait()?;
+            let avg = ctx.comm.all_reduce(&input(ctx.rank, len), ReduceOp::Avg, "avg")?.wait()?;
             Ok((values(&sum), values(&avg)))
         })
         .unwrap();
         let ranks: Vec<usize> = (0..world).collect();
         let exact_sum: Vec<f32> = (0..len).map(|i| sum_at(&ranks, len, i)).collect();
-        let exact_avg: Vec<f64> = (0..len)
-            .map(|i| 100.0 * (world - 1) as f64 / 2.0 + (i + 1) as f64)
-            .collect();
+        let exact_avg: Vec<f64> = (0..len).map(|i| 100.0 * (world - 1) as f64 / 2.0 + (i + 1) as f64).collect();
         for (rank, (sum, avg)) in outputs.iter().enumerate() {
-            assert_eq!(
-                sum, &exact_sum,
-                "world {world}, rank {rank}: all_reduce(Sum)"
-            );
-            assert_avg(
-                avg,
-                &exact_avg,
-                &format!("world {world}, rank {rank}: all_reduce(Avg)"),
-            );
+            assert_eq!(sum, &exact_sum, "world {world}, rank {rank}: all_reduce(Sum)");
+            assert_avg(avg, &exact_avg, &format!("world {world}, rank {rank}: all_reduce(Avg)"));
         }
     }
 }
@@ -153,23 +118,13 @@ fn broadcast_from_every_root() {
     for world in WORLDS {
         let outputs = launch(options(world), |ctx| {
             (0..world)
-                .map(|root| {
-                    Ok(values(
-                        &ctx.comm
-                            .broadcast(&input(ctx.rank, 4), root, "test")?
-                            .wait()?,
-                    ))
-                })
+                .map(|root| Ok(values(&ctx.comm.broadcast(&input(ctx.rank, 4), root, "test")?.wait()?)))
                 .collect::<candle_fsdp::Result<Vec<_>>>()
         })
         .unwrap();
         for (rank, by_root) in outputs.iter().enumerate() {
             for (root, output) in by_root.iter().enumerate() {
-                assert_eq!(
-                    output,
-                    &input_values(root, 4),
-                    "world {world}, rank {rank}, root {root}"
-                );
+                assert_eq!(output, &input_values(root, 4), "world {world}, rank {rank}, root {root}");
             }
         }
     }
@@ -186,10 +141,7 @@ fn f64_tensors_keep_their_dtype() {
             Ok((gathered.to_vec1::<f64>()?, summed.to_vec1::<f64>()?))
         })
         .unwrap();
-        let gathered: Vec<f64> = (0..world)
-            .flat_map(|r| input_values(r, 2))
-            .map(f64::from)
-            .collect();
+        let gathered: Vec<f64> = (0..world).flat_map(|r| input_values(r, 2)).map(f64::from).collect();
         let ranks: Vec<usize> = (0..world).collect();
         let summed: Vec<f64> = (0..2).map(|i| sum_at(&ranks, 2, i) as f64).collect();
         for output in outputs {
@@ -210,11 +162,7 @@ fn barrier_waits_for_every_rank() {
             Ok(arrived.load(Ordering::SeqCst))
         })
         .unwrap();
-        assert_eq!(
-            seen,
-            vec![world; world],
-            "world {world}: arrivals each rank saw after the barrier"
-        );
+        assert_eq!(seen, vec![world; world], "world {world}: arrivals each rank saw after the barrier");
     }
 }
 
@@ -224,12 +172,8 @@ fn operations_are_issued_before_they_are_waited_on() {
     for world in WORLDS {
         let outputs = launch(options(world), |ctx| {
             let gather = ctx.comm.all_gather(&input(ctx.rank, 2), "first")?;
-            let reduce = ctx
-                .comm
-                .all_reduce(&input(ctx.rank, 2), ReduceOp::Sum, "second")?;
-            let cast = ctx
-                .comm
-                .broadcast(&input(ctx.rank, 2), world - 1, "third")?;
+            let reduce = ctx.comm.all_reduce(&input(ctx.rank, 2), ReduceOp::Sum, "second")?;
+            let cast = ctx.comm.broadcast(&input(ctx.rank, 2), world - 1, "third")?;
             let (c, r, g) = (cast.wait()?, reduce.wait()?, gather.wait()?);
             Ok((values(&g), values(&r), values(&c)))
         })
@@ -238,11 +182,7 @@ fn operations_are_issued_before_they_are_waited_on() {
         let gathered: Vec<f32> = (0..world).flat_map(|r| input_values(r, 2)).collect();
         let summed: Vec<f32> = (0..2).map(|i| sum_at(&ranks, 2, i)).collect();
         for output in outputs {
-            assert_eq!(
-                output,
-                (gathered.clone(), summed.clone(), input_values(world - 1, 2)),
-                "world {world}"
-            );
+            assert_eq!(output, (gathered.clone(), summed.clone(), input_values(world - 1, 2)), "world {world}");
         }
     }
 }
@@ -255,10 +195,7 @@ fn group_of_one_rank_returns_its_own_input() {
     for world in WORLDS {
         let outputs = launch(options(world), |ctx| {
             let group = ctx.comm.new_group(&[ctx.rank])?;
-            assert_eq!(
-                (group.rank(), group.size(), group.global_rank()),
-                (0, 1, ctx.rank)
-            );
+            assert_eq!((group.rank(), group.size(), group.global_rank()), (0, 1, ctx.rank));
             let x = input(ctx.rank, 4);
             let results = vec![
                 values(&group.all_gather(&x, "one")?.wait()?),
@@ -278,16 +215,9 @@ fn group_of_one_rank_returns_its_own_input() {
         let world_sum: Vec<f32> = (0..4).map(|i| sum_at(&ranks, 4, i)).collect();
         for (rank, (results, sum)) in outputs.iter().enumerate() {
             for (op, result) in results.iter().enumerate() {
-                assert_eq!(
-                    result,
-                    &input_values(rank, 4),
-                    "world {world}, rank {rank}, operation {op}"
-                );
+                assert_eq!(result, &input_values(rank, 4), "world {world}, rank {rank}, operation {op}");
             }
-            assert_eq!(
-                sum, &world_sum,
-                "world {world}, rank {rank}: world all_reduce"
-            );
+            assert_eq!(sum, &world_sum, "world {world}, rank {rank}: world all_reduce");
         }
     }
 }
@@ -299,10 +229,7 @@ fn two_disjoint_pairs_at_world_four() {
         // Listed in descending order: the group orders its ranks ascending anyway.
         let listed: Vec<usize> = pair.iter().rev().copied().collect();
         let group = ctx.comm.new_group(&listed)?;
-        assert_eq!(
-            (group.rank(), group.size(), group.global_rank()),
-            (ctx.rank % 2, 2, ctx.rank)
-        );
+        assert_eq!((group.rank(), group.size(), group.global_rank()), (ctx.rank % 2, 2, ctx.rank));
         let x = input(ctx.rank, 4);
         let gathered = values(&group.all_gather(&x, "pair")?.wait()?);
         // A world collective between the pair's collectives.
@@ -315,35 +242,19 @@ fn two_disjoint_pairs_at_world_four() {
     })
     .unwrap();
     let all: Vec<usize> = (0..4).collect();
-    for (rank, (pair, gathered, world_sum, summed, scattered, cast)) in
-        outputs.into_iter().enumerate()
-    {
+    for (rank, (pair, gathered, world_sum, summed, scattered, cast)) in outputs.into_iter().enumerate() {
         let what = format!("rank {rank} in pair {pair:?}");
         let expected: Vec<f32> = pair.iter().flat_map(|&r| input_values(r, 4)).collect();
         assert_eq!(gathered, expected, "{what}: all_gather");
-        assert_eq!(
-            world_sum,
-            (0..4).map(|i| sum_at(&all, 4, i)).collect::<Vec<_>>(),
-            "{what}: world all_reduce"
-        );
-        assert_eq!(
-            summed,
-            (0..4).map(|i| sum_at(&pair, 4, i)).collect::<Vec<_>>(),
-            "{what}: all_reduce"
-        );
+        assert_eq!(world_sum, (0..4).map(|i| sum_at(&all, 4, i)).collect::<Vec<_>>(), "{what}: world all_reduce");
+        assert_eq!(summed, (0..4).map(|i| sum_at(&pair, 4, i)).collect::<Vec<_>>(), "{what}: all_reduce");
         let chunk = (rank % 2) * 2;
         assert_eq!(
             scattered,
-            (chunk..chunk + 2)
-                .map(|i| sum_at(&pair, 4, i))
-                .collect::<Vec<_>>(),
+            (chunk..chunk + 2).map(|i| sum_at(&pair, 4, i)).collect::<Vec<_>>(),
             "{what}: reduce_scatter"
         );
-        assert_eq!(
-            cast,
-            input_values(pair[1], 4),
-            "{what}: broadcast from the pair's rank 1"
-        );
+        assert_eq!(cast, input_values(pair[1], 4), "{what}: broadcast from the pair's rank 1");
     }
 }
 
@@ -376,21 +287,13 @@ fn new_group_refuses_groups_without_the_caller_or_with_unknown_ranks() {
     let outcomes = launch(options(2), |ctx| {
         let without_me = ctx.comm.new_group(&[1 - ctx.rank]).err();
         let unknown = ctx.comm.new_group(&[ctx.rank, 2]).err();
-        Ok((
-            without_me.map(|e| e.to_string()),
-            unknown.map(|e| e.to_string()),
-        ))
+        Ok((without_me.map(|e| e.to_string()), unknown.map(|e| e.to_string())))
     })
     .unwrap();
     for (rank, (without_me, unknown)) in outcomes.into_iter().enumerate() {
-        let without_me =
-            without_me.unwrap_or_else(|| panic!("rank {rank}: a group without it was accepted"));
-        assert!(
-            without_me.contains(&format!("rank {rank} is not a member")),
-            "{without_me}"
-        );
-        let unknown = unknown
-            .unwrap_or_else(|| panic!("rank {rank}: a group naming rank 2 of 2 was accepted"));
+        let without_me = without_me.unwrap_or_else(|| panic!("rank {rank}: a group without it was accepted"));
+        assert!(without_me.contains(&format!("rank {rank} is not a member")), "{without_me}");
+        let unknown = unknown.unwrap_or_else(|| panic!("rank {rank}: a group naming rank 2 of 2 was accepted"));
         assert!(unknown.contains("names rank 2"), "{unknown}");
     }
 }
@@ -406,32 +309,18 @@ fn rank_that_never_joins_times_out_naming_it() {
         if ctx.rank == 1 {
             return Ok(()); // never joins
         }
-        ctx.comm
-            .all_reduce(&input(ctx.rank, 4), ReduceOp::Sum, "unit `a.b`")?
-            .wait()?;
+        ctx.comm.all_reduce(&input(ctx.rank, 4), ReduceOp::Sum, "unit `a.b`")?.wait()?;
         Ok(())
     })
     .unwrap();
     let elapsed = started.elapsed();
     assert!(elapsed < PROMPT, "the timeout took {elapsed:?}");
-    assert!(
-        elapsed >= timeout,
-        "rank 0 gave up after {elapsed:?}, before its timeout of {timeout:?}"
-    );
+    assert!(elapsed >= timeout, "rank 0 gave up after {elapsed:?}, before its timeout of {timeout:?}");
     assert!(outcomes[1].is_ok(), "rank 1 returned early without error");
     match &outcomes[0] {
-        Err(Error::CollectiveTimeout {
-            rank: 0,
-            missing,
-            op,
-            label,
-            timeout: t,
-        }) => {
+        Err(Error::CollectiveTimeout { rank: 0, missing, op, label, timeout: t }) => {
             assert_eq!(missing, &vec![1], "missing ranks");
-            assert_eq!(
-                (op.as_str(), label.as_str(), *t),
-                ("all_reduce", "unit `a.b`", timeout)
-            );
+            assert_eq!((op.as_str(), label.as_str(), *t), ("all_reduce", "unit `a.b`", timeout));
         }
         other => panic!("rank 0: expected a CollectiveTimeout, got {other:?}"),
     }
@@ -446,10 +335,7 @@ fn rank_that_never_joins_times_out_naming_it() {
         Ok(())
     })
     .unwrap_err();
-    assert!(
-        matches!(&error, Error::CollectiveTimeout { rank: 0, missing, .. } if missing == &vec![1]),
-        "{error:?}"
-    );
+    assert!(matches!(&error, Error::CollectiveTimeout { rank: 0, missing, .. } if missing == &vec![1]), "{error:?}");
 }
 
 #[test]
@@ -469,12 +355,8 @@ fn missing_rank_in_a_world_of_three_fails_every_waiting_rank_promptly() {
     for rank in [0, 2] {
         // The first rank to time out aborts the world; the other may see that abort.
         match &outcomes[rank] {
-            Err(Error::CollectiveTimeout {
-                rank: r, missing, ..
-            }) => assert_eq!((*r, missing), (rank, &vec![1])),
-            Err(Error::CollectiveAborted {
-                rank: r, reason, ..
-            }) => {
+            Err(Error::CollectiveTimeout { rank: r, missing, .. }) => assert_eq!((*r, missing), (rank, &vec![1])),
+            Err(Error::CollectiveAborted { rank: r, reason, .. }) => {
                 assert_eq!(*r, rank);
                 assert!(reason.contains("[1] never joined"), "rank {rank}: {reason}");
             }
@@ -482,9 +364,7 @@ fn missing_rank_in_a_world_of_three_fails_every_waiting_rank_promptly() {
         }
     }
     assert!(
-        outcomes
-            .iter()
-            .any(|o| matches!(o, Err(Error::CollectiveTimeout { .. }))),
+        outcomes.iter().any(|o| matches!(o, Err(Error::CollectiveTimeout { .. }))),
         "at least one rank reports the timeout itself"
     );
 }
@@ -498,9 +378,7 @@ fn panicking_rank_aborts_the_others_promptly() {
             std::thread::sleep(Duration::from_millis(50)); // let the others wait first
             panic!("rank one blew up");
         }
-        ctx.comm
-            .all_reduce(&input(ctx.rank, 2), ReduceOp::Sum, "unit `x`")?
-            .wait()?;
+        ctx.comm.all_reduce(&input(ctx.rank, 2), ReduceOp::Sum, "unit `x`")?.wait()?;
         Ok(())
     })
     .unwrap();
@@ -513,20 +391,9 @@ fn panicking_rank_aborts_the_others_promptly() {
     }
     for rank in [0, 2] {
         match &outcomes[rank] {
-            Err(Error::CollectiveAborted {
-                rank: r,
-                op,
-                label,
-                reason,
-            }) => {
-                assert_eq!(
-                    (*r, op.as_str(), label.as_str()),
-                    (rank, "all_reduce", "unit `x`")
-                );
-                assert!(
-                    reason.contains("rank 1"),
-                    "rank {rank}: the reason does not name rank 1: {reason}"
-                );
+            Err(Error::CollectiveAborted { rank: r, op, label, reason }) => {
+                assert_eq!((*r, op.as_str(), label.as_str()), (rank, "all_reduce", "unit `x`"));
+                assert!(reason.contains("rank 1"), "rank {rank}: the reason does not name rank 1: {reason}");
             }
             other => panic!("rank {rank}: expected CollectiveAborted, got {other:?}"),
         }
@@ -558,23 +425,14 @@ fn assert_mismatch(
     call: impl Fn(&dyn Collectives, usize) -> candle_fsdp::Result<Tensor> + Sync,
 ) -> Vec<String> {
     let started = Instant::now();
-    let outcomes = launch_each(LaunchOptions::new(2), |ctx| {
-        call(ctx.comm.as_ref(), ctx.rank)
-    })
-    .unwrap();
-    assert!(
-        started.elapsed() < PROMPT,
-        "{what}: took {:?}",
-        started.elapsed()
-    );
+    let outcomes = launch_each(LaunchOptions::new(2), |ctx| call(ctx.comm.as_ref(), ctx.rank)).unwrap();
+    assert!(started.elapsed() < PROMPT, "{what}: took {:?}", started.elapsed());
     outcomes
         .into_iter()
         .enumerate()
         .map(|(rank, outcome)| match outcome {
             Err(error @ Error::CollectiveMismatch { .. }) => {
-                let Error::CollectiveMismatch { rank: r, .. } = &error else {
-                    unreachable!()
-                };
+                let Error::CollectiveMismatch { rank: r, .. } = &error else { unreachable!() };
                 assert_eq!(*r, rank, "{what}: the error names the wrong rank: {error}");
                 error.to_string()
             }
@@ -594,15 +452,11 @@ fn different_operations_are_a_mismatch_on_both_ranks() {
             if rank == 0 {
                 comm.all_gather(&input(rank, 4), "gather")?.wait()
             } else {
-                comm.all_reduce(&input(rank, 4), ReduceOp::Sum, "reduce")?
-                    .wait()
+                comm.all_reduce(&input(rank, 4), ReduceOp::Sum, "reduce")?.wait()
             }
         });
         for message in &messages {
-            assert!(
-                message.contains("all_gather") && message.contains("all_reduce"),
-                "{message}"
-            );
+            assert!(message.contains("all_gather") && message.contains("all_reduce"), "{message}");
         }
     }
 }
@@ -614,37 +468,24 @@ fn different_lengths_are_a_mismatch_on_both_ranks() {
             if rank != first {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            comm.all_reduce(&input(rank, 4 + 2 * rank), ReduceOp::Sum, "reduce")?
-                .wait()
+            comm.all_reduce(&input(rank, 4 + 2 * rank), ReduceOp::Sum, "reduce")?.wait()
         });
         for message in &messages {
-            assert!(
-                message.contains("of 4 ") && message.contains("of 6 "),
-                "{message}"
-            );
+            assert!(message.contains("of 4 ") && message.contains("of 6 "), "{message}");
         }
     }
 }
 
 #[test]
 fn world_of_zero_ranks_and_ranks_outside_the_world_are_refused() {
-    assert!(matches!(
-        ThreadWorld::new(0, Duration::from_secs(1)),
-        Err(Error::EmptyWorld)
-    ));
-    assert!(matches!(
-        launch(LaunchOptions::new(0), |_| Ok(())),
-        Err(Error::EmptyWorld)
-    ));
+    assert!(matches!(ThreadWorld::new(0, Duration::from_secs(1)), Err(Error::EmptyWorld)));
+    assert!(matches!(launch(LaunchOptions::new(0), |_| Ok(())), Err(Error::EmptyWorld)));
     let world = ThreadWorld::new(2, Duration::from_secs(1)).unwrap();
     assert_eq!(world.size(), 2);
     assert!(world.communicator(1).is_ok());
     for rank in [2, 3, 100] {
         match world.communicator(rank) {
-            Err(Error::NoSuchRank {
-                rank: refused,
-                world_size,
-            }) => {
+            Err(Error::NoSuchRank { rank: refused, world_size }) => {
                 assert_eq!((refused, world_size), (rank, 2))
             }
             Err(other) => panic!("rank {rank}: expected NoSuchRank, got {other:?}"),
@@ -658,34 +499,18 @@ fn reduce_scatter_of_indivisible_length_is_refused() {
     for world in [2, 3, 4] {
         let outcomes = launch(options(world), |ctx| {
             let len = world + 1;
-            let refused = match ctx
-                .comm
-                .reduce_scatter(&input(ctx.rank, len), ReduceOp::Avg, "odd")
-            {
+            let refused = match ctx.comm.reduce_scatter(&input(ctx.rank, len), ReduceOp::Avg, "odd") {
                 Err(error @ Error::CollectiveArgument { .. }) => error.to_string(),
-                Err(other) => panic!(
-                    "rank {}: expected a CollectiveArgument error, got {other:?}",
-                    ctx.rank
-                ),
-                Ok(_) => panic!(
-                    "rank {}: {len} elements were accepted for {world} ranks",
-                    ctx.rank
-                ),
+                Err(other) => panic!("rank {}: expected a CollectiveArgument error, got {other:?}", ctx.rank),
+                Ok(_) => panic!("rank {}: {len} elements were accepted for {world} ranks", ctx.rank),
             };
             // The refused call left the communicator in step: the next collective works.
-            let sum = values(
-                &ctx.comm
-                    .all_reduce(&tensor(&[1.0]), ReduceOp::Sum, "after")?
-                    .wait()?,
-            );
+            let sum = values(&ctx.comm.all_reduce(&tensor(&[1.0]), ReduceOp::Sum, "after")?.wait()?);
             Ok((refused, sum))
         })
         .unwrap();
         for (rank, (message, sum)) in outcomes.into_iter().enumerate() {
-            assert!(
-                message.contains(&format!("{} elements", world + 1)),
-                "world {world}, rank {rank}: {message}"
-            );
+            assert!(message.contains(&format!("{} elements", world + 1)), "world {world}, rank {rank}: {message}");
             assert_eq!(sum, vec![world as f32], "world {world}, rank {rank}");
         }
     }
@@ -693,9 +518,6 @@ fn reduce_scatter_of_indivisible_length_is_refused() {
 
 #[test]
 fn broadcast_from_a_root_outside_the_group_is_refused() {
-    let outcomes = launch(options(2), |ctx| {
-        Ok(ctx.comm.broadcast(&input(ctx.rank, 2), 2, "test").is_err())
-    })
-    .unwrap();
+    let outcomes = launch(options(2), |ctx| Ok(ctx.comm.broadcast(&input(ctx.rank, 2), 2, "test").is_err())).unwrap();
     assert_eq!(outcomes, vec![true, true]);
 }

@@ -3,9 +3,7 @@
 //! runs units out of the static order under the strict check.
 
 use candle_core::{DType, Module, Tensor};
-use candle_fsdp::{
-    launch, launch_each, Error, Fsdp, FsdpConfig, LaunchOptions, OrderCheck, Shardable, Unit,
-};
+use candle_fsdp::{launch, launch_each, Error, Fsdp, FsdpConfig, LaunchOptions, OrderCheck, Shardable, Unit};
 use candle_nn::Linear;
 use fsdp_testkit::fsdp_test_models::NestedWrappedModule;
 use std::time::{Duration, Instant};
@@ -22,32 +20,24 @@ fn input(rank: usize) -> Tensor {
 fn a_rank_panicking_mid_step_fails_every_rank_at_once() {
     let (_, _, snapshot) = common::build(None, DType::F32, NestedWrappedModule::new).unwrap();
     let started = Instant::now();
-    let outcomes = launch_each(
-        LaunchOptions::new(3).timeout(Duration::from_secs(30)),
-        |ctx| {
-            let (model, _, _) =
-                common::build(Some(&snapshot), DType::F32, NestedWrappedModule::new)?;
-            let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
-            for step in 0..3 {
-                let out = fsdp.forward(|m| {
-                    if ctx.rank == 1 && step == 1 {
-                        panic!("injected fault in rank 1's forward");
-                    }
-                    m.forward(&input(ctx.rank))
-                })?;
-                fsdp.backward(&out.sum_all()?)?;
-            }
-            Ok(())
-        },
-    )
+    let outcomes = launch_each(LaunchOptions::new(3).timeout(Duration::from_secs(30)), |ctx| {
+        let (model, _, _) = common::build(Some(&snapshot), DType::F32, NestedWrappedModule::new)?;
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
+        for step in 0..3 {
+            let out = fsdp.forward(|m| {
+                if ctx.rank == 1 && step == 1 {
+                    panic!("injected fault in rank 1's forward");
+                }
+                m.forward(&input(ctx.rank))
+            })?;
+            fsdp.backward(&out.sum_all()?)?;
+        }
+        Ok(())
+    })
     .unwrap();
     // The others were waiting for rank 1 in a collective: they fail as soon as it panics,
     // long before the 30 s timeout.
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
     match &outcomes[1] {
         Err(Error::RankPanicked { rank: 1, message }) => {
             assert!(message.contains("injected fault"))
@@ -55,19 +45,10 @@ fn a_rank_panicking_mid_step_fails_every_rank_at_once() {
         other => panic!("rank 1: {other:?}"),
     }
     for rank in [0, 2] {
-        let error = outcomes[rank]
-            .as_ref()
-            .expect_err("the others must fail")
-            .to_string();
+        let error = outcomes[rank].as_ref().expect_err("the others must fail").to_string();
         assert!(error.contains(&format!("rank {rank}")), "{error}");
-        assert!(
-            error.contains("rank 1 failed") && error.contains("injected fault"),
-            "{error}"
-        );
-        assert!(
-            error.contains("unit `"),
-            "the error names the unit: {error}"
-        );
+        assert!(error.contains("rank 1 failed") && error.contains("injected fault"), "{error}");
+        assert!(error.contains("unit `"), "the error names the unit: {error}");
     }
     // `launch` reports the cause, not the aborts it triggered.
     let cause = launch(LaunchOptions::new(2), |ctx| -> candle_fsdp::Result<()> {
@@ -77,10 +58,7 @@ fn a_rank_panicking_mid_step_fails_every_rank_at_once() {
         ctx.comm.barrier("a barrier rank 0 never reaches")
     })
     .unwrap_err();
-    assert!(
-        matches!(cause, Error::RankPanicked { rank: 0, .. }),
-        "{cause}"
-    );
+    assert!(matches!(cause, Error::RankPanicked { rank: 0, .. }), "{cause}");
 }
 
 #[test]
@@ -98,20 +76,10 @@ fn a_rank_that_never_joins_times_out_on_the_others() {
         Ok(())
     })
     .unwrap();
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
     assert!(outcomes[1].is_ok());
     match &outcomes[0] {
-        Err(Error::CollectiveTimeout {
-            rank: 0,
-            op,
-            label,
-            missing,
-            ..
-        }) => {
+        Err(Error::CollectiveTimeout { rank: 0, op, label, missing, .. }) => {
             assert_eq!(op, "all_gather");
             assert_eq!(label, "unit `<root>`");
             assert_eq!(missing, &vec![1]);
@@ -139,14 +107,8 @@ fn ranks_with_different_models_are_refused_at_wrap() {
     .unwrap();
     for (rank, outcome) in outcomes.iter().enumerate() {
         let error = outcome.as_ref().expect_err("must be refused").to_string();
-        assert!(
-            error.contains("the ranks built different models"),
-            "rank {rank}: {error}"
-        );
-        assert!(
-            error.contains("3 units") && error.contains("4 units"),
-            "rank {rank}: {error}"
-        );
+        assert!(error.contains("the ranks built different models"), "rank {rank}: {error}");
+        assert!(error.contains("3 units") && error.contains("4 units"), "rank {rank}: {error}");
     }
     let world_of_zero = launch(LaunchOptions::new(0), |_| Ok(()));
     assert!(matches!(world_of_zero, Err(Error::EmptyWorld)));
@@ -177,24 +139,13 @@ fn out_of_order_forward_is_an_error_under_the_strict_check() {
     let (_, _, snapshot) = common::build(None, DType::F32, swapped).unwrap();
     let outcomes = launch_each(LaunchOptions::new(2).timeout(TIMEOUT), |ctx| {
         let (model, _, _) = common::build(Some(&snapshot), DType::F32, swapped)?;
-        let fsdp = Fsdp::wrap(
-            model,
-            ctx.comm.clone(),
-            FsdpConfig::default().order_check(OrderCheck::Strict),
-        )?;
-        fsdp.forward(|m| m.forward(&common::rand(0, &[2, 4])))
-            .map(|_| ())
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default().order_check(OrderCheck::Strict))?;
+        fsdp.forward(|m| m.forward(&common::rand(0, &[2, 4]))).map(|_| ())
     })
     .unwrap();
     for (rank, outcome) in outcomes.iter().enumerate() {
-        let error = outcome
-            .as_ref()
-            .expect_err("strict order check")
-            .to_string();
-        assert!(
-            error.contains("unit `b`") && error.contains("`a`"),
-            "rank {rank}: {error}"
-        );
+        let error = outcome.as_ref().expect_err("strict order check").to_string();
+        assert!(error.contains("unit `b`") && error.contains("`a`"), "rank {rank}: {error}");
     }
 }
 
@@ -204,16 +155,13 @@ fn out_of_order_forward_still_runs_under_the_warning() {
     let (reference, _, snapshot) = common::build(None, DType::F32, swapped).unwrap();
     let x = common::rand(0, &[2, 4]);
     let ref_out = reference.forward(&x).unwrap();
-    let outs = launch(
-        LaunchOptions::new(2).timeout(Duration::from_secs(30)),
-        |ctx| {
-            let (model, _, _) = common::build(Some(&snapshot), DType::F32, swapped)?;
-            let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
-            let out = fsdp.forward(|m| m.forward(&x))?;
-            fsdp.backward(&out.sum_all()?)?;
-            Ok(out.detach())
-        },
-    )
+    let outs = launch(LaunchOptions::new(2).timeout(Duration::from_secs(30)), |ctx| {
+        let (model, _, _) = common::build(Some(&snapshot), DType::F32, swapped)?;
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
+        let out = fsdp.forward(|m| m.forward(&x))?;
+        fsdp.backward(&out.sum_all()?)?;
+        Ok(out.detach())
+    })
     .unwrap();
     for out in outs {
         common::assert_close(&out, &ref_out, common::F32_ATOL, common::F32_RTOL, "output");
@@ -238,27 +186,19 @@ fn a_unit_input_used_only_for_ordering_does_not_break_backward() {
         })
     };
     let (_, _, snapshot) = common::build(None, DType::F32, ctor).unwrap();
-    launch(
-        LaunchOptions::new(2).timeout(Duration::from_secs(30)),
-        |ctx| {
-            let (model, _, _) = common::build(Some(&snapshot), DType::F32, ctor)?;
-            let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
-            let x = common::rand(ctx.rank as u64, &[2, 4]);
-            let out = fsdp.forward(|m| {
-                let unused = m.first.forward(&x)?;
-                // `second` receives `unused` but computes from `x` alone.
-                m.second
-                    .run((x.clone(), unused), |layer, (x, _unused)| layer.forward(&x))
-            })?;
-            let grads = fsdp.backward(&out.sum_all()?)?;
-            let (_, second_weight) = fsdp
-                .named_parameters()
-                .into_iter()
-                .find(|(n, _)| n == "second.weight")
-                .unwrap();
-            assert!(grads.get(second_weight.as_tensor()).is_some());
-            Ok(())
-        },
-    )
+    launch(LaunchOptions::new(2).timeout(Duration::from_secs(30)), |ctx| {
+        let (model, _, _) = common::build(Some(&snapshot), DType::F32, ctor)?;
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
+        let x = common::rand(ctx.rank as u64, &[2, 4]);
+        let out = fsdp.forward(|m| {
+            let unused = m.first.forward(&x)?;
+            // `second` receives `unused` but computes from `x` alone.
+            m.second.run((x.clone(), unused), |layer, (x, _unused)| layer.forward(&x))
+        })?;
+        let grads = fsdp.backward(&out.sum_all()?)?;
+        let (_, second_weight) = fsdp.named_parameters().into_iter().find(|(n, _)| n == "second.weight").unwrap();
+        assert!(grads.get(second_weight.as_tensor()).is_some());
+        Ok(())
+    })
     .unwrap();
 }

@@ -40,32 +40,17 @@ fn static_table_is_the_hugging_face_name_list() {
     let units: Vec<String> = table.units.iter().map(|u| u.display_name()).collect();
     assert_eq!(units, ["<root>", "model.layers.{index}"]);
     let root: Vec<String> = table.unit_params(0).map(|p| p.fqn.to_string()).collect();
-    assert_eq!(
-        root,
-        [
-            "model.embed_tokens.weight",
-            "model.norm.weight",
-            "lm_head.weight"
-        ]
-    );
+    assert_eq!(root, ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]);
     // A renamed field's dotted name stays one template segment.
-    assert_eq!(
-        table.params[1].fqn.segments(),
-        ["model.layers", "{index}", "self_attn", "q_proj", "weight"]
-    );
+    assert_eq!(table.params[1].fqn.segments(), ["model.layers", "{index}", "self_attn", "q_proj", "weight"]);
 }
 
 #[test]
 fn layout_of_a_built_model_matches_its_var_map() {
-    let config = LlamaConfig {
-        num_hidden_layers: 3,
-        ..LlamaConfig::default()
-    };
+    let config = LlamaConfig { num_hidden_layers: 3, ..LlamaConfig::default() };
     let (model, varmap) = build(&config);
     let layout = Layout::of(&model).expect("layout");
-    layout
-        .check_var_map(&varmap)
-        .expect("VarMap keys are the FQNs");
+    layout.check_var_map(&varmap).expect("VarMap keys are the FQNs");
 
     let names: Vec<&str> = layout.params.iter().map(|p| p.fqn.as_str()).collect();
     assert_eq!(
@@ -105,49 +90,13 @@ fn layout_of_a_built_model_matches_its_var_map() {
     );
 
     let units: Vec<&str> = layout.units.iter().map(|u| u.display_name()).collect();
-    assert_eq!(
-        units,
-        [
-            "<root>",
-            "model.layers.0",
-            "model.layers.1",
-            "model.layers.2"
-        ]
-    );
-    assert_eq!(
-        layout.unit_fqns(0),
-        [
-            "model.embed_tokens.weight",
-            "model.norm.weight",
-            "lm_head.weight"
-        ]
-    );
-    let order: Vec<&str> = layout
-        .post_forward_order
-        .iter()
-        .map(|&u| layout.units[u].display_name())
-        .collect();
-    assert_eq!(
-        order,
-        [
-            "model.layers.0",
-            "model.layers.1",
-            "model.layers.2",
-            "<root>"
-        ]
-    );
+    assert_eq!(units, ["<root>", "model.layers.0", "model.layers.1", "model.layers.2"]);
+    assert_eq!(layout.unit_fqns(0), ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]);
+    let order: Vec<&str> = layout.post_forward_order.iter().map(|&u| layout.units[u].display_name()).collect();
+    assert_eq!(order, ["model.layers.0", "model.layers.1", "model.layers.2", "<root>"]);
 
     // Shapes with the default config: vocab 128, hidden 32, 4 heads of 8, 2 kv heads, mlp 64.
-    let shape = |fqn: &str| {
-        layout
-            .params
-            .iter()
-            .find(|p| p.fqn == fqn)
-            .unwrap()
-            .tensor
-            .dims()
-            .to_vec()
-    };
+    let shape = |fqn: &str| layout.params.iter().find(|p| p.fqn == fqn).unwrap().tensor.dims().to_vec();
     assert_eq!(shape("model.embed_tokens.weight"), [128, 32]);
     assert_eq!(shape("model.layers.1.self_attn.q_proj.weight"), [32, 32]);
     assert_eq!(shape("model.layers.1.self_attn.k_proj.weight"), [16, 32]);
@@ -165,8 +114,7 @@ fn a_wrong_var_map_names_the_extra_and_the_missing_fqn() {
     let layout = Layout::of(&model).expect("layout");
     {
         let mut vars = varmap.data().lock().unwrap();
-        vars.remove("model.layers.1.mlp.up_proj.weight")
-            .expect("the key exists");
+        vars.remove("model.layers.1.mlp.up_proj.weight").expect("the key exists");
         let extra = candle_core::Var::zeros(4, DType::F32, &Device::Cpu).unwrap();
         vars.insert("model.layers.1.mlp.extra_proj.weight".to_string(), extra);
     }
@@ -190,17 +138,12 @@ fn a_var_map_holding_a_copy_is_refused() {
     let layout = Layout::of(&model).expect("layout");
     {
         let mut vars = varmap.data().lock().unwrap();
-        let copy =
-            candle_core::Var::from_tensor(&vars["model.norm.weight"].as_tensor().copy().unwrap())
-                .unwrap();
+        let copy = candle_core::Var::from_tensor(&vars["model.norm.weight"].as_tensor().copy().unwrap()).unwrap();
         vars.insert("model.norm.weight".to_string(), copy);
     }
     match layout.check_var_map(&varmap) {
         Err(Error::VarMapMismatch { mismatches }) => {
-            assert_eq!(
-                mismatches,
-                ["model.norm.weight: the VarMap holds a different tensor under this name"]
-            );
+            assert_eq!(mismatches, ["model.norm.weight: the VarMap holds a different tensor under this name"]);
         }
         other => panic!("expected VarMapMismatch, got {other:?}"),
     }

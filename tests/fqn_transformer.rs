@@ -47,17 +47,12 @@ fn static_table_lists_pytorch_flat_param_order() {
 fn static_table_has_root_and_two_layer_unit_templates() {
     let table = Transformer::TABLE;
     let units: Vec<String> = table.units.iter().map(|u| u.display_name()).collect();
-    assert_eq!(
-        units,
-        ["<root>", "encoder.layers.{index}", "decoder.layers.{index}"]
-    );
+    assert_eq!(units, ["<root>", "encoder.layers.{index}", "decoder.layers.{index}"]);
     assert_eq!(table.units[0].parent, None);
     assert_eq!(table.units[1].parent, Some(0));
     assert_eq!(table.units[2].parent, Some(0));
 
-    let fqns_of = |unit: usize| -> Vec<String> {
-        table.unit_params(unit).map(|p| p.fqn.to_string()).collect()
-    };
+    let fqns_of = |unit: usize| -> Vec<String> { table.unit_params(unit).map(|p| p.fqn.to_string()).collect() };
     assert_eq!(fqns_of(0), ROOT_PARAM_FQNS);
     assert_eq!(fqns_of(1), ENCODER_PARAM_FQNS);
     assert_eq!(fqns_of(2), DECODER_PARAM_FQNS);
@@ -72,9 +67,7 @@ fn static_table_has_root_and_two_layer_unit_templates() {
 fn layout_has_thirteen_units_with_the_spec_fqns() {
     let (model, varmap) = build();
     let layout = Layout::of(&model).expect("layout");
-    layout
-        .check_var_map(&varmap)
-        .expect("the VarMap's keys are the model's FQNs");
+    layout.check_var_map(&varmap).expect("the VarMap's keys are the model's FQNs");
 
     assert_eq!(layout.units.len(), 13);
     assert_eq!(layout.params.len(), 6 * 12 + 6 * 18 + 4);
@@ -102,23 +95,11 @@ fn layout_has_thirteen_units_with_the_spec_fqns() {
 
     assert_eq!(layout.unit_fqns(0), ROOT_PARAM_FQNS);
     for i in 0..6 {
-        let enc = layout
-            .unit_named(&format!("encoder.layers.{i}"))
-            .expect("encoder unit");
-        assert_eq!(
-            layout.unit_fqns(enc),
-            layer_fqns(&ENCODER_PARAM_FQNS, i),
-            "encoder layer {i}"
-        );
+        let enc = layout.unit_named(&format!("encoder.layers.{i}")).expect("encoder unit");
+        assert_eq!(layout.unit_fqns(enc), layer_fqns(&ENCODER_PARAM_FQNS, i), "encoder layer {i}");
         assert_eq!(layout.units[enc].parent, Some(0));
-        let dec = layout
-            .unit_named(&format!("decoder.layers.{i}"))
-            .expect("decoder unit");
-        assert_eq!(
-            layout.unit_fqns(dec),
-            layer_fqns(&DECODER_PARAM_FQNS, i),
-            "decoder layer {i}"
-        );
+        let dec = layout.unit_named(&format!("decoder.layers.{i}")).expect("decoder unit");
+        assert_eq!(layout.unit_fqns(dec), layer_fqns(&DECODER_PARAM_FQNS, i), "decoder layer {i}");
         assert_eq!(layout.units[dec].parent, Some(0));
     }
 }
@@ -128,31 +109,18 @@ fn parameter_shapes_are_pytorch_shapes() {
     let (model, _) = build();
     let layout = Layout::of(&model).expect("layout");
     let shape = |fqn: &str| -> Vec<usize> {
-        layout
-            .params
-            .iter()
-            .find(|p| p.fqn == fqn)
-            .unwrap_or_else(|| panic!("{fqn}"))
-            .tensor
-            .dims()
-            .to_vec()
+        layout.params.iter().find(|p| p.fqn == fqn).unwrap_or_else(|| panic!("{fqn}")).tensor.dims().to_vec()
     };
     // spec §1.1 with d_model 16 and dim_feedforward 32.
     assert_eq!(shape("encoder.layers.0.self_attn.in_proj_weight"), [48, 16]);
     assert_eq!(shape("encoder.layers.0.self_attn.in_proj_bias"), [48]);
-    assert_eq!(
-        shape("encoder.layers.0.self_attn.out_proj.weight"),
-        [16, 16]
-    );
+    assert_eq!(shape("encoder.layers.0.self_attn.out_proj.weight"), [16, 16]);
     assert_eq!(shape("encoder.layers.0.self_attn.out_proj.bias"), [16]);
     assert_eq!(shape("encoder.layers.3.linear1.weight"), [32, 16]);
     assert_eq!(shape("encoder.layers.3.linear1.bias"), [32]);
     assert_eq!(shape("encoder.layers.3.linear2.weight"), [16, 32]);
     assert_eq!(shape("encoder.layers.3.linear2.bias"), [16]);
-    assert_eq!(
-        shape("decoder.layers.5.multihead_attn.in_proj_weight"),
-        [48, 16]
-    );
+    assert_eq!(shape("decoder.layers.5.multihead_attn.in_proj_weight"), [48, 16]);
     assert_eq!(shape("decoder.layers.5.norm3.weight"), [16]);
     assert_eq!(shape("encoder.norm.bias"), [16]);
     assert_eq!(shape("decoder.norm.weight"), [16]);
@@ -163,10 +131,7 @@ fn forward_and_post_forward_orders() {
     let (model, _) = build();
     let layout = Layout::of(&model).expect("layout");
     let names = |order: &[usize]| -> Vec<String> {
-        order
-            .iter()
-            .map(|&u| layout.units[u].display_name().to_string())
-            .collect()
+        order.iter().map(|&u| layout.units[u].display_name().to_string()).collect()
     };
     assert_eq!(
         names(&layout.forward_order),
@@ -212,11 +177,7 @@ fn forward_and_post_forward_orders() {
 fn backward_pre_prefetch_targets_match_the_spec() {
     let (model, _) = build();
     let layout = Layout::of(&model).expect("layout");
-    let unit = |name: &str| {
-        layout
-            .unit_named(name)
-            .unwrap_or_else(|| panic!("unit {name}"))
-    };
+    let unit = |name: &str| layout.unit_named(name).unwrap_or_else(|| panic!("unit {name}"));
 
     let pre_backward = [
         "<root>",
@@ -248,25 +209,14 @@ fn backward_pre_prefetch_targets_match_the_spec() {
         Some("encoder.layers.0"),
         None,
     ];
-    let backward: Vec<&str> = layout
-        .backward_order()
-        .map(|u| layout.units[u].display_name())
-        .collect();
+    let backward: Vec<&str> = layout.backward_order().map(|u| layout.units[u].display_name()).collect();
     assert_eq!(backward, pre_backward);
 
     // The targets as the executor and the plan choose them.
     let plan = Plan::new(&layout, PlanConfig::new(2, FsdpConfig::default())).expect("plan");
-    let planned: Vec<&str> = plan
-        .backward_prefetch
-        .iter()
-        .map(|(u, _)| u.as_str())
-        .collect();
+    let planned: Vec<&str> = plan.backward_prefetch.iter().map(|(u, _)| u.as_str()).collect();
     assert_eq!(planned, pre_backward);
-    let targets: Vec<Option<&str>> = plan
-        .backward_prefetch
-        .iter()
-        .map(|(_, t)| t.as_deref())
-        .collect();
+    let targets: Vec<Option<&str>> = plan.backward_prefetch.iter().map(|(_, t)| t.as_deref()).collect();
     assert_eq!(targets, expected_targets);
 
     // The seed's check rule with ENCODER_BEGIN_INDEX_FOR_PRE = 6: entry k is the decoder
@@ -279,11 +229,7 @@ fn backward_pre_prefetch_targets_match_the_spec() {
             6..=11 => Some(layer_fqns(&ENCODER_PARAM_FQNS, 11 - k)),
             _ => None,
         };
-        assert_eq!(
-            recorded.map(|v| v.iter().map(|s| s.to_string()).collect::<Vec<_>>()),
-            expected,
-            "entry {k}"
-        );
+        assert_eq!(recorded.map(|v| v.iter().map(|s| s.to_string()).collect::<Vec<_>>()), expected, "entry {k}");
     }
 }
 

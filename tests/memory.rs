@@ -6,9 +6,7 @@
 use candle_core::DType;
 use candle_fsdp::model::Layout;
 use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
-use candle_fsdp::{
-    launch, BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, Plan, PlanConfig, ShardingStrategy,
-};
+use candle_fsdp::{launch, BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, Plan, PlanConfig, ShardingStrategy};
 
 use fsdp_testkit as common;
 
@@ -27,38 +25,21 @@ struct Measured {
     after_backward: usize,
 }
 
-fn measure(
-    strategy: ShardingStrategy,
-    prefetch: BackwardPrefetch,
-    forward_prefetch: bool,
-) -> (Vec<Measured>, Plan) {
+fn measure(strategy: ShardingStrategy, prefetch: BackwardPrefetch, forward_prefetch: bool) -> (Vec<Measured>, Plan) {
     let world = 2;
-    let (model, _, snapshot) =
-        common::build(None, DType::F32, |vb| Transformer::new(&config(), vb)).unwrap();
-    let fsdp_config = FsdpConfig::default()
-        .strategy(strategy)
-        .backward_prefetch(prefetch)
-        .forward_prefetch(forward_prefetch);
-    let plan = Plan::new(
-        &Layout::of(&model).unwrap(),
-        PlanConfig::new(world, fsdp_config),
-    )
-    .unwrap();
+    let (model, _, snapshot) = common::build(None, DType::F32, |vb| Transformer::new(&config(), vb)).unwrap();
+    let fsdp_config =
+        FsdpConfig::default().strategy(strategy).backward_prefetch(prefetch).forward_prefetch(forward_prefetch);
+    let plan = Plan::new(&Layout::of(&model).unwrap(), PlanConfig::new(world, fsdp_config)).unwrap();
     let measured = launch(LaunchOptions::new(world), |ctx| {
-        let (model, _, _) = common::build(Some(&snapshot), DType::F32, |vb| {
-            Transformer::new(&config(), vb)
-        })?;
+        let (model, _, _) = common::build(Some(&snapshot), DType::F32, |vb| Transformer::new(&config(), vb))?;
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), fsdp_config)?;
         let src = common::randn(ctx.rank as u64, &[5, 2, D_MODEL]);
         let tgt = common::randn(ctx.rank as u64 + 10, &[4, 2, D_MODEL]);
         let out = fsdp.forward(|m| m.forward(&src, &tgt))?;
         let after_forward = fsdp.memory().gathered_bytes;
         fsdp.backward(&out.sum_all()?)?;
-        Ok(Measured {
-            after_forward,
-            peak: fsdp.memory().gathered_peak,
-            after_backward: fsdp.memory().gathered_bytes,
-        })
+        Ok(Measured { after_forward, peak: fsdp.memory().gathered_peak, after_backward: fsdp.memory().gathered_bytes })
     })
     .unwrap();
     (measured, plan)
@@ -69,11 +50,7 @@ fn whole_model_bytes(plan: &Plan) -> usize {
 }
 
 fn unit_bytes(plan: &Plan, name: &str) -> usize {
-    plan.units
-        .iter()
-        .find(|u| u.name == name)
-        .unwrap()
-        .gathered_bytes
+    plan.units.iter().find(|u| u.name == name).unwrap().gathered_bytes
 }
 
 #[test]
@@ -85,19 +62,9 @@ fn full_shard_backward_pre_peak_is_root_plus_two_adjacent_units() {
     assert_eq!(plan.memory.gathered_peak, expected);
     for (rank, m) in measured.iter().enumerate() {
         assert_eq!(m.peak, expected, "rank {rank}");
-        assert!(
-            m.peak * 4 < whole_model_bytes(&plan),
-            "rank {rank}: the peak must stay far below the whole model"
-        );
-        assert_eq!(
-            m.after_forward,
-            unit_bytes(&plan, "<root>"),
-            "rank {rank}: only the root stays after forward"
-        );
-        assert_eq!(
-            m.after_backward, 0,
-            "rank {rank}: everything is freed after backward"
-        );
+        assert!(m.peak * 4 < whole_model_bytes(&plan), "rank {rank}: the peak must stay far below the whole model");
+        assert_eq!(m.after_forward, unit_bytes(&plan, "<root>"), "rank {rank}: only the root stays after forward");
+        assert_eq!(m.after_backward, 0, "rank {rank}: everything is freed after backward");
     }
 }
 

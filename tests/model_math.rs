@@ -17,22 +17,11 @@ use fsdp_testkit::fsdp_test_models::{NestedWrappedModule, TransformerWithSharedP
 type Rows = Vec<Vec<f64>>;
 
 fn var(varmap: &VarMap, name: &str) -> Var {
-    varmap
-        .data()
-        .lock()
-        .unwrap()
-        .get(name)
-        .unwrap_or_else(|| panic!("no var {name}"))
-        .clone()
+    varmap.data().lock().unwrap().get(name).unwrap_or_else(|| panic!("no var {name}")).clone()
 }
 
 fn values(varmap: &VarMap, name: &str) -> Vec<f64> {
-    var(varmap, name)
-        .as_tensor()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
+    var(varmap, name).as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap()
 }
 
 /// A `(rows, cols)` parameter as rows.
@@ -63,16 +52,11 @@ fn linear(x: &Rows, w: &Rows, b: Option<&[f64]>) -> Rows {
 }
 
 fn add(a: &Rows, b: &Rows) -> Rows {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| x.iter().zip(y).map(|(p, q)| p + q).collect())
-        .collect()
+    a.iter().zip(b).map(|(x, y)| x.iter().zip(y).map(|(p, q)| p + q).collect()).collect()
 }
 
 fn relu(x: &Rows) -> Rows {
-    x.iter()
-        .map(|r| r.iter().map(|v| v.max(0.0)).collect())
-        .collect()
+    x.iter().map(|r| r.iter().map(|v| v.max(0.0)).collect()).collect()
 }
 
 fn layer_norm(x: &Rows, w: &[f64], b: &[f64], eps: f64) -> Rows {
@@ -81,10 +65,7 @@ fn layer_norm(x: &Rows, w: &[f64], b: &[f64], eps: f64) -> Rows {
             let n = row.len() as f64;
             let mean = row.iter().sum::<f64>() / n;
             let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
-            row.iter()
-                .enumerate()
-                .map(|(i, v)| (v - mean) / (var + eps).sqrt() * w[i] + b[i])
-                .collect()
+            row.iter().enumerate().map(|(i, v)| (v - mean) / (var + eps).sqrt() * w[i] + b[i]).collect()
         })
         .collect()
 }
@@ -93,10 +74,7 @@ fn rms_norm(x: &Rows, w: &[f64], eps: f64) -> Rows {
     x.iter()
         .map(|row| {
             let ms = row.iter().map(|v| v * v).sum::<f64>() / row.len() as f64;
-            row.iter()
-                .enumerate()
-                .map(|(i, v)| v / (ms + eps).sqrt() * w[i])
-                .collect()
+            row.iter().enumerate().map(|(i, v)| v / (ms + eps).sqrt() * w[i]).collect()
         })
         .collect()
 }
@@ -128,16 +106,13 @@ fn attention(
                     if causal && j > i {
                         return f64::NEG_INFINITY;
                     }
-                    (0..head_dim)
-                        .map(|d| q[i][h * head_dim + d] * k[j][g * head_dim + d])
-                        .sum::<f64>()
+                    (0..head_dim).map(|d| q[i][h * head_dim + d] * k[j][g * head_dim + d]).sum::<f64>()
                         / (head_dim as f64).sqrt()
                 })
                 .collect();
             let p = softmax(&scores);
             for d in 0..head_dim {
-                out[i][h * head_dim + d] =
-                    (0..k.len()).map(|j| p[j] * v[j][g * head_dim + d]).sum();
+                out[i][h * head_dim + d] = (0..k.len()).map(|j| p[j] * v[j][g * head_dim + d]).sum();
             }
         }
     }
@@ -161,87 +136,44 @@ fn mha(varmap: &VarMap, prefix: &str, query: &Rows, kv: &Rows, heads: usize) -> 
 }
 
 fn ln(varmap: &VarMap, prefix: &str, x: &Rows) -> Rows {
-    layer_norm(
-        x,
-        &values(varmap, &format!("{prefix}.weight")),
-        &values(varmap, &format!("{prefix}.bias")),
-        1e-5,
-    )
+    layer_norm(x, &values(varmap, &format!("{prefix}.weight")), &values(varmap, &format!("{prefix}.bias")), 1e-5)
 }
 
 fn lin(varmap: &VarMap, prefix: &str, x: &Rows) -> Rows {
-    linear(
-        x,
-        &matrix(varmap, &format!("{prefix}.weight")),
-        Some(&values(varmap, &format!("{prefix}.bias"))),
-    )
+    linear(x, &matrix(varmap, &format!("{prefix}.weight")), Some(&values(varmap, &format!("{prefix}.bias"))))
 }
 
 fn feed_forward(varmap: &VarMap, p: &str, x: &Rows) -> Rows {
-    lin(
-        varmap,
-        &format!("{p}.linear2"),
-        &relu(&lin(varmap, &format!("{p}.linear1"), x)),
-    )
+    lin(varmap, &format!("{p}.linear2"), &relu(&lin(varmap, &format!("{p}.linear1"), x)))
 }
 
 /// `nn.Transformer` on one batch element: `src` `(S, E)`, `tgt` `(T, E)`.
-fn reference_transformer(
-    varmap: &VarMap,
-    prefix: &str,
-    config: &TransformerConfig,
-    src: &Rows,
-    tgt: &Rows,
-) -> Rows {
+fn reference_transformer(varmap: &VarMap, prefix: &str, config: &TransformerConfig, src: &Rows, tgt: &Rows) -> Rows {
     let heads = config.nhead;
     let mut x = src.clone();
     for i in 0..config.num_encoder_layers {
         let p = format!("{prefix}encoder.layers.{i}");
-        x = ln(
-            varmap,
-            &format!("{p}.norm1"),
-            &add(&x, &mha(varmap, &format!("{p}.self_attn"), &x, &x, heads)),
-        );
-        x = ln(
-            varmap,
-            &format!("{p}.norm2"),
-            &add(&x, &feed_forward(varmap, &p, &x)),
-        );
+        x = ln(varmap, &format!("{p}.norm1"), &add(&x, &mha(varmap, &format!("{p}.self_attn"), &x, &x, heads)));
+        x = ln(varmap, &format!("{p}.norm2"), &add(&x, &feed_forward(varmap, &p, &x)));
     }
     let memory = ln(varmap, &format!("{prefix}encoder.norm"), &x);
     let mut x = tgt.clone();
     for i in 0..config.num_decoder_layers {
         let p = format!("{prefix}decoder.layers.{i}");
-        x = ln(
-            varmap,
-            &format!("{p}.norm1"),
-            &add(&x, &mha(varmap, &format!("{p}.self_attn"), &x, &x, heads)),
-        );
+        x = ln(varmap, &format!("{p}.norm1"), &add(&x, &mha(varmap, &format!("{p}.self_attn"), &x, &x, heads)));
         x = ln(
             varmap,
             &format!("{p}.norm2"),
-            &add(
-                &x,
-                &mha(varmap, &format!("{p}.multihead_attn"), &x, &memory, heads),
-            ),
+            &add(&x, &mha(varmap, &format!("{p}.multihead_attn"), &x, &memory, heads)),
         );
-        x = ln(
-            varmap,
-            &format!("{p}.norm3"),
-            &add(&x, &feed_forward(varmap, &p, &x)),
-        );
+        x = ln(varmap, &format!("{p}.norm3"), &add(&x, &feed_forward(varmap, &p, &x)));
     }
     ln(varmap, &format!("{prefix}decoder.norm"), &x)
 }
 
 /// Column `n` of a `(L, N, E)` tensor as `L` rows.
 fn batch_rows(t: &Tensor, n: usize) -> Rows {
-    t.narrow(1, n, 1)
-        .unwrap()
-        .squeeze(1)
-        .unwrap()
-        .to_vec2::<f64>()
-        .unwrap()
+    t.narrow(1, n, 1).unwrap().squeeze(1).unwrap().to_vec2::<f64>().unwrap()
 }
 
 fn assert_close(actual: &Rows, expected: &Rows, tol: f64, what: &str) {
@@ -249,10 +181,7 @@ fn assert_close(actual: &Rows, expected: &Rows, tol: f64, what: &str) {
     for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
         assert_eq!(a.len(), e.len(), "{what}: row {i} length");
         for (j, (x, y)) in a.iter().zip(e).enumerate() {
-            assert!(
-                (x - y).abs() <= tol * (1.0 + y.abs()),
-                "{what}[{i}][{j}]: {x} vs {y}"
-            );
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{what}[{i}][{j}]: {x} vs {y}");
         }
     }
 }
@@ -278,17 +207,10 @@ fn randomize(varmap: &VarMap) {
     let names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
     for name in names {
         let v = var(varmap, &name);
-        if v.as_tensor().rank() == 1
-            && !name.contains("running")
-            && !name.ends_with("_buffer")
-            && name != "vocab_bias"
+        if v.as_tensor().rank() == 1 && !name.contains("running") && !name.ends_with("_buffer") && name != "vocab_bias"
         {
             let t = Tensor::randn(0f64, 0.5, v.as_tensor().shape(), &Device::Cpu).unwrap();
-            let t = if name.ends_with("weight") {
-                (t + 1.0).unwrap()
-            } else {
-                t
-            };
+            let t = if name.ends_with("weight") { (t + 1.0).unwrap() } else { t };
             v.set(&t).unwrap();
         }
     }
@@ -305,19 +227,8 @@ fn transformer_matches_the_pytorch_definition() {
     let out = model.forward(&src, &tgt).unwrap();
     assert_eq!(out.dims(), [4, 3, 8]);
     for n in 0..3 {
-        let expected = reference_transformer(
-            &varmap,
-            "",
-            &config,
-            &batch_rows(&src, n),
-            &batch_rows(&tgt, n),
-        );
-        assert_close(
-            &batch_rows(&out, n),
-            &expected,
-            1e-10,
-            &format!("batch {n}"),
-        );
+        let expected = reference_transformer(&varmap, "", &config, &batch_rows(&src, n), &batch_rows(&tgt, n));
+        assert_close(&batch_rows(&out, n), &expected, 1e-10, &format!("batch {n}"));
     }
 }
 
@@ -344,13 +255,7 @@ fn transformer_with_shared_params_matches_the_pytorch_definition() {
         // src = embed + vocab_bias + long_buffer (zeros).
         let s: Rows = src
             .iter()
-            .map(|row| {
-                embed[row[n] as usize]
-                    .iter()
-                    .zip(&vocab_bias)
-                    .map(|(e, b)| e + b)
-                    .collect()
-            })
+            .map(|row| embed[row[n] as usize].iter().zip(&vocab_bias).map(|(e, b)| e + b).collect())
             .collect();
         // BatchNorm1d(2) on (T, B, D): channel = batch index n, running statistics.
         let t: Rows = tgt
@@ -371,29 +276,18 @@ fn transformer_with_shared_params_matches_the_pytorch_definition() {
             expected_loss -= p[tgt[i][n] as usize].ln();
         }
     }
-    let loss = TransformerWithSharedParams::get_loss(&tgt_ids, &out)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    assert!(
-        (loss - expected_loss).abs() < 1e-9 * expected_loss.abs().max(1.0),
-        "{loss} vs {expected_loss}"
-    );
+    let loss = TransformerWithSharedParams::get_loss(&tgt_ids, &out).unwrap().to_scalar::<f64>().unwrap();
+    assert!((loss - expected_loss).abs() < 1e-9 * expected_loss.abs().max(1.0), "{loss} vs {expected_loss}");
 }
 
 #[test]
 fn llama_matches_the_hugging_face_definition() {
-    let config = LlamaConfig {
-        initializer_range: 0.3,
-        ..LlamaConfig::default()
-    };
+    let config = LlamaConfig { initializer_range: 0.3, ..LlamaConfig::default() };
     let varmap = VarMap::new();
     let model = Llama::new(&config, f64_builder(&varmap)).unwrap();
     randomize(&varmap);
     let ids = [[3u32, 17, 99, 5, 64, 2, 127], [0, 1, 2, 3, 4, 5, 6]];
-    let logits = model
-        .forward(&Tensor::new(&ids, &Device::Cpu).unwrap())
-        .unwrap();
+    let logits = model.forward(&Tensor::new(&ids, &Device::Cpu).unwrap()).unwrap();
     assert_eq!(logits.dims(), [2, 7, 128]);
 
     let head_dim = config.hidden_size / config.num_attention_heads;
@@ -421,60 +315,24 @@ fn llama_matches_the_hugging_face_definition() {
     let eps = config.rms_norm_eps;
     for (b, sequence) in ids.iter().enumerate() {
         let embed = w("model.embed_tokens.weight");
-        let mut x: Rows = sequence
-            .iter()
-            .map(|&id| embed[id as usize].clone())
-            .collect();
+        let mut x: Rows = sequence.iter().map(|&id| embed[id as usize].clone()).collect();
         for l in 0..config.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            let h = rms_norm(
-                &x,
-                &values(&varmap, &format!("{p}.input_layernorm.weight")),
-                eps,
-            );
-            let q = rope(
-                &linear(&h, &w(&format!("{p}.self_attn.q_proj.weight")), None),
-                config.num_attention_heads,
-            );
-            let k = rope(
-                &linear(&h, &w(&format!("{p}.self_attn.k_proj.weight")), None),
-                config.num_key_value_heads,
-            );
+            let h = rms_norm(&x, &values(&varmap, &format!("{p}.input_layernorm.weight")), eps);
+            let q = rope(&linear(&h, &w(&format!("{p}.self_attn.q_proj.weight")), None), config.num_attention_heads);
+            let k = rope(&linear(&h, &w(&format!("{p}.self_attn.k_proj.weight")), None), config.num_key_value_heads);
             let v = linear(&h, &w(&format!("{p}.self_attn.v_proj.weight")), None);
-            let a = attention(
-                &q,
-                &k,
-                &v,
-                config.num_attention_heads,
-                head_dim,
-                |h| h / group,
-                true,
-            );
-            x = add(
-                &x,
-                &linear(&a, &w(&format!("{p}.self_attn.o_proj.weight")), None),
-            );
-            let h = rms_norm(
-                &x,
-                &values(&varmap, &format!("{p}.post_attention_layernorm.weight")),
-                eps,
-            );
+            let a = attention(&q, &k, &v, config.num_attention_heads, head_dim, |h| h / group, true);
+            x = add(&x, &linear(&a, &w(&format!("{p}.self_attn.o_proj.weight")), None));
+            let h = rms_norm(&x, &values(&varmap, &format!("{p}.post_attention_layernorm.weight")), eps);
             let gate = linear(&h, &w(&format!("{p}.mlp.gate_proj.weight")), None);
             let up = linear(&h, &w(&format!("{p}.mlp.up_proj.weight")), None);
             let act: Rows = gate
                 .iter()
                 .zip(&up)
-                .map(|(g, u)| {
-                    g.iter()
-                        .zip(u)
-                        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                        .collect()
-                })
+                .map(|(g, u)| g.iter().zip(u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect())
                 .collect();
-            x = add(
-                &x,
-                &linear(&act, &w(&format!("{p}.mlp.down_proj.weight")), None),
-            );
+            x = add(&x, &linear(&act, &w(&format!("{p}.mlp.down_proj.weight")), None));
         }
         let x = rms_norm(&x, &values(&varmap, "model.norm.weight"), eps);
         let expected = linear(&x, &w("lm_head.weight"), None);
@@ -510,15 +368,11 @@ fn check_gradients(varmap: &VarMap, no_grad: &[&str], loss: impl Fn() -> Tensor)
             let eval = |delta: f64| -> f64 {
                 let mut data = original.clone();
                 data[i] += delta;
-                v.set(&Tensor::from_vec(data, v.as_tensor().shape(), &Device::Cpu).unwrap())
-                    .unwrap();
+                v.set(&Tensor::from_vec(data, v.as_tensor().shape(), &Device::Cpu).unwrap()).unwrap();
                 loss().to_scalar::<f64>().unwrap()
             };
             let numeric = (eval(h) - eval(-h)) / (2.0 * h);
-            v.set(
-                &Tensor::from_vec(original.clone(), v.as_tensor().shape(), &Device::Cpu).unwrap(),
-            )
-            .unwrap();
+            v.set(&Tensor::from_vec(original.clone(), v.as_tensor().shape(), &Device::Cpu).unwrap()).unwrap();
             assert!(
                 (numeric - grad[i]).abs() <= 1e-6 * (1.0 + numeric.abs()),
                 "{name}[{i}]: autograd {} vs finite difference {numeric}",
@@ -542,9 +396,7 @@ fn transformer_gradients() {
     let src = Tensor::randn(0f64, 1.0, (5, 2, 8), &Device::Cpu).unwrap();
     let tgt = Tensor::randn(0f64, 1.0, (3, 2, 8), &Device::Cpu).unwrap();
     let r = Tensor::randn(0f64, 1.0, (3, 2, 8), &Device::Cpu).unwrap();
-    check_gradients(&varmap, &[], || {
-        projection(&model.forward(&src, &tgt).unwrap(), &r)
-    });
+    check_gradients(&varmap, &[], || projection(&model.forward(&src, &tgt).unwrap(), &r));
 }
 
 #[test]
@@ -554,12 +406,7 @@ fn transformer_with_shared_params_gradients() {
     randomize(&varmap);
     let (src, tgt) = TransformerWithSharedParams::get_input(&Device::Cpu).unwrap();
     // The buffers (and the BatchNorm running statistics) get no gradient.
-    let buffers = [
-        "vocab_bias",
-        "long_buffer",
-        "bn.running_mean",
-        "bn.running_var",
-    ];
+    let buffers = ["vocab_bias", "long_buffer", "bn.running_mean", "bn.running_var"];
     check_gradients(&varmap, &buffers, || {
         TransformerWithSharedParams::get_loss(&tgt, &model.forward(&src, &tgt).unwrap()).unwrap()
     });
@@ -567,11 +414,7 @@ fn transformer_with_shared_params_gradients() {
 
 #[test]
 fn llama_gradients() {
-    let config = LlamaConfig {
-        initializer_range: 0.3,
-        num_hidden_layers: 2,
-        ..LlamaConfig::default()
-    };
+    let config = LlamaConfig { initializer_range: 0.3, num_hidden_layers: 2, ..LlamaConfig::default() };
     let varmap = VarMap::new();
     let model = Llama::new(&config, f64_builder(&varmap)).unwrap();
     randomize(&varmap);
@@ -580,9 +423,7 @@ fn llama_gradients() {
     let ids: Vec<u32> = (0..128).collect();
     let ids = Tensor::from_vec(ids, (4, 32), &Device::Cpu).unwrap();
     let r = Tensor::randn(0f64, 1.0, (4, 32, 128), &Device::Cpu).unwrap();
-    check_gradients(&varmap, &[], || {
-        projection(&model.forward(&ids).unwrap(), &r)
-    });
+    check_gradients(&varmap, &[], || projection(&model.forward(&ids).unwrap(), &r));
 }
 
 #[test]
@@ -590,9 +431,7 @@ fn nested_wrapped_module_gradients() {
     let varmap = VarMap::new();
     let model = NestedWrappedModule::new(f64_builder(&varmap)).unwrap();
     let x = Tensor::rand(0f64, 1.0, (4, 8), &Device::Cpu).unwrap();
-    check_gradients(&varmap, &[], || {
-        model.forward(&x).unwrap().sum_all().unwrap()
-    });
+    check_gradients(&varmap, &[], || model.forward(&x).unwrap().sum_all().unwrap());
 }
 
 /// candle-nn 0.11.1's `Linear` is wrong for a non-contiguous 3-D input (every batch element
@@ -619,29 +458,13 @@ fn models_give_the_same_result_for_a_non_contiguous_input() {
     let tgt = batch_first(0.7, 4).transpose(0, 1).unwrap();
     assert!(!src.is_contiguous() && !tgt.is_contiguous());
     let strided = transformer.forward(&src, &tgt).unwrap();
-    let contiguous = transformer
-        .forward(&src.contiguous().unwrap(), &tgt.contiguous().unwrap())
-        .unwrap();
-    let diff = (strided - contiguous)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap();
-    assert!(
-        diff.to_scalar::<f64>().unwrap() < 1e-12,
-        "transformer: {diff}"
-    );
+    let contiguous = transformer.forward(&src.contiguous().unwrap(), &tgt.contiguous().unwrap()).unwrap();
+    let diff = (strided - contiguous).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f64>().unwrap() < 1e-12, "transformer: {diff}");
 
     let varmap = VarMap::new();
     let nested = NestedWrappedModule::new(f64_builder(&varmap)).unwrap();
-    let x = batch_first(0.3, 8)
-        .narrow(1, 0, 8)
-        .unwrap()
-        .get(0)
-        .unwrap()
-        .t()
-        .unwrap();
+    let x = batch_first(0.3, 8).narrow(1, 0, 8).unwrap().get(0).unwrap().t().unwrap();
     assert!(!x.is_contiguous());
     let diff = (nested.forward(&x).unwrap() - nested.forward(&x.contiguous().unwrap()).unwrap())
         .unwrap()
@@ -649,8 +472,5 @@ fn models_give_the_same_result_for_a_non_contiguous_input() {
         .unwrap()
         .max_all()
         .unwrap();
-    assert!(
-        diff.to_scalar::<f64>().unwrap() < 1e-12,
-        "NestedWrappedModule: {diff}"
-    );
+    assert!(diff.to_scalar::<f64>().unwrap() < 1e-12, "NestedWrappedModule: {diff}");
 }

@@ -28,23 +28,16 @@ use fsdp_testkit as common;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_fsdp::optim::{SgdMomentum, SgdMomentumConfig};
-use candle_fsdp::{
-    launch, BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, ShardableModel, ShardingStrategy,
-};
+use candle_fsdp::{launch, BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, ShardableModel, ShardingStrategy};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use common::{assert_close, build, Snapshot, F32_ATOL, F32_RTOL};
-use fsdp_testkit::fsdp_test_models::{
-    AlwaysWrapNestedWrappedModule, NestedWrappedModule, TransformerWithSharedParams,
-};
+use fsdp_testkit::fsdp_test_models::{AlwaysWrapNestedWrappedModule, NestedWrappedModule, TransformerWithSharedParams};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Instant;
 
 const STEPS: usize = 3;
-const OPTIMIZER: SgdMomentumConfig = SgdMomentumConfig {
-    lr: 1e-2,
-    momentum: 0.9,
-};
+const OPTIMIZER: SgdMomentumConfig = SgdMomentumConfig { lr: 1e-2, momentum: 0.9 };
 
 /// One FSDP configuration of the sweep.
 #[derive(Clone, Copy, Debug)]
@@ -61,11 +54,7 @@ impl Config {
         for strategy in ShardingStrategy::ALL {
             for backward_prefetch in BackwardPrefetch::ALL {
                 for forward_prefetch in [false, true] {
-                    configs.push(Config {
-                        strategy,
-                        backward_prefetch,
-                        forward_prefetch,
-                    });
+                    configs.push(Config { strategy, backward_prefetch, forward_prefetch });
                 }
             }
         }
@@ -159,12 +148,7 @@ impl ParityModel for AlwaysWrapNestedWrappedModule {
 
 impl ParityModel for TransformerWithSharedParams {
     const NAME: &'static str = "TransformerWithSharedParams";
-    const BUFFERS: &'static [&'static str] = &[
-        "vocab_bias",
-        "long_buffer",
-        "bn.running_mean",
-        "bn.running_var",
-    ];
+    const BUFFERS: &'static [&'static str] = &["vocab_bias", "long_buffer", "bn.running_mean", "bn.running_var"];
 
     fn construct(vb: VarBuilder) -> candle_core::Result<Self> {
         TransformerWithSharedParams::new(true, vb)
@@ -198,10 +182,7 @@ fn scalar(loss: &Tensor) -> candle_core::Result<f64> {
 }
 
 /// The single-process reference on the global batch of `world` ranks.
-fn train_reference<M: ParityModel>(
-    snapshot: &Snapshot,
-    world: usize,
-) -> candle_core::Result<Trained> {
+fn train_reference<M: ParityModel>(snapshot: &Snapshot, world: usize) -> candle_core::Result<Trained> {
     let (model, var_map, _) = build(Some(snapshot), DType::F32, M::construct)?;
     let mut opt = SgdMomentum::new(var_map.all_vars(), OPTIMIZER)?;
     let mut losses = Vec::with_capacity(STEPS);
@@ -210,10 +191,7 @@ fn train_reference<M: ParityModel>(
         losses.push(scalar(&loss)?);
         opt.step(&loss.backward()?)?;
     }
-    Ok(Trained {
-        losses,
-        params: trained_vars::<M>(&var_map),
-    })
+    Ok(Trained { losses, params: trained_vars::<M>(&var_map) })
 }
 
 /// The `VarMap`'s entries that are trained parameters (buffers left out).
@@ -221,11 +199,7 @@ fn trained_vars<M: ParityModel>(var_map: &VarMap) -> BTreeMap<String, Tensor> {
     let data = var_map.data().lock().expect("VarMap lock");
     let names: BTreeSet<&String> = data.keys().collect();
     for buffer in M::BUFFERS {
-        assert!(
-            names.contains(&buffer.to_string()),
-            "{}: the VarMap has no buffer `{buffer}`",
-            M::NAME
-        );
+        assert!(names.contains(&buffer.to_string()), "{}: the VarMap has no buffer `{buffer}`", M::NAME);
     }
     data.iter()
         .filter(|(name, _)| !M::BUFFERS.contains(&name.as_str()))
@@ -234,11 +208,7 @@ fn trained_vars<M: ParityModel>(var_map: &VarMap) -> BTreeMap<String, Tensor> {
 }
 
 /// Trains under FSDP on `world` ranks; every rank's losses and full parameters.
-fn train_fsdp<M: ParityModel>(
-    snapshot: &Snapshot,
-    world: usize,
-    config: Config,
-) -> candle_fsdp::Result<Vec<Trained>> {
+fn train_fsdp<M: ParityModel>(snapshot: &Snapshot, world: usize, config: Config) -> candle_fsdp::Result<Vec<Trained>> {
     launch(LaunchOptions::new(world), |ctx| {
         let (model, _, _) = build(Some(snapshot), DType::F32, M::construct)?;
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), config.fsdp())?;
@@ -287,14 +257,9 @@ fn parity<M: ParityModel>(world: usize) {
 
     for config in Config::all() {
         let what = format!("{} on {world} rank(s), {config}", M::NAME);
-        let ranks = train_fsdp::<M>(&snapshot, world, config)
-            .unwrap_or_else(|e| panic!("{what}: training failed: {e}"));
-        assert_eq!(
-            ranks.len(),
-            world,
-            "{what}: results of {} ranks",
-            ranks.len()
-        );
+        let ranks =
+            train_fsdp::<M>(&snapshot, world, config).unwrap_or_else(|e| panic!("{what}: training failed: {e}"));
+        assert_eq!(ranks.len(), world, "{what}: results of {} ranks", ranks.len());
 
         for step in 0..STEPS {
             let average = ranks.iter().map(|r| r.losses[step]).sum::<f64>() / world as f64;
@@ -302,13 +267,7 @@ fn parity<M: ParityModel>(world: usize) {
                 Tensor::new(average, &Device::Cpu).unwrap(),
                 Tensor::new(reference.losses[step], &Device::Cpu).unwrap(),
             );
-            assert_close(
-                &actual,
-                &expected,
-                F32_ATOL,
-                F32_RTOL,
-                &format!("{what}: loss of step {}", step + 1),
-            );
+            assert_close(&actual, &expected, F32_ATOL, F32_RTOL, &format!("{what}: loss of step {}", step + 1));
             worst_loss = worst_loss.max((average - reference.losses[step]).abs());
         }
 

@@ -57,67 +57,32 @@ fn wrap_disagreeing(
     let tensor = |shape: (usize, usize), dtype| Tensor::zeros(shape, dtype, &Device::Cpu);
     let config = FsdpConfig::default();
     match (rank, case) {
-        (0, _) => Fsdp::wrap(
-            OneTensor {
-                block: Unit::new(Weight {
-                    w: tensor((2, 6), DType::F32)?,
-                }),
-            },
-            comm,
-            config,
-        )
-        .map(drop),
-        (_, "shape") => Fsdp::wrap(
-            OneTensor {
-                block: Unit::new(Weight {
-                    w: tensor((6, 2), DType::F32)?,
-                }),
-            },
-            comm,
-            config,
-        )
-        .map(drop),
-        (_, "dtype") => Fsdp::wrap(
-            OneTensor {
-                block: Unit::new(Weight {
-                    w: tensor((2, 6), DType::F64)?,
-                }),
-            },
-            comm,
-            config,
-        )
-        .map(drop),
-        (_, "name") => Fsdp::wrap(
-            OneTensorRenamed {
-                block: Unit::new(Gain {
-                    g: tensor((2, 6), DType::F32)?,
-                }),
-            },
-            comm,
-            config,
-        )
-        .map(drop),
+        (0, _) => Fsdp::wrap(OneTensor { block: Unit::new(Weight { w: tensor((2, 6), DType::F32)? }) }, comm, config)
+            .map(drop),
+        (_, "shape") => {
+            Fsdp::wrap(OneTensor { block: Unit::new(Weight { w: tensor((6, 2), DType::F32)? }) }, comm, config)
+                .map(drop)
+        }
+        (_, "dtype") => {
+            Fsdp::wrap(OneTensor { block: Unit::new(Weight { w: tensor((2, 6), DType::F64)? }) }, comm, config)
+                .map(drop)
+        }
+        (_, "name") => {
+            Fsdp::wrap(OneTensorRenamed { block: Unit::new(Gain { g: tensor((2, 6), DType::F32)? }) }, comm, config)
+                .map(drop)
+        }
         _ => unreachable!(),
     }
 }
 
 #[test]
 fn ranks_with_equal_counts_but_different_shapes_dtypes_or_names_are_refused() {
-    for (case, rank0_says, rank1_says) in [
-        ("shape", "[2, 6]", "[6, 2]"),
-        ("dtype", "F32", "F64"),
-        ("name", "block.w", "block.g"),
-    ] {
+    for (case, rank0_says, rank1_says) in
+        [("shape", "[2, 6]", "[6, 2]"), ("dtype", "F32", "F64"), ("name", "block.w", "block.g")]
+    {
         let started = Instant::now();
-        let outcomes = launch_each(options(2), |ctx| {
-            wrap_disagreeing(ctx.rank, case, ctx.comm.clone())
-        })
-        .unwrap();
-        assert!(
-            started.elapsed() < FAST,
-            "{case}: took {:?}",
-            started.elapsed()
-        );
+        let outcomes = launch_each(options(2), |ctx| wrap_disagreeing(ctx.rank, case, ctx.comm.clone())).unwrap();
+        assert!(started.elapsed() < FAST, "{case}: took {:?}", started.elapsed());
         for (rank, outcome) in outcomes.iter().enumerate() {
             match outcome {
                 Err(error @ Error::RanksDisagree { rank: r, .. }) if *r == rank => {
@@ -142,18 +107,12 @@ fn backward_without_a_forward_is_refused_and_the_ranks_stay_in_step() {
         let stray = input(ctx.rank).sum_all()?;
         match fsdp.backward(&stray) {
             Err(Error::BackwardWithoutForward { rank }) => assert_eq!(rank, ctx.rank),
-            other => panic!(
-                "rank {}: expected BackwardWithoutForward, got {other:?}",
-                ctx.rank
-            ),
+            other => panic!("rank {}: expected BackwardWithoutForward, got {other:?}", ctx.rank),
         }
         // No collective was issued: the ranks train on together.
         let loss = fsdp.forward(|m| m.forward(&input(ctx.rank)))?.sum_all()?;
         let grads = fsdp.backward(&loss)?;
-        assert!(fsdp
-            .parameters()
-            .iter()
-            .all(|p| grads.get(p.as_tensor()).is_some()));
+        assert!(fsdp.parameters().iter().all(|p| grads.get(p.as_tensor()).is_some()));
         Ok(loss.to_scalar::<f32>()?)
     })
     .unwrap();
@@ -168,10 +127,7 @@ fn a_loss_that_reaches_no_forward_output_is_refused_at_world_one() {
         let _out = fsdp.forward(|m| m.forward(&input(0)))?;
         fsdp.backward(&input(0).sum_all()?).map(drop)
     });
-    assert!(
-        matches!(outcome, Err(Error::LossReachesNoOutput { rank: 0 })),
-        "{outcome:?}"
-    );
+    assert!(matches!(outcome, Err(Error::LossReachesNoOutput { rank: 0 })), "{outcome:?}");
 }
 
 #[test]
@@ -182,30 +138,17 @@ fn a_loss_that_reaches_no_output_on_one_rank_fails_its_peers_at_once_naming_it()
         let (model, _, _) = common::build(Some(&snapshot), DType::F32, NestedWrappedModule::new)?;
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
         let out = fsdp.forward(|m| m.forward(&input(ctx.rank)))?;
-        let loss = if ctx.rank == 2 {
-            input(ctx.rank).sum_all()?
-        } else {
-            out.sum_all()?
-        };
+        let loss = if ctx.rank == 2 { input(ctx.rank).sum_all()? } else { out.sum_all()? };
         fsdp.backward(&loss).map(drop)
     })
     .unwrap();
     assert!(started.elapsed() < FAST, "took {:?}", started.elapsed());
-    assert!(
-        matches!(outcomes[2], Err(Error::LossReachesNoOutput { rank: 2 })),
-        "{:?}",
-        outcomes[2]
-    );
+    assert!(matches!(outcomes[2], Err(Error::LossReachesNoOutput { rank: 2 })), "{:?}", outcomes[2]);
     for rank in [0, 1] {
         match &outcomes[rank] {
-            Err(Error::CollectiveAborted {
-                rank: r, reason, ..
-            }) => {
+            Err(Error::CollectiveAborted { rank: r, reason, .. }) => {
                 assert_eq!(*r, rank);
-                assert!(
-                    reason.contains("rank 2") && reason.contains("reaches none"),
-                    "rank {rank}: {reason}"
-                );
+                assert!(reason.contains("rank 2") && reason.contains("reaches none"), "rank {rank}: {reason}");
             }
             other => panic!("rank {rank}: expected CollectiveAborted, got {other:?}"),
         }
@@ -215,18 +158,11 @@ fn a_loss_that_reaches_no_output_on_one_rank_fails_its_peers_at_once_naming_it()
         let (model, _, _) = common::build(Some(&snapshot), DType::F32, NestedWrappedModule::new)?;
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
         let out = fsdp.forward(|m| m.forward(&input(ctx.rank)))?;
-        let loss = if ctx.rank == 1 {
-            input(ctx.rank).sum_all()?
-        } else {
-            out.sum_all()?
-        };
+        let loss = if ctx.rank == 1 { input(ctx.rank).sum_all()? } else { out.sum_all()? };
         fsdp.backward(&loss).map(drop)
     })
     .unwrap_err();
-    assert!(
-        matches!(cause, Error::LossReachesNoOutput { rank: 1 }),
-        "{cause}"
-    );
+    assert!(matches!(cause, Error::LossReachesNoOutput { rank: 1 }), "{cause}");
 }
 
 /// Rank 1 panics inside its forward while rank 0 waits in the next unit's all-gather:
@@ -260,8 +196,7 @@ fn launch_returns_the_panicking_rank_not_the_peer_it_aborted() {
 /// what the gathered model computes.
 #[test]
 fn the_model_is_reachable_only_with_full_parameters() {
-    let (reference, _, snapshot) =
-        common::build(None, DType::F32, NestedWrappedModule::new).unwrap();
+    let (reference, _, snapshot) = common::build(None, DType::F32, NestedWrappedModule::new).unwrap();
     let expected = reference.forward(&input(0)).unwrap();
     let results = launch(options(2), |ctx| {
         let (model, _, _) = common::build(Some(&snapshot), DType::F32, NestedWrappedModule::new)?;
@@ -269,11 +204,7 @@ fn the_model_is_reachable_only_with_full_parameters() {
         // Between steps the units are released; inside the scope they are gathered.
         let summoned = fsdp.summon_full_params(|m| m.forward(&input(0)))??;
         let full = fsdp.full_parameters()?;
-        assert_eq!(
-            fsdp.memory().gathered_bytes,
-            0,
-            "the scope freed what it gathered"
-        );
+        assert_eq!(fsdp.memory().gathered_bytes, 0, "the scope freed what it gathered");
 
         // Refused between a forward and its backward, and the step still completes.
         let out = fsdp.forward(|m| m.forward(&input(ctx.rank)))?;
@@ -284,9 +215,7 @@ fn the_model_is_reachable_only_with_full_parameters() {
         fsdp.backward(&out.sum_all()?)?;
 
         // A failing inference closure leaves training usable.
-        let failed = fsdp.forward_inference(|_| -> candle_core::Result<Tensor> {
-            candle_core::bail!("no input")
-        });
+        let failed = fsdp.forward_inference(|_| -> candle_core::Result<Tensor> { candle_core::bail!("no input") });
         assert!(failed.is_err());
         let out = fsdp.forward(|m| m.forward(&input(ctx.rank)))?;
         fsdp.backward(&out.sum_all()?)?;
@@ -306,11 +235,7 @@ fn the_model_is_reachable_only_with_full_parameters() {
             &format!("rank {rank}: summoned forward"),
         );
         for (name, value) in &full {
-            assert_eq!(
-                values(value),
-                values(&snapshot.0[name]),
-                "rank {rank}: full value of {name}"
-            );
+            assert_eq!(values(value), values(&snapshot.0[name]), "rank {rank}: full value of {name}");
         }
         // The unwrapped model holds the trained values and runs without the runtime: it
         // computes what a plain model built from those values computes.
@@ -318,8 +243,7 @@ fn the_model_is_reachable_only_with_full_parameters() {
         for (name, value) in &full_after {
             rebuilt.0.insert(name.clone(), value.clone());
         }
-        let (reference, _, _) =
-            common::build(Some(&rebuilt), DType::F32, NestedWrappedModule::new).unwrap();
+        let (reference, _, _) = common::build(Some(&rebuilt), DType::F32, NestedWrappedModule::new).unwrap();
         let expected = reference.forward(&input(0)).unwrap();
         common::assert_close(
             &unwrapped,

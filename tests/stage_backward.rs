@@ -23,8 +23,8 @@ use fsdp_testkit as common;
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use common::{assert_close, rand, randn, F32_ATOL, F32_RTOL};
 use fsdp_runtime::pipeline::{
-    deferred_matmul, stage_backward, stage_backward_input, stage_backward_weight, GradAccumulator,
-    StageContext, StageInput, StageLinear,
+    deferred_matmul, stage_backward, stage_backward_input, stage_backward_weight, GradAccumulator, StageContext,
+    StageInput, StageLinear,
 };
 use fsdp_runtime::Error;
 
@@ -90,14 +90,8 @@ struct RefMlp {
 impl RefMlp {
     fn new(v: &MlpValues) -> Self {
         let vars = [var(&v.w1), var(&v.b1), var(&v.w2), var(&v.b2)];
-        let net1 = candle_nn::Linear::new(
-            vars[0].as_tensor().clone(),
-            Some(vars[1].as_tensor().clone()),
-        );
-        let net2 = candle_nn::Linear::new(
-            vars[2].as_tensor().clone(),
-            Some(vars[3].as_tensor().clone()),
-        );
+        let net1 = candle_nn::Linear::new(vars[0].as_tensor().clone(), Some(vars[1].as_tensor().clone()));
+        let net2 = candle_nn::Linear::new(vars[2].as_tensor().clone(), Some(vars[3].as_tensor().clone()));
         Self { vars, net1, net2 }
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -114,20 +108,13 @@ const PARAM_NAMES: [&str; 4] = ["net1.weight", "net1.bias", "net2.weight", "net2
 
 fn assert_params_match(stage: &StageMlp, acc: &GradAccumulator, ref_grads: &[Tensor; 4]) {
     for (i, name) in PARAM_NAMES.iter().enumerate() {
-        let grad = acc
-            .get(stage.params()[i])
-            .unwrap_or_else(|| panic!("{name} has no gradient"));
+        let grad = acc.get(stage.params()[i]).unwrap_or_else(|| panic!("{name} has no gradient"));
         assert_close(grad, &ref_grads[i], F32_ATOL, F32_RTOL, name);
     }
 }
 
 fn ref_param_grads(reference: &RefMlp, grads: &candle_core::backprop::GradStore) -> [Tensor; 4] {
-    std::array::from_fn(|i| {
-        grads
-            .get(&reference.vars[i])
-            .expect("reference gradient")
-            .clone()
-    })
+    std::array::from_fn(|i| grads.get(&reference.vars[i]).expect("reference gradient").clone())
 }
 
 /// #1 `test_stage_backward`: the fused backward equals a plain candle backward.
@@ -146,35 +133,16 @@ fn stage_backward_matches_reference() -> Result<()> {
 
     let x_ref = var(&x);
     let ref_grads = mse_sum(&reference.forward(&x_ref)?, &target)?.backward()?;
-    assert_close(
-        dinputs[0].as_ref().unwrap(),
-        ref_grads.get(&x_ref).unwrap(),
-        F32_ATOL,
-        F32_RTOL,
-        "input grad",
-    );
+    assert_close(dinputs[0].as_ref().unwrap(), ref_grads.get(&x_ref).unwrap(), F32_ATOL, F32_RTOL, "input grad");
     assert_params_match(&stage, &acc, &ref_param_grads(&reference, &ref_grads));
     // Input gradients are returned, never accumulated.
     assert_eq!(acc.len(), 4);
     assert!(acc.get(&x_stage).is_none());
     let counts = ctx.counts();
-    assert_eq!(
-        (
-            counts.input_matmuls,
-            counts.weight_matmuls,
-            counts.bias_reductions
-        ),
-        (2, 2, 2)
-    );
+    assert_eq!((counts.input_matmuls, counts.weight_matmuls, counts.bias_reductions), (2, 2, 2));
     // The accumulator feeds an optimizer as a GradStore.
     let store = acc.to_grad_store();
-    assert_close(
-        store.get(stage.params()[0]).unwrap(),
-        acc.get(stage.params()[0]).unwrap(),
-        0.0,
-        0.0,
-        "grad store",
-    );
+    assert_close(store.get(stage.params()[0]).unwrap(), acc.get(stage.params()[0]).unwrap(), 0.0, 0.0, "grad store");
     Ok(())
 }
 
@@ -193,39 +161,17 @@ fn stage_backward_input_then_weight() -> Result<()> {
     let x_stage = var(&x);
     let out = stage.forward(&x_stage)?;
     let loss = mse_sum(&out, &target)?;
-    let dinputs = stage_backward_input(
-        &ctx,
-        std::slice::from_ref(&loss),
-        None,
-        &[(&x_stage).into()],
-    )
-    .unwrap();
+    let dinputs = stage_backward_input(&ctx, std::slice::from_ref(&loss), None, &[(&x_stage).into()]).unwrap();
 
     let x_ref = var(&x);
     let ref_grads = mse_sum(&reference.forward(&x_ref)?, &target)?.backward()?;
-    assert_close(
-        dinputs[0].as_ref().unwrap(),
-        ref_grads.get(&x_ref).unwrap(),
-        F32_ATOL,
-        F32_RTOL,
-        "input grad",
-    );
+    assert_close(dinputs[0].as_ref().unwrap(), ref_grads.get(&x_ref).unwrap(), F32_ATOL, F32_RTOL, "input grad");
 
     let counts = ctx.counts();
-    assert_eq!(
-        counts.weight_matmuls, 0,
-        "the input pass computed a weight gradient"
-    );
-    assert_eq!(
-        counts.bias_reductions, 0,
-        "the input pass computed a bias gradient"
-    );
+    assert_eq!(counts.weight_matmuls, 0, "the input pass computed a weight gradient");
+    assert_eq!(counts.bias_reductions, 0, "the input pass computed a bias gradient");
     assert_eq!(counts.input_matmuls, 2);
-    assert_eq!(
-        ctx.queued(),
-        4,
-        "two weight uses and two bias uses deferred"
-    );
+    assert_eq!(ctx.queued(), 4, "two weight uses and two bias uses deferred");
 
     let mut acc = GradAccumulator::new();
     assert!(acc.is_empty());
@@ -250,14 +196,7 @@ fn input_pass_does_half_the_matmul_work() -> Result<()> {
     let stage = StageMlp::new(&full_ctx, &values);
     let x_stage = var(&x);
     let loss = mse_sum(&stage.forward(&x_stage)?, &target)?;
-    stage_backward(
-        &full_ctx,
-        &[loss],
-        None,
-        &[(&x_stage).into()],
-        &mut GradAccumulator::new(),
-    )
-    .unwrap();
+    stage_backward(&full_ctx, &[loss], None, &[(&x_stage).into()], &mut GradAccumulator::new()).unwrap();
     let full = full_ctx.counts();
     let full_flops = full.input_matmul_flops + full.weight_matmul_flops;
     assert_eq!(full.input_matmuls + full.weight_matmuls, 4);
@@ -269,19 +208,11 @@ fn input_pass_does_half_the_matmul_work() -> Result<()> {
     stage_backward_input(&split_ctx, &[loss], None, &[(&x_stage).into()]).unwrap();
     let input = split_ctx.counts();
     assert_eq!((input.input_matmuls, input.weight_matmuls), (2, 0));
-    assert_eq!(
-        2 * input.input_matmul_flops,
-        full_flops,
-        "the input pass does half the matmul FLOPs"
-    );
+    assert_eq!(2 * input.input_matmul_flops, full_flops, "the input pass does half the matmul FLOPs");
     stage_backward_weight(&split_ctx, &mut GradAccumulator::new()).unwrap();
     let total = split_ctx.counts();
     assert_eq!(total.weight_matmul_flops, full.weight_matmul_flops);
-    assert_eq!(
-        total.input_matmul_flops + total.weight_matmul_flops,
-        full_flops,
-        "I + W = B"
-    );
+    assert_eq!(total.input_matmul_flops + total.weight_matmul_flops, full_flops, "I + W = B");
     Ok(())
 }
 
@@ -298,11 +229,7 @@ fn non_tensor_inputs_get_placeholders() -> Result<()> {
 
     let x_stage = var(&x);
     let loss = stage.forward(&x_stage)?.sum_all()?;
-    let inputs = [
-        StageInput::NonTensor,
-        (&x_stage).into(),
-        (&unrelated).into(),
-    ];
+    let inputs = [StageInput::NonTensor, (&x_stage).into(), (&unrelated).into()];
     let dinputs = stage_backward_input(&ctx, &[loss], None, &inputs).unwrap();
     assert_eq!(dinputs.len(), 3);
     assert!(dinputs[0].is_none());
@@ -310,28 +237,15 @@ fn non_tensor_inputs_get_placeholders() -> Result<()> {
 
     let x_ref = var(&x);
     let ref_grads = reference.forward(&x_ref)?.sum_all()?.backward()?;
-    assert_close(
-        dinputs[1].as_ref().unwrap(),
-        ref_grads.get(&x_ref).unwrap(),
-        F32_ATOL,
-        F32_RTOL,
-        "input grad",
-    );
+    assert_close(dinputs[1].as_ref().unwrap(), ref_grads.get(&x_ref).unwrap(), F32_ATOL, F32_RTOL, "input grad");
 
     // The same through the fused backward.
     let x_stage = var(&x);
     let loss = stage.forward(&x_stage)?.sum_all()?;
     let inputs = [StageInput::NonTensor, (&x_stage).into()];
-    let dinputs =
-        stage_backward(&ctx, &[loss], None, &inputs, &mut GradAccumulator::new()).unwrap();
+    let dinputs = stage_backward(&ctx, &[loss], None, &inputs, &mut GradAccumulator::new()).unwrap();
     assert!(dinputs[0].is_none());
-    assert_close(
-        dinputs[1].as_ref().unwrap(),
-        ref_grads.get(&x_ref).unwrap(),
-        F32_ATOL,
-        F32_RTOL,
-        "input grad (B)",
-    );
+    assert_close(dinputs[1].as_ref().unwrap(), ref_grads.get(&x_ref).unwrap(), F32_ATOL, F32_RTOL, "input grad (B)");
     Ok(())
 }
 
@@ -349,25 +263,14 @@ fn output_gradients_seed_the_backward() -> Result<()> {
     let x_stage = var(&x);
     let out = stage.forward(&x_stage)?;
     let no_grad_out = Tensor::ones(1, DType::F32, &Device::Cpu)?;
-    let dinputs = stage_backward_input(
-        &ctx,
-        &[out, no_grad_out],
-        Some(&[Some(g.clone()), None]),
-        &[(&x_stage).into()],
-    )
-    .unwrap();
+    let dinputs =
+        stage_backward_input(&ctx, &[out, no_grad_out], Some(&[Some(g.clone()), None]), &[(&x_stage).into()]).unwrap();
     let mut acc = GradAccumulator::new();
     stage_backward_weight(&ctx, &mut acc).unwrap();
 
     let x_ref = var(&x);
     let ref_grads = (reference.forward(&x_ref)? * &g)?.sum_all()?.backward()?;
-    assert_close(
-        dinputs[0].as_ref().unwrap(),
-        ref_grads.get(&x_ref).unwrap(),
-        F32_ATOL,
-        F32_RTOL,
-        "input grad",
-    );
+    assert_close(dinputs[0].as_ref().unwrap(), ref_grads.get(&x_ref).unwrap(), F32_ATOL, F32_RTOL, "input grad");
     assert_params_match(&stage, &acc, &ref_param_grads(&reference, &ref_grads));
     Ok(())
 }
@@ -383,10 +286,7 @@ fn weight_pass_accumulates_over_iterations() -> Result<()> {
     let mut acc = GradAccumulator::new();
     let mut ref_sum: Option<[Tensor; 4]> = None;
     for i in 0..10u64 {
-        let (x, target) = (
-            randn(100 + 2 * i, &[BATCH, D_HID]),
-            randn(101 + 2 * i, &[BATCH, D_HID]),
-        );
+        let (x, target) = (randn(100 + 2 * i, &[BATCH, D_HID]), randn(101 + 2 * i, &[BATCH, D_HID]));
         let x_stage = var(&x);
         let loss = mse_sum(&stage.forward(&x_stage)?, &target)?;
         let dinputs = stage_backward_input(&ctx, &[loss], None, &[(&x_stage).into()]).unwrap();
@@ -394,13 +294,7 @@ fn weight_pass_accumulates_over_iterations() -> Result<()> {
 
         let x_ref = var(&x);
         let grads = mse_sum(&reference.forward(&x_ref)?, &target)?.backward()?;
-        assert_close(
-            dinputs[0].as_ref().unwrap(),
-            grads.get(&x_ref).unwrap(),
-            F32_ATOL,
-            F32_RTOL,
-            "input grad",
-        );
+        assert_close(dinputs[0].as_ref().unwrap(), grads.get(&x_ref).unwrap(), F32_ATOL, F32_RTOL, "input grad");
         let step = ref_param_grads(&reference, &grads);
         ref_sum = Some(match ref_sum {
             None => step,
@@ -438,20 +332,8 @@ fn multi_intermediate_model() -> Result<()> {
     let (w_ref, x_ref) = (var(&w_value), var(&x));
     let (a, b) = (x_ref.narrow(1, 0, 256)?, x_ref.narrow(1, 256, 256)?);
     let grads = (a.matmul(&w_ref)? * b)?.sum_all()?.backward()?;
-    assert_close(
-        dinputs[0].as_ref().unwrap(),
-        grads.get(&x_ref).unwrap(),
-        F32_ATOL,
-        F32_RTOL,
-        "input grad",
-    );
-    assert_close(
-        acc.get(&w).unwrap(),
-        grads.get(&w_ref).unwrap(),
-        F32_ATOL,
-        F32_RTOL,
-        "w grad",
-    );
+    assert_close(dinputs[0].as_ref().unwrap(), grads.get(&x_ref).unwrap(), F32_ATOL, F32_RTOL, "input grad");
+    assert_close(acc.get(&w).unwrap(), grads.get(&w_ref).unwrap(), F32_ATOL, F32_RTOL, "w grad");
     Ok(())
 }
 
@@ -465,11 +347,7 @@ fn shared_weight() -> Result<()> {
     let x = randn(82, &[BATCH, D_HID]);
 
     let (w, x_stage) = (var(&w_value), var(&x));
-    let out = deferred_matmul(
-        &ctx,
-        &deferred_matmul(&ctx, &x_stage, w.as_tensor())?.relu()?,
-        w.as_tensor(),
-    )?;
+    let out = deferred_matmul(&ctx, &deferred_matmul(&ctx, &x_stage, w.as_tensor())?.relu()?, w.as_tensor())?;
     let loss = out.sum_all()?;
     let dinputs = stage_backward_input(&ctx, &[loss], None, &[(&x_stage).into()]).unwrap();
     drop(out);
@@ -480,44 +358,17 @@ fn shared_weight() -> Result<()> {
     assert_eq!(acc.len(), 1);
 
     let (w_ref, x_ref) = (var(&w_value), var(&x));
-    let grads = x_ref
-        .matmul(&w_ref)?
-        .relu()?
-        .matmul(&w_ref)?
-        .sum_all()?
-        .backward()?;
-    assert_close(
-        dinputs[0].as_ref().unwrap(),
-        grads.get(&x_ref).unwrap(),
-        F32_ATOL,
-        F32_RTOL,
-        "input grad",
-    );
-    assert_close(
-        acc.get(&w).unwrap(),
-        grads.get(&w_ref).unwrap(),
-        F32_ATOL,
-        F32_RTOL,
-        "w grad",
-    );
+    let grads = x_ref.matmul(&w_ref)?.relu()?.matmul(&w_ref)?.sum_all()?.backward()?;
+    assert_close(dinputs[0].as_ref().unwrap(), grads.get(&x_ref).unwrap(), F32_ATOL, F32_RTOL, "input grad");
+    assert_close(acc.get(&w).unwrap(), grads.get(&w_ref).unwrap(), F32_ATOL, F32_RTOL, "w grad");
 
     // The fused backward sums the two uses the same way.
     let x_stage = var(&x);
-    let loss = deferred_matmul(
-        &ctx,
-        &deferred_matmul(&ctx, &x_stage, w.as_tensor())?.relu()?,
-        w.as_tensor(),
-    )?
-    .sum_all()?;
+    let loss =
+        deferred_matmul(&ctx, &deferred_matmul(&ctx, &x_stage, w.as_tensor())?.relu()?, w.as_tensor())?.sum_all()?;
     let mut acc = GradAccumulator::new();
     stage_backward(&ctx, &[loss], None, &[(&x_stage).into()], &mut acc).unwrap();
-    assert_close(
-        acc.get(&w).unwrap(),
-        grads.get(&w_ref).unwrap(),
-        F32_ATOL,
-        F32_RTOL,
-        "w grad (B)",
-    );
+    assert_close(acc.get(&w).unwrap(), grads.get(&w_ref).unwrap(), F32_ATOL, F32_RTOL, "w grad (B)");
     Ok(())
 }
 
@@ -531,42 +382,16 @@ fn batched_input_and_ordinary_parameters() -> Result<()> {
     let (w_value, s_value, x) = (randn(91, &[16, 8]), randn(92, &[8]), randn(93, &[3, 5, 16]));
 
     let (w, s, x_stage) = (var(&w_value), var(&s_value), var(&x));
-    let loss = deferred_matmul(&ctx, &x_stage, w.as_tensor())?
-        .broadcast_mul(&s)?
-        .sqr()?
-        .sum_all()?;
+    let loss = deferred_matmul(&ctx, &x_stage, w.as_tensor())?.broadcast_mul(&s)?.sqr()?.sum_all()?;
     let dinputs = stage_backward_input(&ctx, &[loss], None, &[(&x_stage).into()]).unwrap();
     let mut acc = GradAccumulator::new();
     stage_backward_weight(&ctx, &mut acc).unwrap();
 
     let (w_ref, s_ref, x_ref) = (var(&w_value), var(&s_value), var(&x));
-    let grads = x_ref
-        .broadcast_matmul(&w_ref)?
-        .broadcast_mul(&s_ref)?
-        .sqr()?
-        .sum_all()?
-        .backward()?;
-    assert_close(
-        dinputs[0].as_ref().unwrap(),
-        grads.get(&x_ref).unwrap(),
-        F32_ATOL,
-        F32_RTOL,
-        "input grad",
-    );
-    assert_close(
-        acc.get(&w).unwrap(),
-        grads.get(&w_ref).unwrap(),
-        F32_ATOL,
-        F32_RTOL,
-        "w grad",
-    );
-    assert_close(
-        acc.get(&s).unwrap(),
-        grads.get(&s_ref).unwrap(),
-        F32_ATOL,
-        F32_RTOL,
-        "ordinary param grad",
-    );
+    let grads = x_ref.broadcast_matmul(&w_ref)?.broadcast_mul(&s_ref)?.sqr()?.sum_all()?.backward()?;
+    assert_close(dinputs[0].as_ref().unwrap(), grads.get(&x_ref).unwrap(), F32_ATOL, F32_RTOL, "input grad");
+    assert_close(acc.get(&w).unwrap(), grads.get(&w_ref).unwrap(), F32_ATOL, F32_RTOL, "w grad");
+    assert_close(acc.get(&s).unwrap(), grads.get(&s_ref).unwrap(), F32_ATOL, F32_RTOL, "ordinary param grad");
     Ok(())
 }
 
@@ -581,54 +406,19 @@ fn errors() -> Result<()> {
     let inputs = [StageInput::from(&x_stage)];
 
     // #15: an output that tracks gradients, output gradients given, its entry missing.
-    let err =
-        stage_backward_input(&ctx, std::slice::from_ref(&out), Some(&[None]), &inputs).unwrap_err();
-    assert!(
-        matches!(err, Error::StageOutputGradMissing { index: 0 }),
-        "{err}"
-    );
-    assert!(
-        err.to_string().contains("requires output gradients"),
-        "{err}"
-    );
-    let err = stage_backward(
-        &ctx,
-        std::slice::from_ref(&out),
-        Some(&[None]),
-        &inputs,
-        &mut GradAccumulator::new(),
-    )
-    .unwrap_err();
-    assert!(
-        err.to_string().contains("requires output gradients"),
-        "{err}"
-    );
+    let err = stage_backward_input(&ctx, std::slice::from_ref(&out), Some(&[None]), &inputs).unwrap_err();
+    assert!(matches!(err, Error::StageOutputGradMissing { index: 0 }), "{err}");
+    assert!(err.to_string().contains("requires output gradients"), "{err}");
+    let err = stage_backward(&ctx, std::slice::from_ref(&out), Some(&[None]), &inputs, &mut GradAccumulator::new())
+        .unwrap_err();
+    assert!(err.to_string().contains("requires output gradients"), "{err}");
 
     // A gradient whose shape does not match its output; a gradient count that does not.
     let wrong = randn(113, &[BATCH, D_HID / 2]);
-    let err = stage_backward_input(
-        &ctx,
-        std::slice::from_ref(&out),
-        Some(&[Some(wrong)]),
-        &inputs,
-    )
-    .unwrap_err();
-    assert!(
-        matches!(err, Error::StageGradMismatch { index: 0, .. }),
-        "{err}"
-    );
-    let err =
-        stage_backward_input(&ctx, std::slice::from_ref(&out), Some(&[]), &inputs).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::StageGradCount {
-                outputs: 1,
-                grads: 0
-            }
-        ),
-        "{err}"
-    );
+    let err = stage_backward_input(&ctx, std::slice::from_ref(&out), Some(&[Some(wrong)]), &inputs).unwrap_err();
+    assert!(matches!(err, Error::StageGradMismatch { index: 0, .. }), "{err}");
+    let err = stage_backward_input(&ctx, std::slice::from_ref(&out), Some(&[]), &inputs).unwrap_err();
+    assert!(matches!(err, Error::StageGradCount { outputs: 1, grads: 0 }), "{err}");
     // The failed input passes left nothing behind.
     assert_eq!(ctx.queued(), 0);
     assert_eq!(ctx.pending_input_passes(), 0);
@@ -645,9 +435,6 @@ fn errors() -> Result<()> {
     assert!(dinputs[0].is_none());
     stage_backward_weight(&ctx, &mut acc).unwrap();
     assert!(acc.is_empty());
-    assert!(matches!(
-        stage_backward_weight(&ctx, &mut acc),
-        Err(Error::StageNoInputPass)
-    ));
+    assert!(matches!(stage_backward_weight(&ctx, &mut acc), Err(Error::StageNoInputPass)));
     Ok(())
 }

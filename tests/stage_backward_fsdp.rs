@@ -6,12 +6,9 @@
 
 use candle_core::{DType, Module, Result, Tensor, Var};
 use candle_fsdp::pipeline::{
-    stage_backward, stage_backward_input, stage_backward_weight, GradAccumulator, StageContext,
-    StageInput, StageLinear,
+    stage_backward, stage_backward_input, stage_backward_weight, GradAccumulator, StageContext, StageInput, StageLinear,
 };
-use candle_fsdp::{
-    launch, Fsdp, FsdpConfig, LaunchOptions, Shardable, ShardingStrategy, TraceEvent, Unit,
-};
+use candle_fsdp::{launch, Fsdp, FsdpConfig, LaunchOptions, Shardable, ShardingStrategy, TraceEvent, Unit};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
 
@@ -69,22 +66,14 @@ fn output_grad(rank: usize) -> Tensor {
 
 /// Per rank: the input gradient; and the parameter gradients averaged over ranks.
 fn reference(snapshot: &Snapshot) -> (Vec<Tensor>, HashMap<String, Tensor>) {
-    let values: HashMap<String, Var> = snapshot
-        .0
-        .iter()
-        .map(|(name, value)| (name.clone(), Var::from_tensor(value).unwrap()))
-        .collect();
+    let values: HashMap<String, Var> =
+        snapshot.0.iter().map(|(name, value)| (name.clone(), Var::from_tensor(value).unwrap())).collect();
     let mut input_grads = Vec::new();
     let mut summed: HashMap<String, Tensor> = HashMap::new();
     for rank in 0..WORLD {
         let x = Var::from_tensor(&input(rank)).unwrap();
         let out = reference_forward(&values, x.as_tensor()).unwrap();
-        let grads = (out * output_grad(rank))
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads = (out * output_grad(rank)).unwrap().sum_all().unwrap().backward().unwrap();
         input_grads.push(grads.get(x.as_tensor()).unwrap().clone());
         for (name, var) in &values {
             let grad = grads.get(var.as_tensor()).unwrap().clone();
@@ -95,10 +84,7 @@ fn reference(snapshot: &Snapshot) -> (Vec<Tensor>, HashMap<String, Tensor>) {
             summed.insert(name.clone(), total);
         }
     }
-    let averaged = summed
-        .into_iter()
-        .map(|(name, sum)| (name, (sum / WORLD as f64).unwrap()))
-        .collect();
+    let averaged = summed.into_iter().map(|(name, sum)| (name, (sum / WORLD as f64).unwrap())).collect();
     (input_grads, averaged)
 }
 
@@ -110,14 +96,7 @@ fn shard_of(full: &Tensor, rank: usize, world: usize) -> Tensor {
     let padded = if padding == 0 {
         flat
     } else {
-        Tensor::cat(
-            &[
-                flat,
-                Tensor::zeros(padding, DType::F32, &candle_core::Device::Cpu).unwrap(),
-            ],
-            0,
-        )
-        .unwrap()
+        Tensor::cat(&[flat, Tensor::zeros(padding, DType::F32, &candle_core::Device::Cpu).unwrap()], 0).unwrap()
     };
     padded.narrow(0, rank * len, len).unwrap()
 }
@@ -146,23 +125,14 @@ fn run(strategy: ShardingStrategy, split: bool, snapshot: &Snapshot) -> Vec<Rank
     launch(LaunchOptions::new(WORLD), |ctx| {
         let stage = StageContext::new();
         let (model, _, _) = build(Some(snapshot), DType::F32, |vb| StageMlp::new(&stage, vb))?;
-        let fsdp = Fsdp::wrap(
-            model,
-            ctx.comm.clone(),
-            FsdpConfig::default().strategy(strategy),
-        )?;
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default().strategy(strategy))?;
         stage.set_grad_sink(fsdp.deferred_grad_sink());
         let x = Var::from_tensor(&input(ctx.rank))?;
         let out = fsdp.forward(|m| m.forward(x.as_tensor()))?;
         let grads = [Some(output_grad(ctx.rank))];
         let inputs = [StageInput::from(&x)];
         let mut acc = GradAccumulator::new();
-        let (
-            input_grads,
-            reduced_in_input_pass,
-            weight_matmuls_in_input_pass,
-            gathered_after_input_pass,
-        );
+        let (input_grads, reduced_in_input_pass, weight_matmuls_in_input_pass, gathered_after_input_pass);
         let mut reduced_in_weight_pass = Vec::new();
         if split {
             input_grads = stage_backward_input(&stage, &[out], Some(&grads), &inputs)?;
@@ -183,15 +153,7 @@ fn run(strategy: ShardingStrategy, split: bool, snapshot: &Snapshot) -> Vec<Rank
         let shard_grads = fsdp
             .named_parameters()
             .into_iter()
-            .map(|(name, shard)| {
-                (
-                    name,
-                    store
-                        .get(shard.as_tensor())
-                        .expect("every parameter has a gradient")
-                        .clone(),
-                )
-            })
+            .map(|(name, shard)| (name, store.get(shard.as_tensor()).expect("every parameter has a gradient").clone()))
             .collect();
         Ok(RankResult {
             input_grad: input_grads[0].clone().expect("the input is a Var"),
@@ -207,56 +169,22 @@ fn run(strategy: ShardingStrategy, split: bool, snapshot: &Snapshot) -> Vec<Rank
 }
 
 fn check(strategy: ShardingStrategy, split: bool) {
-    let what = format!(
-        "{} {}",
-        strategy.name(),
-        if split {
-            "input + weight passes"
-        } else {
-            "full stage backward"
-        }
-    );
+    let what = format!("{} {}", strategy.name(), if split { "input + weight passes" } else { "full stage backward" });
     let stage = StageContext::new();
     let (_, _, snapshot) = build(None, DType::F32, |vb| StageMlp::new(&stage, vb)).unwrap();
     let (input_grads, param_grads) = reference(&snapshot);
-    let shard_world = if strategy == ShardingStrategy::NoShard {
-        1
-    } else {
-        WORLD
-    };
+    let shard_world = if strategy == ShardingStrategy::NoShard { 1 } else { WORLD };
     for (rank, result) in run(strategy, split, &snapshot).into_iter().enumerate() {
         let what = format!("{what}, rank {rank}");
-        assert_close(
-            &result.input_grad,
-            &input_grads[rank],
-            F32_ATOL,
-            F32_RTOL,
-            &format!("{what}: input gradient"),
-        );
+        assert_close(&result.input_grad, &input_grads[rank], F32_ATOL, F32_RTOL, &format!("{what}: input gradient"));
         assert_eq!(result.shard_grads.len(), 6, "{what}");
         for (name, grad) in &result.shard_grads {
-            let expected = shard_of(
-                &param_grads[name],
-                if shard_world == 1 { 0 } else { rank },
-                shard_world,
-            );
-            assert_close(
-                grad,
-                &expected,
-                F32_ATOL,
-                F32_RTOL,
-                &format!("{what}: gradient of {name}"),
-            );
+            let expected = shard_of(&param_grads[name], if shard_world == 1 { 0 } else { rank }, shard_world);
+            assert_close(grad, &expected, F32_ATOL, F32_RTOL, &format!("{what}: gradient of {name}"));
         }
-        assert_eq!(
-            result.accumulator_entries, 0,
-            "{what}: FSDP parameters go to the sink, not the accumulator"
-        );
+        assert_eq!(result.accumulator_entries, 0, "{what}: FSDP parameters go to the sink, not the accumulator");
         if split {
-            assert_eq!(
-                result.weight_matmuls_in_input_pass, 0,
-                "{what}: the input pass computed weight gradients"
-            );
+            assert_eq!(result.weight_matmuls_in_input_pass, 0, "{what}: the input pass computed weight gradients");
             assert!(
                 result.reduced_in_input_pass.is_empty(),
                 "{what}: reduced before the weight pass: {:?}",
@@ -265,10 +193,7 @@ fn check(strategy: ShardingStrategy, split: bool) {
             // Each unit is reduced as soon as the weight pass completes it; the root at the end.
             assert_eq!(result.reduced_in_weight_pass, ["net2", "net1"], "{what}");
             if strategy != ShardingStrategy::NoShard {
-                assert_eq!(
-                    result.gathered_after_input_pass, 0,
-                    "{what}: gathered parameters kept for the weight pass"
-                );
+                assert_eq!(result.gathered_after_input_pass, 0, "{what}: gathered parameters kept for the weight pass");
             }
         }
     }

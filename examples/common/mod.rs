@@ -65,11 +65,7 @@ impl BigramTask {
         for i in (1..vocab).rev() {
             successor.swap(i, rng.below(i + 1));
         }
-        Self {
-            vocab,
-            noise,
-            successor,
-        }
+        Self { vocab, noise, successor }
     }
 
     /// The loss of the ideal predictor (the entropy of the next token), in nats.
@@ -98,19 +94,13 @@ impl BigramTask {
             let mut token = rng.below(self.vocab) as u32;
             tokens.push(token);
             for _ in 0..seq_len {
-                token = if rng.unit() < self.noise {
-                    rng.below(self.vocab) as u32
-                } else {
-                    self.successor[token as usize]
-                };
+                token =
+                    if rng.unit() < self.noise { rng.below(self.vocab) as u32 } else { self.successor[token as usize] };
                 tokens.push(token);
             }
         }
         let all = Tensor::from_vec(tokens, (batch, seq_len + 1), device)?;
-        Ok((
-            all.narrow(1, 0, seq_len)?.contiguous()?,
-            all.narrow(1, 1, seq_len)?.contiguous()?,
-        ))
+        Ok((all.narrow(1, 0, seq_len)?.contiguous()?, all.narrow(1, 1, seq_len)?.contiguous()?))
     }
 }
 
@@ -128,17 +118,12 @@ pub fn next_token_loss(logits: &Tensor, targets: &Tensor) -> candle_core::Result
 /// from, so all ranks (and the single-process baseline) start from the same weights.
 pub fn snapshot(var_map: &candle_nn::VarMap) -> candle_core::Result<HashMap<String, Tensor>> {
     let vars = var_map.data().lock().expect("VarMap lock poisoned");
-    vars.iter()
-        .map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?)))
-        .collect()
+    vars.iter().map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?))).collect()
 }
 
 /// Bytes held by the tensors.
 pub fn tensor_bytes<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> usize {
-    tensors
-        .into_iter()
-        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-        .sum()
+    tensors.into_iter().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
 }
 
 pub fn var_bytes(vars: &[Var]) -> usize {
@@ -196,14 +181,10 @@ pub fn median(values: &[f64]) -> f64 {
 
 /// clap value parser for a world size: a positive count of ranks (threads).
 pub fn parse_world_size(s: &str) -> Result<usize, String> {
-    let n: usize = s
-        .parse()
-        .map_err(|_| format!("`{s}` is not a number of ranks"))?;
+    let n: usize = s.parse().map_err(|_| format!("`{s}` is not a number of ranks"))?;
     match n {
         0 => Err("the world size must be at least 1".into()),
-        n if n > 1024 => Err(format!(
-            "a world size of {n} is more ranks than this example supports (at most 1024)"
-        )),
+        n if n > 1024 => Err(format!("a world size of {n} is more ranks than this example supports (at most 1024)")),
         n => Ok(n),
     }
 }
@@ -229,16 +210,9 @@ pub const DTYPE: DType = DType::F32;
 /// which slows every rank down. The default is therefore `cores / ranks`, at least 1,
 /// unless the environment already sets `CANDLE_NUM_THREADS`. Returns the count in effect.
 pub fn configure_candle_threads(requested: Option<usize>, ranks: usize) -> usize {
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let from_env = std::env::var("CANDLE_NUM_THREADS")
-        .ok()
-        .and_then(|s| s.parse::<usize>().ok())
-        .filter(|&n| n > 0);
-    let threads = requested
-        .or(from_env)
-        .unwrap_or((cores / ranks.max(1)).max(1));
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let from_env = std::env::var("CANDLE_NUM_THREADS").ok().and_then(|s| s.parse::<usize>().ok()).filter(|&n| n > 0);
+    let threads = requested.or(from_env).unwrap_or((cores / ranks.max(1)).max(1));
     // Called at the start of `main`, before any other thread exists.
     std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
@@ -247,9 +221,7 @@ pub fn configure_candle_threads(requested: Option<usize>, ranks: usize) -> usize
 
 /// Logical cores available to this process.
 pub fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// The FSDP options the examples share, flattened into each one's arguments.

@@ -48,9 +48,7 @@ fn expand(input: &DeriveInput, fields: &Fields, krate: &TokenStream) -> TokenStr
     // that is not is reported at the field by the spanned calls below.
     let mut generics = input.generics.clone();
     for param in generics.type_params_mut() {
-        param
-            .bounds
-            .push(syn::parse_quote!(#krate::__private::Activations));
+        param.bounds.push(syn::parse_quote!(#krate::__private::Activations));
     }
     let (impl_generics, ty_generics, where_clause) = generics.split_for_impl();
     let members: Vec<TokenStream> = fields

@@ -54,12 +54,7 @@ fn expand(cont: &Container, krate: &TokenStream) -> TokenStream {
     let forward_order: Vec<usize> = match &cont.attrs.forward_order {
         Some((members, _)) => members
             .iter()
-            .map(|m| {
-                fields
-                    .iter()
-                    .position(|f| f.member == *m)
-                    .expect("checked: forward_order names fields")
-            })
+            .map(|m| fields.iter().position(|f| f.member == *m).expect("checked: forward_order names fields"))
             .collect(),
         None => (0..fields.len()).collect(),
     };
@@ -73,10 +68,7 @@ fn expand(cont: &Container, krate: &TokenStream) -> TokenStream {
         let name = field_name(cont, field);
         let buffer = field.attrs.buffer || cont.attrs.buffer;
         let (enter_buffer, leave_buffer) = if buffer {
-            (
-                quote!(visitor.enter_buffer();),
-                quote!(visitor.leave_buffer();),
-            )
+            (quote!(visitor.enter_buffer();), quote!(visitor.leave_buffer();))
         } else {
             (quote!(), quote!())
         };
@@ -106,8 +98,7 @@ fn expand(cont: &Container, krate: &TokenStream) -> TokenStream {
         let member = &field.member;
         if field.holds_tensors() {
             let ty = field.ty;
-            let map_tensors =
-                quote_spanned!(ty.span()=> <#ty as #krate::__private::Shardable>::map_tensors);
+            let map_tensors = quote_spanned!(ty.span()=> <#ty as #krate::__private::Shardable>::map_tensors);
             quote!(#member: #map_tensors(#binding, map)?)
         } else {
             quote!(#member: #binding)
@@ -118,12 +109,8 @@ fn expand(cont: &Container, krate: &TokenStream) -> TokenStream {
         Style::Named | Style::Tuple => quote!(Self { #(#rebuilt),* }),
     };
 
-    let table = shardable_model(
-        krate,
-        ident,
-        &cont.original.generics,
-        quote!(&<#ident as #krate::__private::Shardable>::NODE),
-    );
+    let table =
+        shardable_model(krate, ident, &cont.original.generics, quote!(&<#ident as #krate::__private::Shardable>::NODE));
     quote! {
         #[automatically_derived]
         impl #krate::__private::Shardable for #ident {

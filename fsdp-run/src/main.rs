@@ -79,16 +79,10 @@ fn run(args: Args) -> Result<i32, String> {
         return Err("--nproc-per-node must be at least 1".into());
     }
     if args.nnodes == 0 || args.node_rank >= args.nnodes {
-        return Err(format!(
-            "--node-rank {} is not below --nnodes {}",
-            args.node_rank, args.nnodes
-        ));
+        return Err(format!("--node-rank {} is not below --nnodes {}", args.node_rank, args.nnodes));
     }
     if !(args.grace_secs >= 0.0 && args.grace_secs.is_finite()) {
-        return Err(format!(
-            "--grace-secs {} is not a duration",
-            args.grace_secs
-        ));
+        return Err(format!("--grace-secs {} is not a duration", args.grace_secs));
     }
     let job_limit = match args.timeout_secs {
         Some(s) if s > 0.0 && s.is_finite() => Some(Duration::from_secs_f64(s)),
@@ -97,9 +91,7 @@ fn run(args: Args) -> Result<i32, String> {
     };
     let master_port = match args.master_port {
         0 if args.nnodes > 1 => {
-            return Err(
-                "--master-port 0 needs --nnodes 1: the other nodes could not know the port".into(),
-            )
+            return Err("--master-port 0 needs --nnodes 1: the other nodes could not know the port".into())
         }
         0 => free_port(&args.master_addr)?,
         port => port,
@@ -122,20 +114,13 @@ fn run(args: Args) -> Result<i32, String> {
             .env("MASTER_ADDR", &args.master_addr)
             .env("MASTER_PORT", master_port.to_string())
             // Only rank 0 reads the terminal: several readers would steal each other's input.
-            .stdin(if rank == 0 {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stdin(if rank == 0 { Stdio::inherit() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(e) => {
-                let message = format!(
-                    "could not start rank {rank} (`{}`): {e}",
-                    program.to_string_lossy()
-                );
+                let message = format!("could not start rank {rank} (`{}`): {e}", program.to_string_lossy());
                 stop_all(&mut ranks, Duration::ZERO);
                 return Err(message);
             }
@@ -148,11 +133,7 @@ fn run(args: Args) -> Result<i32, String> {
             forward_lines(err, rank, true, drained_tx.clone());
             readers += 1;
         }
-        ranks.push(Rank {
-            rank,
-            child,
-            status: None,
-        });
+        ranks.push(Rank { rank, child, status: None });
     }
     drop(drained_tx);
 
@@ -164,10 +145,7 @@ fn run(args: Args) -> Result<i32, String> {
                 r.status = Some(status);
             }
         }
-        if let Some(failed) = ranks
-            .iter()
-            .find(|r| r.status.is_some_and(|s| !s.success()))
-        {
+        if let Some(failed) = ranks.iter().find(|r| r.status.is_some_and(|s| !s.success())) {
             let status = failed.status.expect("exited");
             eprintln!(
                 "fsdp-run: rank {} (pid {}) failed: {}; stopping the other ranks",
@@ -183,11 +161,8 @@ fn run(args: Args) -> Result<i32, String> {
             break;
         }
         if let Some(limit) = job_limit.filter(|&l| started.elapsed() > l) {
-            let running: Vec<String> = ranks
-                .iter()
-                .filter(|r| r.status.is_none())
-                .map(|r| r.rank.to_string())
-                .collect();
+            let running: Vec<String> =
+                ranks.iter().filter(|r| r.status.is_none()).map(|r| r.rank.to_string()).collect();
             eprintln!(
                 "fsdp-run: the job did not finish within {limit:?}; rank(s) {} still running; stopping them",
                 running.join(", ")
@@ -268,12 +243,7 @@ fn describe(status: ExitStatus) -> String {
 
 /// Copies `pipe` line by line to this process's stdout (or stderr) with a `[rank R] ` prefix;
 /// sends on `done` at the end of the output.
-fn forward_lines(
-    pipe: impl Read + Send + 'static,
-    rank: usize,
-    to_stderr: bool,
-    done: mpsc::Sender<()>,
-) {
+fn forward_lines(pipe: impl Read + Send + 'static, rank: usize, to_stderr: bool, done: mpsc::Sender<()>) {
     let prefix = format!("[rank {rank}] ");
     std::thread::spawn(move || {
         let mut reader = BufReader::new(pipe);
@@ -290,13 +260,10 @@ fn forward_lines(
             // One locked write per line, so lines of different ranks never interleave.
             let written = if to_stderr {
                 let mut err = std::io::stderr().lock();
-                err.write_all(prefix.as_bytes())
-                    .and_then(|()| err.write_all(&line))
+                err.write_all(prefix.as_bytes()).and_then(|()| err.write_all(&line))
             } else {
                 let mut out = std::io::stdout().lock();
-                out.write_all(prefix.as_bytes())
-                    .and_then(|()| out.write_all(&line))
-                    .and_then(|()| out.flush())
+                out.write_all(prefix.as_bytes()).and_then(|()| out.write_all(&line)).and_then(|()| out.flush())
             };
             if written.is_err() {
                 break;
@@ -312,8 +279,5 @@ fn free_port(host: &str) -> Result<u16, String> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let probe = std::net::TcpListener::bind((host, 0))
         .map_err(|e| format!("could not find a free port on {host} for --master-port 0: {e}"))?;
-    probe
-        .local_addr()
-        .map(|a| a.port())
-        .map_err(|e| format!("could not find a free port on {host}: {e}"))
+    probe.local_addr().map(|a| a.port()).map_err(|e| format!("could not find a free port on {host}: {e}"))
 }

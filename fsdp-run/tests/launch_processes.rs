@@ -25,20 +25,14 @@ fn child_rank() {
     let Ok(scenario) = std::env::var(SCENARIO) else {
         return;
     };
-    let timeout = Duration::from_millis(
-        std::env::var(TIMEOUT_MS)
-            .ok()
-            .and_then(|t| t.parse().ok())
-            .unwrap_or(10_000),
-    );
+    let timeout = Duration::from_millis(std::env::var(TIMEOUT_MS).ok().and_then(|t| t.parse().ok()).unwrap_or(10_000));
     let env = DistEnv::from_env().unwrap_or_else(|e| exit_with(5, &format!("ENV_ERROR {e}")));
     println!(
         "ENV rank={} world_size={} local_rank={} local_world_size={}",
         env.rank, env.world_size, env.local_rank, env.local_world_size
     );
     let rank = env.rank;
-    let rendezvous =
-        Rendezvous::join(env, timeout).unwrap_or_else(|e| exit_with(3, &format!("JOIN_ERROR {e}")));
+    let rendezvous = Rendezvous::join(env, timeout).unwrap_or_else(|e| exit_with(3, &format!("JOIN_ERROR {e}")));
     println!("JOINED pid={}", std::process::id());
     match scenario.as_str() {
         "join" => {}
@@ -59,9 +53,7 @@ fn child_rank() {
         }
         other => exit_with(6, &format!("unknown scenario {other}")),
     }
-    rendezvous
-        .finish(timeout)
-        .unwrap_or_else(|e| exit_with(4, &format!("FINISH_ERROR {e}")));
+    rendezvous.finish(timeout).unwrap_or_else(|e| exit_with(4, &format!("FINISH_ERROR {e}")));
 }
 
 fn exit_with(code: i32, message: &str) -> ! {
@@ -75,12 +67,7 @@ fn random_bytes() -> Vec<u8> {
         .flat_map(|i| {
             let mut hasher = state.build_hasher();
             hasher.write_u64(i);
-            hasher.write_u128(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos(),
-            );
+            hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
             hasher.finish().to_le_bytes()
         })
         .collect()
@@ -94,13 +81,7 @@ fn hex(bytes: &[u8]) -> String {
 fn child_command(scenario: &str, timeout_ms: u64) -> Command {
     let mut command = Command::new(std::env::current_exe().expect("test binary path"));
     command
-        .args([
-            "--exact",
-            "child_rank",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
+        .args(["--exact", "child_rank", "--nocapture", "--test-threads", "1"])
         .env(SCENARIO, scenario)
         .env(TIMEOUT_MS, timeout_ms.to_string())
         .stdin(Stdio::null())
@@ -118,10 +99,7 @@ fn fsdp_run(launcher_args: &[&str], scenario: &str, timeout_ms: u64) -> Child {
     for (key, value) in child.get_envs() {
         command.env(key, value.expect("set"));
     }
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     command.spawn().expect("start fsdp-run")
 }
 
@@ -161,18 +139,8 @@ fn finish(mut child: Child) -> Finished {
             text
         })
     };
-    let stdout = read(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let stderr = read(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
+    let stdout = read(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stderr = read(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
     let started = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().expect("poll child") {
@@ -180,18 +148,11 @@ fn finish(mut child: Child) -> Finished {
         }
         if started.elapsed() > PROCESS_LIMIT {
             let _ = child.kill();
-            panic!(
-                "process {} did not finish within {PROCESS_LIMIT:?}",
-                child.id()
-            );
+            panic!("process {} did not finish within {PROCESS_LIMIT:?}", child.id());
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Finished {
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    }
+    Finished { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
 }
 
 fn free_port() -> u16 {
@@ -215,63 +176,31 @@ fn tagged(output: &str, tag: &str) -> BTreeMap<usize, String> {
 
 #[test]
 fn three_processes_receive_rank_zeros_random_bytes() {
-    let run = finish(fsdp_run(
-        &[
-            "--nproc-per-node",
-            "3",
-            "--master-port",
-            "0",
-            "--timeout-secs",
-            "20",
-        ],
-        "broadcast",
-        10_000,
-    ));
+    let run =
+        finish(fsdp_run(&["--nproc-per-node", "3", "--master-port", "0", "--timeout-secs", "20"], "broadcast", 10_000));
     assert!(run.status.success(), "fsdp-run failed: {}", run.all());
     let env = tagged(&run.stdout, "ENV");
     assert_eq!(env.len(), 3, "{}", run.all());
     for (rank, vars) in &env {
-        assert_eq!(
-            vars,
-            &format!("rank={rank} world_size=3 local_rank={rank} local_world_size=3")
-        );
+        assert_eq!(vars, &format!("rank={rank} world_size=3 local_rank={rank} local_world_size=3"));
     }
     let bytes = tagged(&run.stdout, "BYTES");
-    assert_eq!(
-        bytes.keys().copied().collect::<Vec<_>>(),
-        [0, 1, 2],
-        "{}",
-        run.all()
-    );
+    assert_eq!(bytes.keys().copied().collect::<Vec<_>>(), [0, 1, 2], "{}", run.all());
     let root = &bytes[&0];
     assert_eq!(root.len(), 256, "128 bytes in hex");
     assert_ne!(root, &"0".repeat(256));
-    assert!(
-        bytes.values().all(|b| b == root),
-        "ranks received different bytes: {bytes:?}"
-    );
+    assert!(bytes.values().all(|b| b == root), "ranks received different bytes: {bytes:?}");
 }
 
 #[test]
 fn rank_zero_names_the_rank_that_never_arrived() {
     let port = free_port();
     let started = Instant::now();
-    let ranks: Vec<Child> = (0..2)
-        .map(|rank| spawn_rank(rank, 3, port, "join", 3000))
-        .collect();
+    let ranks: Vec<Child> = (0..2).map(|rank| spawn_rank(rank, 3, port, "join", 3000)).collect();
     let outputs: Vec<Finished> = ranks.into_iter().map(finish).collect();
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
     for (rank, output) in outputs.iter().enumerate() {
-        assert_eq!(
-            output.status.code(),
-            Some(3),
-            "rank {rank}: {}",
-            output.all()
-        );
+        assert_eq!(output.status.code(), Some(3), "rank {rank}: {}", output.all());
     }
     let rank0 = outputs[0].all();
     assert!(
@@ -294,19 +223,10 @@ fn a_rank_without_rank_zero_times_out_naming_the_address() {
         master_port: port,
     };
     let started = Instant::now();
-    let err = Rendezvous::join(env, Duration::from_millis(800))
-        .err()
-        .expect("no rank 0")
-        .to_string();
+    let err = Rendezvous::join(env, Duration::from_millis(800)).err().expect("no rank 0").to_string();
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
     assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "took {:?}",
-        started.elapsed()
-    );
-    assert!(
-        err.starts_with(&format!(
-            "rank 1: rendezvous at 127.0.0.1:{port}: no rendezvous store answered within 800ms"
-        )),
+        err.starts_with(&format!("rank 1: rendezvous at 127.0.0.1:{port}: no rendezvous store answered within 800ms")),
         "{err}"
     );
     assert!(err.contains("is rank 0 running"), "{err}");
@@ -316,54 +236,22 @@ fn a_rank_without_rank_zero_times_out_naming_the_address() {
 fn fsdp_run_stops_the_survivors_when_one_rank_fails() {
     let started = Instant::now();
     let run = finish(fsdp_run(
-        &[
-            "--nproc-per-node",
-            "3",
-            "--master-port",
-            "0",
-            "--grace-secs",
-            "0.5",
-            "--timeout-secs",
-            "20",
-        ],
+        &["--nproc-per-node", "3", "--master-port", "0", "--grace-secs", "0.5", "--timeout-secs", "20"],
         "fail-rank-1",
         10_000,
     ));
     let elapsed = started.elapsed();
     assert_eq!(run.status.code(), Some(7), "{}", run.all());
-    assert!(
-        elapsed < Duration::from_secs(10),
-        "fsdp-run took {elapsed:?}"
-    );
-    assert!(
-        run.stderr.contains("fsdp-run: rank 1 (pid "),
-        "{}",
-        run.all()
-    );
-    assert!(
-        run.stderr
-            .contains("failed: exit code 7; stopping the other ranks"),
-        "{}",
-        run.all()
-    );
-    assert!(
-        run.stderr.contains("fsdp-run: killed rank(s) 0, 2"),
-        "{}",
-        run.all()
-    );
-    assert!(
-        run.stdout.contains("[rank 1] rank 1 fails on purpose"),
-        "{}",
-        run.all()
-    );
+    assert!(elapsed < Duration::from_secs(10), "fsdp-run took {elapsed:?}");
+    assert!(run.stderr.contains("fsdp-run: rank 1 (pid "), "{}", run.all());
+    assert!(run.stderr.contains("failed: exit code 7; stopping the other ranks"), "{}", run.all());
+    assert!(run.stderr.contains("fsdp-run: killed rank(s) 0, 2"), "{}", run.all());
+    assert!(run.stdout.contains("[rank 1] rank 1 fails on purpose"), "{}", run.all());
     let joined = tagged(&run.stdout, "JOINED");
     assert_eq!(joined.len(), 3, "{}", run.all());
     for (rank, pid) in joined.iter().filter(|(rank, _)| **rank != 1) {
         let pid = pid.strip_prefix("pid=").unwrap();
-        assert!(
-            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-            "rank {rank} (pid {pid}) still runs"
-        );
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "rank {rank} (pid {pid}) still runs");
     }
 }
 
@@ -371,25 +259,12 @@ fn fsdp_run_stops_the_survivors_when_one_rank_fails() {
 fn a_duplicated_rank_fails_every_process_promptly() {
     let port = free_port();
     let started = Instant::now();
-    let ranks: Vec<Child> = [0, 1, 1]
-        .into_iter()
-        .map(|rank| spawn_rank(rank, 3, port, "join", 8000))
-        .collect();
+    let ranks: Vec<Child> = [0, 1, 1].into_iter().map(|rank| spawn_rank(rank, 3, port, "join", 8000)).collect();
     let outputs: Vec<Finished> = ranks.into_iter().map(finish).collect();
-    assert!(
-        started.elapsed() < Duration::from_secs(6),
-        "waited out the timeout: {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(6), "waited out the timeout: {:?}", started.elapsed());
     for output in &outputs {
         assert_eq!(output.status.code(), Some(3), "{}", output.all());
-        assert!(
-            output
-                .stdout
-                .contains("registration failed: duplicate RANK=1: claimed by pid "),
-            "{}",
-            output.all()
-        );
+        assert!(output.stdout.contains("registration failed: duplicate RANK=1: claimed by pid "), "{}", output.all());
     }
 }
 
@@ -400,13 +275,7 @@ fn a_world_size_disagreement_is_reported() {
     let rank1 = spawn_rank(1, 3, port, "join", 8000);
     for output in [finish(rank0), finish(rank1)] {
         assert_eq!(output.status.code(), Some(3), "{}", output.all());
-        assert!(
-            output
-                .stdout
-                .contains("registration failed: WORLD_SIZE disagrees: rank "),
-            "{}",
-            output.all()
-        );
+        assert!(output.stdout.contains("registration failed: WORLD_SIZE disagrees: rank "), "{}", output.all());
     }
 }
 
@@ -414,24 +283,12 @@ fn a_world_size_disagreement_is_reported() {
 fn fsdp_run_reports_a_program_it_cannot_start() {
     let run = finish(
         Command::new(env!("CARGO_BIN_EXE_fsdp-run"))
-            .args([
-                "--nproc-per-node",
-                "2",
-                "--master-port",
-                "0",
-                "--",
-                "/nonexistent/program",
-            ])
+            .args(["--nproc-per-node", "2", "--master-port", "0", "--", "/nonexistent/program"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
     );
     assert_eq!(run.status.code(), Some(1));
-    assert!(
-        run.stderr
-            .contains("fsdp-run: could not start rank 0 (`/nonexistent/program`)"),
-        "{}",
-        run.stderr
-    );
+    assert!(run.stderr.contains("fsdp-run: could not start rank 0 (`/nonexistent/program`)"), "{}", run.stderr);
 }

@@ -12,9 +12,7 @@ use candle_core::Module;
 use candle_core::{DType, Tensor};
 use candle_fsdp::dist::ReduceOp;
 use candle_fsdp::optim::{SgdMomentum, SgdMomentumConfig};
-use candle_fsdp::{
-    launch, Backend, Fsdp, FsdpConfig, LaunchOptions, ProcessGroup, RankContext, ShardingStrategy,
-};
+use candle_fsdp::{launch, Backend, Fsdp, FsdpConfig, LaunchOptions, ProcessGroup, RankContext, ShardingStrategy};
 use candle_nn::Optimizer;
 use common::{build, Snapshot};
 use fsdp_testkit::fsdp_test_models::NestedWrappedModule;
@@ -34,25 +32,12 @@ fn train(ctx: &RankContext, snapshot: &Snapshot) -> candle_fsdp::Result<HashMap<
     let mut results = HashMap::new();
     for strategy in ShardingStrategy::ALL {
         let (model, _, _) = build(Some(snapshot), DType::F32, NestedWrappedModule::new)?;
-        let fsdp = Fsdp::wrap(
-            model,
-            ctx.comm.clone(),
-            FsdpConfig::default().strategy(strategy),
-        )?;
-        let mut optimizer = SgdMomentum::new(
-            fsdp.parameters(),
-            SgdMomentumConfig {
-                lr: 1e-2,
-                momentum: 0.9,
-            },
-        )?;
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default().strategy(strategy))?;
+        let mut optimizer = SgdMomentum::new(fsdp.parameters(), SgdMomentumConfig { lr: 1e-2, momentum: 0.9 })?;
         let x = common::rand(1 + ctx.rank as u64, &[4, 8]);
         for step in 0..STEPS {
             let loss = fsdp.forward(|m| m.forward(&x))?.sum_all()?;
-            let global = ctx
-                .comm
-                .all_reduce(&loss.reshape(1)?, ReduceOp::Avg, "loss")?
-                .wait()?;
+            let global = ctx.comm.all_reduce(&loss.reshape(1)?, ReduceOp::Avg, "loss")?.wait()?;
             results.insert(format!("{}/loss/{step}", strategy.name()), global);
             optimizer.step(&fsdp.backward(&loss)?)?;
         }
@@ -79,9 +64,7 @@ fn process_rank_child() {
     };
     let group = ProcessGroup::from_env(Backend::Tcp, TIMEOUT).expect("joining the job");
     let ctx = group.context();
-    let snapshot = Snapshot(
-        candle_core::safetensors::load(snapshot_path(&dir), &candle_core::Device::Cpu).unwrap(),
-    );
+    let snapshot = Snapshot(candle_core::safetensors::load(snapshot_path(&dir), &candle_core::Device::Cpu).unwrap());
     let results = train(&ctx, &snapshot).expect("training");
     candle_core::safetensors::save(&results, rank_path(&dir, ctx.rank)).unwrap();
     group.finish().expect("leaving the job");
@@ -89,10 +72,7 @@ fn process_rank_child() {
 
 #[test]
 fn processes_over_tcp_train_like_thread_ranks() {
-    let dir = std::env::temp_dir().join(format!(
-        "candle-fsdp-process-training-{}",
-        std::process::id()
-    ));
+    let dir = std::env::temp_dir().join(format!("candle-fsdp-process-training-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (_, _, snapshot) = build(None, DType::F32, NestedWrappedModule::new).unwrap();
     candle_core::safetensors::save(&snapshot.0, snapshot_path(&dir)).unwrap();
@@ -100,13 +80,7 @@ fn processes_over_tcp_train_like_thread_ranks() {
     let output = Command::new(env!("CARGO_BIN_EXE_fsdp-run"))
         .args(["--nproc-per-node", "2", "--master-port", "0", "--"])
         .arg(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "process_rank_child",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
+        .args(["--exact", "process_rank_child", "--nocapture", "--test-threads", "1"])
         .env(CHILD_DIR, &dir)
         .output()
         .expect("starting fsdp-run");
@@ -118,41 +92,19 @@ fn processes_over_tcp_train_like_thread_ranks() {
         String::from_utf8_lossy(&output.stderr)
     );
 
-    let threads = launch(LaunchOptions::new(2).timeout(TIMEOUT), |ctx| {
-        train(&ctx, &snapshot)
-    })
-    .unwrap();
+    let threads = launch(LaunchOptions::new(2).timeout(TIMEOUT), |ctx| train(&ctx, &snapshot)).unwrap();
     for (rank, expected) in threads.iter().enumerate() {
-        let got = candle_core::safetensors::load(rank_path(&dir, rank), &candle_core::Device::Cpu)
-            .unwrap();
+        let got = candle_core::safetensors::load(rank_path(&dir, rank), &candle_core::Device::Cpu).unwrap();
         let mut names: Vec<&String> = expected.keys().collect();
         names.sort();
-        assert_eq!(
-            got.len(),
-            expected.len(),
-            "rank {rank}: the processes produced other results"
-        );
-        assert_eq!(
-            names.len(),
-            3 * (STEPS + snapshot.0.len()),
-            "3 strategies × (losses + parameters)"
-        );
+        assert_eq!(got.len(), expected.len(), "rank {rank}: the processes produced other results");
+        assert_eq!(names.len(), 3 * (STEPS + snapshot.0.len()), "3 strategies × (losses + parameters)");
         for name in names {
             let (a, b) = (&got[name], &expected[name]);
             let bits = |t: &Tensor| {
-                t.flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>()
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
             };
-            assert_eq!(
-                bits(a),
-                bits(b),
-                "rank {rank}: `{name}` differs between processes and threads"
-            );
+            assert_eq!(bits(a), bits(b), "rank {rank}: `{name}` differs between processes and threads");
         }
     }
     std::fs::remove_dir_all(&dir).ok();

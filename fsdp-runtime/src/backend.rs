@@ -8,9 +8,7 @@ use candle_core::{CpuStorage, CudaStorage, Result, Shape, Storage, Tensor};
 use std::sync::Mutex;
 
 /// A candle backend's storage type, and how to find it inside a `Storage`.
-pub(crate) trait OnBackend:
-    BackendStorage<Device: BackendDevice<Storage = Self>> + Sized
-{
+pub(crate) trait OnBackend: BackendStorage<Device: BackendDevice<Storage = Self>> + Sized {
     fn pick(storage: &Storage) -> Option<&Self>;
 }
 
@@ -39,10 +37,7 @@ fn owned_storage<S: OnBackend>(tensor: &Tensor) -> Result<S> {
     let (storage, layout) = tensor.storage_and_layout();
     match S::pick(&storage) {
         Some(storage) => storage.try_clone(layout),
-        None => candle_core::bail!(
-            "candle-fsdp: a {:?} tensor where the op runs on another device",
-            tensor.device()
-        ),
+        None => candle_core::bail!("candle-fsdp: a {:?} tensor where the op runs on another device", tensor.device()),
     }
 }
 
@@ -55,20 +50,14 @@ pub(crate) struct BuiltValue {
 
 impl BuiltValue {
     pub fn new(what: &'static str, value: Tensor) -> Self {
-        Self {
-            what,
-            value: Mutex::new(Some(value)),
-        }
+        Self { what, value: Mutex::new(Some(value)) }
     }
 
     /// The value's storage and shape; a second call fails (nodes are never recomputed).
     pub fn take<S: OnBackend>(&self) -> Result<(S, Shape)> {
         match self.value.lock().unwrap_or_else(|p| p.into_inner()).take() {
             Some(value) => Ok((owned_storage(&value)?, value.shape().clone())),
-            None => candle_core::bail!(
-                "{}: the node is created once and never recomputed",
-                self.what
-            ),
+            None => candle_core::bail!("{}: the node is created once and never recomputed", self.what),
         }
     }
 }

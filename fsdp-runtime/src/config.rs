@@ -71,18 +71,11 @@ macro_rules! named_policy {
             type Err = Error;
 
             fn from_str(s: &str) -> Result<Self> {
-                Self::ALL
-                    .into_iter()
-                    .find(|policy| policy.name() == s)
-                    .ok_or_else(|| Error::UnknownOption {
-                        what: $what,
-                        value: s.to_string(),
-                        expected: Self::ALL
-                            .iter()
-                            .map(|p| p.name())
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    })
+                Self::ALL.into_iter().find(|policy| policy.name() == s).ok_or_else(|| Error::UnknownOption {
+                    what: $what,
+                    value: s.to_string(),
+                    expected: Self::ALL.iter().map(|p| p.name()).collect::<Vec<_>>().join(", "),
+                })
             }
         }
     };
@@ -159,18 +152,12 @@ mod tests {
     #[test]
     fn policies_parse_their_own_names_and_refuse_others() {
         for strategy in ShardingStrategy::ALL {
-            assert_eq!(
-                strategy.to_string().parse::<ShardingStrategy>().unwrap(),
-                strategy
-            );
+            assert_eq!(strategy.to_string().parse::<ShardingStrategy>().unwrap(), strategy);
         }
         for mode in BackwardPrefetch::ALL {
             assert_eq!(mode.to_string().parse::<BackwardPrefetch>().unwrap(), mode);
         }
-        let error = "zero-3"
-            .parse::<ShardingStrategy>()
-            .unwrap_err()
-            .to_string();
+        let error = "zero-3".parse::<ShardingStrategy>().unwrap_err().to_string();
         assert_eq!(error, "unknown sharding strategy `zero-3` (expected one of: full-shard, shard-grad-op, no-shard)");
     }
 }

@@ -17,12 +17,7 @@ pub enum Error {
          (unit `{first_unit}`): tied parameters must live in one unit; move the tie into \
          their lowest common unit"
     )]
-    TieAcrossUnits {
-        first_fqn: String,
-        first_unit: String,
-        second_fqn: String,
-        second_unit: String,
-    },
+    TieAcrossUnits { first_fqn: String, first_unit: String, second_fqn: String, second_unit: String },
 
     #[error("the model and the VarMap disagree:\n  {}", mismatches.join("\n  "))]
     VarMapMismatch { mismatches: Vec<String> },
@@ -30,9 +25,7 @@ pub enum Error {
     #[error("`{fqn}` (template `{template}`) is not in the model's static table: the value does not match its type's schema")]
     NotInTable { fqn: String, template: String },
 
-    #[error(
-        "unit `{fqn}` directly wraps another unit at the same FQN; remove one of the two `Unit`s"
-    )]
+    #[error("unit `{fqn}` directly wraps another unit at the same FQN; remove one of the two `Unit`s")]
     UnitInUnit { fqn: String },
 
     #[error(
@@ -67,27 +60,14 @@ pub enum Error {
     },
 
     #[error("unknown {what} `{value}` (expected one of: {expected})")]
-    UnknownOption {
-        what: &'static str,
-        value: String,
-        expected: String,
-    },
+    UnknownOption { what: &'static str, value: String, expected: String },
 
     // --- Running a step ------------------------------------------------------------------
     #[error("rank {rank}: unit `{unit}` started its forward at position {position}, where the static order has `{expected}`")]
-    OrderViolation {
-        rank: usize,
-        unit: String,
-        position: usize,
-        expected: String,
-    },
+    OrderViolation { rank: usize, unit: String, position: usize, expected: String },
 
     #[error("rank {rank}: unit `{unit}`: {message}")]
-    Unit {
-        rank: usize,
-        unit: String,
-        message: String,
-    },
+    Unit { rank: usize, unit: String, message: String },
 
     #[error(
         "rank {rank}: Fsdp::backward with no training forward since the last backward; run \
@@ -106,11 +86,7 @@ pub enum Error {
     StepInProgress { rank: usize, call: &'static str },
 
     #[error("rank {rank}: {call} cannot run inside {inside}")]
-    NestedCall {
-        rank: usize,
-        call: &'static str,
-        inside: &'static str,
-    },
+    NestedCall { rank: usize, call: &'static str, inside: &'static str },
 
     // --- Ranks and collectives -----------------------------------------------------------
     #[error("a world needs at least one rank")]
@@ -120,44 +96,19 @@ pub enum Error {
     NoSuchRank { rank: usize, world_size: usize },
 
     #[error("rank {rank}: {op} for {label} timed out after {timeout:?}; rank(s) {missing:?} never joined")]
-    CollectiveTimeout {
-        rank: usize,
-        op: String,
-        label: String,
-        timeout: Duration,
-        missing: Vec<usize>,
-    },
+    CollectiveTimeout { rank: usize, op: String, label: String, timeout: Duration, missing: Vec<usize> },
 
     #[error("rank {rank}: {op} for {label} was aborted: {reason}")]
-    CollectiveAborted {
-        rank: usize,
-        op: String,
-        label: String,
-        reason: String,
-    },
+    CollectiveAborted { rank: usize, op: String, label: String, reason: String },
 
     #[error("rank {rank}: {op} for {label} does not match {other}")]
-    CollectiveMismatch {
-        rank: usize,
-        op: String,
-        label: String,
-        other: String,
-    },
+    CollectiveMismatch { rank: usize, op: String, label: String, other: String },
 
     #[error("rank {rank}: {op} for {label}: {problem}")]
-    CollectiveArgument {
-        rank: usize,
-        op: String,
-        label: String,
-        problem: String,
-    },
+    CollectiveArgument { rank: usize, op: String, label: String, problem: String },
 
     #[error("rank {rank}: group {ranks:?}: {problem}")]
-    BadGroup {
-        rank: usize,
-        ranks: Vec<usize>,
-        problem: String,
-    },
+    BadGroup { rank: usize, ranks: Vec<usize>, problem: String },
 
     #[error("rank {rank} panicked: {message}")]
     RankPanicked { rank: usize, message: String },
@@ -166,18 +117,10 @@ pub enum Error {
     Rank { rank: usize, message: String },
 
     #[error("rank {rank}: {wanted} GPU(s) needed, but {visible} are visible")]
-    NotEnoughGpus {
-        rank: usize,
-        wanted: usize,
-        visible: usize,
-    },
+    NotEnoughGpus { rank: usize, wanted: usize, visible: usize },
 
     #[error("rank {rank}: rendezvous at {addr}: {message}")]
-    Rendezvous {
-        rank: usize,
-        addr: String,
-        message: String,
-    },
+    Rendezvous { rank: usize, addr: String, message: String },
 
     #[error(
         "the launch environment (torchrun's RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, \
@@ -200,11 +143,7 @@ pub enum Error {
     StageOutputGradMissing { index: usize },
 
     #[error("stage output {index} is {output} but its output gradient is {grad}")]
-    StageGradMismatch {
-        index: usize,
-        output: String,
-        grad: String,
-    },
+    StageGradMismatch { index: usize, output: String, grad: String },
 
     #[error("{outputs} stage outputs but {grads} output gradients")]
     StageGradCount { outputs: usize, grads: usize },
@@ -241,12 +180,8 @@ impl From<candle_core::Error> for Error {
         match error {
             candle_core::Error::WithBacktrace { inner, .. } => Error::from(*inner),
             candle_core::Error::Io(io) if io.get_ref().is_some_and(|e| e.is::<Error>()) => {
-                let inner = io
-                    .into_inner()
-                    .expect("checked: the io error carries an error");
-                *inner
-                    .downcast::<Error>()
-                    .expect("checked: the carried error is ours")
+                let inner = io.into_inner().expect("checked: the io error carries an error");
+                *inner.downcast::<Error>().expect("checked: the carried error is ours")
             }
             other => Error::Candle(other),
         }
@@ -268,20 +203,14 @@ mod tests {
         };
         let message = original.to_string();
         let through_candle = into_candle(original);
-        assert_eq!(
-            through_candle.to_string(),
-            message,
-            "candle shows the message unchanged"
-        );
+        assert_eq!(through_candle.to_string(), message, "candle shows the message unchanged");
         // candle adds a backtrace when RUST_BACKTRACE is set; the error is found inside it.
         let with_backtrace = candle_core::Error::WithBacktrace {
             inner: Box::new(through_candle),
             backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
         };
         match Error::from(with_backtrace) {
-            Error::CollectiveTimeout {
-                rank: 3, missing, ..
-            } => assert_eq!(missing, [1]),
+            Error::CollectiveTimeout { rank: 3, missing, .. } => assert_eq!(missing, [1]),
             other => panic!("lost its kind: {other:?}"),
         }
     }
@@ -289,9 +218,7 @@ mod tests {
     #[test]
     fn candle_errors_stay_candle_errors() {
         let error = Error::from(candle_core::Error::Msg("shape mismatch".into()));
-        assert!(
-            matches!(&error, Error::Candle(candle_core::Error::Msg(m)) if m == "shape mismatch")
-        );
+        assert!(matches!(&error, Error::Candle(candle_core::Error::Msg(m)) if m == "shape mismatch"));
         assert!(matches!(into_candle(error), candle_core::Error::Msg(_)));
     }
 }

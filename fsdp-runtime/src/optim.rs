@@ -28,11 +28,7 @@ impl Optimizer for SgdMomentum {
 
     fn new(vars: Vec<Var>, config: SgdMomentumConfig) -> Result<Self> {
         let velocity = vec![None; vars.len()];
-        Ok(Self {
-            vars,
-            velocity,
-            config,
-        })
+        Ok(Self { vars, velocity, config })
     }
 
     /// `v = momentum * v + g` (`v = g` the first time), then `p -= lr * v`. Variables
@@ -78,11 +74,7 @@ impl StepLr {
     /// If `step_size` is 0 (PyTorch divides by it too).
     pub fn new(step_size: usize, gamma: f64) -> Self {
         assert!(step_size > 0, "StepLr: step_size must be positive");
-        Self {
-            step_size,
-            gamma,
-            last_epoch: 0,
-        }
+        Self { step_size, gamma, last_epoch: 0 }
     }
 
     /// Ends an epoch: decays `optimizer`'s learning rate when `step_size` epochs have passed

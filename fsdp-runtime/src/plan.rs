@@ -23,11 +23,7 @@ pub struct PlanConfig {
 impl PlanConfig {
     /// `fsdp` at `world_size` ranks, with AdamW's two states per parameter.
     pub fn new(world_size: usize, fsdp: FsdpConfig) -> Self {
-        Self {
-            world_size,
-            fsdp,
-            optimizer_states: 2,
-        }
+        Self { world_size, fsdp, optimizer_states: 2 }
     }
 
     pub fn optimizer_states(mut self, states: usize) -> Self {
@@ -101,11 +97,7 @@ impl Plan {
             .map(|(index, unit)| {
                 let mut plan = UnitPlan {
                     name: unit.display_name().to_string(),
-                    fqns: layout
-                        .unit_fqns(index)
-                        .into_iter()
-                        .map(String::from)
-                        .collect(),
+                    fqns: layout.unit_fqns(index).into_iter().map(String::from).collect(),
                     numel: 0,
                     gathered_bytes: 0,
                     collective_bytes: 0,
@@ -123,11 +115,7 @@ impl Plan {
                             let shard = if shards { numel.div_ceil(world) } else { numel };
                             plan.shard_bytes += shard * size;
                             plan.gathered_bytes += numel * size;
-                            plan.collective_bytes += if shards {
-                                shard * world * size
-                            } else {
-                                numel * size
-                            };
+                            plan.collective_bytes += if shards { shard * world * size } else { numel * size };
                         }
                     }
                 }
@@ -137,29 +125,16 @@ impl Plan {
 
         let memory = rank_memory(layout, &units, &config);
         let unsharded_memory = single_process_memory(layout, config.optimizer_states);
-        let forward_order = layout
-            .forward_order
-            .iter()
-            .map(|&u| units[u].name.clone())
-            .collect();
+        let forward_order = layout.forward_order.iter().map(|&u| units[u].name.clone()).collect();
         let backward_prefetch = layout
             .backward_order()
             .map(|u| {
-                let target = backward_prefetch_target(&layout.post_forward_order, u)
-                    .map(|t| units[t].name.clone());
+                let target = backward_prefetch_target(&layout.post_forward_order, u).map(|t| units[t].name.clone());
                 (units[u].name.clone(), target)
             })
             .collect();
         let bytes_sent_per_step = bytes_sent(&units, &config);
-        Ok(Self {
-            config,
-            units,
-            forward_order,
-            backward_prefetch,
-            memory,
-            unsharded_memory,
-            bytes_sent_per_step,
-        })
+        Ok(Self { config, units, forward_order, backward_prefetch, memory, unsharded_memory, bytes_sent_per_step })
     }
 }
 
@@ -190,12 +165,7 @@ fn rank_memory(layout: &Layout, units: &[UnitPlan], config: &PlanConfig) -> Rank
         ShardingStrategy::ShardGradOp => units.iter().map(|u| u.gathered_bytes).sum(),
         ShardingStrategy::FullShard => full_shard_gathered_peak(layout, units, config),
     };
-    RankMemory {
-        params: shard + buffers,
-        grads: shard,
-        optimizer: shard * config.optimizer_states,
-        gathered_peak,
-    }
+    RankMemory { params: shard + buffers, grads: shard, optimizer: shard * config.optimizer_states, gathered_peak }
 }
 
 /// The largest set of gathered units alive at once under FULL_SHARD: a running unit, its
@@ -215,11 +185,8 @@ fn full_shard_gathered_peak(layout: &Layout, units: &[UnitPlan], config: &PlanCo
         alive.iter().map(|&u| units[u].gathered_bytes).sum()
     };
     let forward = layout.forward_order.iter().map(|&u| {
-        let target = if config.fsdp.forward_prefetch {
-            forward_prefetch_target(&layout.forward_order, u)
-        } else {
-            None
-        };
+        let target =
+            if config.fsdp.forward_prefetch { forward_prefetch_target(&layout.forward_order, u) } else { None };
         alive_with(u, target)
     });
     let backward = layout.backward_order().map(|u| {
@@ -316,56 +283,15 @@ impl fmt::Display for Plan {
             writeln!(f, "  {unit} => {}", target.as_deref().unwrap_or("none"))?;
         }
         let row = |f: &mut fmt::Formatter<'_>, name: &str, sharded: usize, single: usize| {
-            let ratio = if single == 0 {
-                0.0
-            } else {
-                sharded as f64 / single as f64
-            };
-            writeln!(
-                f,
-                "  {name:<16} {:>12}   {:>12}   {ratio:>6.3}",
-                Bytes(sharded),
-                Bytes(single)
-            )
+            let ratio = if single == 0 { 0.0 } else { sharded as f64 / single as f64 };
+            writeln!(f, "  {name:<16} {:>12}   {:>12}   {ratio:>6.3}", Bytes(sharded), Bytes(single))
         };
-        writeln!(
-            f,
-            "\nper-rank memory      this plan    one process    ratio"
-        )?;
-        row(
-            f,
-            "parameters",
-            self.memory.params,
-            self.unsharded_memory.params,
-        )?;
-        row(
-            f,
-            "gradients",
-            self.memory.grads,
-            self.unsharded_memory.grads,
-        )?;
-        row(
-            f,
-            "optimizer state",
-            self.memory.optimizer,
-            self.unsharded_memory.optimizer,
-        )?;
-        row(
-            f,
-            "gathered peak",
-            self.memory.gathered_peak,
-            self.unsharded_memory.gathered_peak,
-        )?;
-        row(
-            f,
-            "total peak",
-            self.memory.total_peak(),
-            self.unsharded_memory.total_peak(),
-        )?;
-        writeln!(
-            f,
-            "\nbytes sent per rank per step: {}",
-            Bytes(self.bytes_sent_per_step)
-        )
+        writeln!(f, "\nper-rank memory      this plan    one process    ratio")?;
+        row(f, "parameters", self.memory.params, self.unsharded_memory.params)?;
+        row(f, "gradients", self.memory.grads, self.unsharded_memory.grads)?;
+        row(f, "optimizer state", self.memory.optimizer, self.unsharded_memory.optimizer)?;
+        row(f, "gathered peak", self.memory.gathered_peak, self.unsharded_memory.gathered_peak)?;
+        row(f, "total peak", self.memory.total_peak(), self.unsharded_memory.total_peak())?;
+        writeln!(f, "\nbytes sent per rank per step: {}", Bytes(self.bytes_sent_per_step))
     }
 }

@@ -59,11 +59,7 @@ impl Default for GptConfig {
 impl GptConfig {
     fn validate(&self) -> Result<()> {
         if self.n_heads == 0 || !self.dim.is_multiple_of(self.n_heads) {
-            candle_core::bail!(
-                "Gpt: dim ({}) must be a positive multiple of n_heads ({})",
-                self.dim,
-                self.n_heads
-            )
+            candle_core::bail!("Gpt: dim ({}) must be a positive multiple of n_heads ({})", self.dim, self.n_heads)
         }
         Ok(())
     }
@@ -72,15 +68,8 @@ impl GptConfig {
         candle_nn::layer_norm(self.dim, LayerNormConfig::default(), vb)
     }
 
-    fn linear_no_bias(
-        &self,
-        in_dim: usize,
-        out_dim: usize,
-        vb: VarBuilder,
-    ) -> Result<LinearNoBias> {
-        Ok(LinearNoBias {
-            weight: vb.get_with_hints((out_dim, in_dim), "weight", torch_linear_init(in_dim))?,
-        })
+    fn linear_no_bias(&self, in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<LinearNoBias> {
+        Ok(LinearNoBias { weight: vb.get_with_hints((out_dim, in_dim), "weight", torch_linear_init(in_dim))? })
     }
 }
 
@@ -115,11 +104,8 @@ impl Module for GptAttention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, s, dim) = x.dims3()?;
         let head_dim = dim / self.n_heads;
-        let heads = |t: Tensor| -> Result<Tensor> {
-            t.reshape((b, s, self.n_heads, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        let heads =
+            |t: Tensor| -> Result<Tensor> { t.reshape((b, s, self.n_heads, head_dim))?.transpose(1, 2)?.contiguous() };
         let q = heads(self.wq.forward(x)?)?;
         let k = heads(self.wk.forward(x)?)?;
         let v = heads(self.wv.forward(x)?)?;
@@ -144,10 +130,7 @@ pub struct GptFeedForward {
 
 impl GptFeedForward {
     pub fn new(dim: usize, hidden_dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            w1: torch_linear(dim, hidden_dim, vb.pp("w1"))?,
-            w2: torch_linear(hidden_dim, dim, vb.pp("w2"))?,
-        })
+        Ok(Self { w1: torch_linear(dim, hidden_dim, vb.pp("w1"))?, w2: torch_linear(hidden_dim, dim, vb.pp("w2"))? })
     }
 }
 
@@ -180,12 +163,8 @@ impl GptBlock {
 
 impl Module for GptBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = (x + self
-            .attention
-            .forward(&layer_norm(&self.attention_norm, x)?)?)?;
-        &h + self
-            .feed_forward
-            .forward(&layer_norm(&self.ffn_norm, &h)?)?
+        let h = (x + self.attention.forward(&layer_norm(&self.attention_norm, x)?)?)?;
+        &h + self.feed_forward.forward(&layer_norm(&self.ffn_norm, &h)?)?
     }
 }
 
@@ -207,14 +186,8 @@ impl Gpt {
     pub fn new(config: &GptConfig, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
         let embedding = |rows: usize, name: &str| -> Result<Embedding> {
-            let weight = vb.pp(name).get_with_hints(
-                (rows, config.dim),
-                "weight",
-                Init::Randn {
-                    mean: 0.0,
-                    stdev: 1.0,
-                },
-            )?;
+            let weight =
+                vb.pp(name).get_with_hints((rows, config.dim), "weight", Init::Randn { mean: 0.0, stdev: 1.0 })?;
             Ok(Embedding::new(weight, config.dim))
         };
         let tok_embeddings = embedding(config.vocab_size, "tok_embeddings")?;
@@ -223,36 +196,21 @@ impl Gpt {
             .map(|i| GptBlock::new(config, vb.pp("layers").pp(i)).map(Unit::new))
             .collect::<Result<_>>()?;
         let output = if config.weight_tying {
-            LinearNoBias {
-                weight: tok_embeddings.embeddings().clone(),
-            }
+            LinearNoBias { weight: tok_embeddings.embeddings().clone() }
         } else {
             config.linear_no_bias(config.dim, config.vocab_size, vb.pp("output"))?
         };
-        Ok(Self {
-            tok_embeddings,
-            pos_embeddings,
-            layers,
-            norm: config.norm(vb.pp("norm"))?,
-            output,
-            config: *config,
-        })
+        Ok(Self { tok_embeddings, pos_embeddings, layers, norm: config.norm(vb.pp("norm"))?, output, config: *config })
     }
 
     /// `tokens` `(batch, seq)` (u32, `seq ≤ max_seq_len`) to logits `(batch, seq, vocab_size)`.
     pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
         let (_, seq) = tokens.dims2()?;
         if seq > self.config.max_seq_len {
-            candle_core::bail!(
-                "Gpt: sequence length {seq} exceeds max_seq_len ({})",
-                self.config.max_seq_len
-            )
+            candle_core::bail!("Gpt: sequence length {seq} exceeds max_seq_len ({})", self.config.max_seq_len)
         }
         let positions = Tensor::arange(0u32, seq as u32, tokens.device())?;
-        let mut h = self
-            .tok_embeddings
-            .forward(tokens)?
-            .broadcast_add(&self.pos_embeddings.forward(&positions)?)?;
+        let mut h = self.tok_embeddings.forward(tokens)?.broadcast_add(&self.pos_embeddings.forward(&positions)?)?;
         for layer in &self.layers {
             h = layer.forward(&h)?;
         }

@@ -76,22 +76,14 @@ impl LlamaConfig {
             )
         }
         if !self.head_dim().is_multiple_of(2) {
-            candle_core::bail!(
-                "Llama: the head dimension ({}) must be even for rotary embeddings",
-                self.head_dim()
-            )
+            candle_core::bail!("Llama: the head dimension ({}) must be even for rotary embeddings", self.head_dim())
         }
         Ok(())
     }
 
     fn linear(&self, in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<LinearNoBias> {
-        let init = Init::Randn {
-            mean: 0.0,
-            stdev: self.initializer_range,
-        };
-        Ok(LinearNoBias {
-            weight: vb.get_with_hints((out_dim, in_dim), "weight", init)?,
-        })
+        let init = Init::Randn { mean: 0.0, stdev: self.initializer_range };
+        Ok(LinearNoBias { weight: vb.get_with_hints((out_dim, in_dim), "weight", init)? })
     }
 
     fn norm(&self, vb: VarBuilder) -> Result<RmsNorm> {
@@ -131,18 +123,14 @@ impl RotaryEmbedding {
         let head_dim = config.head_dim();
         let half = head_dim / 2;
         let internal = at_least_f32(dtype);
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|j| 1.0 / config.rope_theta.powf((2 * j) as f64 / head_dim as f64))
-            .collect();
+        let inv_freq: Vec<f64> =
+            (0..half).map(|j| 1.0 / config.rope_theta.powf((2 * j) as f64 / head_dim as f64)).collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?.to_dtype(internal)?;
         let positions = Tensor::arange(0u32, config.max_position_embeddings as u32, device)?
             .to_dtype(internal)?
             .reshape((config.max_position_embeddings, 1))?;
         let freqs = positions.broadcast_mul(&inv_freq)?;
-        Ok(Self {
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
-        })
+        Ok(Self { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
     }
 
     /// Rotates `x` `(batch, heads, seq, head_dim)` for positions `0..seq`:
@@ -186,9 +174,7 @@ impl LlamaAttention {
     pub fn forward(&self, x: &Tensor, rotary: &RotaryEmbedding, mask: &Tensor) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let split = |t: Tensor, heads: usize| -> Result<Tensor> {
-            t.reshape((b, s, heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
+            t.reshape((b, s, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
         };
         let q = rotary.apply(&split(self.q_proj.forward(x)?, self.num_heads)?)?;
         let k = rotary.apply(&split(self.k_proj.forward(x)?, self.num_kv_heads)?)?;
@@ -199,13 +185,9 @@ impl LlamaAttention {
         let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
         // Softmax in at least f32 (Hugging Face computes it in f32 for half-precision
         // activations), then back to the activation dtype.
-        let attention =
-            softmax_last_dim(&scores.to_dtype(at_least_f32(v.dtype()))?)?.to_dtype(v.dtype())?;
+        let attention = softmax_last_dim(&scores.to_dtype(at_least_f32(v.dtype()))?)?.to_dtype(v.dtype())?;
         let out = attention.matmul(&v)?; // (b, heads, s, head_dim)
-        let out =
-            out.transpose(1, 2)?
-                .contiguous()?
-                .reshape((b, s, self.num_heads * self.head_dim))?;
+        let out = out.transpose(1, 2)?.contiguous()?.reshape((b, s, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&out)
     }
 
@@ -217,10 +199,7 @@ impl LlamaAttention {
             return Ok(x);
         }
         let (b, kv_heads, s, d) = x.dims4()?;
-        x.unsqueeze(2)?
-            .broadcast_as((b, kv_heads, repeats, s, d))?
-            .contiguous()?
-            .reshape((b, kv_heads * repeats, s, d))
+        x.unsqueeze(2)?.broadcast_as((b, kv_heads, repeats, s, d))?.contiguous()?.reshape((b, kv_heads * repeats, s, d))
     }
 }
 
@@ -276,13 +255,9 @@ impl LlamaDecoderLayer {
 
     /// `x` `(batch, seq, hidden)` to `(batch, seq, hidden)`.
     pub fn forward(&self, x: &Tensor, rotary: &RotaryEmbedding, mask: &Tensor) -> Result<Tensor> {
-        let h = self
-            .self_attn
-            .forward(&rms_norm(&self.input_layernorm, x)?, rotary, mask)?;
+        let h = self.self_attn.forward(&rms_norm(&self.input_layernorm, x)?, rotary, mask)?;
         let x = (x + h)?;
-        let h = self
-            .mlp
-            .forward(&rms_norm(&self.post_attention_layernorm, &x)?)?;
+        let h = self.mlp.forward(&rms_norm(&self.post_attention_layernorm, &x)?)?;
         x + h
     }
 }
@@ -313,10 +288,7 @@ impl Llama {
             model.pp("embed_tokens").get_with_hints(
                 (config.vocab_size, config.hidden_size),
                 "weight",
-                Init::Randn {
-                    mean: 0.0,
-                    stdev: config.initializer_range,
-                },
+                Init::Randn { mean: 0.0, stdev: config.initializer_range },
             )?,
             config.hidden_size,
         );
@@ -353,9 +325,8 @@ impl Llama {
 
 /// `(seq, seq)`: 0 where key position ≤ query position, −∞ above the diagonal.
 pub(crate) fn causal_mask(seq: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let mask: Vec<f32> =
+        (0..seq).flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Tensor::from_vec(mask, (seq, seq), device)?.to_dtype(dtype)
 }
 

@@ -51,14 +51,9 @@ fn normalize(x: &Tensor, remove_mean: bool, eps: f64) -> Result<Tensor> {
         other => other,
     };
     let x = x.to_dtype(internal)?;
-    let x = if remove_mean {
-        x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?
-    } else {
-        x
-    };
+    let x = if remove_mean { x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)? } else { x };
     let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(mean_square + eps)?.sqrt()?)?
-        .to_dtype(dtype)
+    x.broadcast_div(&(mean_square + eps)?.sqrt()?)?.to_dtype(dtype)
 }
 
 /// Softmax over the last dimension, differentiable (unlike candle-nn's fused kernel).
@@ -74,9 +69,7 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// `x @ weight.T + bias` for `x` of any rank ≥ 1 (the leading dimensions are flattened).
 pub(crate) fn affine(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims();
-    let in_dim = *dims
-        .last()
-        .ok_or_else(|| candle_core::Error::Msg("affine: scalar input".into()))?;
+    let in_dim = *dims.last().ok_or_else(|| candle_core::Error::Msg("affine: scalar input".into()))?;
     let (out_dim, _) = weight.dims2()?;
     let rows = x.elem_count() / in_dim.max(1);
     let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
@@ -92,20 +85,14 @@ pub(crate) fn affine(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
 /// `Init` of PyTorch's `xavier_uniform_` for a `(fan_out, fan_in)` matrix.
 pub(crate) fn xavier_uniform(fan_out: usize, fan_in: usize) -> Init {
     let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
-    Init::Uniform {
-        lo: -bound,
-        up: bound,
-    }
+    Init::Uniform { lo: -bound, up: bound }
 }
 
 /// `Init` of PyTorch's default `nn.Linear` parameters: `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`
 /// for both weight and bias.
 pub fn torch_linear_init(fan_in: usize) -> Init {
     let bound = 1.0 / (fan_in as f64).sqrt();
-    Init::Uniform {
-        lo: -bound,
-        up: bound,
-    }
+    Init::Uniform { lo: -bound, up: bound }
 }
 
 /// A linear layer with PyTorch's default `nn.Linear` initialisation distribution

@@ -68,11 +68,7 @@ impl TransformerConfig {
     }
 
     fn norm_config(&self) -> LayerNormConfig {
-        LayerNormConfig {
-            eps: self.layer_norm_eps,
-            remove_mean: true,
-            affine: true,
-        }
+        LayerNormConfig { eps: self.layer_norm_eps, remove_mean: true, affine: true }
     }
 }
 
@@ -92,9 +88,7 @@ fn feed_forward_linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<
 fn check_input(what: &str, x: &Tensor, d_model: usize) -> Result<(usize, usize)> {
     match x.dims() {
         &[seq, batch, dim] if dim == d_model => Ok((seq, batch)),
-        dims => candle_core::bail!(
-            "Transformer: {what} must be (sequence, batch, {d_model}), got {dims:?}"
-        ),
+        dims => candle_core::bail!("Transformer: {what} must be (sequence, batch, {d_model}), got {dims:?}"),
     }
 }
 
@@ -114,27 +108,18 @@ pub struct MultiheadAttention {
 impl MultiheadAttention {
     pub fn new(embed_dim: usize, num_heads: usize, vb: VarBuilder) -> Result<Self> {
         if num_heads == 0 || !embed_dim.is_multiple_of(num_heads) {
-            candle_core::bail!("MultiheadAttention: embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
+            candle_core::bail!(
+                "MultiheadAttention: embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})"
+            )
         }
-        let in_proj_weight = vb.get_with_hints(
-            (3 * embed_dim, embed_dim),
-            "in_proj_weight",
-            xavier_uniform(3 * embed_dim, embed_dim),
-        )?;
+        let in_proj_weight =
+            vb.get_with_hints((3 * embed_dim, embed_dim), "in_proj_weight", xavier_uniform(3 * embed_dim, embed_dim))?;
         let in_proj_bias = vb.get_with_hints(3 * embed_dim, "in_proj_bias", Init::Const(0.))?;
         let out_vb = vb.pp("out_proj");
-        let out_weight = out_vb.get_with_hints(
-            (embed_dim, embed_dim),
-            "weight",
-            xavier_uniform(embed_dim, embed_dim),
-        )?;
+        let out_weight =
+            out_vb.get_with_hints((embed_dim, embed_dim), "weight", xavier_uniform(embed_dim, embed_dim))?;
         let out_bias = out_vb.get_with_hints(embed_dim, "bias", Init::Const(0.))?;
-        Ok(Self {
-            in_proj_weight,
-            in_proj_bias,
-            out_proj: Linear::new(out_weight, Some(out_bias)),
-            num_heads,
-        })
+        Ok(Self { in_proj_weight, in_proj_bias, out_proj: Linear::new(out_weight, Some(out_bias)), num_heads })
     }
 
     pub fn embed_dim(&self) -> usize {
@@ -162,11 +147,7 @@ impl MultiheadAttention {
         let b = &self.in_proj_bias;
         let (q, k, v) = if query.id() == key.id() && key.id() == value.id() {
             let qkv = affine(query, w, Some(b))?;
-            (
-                qkv.narrow(2, 0, e)?,
-                qkv.narrow(2, e, e)?,
-                qkv.narrow(2, 2 * e, e)?,
-            )
+            (qkv.narrow(2, 0, e)?, qkv.narrow(2, e, e)?, qkv.narrow(2, 2 * e, e)?)
         } else {
             let q = affine(query, &w.narrow(0, 0, e)?, Some(&b.narrow(0, 0, e)?))?;
             if key.id() == value.id() {
@@ -174,11 +155,7 @@ impl MultiheadAttention {
                 (q, kv.narrow(2, 0, e)?, kv.narrow(2, e, e)?)
             } else {
                 let k = affine(key, &w.narrow(0, e, e)?, Some(&b.narrow(0, e, e)?))?;
-                let v = affine(
-                    value,
-                    &w.narrow(0, 2 * e, e)?,
-                    Some(&b.narrow(0, 2 * e, e)?),
-                )?;
+                let v = affine(value, &w.narrow(0, 2 * e, e)?, Some(&b.narrow(0, 2 * e, e)?))?;
                 (q, k, v)
             }
         };
@@ -186,10 +163,7 @@ impl MultiheadAttention {
         let head_dim = e / h;
         // (len, N, E) -> (len, N·H, head_dim) -> (N·H, len, head_dim), as PyTorch does.
         let heads = |x: Tensor, len: usize| -> Result<Tensor> {
-            x.contiguous()?
-                .reshape((len, n * h, head_dim))?
-                .transpose(0, 1)?
-                .contiguous()
+            x.contiguous()?.reshape((len, n * h, head_dim))?.transpose(0, 1)?.contiguous()
         };
         let q = heads(q, l)?;
         let k = heads(k, s)?;
@@ -237,10 +211,7 @@ impl TransformerEncoderLayer {
 impl Module for TransformerEncoderLayer {
     /// `src` `(S, N, E)` to `(S, N, E)`.
     fn forward(&self, src: &Tensor) -> Result<Tensor> {
-        let x = layer_norm(
-            &self.norm1,
-            &(src + self.self_attn.forward(src, src, src)?)?,
-        )?;
+        let x = layer_norm(&self.norm1, &(src + self.self_attn.forward(src, src, src)?)?)?;
         layer_norm(&self.norm2, &(&x + self.feed_forward(&x)?)?)
     }
 }
@@ -265,11 +236,7 @@ impl TransformerDecoderLayer {
         config.validate()?;
         Ok(Self {
             self_attn: MultiheadAttention::new(config.d_model, config.nhead, vb.pp("self_attn"))?,
-            multihead_attn: MultiheadAttention::new(
-                config.d_model,
-                config.nhead,
-                vb.pp("multihead_attn"),
-            )?,
+            multihead_attn: MultiheadAttention::new(config.d_model, config.nhead, vb.pp("multihead_attn"))?,
             linear1: feed_forward_linear(config.d_model, config.dim_feedforward, vb.pp("linear1"))?,
             linear2: feed_forward_linear(config.dim_feedforward, config.d_model, vb.pp("linear2"))?,
             norm1: norm(config, vb.pp("norm1"))?,
@@ -280,14 +247,8 @@ impl TransformerDecoderLayer {
 
     /// `tgt` `(T, N, E)` attending over `memory` `(S, N, E)`; returns `(T, N, E)`.
     pub fn forward(&self, tgt: &Tensor, memory: &Tensor) -> Result<Tensor> {
-        let x = layer_norm(
-            &self.norm1,
-            &(tgt + self.self_attn.forward(tgt, tgt, tgt)?)?,
-        )?;
-        let x = layer_norm(
-            &self.norm2,
-            &(&x + self.multihead_attn.forward(&x, memory, memory)?)?,
-        )?;
+        let x = layer_norm(&self.norm1, &(tgt + self.self_attn.forward(tgt, tgt, tgt)?)?)?;
+        let x = layer_norm(&self.norm2, &(&x + self.multihead_attn.forward(&x, memory, memory)?)?)?;
         let ff = self.linear2.forward(&self.linear1.forward(&x)?.relu()?)?;
         layer_norm(&self.norm3, &(&x + ff)?)
     }
@@ -305,10 +266,7 @@ impl TransformerEncoder {
         let layers = (0..config.num_encoder_layers)
             .map(|i| TransformerEncoderLayer::new(config, vb.pp("layers").pp(i)).map(Unit::new))
             .collect::<Result<_>>()?;
-        Ok(Self {
-            layers,
-            norm: norm(config, vb.pp("norm"))?,
-        })
+        Ok(Self { layers, norm: norm(config, vb.pp("norm"))? })
     }
 }
 
@@ -335,10 +293,7 @@ impl TransformerDecoder {
         let layers = (0..config.num_decoder_layers)
             .map(|i| TransformerDecoderLayer::new(config, vb.pp("layers").pp(i)).map(Unit::new))
             .collect::<Result<_>>()?;
-        Ok(Self {
-            layers,
-            norm: norm(config, vb.pp("norm"))?,
-        })
+        Ok(Self { layers, norm: norm(config, vb.pp("norm"))? })
     }
 
     /// `tgt` `(T, N, E)` attending over `memory` `(S, N, E)`; returns `(T, N, E)`.
@@ -346,9 +301,7 @@ impl TransformerDecoder {
         let mut x = tgt.clone();
         for layer in &self.layers {
             // `memory` is an input of every layer (it carries gradients back to the encoder).
-            x = layer.run((x, memory.clone()), |layer, (x, memory)| {
-                layer.forward(&x, &memory)
-            })?;
+            x = layer.run((x, memory.clone()), |layer, (x, memory)| layer.forward(&x, &memory))?;
         }
         layer_norm(&self.norm, &x)
     }
@@ -380,9 +333,7 @@ impl Transformer {
         let (_, src_batch) = check_input("src", src, self.config.d_model)?;
         let (_, tgt_batch) = check_input("tgt", tgt, self.config.d_model)?;
         if src_batch != tgt_batch {
-            candle_core::bail!(
-                "Transformer: src batch ({src_batch}) and tgt batch ({tgt_batch}) differ"
-            )
+            candle_core::bail!("Transformer: src batch ({src_batch}) and tgt batch ({tgt_batch}) differ")
         }
         let memory = self.encoder.forward(src)?;
         self.decoder.forward(tgt, &memory)

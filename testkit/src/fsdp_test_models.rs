@@ -36,12 +36,7 @@ pub struct NestedWrappedModule {
 
 /// The outer `nn.Sequential` of [`NestedWrappedModule`].
 #[derive(Debug, Shardable)]
-pub struct NestedSequential(
-    pub Linear,
-    pub Unit<NestedInnerSequential>,
-    pub Unit<Linear>,
-    pub Linear,
-);
+pub struct NestedSequential(pub Linear, pub Unit<NestedInnerSequential>, pub Unit<Linear>, pub Linear);
 
 /// The inner `nn.Sequential(W(Linear(4,16)), Linear(16,16))`.
 #[derive(Debug, Shardable)]
@@ -208,34 +203,19 @@ impl TransformerWithSharedParams {
     }
 
     pub fn new(add_bn: bool, vb: VarBuilder) -> Result<Self> {
-        let embed_tokens =
-            candle_nn::embedding(Self::D_VOCAB, Self::D_MODEL, vb.pp("embed_tokens"))?;
+        let embed_tokens = candle_nn::embedding(Self::D_VOCAB, Self::D_MODEL, vb.pp("embed_tokens"))?;
         let transformer = Transformer::new(&Self::transformer_config(), vb.pp("transformer"))?;
-        let output_bias = vb.pp("output_proj").get_with_hints(
-            Self::D_VOCAB,
-            "bias",
-            torch_linear_init(Self::D_MODEL),
-        )?;
+        let output_bias =
+            vb.pp("output_proj").get_with_hints(Self::D_VOCAB, "bias", torch_linear_init(Self::D_MODEL))?;
         let output_proj = Linear::new(embed_tokens.embeddings().clone(), Some(output_bias));
         let vocab_bias = vb.get_with_hints(Self::D_MODEL, "vocab_bias", Init::Const(1.0))?;
         let long_buffer = vb.get_with_hints(Self::D_MODEL, "long_buffer", Init::Const(0.0))?;
         let bn = if add_bn {
-            Some(candle_nn::batch_norm(
-                Self::BATCH_SIZE,
-                BatchNormConfig::default(),
-                vb.pp("bn"),
-            )?)
+            Some(candle_nn::batch_norm(Self::BATCH_SIZE, BatchNormConfig::default(), vb.pp("bn"))?)
         } else {
             None
         };
-        Ok(Self {
-            embed_tokens,
-            transformer,
-            output_proj,
-            vocab_bias,
-            long_buffer,
-            bn,
-        })
+        Ok(Self { embed_tokens, transformer, output_proj, vocab_bias, long_buffer, bn })
     }
 
     /// PyTorch's `get_input`: `src = arange(12).view(6, 2)`, `tgt = arange(8).view(4, 2)`
@@ -251,9 +231,7 @@ impl TransformerWithSharedParams {
     /// `output_proj(transformer(src, tgt))`.
     pub fn forward(&self, src_ids: &Tensor, tgt_ids: &Tensor) -> Result<Tensor> {
         let src = self.embed_tokens.forward(src_ids)?;
-        let src = src
-            .broadcast_add(&self.vocab_bias.detach())?
-            .broadcast_add(&self.long_buffer.detach())?;
+        let src = src.broadcast_add(&self.vocab_bias.detach())?.broadcast_add(&self.long_buffer.detach())?;
         let tgt = self.embed_tokens.forward(tgt_ids)?;
         let tgt = match &self.bn {
             // `BatchNorm1d` on `(T, B, D)` takes dim 1 (the batch, of size 2) as its
@@ -280,10 +258,7 @@ impl TransformerWithSharedParams {
         let logits = output.reshape(((), vocab))?;
         let targets = tgt_ids.flatten_all()?.to_dtype(DType::U32)?;
         let log_probs = log_softmax_last_dim(&logits)?;
-        log_probs
-            .gather(&targets.unsqueeze(1)?, 1)?
-            .sum_all()?
-            .neg()
+        log_probs.gather(&targets.unsqueeze(1)?, 1)?.sum_all()?.neg()
     }
 }
 
@@ -298,11 +273,7 @@ fn double_linear_forward(
     x: &Tensor,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let out1 = lin1.forward(x)?.relu()?;
-    let out2 = if use_second_linear {
-        Some(lin2.forward(x)?.relu()?)
-    } else {
-        None
-    };
+    let out2 = if use_second_linear { Some(lin2.forward(x)?.relu()?) } else { None };
     Ok((out1, out2))
 }
 
@@ -374,9 +345,7 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.out_proj
-            .forward(&self.in_proj.forward(x)?.relu()?)?
-            .relu()
+        self.out_proj.forward(&self.in_proj.forward(x)?.relu()?)?.relu()
     }
 }
 
@@ -428,8 +397,7 @@ impl MixtureOfExperts {
     /// Whether `fqn` is a parameter of the expert (PyTorch tags these `p.expert = True`):
     /// its gradient stays local to the rank, where every other gradient is averaged.
     pub fn is_expert_param(fqn: &str) -> bool {
-        fqn.strip_prefix(Self::EXPERT_UNIT)
-            .is_some_and(|rest| rest.starts_with('.'))
+        fqn.strip_prefix(Self::EXPERT_UNIT).is_some_and(|rest| rest.starts_with('.'))
     }
 }
 
@@ -548,17 +516,11 @@ pub struct NontensorBlock {
 
 impl NontensorBlock {
     pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            lin1: torch_linear(dim, dim, vb.pp("lin1"))?,
-            lin2: torch_linear(dim, dim, vb.pp("lin2"))?,
-        })
+        Ok(Self { lin1: torch_linear(dim, dim, vb.pp("lin1"))?, lin2: torch_linear(dim, dim, vb.pp("lin2"))? })
     }
 
     pub fn forward<C: ActivationContainer>(&self, input: C) -> Result<C> {
-        let z = self
-            .lin2
-            .forward(&self.lin1.forward(input.x())?.relu()?)?
-            .relu()?;
+        let z = self.lin2.forward(&self.lin1.forward(input.x())?.relu()?)?.relu()?;
         Ok(input.with_x(z))
     }
 }

@@ -18,10 +18,7 @@ pub struct Snapshot(pub HashMap<String, Tensor>);
 impl Snapshot {
     pub fn of(var_map: &VarMap) -> Result<Self> {
         let data = var_map.data().lock().expect("VarMap lock");
-        data.iter()
-            .map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?)))
-            .collect::<Result<_>>()
-            .map(Snapshot)
+        data.iter().map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?))).collect::<Result<_>>().map(Snapshot)
     }
 }
 
@@ -37,10 +34,7 @@ pub fn build<M>(
     if let Some(snapshot) = snapshot {
         let data = var_map.data().lock().expect("VarMap lock");
         for (name, var) in data.iter() {
-            let value = snapshot
-                .0
-                .get(name)
-                .unwrap_or_else(|| panic!("snapshot has no `{name}`"));
+            let value = snapshot.0.get(name).unwrap_or_else(|| panic!("snapshot has no `{name}`"));
             var.set(value)?;
         }
     }
@@ -52,20 +46,8 @@ pub fn build<M>(
 /// offender in the message.
 pub fn assert_close(actual: &Tensor, expected: &Tensor, atol: f64, rtol: f64, what: &str) {
     assert_eq!(actual.shape(), expected.shape(), "{what}: shapes differ");
-    let a = actual
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let e = expected
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
+    let a = actual.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let e = expected.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
     let mut worst: Option<(usize, f64)> = None;
     for (i, (x, y)) in a.iter().zip(&e).enumerate() {
         let excess = (x - y).abs() - (atol + rtol * y.abs());
@@ -74,10 +56,7 @@ pub fn assert_close(actual: &Tensor, expected: &Tensor, atol: f64, rtol: f64, wh
         }
     }
     if let Some((i, _)) = worst {
-        panic!(
-            "{what}: element {i} is {} but expected {} (atol {atol}, rtol {rtol})",
-            a[i], e[i]
-        );
+        panic!("{what}: element {i} is {} but expected {} (atol {atol}, rtol {rtol})", a[i], e[i]);
     }
 }
 
@@ -89,14 +68,10 @@ pub const F32_RTOL: f64 = 1.3e-6;
 /// can draw different inputs reproducibly.
 pub fn rand(seed: u64, shape: &[usize]) -> Tensor {
     let n: usize = shape.iter().product();
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     let values: Vec<f32> = (0..n)
         .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((state >> 40) as f32) / ((1u64 << 24) as f32)
         })
         .collect();
@@ -133,11 +108,7 @@ impl candle_fsdp::dist::Collectives for SlowReduceScatter {
     fn global_rank(&self) -> usize {
         self.inner.global_rank()
     }
-    fn all_gather(
-        &self,
-        input: &Tensor,
-        label: &str,
-    ) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
+    fn all_gather(&self, input: &Tensor, label: &str) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
         self.inner.all_gather(input, label)
     }
     fn reduce_scatter(
@@ -157,21 +128,13 @@ impl candle_fsdp::dist::Collectives for SlowReduceScatter {
     ) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
         self.inner.all_reduce(input, op, label)
     }
-    fn broadcast(
-        &self,
-        input: &Tensor,
-        root: usize,
-        label: &str,
-    ) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
+    fn broadcast(&self, input: &Tensor, root: usize, label: &str) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
         self.inner.broadcast(input, root, label)
     }
     fn barrier(&self, label: &str) -> candle_fsdp::Result<()> {
         self.inner.barrier(label)
     }
-    fn new_group(
-        &self,
-        global_ranks: &[usize],
-    ) -> candle_fsdp::Result<Box<dyn candle_fsdp::dist::Collectives>> {
+    fn new_group(&self, global_ranks: &[usize]) -> candle_fsdp::Result<Box<dyn candle_fsdp::dist::Collectives>> {
         self.inner.new_group(global_ranks)
     }
     fn abort(&self, reason: &str) {

@@ -39,19 +39,12 @@ pub const DECODER_PARAM_FQNS: [&str; 18] = [
     "decoder.layers.{index}.norm3.bias",
 ];
 
-pub const ROOT_PARAM_FQNS: [&str; 4] = [
-    "encoder.norm.weight",
-    "encoder.norm.bias",
-    "decoder.norm.weight",
-    "decoder.norm.bias",
-];
+pub const ROOT_PARAM_FQNS: [&str; 4] =
+    ["encoder.norm.weight", "encoder.norm.bias", "decoder.norm.weight", "decoder.norm.bias"];
 
 /// The template list with `{index}` replaced by `i`.
 pub fn layer_fqns(templates: &[&str], i: usize) -> Vec<String> {
-    templates
-        .iter()
-        .map(|t| t.replace("{index}", &i.to_string()))
-        .collect()
+    templates.iter().map(|t| t.replace("{index}", &i.to_string())).collect()
 }
 
 /// Encoder layers whose prefetch the seed's rule expects after the decoder ones.
@@ -63,10 +56,7 @@ pub fn expected_prefetch_entry(k: usize, b: usize) -> Option<Vec<String>> {
     if k < b {
         Some(layer_fqns(&DECODER_PARAM_FQNS, b - 1 - k))
     } else if k <= b + ENCODER_PREFETCH_NUM {
-        Some(layer_fqns(
-            &ENCODER_PARAM_FQNS,
-            b + ENCODER_PREFETCH_NUM - k,
-        ))
+        Some(layer_fqns(&ENCODER_PARAM_FQNS, b + ENCODER_PREFETCH_NUM - k))
     } else {
         None
     }

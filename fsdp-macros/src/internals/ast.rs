@@ -38,14 +38,13 @@ impl Field<'_> {
     /// Primitive fields (numbers, `bool`, `char`) hold no tensors and need no attribute.
     pub fn is_primitive(&self) -> bool {
         const PRIMITIVES: &[&str] = &[
-            "bool", "char", "f32", "f64", "i8", "i16", "i32", "i64", "i128", "isize", "u8", "u16",
-            "u32", "u64", "u128", "usize",
+            "bool", "char", "f32", "f64", "i8", "i16", "i32", "i64", "i128", "isize", "u8", "u16", "u32", "u64",
+            "u128", "usize",
         ];
         match self.ty {
-            Type::Path(path) if path.qself.is_none() => path
-                .path
-                .get_ident()
-                .is_some_and(|ident| PRIMITIVES.iter().any(|p| ident == p)),
+            Type::Path(path) if path.qself.is_none() => {
+                path.path.get_ident().is_some_and(|ident| PRIMITIVES.iter().any(|p| ident == p))
+            }
             _ => false,
         }
     }
@@ -59,17 +58,11 @@ impl Field<'_> {
 impl<'a> Container<'a> {
     /// Reads the input with its parsed container attributes; `None` when it is not a
     /// struct (the error is in `cx`).
-    pub fn from_ast(
-        cx: &Ctxt,
-        input: &'a syn::DeriveInput,
-        attrs: attr::Container,
-    ) -> Option<Container<'a>> {
+    pub fn from_ast(cx: &Ctxt, input: &'a syn::DeriveInput, attrs: attr::Container) -> Option<Container<'a>> {
         let (style, fields) = match &input.data {
             syn::Data::Struct(data) => match &data.fields {
                 syn::Fields::Named(fields) => (Style::Named, fields_from_ast(cx, &fields.named)),
-                syn::Fields::Unnamed(fields) => {
-                    (Style::Tuple, fields_from_ast(cx, &fields.unnamed))
-                }
+                syn::Fields::Unnamed(fields) => (Style::Tuple, fields_from_ast(cx, &fields.unnamed)),
                 syn::Fields::Unit => (Style::Unit, Vec::new()),
             },
             syn::Data::Enum(data) => {
@@ -87,13 +80,7 @@ impl<'a> Container<'a> {
                 return None;
             }
         };
-        Some(Container {
-            ident: &input.ident,
-            attrs,
-            style,
-            fields,
-            original: input,
-        })
+        Some(Container { ident: &input.ident, attrs, style, fields, original: input })
     }
 }
 
@@ -108,10 +95,7 @@ fn fields_from_ast<'a>(
             member: match &field.ident {
                 Some(ident) => Member::Named(ident.clone()),
                 // Spanned at the field's type: a tuple field has no name to point errors at.
-                None => Member::Unnamed(syn::Index {
-                    index: index as u32,
-                    span: field.ty.span(),
-                }),
+                None => Member::Unnamed(syn::Index { index: index as u32, span: field.ty.span() }),
             },
             attrs: attr::Field::from_ast(cx, field),
             ty: &field.ty,

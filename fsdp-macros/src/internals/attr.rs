@@ -27,10 +27,7 @@ impl<T> Once<T> {
 
     fn set(&mut self, cx: &Ctxt, meta: &ParseNestedMeta, value: T) {
         if self.value.is_some() {
-            cx.error_spanned_by(
-                &meta.path,
-                format!("duplicate fsdp attribute `{}`", self.name),
-            );
+            cx.error_spanned_by(&meta.path, format!("duplicate fsdp attribute `{}`", self.name));
         } else {
             self.value = Some(value);
         }
@@ -80,10 +77,7 @@ impl Container {
                     crate_path.set(cx, &meta, path);
                 }
             } else if meta.path == SKIP {
-                cx.error_spanned_by(
-                    &meta.path,
-                    "`skip` is a field attribute; a struct cannot be skipped",
-                );
+                cx.error_spanned_by(&meta.path, "`skip` is a field attribute; a struct cannot be skipped");
             } else {
                 unknown(cx, &meta, &[RENAME, BUFFER, FORWARD_ORDER, CRATE]);
             }
@@ -130,9 +124,7 @@ impl Activations {
             }
             Ok(())
         });
-        Activations {
-            crate_path: crate_path.value,
-        }
+        Activations { crate_path: crate_path.value }
     }
 
     pub fn crate_path(&self) -> TokenStream {
@@ -155,15 +147,8 @@ impl Field {
             } else if meta.path == BUFFER {
                 buffer.set(cx, &meta, ());
             } else if meta.path == FORWARD_ORDER || meta.path == CRATE {
-                let name = meta
-                    .path
-                    .get_ident()
-                    .map(|i| i.to_string())
-                    .unwrap_or_default();
-                cx.error_spanned_by(
-                    &meta.path,
-                    format!("`{name}` is a container attribute; put it on the struct"),
-                );
+                let name = meta.path.get_ident().map(|i| i.to_string()).unwrap_or_default();
+                cx.error_spanned_by(&meta.path, format!("`{name}` is a container attribute; put it on the struct"));
                 // Consume the value so one misplaced attribute gives one error.
                 if meta.input.peek(Token![=]) {
                     meta.value()?.parse::<syn::Expr>()?;
@@ -177,19 +162,11 @@ impl Field {
             }
             Ok(())
         });
-        Field {
-            rename: rename.value,
-            skip: skip.value.is_some(),
-            buffer: buffer.value.is_some(),
-        }
+        Field { rename: rename.value, skip: skip.value.is_some(), buffer: buffer.value.is_some() }
     }
 }
 
-fn for_each_fsdp_meta(
-    cx: &Ctxt,
-    attrs: &[syn::Attribute],
-    mut f: impl FnMut(ParseNestedMeta) -> syn::Result<()>,
-) {
+fn for_each_fsdp_meta(cx: &Ctxt, attrs: &[syn::Attribute], mut f: impl FnMut(ParseNestedMeta) -> syn::Result<()>) {
     for attr in attrs.iter().filter(|a| a.path() == FSDP) {
         if let syn::Meta::List(list) = &attr.meta {
             if list.tokens.is_empty() {
@@ -203,20 +180,13 @@ fn for_each_fsdp_meta(
 }
 
 fn unknown(cx: &Ctxt, meta: &ParseNestedMeta, expected: &[Symbol]) {
-    let name = meta
-        .path
-        .get_ident()
-        .map(|i| i.to_string())
-        .unwrap_or_else(|| "?".into());
+    let name = meta.path.get_ident().map(|i| i.to_string()).unwrap_or_else(|| "?".into());
     let expected: Vec<_> = expected.iter().map(|s| format!("`{}`", s.name())).collect();
     let expected = match expected.as_slice() {
         [only] => only.clone(),
         several => format!("one of {}", several.join(", ")),
     };
-    cx.error_spanned_by(
-        &meta.path,
-        format!("unknown fsdp attribute `{name}`; expected {expected}"),
-    );
+    cx.error_spanned_by(&meta.path, format!("unknown fsdp attribute `{name}`; expected {expected}"));
     // Skip the value so the parse continues with the next key.
     if meta.input.peek(Token![=]) {
         let _ = meta.value().and_then(|v| v.parse::<syn::Expr>());
@@ -258,10 +228,7 @@ fn parse_name(cx: &Ctxt, meta: &ParseNestedMeta) -> syn::Result<Option<Name>> {
         );
         return Ok(None);
     }
-    if let Some(bad) = value
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '.'))
-    {
+    if let Some(bad) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '.')) {
         cx.error_spanned_by(
             &literal,
             format!(
@@ -270,8 +237,5 @@ fn parse_name(cx: &Ctxt, meta: &ParseNestedMeta) -> syn::Result<Option<Name>> {
         );
         return Ok(None);
     }
-    Ok(Some(Name {
-        value,
-        span: literal.span(),
-    }))
+    Ok(Some(Name { value, span: literal.span() }))
 }

@@ -38,16 +38,10 @@ fn check_field(cx: &Ctxt, field: &Field) {
             cx.error_spanned_by(&field.member, "a field cannot be both `skip` and `buffer`");
         }
         if let Some(name) = &attrs.rename {
-            cx.syn_error(syn::Error::new(
-                name.span,
-                "a skipped field has no name to rename",
-            ));
+            cx.syn_error(syn::Error::new(name.span, "a skipped field has no name to rename"));
         }
     } else if field.is_primitive() && (attrs.buffer || attrs.rename.is_some()) {
-        cx.error_spanned_by(
-            field.ty,
-            "a primitive field holds no tensors: it cannot be a buffer or be renamed",
-        );
+        cx.error_spanned_by(field.ty, "a primitive field holds no tensors: it cannot be a buffer or be renamed");
     }
 }
 
@@ -68,10 +62,8 @@ fn check_names(cx: &Ctxt, cont: &Container) {
     for field in cont.fields.iter().filter(|f| f.holds_tensors()) {
         let name = field_name(cont, field);
         if let Some(first) = seen.get(&name) {
-            let message = format!(
-                "field `{}` has the FQN `{name}`, which field `{first}` already has",
-                field.ident_string()
-            );
+            let message =
+                format!("field `{}` has the FQN `{name}`, which field `{first}` already has", field.ident_string());
             match &field.attrs.rename {
                 Some(rename) => cx.syn_error(syn::Error::new(rename.span, message)),
                 None => cx.error_spanned_by(&field.member, message),
@@ -92,22 +84,15 @@ fn check_forward_order(cx: &Ctxt, cont: &Container) {
         match field {
             None => cx.error_spanned_by(
                 member,
-                format!(
-                    "`forward_order` names `{}`, which is not a field",
-                    member_string(member)
-                ),
+                format!("`forward_order` names `{}`, which is not a field", member_string(member)),
             ),
             Some(field) if !field.holds_tensors() => cx.error_spanned_by(
                 member,
-                format!(
-                    "field `{}` holds no tensors; leave it out of `forward_order`",
-                    member_string(member)
-                ),
+                format!("field `{}` holds no tensors; leave it out of `forward_order`", member_string(member)),
             ),
-            Some(_) if listed.contains(&member) => cx.error_spanned_by(
-                member,
-                format!("`forward_order` names `{}` twice", member_string(member)),
-            ),
+            Some(_) if listed.contains(&member) => {
+                cx.error_spanned_by(member, format!("`forward_order` names `{}` twice", member_string(member)))
+            }
             Some(_) => listed.push(member),
         }
     }
@@ -120,10 +105,7 @@ fn check_forward_order(cx: &Ctxt, cont: &Container) {
     if !missing.is_empty() {
         cx.syn_error(syn::Error::new(
             *span,
-            format!(
-                "`forward_order` must list every field that holds tensors; missing {}",
-                missing.join(", ")
-            ),
+            format!("`forward_order` must list every field that holds tensors; missing {}", missing.join(", ")),
         ));
     }
 }
@@ -150,12 +132,10 @@ fn contains_unit(ty: &Type) -> bool {
             }
             let wrapper = ["Vec", "Option", "Box"].iter().any(|w| last.ident == w);
             match &last.arguments {
-                PathArguments::AngleBracketed(args) if wrapper => {
-                    args.args.iter().any(|arg| match arg {
-                        GenericArgument::Type(inner) => contains_unit(inner),
-                        _ => false,
-                    })
-                }
+                PathArguments::AngleBracketed(args) if wrapper => args.args.iter().any(|arg| match arg {
+                    GenericArgument::Type(inner) => contains_unit(inner),
+                    _ => false,
+                }),
                 _ => false,
             }
         }

@@ -12,9 +12,7 @@ pub struct Ctxt {
 
 impl Ctxt {
     pub fn new() -> Self {
-        Ctxt {
-            errors: RefCell::new(Some(Vec::new())),
-        }
+        Ctxt { errors: RefCell::new(Some(Vec::new())) }
     }
 
     /// An error spanning the tokens of `object`.
@@ -23,11 +21,7 @@ impl Ctxt {
     }
 
     pub fn syn_error(&self, error: syn::Error) {
-        self.errors
-            .borrow_mut()
-            .as_mut()
-            .expect("Ctxt used after check")
-            .push(error);
+        self.errors.borrow_mut().as_mut().expect("Ctxt used after check").push(error);
     }
 
     /// Ends collection: all errors combined into one, or `Ok` when there were none.

@@ -81,9 +81,7 @@ pub(crate) fn checked_issue(
     issue: impl FnOnce() -> Result<Work>,
 ) -> Result<Work> {
     match kind {
-        OpKind::ReduceScatter(_) => {
-            check_split(comm.global_rank(), comm.size(), input.elem_count(), label)?
-        }
+        OpKind::ReduceScatter(_) => check_split(comm.global_rank(), comm.size(), input.elem_count(), label)?,
         OpKind::Broadcast { root } => check_root(comm.global_rank(), comm.size(), root, label)?,
         _ => {}
     }
@@ -123,11 +121,7 @@ pub(crate) fn check_root(global_rank: usize, size: usize, root: usize, label: &s
 
 /// A new group's members, ascending and without repeats; `me` must be one of them and
 /// every member a rank of the world.
-pub(crate) fn group_members(
-    global_ranks: &[usize],
-    me: usize,
-    world: usize,
-) -> Result<Arc<[usize]>> {
+pub(crate) fn group_members(global_ranks: &[usize], me: usize, world: usize) -> Result<Arc<[usize]>> {
     let mut ranks = global_ranks.to_vec();
     ranks.sort_unstable();
     ranks.dedup();
@@ -138,11 +132,7 @@ pub(crate) fn group_members(
     } else {
         return Ok(ranks.into());
     };
-    Err(Error::BadGroup {
-        rank: me,
-        ranks,
-        problem,
-    })
+    Err(Error::BadGroup { rank: me, ranks, problem })
 }
 
 /// One rank's view of a group of ranks.

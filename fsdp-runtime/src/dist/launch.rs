@@ -29,11 +29,7 @@ pub struct LaunchOptions {
 
 impl LaunchOptions {
     pub fn new(world_size: usize) -> Self {
-        Self {
-            world_size,
-            timeout: Duration::from_secs(60),
-            stack_size: 256 << 20,
-        }
+        Self { world_size, timeout: Duration::from_secs(60), stack_size: 256 << 20 }
     }
 
     pub fn timeout(mut self, timeout: Duration) -> Self {
@@ -61,12 +57,7 @@ where
     let world = ThreadWorld::new(options.world_size, options.timeout)?;
     let connect = |rank| {
         let comm: Arc<dyn Collectives> = Arc::new(world.communicator(rank)?);
-        Ok(RankContext {
-            rank,
-            world_size: options.world_size,
-            comm,
-            device: Device::Cpu,
-        })
+        Ok(RankContext { rank, world_size: options.world_size, comm, device: Device::Cpu })
     };
     run_rank_threads(options, connect, |reason| world.abort(reason), f)
 }
@@ -94,20 +85,14 @@ where
                     .spawn_scoped(scope, move || {
                         let outcome = match catch_unwind(AssertUnwindSafe(|| f(connect(rank)?))) {
                             Ok(result) => result,
-                            Err(payload) => Err(Error::RankPanicked {
-                                rank,
-                                message: panic_message(payload),
-                            }),
+                            Err(payload) => Err(Error::RankPanicked { rank, message: panic_message(payload) }),
                         };
                         if let Err(error) = &outcome {
                             abort(format!("rank {rank} failed: {error}"));
                         }
                         outcome
                     })
-                    .map_err(|e| Error::Rank {
-                        rank,
-                        message: format!("could not start its thread: {e}"),
-                    })
+                    .map_err(|e| Error::Rank { rank, message: format!("could not start its thread: {e}") })
             })
             .collect();
         handles
@@ -115,12 +100,9 @@ where
             .enumerate()
             .map(|(rank, handle)| {
                 let handle = handle?;
-                handle.join().unwrap_or_else(|payload| {
-                    Err(Error::RankPanicked {
-                        rank,
-                        message: panic_message(payload),
-                    })
-                })
+                handle
+                    .join()
+                    .unwrap_or_else(|payload| Err(Error::RankPanicked { rank, message: panic_message(payload) }))
             })
             .map(Ok)
             .collect()
@@ -142,33 +124,17 @@ where
     use super::store::{Store, StoreServer};
     let gpus = gpu_count(0)?;
     if gpus < options.world_size {
-        return Err(Error::NotEnoughGpus {
-            rank: 0,
-            wanted: options.world_size,
-            visible: gpus,
-        });
+        return Err(Error::NotEnoughGpus { rank: 0, wanted: options.world_size, visible: gpus });
     }
     let server = StoreServer::bind("127.0.0.1:0")?;
     let addr = server.local_addr().to_string();
     let connect = |rank| {
         let store = Store::connect(&addr, rank, options.timeout)?;
         let device = Device::new_cuda(rank)?;
-        let Device::Cuda(cuda) = &device else {
-            unreachable!("new_cuda returns a CUDA device")
-        };
-        let comm: Arc<dyn Collectives> = Arc::new(NcclComm::world(
-            cuda,
-            store,
-            rank,
-            options.world_size,
-            options.timeout,
-        )?);
-        Ok(RankContext {
-            rank,
-            world_size: options.world_size,
-            comm,
-            device,
-        })
+        let Device::Cuda(cuda) = &device else { unreachable!("new_cuda returns a CUDA device") };
+        let comm: Arc<dyn Collectives> =
+            Arc::new(NcclComm::world(cuda, store, rank, options.world_size, options.timeout)?);
+        Ok(RankContext { rank, world_size: options.world_size, comm, device })
     };
     let outcomes = run_rank_threads(options, connect, |reason| tracing::error!("{reason}"), f);
     drop(server);
@@ -202,10 +168,7 @@ fn all_or_cause<R>(outcomes: Vec<Result<R>>) -> Result<Vec<R>> {
         return Ok(outcomes.into_iter().map(|o| o.expect("checked")).collect());
     }
     let mut errors: Vec<Error> = outcomes.into_iter().filter_map(|o| o.err()).collect();
-    let cause = errors
-        .iter()
-        .position(|e| !matches!(e, Error::CollectiveAborted { .. }))
-        .unwrap_or(0);
+    let cause = errors.iter().position(|e| !matches!(e, Error::CollectiveAborted { .. })).unwrap_or(0);
     Err(errors.swap_remove(cause))
 }
 

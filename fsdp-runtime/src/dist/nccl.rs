@@ -22,14 +22,10 @@
 //! makes sure every member arrived (NCCL's own initialisation would wait without limit).
 //! Sub-groups are new communicators made the same way.
 
-use super::collectives::{
-    check_root, check_split, group_members, Collectives, OpKind, Pending, ReduceOp, Work,
-};
+use super::collectives::{check_root, check_split, group_members, Collectives, OpKind, Pending, ReduceOp, Work};
 use super::store::Store;
 use crate::error::{Error, Result};
-use candle_core::cuda::cudarc::driver::{
-    CudaContext, CudaEvent, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
-};
+use candle_core::cuda::cudarc::driver::{CudaContext, CudaEvent, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 use candle_core::cuda::cudarc::nccl::{result as nccl, sys, NcclType};
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice};
 use candle_core::{CudaDevice, CudaStorage, CustomOp1, Device, Layout, Shape, Tensor};
@@ -46,17 +42,12 @@ const WATCHDOG_PERIOD: Duration = Duration::from_millis(5);
 /// them on first use and panics when it cannot; this asks first, once per process.
 pub fn check_libraries(rank: usize) -> Result<()> {
     static LOADED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-    LOADED
-        .get_or_init(probe_libraries)
-        .clone()
-        .map_err(|message| Error::Rank { rank, message })
+    LOADED.get_or_init(probe_libraries).clone().map_err(|message| Error::Rank { rank, message })
 }
 
 fn probe_libraries() -> std::result::Result<(), String> {
     let loaded =
-        |what: &str, probe: &dyn Fn() -> std::result::Result<(), String>| match catch_unwind(
-            AssertUnwindSafe(probe),
-        ) {
+        |what: &str, probe: &dyn Fn() -> std::result::Result<(), String>| match catch_unwind(AssertUnwindSafe(probe)) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(message)) => Err(format!("{what}: {message}")),
             Err(_) => Err(format!(
@@ -69,16 +60,9 @@ fn probe_libraries() -> std::result::Result<(), String> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let outcome = loaded("the CUDA driver (libcuda)", &|| {
-        candle_core::cuda::cudarc::driver::result::init()
-            .map_err(|e| format!("cuInit failed: {e:?}"))
+        candle_core::cuda::cudarc::driver::result::init().map_err(|e| format!("cuInit failed: {e:?}"))
     })
-    .and_then(|()| {
-        loaded("NCCL (libnccl)", &|| {
-            nccl::get_nccl_version()
-                .map(|_| ())
-                .map_err(|e| describe_nccl(e.0))
-        })
-    });
+    .and_then(|()| loaded("NCCL (libnccl)", &|| nccl::get_nccl_version().map(|_| ()).map_err(|e| describe_nccl(e.0))));
     std::panic::set_hook(hook);
     outcome
 }
@@ -88,10 +72,7 @@ pub fn gpu_count(rank: usize) -> Result<usize> {
     check_libraries(rank)?;
     candle_core::cuda::cudarc::driver::result::device::get_count()
         .map(|n| n as usize)
-        .map_err(|e| Error::Rank {
-            rank,
-            message: format!("cannot count the GPUs: {e:?}"),
-        })
+        .map_err(|e| Error::Rank { rank, message: format!("cannot count the GPUs: {e:?}") })
 }
 
 fn describe_nccl(code: sys::ncclResult_t) -> String {
@@ -120,18 +101,12 @@ impl CommHandle {
     }
 
     fn failure(&self) -> Option<String> {
-        self.failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Aborts the communicator once; the first reason sticks.
     fn abort(&self, reason: String) {
-        self.failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert(reason);
+        self.failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(reason);
         if let Some(raw) = self.lock().take() {
             // SAFETY: the communicator was taken out of the handle, so nobody uses it again.
             unsafe {
@@ -201,30 +176,16 @@ impl Watchdog {
         let thread = std::thread::Builder::new()
             .name("nccl-watchdog".into())
             .spawn(move || shared.run(timeout))
-            .map_err(|e| Error::Rank {
-                rank: 0,
-                message: format!("cannot start the NCCL watchdog thread: {e}"),
-            })?;
-        Ok(Self {
-            state,
-            thread: Some(thread),
-        })
+            .map_err(|e| Error::Rank { rank: 0, message: format!("cannot start the NCCL watchdog thread: {e}") })?;
+        Ok(Self { state, thread: Some(thread) })
     }
 
     fn watch(&self, entry: InFlight) {
-        self.state
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(entry);
+        self.state.in_flight.lock().unwrap_or_else(|p| p.into_inner()).push(entry);
     }
 
     fn register(&self, comm: &Arc<CommHandle>) {
-        self.state
-            .comms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Arc::downgrade(comm));
+        self.state.comms.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(comm));
     }
 }
 
@@ -234,50 +195,38 @@ impl WatchdogState {
             std::thread::sleep(WATCHDOG_PERIOD);
             let now = Instant::now();
             let mut overdue = Vec::new();
-            self.in_flight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|entry| {
-                    let Some(handle) = entry.handle.upgrade() else {
-                        return false;
-                    };
-                    if entry.context.bind_to_thread().is_err() {
-                        return true;
+            self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).retain(|entry| {
+                let Some(handle) = entry.handle.upgrade() else {
+                    return false;
+                };
+                if entry.context.bind_to_thread().is_err() {
+                    return true;
+                }
+                match entry.done.try_is_complete() {
+                    Ok(true) => false,
+                    Ok(false) if now < entry.deadline => true,
+                    Ok(false) => {
+                        overdue.push((handle, format!("{} did not complete within {timeout:?}", entry.what)));
+                        false
                     }
-                    match entry.done.try_is_complete() {
-                        Ok(true) => false,
-                        Ok(false) if now < entry.deadline => true,
-                        Ok(false) => {
-                            overdue.push((
-                                handle,
-                                format!("{} did not complete within {timeout:?}", entry.what),
-                            ));
-                            false
-                        }
-                        Err(e) => {
-                            overdue
-                                .push((handle, format!("{} failed on the GPU: {e:?}", entry.what)));
-                            false
-                        }
+                    Err(e) => {
+                        overdue.push((handle, format!("{} failed on the GPU: {e:?}", entry.what)));
+                        false
                     }
-                });
-            self.comms
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|comm| {
-                    let Some(handle) = comm.upgrade() else {
-                        return false;
-                    };
-                    if let Some(error) = handle.async_error() {
-                        overdue.push((handle, error));
-                    }
-                    true
-                });
+                }
+            });
+            self.comms.lock().unwrap_or_else(|p| p.into_inner()).retain(|comm| {
+                let Some(handle) = comm.upgrade() else {
+                    return false;
+                };
+                if let Some(error) = handle.async_error() {
+                    overdue.push((handle, error));
+                }
+                true
+            });
             for (handle, reason) in overdue {
                 tracing::error!(target: "candle_fsdp::nccl", "{reason}; aborting the communicator");
-                handle.abort(format!(
-                    "{reason}; the communicator was aborted so that no rank hangs"
-                ));
+                handle.abort(format!("{reason}; the communicator was aborted so that no rank hangs"));
             }
         }
     }
@@ -323,13 +272,7 @@ impl NcclComm {
     /// The communicator over all `world_size` ranks, for the rank `rank` driving `device`.
     /// Every rank calls this with a client of the same store, once per store: the unique
     /// id lives under a fixed key. Sub-groups come from [`Collectives::new_group`].
-    pub fn world(
-        device: &CudaDevice,
-        store: Store,
-        rank: usize,
-        world_size: usize,
-        timeout: Duration,
-    ) -> Result<Self> {
+    pub fn world(device: &CudaDevice, store: Store, rank: usize, world_size: usize, timeout: Duration) -> Result<Self> {
         check_libraries(rank)?;
         let world = Arc::new(NcclWorld {
             store,
@@ -349,40 +292,27 @@ impl NcclComm {
         global_rank: usize,
         key: String,
     ) -> Result<Self> {
-        let rank = group
-            .iter()
-            .position(|&r| r == global_rank)
-            .ok_or_else(|| Error::BadGroup {
-                rank: global_rank,
-                ranks: group.to_vec(),
-                problem: "this rank is not a member".into(),
-            })?;
-        let fail = |message: String| Error::Rank {
+        let rank = group.iter().position(|&r| r == global_rank).ok_or_else(|| Error::BadGroup {
             rank: global_rank,
-            message,
-        };
+            ranks: group.to_vec(),
+            problem: "this rank is not a member".into(),
+        })?;
+        let fail = |message: String| Error::Rank { rank: global_rank, message };
         let id_key = format!("{key}/id");
-        let id = if rank == 0 {
-            let id = nccl::get_uniqueid()
-                .map_err(|e| fail(format!("ncclGetUniqueId: {}", describe_nccl(e.0))))?;
-            let bytes: Vec<u8> = id.internal.iter().map(|&c| c as u8).collect();
-            world.store.set(&id_key, &bytes)?;
-            id
-        } else {
-            let bytes = world.store.get(&id_key, world.timeout)?;
-            let internal: [std::ffi::c_char; 128] = bytes
-                .iter()
-                .map(|&b| b as std::ffi::c_char)
-                .collect::<Vec<_>>()
-                .try_into()
-                .map_err(|_| {
-                    fail(format!(
-                        "the NCCL id under `{id_key}` has {} bytes, not 128",
-                        bytes.len()
-                    ))
-                })?;
-            sys::ncclUniqueId { internal }
-        };
+        let id =
+            if rank == 0 {
+                let id = nccl::get_uniqueid().map_err(|e| fail(format!("ncclGetUniqueId: {}", describe_nccl(e.0))))?;
+                let bytes: Vec<u8> = id.internal.iter().map(|&c| c as u8).collect();
+                world.store.set(&id_key, &bytes)?;
+                id
+            } else {
+                let bytes = world.store.get(&id_key, world.timeout)?;
+                let internal: [std::ffi::c_char; 128] =
+                    bytes.iter().map(|&b| b as std::ffi::c_char).collect::<Vec<_>>().try_into().map_err(|_| {
+                        fail(format!("the NCCL id under `{id_key}` has {} bytes, not 128", bytes.len()))
+                    })?;
+                sys::ncclUniqueId { internal }
+            };
         // NCCL's initialisation waits without a limit for every member: meet first.
         // It also works on the calling thread's current device.
         device
@@ -390,9 +320,7 @@ impl NcclComm {
             .context()
             .bind_to_thread()
             .map_err(|e| fail(format!("cannot make the GPU current: {e:?}")))?;
-        world
-            .store
-            .barrier(&format!("{key}/init"), group.len(), world.timeout)?;
+        world.store.barrier(&format!("{key}/init"), group.len(), world.timeout)?;
         let stream = device
             .cuda_stream()
             .context()
@@ -401,31 +329,13 @@ impl NcclComm {
         let mut raw = std::mem::MaybeUninit::uninit();
         // SAFETY: `raw` is written by NCCL on success and only read then.
         let raw = unsafe {
-            nccl::comm_init_rank(raw.as_mut_ptr(), group.len() as i32, id, rank as i32).map_err(
-                |e| {
-                    fail(format!(
-                        "ncclCommInitRank for {key}: {}",
-                        describe_nccl(e.0)
-                    ))
-                },
-            )?;
+            nccl::comm_init_rank(raw.as_mut_ptr(), group.len() as i32, id, rank as i32)
+                .map_err(|e| fail(format!("ncclCommInitRank for {key}: {}", describe_nccl(e.0))))?;
             raw.assume_init()
         };
-        let handle = Arc::new(CommHandle {
-            raw: Mutex::new(Some(RawComm(raw))),
-            failure: Mutex::default(),
-        });
+        let handle = Arc::new(CommHandle { raw: Mutex::new(Some(RawComm(raw))), failure: Mutex::default() });
         world.watchdog.register(&handle);
-        Ok(Self {
-            world,
-            handle,
-            device,
-            stream,
-            group,
-            rank,
-            key,
-            barriers: AtomicU64::new(0),
-        })
+        Ok(Self { world, handle, device, stream, group, rank, key, barriers: AtomicU64::new(0) })
     }
 
     pub fn device(&self) -> &CudaDevice {
@@ -437,24 +347,12 @@ impl NcclComm {
     }
 
     fn aborted(&self, kind: OpKind, label: &str, reason: String) -> Error {
-        Error::CollectiveAborted {
-            rank: self.global(),
-            op: kind.to_string(),
-            label: label.to_string(),
-            reason,
-        }
+        Error::CollectiveAborted { rank: self.global(), op: kind.to_string(), label: label.to_string(), reason }
     }
 
     /// Runs one NCCL call on the communication stream: `call(comm, input, output)` with the
     /// output allocated on that stream, then hands the completion to the watchdog.
-    fn issue(
-        &self,
-        kind: OpKind,
-        input: &Tensor,
-        out_len: usize,
-        label: &str,
-        call: NcclCall,
-    ) -> Result<Work> {
+    fn issue(&self, kind: OpKind, input: &Tensor, out_len: usize, label: &str, call: NcclCall) -> Result<Work> {
         if let Some(reason) = self.handle.failure() {
             return Err(self.aborted(kind, label, reason));
         }
@@ -465,31 +363,18 @@ impl NcclComm {
             let candle_core::Storage::Cuda(storage) = &*storage else {
                 return Err(Error::Rank {
                     rank: self.global(),
-                    message: format!(
-                        "{kind} for {label}: the input is on {:?}, not on a GPU",
-                        input.device()
-                    ),
+                    message: format!("{kind} for {label}: the input is on {:?}, not on a GPU", input.device()),
                 });
             };
-            if !layout.is_contiguous()
-                || !input
-                    .device()
-                    .same_device(&Device::Cuda(self.device.clone()))
-            {
+            if !layout.is_contiguous() || !input.device().same_device(&Device::Cuda(self.device.clone())) {
                 return Err(Error::Rank {
                     rank: self.global(),
-                    message: format!(
-                        "{kind} for {label}: the input must be contiguous and on this rank's GPU"
-                    ),
+                    message: format!("{kind} for {label}: the input must be contiguous and on this rank's GPU"),
                 });
             }
             // NCCL works on the calling thread's current device.
             if let Err(e) = self.stream.context().bind_to_thread() {
-                return Err(self.nccl_failed(
-                    kind,
-                    label,
-                    format!("cannot make the GPU current: {e:?}"),
-                ));
+                return Err(self.nccl_failed(kind, label, format!("cannot make the GPU current: {e:?}")));
             }
             let raw = self.handle.lock();
             raw.as_ref().map(|raw| {
@@ -508,17 +393,12 @@ impl NcclComm {
         let output = match issued {
             Some(Ok(output)) => output,
             Some(Err(message)) => return Err(self.nccl_failed(kind, label, message)),
-            None => {
-                return Err(self.aborted(kind, label, self.handle.failure().unwrap_or_default()))
-            }
+            None => return Err(self.aborted(kind, label, self.handle.failure().unwrap_or_default())),
         };
-        let done = self.stream.record_event(None).map_err(|e| {
-            self.nccl_failed(
-                kind,
-                label,
-                format!("cannot record the completion event: {e:?}"),
-            )
-        })?;
+        let done = self
+            .stream
+            .record_event(None)
+            .map_err(|e| self.nccl_failed(kind, label, format!("cannot record the completion event: {e:?}")))?;
         self.world.watchdog.watch(InFlight {
             done,
             _input: input.clone(),
@@ -560,10 +440,8 @@ impl Drop for NcclComm {
             }
         });
         if !drained {
-            self.handle.abort(format!(
-                "rank {}: the communicator was dropped with work that did not finish",
-                self.global()
-            ));
+            self.handle
+                .abort(format!("rank {}: the communicator was dropped with work that did not finish", self.global()));
         }
     }
 }
@@ -604,8 +482,7 @@ impl IssuedCall<'_> {
         let input = input.slice(self.start..self.start + self.len);
         // SAFETY: every element is written by the collective before anything reads it
         // (readers are ordered after it by the buffer's write event).
-        let mut output =
-            unsafe { self.stream.alloc::<T>(self.out_len.max(1)) }.map_err(|e| format!("{e:?}"))?;
+        let mut output = unsafe { self.stream.alloc::<T>(self.out_len.max(1)) }.map_err(|e| format!("{e:?}"))?;
         let datatype = T::as_nccl_type();
         let status = {
             let (src, _read) = input.device_ptr(self.stream);
@@ -616,21 +493,11 @@ impl IssuedCall<'_> {
             // ordered on `stream` by the guards above; the communicator is locked.
             unsafe {
                 match self.call {
-                    NcclCall::AllGather => {
-                        nccl::all_gather(src, dst, self.len, datatype, self.comm, stream)
+                    NcclCall::AllGather => nccl::all_gather(src, dst, self.len, datatype, self.comm, stream),
+                    NcclCall::ReduceScatter(op) => {
+                        nccl::reduce_scatter(src, dst, self.out_len, datatype, op, self.comm, stream)
                     }
-                    NcclCall::ReduceScatter(op) => nccl::reduce_scatter(
-                        src,
-                        dst,
-                        self.out_len,
-                        datatype,
-                        op,
-                        self.comm,
-                        stream,
-                    ),
-                    NcclCall::AllReduce(op) => {
-                        nccl::all_reduce(src, dst, self.len, datatype, op, self.comm, stream)
-                    }
+                    NcclCall::AllReduce(op) => nccl::all_reduce(src, dst, self.len, datatype, op, self.comm, stream),
                     NcclCall::Broadcast { root } => {
                         nccl::broadcast(src, dst, self.len, datatype, root, self.comm, stream)
                     }
@@ -653,10 +520,7 @@ fn dispatch(storage: &CudaStorage, call: &IssuedCall) -> std::result::Result<Cud
         CudaStorageSlice::F16(_) => call.run::<half::f16>(storage),
         CudaStorageSlice::F32(_) => call.run::<f32>(storage),
         CudaStorageSlice::F64(_) => call.run::<f64>(storage),
-        _ => Err(format!(
-            "NCCL cannot move {:?} tensors",
-            candle_core::backend::BackendStorage::dtype(storage)
-        )),
+        _ => Err(format!("NCCL cannot move {:?} tensors", candle_core::backend::BackendStorage::dtype(storage))),
     }
 }
 
@@ -668,10 +532,7 @@ struct Adopt {
 
 impl Adopt {
     fn new(storage: CudaStorage, len: usize) -> Self {
-        Self {
-            storage: Mutex::new(Some(storage)),
-            shape: Shape::from(len),
-        }
+        Self { storage: Mutex::new(Some(storage)), shape: Shape::from(len) }
     }
 }
 
@@ -689,12 +550,7 @@ impl CustomOp1 for Adopt {
     }
 
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        match self
-            .storage
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        match self.storage.lock().unwrap_or_else(|p| p.into_inner()).take() {
             Some(storage) => Ok((storage, self.shape.clone())),
             None => candle_core::bail!("an NCCL output is adopted once"),
         }
@@ -714,12 +570,9 @@ impl Pending for NcclPending {
     fn wait(self: Box<Self>) -> Result<Tensor> {
         // Stream-ordered: readers of the output wait for the collective on the GPU.
         match self.handle.failure() {
-            Some(reason) => Err(Error::CollectiveAborted {
-                rank: self.rank,
-                op: self.kind.to_string(),
-                label: self.label,
-                reason,
-            }),
+            Some(reason) => {
+                Err(Error::CollectiveAborted { rank: self.rank, op: self.kind.to_string(), label: self.label, reason })
+            }
             None => Ok(self.output),
         }
     }
@@ -740,47 +593,23 @@ impl Collectives for NcclComm {
 
     fn all_gather(&self, input: &Tensor, label: &str) -> Result<Work> {
         let len = input.elem_count();
-        self.issue(
-            OpKind::AllGather,
-            input,
-            len * self.size(),
-            label,
-            NcclCall::AllGather,
-        )
+        self.issue(OpKind::AllGather, input, len * self.size(), label, NcclCall::AllGather)
     }
 
     fn reduce_scatter(&self, input: &Tensor, op: ReduceOp, label: &str) -> Result<Work> {
         let len = input.elem_count();
         check_split(self.global(), self.size(), len, label)?;
-        self.issue(
-            OpKind::ReduceScatter(op),
-            input,
-            len / self.size(),
-            label,
-            NcclCall::ReduceScatter(nccl_op(op)),
-        )
+        self.issue(OpKind::ReduceScatter(op), input, len / self.size(), label, NcclCall::ReduceScatter(nccl_op(op)))
     }
 
     fn all_reduce(&self, input: &Tensor, op: ReduceOp, label: &str) -> Result<Work> {
-        self.issue(
-            OpKind::AllReduce(op),
-            input,
-            input.elem_count(),
-            label,
-            NcclCall::AllReduce(nccl_op(op)),
-        )
+        self.issue(OpKind::AllReduce(op), input, input.elem_count(), label, NcclCall::AllReduce(nccl_op(op)))
     }
 
     fn broadcast(&self, input: &Tensor, root: usize, label: &str) -> Result<Work> {
         check_root(self.global(), self.size(), root, label)?;
         let kind = OpKind::Broadcast { root };
-        self.issue(
-            kind,
-            input,
-            input.elem_count(),
-            label,
-            NcclCall::Broadcast { root: root as i32 },
-        )
+        self.issue(kind, input, input.elem_count(), label, NcclCall::Broadcast { root: root as i32 })
     }
 
     fn barrier(&self, label: &str) -> Result<()> {
@@ -788,11 +617,7 @@ impl Collectives for NcclComm {
             return Err(self.aborted(OpKind::Barrier, label, reason));
         }
         let n = self.barriers.fetch_add(1, Ordering::Relaxed);
-        self.world.store.barrier(
-            &format!("{}/barrier/{n}", self.key),
-            self.size(),
-            self.world.timeout,
-        )
+        self.world.store.barrier(&format!("{}/barrier/{n}", self.key), self.size(), self.world.timeout)
     }
 
     /// Aborts this rank's communicator. NCCL cannot tell the peers: they fail when
@@ -804,24 +629,14 @@ impl Collectives for NcclComm {
     fn new_group(&self, global_ranks: &[usize]) -> Result<Box<dyn Collectives>> {
         let ranks = group_members(global_ranks, self.global(), self.world.size)?;
         let instance = {
-            let mut created = self
-                .world
-                .groups_created
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut created = self.world.groups_created.lock().unwrap_or_else(|p| p.into_inner());
             let count = created.entry(ranks.clone()).or_default();
             *count += 1;
             *count
         };
         let names: Vec<String> = ranks.iter().map(usize::to_string).collect();
         let key = format!("nccl/group/{}/{instance}", names.join(","));
-        let comm = Self::create(
-            self.world.clone(),
-            self.device.clone(),
-            ranks,
-            self.global(),
-            key,
-        )?;
+        let comm = Self::create(self.world.clone(), self.device.clone(), ranks, self.global(), key)?;
         Ok(Box::new(comm))
     }
 }

@@ -49,33 +49,15 @@ impl ProcessGroup {
         let rendezvous = Rendezvous::join(env, timeout)?;
         let world_size = rendezvous.env.world_size;
         let comm: Arc<dyn Collectives> = match (&device, backend) {
-            (_, Backend::Tcp) => Arc::new(TcpComm::connect(
-                &rendezvous.store,
-                rank,
-                world_size,
-                timeout,
-            )?),
+            (_, Backend::Tcp) => Arc::new(TcpComm::connect(&rendezvous.store, rank, world_size, timeout)?),
             #[cfg(feature = "cuda")]
-            (Device::Cuda(cuda), Backend::Nccl) => Arc::new(super::nccl::NcclComm::world(
-                cuda,
-                rendezvous.store.clone(),
-                rank,
-                world_size,
-                timeout,
-            )?),
+            (Device::Cuda(cuda), Backend::Nccl) => {
+                Arc::new(super::nccl::NcclComm::world(cuda, rendezvous.store.clone(), rank, world_size, timeout)?)
+            }
             #[cfg(feature = "cuda")]
             (_, Backend::Nccl) => unreachable!("local_gpu returns a CUDA device"),
         };
-        Ok(Self {
-            context: RankContext {
-                rank,
-                world_size,
-                comm,
-                device,
-            },
-            rendezvous,
-            timeout,
-        })
+        Ok(Self { context: RankContext { rank, world_size, comm, device }, rendezvous, timeout })
     }
 
     /// What the training code of this rank needs (the same as a thread rank receives).
@@ -90,11 +72,7 @@ impl ProcessGroup {
     /// Waits for every rank, then lets rank 0 stop serving the store. Call it at the end,
     /// after the last collective, so rank 0 does not leave while others still need it.
     pub fn finish(self) -> Result<()> {
-        let Self {
-            context,
-            rendezvous,
-            timeout,
-        } = self;
+        let Self { context, rendezvous, timeout } = self;
         drop(context);
         rendezvous.finish(timeout)
     }

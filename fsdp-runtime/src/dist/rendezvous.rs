@@ -79,33 +79,20 @@ impl DistEnv {
         }
         if let (Some(local_rank), Some(local_world_size)) = (local_rank, local_world_size) {
             if local_world_size > 0 && local_rank >= local_world_size {
-                problems.push(format!(
-                    "LOCAL_RANK={local_rank} is not below LOCAL_WORLD_SIZE={local_world_size}"
-                ));
+                problems.push(format!("LOCAL_RANK={local_rank} is not below LOCAL_WORLD_SIZE={local_world_size}"));
             }
         }
         if let (Some(local_world_size), Some(world_size)) = (local_world_size, world_size) {
             if local_world_size > world_size {
-                problems.push(format!(
-                    "LOCAL_WORLD_SIZE={local_world_size} is larger than WORLD_SIZE={world_size}"
-                ));
+                problems.push(format!("LOCAL_WORLD_SIZE={local_world_size} is larger than WORLD_SIZE={world_size}"));
             }
         }
         if let (Some(0), Some(world_size)) = (master_port, world_size) {
             if world_size > 1 {
-                problems.push(
-                    "MASTER_PORT=0: the other ranks could not know which port rank 0 picked".into(),
-                );
+                problems.push("MASTER_PORT=0: the other ranks could not know which port rank 0 picked".into());
             }
         }
-        match (
-            rank,
-            world_size,
-            local_rank,
-            local_world_size,
-            master_addr,
-            master_port,
-        ) {
+        match (rank, world_size, local_rank, local_world_size, master_addr, master_port) {
             (
                 Some(rank),
                 Some(world_size),
@@ -113,14 +100,9 @@ impl DistEnv {
                 Some(local_world_size),
                 Some(master_addr),
                 Some(master_port),
-            ) if problems.is_empty() => Ok(DistEnv {
-                rank,
-                world_size,
-                local_rank,
-                local_world_size,
-                master_addr,
-                master_port,
-            }),
+            ) if problems.is_empty() => {
+                Ok(DistEnv { rank, world_size, local_rank, local_world_size, master_addr, master_port })
+            }
             _ => Err(Error::LaunchEnv { problems }),
         }
     }
@@ -137,11 +119,7 @@ impl DistEnv {
     }
 }
 
-fn parse<T: std::str::FromStr>(
-    problems: &mut Vec<String>,
-    name: &str,
-    value: Option<String>,
-) -> Option<T> {
+fn parse<T: std::str::FromStr>(problems: &mut Vec<String>, name: &str, value: Option<String>) -> Option<T> {
     let value = value?;
     match value.trim().parse::<T>() {
         Ok(v) => Some(v),
@@ -200,10 +178,7 @@ impl Rendezvous {
                 Error::Rendezvous { message, .. } => Error::Rendezvous {
                     rank: 0,
                     addr: listen.clone(),
-                    message: format!(
-                        "{message} (is another job using MASTER_PORT={}?)",
-                        env.master_port
-                    ),
+                    message: format!("{message} (is another job using MASTER_PORT={}?)", env.master_port),
                 },
                 other => other,
             })?;
@@ -214,12 +189,7 @@ impl Rendezvous {
             (None, master)
         };
         let store = Store::connect_by(&addr, env.rank, deadline, timeout)?;
-        let rendezvous = Rendezvous {
-            env,
-            store,
-            server,
-            broadcasts: Mutex::new(HashMap::new()),
-        };
+        let rendezvous = Rendezvous { env, store, server, broadcasts: Mutex::new(HashMap::new()) };
         rendezvous.register(deadline, timeout)?;
         Ok(rendezvous)
     }
@@ -230,9 +200,7 @@ impl Rendezvous {
 
         // Every rank must agree on WORLD_SIZE: the first to register sets it.
         let mine = format!("{world_size} {rank}");
-        let stored =
-            String::from_utf8_lossy(&store.set_if_absent(key::WORLD_SIZE, mine.as_bytes())?)
-                .into_owned();
+        let stored = String::from_utf8_lossy(&store.set_if_absent(key::WORLD_SIZE, mine.as_bytes())?).into_owned();
         let mut fields = stored.split(' ');
         let (theirs, by) = (fields.next().unwrap_or("?"), fields.next().unwrap_or("?"));
         if theirs != world_size.to_string() {
@@ -243,15 +211,8 @@ impl Rendezvous {
         }
 
         // Each RANK is claimed once; a second claimant means two processes got the same RANK.
-        let claim = format!(
-            "{}|pid {} on {}",
-            unique_token(),
-            std::process::id(),
-            hostname()
-        );
-        let holder =
-            String::from_utf8_lossy(&store.set_if_absent(&key::rank(rank), claim.as_bytes())?)
-                .into_owned();
+        let claim = format!("{}|pid {} on {}", unique_token(), std::process::id(), hostname());
+        let holder = String::from_utf8_lossy(&store.set_if_absent(&key::rank(rank), claim.as_bytes())?).into_owned();
         if holder != claim {
             return Err(self.publish_failure(format!(
                 "duplicate RANK={rank}: claimed by {} and again by {}; every process needs its own RANK",
@@ -276,11 +237,7 @@ impl Rendezvous {
                     }
                 }
                 let shown: Vec<String> = missing.iter().take(32).map(|r| r.to_string()).collect();
-                let more = if missing.len() > shown.len() {
-                    ", ..."
-                } else {
-                    ""
-                };
+                let more = if missing.len() > shown.len() { ", ..." } else { "" };
                 Err(store.error(format!(
                     "rank(s) {}{more} never arrived within {timeout:?} ({} of {world_size} registered)",
                     shown.join(", "),
@@ -302,18 +259,12 @@ impl Rendezvous {
 
     /// `root` publishes `value` under `key`; every rank returns root's bytes. Other ranks'
     /// `value` is ignored. The same key may be broadcast again later.
-    pub fn broadcast_bytes(
-        &self,
-        key: &str,
-        root: usize,
-        value: Option<&[u8]>,
-        timeout: Duration,
-    ) -> Result<Vec<u8>> {
+    pub fn broadcast_bytes(&self, key: &str, root: usize, value: Option<&[u8]>, timeout: Duration) -> Result<Vec<u8>> {
         let world_size = self.env.world_size;
         if root >= world_size {
-            return Err(self.store.error(format!(
-                "broadcast `{key}`: root {root} is not a rank of a world of {world_size}"
-            )));
+            return Err(self
+                .store
+                .error(format!("broadcast `{key}`: root {root} is not a rank of a world of {world_size}")));
         }
         let round = {
             let mut counts = self.broadcasts.lock().unwrap_or_else(|e| e.into_inner());
@@ -324,25 +275,22 @@ impl Rendezvous {
         let store_key = format!("broadcast/{key}/{round}");
         if self.env.rank == root {
             let value = value.ok_or_else(|| {
-                self.store.error(format!(
-                    "broadcast `{key}`: this rank is the root but was given no value"
-                ))
+                self.store.error(format!("broadcast `{key}`: this rank is the root but was given no value"))
             })?;
             self.store.set(&store_key, value)?;
             return Ok(value.to_vec());
         }
         match self.store.wait_any(&[&store_key], timeout)? {
             Some((_, value)) => Ok(value),
-            None => Err(self.store.error(format!(
-                "broadcast `{key}`: rank {root} published nothing within {timeout:?}"
-            ))),
+            None => {
+                Err(self.store.error(format!("broadcast `{key}`: rank {root} published nothing within {timeout:?}")))
+            }
         }
     }
 
     /// Returns once every rank called `barrier` with the same `name` (names can be reused).
     pub fn barrier(&self, name: &str, timeout: Duration) -> Result<()> {
-        self.store
-            .barrier(&format!("user/{name}"), self.env.world_size, timeout)
+        self.store.barrier(&format!("user/{name}"), self.env.world_size, timeout)
     }
 
     /// A barrier, then rank 0 stops serving: call at the end so rank 0 does not take the
@@ -350,8 +298,7 @@ impl Rendezvous {
     pub fn finish(self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let world_size = self.env.world_size;
-        self.store
-            .barrier("rendezvous/finish", world_size, timeout)?;
+        self.store.barrier("rendezvous/finish", world_size, timeout)?;
         if self.env.rank != 0 {
             // The last call this rank makes: rank 0 waits for every rank's before it stops.
             if self.store.add(key::LEFT, 1)? == world_size as i64 - 1 {
@@ -378,26 +325,15 @@ impl Rendezvous {
 /// on every interface, because a host name may resolve to a loopback address on its own
 /// node (127.0.1.1 on Debian) while the other nodes reach it by its real address.
 fn listen_address(env: &DistEnv) -> String {
-    let host = env
-        .master_addr
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let loopback = host == "localhost"
-        || host
-            .parse::<IpAddr>()
-            .map(|ip| ip.is_loopback())
-            .unwrap_or(false);
+    let host = env.master_addr.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host == "localhost" || host.parse::<IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false);
     if loopback {
         return env.master_endpoint();
     }
     let ipv6 = match host.parse::<IpAddr>() {
         Ok(ip) => ip.is_ipv6(),
         Err(_) => {
-            let resolved = env
-                .master_endpoint()
-                .to_socket_addrs()
-                .ok()
-                .and_then(|mut addrs| addrs.next());
+            let resolved = env.master_endpoint().to_socket_addrs().ok().and_then(|mut addrs| addrs.next());
             resolved.is_some_and(|a| a.is_ipv6())
         }
     };
@@ -426,10 +362,7 @@ mod tests {
     use super::*;
 
     fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |name| map.get(name).cloned()
     }
 
@@ -465,34 +398,17 @@ mod tests {
 
     #[test]
     fn local_world_size_defaults_to_world_size() {
-        let pairs: Vec<_> = FULL
-            .iter()
-            .copied()
-            .filter(|(k, _)| *k != "LOCAL_WORLD_SIZE")
-            .collect();
-        assert_eq!(
-            DistEnv::from_vars(vars(&pairs)).unwrap().local_world_size,
-            8
-        );
+        let pairs: Vec<_> = FULL.iter().copied().filter(|(k, _)| *k != "LOCAL_WORLD_SIZE").collect();
+        assert_eq!(DistEnv::from_vars(vars(&pairs)).unwrap().local_world_size, 8);
     }
 
     #[test]
     fn every_missing_variable_is_named() {
         let err = error_of(&[("LOCAL_RANK", "0")]);
-        let problems: Vec<&str> = err
-            .split_once("is not usable: ")
-            .unwrap()
-            .1
-            .split("; ")
-            .collect();
+        let problems: Vec<&str> = err.split_once("is not usable: ").unwrap().1.split("; ").collect();
         assert_eq!(
             problems,
-            [
-                "RANK is not set",
-                "WORLD_SIZE is not set",
-                "MASTER_ADDR is not set",
-                "MASTER_PORT is not set"
-            ],
+            ["RANK is not set", "WORLD_SIZE is not set", "MASTER_ADDR is not set", "MASTER_PORT is not set"],
             "{err}"
         );
     }
@@ -503,14 +419,8 @@ mod tests {
         pairs[1] = ("WORLD_SIZE", "eight");
         pairs[5] = ("MASTER_PORT", "70000");
         let err = error_of(&pairs);
-        assert!(
-            err.contains("WORLD_SIZE=`eight` is not a valid number"),
-            "{err}"
-        );
-        assert!(
-            err.contains("MASTER_PORT=`70000` is not a valid number"),
-            "{err}"
-        );
+        assert!(err.contains("WORLD_SIZE=`eight` is not a valid number"), "{err}");
+        assert!(err.contains("MASTER_PORT=`70000` is not a valid number"), "{err}");
     }
 
     #[test]
@@ -520,10 +430,7 @@ mod tests {
         pairs[2] = ("LOCAL_RANK", "2");
         let err = error_of(&pairs);
         assert!(err.contains("RANK=8 is not below WORLD_SIZE=8"), "{err}");
-        assert!(
-            err.contains("LOCAL_RANK=2 is not below LOCAL_WORLD_SIZE=2"),
-            "{err}"
-        );
+        assert!(err.contains("LOCAL_RANK=2 is not below LOCAL_WORLD_SIZE=2"), "{err}");
     }
 
     #[test]
@@ -559,15 +466,8 @@ mod tests {
                         };
                         let rdv = Rendezvous::join(env, Duration::from_secs(10)).unwrap();
                         let value = (rank == 1).then_some(&b"from one"[..]);
-                        let got = rdv
-                            .broadcast_bytes("id", 1, value, Duration::from_secs(10))
-                            .unwrap();
-                        let again = rdv.broadcast_bytes(
-                            "id",
-                            1,
-                            value.map(|_| &b"twice"[..]),
-                            Duration::from_secs(10),
-                        );
+                        let got = rdv.broadcast_bytes("id", 1, value, Duration::from_secs(10)).unwrap();
+                        let again = rdv.broadcast_bytes("id", 1, value.map(|_| &b"twice"[..]), Duration::from_secs(10));
                         assert_eq!(again.unwrap(), b"twice");
                         rdv.barrier("b", Duration::from_secs(10)).unwrap();
                         rdv.finish(Duration::from_secs(10)).unwrap();

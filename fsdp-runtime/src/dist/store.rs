@@ -78,20 +78,11 @@ struct Shared {
 impl StoreServer {
     /// Listens at `addr` ("host:port"; port 0 picks a free port) and serves until dropped.
     pub fn bind(addr: &str) -> Result<Self> {
-        let error = |message: String| Error::Rendezvous {
-            rank: 0,
-            addr: addr.to_string(),
-            message,
-        };
-        let listener =
-            TcpListener::bind(addr).map_err(|e| error(format!("could not listen: {e}")))?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|e| error(format!("could not listen: {e}")))?;
+        let error = |message: String| Error::Rendezvous { rank: 0, addr: addr.to_string(), message };
+        let listener = TcpListener::bind(addr).map_err(|e| error(format!("could not listen: {e}")))?;
+        let local_addr = listener.local_addr().map_err(|e| error(format!("could not listen: {e}")))?;
         // Non-blocking accepts let the loop notice the stop flag without a wake-up connection.
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| error(format!("could not listen: {e}")))?;
+        listener.set_nonblocking(true).map_err(|e| error(format!("could not listen: {e}")))?;
         let shared = Arc::new(Shared {
             data: Mutex::new(HashMap::new()),
             changed: Condvar::new(),
@@ -107,11 +98,7 @@ impl StoreServer {
                 .spawn(move || accept_loop(listener, shared))
                 .map_err(|e| error(format!("could not start the server thread: {e}")))?
         };
-        Ok(Self {
-            shared,
-            local_addr,
-            accept_thread: Some(accept_thread),
-        })
+        Ok(Self { shared, local_addr, accept_thread: Some(accept_thread) })
     }
 
     /// The address actually bound (with the real port when bound to port 0).
@@ -141,12 +128,7 @@ impl Drop for StoreServer {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 break;
             };
-            active = self
-                .shared
-                .drained
-                .wait_timeout(active, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            active = self.shared.drained.wait_timeout(active, left).unwrap_or_else(|e| e.into_inner()).0;
         }
         drop(active);
         for stream in lock(&self.shared.connections).values() {
@@ -177,14 +159,12 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         lock(&shared.connections).insert(id, registered);
         *lock(&shared.active) += 1;
         let thread_shared = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("fsdp-store-conn".into())
-            .spawn(move || {
-                serve_connection(&thread_shared, stream);
-                lock(&thread_shared.connections).remove(&id);
-                *lock(&thread_shared.active) -= 1;
-                thread_shared.drained.notify_all();
-            });
+        let spawned = std::thread::Builder::new().name("fsdp-store-conn".into()).spawn(move || {
+            serve_connection(&thread_shared, stream);
+            lock(&thread_shared.connections).remove(&id);
+            *lock(&thread_shared.active) -= 1;
+            thread_shared.drained.notify_all();
+        });
         if spawned.is_err() {
             lock(&shared.connections).remove(&id);
             *lock(&shared.active) -= 1;
@@ -228,19 +208,13 @@ fn handle_request(shared: &Shared, request: &[u8]) -> std::result::Result<Vec<u8
         op::WAIT => {
             let wait = Duration::from_millis(fields.u64()?).min(MAX_WAIT);
             let count = fields.u32()? as usize;
-            let keys = (0..count)
-                .map(|_| fields.string())
-                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let keys = (0..count).map(|_| fields.string()).collect::<std::result::Result<Vec<_>, _>>()?;
             let deadline = Instant::now() + wait;
             let mut data = lock(&shared.data);
             loop {
                 // Keys are looked at before the stop flag: a wait its key already satisfies
                 // is answered even while the server stops.
-                if let Some((index, value)) = keys
-                    .iter()
-                    .enumerate()
-                    .find_map(|(i, k)| data.get(k).map(|v| (i, v)))
-                {
+                if let Some((index, value)) = keys.iter().enumerate().find_map(|(i, k)| data.get(k).map(|v| (i, v))) {
                     let mut reply = vec![status::OK];
                     reply.extend_from_slice(&(index as u32).to_be_bytes());
                     reply.extend_from_slice(value);
@@ -249,17 +223,10 @@ fn handle_request(shared: &Shared, request: &[u8]) -> std::result::Result<Vec<u8
                 if shared.stopping.load(Ordering::SeqCst) {
                     return Err("the store is shutting down (rank 0 finished or stopped)".into());
                 }
-                let Some(left) = deadline
-                    .checked_duration_since(Instant::now())
-                    .filter(|d| !d.is_zero())
-                else {
+                let Some(left) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else {
                     return Ok(vec![status::NOT_YET]);
                 };
-                data = shared
-                    .changed
-                    .wait_timeout(data, left)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+                data = shared.changed.wait_timeout(data, left).unwrap_or_else(|e| e.into_inner()).0;
             }
         }
         op::ADD => {
@@ -271,13 +238,9 @@ fn handle_request(shared: &Shared, request: &[u8]) -> std::result::Result<Vec<u8
                 Some(bytes) => std::str::from_utf8(bytes)
                     .ok()
                     .and_then(|s| s.parse::<i64>().ok())
-                    .ok_or_else(|| {
-                        format!("key `{key}` holds a value that is not an integer counter")
-                    })?,
+                    .ok_or_else(|| format!("key `{key}` holds a value that is not an integer counter"))?,
             };
-            let new = current
-                .checked_add(delta)
-                .ok_or_else(|| format!("counter `{key}` overflowed"))?;
+            let new = current.checked_add(delta).ok_or_else(|| format!("counter `{key}` overflowed"))?;
             // Counters are stored as decimal text, so a `get` of a counter reads naturally.
             data.insert(key, new.to_string().into_bytes());
             shared.changed.notify_all();
@@ -313,24 +276,17 @@ impl<'a> Fields<'a> {
         Ok(self.take(1)?[0])
     }
     fn u32(&mut self) -> std::result::Result<u32, String> {
-        Ok(u32::from_be_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
     }
     fn u64(&mut self) -> std::result::Result<u64, String> {
-        Ok(u64::from_be_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
+        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
     fn i64(&mut self) -> std::result::Result<i64, String> {
-        Ok(i64::from_be_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
+        Ok(i64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
     fn string(&mut self) -> std::result::Result<String, String> {
         let len = self.u32()? as usize;
-        String::from_utf8(self.take(len)?.to_vec())
-            .map_err(|_| "malformed request: a key is not UTF-8".to_string())
+        String::from_utf8(self.take(len)?.to_vec()).map_err(|_| "malformed request: a key is not UTF-8".to_string())
     }
     fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.0)
@@ -369,19 +325,8 @@ impl Store {
     }
 
     /// [`Store::connect`] with a deadline; `timeout` is the whole wait it belongs to, for the message.
-    pub(crate) fn connect_by(
-        addr: &str,
-        rank: usize,
-        deadline: Instant,
-        timeout: Duration,
-    ) -> Result<Self> {
-        let store = Store {
-            inner: Arc::new(Client {
-                addr: addr.to_string(),
-                rank,
-                idle: Mutex::new(Vec::new()),
-            }),
-        };
+    pub(crate) fn connect_by(addr: &str, rank: usize, deadline: Instant, timeout: Duration) -> Result<Self> {
+        let store = Store { inner: Arc::new(Client { addr: addr.to_string(), rank, idle: Mutex::new(Vec::new()) }) };
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match open(addr, left.clamp(Duration::from_millis(1), IO_TIMEOUT)) {
@@ -421,9 +366,7 @@ impl Store {
 
     /// The value of `key` if it exists now, without waiting.
     pub fn try_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .wait_any(&[key], Duration::ZERO)?
-            .map(|(_, value)| value))
+        Ok(self.wait_any(&[key], Duration::ZERO)?.map(|(_, value)| value))
     }
 
     /// Waits until one of `keys` exists (at most `timeout`); returns which one (the first
@@ -438,13 +381,7 @@ impl Store {
         }
         let what = match keys {
             [key] => format!("get `{key}`"),
-            _ => format!(
-                "wait for one of {}",
-                keys.iter()
-                    .map(|k| format!("`{k}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            _ => format!("wait for one of {}", keys.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")),
         };
         let reply = self.call(&what, &request, wait)?;
         match reply.split_first() {
@@ -500,9 +437,7 @@ impl Store {
         }
         let now = self.add(&count_key, 0)?;
         let here = (now - round * ws).clamp(0, ws);
-        Err(self.error(format!(
-            "barrier `{name}`: only {here} of {world_size} ranks arrived within {timeout:?}"
-        )))
+        Err(self.error(format!("barrier `{name}`: only {here} of {world_size} ranks arrived within {timeout:?}")))
     }
 
     pub fn rank(&self) -> usize {
@@ -515,28 +450,22 @@ impl Store {
 
     /// An error naming this client's rank and the store's address.
     pub(crate) fn error(&self, message: String) -> Error {
-        Error::Rendezvous {
-            rank: self.inner.rank,
-            addr: self.inner.addr.clone(),
-            message,
-        }
+        Error::Rendezvous { rank: self.inner.rank, addr: self.inner.addr.clone(), message }
     }
 
     /// Sends `request` and returns the reply (status byte first); a FAILED reply becomes an
     /// error. `wait` is how long the server may legitimately take before answering.
     fn call(&self, what: &str, request: &[u8], wait: Duration) -> Result<Vec<u8>> {
         if request.len() > MAX_FRAME {
-            return Err(self.error(format!(
-                "{what}: the value is larger than the {MAX_FRAME}-byte limit"
-            )));
+            return Err(self.error(format!("{what}: the value is larger than the {MAX_FRAME}-byte limit")));
         }
         let pooled = lock(&self.inner.idle).pop();
         let mut stream = match pooled {
             Some(stream) => stream,
             None => open(&self.inner.addr, IO_TIMEOUT).map_err(|e| match e {
-                OpenError::Unreachable(m) => self.error(format!(
-                    "{what}: could not reach the store ({m}); did rank 0 exit?"
-                )),
+                OpenError::Unreachable(m) => {
+                    self.error(format!("{what}: could not reach the store ({m}); did rank 0 exit?"))
+                }
                 OpenError::NotAStore(m) => self.error(format!("{what}: {m}")),
             })?,
         };
@@ -544,14 +473,12 @@ impl Store {
             .set_read_timeout(Some(wait + IO_TIMEOUT))
             .and_then(|()| write_frame(&mut stream, request))
             .and_then(|()| read_frame(&mut stream));
-        let reply = exchange
-            .map_err(|e| self.error(format!("{what}: {}", describe_io(&e, wait + IO_TIMEOUT))))?;
+        let reply = exchange.map_err(|e| self.error(format!("{what}: {}", describe_io(&e, wait + IO_TIMEOUT))))?;
         lock(&self.inner.idle).push(stream);
         match reply.split_first() {
-            Some((&status::FAILED, message)) => Err(self.error(format!(
-                "{what}: the store refused: {}",
-                String::from_utf8_lossy(message)
-            ))),
+            Some((&status::FAILED, message)) => {
+                Err(self.error(format!("{what}: the store refused: {}", String::from_utf8_lossy(message))))
+            }
             Some(_) => Ok(reply),
             None => Err(self.error(format!("{what}: empty reply from the store"))),
         }
@@ -560,10 +487,8 @@ impl Store {
 
 /// Opens one connection to `addr` and checks that a store answers there.
 fn open(addr: &str, timeout: Duration) -> std::result::Result<TcpStream, OpenError> {
-    let targets: Vec<SocketAddr> = addr
-        .to_socket_addrs()
-        .map_err(|e| OpenError::Unreachable(format!("cannot resolve `{addr}`: {e}")))?
-        .collect();
+    let targets: Vec<SocketAddr> =
+        addr.to_socket_addrs().map_err(|e| OpenError::Unreachable(format!("cannot resolve `{addr}`: {e}")))?.collect();
     let mut last = format!("`{addr}` resolves to no address");
     for target in targets {
         let mut stream = match TcpStream::connect_timeout(&target, timeout) {
@@ -610,10 +535,7 @@ fn is_closed(e: &io::Error) -> bool {
 fn describe_io(e: &io::Error, limit: Duration) -> String {
     if is_closed(e) {
         format!("the store closed the connection ({e}); did rank 0 exit?")
-    } else if matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    ) {
+    } else if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
         format!("the store did not answer within {limit:?}")
     } else {
         format!("talking to the store failed: {e}")
@@ -659,16 +581,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// claimants of the same name.
 pub(crate) fn unique_token() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!(
-        "{}-{}-{}",
-        std::process::id(),
-        nanos,
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{}-{}-{}", std::process::id(), nanos, COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 #[cfg(test)]
@@ -720,30 +634,19 @@ mod tests {
     fn get_timeout_names_rank_address_and_key() {
         let (_server, addr) = server();
         let store = Store::connect(&addr, 2, Duration::from_secs(5)).unwrap();
-        let err = store
-            .get("nccl-id/world", Duration::from_millis(200))
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            err,
-            format!(
-                "rank 2: rendezvous at {addr}: key `nccl-id/world` did not appear within 200ms"
-            )
-        );
+        let err = store.get("nccl-id/world", Duration::from_millis(200)).unwrap_err().to_string();
+        assert_eq!(err, format!("rank 2: rendezvous at {addr}: key `nccl-id/world` did not appear within 200ms"));
     }
 
     #[test]
     fn barrier_releases_all_and_is_reusable_and_counts_on_timeout() {
         let (_server, addr) = server();
-        let stores: Vec<Store> = (0..3)
-            .map(|rank| Store::connect(&addr, rank, Duration::from_secs(5)).unwrap())
-            .collect();
+        let stores: Vec<Store> =
+            (0..3).map(|rank| Store::connect(&addr, rank, Duration::from_secs(5)).unwrap()).collect();
         for _round in 0..2 {
             std::thread::scope(|scope| {
-                let handles: Vec<_> = stores
-                    .iter()
-                    .map(|s| scope.spawn(|| s.barrier("step", 3, Duration::from_secs(5))))
-                    .collect();
+                let handles: Vec<_> =
+                    stores.iter().map(|s| scope.spawn(|| s.barrier("step", 3, Duration::from_secs(5)))).collect();
                 for h in handles {
                     h.join().unwrap().unwrap();
                 }
@@ -755,10 +658,7 @@ mod tests {
             assert!(other.join().unwrap().is_err());
             mine.unwrap_err().to_string()
         });
-        assert!(
-            err.contains("barrier `partial`: only 2 of 3 ranks arrived within 300ms"),
-            "{err}"
-        );
+        assert!(err.contains("barrier `partial`: only 2 of 3 ranks arrived within 300ms"), "{err}");
     }
 
     #[test]
@@ -773,15 +673,8 @@ mod tests {
         let started = Instant::now();
         drop(server);
         let err = waiter.join().unwrap().unwrap_err().to_string();
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "took {:?}",
-            started.elapsed()
-        );
-        assert!(
-            err.starts_with(&format!("rank 1: rendezvous at {addr}: get `never`")),
-            "{err}"
-        );
+        assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+        assert!(err.starts_with(&format!("rank 1: rendezvous at {addr}: get `never`")), "{err}");
         let err = store.set("k", b"v").unwrap_err().to_string();
         assert!(err.contains("rank 1") && err.contains("set `k`"), "{err}");
     }
@@ -793,16 +686,8 @@ mod tests {
             probe.local_addr().unwrap().port()
         };
         let addr = format!("127.0.0.1:{port}");
-        let err = Store::connect(&addr, 3, Duration::from_millis(300))
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            err.starts_with(&format!(
-                "rank 3: rendezvous at {addr}: no rendezvous store answered"
-            )),
-            "{err}"
-        );
+        let err = Store::connect(&addr, 3, Duration::from_millis(300)).err().unwrap().to_string();
+        assert!(err.starts_with(&format!("rank 3: rendezvous at {addr}: no rendezvous store answered")), "{err}");
         let late = {
             let addr = addr.clone();
             std::thread::spawn(move || {
@@ -825,10 +710,7 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(500));
             }
         });
-        let err = Store::connect(&addr, 0, Duration::from_secs(2))
-            .err()
-            .unwrap()
-            .to_string();
+        let err = Store::connect(&addr, 0, Duration::from_secs(2)).err().unwrap().to_string();
         assert!(err.contains("not a candle-fsdp store"), "{err}");
     }
 }

@@ -34,17 +34,13 @@
 //! on (a finished rank does not break the others). A connection that ends without a
 //! goodbye or fails aborts every call.
 
-use super::collectives::{
-    checked_issue, group_members, Collectives, OpKind, Pending, ReduceOp, Work,
-};
+use super::collectives::{checked_issue, group_members, Collectives, OpKind, Pending, ReduceOp, Work};
 use super::store::Store;
 use crate::error::{Error, Result};
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::net::{
-    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket,
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -88,12 +84,7 @@ impl TcpComm {
     /// Every rank must call this with the same `world_size`. `timeout` bounds the
     /// rendezvous and every later wait for peers. Fails with [`Error::CollectiveTimeout`]
     /// naming the ranks that did not show up in time.
-    pub fn connect(
-        store: &Store,
-        rank: usize,
-        world_size: usize,
-        timeout: Duration,
-    ) -> Result<TcpComm> {
+    pub fn connect(store: &Store, rank: usize, world_size: usize, timeout: Duration) -> Result<TcpComm> {
         if world_size == 0 {
             return Err(Error::EmptyWorld);
         }
@@ -102,36 +93,16 @@ impl TcpComm {
         }
         if cfg!(target_endian = "big") {
             // Payloads are read back with candle's native-order `from_raw_buffer`.
-            return Err(Error::Rank {
-                rank,
-                message: "the TCP backend runs on little-endian hosts only".into(),
-            });
+            return Err(Error::Rank { rank, message: "the TCP backend runs on little-endian hosts only".into() });
         }
-        let streams = if world_size == 1 {
-            Vec::new()
-        } else {
-            rendezvous(store, rank, world_size, timeout)?
-        };
+        let streams = if world_size == 1 { Vec::new() } else { rendezvous(store, rank, world_size, timeout)? };
         let mesh = Mesh::start(rank, world_size, timeout, streams)?;
-        let group = GroupId {
-            ranks: (0..world_size).collect(),
-            instance: 0,
-        };
-        Ok(TcpComm {
-            mesh: Arc::new(mesh),
-            group,
-            rank,
-            next_call: AtomicU64::new(0),
-        })
+        let group = GroupId { ranks: (0..world_size).collect(), instance: 0 };
+        Ok(TcpComm { mesh: Arc::new(mesh), group, rank, next_call: AtomicU64::new(0) })
     }
 
     fn aborted(&self, kind: OpKind, label: &str, reason: String) -> Error {
-        Error::CollectiveAborted {
-            rank: self.global_rank(),
-            op: kind.to_string(),
-            label: label.to_string(),
-            reason,
-        }
+        Error::CollectiveAborted { rank: self.global_rank(), op: kind.to_string(), label: label.to_string(), reason }
     }
 
     fn issue(&self, kind: OpKind, input: Option<&Tensor>, label: &str) -> Result<Work> {
@@ -178,14 +149,7 @@ impl TcpComm {
                 _ => 0..payload.len(),
             };
             let head = data_head(&self.group, call, &header, range.len());
-            shared.send(
-                peer,
-                Outgoing::Data {
-                    head,
-                    payload: payload.clone(),
-                    range,
-                },
-            );
+            shared.send(peer, Outgoing::Data { head, payload: payload.clone(), range });
         }
         Ok(Work::new(TcpPending {
             mesh: self.mesh.clone(),
@@ -214,30 +178,22 @@ impl Collectives for TcpComm {
 
     fn all_gather(&self, input: &Tensor, label: &str) -> Result<Work> {
         let kind = OpKind::AllGather;
-        checked_issue(self, kind, input, label, || {
-            self.issue(kind, Some(input), label)
-        })
+        checked_issue(self, kind, input, label, || self.issue(kind, Some(input), label))
     }
 
     fn reduce_scatter(&self, input: &Tensor, op: ReduceOp, label: &str) -> Result<Work> {
         let kind = OpKind::ReduceScatter(op);
-        checked_issue(self, kind, input, label, || {
-            self.issue(kind, Some(input), label)
-        })
+        checked_issue(self, kind, input, label, || self.issue(kind, Some(input), label))
     }
 
     fn all_reduce(&self, input: &Tensor, op: ReduceOp, label: &str) -> Result<Work> {
         let kind = OpKind::AllReduce(op);
-        checked_issue(self, kind, input, label, || {
-            self.issue(kind, Some(input), label)
-        })
+        checked_issue(self, kind, input, label, || self.issue(kind, Some(input), label))
     }
 
     fn broadcast(&self, input: &Tensor, root: usize, label: &str) -> Result<Work> {
         let kind = OpKind::Broadcast { root };
-        checked_issue(self, kind, input, label, || {
-            self.issue(kind, Some(input), label)
-        })
+        checked_issue(self, kind, input, label, || self.issue(kind, Some(input), label))
     }
 
     fn barrier(&self, label: &str) -> Result<()> {
@@ -342,13 +298,7 @@ impl TcpPending {
         let shared = &self.mesh.shared;
         let me = self.global_rank();
         let deadline = Instant::now() + shared.timeout;
-        let peers: Vec<usize> = self
-            .group
-            .ranks
-            .iter()
-            .copied()
-            .filter(|&r| r != me)
-            .collect();
+        let peers: Vec<usize> = self.group.ranks.iter().copied().filter(|&r| r != me).collect();
         let mut state = shared.lock();
         loop {
             // A disagreement wins over everything else, as in the thread backend: it is
@@ -360,34 +310,21 @@ impl TcpPending {
                             rank: me,
                             op: self.header.describe(),
                             label: self.header.label.clone(),
-                            other: format!(
-                                "rank {peer}'s {} for {}",
-                                message.header.describe(),
-                                message.header.label
-                            ),
+                            other: format!("rank {peer}'s {} for {}", message.header.describe(), message.header.label),
                         };
                         drop(state);
                         return Err(shared.fail(error));
                     }
                 }
             }
-            let missing: Vec<usize> = peers
-                .iter()
-                .copied()
-                .filter(|&p| !state.mailbox.contains_key(&self.key(p)))
-                .collect();
+            let missing: Vec<usize> =
+                peers.iter().copied().filter(|&p| !state.mailbox.contains_key(&self.key(p))).collect();
             if missing.is_empty() {
                 let messages = self
                     .group
                     .ranks
                     .iter()
-                    .map(|&r| {
-                        if r == me {
-                            None
-                        } else {
-                            state.mailbox.remove(&self.key(r))
-                        }
-                    })
+                    .map(|&r| if r == me { None } else { state.mailbox.remove(&self.key(r)) })
                     .collect();
                 return Ok(messages);
             }
@@ -410,22 +347,12 @@ impl TcpPending {
                 drop(state);
                 return Err(shared.fail(error));
             }
-            state = shared
-                .arrived
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            state = shared.arrived.wait_timeout(state, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
     /// A peer's contribution as a tensor of `len` elements of this call's dtype.
-    fn decode(
-        &self,
-        sender: usize,
-        message: &Message,
-        len: usize,
-        input: &Tensor,
-    ) -> Result<Tensor> {
+    fn decode(&self, sender: usize, message: &Message, len: usize, input: &Tensor) -> Result<Tensor> {
         let dtype = input.dtype();
         let expected = len * dtype.size_in_bytes();
         if message.payload.len() != expected {
@@ -434,12 +361,7 @@ impl TcpPending {
                 message.payload.len()
             )));
         }
-        Ok(Tensor::from_raw_buffer(
-            &message.payload,
-            dtype,
-            &[len],
-            input.device(),
-        )?)
+        Ok(Tensor::from_raw_buffer(&message.payload, dtype, &[len], input.device())?)
     }
 
     /// This rank's result from the contributions, computed as the thread backend does.
@@ -463,33 +385,24 @@ impl TcpPending {
         let result = match self.header.kind {
             OpKind::AllGather => {
                 let parts = parts(len, input.clone())?;
-                let parts: Vec<Tensor> = parts
-                    .iter()
-                    .map(|p| p.reshape(input.shape()))
-                    .collect::<candle_core::Result<_>>()?;
+                let parts: Vec<Tensor> =
+                    parts.iter().map(|p| p.reshape(input.shape())).collect::<candle_core::Result<_>>()?;
                 Tensor::cat(&parts, 0)?
             }
             OpKind::ReduceScatter(op) => {
                 let chunk = len / n;
-                reduce(
-                    &parts(chunk, input.narrow(0, self.rank * chunk, chunk)?)?,
-                    op,
-                )?
-                .contiguous()?
+                reduce(&parts(chunk, input.narrow(0, self.rank * chunk, chunk)?)?, op)?.contiguous()?
             }
             OpKind::AllReduce(op) => {
                 let parts = parts(len, input.clone())?;
-                let parts: Vec<Tensor> = parts
-                    .iter()
-                    .map(|p| p.reshape(input.shape()))
-                    .collect::<candle_core::Result<_>>()?;
+                let parts: Vec<Tensor> =
+                    parts.iter().map(|p| p.reshape(input.shape())).collect::<candle_core::Result<_>>()?;
                 reduce(&parts, op)?
             }
             OpKind::Broadcast { root } if root == self.rank => input.copy()?,
             OpKind::Broadcast { root } => {
                 let message = messages[root].as_ref().expect("a peer's message");
-                self.decode(self.group.ranks[root], message, len, input)?
-                    .reshape(input.shape())?
+                self.decode(self.group.ranks[root], message, len, input)?.reshape(input.shape())?
             }
             OpKind::Barrier => Tensor::zeros(0, DType::F32, &Device::Cpu)?,
         };
@@ -513,8 +426,7 @@ fn reduce(parts: &[Tensor], op: ReduceOp) -> candle_core::Result<Tensor> {
 impl Pending for TcpPending {
     fn wait(self: Box<Self>) -> Result<Tensor> {
         let messages = self.collect()?;
-        self.combine(messages)
-            .map_err(|error| self.mesh.shared.fail(error))
+        self.combine(messages).map_err(|error| self.mesh.shared.fail(error))
     }
 }
 
@@ -570,12 +482,7 @@ enum Incoming {
 
 impl Mesh {
     /// Starts a reader and a writer thread per peer; `streams` is indexed by global rank.
-    fn start(
-        me: usize,
-        world: usize,
-        timeout: Duration,
-        streams: Vec<Option<TcpStream>>,
-    ) -> Result<Mesh> {
+    fn start(me: usize, world: usize, timeout: Duration, streams: Vec<Option<TcpStream>>) -> Result<Mesh> {
         let io_error = |e: io::Error| Error::CollectiveAborted {
             rank: me,
             op: "connect".into(),
@@ -607,10 +514,7 @@ impl Mesh {
             arrived: Condvar::new(),
             outboxes,
         });
-        let mut mesh = Mesh {
-            shared: shared.clone(),
-            writers: Vec::new(),
-        };
+        let mut mesh = Mesh { shared: shared.clone(), writers: Vec::new() };
         for (peer, (stream, inbox)) in streams.into_iter().zip(inboxes).enumerate() {
             let (Some(stream), Some(inbox)) = (stream, inbox) else {
                 continue;
@@ -655,9 +559,7 @@ impl Drop for Mesh {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // No code that can panic runs under this lock, so the state stays consistent.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn send(&self, peer: usize, frame: Outgoing) {
@@ -719,9 +621,7 @@ fn read_loop(shared: &Shared, peer: usize, stream: TcpStream) {
                 return;
             }
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                break format!(
-                "rank {peer} closed its connection without saying goodbye (did its process die?)"
-            )
+                break format!("rank {peer} closed its connection without saying goodbye (did its process die?)")
             }
             Err(e) => break format!("the connection to rank {peer} failed: {e}"),
         }
@@ -760,12 +660,7 @@ fn addr_key(rank: usize) -> String {
 }
 
 /// Connects this rank to every other; the streams by global rank (`None` for this rank).
-fn rendezvous(
-    store: &Store,
-    me: usize,
-    world: usize,
-    timeout: Duration,
-) -> Result<Vec<Option<TcpStream>>> {
+fn rendezvous(store: &Store, me: usize, world: usize, timeout: Duration) -> Result<Vec<Option<TcpStream>>> {
     let deadline = Instant::now() + timeout;
     let failed = |what: &str, e: &dyn std::fmt::Display| Error::CollectiveAborted {
         rank: me,
@@ -773,20 +668,10 @@ fn rendezvous(
         label: MESH.into(),
         reason: format!("{what}: {e}"),
     };
-    let ip = local_ip_toward(store.addr()).map_err(|e| {
-        failed(
-            &format!(
-                "cannot tell this host's address toward the store at {}",
-                store.addr()
-            ),
-            &e,
-        )
-    })?;
-    let listener =
-        TcpListener::bind((ip, 0)).map_err(|e| failed(&format!("cannot listen on {ip}"), &e))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| failed("cannot read the listening address", &e))?;
+    let ip = local_ip_toward(store.addr())
+        .map_err(|e| failed(&format!("cannot tell this host's address toward the store at {}", store.addr()), &e))?;
+    let listener = TcpListener::bind((ip, 0)).map_err(|e| failed(&format!("cannot listen on {ip}"), &e))?;
+    let addr = listener.local_addr().map_err(|e| failed("cannot read the listening address", &e))?;
     store.set(&addr_key(me), addr.to_string().as_bytes())?;
 
     let stop = AtomicBool::new(false);
@@ -796,50 +681,34 @@ fn rendezvous(
         if upper.is_err() {
             stop.store(true, Ordering::Relaxed);
         }
-        let lower = acceptor
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("the accepting thread panicked")));
+        let lower = acceptor.join().unwrap_or_else(|_| Err(io::Error::other("the accepting thread panicked")));
         (lower, upper)
     });
     let upper = upper?;
     let lower = match lower {
         Ok(lower) => lower,
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            return Err(Error::Rank {
-                rank: me,
-                message: e.to_string(),
-            })
+            return Err(Error::Rank { rank: me, message: e.to_string() })
         }
         Err(e) => return Err(failed("accepting the lower ranks failed", &e)),
     };
     let mut streams: Vec<Option<TcpStream>> = lower;
     streams.push(None);
     streams.extend(upper);
-    let missing: Vec<usize> = (0..world)
-        .filter(|&r| r != me && streams[r].is_none())
-        .collect();
+    let missing: Vec<usize> = (0..world).filter(|&r| r != me && streams[r].is_none()).collect();
     if !missing.is_empty() {
-        return Err(Error::CollectiveTimeout {
-            rank: me,
-            op: "connect".into(),
-            label: MESH.into(),
-            timeout,
-            missing,
-        });
+        return Err(Error::CollectiveTimeout { rank: me, op: "connect".into(), label: MESH.into(), timeout, missing });
     }
     Ok(streams)
 }
 
 /// The address of this host's interface toward `store_addr` (no packet is sent).
 fn local_ip_toward(store_addr: &str) -> io::Result<IpAddr> {
-    let target = store_addr.to_socket_addrs()?.next().ok_or_else(|| {
-        io::Error::new(io::ErrorKind::NotFound, "the address resolves to nothing")
-    })?;
-    let any: IpAddr = if target.is_ipv4() {
-        Ipv4Addr::UNSPECIFIED.into()
-    } else {
-        Ipv6Addr::UNSPECIFIED.into()
-    };
+    let target = store_addr
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the address resolves to nothing"))?;
+    let any: IpAddr = if target.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
     let socket = UdpSocket::bind((any, 0))?;
     socket.connect(target)?;
     Ok(socket.local_addr()?.ip())
@@ -848,34 +717,22 @@ fn local_ip_toward(store_addr: &str) -> io::Result<IpAddr> {
 /// The time left until `deadline`, at least a millisecond (a zero socket timeout is an
 /// error, not "now").
 fn remaining(deadline: Instant) -> Duration {
-    deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1))
+    deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))
 }
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
 }
 
 /// Connects to every higher rank; by position `r - me - 1`, `None` where rank `r` did not
 /// publish its address or answer before the deadline.
-fn connect_upper(
-    store: &Store,
-    me: usize,
-    world: usize,
-    deadline: Instant,
-) -> Result<Vec<Option<TcpStream>>> {
+fn connect_upper(store: &Store, me: usize, world: usize, deadline: Instant) -> Result<Vec<Option<TcpStream>>> {
     let mut streams = Vec::with_capacity(world - me - 1);
     for peer in me + 1..world {
         // Once the deadline has passed, each remaining rank still gets a look, so that
         // every missing rank is named, not only the first.
         let key = addr_key(peer);
-        let Some((_, addr)) =
-            store.wait_any(&[&key], deadline.saturating_duration_since(Instant::now()))?
-        else {
+        let Some((_, addr)) = store.wait_any(&[&key], deadline.saturating_duration_since(Instant::now()))? else {
             streams.push(None);
             continue;
         };
@@ -900,8 +757,8 @@ fn connect_upper(
             Ok((rank, size)) if rank == peer && size == world => streams.push(Some(stream)),
             Ok((rank, size)) => {
                 return Err(failed(format!(
-                "{addr} answered as rank {rank} of a world of {size}, not rank {peer} of {world}"
-            )))
+                    "{addr} answered as rank {rank} of a world of {size}, not rank {peer} of {world}"
+                )))
             }
             Err(e) if is_timeout(&e) => streams.push(None),
             Err(e) => return Err(failed(format!("the hello to {addr} failed: {e}"))),
@@ -922,10 +779,7 @@ fn accept_lower(
     let mut streams: Vec<Option<TcpStream>> = (0..me).map(|_| None).collect();
     // Polled, so that the deadline and `stop` are honoured.
     listener.set_nonblocking(true)?;
-    while streams.iter().any(Option::is_none)
-        && Instant::now() < deadline
-        && !stop.load(Ordering::Relaxed)
-    {
+    while streams.iter().any(Option::is_none) && Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -952,15 +806,9 @@ fn accept_lower(
                 streams[rank] = Some(stream);
             }
             Ok((rank, size)) => {
-                tracing::warn!(
-                    rank = me,
-                    "ignoring a connection from rank {rank} of a world of {size}"
-                )
+                tracing::warn!(rank = me, "ignoring a connection from rank {rank} of a world of {size}")
             }
-            Err(e) => tracing::warn!(
-                rank = me,
-                "ignoring a connection that sent no valid hello: {e}"
-            ),
+            Err(e) => tracing::warn!(rank = me, "ignoring a connection that sent no valid hello: {e}"),
         }
     }
     Ok(streams)
@@ -977,10 +825,7 @@ fn hello(rank: usize, world: usize) -> [u8; 16] {
 /// The (rank, world size) of a hello.
 fn read_hello(input: &mut impl Read) -> io::Result<(usize, usize)> {
     if read_u64(input)? != MAGIC {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "not a candle-fsdp TCP hello",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a candle-fsdp TCP hello"));
     }
     Ok((read_u32(input)? as usize, read_u32(input)? as usize))
 }
@@ -1016,23 +861,11 @@ fn dtype_code(dtype: Option<DType>) -> Option<u8> {
 }
 
 fn dtype_of_code(code: u8) -> io::Result<Option<DType>> {
-    [
-        None,
-        Some(DType::U8),
-        Some(DType::U32),
-        Some(DType::I16),
-        Some(DType::I32),
-        Some(DType::I64),
-    ]
-    .into_iter()
-    .chain([
-        Some(DType::BF16),
-        Some(DType::F16),
-        Some(DType::F32),
-        Some(DType::F64),
-    ])
-    .find(|&d| dtype_code(d) == Some(code))
-    .ok_or_else(|| invalid(format!("unknown dtype code {code}")))
+    [None, Some(DType::U8), Some(DType::U32), Some(DType::I16), Some(DType::I32), Some(DType::I64)]
+        .into_iter()
+        .chain([Some(DType::BF16), Some(DType::F16), Some(DType::F32), Some(DType::F64)])
+        .find(|&d| dtype_code(d) == Some(code))
+        .ok_or_else(|| invalid(format!("unknown dtype code {code}")))
 }
 
 fn op_code(kind: OpKind) -> (u8, u64) {
@@ -1059,9 +892,7 @@ fn op_of_code(tag: u8, argument: u64) -> io::Result<OpKind> {
         0 => OpKind::AllGather,
         1 => OpKind::ReduceScatter(reduce()?),
         2 => OpKind::AllReduce(reduce()?),
-        3 => OpKind::Broadcast {
-            root: argument as usize,
-        },
+        3 => OpKind::Broadcast { root: argument as usize },
         4 => OpKind::Barrier,
         _ => return Err(invalid(format!("unknown operation {tag}"))),
     })
@@ -1106,11 +937,7 @@ fn data_head(group: &GroupId, call: u64, header: &CallHeader, payload_len: usize
 
 fn write_frame(output: &mut impl Write, frame: &Outgoing) -> io::Result<()> {
     match frame {
-        Outgoing::Data {
-            head,
-            payload,
-            range,
-        } => {
+        Outgoing::Data { head, payload, range } => {
             output.write_all(head)?;
             output.write_all(&payload[range.clone()])
         }
@@ -1160,13 +987,8 @@ fn read_frame(input: &mut impl Read) -> io::Result<Incoming> {
     match read_u8(input)? {
         DATA => {
             let size = read_count(input)?;
-            let ranks = (0..size)
-                .map(|_| read_u32(input).map(|r| r as usize))
-                .collect::<io::Result<Vec<_>>>()?;
-            let group = GroupId {
-                ranks: ranks.into(),
-                instance: read_u64(input)?,
-            };
+            let ranks = (0..size).map(|_| read_u32(input).map(|r| r as usize)).collect::<io::Result<Vec<_>>>()?;
+            let group = GroupId { ranks: ranks.into(), instance: read_u64(input)? };
             let call = read_u64(input)?;
             let tag = read_u8(input)?;
             let kind = op_of_code(tag, read_u64(input)?)?;
@@ -1176,19 +998,7 @@ fn read_frame(input: &mut impl Read) -> io::Result<Incoming> {
             let payload_len = read_u64(input)? as usize;
             let mut payload = vec![0; payload_len];
             input.read_exact(&mut payload)?;
-            Ok(Incoming::Data(
-                group,
-                call,
-                Message {
-                    header: CallHeader {
-                        kind,
-                        len,
-                        dtype,
-                        label,
-                    },
-                    payload,
-                },
-            ))
+            Ok(Incoming::Data(group, call, Message { header: CallHeader { kind, len, dtype, label }, payload }))
         }
         ABORT => Ok(Incoming::Abort(read_string(input)?)),
         BYE => Ok(Incoming::Bye),
@@ -1198,15 +1008,10 @@ fn read_frame(input: &mut impl Read) -> io::Result<Incoming> {
 
 /// A tensor's elements as little-endian bytes of its dtype, in row-major order.
 fn le_bytes(tensor: &Tensor) -> candle_core::Result<Vec<u8>> {
-    let flat = tensor
-        .to_device(&Device::Cpu)?
-        .flatten_all()?
-        .contiguous()?;
+    let flat = tensor.to_device(&Device::Cpu)?.flatten_all()?.contiguous()?;
     let (storage, layout) = flat.storage_and_layout();
     let (start, end) = layout.contiguous_offsets().expect("made contiguous above");
-    let Storage::Cpu(storage) = &*storage else {
-        unreachable!("moved to the CPU above")
-    };
+    let Storage::Cpu(storage) = &*storage else { unreachable!("moved to the CPU above") };
     Ok(match storage {
         CpuStorage::U8(v) => v[start..end].to_vec(),
         CpuStorage::U32(v) => each_le(&v[start..end], u32::to_le_bytes),
@@ -1222,9 +1027,5 @@ fn le_bytes(tensor: &Tensor) -> candle_core::Result<Vec<u8>> {
 }
 
 fn each_le<T: Copy, const N: usize>(values: &[T], bytes: impl Fn(T) -> [u8; N]) -> Vec<u8> {
-    values
-        .iter()
-        .map(|&value| bytes(value))
-        .collect::<Vec<[u8; N]>>()
-        .into_flattened()
+    values.iter().map(|&value| bytes(value)).collect::<Vec<[u8; N]>>().into_flattened()
 }

@@ -6,9 +6,7 @@
 //! other rank's pending and future calls fail at once with an error naming the cause
 //! instead of waiting for a peer that will never come.
 
-use super::collectives::{
-    checked_issue, group_members, Collectives, OpKind, Pending, ReduceOp, Work,
-};
+use super::collectives::{checked_issue, group_members, Collectives, OpKind, Pending, ReduceOp, Work};
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
@@ -69,14 +67,7 @@ impl ThreadWorld {
         if size == 0 {
             return Err(Error::EmptyWorld);
         }
-        Ok(Self {
-            shared: Arc::new(Shared {
-                size,
-                timeout,
-                state: Mutex::default(),
-                changed: Condvar::new(),
-            }),
-        })
+        Ok(Self { shared: Arc::new(Shared { size, timeout, state: Mutex::default(), changed: Condvar::new() }) })
     }
 
     pub fn size(&self) -> usize {
@@ -86,10 +77,7 @@ impl ThreadWorld {
     /// Rank `rank`'s handle to the group of all ranks.
     pub fn communicator(&self, rank: usize) -> Result<ThreadComm> {
         if rank >= self.shared.size {
-            return Err(Error::NoSuchRank {
-                rank,
-                world_size: self.shared.size,
-            });
+            return Err(Error::NoSuchRank { rank, world_size: self.shared.size });
         }
         let group: Arc<[usize]> = (0..self.shared.size).collect();
         Ok(ThreadComm::new(self.shared.clone(), group, 0, rank))
@@ -105,9 +93,7 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panicking rank never holds this lock while running user code, so the state is
         // consistent even if the mutex was poisoned.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn abort(&self, reason: String) {
@@ -131,17 +117,8 @@ pub struct ThreadComm {
 
 impl ThreadComm {
     fn new(shared: Arc<Shared>, group: Arc<[usize]>, instance: u64, global_rank: usize) -> Self {
-        let rank = group
-            .iter()
-            .position(|&r| r == global_rank)
-            .expect("member of its group");
-        Self {
-            shared,
-            group,
-            instance,
-            rank,
-            next_call: AtomicU64::new(0),
-        }
+        let rank = group.iter().position(|&r| r == global_rank).expect("member of its group");
+        Self { shared, group, instance, rank, next_call: AtomicU64::new(0) }
     }
 
     fn issue(&self, kind: OpKind, input: Option<&Tensor>, label: &str) -> Result<Work> {
@@ -188,8 +165,7 @@ impl ThreadComm {
             };
             // The ranks that already joined this call fail with the mismatch too, not
             // with the abort it causes.
-            slot.mismatch
-                .get_or_insert(format!("rank {global_rank}'s {op} for {label}"));
+            slot.mismatch.get_or_insert(format!("rank {global_rank}'s {op} for {label}"));
             drop(state);
             self.shared.abort(error.to_string());
             return Err(error);
@@ -224,10 +200,7 @@ impl ThreadPending {
         let deadline = Instant::now() + self.shared.timeout;
         let mut state = self.shared.lock();
         loop {
-            let slot = state
-                .slots
-                .get(&self.key)
-                .expect("a slot lives until every rank departed");
+            let slot = state.slots.get(&self.key).expect("a slot lives until every rank departed");
             if let Some(other) = &slot.mismatch {
                 return Err(Error::CollectiveMismatch {
                     rank: self.global_rank,
@@ -251,13 +224,8 @@ impl ThreadPending {
             }
             let now = Instant::now();
             if now >= deadline {
-                let missing = slot
-                    .arrived
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, a)| !**a)
-                    .map(|(r, _)| self.key.0[r])
-                    .collect();
+                let missing =
+                    slot.arrived.iter().enumerate().filter(|(_, a)| !**a).map(|(r, _)| self.key.0[r]).collect();
                 let error = Error::CollectiveTimeout {
                     rank: self.global_rank,
                     op: self.kind.to_string(),
@@ -287,10 +255,7 @@ impl ThreadPending {
 }
 
 fn present(contributions: &[Option<Tensor>]) -> Vec<&Tensor> {
-    contributions
-        .iter()
-        .map(|c| c.as_ref().expect("every data collective carries a tensor"))
-        .collect()
+    contributions.iter().map(|c| c.as_ref().expect("every data collective carries a tensor")).collect()
 }
 
 /// Sums in rank order, so every rank computes bit-identical results.
@@ -313,10 +278,8 @@ impl Pending for ThreadPending {
             OpKind::ReduceScatter(op) => {
                 let inputs = present(&contributions);
                 let chunk = inputs[0].elem_count() / inputs.len();
-                let parts: Vec<Tensor> = inputs
-                    .iter()
-                    .map(|t| t.narrow(0, self.rank * chunk, chunk))
-                    .collect::<candle_core::Result<_>>()?;
+                let parts: Vec<Tensor> =
+                    inputs.iter().map(|t| t.narrow(0, self.rank * chunk, chunk)).collect::<candle_core::Result<_>>()?;
                 reduce(&parts, op)?.contiguous()?
             }
             OpKind::AllReduce(op) => {
@@ -346,30 +309,22 @@ impl Collectives for ThreadComm {
 
     fn all_gather(&self, input: &Tensor, label: &str) -> Result<Work> {
         let kind = OpKind::AllGather;
-        checked_issue(self, kind, input, label, || {
-            self.issue(kind, Some(input), label)
-        })
+        checked_issue(self, kind, input, label, || self.issue(kind, Some(input), label))
     }
 
     fn reduce_scatter(&self, input: &Tensor, op: ReduceOp, label: &str) -> Result<Work> {
         let kind = OpKind::ReduceScatter(op);
-        checked_issue(self, kind, input, label, || {
-            self.issue(kind, Some(input), label)
-        })
+        checked_issue(self, kind, input, label, || self.issue(kind, Some(input), label))
     }
 
     fn all_reduce(&self, input: &Tensor, op: ReduceOp, label: &str) -> Result<Work> {
         let kind = OpKind::AllReduce(op);
-        checked_issue(self, kind, input, label, || {
-            self.issue(kind, Some(input), label)
-        })
+        checked_issue(self, kind, input, label, || self.issue(kind, Some(input), label))
     }
 
     fn broadcast(&self, input: &Tensor, root: usize, label: &str) -> Result<Work> {
         let kind = OpKind::Broadcast { root };
-        checked_issue(self, kind, input, label, || {
-            self.issue(kind, Some(input), label)
-        })
+        checked_issue(self, kind, input, label, || self.issue(kind, Some(input), label))
     }
 
     fn barrier(&self, label: &str) -> Result<()> {
@@ -392,11 +347,6 @@ impl Collectives for ThreadComm {
             *count += 1;
             *count
         };
-        Ok(Box::new(ThreadComm::new(
-            self.shared.clone(),
-            ranks,
-            instance,
-            me,
-        )))
+        Ok(Box::new(ThreadComm::new(self.shared.clone(), ranks, instance, me)))
     }
 }

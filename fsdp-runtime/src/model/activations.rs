@@ -30,9 +30,9 @@ pub trait Activations: Sized {
         let mut used = 0;
         let rebuilt = self.map_tensors(&mut |_| {
             used += 1;
-            replacements.next().ok_or_else(|| {
-                candle_core::Error::Msg(format!("with_tensors: {expected} tensors for more"))
-            })
+            replacements
+                .next()
+                .ok_or_else(|| candle_core::Error::Msg(format!("with_tensors: {expected} tensors for more")))
         })?;
         if used != expected {
             candle_core::bail!("with_tensors: {expected} tensors for a value holding {used}")
@@ -127,9 +127,7 @@ impl<A: Activations> Activations for BTreeMap<String, A> {
     }
 
     fn map_tensors(self, f: &mut dyn FnMut(Tensor) -> Result<Tensor>) -> Result<Self> {
-        self.into_iter()
-            .map(|(k, v)| Ok((k, v.map_tensors(f)?)))
-            .collect()
+        self.into_iter().map(|(k, v)| Ok((k, v.map_tensors(f)?))).collect()
     }
 }
 

@@ -18,12 +18,7 @@ pub struct GroupNorm {
 }
 
 /// Like `candle_nn::group_norm`: parameters `weight` (ones) and `bias` (zeros).
-pub fn group_norm(
-    num_groups: usize,
-    num_channels: usize,
-    eps: f64,
-    vb: candle_nn::VarBuilder,
-) -> Result<GroupNorm> {
+pub fn group_norm(num_groups: usize, num_channels: usize, eps: f64, vb: candle_nn::VarBuilder) -> Result<GroupNorm> {
     let weight = vb.get_with_hints(num_channels, "weight", candle_nn::Init::Const(1.))?;
     let bias = vb.get_with_hints(num_channels, "bias", candle_nn::Init::Const(0.))?;
     GroupNorm::new(weight, bias, num_groups, eps)
@@ -33,16 +28,9 @@ impl GroupNorm {
     pub fn new(weight: Tensor, bias: Tensor, num_groups: usize, eps: f64) -> Result<Self> {
         let num_channels = weight.elem_count();
         if num_groups == 0 || !num_channels.is_multiple_of(num_groups) {
-            candle_core::bail!(
-                "GroupNorm: num_groups ({num_groups}) must divide num_channels ({num_channels})"
-            )
+            candle_core::bail!("GroupNorm: num_groups ({num_groups}) must divide num_channels ({num_channels})")
         }
-        Ok(Self {
-            weight,
-            bias,
-            num_groups,
-            eps,
-        })
+        Ok(Self { weight, bias, num_groups, eps })
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -62,10 +50,7 @@ impl candle_core::Module for GroupNorm {
         }
         let (batch, channels) = (dims[0], dims[1]);
         if channels != self.weight.elem_count() {
-            candle_core::bail!(
-                "GroupNorm expects {} channels, got {channels}",
-                self.weight.elem_count()
-            )
+            candle_core::bail!("GroupNorm expects {} channels, got {channels}", self.weight.elem_count())
         }
         // Normalise each group over its channels and spatial positions, then apply the
         // per-channel affine transform.
@@ -73,9 +58,7 @@ impl candle_core::Module for GroupNorm {
         let mean = grouped.mean_keepdim(2)?;
         let centered = grouped.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(2)?;
-        let normed = centered
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .reshape(dims)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?.reshape(dims)?;
         let mut affine_shape = vec![1; dims.len()];
         affine_shape[1] = channels;
         normed
@@ -85,10 +68,7 @@ impl candle_core::Module for GroupNorm {
 }
 
 impl Shardable for GroupNorm {
-    const NODE: Node = layer_node!(
-        "GroupNorm",
-        [field("weight", &PARAM), field("bias", &PARAM)]
-    );
+    const NODE: Node = layer_node!("GroupNorm", [field("weight", &PARAM), field("bias", &PARAM)]);
 
     fn visit(&self, visitor: &mut dyn Visitor, _order: VisitOrder) {
         weight_and_bias(visitor, &self.weight, Some(&self.bias));

@@ -5,8 +5,7 @@
 use super::schema::{FieldSchema, Node, Role, Shardable, TensorMap, VisitOrder, Visitor};
 use candle_core::{Result, Tensor};
 use candle_nn::{
-    BatchNorm, Conv1d, Conv2d, ConvTranspose1d, ConvTranspose2d, Embedding, LayerNorm, Linear,
-    PReLU, RmsNorm,
+    BatchNorm, Conv1d, Conv2d, ConvTranspose1d, ConvTranspose2d, Embedding, LayerNorm, Linear, PReLU, RmsNorm,
 };
 
 pub(crate) const PARAM: Node = Node::Tensor(Role::Parameter);
@@ -14,12 +13,7 @@ pub(crate) const OPTIONAL_PARAM: Node = Node::Optional(&PARAM);
 const BUFFER: Node = Node::Tensor(Role::Buffer);
 
 pub(crate) const fn field(name: &'static str, node: &'static Node) -> FieldSchema {
-    FieldSchema {
-        ident: name,
-        name,
-        role: None,
-        node,
-    }
+    FieldSchema { ident: name, name, role: None, node }
 }
 
 /// The schema of a layer whose fields are all visited in declaration order.
@@ -64,10 +58,7 @@ pub(crate) fn map_bias(bias: Option<&Tensor>, map: &mut dyn TensorMap) -> Result
 }
 
 impl Shardable for Linear {
-    const NODE: Node = layer_node!(
-        "Linear",
-        [field("weight", &PARAM), field("bias", &OPTIONAL_PARAM)]
-    );
+    const NODE: Node = layer_node!("Linear", [field("weight", &PARAM), field("bias", &OPTIONAL_PARAM)]);
 
     fn visit(&self, visitor: &mut dyn Visitor, _order: VisitOrder) {
         weight_and_bias(visitor, self.weight(), self.bias());
@@ -88,18 +79,12 @@ impl Shardable for Embedding {
 
     fn map_tensors(self, map: &mut dyn TensorMap) -> Result<Self> {
         let hidden_size = self.hidden_size();
-        Ok(Embedding::new(
-            map.map(self.embeddings().clone())?,
-            hidden_size,
-        ))
+        Ok(Embedding::new(map.map(self.embeddings().clone())?, hidden_size))
     }
 }
 
 impl Shardable for LayerNorm {
-    const NODE: Node = layer_node!(
-        "LayerNorm",
-        [field("weight", &PARAM), field("bias", &OPTIONAL_PARAM)]
-    );
+    const NODE: Node = layer_node!("LayerNorm", [field("weight", &PARAM), field("bias", &OPTIONAL_PARAM)]);
 
     fn visit(&self, visitor: &mut dyn Visitor, _order: VisitOrder) {
         weight_and_bias(visitor, self.weight(), self.bias());

@@ -99,9 +99,7 @@ impl Layout {
                 .filter(|u| !orders.pre.contains(u))
                 .map(|u| collector.units[u].display_name())
                 .collect();
-            let detail = format!(
-                "unit(s) {missing:?} are visited in declaration order but not in forward order"
-            );
+            let detail = format!("unit(s) {missing:?} are visited in declaration order but not in forward order");
             return Err(Error::VisitOrderMismatch { detail });
         }
         Ok(Self {
@@ -116,11 +114,7 @@ impl Layout {
 
     /// The FQNs of unit `unit`'s tensors, in flat-parameter order.
     pub fn unit_fqns(&self, unit: usize) -> Vec<&str> {
-        self.units[unit]
-            .params
-            .iter()
-            .map(|&p| self.params[p].fqn.as_str())
-            .collect()
+        self.units[unit].params.iter().map(|&p| self.params[p].fqn.as_str()).collect()
     }
 
     /// The unit whose FQN (display name) is `name`.
@@ -154,9 +148,9 @@ impl Layout {
             match vars.get(*fqn) {
                 None if !required => {}
                 None => mismatches.push(format!("{fqn}: in the model, not in the VarMap")),
-                Some(var) if var.as_tensor().id() != *id => mismatches.push(format!(
-                    "{fqn}: the VarMap holds a different tensor under this name"
-                )),
+                Some(var) if var.as_tensor().id() != *id => {
+                    mismatches.push(format!("{fqn}: the VarMap holds a different tensor under this name"))
+                }
                 Some(_) => {}
             }
         }
@@ -194,18 +188,8 @@ struct Collector {
 
 impl Collector {
     fn new(table: StaticTable) -> Self {
-        let template_index = table
-            .params
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.fqn.to_string(), i))
-            .collect();
-        let unit_template_index = table
-            .units
-            .iter()
-            .enumerate()
-            .map(|(i, u)| (u.fqn.to_string(), i))
-            .collect();
+        let template_index = table.params.iter().enumerate().map(|(i, p)| (p.fqn.to_string(), i)).collect();
+        let unit_template_index = table.units.iter().enumerate().map(|(i, u)| (u.fqn.to_string(), i)).collect();
         Self {
             table,
             template_index,
@@ -215,12 +199,7 @@ impl Collector {
             unit_stack: vec![0],
             buffer_depth: 0,
             params: Vec::new(),
-            units: vec![UnitInfo {
-                fqn: String::new(),
-                template: 0,
-                parent: None,
-                params: Vec::new(),
-            }],
+            units: vec![UnitInfo { fqn: String::new(), template: 0, parent: None, params: Vec::new() }],
             ties: Vec::new(),
             by_tensor: HashMap::new(),
             by_cell: HashMap::new(),
@@ -255,11 +234,7 @@ impl Visitor for Collector {
 
     fn enter_unit(&mut self, cell: &UnitCell) {
         let fqn = self.path.join(".");
-        if self
-            .by_cell
-            .insert(cell_key(cell), self.units.len())
-            .is_some()
-        {
+        if self.by_cell.insert(cell_key(cell), self.units.len()).is_some() {
             self.fail(Error::VisitOrderMismatch {
                 detail: format!("the unit at `{fqn}` is visited twice in declaration order"),
             });
@@ -268,10 +243,7 @@ impl Visitor for Collector {
         let template = match self.unit_template_index.get(&template_fqn) {
             Some(&t) => t,
             None => {
-                self.fail(Error::NotInTable {
-                    fqn: fqn.clone(),
-                    template: template_fqn,
-                });
+                self.fail(Error::NotInTable { fqn: fqn.clone(), template: template_fqn });
                 0
             }
         };
@@ -279,12 +251,7 @@ impl Visitor for Collector {
         if self.units[self.current_unit()].fqn == fqn {
             self.fail(Error::UnitInUnit { fqn: fqn.clone() });
         }
-        self.units.push(UnitInfo {
-            fqn,
-            template,
-            parent,
-            params: Vec::new(),
-        });
+        self.units.push(UnitInfo { fqn, template, parent, params: Vec::new() });
         self.unit_stack.push(self.units.len() - 1);
     }
 
@@ -322,31 +289,15 @@ impl Visitor for Collector {
         let template = match self.template_index.get(&template_fqn) {
             Some(&t) => t,
             None => {
-                self.fail(Error::NotInTable {
-                    fqn: fqn.clone(),
-                    template: template_fqn,
-                });
+                self.fail(Error::NotInTable { fqn: fqn.clone(), template: template_fqn });
                 return;
             }
         };
-        let role = if self.buffer_depth > 0 {
-            Role::Buffer
-        } else {
-            role
-        };
-        debug_assert_eq!(
-            role, self.table.params[template].role,
-            "visit and table disagree on {fqn}"
-        );
+        let role = if self.buffer_depth > 0 { Role::Buffer } else { role };
+        debug_assert_eq!(role, self.table.params[template].role, "visit and table disagree on {fqn}");
         self.by_tensor.insert(tensor.id(), self.params.len());
         self.units[unit].params.push(self.params.len());
-        self.params.push(ParamInfo {
-            fqn,
-            template,
-            unit,
-            role,
-            tensor: tensor.clone(),
-        });
+        self.params.push(ParamInfo { fqn, template, unit, role, tensor: tensor.clone() });
     }
 }
 
@@ -384,14 +335,10 @@ impl Visitor for OrderCollector {
     fn enter_unit(&mut self, cell: &UnitCell) {
         let unit = self.by_cell.get(&cell_key(cell)).copied();
         let problem = match unit {
-            None => Some(format!(
-                "the unit at `{}` is visited in forward order only",
-                self.path.join(".")
-            )),
-            Some(unit) if self.pre.contains(&unit) => Some(format!(
-                "the unit at `{}` is visited twice in forward order",
-                self.path.join(".")
-            )),
+            None => Some(format!("the unit at `{}` is visited in forward order only", self.path.join("."))),
+            Some(unit) if self.pre.contains(&unit) => {
+                Some(format!("the unit at `{}` is visited twice in forward order", self.path.join(".")))
+            }
             Some(unit) => {
                 self.pre.push(unit);
                 None

@@ -191,13 +191,8 @@ impl<T: Shardable, const N: usize> Shardable for [T; N] {
     }
 
     fn map_tensors(self, map: &mut dyn TensorMap) -> Result<Self> {
-        let mapped: Vec<T> = self
-            .into_iter()
-            .map(|item| item.map_tensors(map))
-            .collect::<Result<_>>()?;
-        Ok(mapped
-            .try_into()
-            .unwrap_or_else(|_| unreachable!("an array maps to an array of the same length")))
+        let mapped: Vec<T> = self.into_iter().map(|item| item.map_tensors(map)).collect::<Result<_>>()?;
+        Ok(mapped.try_into().unwrap_or_else(|_| unreachable!("an array maps to an array of the same length")))
     }
 }
 

@@ -25,19 +25,13 @@ pub struct FqnTemplate {
 
 impl FqnTemplate {
     /// The empty path: the root.
-    pub const ROOT: Self = Self {
-        segments: [""; MAX_DEPTH],
-        len: 0,
-    };
+    pub const ROOT: Self = Self { segments: [""; MAX_DEPTH], len: 0 };
 
     const fn push(mut self, segment: &'static str) -> Self {
         if segment.is_empty() {
             return self;
         }
-        assert!(
-            self.len < MAX_DEPTH,
-            "model nesting is deeper than candle_fsdp::model::MAX_DEPTH"
-        );
+        assert!(self.len < MAX_DEPTH, "model nesting is deeper than candle_fsdp::model::MAX_DEPTH");
         self.segments[self.len] = segment;
         self.len += 1;
         self
@@ -59,10 +53,7 @@ impl FqnTemplate {
             .segments()
             .iter()
             .map(|segment| match *segment {
-                INDEX => indices
-                    .next()
-                    .map(|i| i.to_string())
-                    .unwrap_or_else(|| INDEX.to_string()),
+                INDEX => indices.next().map(|i| i.to_string()).unwrap_or_else(|| INDEX.to_string()),
                 name => name.to_string(),
             })
             .collect();
@@ -143,10 +134,7 @@ pub const fn param_count(node: &Node) -> usize {
             }
             total
         }
-        Node::Unit(inner)
-        | Node::Repeated(inner)
-        | Node::Array(_, inner)
-        | Node::Optional(inner) => param_count(inner),
+        Node::Unit(inner) | Node::Repeated(inner) | Node::Array(_, inner) | Node::Optional(inner) => param_count(inner),
     }
 }
 
@@ -168,9 +156,7 @@ const fn nested_unit_count(node: &Node) -> usize {
             total
         }
         Node::Unit(inner) => 1 + nested_unit_count(inner),
-        Node::Repeated(inner) | Node::Array(_, inner) | Node::Optional(inner) => {
-            nested_unit_count(inner)
-        }
+        Node::Repeated(inner) | Node::Array(_, inner) | Node::Optional(inner) => nested_unit_count(inner),
     }
 }
 
@@ -200,23 +186,10 @@ struct Cursor<'a, const P: usize, const U: usize> {
 impl<const P: usize, const U: usize> Table<P, U> {
     /// Flattens `node`. `P` and `U` must be [`param_count`] and [`unit_count`] of it.
     pub const fn build(node: &Node) -> Self {
-        assert!(
-            P == param_count(node),
-            "Table::build: P must equal param_count(node)"
-        );
-        assert!(
-            U == unit_count(node),
-            "Table::build: U must equal unit_count(node)"
-        );
-        let empty_param = ParamTemplate {
-            fqn: FqnTemplate::ROOT,
-            unit: 0,
-            role: Role::Parameter,
-        };
-        let root = UnitTemplate {
-            fqn: FqnTemplate::ROOT,
-            parent: None,
-        };
+        assert!(P == param_count(node), "Table::build: P must equal param_count(node)");
+        assert!(U == unit_count(node), "Table::build: U must equal unit_count(node)");
+        let empty_param = ParamTemplate { fqn: FqnTemplate::ROOT, unit: 0, role: Role::Parameter };
+        let root = UnitTemplate { fqn: FqnTemplate::ROOT, parent: None };
         let mut table = Table {
             params: [empty_param; P],
             units: [root; U],
@@ -224,13 +197,7 @@ impl<const P: usize, const U: usize> Table<P, U> {
             post_forward_order: [0; U],
             backward_order: [0; U],
         };
-        let mut cursor = Cursor {
-            table: &mut table,
-            params: 0,
-            units: 1,
-            pre: 1,
-            post: 0,
-        };
+        let mut cursor = Cursor { table: &mut table, params: 0, units: 1, pre: 1, post: 0 };
         declare(node, FqnTemplate::ROOT, 0, None, &mut cursor);
         order(node, 1, &mut cursor);
         cursor.table.post_forward_order[U - 1] = 0;
@@ -275,38 +242,25 @@ const fn declare<const P: usize, const U: usize>(
             let mut i = 0;
             while i < schema.fields.len() {
                 let field = &schema.fields[i];
-                let role = if field.role.is_some() {
-                    field.role
-                } else {
-                    role
-                };
+                let role = if field.role.is_some() { field.role } else { role };
                 declare(field.node, fqn.push(field.name), unit, role, cursor);
                 i += 1;
             }
         }
         Node::Unit(inner) => {
             let id = cursor.units;
-            cursor.table.units[id] = UnitTemplate {
-                fqn,
-                parent: Some(unit),
-            };
+            cursor.table.units[id] = UnitTemplate { fqn, parent: Some(unit) };
             cursor.units += 1;
             declare(inner, fqn, id, role, cursor);
         }
-        Node::Repeated(inner) | Node::Array(_, inner) => {
-            declare(inner, fqn.push(INDEX), unit, role, cursor)
-        }
+        Node::Repeated(inner) | Node::Array(_, inner) => declare(inner, fqn.push(INDEX), unit, role, cursor),
         Node::Optional(inner) => declare(inner, fqn, unit, role, cursor),
     }
 }
 
 /// Walks in forward order: records unit starts and ends. `first_unit` is the declaration
 /// number the first unit inside `node` has.
-const fn order<const P: usize, const U: usize>(
-    node: &Node,
-    first_unit: usize,
-    cursor: &mut Cursor<'_, P, U>,
-) {
+const fn order<const P: usize, const U: usize>(node: &Node, first_unit: usize, cursor: &mut Cursor<'_, P, U>) {
     match node {
         Node::Tensor(_) => {}
         Node::Struct(schema) => {
@@ -330,9 +284,7 @@ const fn order<const P: usize, const U: usize>(
             cursor.table.post_forward_order[cursor.post] = first_unit;
             cursor.post += 1;
         }
-        Node::Repeated(inner) | Node::Array(_, inner) | Node::Optional(inner) => {
-            order(inner, first_unit, cursor)
-        }
+        Node::Repeated(inner) | Node::Array(_, inner) | Node::Optional(inner) => order(inner, first_unit, cursor),
     }
 }
 
@@ -366,20 +318,12 @@ mod tests {
     const PARAMETER: Node = Node::Tensor(Role::Parameter);
 
     const fn field(name: &'static str, role: Option<Role>, node: &'static Node) -> FieldSchema {
-        FieldSchema {
-            ident: name,
-            name,
-            role,
-            node,
-        }
+        FieldSchema { ident: name, name, role, node }
     }
 
     static LINEAR: StructSchema = StructSchema {
         type_name: "Linear",
-        fields: &[
-            field("weight", None, &PARAMETER),
-            field("bias", None, &PARAMETER),
-        ],
+        fields: &[field("weight", None, &PARAMETER), field("bias", None, &PARAMETER)],
         forward_order: &[0, 1],
     };
     /// A block whose forward runs its norm scale (a buffer) before its attention unit.
@@ -396,11 +340,7 @@ mod tests {
         type_name: "Model",
         fields: &[
             field("lm_head", None, &Node::Optional(&Node::Struct(&LINEAR))),
-            field(
-                "model.layers",
-                None,
-                &Node::Repeated(&Node::Unit(&Node::Struct(&BLOCK))),
-            ),
+            field("model.layers", None, &Node::Repeated(&Node::Unit(&Node::Struct(&BLOCK)))),
             field("embed.weight", None, &PARAMETER),
         ],
         forward_order: &[2, 1, 0],
@@ -411,11 +351,8 @@ mod tests {
     fn a_hand_built_schema_flattens_to_its_fqns_units_and_orders() {
         assert_eq!((param_count(&ROOT), unit_count(&ROOT)), (6, 3));
         let table = Table::<6, 3>::build(&ROOT);
-        let params: Vec<(String, usize, Role)> = table
-            .params
-            .iter()
-            .map(|p| (p.fqn.segments().join("."), p.unit, p.role))
-            .collect();
+        let params: Vec<(String, usize, Role)> =
+            table.params.iter().map(|p| (p.fqn.segments().join("."), p.unit, p.role)).collect();
         let expected = [
             ("lm_head.weight", 0, Role::Parameter),
             ("lm_head.bias", 0, Role::Parameter),
@@ -424,17 +361,10 @@ mod tests {
             ("model.layers.{index}.scale", 1, Role::Buffer),
             ("embed.weight", 0, Role::Parameter),
         ];
-        let expected: Vec<(String, usize, Role)> = expected
-            .iter()
-            .map(|&(f, u, r)| (f.to_string(), u, r))
-            .collect();
+        let expected: Vec<(String, usize, Role)> = expected.iter().map(|&(f, u, r)| (f.to_string(), u, r)).collect();
         assert_eq!(params, expected);
 
-        let units: Vec<(String, Option<usize>)> = table
-            .units
-            .iter()
-            .map(|u| (u.display_name(), u.parent))
-            .collect();
+        let units: Vec<(String, Option<usize>)> = table.units.iter().map(|u| (u.display_name(), u.parent)).collect();
         assert_eq!(
             units,
             [
@@ -448,10 +378,7 @@ mod tests {
         assert_eq!(table.post_forward_order, [2, 1, 0]);
         assert_eq!(table.backward_order, [0, 1, 2]);
         // Expanded with the layer index.
-        assert_eq!(
-            table.params[3].fqn.expand(&[7]),
-            "model.layers.7.self_attn.bias"
-        );
+        assert_eq!(table.params[3].fqn.expand(&[7]), "model.layers.7.self_attn.bias");
         assert_eq!(table.params[2].fqn.index_count(), 1);
     }
 }

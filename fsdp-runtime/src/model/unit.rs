@@ -33,9 +33,7 @@ pub struct UnitCell(OnceLock<(Arc<dyn UnitHooks>, usize)>);
 
 impl UnitCell {
     pub(crate) fn install(&self, hooks: Arc<dyn UnitHooks>, index: usize) -> crate::Result<()> {
-        self.0
-            .set((hooks, index))
-            .map_err(|_| Error::AlreadyWrapped)
+        self.0.set((hooks, index)).map_err(|_| Error::AlreadyWrapped)
     }
 }
 
@@ -57,32 +55,21 @@ pub struct Unit<T> {
 
 impl<T> Unit<T> {
     pub fn new(inner: T) -> Self {
-        Self {
-            inner,
-            cell: UnitCell::default(),
-        }
+        Self { inner, cell: UnitCell::default() }
     }
 
     /// Runs the unit's forward `f` on `inputs`: the way to call a forward with any
     /// signature. Once wrapped, the unit's parameters are gathered before `f` and freed
     /// after it as the strategy says, and the outputs are hooked for the backward.
-    pub fn run<I: Activations, R: Activations>(
-        &self,
-        inputs: I,
-        f: impl FnOnce(&T, I) -> Result<R>,
-    ) -> Result<R> {
+    pub fn run<I: Activations, R: Activations>(&self, inputs: I, f: impl FnOnce(&T, I) -> Result<R>) -> Result<R> {
         let Some((hooks, index)) = self.cell.0.get() else {
             return f(&self.inner, inputs);
         };
-        let bound = hooks
-            .bind_inputs(*index, inputs.tensors())
-            .map_err(into_candle)?;
+        let bound = hooks.bind_inputs(*index, inputs.tensors()).map_err(into_candle)?;
         let inputs = inputs.with_tensors(bound)?;
         hooks.pre_forward(*index).map_err(into_candle)?;
         let outputs = f(&self.inner, inputs)?;
-        let hooked = hooks
-            .post_forward(*index, outputs.tensors())
-            .map_err(into_candle)?;
+        let hooked = hooks.post_forward(*index, outputs.tensors()).map_err(into_candle)?;
         outputs.with_tensors(hooked)
     }
 

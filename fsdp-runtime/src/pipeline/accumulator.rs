@@ -17,13 +17,7 @@ pub struct GradAccumulator {
 
 impl std::fmt::Debug for GradAccumulator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list()
-            .entries(
-                self.entries
-                    .iter()
-                    .map(|(var, grad)| (var.id(), grad.shape().clone())),
-            )
-            .finish()
+        f.debug_list().entries(self.entries.iter().map(|(var, grad)| (var.id(), grad.shape().clone()))).finish()
     }
 }
 
@@ -35,11 +29,7 @@ impl GradAccumulator {
     /// Adds `grad` to `var`'s gradient (sets it if `var` has none yet).
     pub fn add(&mut self, var: &Var, grad: &Tensor) -> Result<()> {
         if grad.shape() != var.shape() {
-            candle_core::bail!(
-                "gradient {:?} for a variable of shape {:?}",
-                grad.shape(),
-                var.shape()
-            );
+            candle_core::bail!("gradient {:?} for a variable of shape {:?}", grad.shape(), var.shape());
         }
         match self.index.get(&var.id()) {
             Some(&i) => {

@@ -31,12 +31,7 @@ pub struct WorkCounts {
 /// [`DeferredGradSink`] owns (an FSDP unit's gathered parameter).
 pub(crate) enum Deferred {
     /// `dw = x_flatᵀ·dy_flat` (or its transpose, for a weight used as `x·wᵀ`).
-    Matmul {
-        weight: Tensor,
-        x: Tensor,
-        dy: Tensor,
-        transposed: bool,
-    },
+    Matmul { weight: Tensor, x: Tensor, dy: Tensor, transposed: bool },
     /// `db = dy_flat` summed over the rows.
     Bias { bias: Tensor, dy: Tensor },
     /// A gradient candle computed during the input pass anyway (a parameter used through an
@@ -96,9 +91,7 @@ impl StageContext {
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain data; keep going with it.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Where the weight pass sends the gradients of weights that are not `Var`s.

@@ -31,51 +31,25 @@ impl CustomOp2 for DeferredMatmulOp {
         "stage-deferred-matmul"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
         self.value.take()
     }
 
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
         self.value.take()
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let w_node = w;
         let w = w.detach();
-        let (k, n) = if self.transposed {
-            (w.dim(1)?, w.dim(0)?)
-        } else {
-            (w.dim(0)?, w.dim(1)?)
-        };
+        let (k, n) = if self.transposed { (w.dim(1)?, w.dim(0)?) } else { (w.dim(0)?, w.dim(1)?) };
         let rows = x.elem_count() / k.max(1);
         let dy_flat = dy.detach().reshape((rows, n))?;
         let mode = self.ctx.lock().mode;
 
         // dx = dy·wᵀ, the product candle's Matmul backward computes for its lhs.
         let dx = if x.track_op() {
-            let dx = if self.transposed {
-                dy_flat.matmul(&w)?
-            } else {
-                dy_flat.matmul(&w.t()?)?
-            };
+            let dx = if self.transposed { dy_flat.matmul(&w)? } else { dy_flat.matmul(&w.t()?)? };
             let mut state = self.ctx.lock();
             state.counts.input_matmuls += 1;
             state.counts.input_matmul_flops += matmul_flops(rows, n, k);
@@ -158,11 +132,7 @@ fn matmul_impl(ctx: &StageContext, x: &Tensor, w: &Tensor, transposed: bool) -> 
     let rows = x.elem_count() / k.max(1);
     let x_flat = x.detach().reshape((rows, k))?;
     let w_value = w.detach();
-    let value = if transposed {
-        x_flat.matmul(&w_value.t()?)?
-    } else {
-        x_flat.matmul(&w_value)?
-    };
+    let value = if transposed { x_flat.matmul(&w_value.t()?)? } else { x_flat.matmul(&w_value)? };
     let mut out_dims = batch.to_vec();
     out_dims.push(n);
     let value = value.reshape(out_dims)?;
@@ -199,33 +169,15 @@ impl CustomOp2 for DeferredBiasAddOp {
         "stage-deferred-bias-add"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
         self.value.take()
     }
 
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
         self.value.take()
     }
 
-    fn bwd(
-        &self,
-        y: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, y: &Tensor, b: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let n = b.elem_count();
         let rows = y.elem_count() / n.max(1);
         let dy = dy.detach();
@@ -239,10 +191,7 @@ impl CustomOp2 for DeferredBiasAddOp {
                 Some(db)
             }
             PassMode::InputOnly => {
-                self.ctx.lock().queue.push(Deferred::Bias {
-                    bias: self.bias.clone(),
-                    dy: dy_flat,
-                });
+                self.ctx.lock().queue.push(Deferred::Bias { bias: self.bias.clone(), dy: dy_flat });
                 defer(&self.ctx, b)?
             }
         };
@@ -259,11 +208,7 @@ pub(crate) fn bias_grad(dy_flat: &Tensor) -> Result<Tensor> {
 pub fn deferred_bias_add(ctx: &StageContext, y: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let n = bias.dims1()?;
     if y.dims().last() != Some(&n) {
-        candle_core::bail!(
-            "deferred bias add: input {:?} and bias {:?}",
-            y.shape(),
-            bias.shape()
-        );
+        candle_core::bail!("deferred bias add: input {:?} and bias {:?}", y.shape(), bias.shape());
     }
     let value = y.detach().broadcast_add(&bias.detach())?;
     let op = DeferredBiasAddOp {
@@ -287,27 +232,14 @@ pub struct StageLinear {
 
 impl StageLinear {
     pub fn new(ctx: &StageContext, weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self {
-            ctx: ctx.clone(),
-            weight,
-            bias,
-        }
+        Self { ctx: ctx.clone(), weight, bias }
     }
 
     /// Like `candle_nn::linear`: parameters `weight` `(out, in)` and `bias` `(out,)`
     /// created through `vb` with candle-nn's initialisation.
-    pub fn build(
-        ctx: &StageContext,
-        in_dim: usize,
-        out_dim: usize,
-        vb: candle_nn::VarBuilder,
-    ) -> Result<Self> {
+    pub fn build(ctx: &StageContext, in_dim: usize, out_dim: usize, vb: candle_nn::VarBuilder) -> Result<Self> {
         let linear = candle_nn::linear(in_dim, out_dim, vb)?;
-        Ok(Self::new(
-            ctx,
-            linear.weight().clone(),
-            linear.bias().cloned(),
-        ))
+        Ok(Self::new(ctx, linear.weight().clone(), linear.bias().cloned()))
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -324,11 +256,7 @@ impl StageLinear {
 
     /// The same layer with its parameters replaced, for `Shardable::map_tensors`.
     pub(crate) fn with_parameters(self, weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self {
-            ctx: self.ctx,
-            weight,
-            bias,
-        }
+        Self { ctx: self.ctx, weight, bias }
     }
 }
 
@@ -344,10 +272,7 @@ impl Module for StageLinear {
 
 /// A stage layer can be an FSDP unit's parameter: `weight` and `bias`, like `Linear`.
 impl Shardable for StageLinear {
-    const NODE: Node = layer_node!(
-        "StageLinear",
-        [field("weight", &PARAM), field("bias", &OPTIONAL_PARAM)]
-    );
+    const NODE: Node = layer_node!("StageLinear", [field("weight", &PARAM), field("bias", &OPTIONAL_PARAM)]);
 
     fn visit(&self, visitor: &mut dyn Visitor, _order: VisitOrder) {
         weight_and_bias(visitor, self.weight(), self.bias());

@@ -35,10 +35,7 @@ impl<'a> From<&'a Var> for StageInput<'a> {
 fn seed(outputs: &[Tensor], output_grads: Option<&[Option<Tensor>]>) -> Result<Option<Tensor>> {
     if let Some(grads) = output_grads {
         if grads.len() != outputs.len() {
-            return Err(Error::StageGradCount {
-                outputs: outputs.len(),
-                grads: grads.len(),
-            });
+            return Err(Error::StageGradCount { outputs: outputs.len(), grads: grads.len() });
         }
     }
     let mut root: Option<Tensor> = None;
@@ -178,11 +175,7 @@ pub fn stage_backward_input(
     state.mode = PassMode::Full;
     match result {
         Ok((input_grads, params)) => {
-            state.queue.extend(
-                params
-                    .into_iter()
-                    .map(|(var, grad)| Deferred::Ready { var, grad }),
-            );
+            state.queue.extend(params.into_iter().map(|(var, grad)| Deferred::Ready { var, grad }));
             state.input_passes += 1;
             Ok(input_grads)
         }
@@ -213,8 +206,7 @@ pub fn stage_backward_weight(ctx: &StageContext, acc: &mut GradAccumulator) -> R
         }
         std::mem::take(&mut state.queue)
     };
-    let summed = match compute_weight_work(ctx, &queue).and_then(|summed| check_owners(ctx, summed))
-    {
+    let summed = match compute_weight_work(ctx, &queue).and_then(|summed| check_owners(ctx, summed)) {
         Ok(summed) => summed,
         Err(err) => {
             let mut state = ctx.lock();
@@ -228,10 +220,7 @@ pub fn stage_backward_weight(ctx: &StageContext, acc: &mut GradAccumulator) -> R
     for (weight, grad) in &summed {
         match weight {
             Owner::Var(var) => acc.add(var, grad)?,
-            Owner::Sink(tensor) => sink
-                .as_ref()
-                .expect("checked by check_owners")
-                .deposit(tensor, grad)?,
+            Owner::Sink(tensor) => sink.as_ref().expect("checked by check_owners").deposit(tensor, grad)?,
         }
     }
     Ok(())
@@ -255,9 +244,7 @@ fn check_owners(ctx: &StageContext, summed: Vec<(Tensor, Tensor)>) -> Result<Vec
             } else if sink.as_ref().is_some_and(|s| s.owns(&weight)) {
                 Ok((Owner::Sink(weight), grad))
             } else {
-                Err(Error::StageWeightUnowned {
-                    shape: format!("{:?}", weight.shape()),
-                })
+                Err(Error::StageWeightUnowned { shape: format!("{:?}", weight.shape()) })
             }
         })
         .collect()
@@ -268,18 +255,12 @@ fn compute_weight_work(ctx: &StageContext, queue: &[Deferred]) -> Result<Vec<(Te
     let mut summed: Vec<(Tensor, Tensor)> = Vec::new();
     for work in queue {
         let (weight, grad) = match work {
-            Deferred::Matmul {
-                weight,
-                x,
-                dy,
-                transposed,
-            } => {
+            Deferred::Matmul { weight, x, dy, transposed } => {
                 let grad = weight_grad(x, dy, *transposed)?;
                 let (rows, k) = x.dims2()?;
                 let mut state = ctx.lock();
                 state.counts.weight_matmuls += 1;
-                state.counts.weight_matmul_flops +=
-                    2 * (rows as u64) * (k as u64) * (dy.dim(1)? as u64);
+                state.counts.weight_matmul_flops += 2 * (rows as u64) * (k as u64) * (dy.dim(1)? as u64);
                 (weight, grad)
             }
             Deferred::Bias { bias, dy } => {

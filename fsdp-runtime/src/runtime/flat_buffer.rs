@@ -22,17 +22,12 @@ pub(crate) struct ShardSpec {
 
 impl ShardSpec {
     pub fn new(numel: usize, world: usize) -> Self {
-        Self {
-            numel,
-            shard_len: numel.div_ceil(world),
-        }
+        Self { numel, shard_len: numel.div_ceil(world) }
     }
 
     /// Elements of rank `rank`'s shard that are not padding.
     pub fn real_len(&self, rank: usize) -> usize {
-        self.numel
-            .saturating_sub(rank * self.shard_len)
-            .min(self.shard_len)
+        self.numel.saturating_sub(rank * self.shard_len).min(self.shard_len)
     }
 }
 
@@ -54,10 +49,8 @@ pub(crate) fn gathered_ranges(specs: &[ShardSpec], world: usize) -> Vec<Vec<(usi
     specs
         .iter()
         .map(|spec| {
-            let ranges = (0..world)
-                .map(|r| (r * per_rank + offset, spec.real_len(r)))
-                .filter(|(_, len)| *len > 0)
-                .collect();
+            let ranges =
+                (0..world).map(|r| (r * per_rank + offset, spec.real_len(r))).filter(|(_, len)| *len > 0).collect();
             offset += spec.shard_len;
             ranges
         })
@@ -76,21 +69,15 @@ pub(crate) fn unflatten_gathered(
         .zip(shapes)
         .zip(gathered_ranges(specs, world))
         .map(|((_, shape), ranges)| {
-            let pieces = ranges
-                .iter()
-                .map(|&(start, len)| gathered.narrow(0, start, len))
-                .collect::<Result<Vec<_>>>()?;
+            let pieces =
+                ranges.iter().map(|&(start, len)| gathered.narrow(0, start, len)).collect::<Result<Vec<_>>>()?;
             Tensor::cat(&pieces, 0)?.reshape(shape.clone())
         })
         .collect()
 }
 
 /// Packs full gradients (`(param index, gradient)`) rank-major for a reduce-scatter.
-pub(crate) fn pack_for_reduce_scatter(
-    specs: &[ShardSpec],
-    grads: &[(usize, Tensor)],
-    world: usize,
-) -> Result<Tensor> {
+pub(crate) fn pack_for_reduce_scatter(specs: &[ShardSpec], grads: &[(usize, Tensor)], world: usize) -> Result<Tensor> {
     let padded = grads
         .iter()
         .map(|(i, grad)| pad(&grad.flatten_all()?, world * specs[*i].shard_len))
@@ -107,11 +94,7 @@ pub(crate) fn pack_for_reduce_scatter(
 
 /// Splits this rank's reduce-scatter output back into per-parameter shard gradients, in
 /// the order of `params` (the parameter indices that were packed).
-pub(crate) fn split_reduced(
-    specs: &[ShardSpec],
-    params: &[usize],
-    reduced: &Tensor,
-) -> Result<Vec<(usize, Tensor)>> {
+pub(crate) fn split_reduced(specs: &[ShardSpec], params: &[usize], reduced: &Tensor) -> Result<Vec<(usize, Tensor)>> {
     let mut offset = 0;
     params
         .iter()
@@ -137,19 +120,10 @@ mod tests {
     fn shards_round_up_and_the_last_rank_holds_the_padding() {
         let spec = ShardSpec::new(10, 4);
         assert_eq!(spec.shard_len, 3);
-        assert_eq!(
-            (0..4).map(|r| spec.real_len(r)).collect::<Vec<_>>(),
-            [3, 3, 3, 1]
-        );
+        assert_eq!((0..4).map(|r| spec.real_len(r)).collect::<Vec<_>>(), [3, 3, 3, 1]);
         // More ranks than elements: the later ranks hold padding only.
         let spec = ShardSpec::new(2, 4);
-        assert_eq!(
-            (
-                spec.shard_len,
-                (0..4).map(|r| spec.real_len(r)).collect::<Vec<_>>()
-            ),
-            (1, vec![1, 1, 0, 0])
-        );
+        assert_eq!((spec.shard_len, (0..4).map(|r| spec.real_len(r)).collect::<Vec<_>>()), (1, vec![1, 1, 0, 0]));
     }
 
     #[test]
@@ -159,10 +133,7 @@ mod tests {
         let ranges = gathered_ranges(&specs(&[5, 2], 2), 2);
         assert_eq!(ranges, vec![vec![(0, 3), (4, 2)], vec![(3, 1), (7, 1)]]);
         // World 3, 4 elements: shard length 2; rank 2 holds only padding and is left out.
-        assert_eq!(
-            gathered_ranges(&specs(&[4], 3), 3),
-            vec![vec![(0, 2), (2, 2)]]
-        );
+        assert_eq!(gathered_ranges(&specs(&[4], 3), 3), vec![vec![(0, 2), (2, 2)]]);
     }
 
     #[test]
@@ -190,17 +161,11 @@ mod tests {
         let back = unflatten_gathered(&specs, &shapes, &packed, world)?;
         for (original, restored) in values.iter().zip(&back) {
             assert_eq!(original.shape(), restored.shape());
-            assert_eq!(
-                original.flatten_all()?.to_vec1::<f32>()?,
-                restored.flatten_all()?.to_vec1::<f32>()?
-            );
+            assert_eq!(original.flatten_all()?.to_vec1::<f32>()?, restored.flatten_all()?.to_vec1::<f32>()?);
         }
         let split = split_reduced(&specs, &[0, 2], &Tensor::arange(0f32, 5., &Device::Cpu)?)?;
         assert_eq!(split[0].1.to_vec1::<f32>()?, [0., 1., 2.]);
-        assert_eq!(
-            (split[1].0, split[1].1.to_vec1::<f32>()?),
-            (2, vec![3., 4.])
-        );
+        assert_eq!((split[1].0, split[1].1.to_vec1::<f32>()?), (2, vec![3., 4.]));
         Ok(())
     }
 }

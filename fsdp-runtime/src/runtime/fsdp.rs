@@ -9,9 +9,7 @@ use super::{MemoryStats, TraceEvent};
 use crate::config::FsdpConfig;
 use crate::dist::Collectives;
 use crate::error::{Error, Result};
-use crate::model::{
-    Activations, Layout, Role, Shardable, ShardableModel, UnitCell, UnitHooks, VisitOrder, Visitor,
-};
+use crate::model::{Activations, Layout, Role, Shardable, ShardableModel, UnitCell, UnitHooks, VisitOrder, Visitor};
 use crate::pipeline::DeferredGradSink;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, TensorId, Var};
@@ -57,9 +55,7 @@ impl<M: ShardableModel> Fsdp<M> {
         check_ranks_agree(comm.as_ref(), &layout)?;
         let mut unit_comms: Vec<Arc<dyn Collectives>> = vec![comm.clone(); layout.units.len()];
         for (name, group) in unit_groups {
-            let index = layout
-                .unit_named(&name)
-                .ok_or(Error::UnknownUnit { name })?;
+            let index = layout.unit_named(&name).ok_or(Error::UnknownUnit { name })?;
             unit_comms[index] = group;
         }
         let sharded = config.strategy.shards();
@@ -71,10 +67,7 @@ impl<M: ShardableModel> Fsdp<M> {
             let value = if config.sync_module_states && group.size() > 1 {
                 let flat = param.tensor.flatten_all()?.contiguous()?;
                 let label = format!("initial value of `{}`", param.fqn);
-                group
-                    .broadcast(&flat, 0, &label)?
-                    .wait()?
-                    .reshape(param.tensor.shape())?
+                group.broadcast(&flat, 0, &label)?.wait()?.reshape(param.tensor.shape())?
             } else {
                 param.tensor.clone()
             };
@@ -87,16 +80,9 @@ impl<M: ShardableModel> Fsdp<M> {
                 .iter()
                 .enumerate()
                 .map(|(index, unit)| {
-                    let trained: Vec<_> = unit
-                        .params
-                        .iter()
-                        .map(|&p| &layout.params[p])
-                        .filter(|p| p.role == Role::Parameter)
-                        .collect();
-                    if let Some(other) = trained
-                        .iter()
-                        .find(|p| p.tensor.dtype() != trained[0].tensor.dtype())
-                    {
+                    let trained: Vec<_> =
+                        unit.params.iter().map(|&p| &layout.params[p]).filter(|p| p.role == Role::Parameter).collect();
+                    if let Some(other) = trained.iter().find(|p| p.tensor.dtype() != trained[0].tensor.dtype()) {
                         return Err(Error::MixedDtypes {
                             unit: unit.display_name().to_string(),
                             first: trained[0].fqn.clone(),
@@ -106,37 +92,17 @@ impl<M: ShardableModel> Fsdp<M> {
                         });
                     }
                     let group = unit_comms[index].clone();
-                    let (shard_rank, shard_world) = if sharded {
-                        (group.rank(), group.size())
-                    } else {
-                        (0, 1)
-                    };
+                    let (shard_rank, shard_world) = if sharded { (group.rank(), group.size()) } else { (0, 1) };
                     let params = trained
                         .iter()
                         .enumerate()
                         .map(|(i, p)| {
                             let full = &values[&p.tensor.id()];
-                            Ok(ShardedParam::new(
-                                p.fqn.clone(),
-                                full,
-                                shard_rank,
-                                shard_world,
-                                sink.clone(),
-                                index,
-                                i,
-                            )?)
+                            Ok(ShardedParam::new(p.fqn.clone(), full, shard_rank, shard_world, sink.clone(), index, i)?)
                         })
                         .collect::<Result<Vec<_>>>()?;
                     let name = unit.display_name().to_string();
-                    Ok(ParamGroup::new(
-                        index,
-                        name,
-                        params,
-                        group,
-                        shard_world,
-                        config.strategy,
-                        index == ROOT,
-                    ))
+                    Ok(ParamGroup::new(index, name, params, group, shard_world, config.strategy, index == ROOT))
                 })
                 .collect()
         };
@@ -145,26 +111,17 @@ impl<M: ShardableModel> Fsdp<M> {
         // The model's layers now hold the gathered nodes (and the synced buffers).
         let mut replacement: HashMap<TensorId, Tensor> = values;
         for (group, unit) in state.groups.iter().zip(&layout.units) {
-            let trained = unit
-                .params
-                .iter()
-                .map(|&p| &layout.params[p])
-                .filter(|p| p.role == Role::Parameter);
+            let trained = unit.params.iter().map(|&p| &layout.params[p]).filter(|p| p.role == Role::Parameter);
             for (param, info) in group.params.iter().zip(trained) {
                 replacement.insert(info.tensor.id(), param.gathered.clone());
             }
         }
         drop(layout);
-        let model = model
-            .map_tensors(&mut |t: Tensor| Ok(replacement.get(&t.id()).cloned().unwrap_or(t)))?;
+        let model = model.map_tensors(&mut |t: Tensor| Ok(replacement.get(&t.id()).cloned().unwrap_or(t)))?;
         drop(replacement);
 
         let hooks: Arc<dyn UnitHooks> = state.clone();
-        let mut installer = CellInstaller {
-            hooks,
-            next: 1,
-            error: None,
-        };
+        let mut installer = CellInstaller { hooks, next: 1, error: None };
         model.visit(&mut installer, VisitOrder::Declaration);
         if let Some(error) = installer.error {
             return Err(error);
@@ -180,10 +137,7 @@ impl<M: Shardable> Fsdp<M> {
     /// every rank calls it; each gets its own full copy.
     pub fn into_inner(self) -> Result<M> {
         if self.state.training_step_pending() {
-            return Err(Error::StepInProgress {
-                rank: self.rank(),
-                call: "Fsdp::into_inner",
-            });
+            return Err(Error::StepInProgress { rank: self.rank(), call: "Fsdp::into_inner" });
         }
         let mut full: HashMap<TensorId, Tensor> = HashMap::new();
         for group in &self.state.groups {
@@ -201,10 +155,7 @@ impl<M: Shardable> Fsdp<M> {
 impl<M> Fsdp<M> {
     /// Runs the model's forward `f` as the root unit: the root's parameters are gathered
     /// first and kept until the end of backward, and the outputs are hooked.
-    pub fn forward<R: Activations>(
-        &self,
-        f: impl FnOnce(&M) -> candle_core::Result<R>,
-    ) -> Result<R> {
+    pub fn forward<R: Activations>(&self, f: impl FnOnce(&M) -> candle_core::Result<R>) -> Result<R> {
         self.state.pre_forward(ROOT)?;
         let outputs = f(&self.model)?;
         let hooked = self.state.post_forward(ROOT, outputs.tensors())?;
@@ -227,12 +178,7 @@ impl<M> Fsdp<M> {
             return Err(Error::BackwardWithoutForward { rank: self.rank() });
         }
         let mut grads = loss.backward()?;
-        if !self.state.backward_reached()
-            && !self
-                .parameters()
-                .iter()
-                .any(|v| grads.get(v.as_tensor()).is_some())
-        {
+        if !self.state.backward_reached() && !self.parameters().iter().any(|v| grads.get(v.as_tensor()).is_some()) {
             return Err(self.abort_world(Error::LossReachesNoOutput { rank: self.rank() }));
         }
         self.insert_reduced(&mut grads)?;
@@ -272,10 +218,7 @@ impl<M> Fsdp<M> {
 
     fn insert_reduced(&self, grads: &mut GradStore) -> Result<()> {
         for (unit, param, grad) in self.state.finish_backward()? {
-            grads.insert(
-                self.state.groups[unit].params[param].shard.as_tensor(),
-                grad,
-            );
+            grads.insert(self.state.groups[unit].params[param].shard.as_tensor(), grad);
         }
         Ok(())
     }
@@ -286,13 +229,9 @@ impl<M> Fsdp<M> {
     /// operations are still recorded while `f` runs; the record is dropped with the
     /// detached outputs. It may run between a training forward and its backward, which
     /// then gathers again what it needs.
-    pub fn forward_inference<R: Activations>(
-        &self,
-        f: impl FnOnce(&M) -> candle_core::Result<R>,
-    ) -> Result<R> {
+    pub fn forward_inference<R: Activations>(&self, f: impl FnOnce(&M) -> candle_core::Result<R>) -> Result<R> {
         let pending = self.state.training_step_pending();
-        self.state
-            .enter_mode(ForwardMode::Inference, "Fsdp::forward_inference")?;
+        self.state.enter_mode(ForwardMode::Inference, "Fsdp::forward_inference")?;
         let outputs = catch_unwind(AssertUnwindSafe(|| self.forward(f)));
         self.state.leave_mode();
         let finished = self.state.finish_inference(pending);
@@ -330,9 +269,7 @@ impl<M> Fsdp<M> {
     /// `set_requires_gradient_sync`); the first backward with `true` again reduces the sum.
     /// Costs one unsharded copy of the gradients per rank while off.
     pub fn set_requires_gradient_sync(&self, sync: bool) {
-        self.state
-            .gradient_sync
-            .store(sync, std::sync::atomic::Ordering::Relaxed);
+        self.state.gradient_sync.store(sync, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Registers `hook` to run on parameter `fqn`'s shard and its reduced shard gradient
@@ -345,38 +282,26 @@ impl<M> Fsdp<M> {
     ) -> Result<()> {
         for unit in &self.state.groups {
             if let Some(param) = unit.params.iter().position(|p| p.fqn == fqn) {
-                self.state
-                    .register_post_accumulate_hook(unit.index, param, Box::new(hook));
+                self.state.register_post_accumulate_hook(unit.index, param, Box::new(hook));
                 return Ok(());
             }
         }
-        Err(Error::UnknownParameter {
-            fqn: fqn.to_string(),
-        })
+        Err(Error::UnknownParameter { fqn: fqn.to_string() })
     }
 
     /// How many backward hooks the graphs of earlier forwards still hold: one per hooked
     /// output tensor of each unit's forward, gone when those outputs are dropped.
     pub fn live_backward_hooks(&self) -> usize {
-        self.state
-            .live_hooks
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.state.live_hooks.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// This rank's shards of every trained parameter, in FQN-table order per unit.
     pub fn parameters(&self) -> Vec<Var> {
-        self.named_parameters()
-            .into_iter()
-            .map(|(_, v)| v)
-            .collect()
+        self.named_parameters().into_iter().map(|(_, v)| v).collect()
     }
 
     pub fn named_parameters(&self) -> Vec<(String, Var)> {
-        self.state
-            .groups
-            .iter()
-            .flat_map(|g| g.params.iter().map(|p| (p.fqn.clone(), p.shard.clone())))
-            .collect()
+        self.state.groups.iter().flat_map(|g| g.params.iter().map(|p| (p.fqn.clone(), p.shard.clone()))).collect()
     }
 
     /// The full value of every trained parameter, gathered from the shards. A collective:
@@ -384,29 +309,14 @@ impl<M> Fsdp<M> {
     pub fn full_parameters(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for group in &self.state.groups {
-            out.extend(
-                group
-                    .params
-                    .iter()
-                    .map(|p| p.fqn.clone())
-                    .zip(group.full_values()?),
-            );
+            out.extend(group.params.iter().map(|p| p.fqn.clone()).zip(group.full_values()?));
         }
         Ok(out)
     }
 
     /// The units' names and their trained parameters' FQNs, root first.
     pub fn units(&self) -> Vec<(String, Vec<String>)> {
-        self.state
-            .groups
-            .iter()
-            .map(|u| {
-                (
-                    u.name.clone(),
-                    u.params.iter().map(|p| p.fqn.clone()).collect(),
-                )
-            })
-            .collect()
+        self.state.groups.iter().map(|u| (u.name.clone(), u.params.iter().map(|p| p.fqn.clone()).collect())).collect()
     }
 
     pub fn trace(&self) -> Vec<TraceEvent> {

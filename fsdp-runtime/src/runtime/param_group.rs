@@ -4,9 +4,7 @@
 //! [`Residency`] and [`TrainingState`]; the rank's executor decides *when* each step runs
 //! (sequencing, prefetch targets), the group *how*.
 
-use super::flat_buffer::{
-    gathered_ranges, pack_for_reduce_scatter, split_reduced, unflatten_gathered, ShardSpec,
-};
+use super::flat_buffer::{gathered_ranges, pack_for_reduce_scatter, split_reduced, unflatten_gathered, ShardSpec};
 use super::sharded_param::ShardedParam;
 use super::storage::{Fill, Free};
 use super::trace::{TraceEvent, UnshardCause};
@@ -142,9 +140,7 @@ impl ParamGroup {
     }
 
     fn state(&self) -> MutexGuard<'_, GroupState> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn residency(&self) -> Residency {
@@ -169,11 +165,7 @@ impl ParamGroup {
     }
 
     fn fail(&self, message: String) -> Error {
-        Error::Unit {
-            rank: self.comm.global_rank(),
-            unit: self.name.clone(),
-            message,
-        }
+        Error::Unit { rank: self.comm.global_rank(), unit: self.name.clone(), message }
     }
 
     /// Frees the full values the group was built with: from now on it is gathered when it
@@ -211,15 +203,8 @@ impl ParamGroup {
         if !self.keeps_full_values {
             recorders.memory.allocated(self.gathered_bytes());
         }
-        self.state().residency = if cause.is_prefetch() {
-            Residency::Prefetched
-        } else {
-            Residency::Unsharded
-        };
-        recorders.trace.record(TraceEvent::Unshard {
-            unit: self.name.clone(),
-            cause,
-        });
+        self.state().residency = if cause.is_prefetch() { Residency::Prefetched } else { Residency::Unsharded };
+        recorders.trace.record(TraceEvent::Unshard { unit: self.name.clone(), cause });
         Ok(())
     }
 
@@ -238,9 +223,7 @@ impl ParamGroup {
         }
         self.free()?;
         recorders.memory.freed(self.gathered_bytes());
-        recorders.trace.record(TraceEvent::Reshard {
-            unit: self.name.clone(),
-        });
+        recorders.trace.record(TraceEvent::Reshard { unit: self.name.clone() });
         Ok(())
     }
 
@@ -250,9 +233,7 @@ impl ParamGroup {
         {
             let mut state = self.state();
             state.training = match state.training {
-                TrainingState::Idle | TrainingState::Forward if hooked => {
-                    TrainingState::AwaitingBackward
-                }
+                TrainingState::Idle | TrainingState::Forward if hooked => TrainingState::AwaitingBackward,
                 TrainingState::Idle => TrainingState::Forward,
                 // A second call in one forward keeps the first call's hooks; a forward
                 // inside backward changes nothing about the step's backward.
@@ -269,8 +250,7 @@ impl ParamGroup {
     /// come and no prefetch gathered it already.
     pub fn wants_backward_prefetch(&self) -> bool {
         let state = self.state();
-        state.training == TrainingState::AwaitingBackward
-            && state.residency != Residency::Prefetched
+        state.training == TrainingState::AwaitingBackward && state.residency != Residency::Prefetched
     }
 
     /// The unit's backward starts: gathers it for the gradient computation. Returns
@@ -278,17 +258,12 @@ impl ParamGroup {
     pub fn pre_backward(&self, recorders: &Recorders) -> Result<bool> {
         {
             let mut state = self.state();
-            if matches!(
-                state.training,
-                TrainingState::Backward | TrainingState::Reduced
-            ) {
+            if matches!(state.training, TrainingState::Backward | TrainingState::Reduced) {
                 return Ok(false);
             }
             state.training = TrainingState::Backward;
         }
-        recorders.trace.record(TraceEvent::PreBackward {
-            unit: self.name.clone(),
-        });
+        recorders.trace.record(TraceEvent::PreBackward { unit: self.name.clone() });
         self.unshard(UnshardCause::Backward, recorders)?;
         Ok(true)
     }
@@ -333,11 +308,7 @@ impl ParamGroup {
     /// Ends the unit's backward: reduces the step's gradients (or, without gradient sync,
     /// adds them to the unsharded accumulation) and frees the parameters. Returns this
     /// rank's shard gradients by parameter, or `None` when the post-backward already ran.
-    pub fn post_backward(
-        &self,
-        sync: bool,
-        recorders: &Recorders,
-    ) -> Result<Option<Vec<(usize, Tensor)>>> {
+    pub fn post_backward(&self, sync: bool, recorders: &Recorders) -> Result<Option<Vec<(usize, Tensor)>>> {
         let grads = {
             let mut state = self.state();
             if state.training == TrainingState::Reduced {
@@ -363,16 +334,11 @@ impl ParamGroup {
         } else {
             let params = grads.len();
             let reduced = self.reduce(grads)?;
-            recorders.trace.record(TraceEvent::ReduceGrads {
-                unit: self.name.clone(),
-                params,
-            });
+            recorders.trace.record(TraceEvent::ReduceGrads { unit: self.name.clone(), params });
             reduced
         };
         self.reshard(recorders)?;
-        recorders.trace.record(TraceEvent::PostBackward {
-            unit: self.name.clone(),
-        });
+        recorders.trace.record(TraceEvent::PostBackward { unit: self.name.clone() });
         Ok(Some(reduced))
     }
 
@@ -394,17 +360,10 @@ impl ParamGroup {
             // A copy: the values must not alias the shards the optimizer keeps stepping.
             flat.copy()?
         } else {
-            self.comm
-                .all_gather(&flat, &format!("full parameters of {}", self.label()))?
-                .wait()?
+            self.comm.all_gather(&flat, &format!("full parameters of {}", self.label()))?.wait()?
         };
         let shapes: Vec<Shape> = self.params.iter().map(|p| p.shape.clone()).collect();
-        Ok(unflatten_gathered(
-            &self.specs(),
-            &shapes,
-            &gathered.detach(),
-            self.shard_world,
-        )?)
+        Ok(unflatten_gathered(&self.specs(), &shapes, &gathered.detach(), self.shard_world)?)
     }
 
     /// The all-gather input: this rank's shards, concatenated.
@@ -421,27 +380,14 @@ impl ParamGroup {
         }
         if self.shard_world == 1 {
             for param in &self.params {
-                let fill = Fill {
-                    source: param.shard.as_tensor().clone(),
-                    ranges: vec![(0, param.spec.numel)],
-                };
+                let fill = Fill { source: param.shard.as_tensor().clone(), ranges: vec![(0, param.spec.numel)] };
                 param.gathered.inplace_op1(&fill)?;
             }
             return Ok(());
         }
-        let full = self
-            .comm
-            .all_gather(&self.flat_shards()?, &self.label())?
-            .wait()?;
-        for (param, ranges) in self
-            .params
-            .iter()
-            .zip(gathered_ranges(&self.specs(), self.shard_world))
-        {
-            param.gathered.inplace_op1(&Fill {
-                source: full.clone(),
-                ranges,
-            })?;
+        let full = self.comm.all_gather(&self.flat_shards()?, &self.label())?.wait()?;
+        for (param, ranges) in self.params.iter().zip(gathered_ranges(&self.specs(), self.shard_world)) {
+            param.gathered.inplace_op1(&Fill { source: full.clone(), ranges })?;
         }
         Ok(())
     }
@@ -459,20 +405,13 @@ impl ParamGroup {
     fn reduce(&self, grads: Vec<(usize, Tensor)>) -> Result<Vec<(usize, Tensor)>> {
         if self.comm.size() == 1 {
             // Averaging over one rank changes nothing: no packing, no collective.
-            return grads
-                .into_iter()
-                .map(|(i, grad)| Ok((i, grad.flatten_all()?)))
-                .collect();
+            return grads.into_iter().map(|(i, grad)| Ok((i, grad.flatten_all()?))).collect();
         }
         let packed = pack_for_reduce_scatter(&self.specs(), &grads, self.shard_world)?;
         let reduced = if self.shard_world == 1 {
-            self.comm
-                .all_reduce(&packed, ReduceOp::Avg, &self.label())?
-                .wait()?
+            self.comm.all_reduce(&packed, ReduceOp::Avg, &self.label())?.wait()?
         } else {
-            self.comm
-                .reduce_scatter(&packed, ReduceOp::Avg, &self.label())?
-                .wait()?
+            self.comm.reduce_scatter(&packed, ReduceOp::Avg, &self.label())?.wait()?
         };
         let params: Vec<usize> = grads.iter().map(|(i, _)| *i).collect();
         Ok(split_reduced(&self.specs(), &params, &reduced)?)

@@ -27,11 +27,7 @@ mod tests {
         assert_eq!(backward_prefetch_target(&post_forward, 0), Some(3));
         assert_eq!(backward_prefetch_target(&post_forward, 1), Some(2));
         assert_eq!(backward_prefetch_target(&post_forward, 2), None);
-        assert_eq!(
-            backward_prefetch_target(&post_forward, 7),
-            None,
-            "a unit that did not run"
-        );
+        assert_eq!(backward_prefetch_target(&post_forward, 7), None, "a unit that did not run");
         let forward = [0, 1, 2, 3];
         assert_eq!(forward_prefetch_target(&forward, 1), Some(2));
         assert_eq!(forward_prefetch_target(&forward, 3), None);

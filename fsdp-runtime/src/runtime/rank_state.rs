@@ -97,12 +97,7 @@ impl RankState {
             });
             let gathered_index = groups
                 .iter()
-                .flat_map(|g| {
-                    g.params
-                        .iter()
-                        .enumerate()
-                        .map(move |(p, param)| (param.gathered.id(), (g.index, p)))
-                })
+                .flat_map(|g| g.params.iter().enumerate().map(move |(p, param)| (param.gathered.id(), (g.index, p))))
                 .collect();
             RankState {
                 gathered_index,
@@ -127,9 +122,7 @@ impl RankState {
     }
 
     fn step(&self) -> MutexGuard<'_, Step> {
-        self.step
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.step.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn rank(&self) -> usize {
@@ -137,19 +130,13 @@ impl RankState {
     }
 
     pub fn mode(&self) -> ForwardMode {
-        *self
-            .mode
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        *self.mode.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Leaves training mode for `mode`, for the duration of `call`; refused inside
     /// another call that changed the mode.
     pub fn enter_mode(&self, mode: ForwardMode, call: &'static str) -> Result<()> {
-        let mut current = self
-            .mode
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut current = self.mode.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let inside = match *current {
             ForwardMode::Training => {
                 *current = mode;
@@ -158,26 +145,17 @@ impl RankState {
             ForwardMode::Inference => "Fsdp::forward_inference",
             ForwardMode::Summoned => "Fsdp::summon_full_params",
         };
-        Err(Error::NestedCall {
-            rank: self.rank(),
-            call,
-            inside,
-        })
+        Err(Error::NestedCall { rank: self.rank(), call, inside })
     }
 
     /// Back to training mode.
     pub fn leave_mode(&self) {
-        *self
-            .mode
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = ForwardMode::Training;
+        *self.mode.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = ForwardMode::Training;
     }
 
     /// Frees the full values the groups were built with.
     pub fn release_initial(&self) -> Result<()> {
-        self.groups
-            .iter()
-            .try_for_each(|group| group.release_initial(&self.recorders))
+        self.groups.iter().try_for_each(|group| group.release_initial(&self.recorders))
     }
 
     fn unshard(&self, unit: usize, cause: UnshardCause) -> Result<()> {
@@ -185,18 +163,12 @@ impl RankState {
     }
 
     fn reshard_all(&self) -> Result<()> {
-        self.groups
-            .iter()
-            .try_for_each(|group| group.reshard(&self.recorders))
+        self.groups.iter().try_for_each(|group| group.reshard(&self.recorders))
     }
 
     /// Forward prefetches wait while this many units are gathered ahead of use.
     fn may_prefetch(&self) -> bool {
-        let in_flight = self
-            .groups
-            .iter()
-            .filter(|g| g.residency() == Residency::Prefetched)
-            .count();
+        let in_flight = self.groups.iter().filter(|g| g.residency() == Residency::Prefetched).count();
         in_flight < self.config.max_prefetch_in_flight
     }
 
@@ -273,12 +245,8 @@ impl RankState {
                 }
                 hooked = true;
                 let sink: Weak<dyn GradSink> = self.this.clone();
-                let hook = BackwardHook {
-                    sink: Some(sink),
-                    unit,
-                    generation,
-                    _live: Some(LiveHook::new(&self.live_hooks)),
-                };
+                let hook =
+                    BackwardHook { sink: Some(sink), unit, generation, _live: Some(LiveHook::new(&self.live_hooks)) };
                 Ok(tensor.broadcast_add(&tensor.apply_op1(hook)?)?)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -301,12 +269,7 @@ impl RankState {
         };
         let mut anchor: Option<Tensor> = None;
         for other in rest.iter().filter(|t| t.track_op() && t.id() != first.id()) {
-            let hook = BackwardHook {
-                sink: None,
-                unit: ROOT,
-                generation: 0,
-                _live: None,
-            };
+            let hook = BackwardHook { sink: None, unit: ROOT, generation: 0, _live: None };
             let zero = other.apply_op1(hook)?.to_dtype(first.dtype())?;
             anchor = Some(match anchor {
                 None => zero,
@@ -336,9 +299,7 @@ impl RankState {
 
     fn run_pre_backward(&self, unit: usize) -> Result<()> {
         self.step().backward_reached = true;
-        if self.groups[unit].pre_backward(&self.recorders)?
-            && self.config.backward_prefetch == BackwardPrefetch::Pre
-        {
+        if self.groups[unit].pre_backward(&self.recorders)? && self.config.backward_prefetch == BackwardPrefetch::Pre {
             self.backward_prefetch(unit)?;
         }
         Ok(())
@@ -352,38 +313,22 @@ impl RankState {
             return Ok(());
         };
         self.run_post_accumulate_hooks(unit, &reduced)?;
-        self.step()
-            .reduced
-            .extend(reduced.into_iter().map(|(p, g)| (unit, p, g)));
+        self.step().reduced.extend(reduced.into_iter().map(|(p, g)| (unit, p, g)));
         if self.config.backward_prefetch == BackwardPrefetch::Post {
             self.backward_prefetch(unit)?;
         }
         Ok(())
     }
 
-    pub fn register_post_accumulate_hook(
-        &self,
-        unit: usize,
-        param: usize,
-        hook: PostAccumulateHook,
-    ) {
-        self.post_accumulate_hooks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((unit, param, hook));
+    pub fn register_post_accumulate_hook(&self, unit: usize, param: usize, hook: PostAccumulateHook) {
+        self.post_accumulate_hooks.lock().unwrap_or_else(|p| p.into_inner()).push((unit, param, hook));
     }
 
     fn run_post_accumulate_hooks(&self, unit: usize, reduced: &[(usize, Tensor)]) -> Result<()> {
-        let mut hooks = self
-            .post_accumulate_hooks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut hooks = self.post_accumulate_hooks.lock().unwrap_or_else(|p| p.into_inner());
         for (param, grad) in reduced {
             let shard = &self.groups[unit].params[*param].shard;
-            for (_, _, hook) in hooks
-                .iter_mut()
-                .filter(|(u, p, _)| *u == unit && p == param)
-            {
+            for (_, _, hook) in hooks.iter_mut().filter(|(u, p, _)| *u == unit && p == param) {
                 hook(shard, grad)?;
             }
         }
@@ -423,20 +368,13 @@ impl RankState {
     /// training step is under way (its units' states belong to its backward).
     pub fn summon(&self) -> Result<()> {
         const CALL: &str = "Fsdp::summon_full_params";
-        let busy = self.training_step_pending()
-            || self
-                .groups
-                .iter()
-                .any(|g| g.training_state() != TrainingState::Idle);
+        let busy =
+            self.training_step_pending() || self.groups.iter().any(|g| g.training_state() != TrainingState::Idle);
         if busy {
-            return Err(Error::StepInProgress {
-                rank: self.rank(),
-                call: CALL,
-            });
+            return Err(Error::StepInProgress { rank: self.rank(), call: CALL });
         }
         self.enter_mode(ForwardMode::Summoned, CALL)?;
-        let gathered =
-            (0..self.groups.len()).try_for_each(|unit| self.unshard(unit, UnshardCause::Summon));
+        let gathered = (0..self.groups.len()).try_for_each(|unit| self.unshard(unit, UnshardCause::Summon));
         if gathered.is_err() {
             self.leave_mode();
         }
@@ -469,16 +407,13 @@ impl RankState {
     }
 
     fn param_of(&self, weight: &Tensor) -> Result<(usize, usize)> {
-        self.gathered_index
-            .get(&weight.id())
-            .copied()
-            .ok_or_else(|| Error::Rank {
-                rank: self.rank(),
-                message: format!(
-                    "a deferred gradient for a {:?} tensor that is no parameter of this model",
-                    weight.shape()
-                ),
-            })
+        self.gathered_index.get(&weight.id()).copied().ok_or_else(|| Error::Rank {
+            rank: self.rank(),
+            message: format!(
+                "a deferred gradient for a {:?} tensor that is no parameter of this model",
+                weight.shape()
+            ),
+        })
     }
 
     /// A unit's gradients are complete: reduce them now, except the root's, which are
@@ -510,11 +445,8 @@ impl GradSink for RankState {
         self.step().backward_reached = true;
         // Normally one call per parameter and backward; a pipeline weight pass may add
         // the deferred part of a gradient whose other part autograd delivered.
-        let complete = self.groups[unit]
-            .deposit(param, grad)
-            .map_err(into_candle)?;
-        self.on_gradients_complete(unit, complete)
-            .map_err(into_candle)
+        let complete = self.groups[unit].deposit(param, grad).map_err(into_candle)?;
+        self.on_gradients_complete(unit, complete).map_err(into_candle)
     }
 
     fn pre_backward(&self, unit: usize, generation: u64) -> candle_core::Result<()> {

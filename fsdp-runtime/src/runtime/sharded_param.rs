@@ -34,20 +34,9 @@ impl ShardedParam {
         let spec = ShardSpec::new(full.elem_count(), world);
         let padded = pad(&full.flatten_all()?, world * spec.shard_len)?;
         let shard = Var::from_tensor(&padded.narrow(0, rank * spec.shard_len, spec.shard_len)?)?;
-        let op = GatheredParam {
-            sink,
-            unit,
-            param,
-            initial: BuiltValue::new("fsdp-gathered-param", full.clone()),
-        };
+        let op = GatheredParam { sink, unit, param, initial: BuiltValue::new("fsdp-gathered-param", full.clone()) };
         let gathered = shard.as_tensor().apply_op1(op)?;
-        Ok(Self {
-            fqn,
-            shape: full.shape().clone(),
-            spec,
-            shard,
-            gathered,
-        })
+        Ok(Self { fqn, shape: full.shape().clone(), spec, shard, gathered })
     }
 
     pub fn gathered_bytes(&self) -> usize {

@@ -15,9 +15,7 @@ pub(crate) struct Free;
 
 impl Free {
     fn release<S: OnBackend>(storage: &mut S, placeholder_len: usize) -> Result<()> {
-        *storage = storage
-            .device()
-            .zeros_impl(&Shape::from(placeholder_len), storage.dtype())?;
+        *storage = storage.device().zeros_impl(&Shape::from(placeholder_len), storage.dtype())?;
         Ok(())
     }
 }
@@ -49,36 +47,18 @@ impl Fill {
     fn fill<S: OnBackend>(&self, storage: &mut S) -> Result<()> {
         let (source, source_layout) = self.source.storage_and_layout();
         let (Some(source), true) = (S::pick(&source), source_layout.is_contiguous()) else {
-            candle_core::bail!(
-                "fill: the source must be a contiguous tensor on the parameter's device"
-            );
+            candle_core::bail!("fill: the source must be a contiguous tensor on the parameter's device");
         };
         if source.dtype() != storage.dtype() {
-            candle_core::bail!(
-                "fill: {:?} data into a {:?} tensor",
-                source.dtype(),
-                storage.dtype()
-            );
+            candle_core::bail!("fill: {:?} data into a {:?} tensor", source.dtype(), storage.dtype());
         }
         let base = source_layout.start_offset();
         let total: usize = self.ranges.iter().map(|(_, len)| len).sum();
         // Every element is written by the copies below before anyone reads it.
-        let mut filled = unsafe {
-            storage
-                .device()
-                .alloc_uninit(&Shape::from(total), storage.dtype())?
-        };
+        let mut filled = unsafe { storage.device().alloc_uninit(&Shape::from(total), storage.dtype())? };
         let mut written = 0;
         for run in strided_runs(&self.ranges) {
-            source.copy2d(
-                &mut filled,
-                run.count,
-                run.len,
-                run.stride,
-                run.len,
-                base + run.start,
-                written,
-            )?;
+            source.copy2d(&mut filled, run.count, run.len, run.stride, run.len, base + run.start, written)?;
             written += run.count * run.len;
         }
         *storage = filled;
@@ -110,12 +90,7 @@ fn strided_runs(ranges: &[(usize, usize)]) -> Vec<StridedRun> {
                 continue;
             }
         }
-        runs.push(StridedRun {
-            start,
-            len,
-            stride: len,
-            count: 1,
-        });
+        runs.push(StridedRun { start, len, stride: len, count: 1 });
     }
     runs
 }
@@ -144,40 +119,20 @@ mod tests {
         assert_eq!(
             runs,
             vec![
-                StridedRun {
-                    start: 0,
-                    len: 4,
-                    stride: 10,
-                    count: 3
-                },
-                StridedRun {
-                    start: 30,
-                    len: 2,
-                    stride: 2,
-                    count: 1
-                }
+                StridedRun { start: 0, len: 4, stride: 10, count: 3 },
+                StridedRun { start: 30, len: 2, stride: 2, count: 1 }
             ]
         );
         let runs = strided_runs(&[(0, 4), (10, 4), (25, 4)]);
-        assert_eq!(
-            runs.len(),
-            2,
-            "a change of spacing starts a new run: {runs:?}"
-        );
+        assert_eq!(runs.len(), 2, "a change of spacing starts a new run: {runs:?}");
     }
 
     #[test]
     fn fill_concatenates_the_ranges() -> Result<()> {
         let source = Tensor::arange(0f32, 40., &candle_core::Device::Cpu)?;
         let target = Tensor::zeros(10, candle_core::DType::F32, &candle_core::Device::Cpu)?;
-        target.inplace_op1(&Fill {
-            source,
-            ranges: vec![(0, 3), (10, 3), (20, 3), (35, 1)],
-        })?;
-        assert_eq!(
-            target.to_vec1::<f32>()?,
-            [0., 1., 2., 10., 11., 12., 20., 21., 22., 35.]
-        );
+        target.inplace_op1(&Fill { source, ranges: vec![(0, 3), (10, 3), (20, 3), (35, 1)] })?;
+        assert_eq!(target.to_vec1::<f32>()?, [0., 1., 2., 10., 11., 12., 20., 21., 22., 35.]);
         target.inplace_op1(&Free)?;
         let (storage, _) = target.storage_and_layout();
         assert!(matches!(&*storage, Storage::Cpu(cpu) if cpu.as_slice::<f32>()?.is_empty()));

@@ -33,10 +33,7 @@ pub enum TraceEvent {
     PreBackward { unit: String },
     /// A backward prefetch decision (made at pre-backward under `BACKWARD_PRE`, at
     /// post-backward under `BACKWARD_POST`): the unit to prefetch, or `None`.
-    BackwardPrefetch {
-        unit: String,
-        target: Option<String>,
-    },
+    BackwardPrefetch { unit: String, target: Option<String> },
     /// The unit's gradients were reduced (`params` of them had gradients).
     ReduceGrads { unit: String, params: usize },
     /// The unit's backward is complete.
@@ -64,12 +61,7 @@ impl Trace {
 
     /// The events kept, oldest first, leaving them in place.
     pub fn events(&self) -> Vec<TraceEvent> {
-        self.events
-            .lock()
-            .expect("trace lock")
-            .iter()
-            .cloned()
-            .collect()
+        self.events.lock().expect("trace lock").iter().cloned().collect()
     }
 
     /// The events kept, oldest first, clearing the record.
