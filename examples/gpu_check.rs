@@ -496,7 +496,8 @@ fn reset_pool_peak(dev: &Device) {
 /// Runs `f` as the one rank of an NCCL world of size 1 on GPU 0 (`launch_gpus`).
 fn on_gpu<R: Send>(timeout: Duration, f: impl Fn(RankContext) -> Result<R> + Sync) -> Result<R> {
     let outcomes = launch_gpus_each(LaunchOptions::new(1).timeout(timeout), |ctx| {
-        f(ctx).map_err(|e| candle_fsdp::Error::Config(format!("{e:#}")))
+        let rank = ctx.rank;
+        f(ctx).map_err(|e| candle_fsdp::Error::Rank { rank, message: format!("{e:#}") })
     })
     .context("launch_gpus_each")?;
     let outcome = outcomes.into_iter().next().ok_or_else(|| anyhow!("launch_gpus returned no rank"))?;
@@ -744,7 +745,7 @@ fn environment(sec: &Section) -> Result<()> {
     sec.check(
         loaded.is_ok(),
         match &loaded {
-            Ok(()) => "libcuda and libnccl load (candle_fsdp::collectives::nccl::check_libraries)".to_string(),
+            Ok(()) => "libcuda and libnccl load (candle_fsdp::dist::check_libraries)".to_string(),
             Err(e) => format!("libcuda and libnccl load: {e}"),
         },
     );
@@ -764,7 +765,7 @@ fn environment(sec: &Section) -> Result<()> {
     sec.figure("NCCL", format!("{version} ({code})"));
 
     let count = gpu_count(0)?;
-    sec.check(count >= 1, format!("GPUs visible: {count} (candle_fsdp::collectives::nccl::gpu_count)"));
+    sec.check(count >= 1, format!("GPUs visible: {count} (candle_fsdp::dist::gpu_count)"));
     for ordinal in 0..count {
         let ctx = CudaContext::new(ordinal).explain("CudaContext::new")?;
         let name = ctx.name().explain("cuDeviceGetName")?;
