@@ -29,7 +29,7 @@ use candle_fsdp::{
     launch, Fsdp, FsdpConfig, LaunchOptions, Shardable, ShardingStrategy, TraceEvent, Unit, UnshardCause,
 };
 use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use common::{assert_close, build, rand, randn, SlowReduceScatter, Snapshot, F32_ATOL, F32_RTOL};
+use common::{assert_close, build, rand, randn, Fault, FaultyCollectives, Snapshot, F32_ATOL, F32_RTOL};
 use fsdp_testkit::fsdp_test_models::{
     ActivationContainer, DoubleLinear, DoubleLinearEachUnit, MixtureOfExperts, Mlp, NamedActivations,
     NestedWrappedModule, NontensorActivations, TransformerWithSharedParams,
@@ -1110,7 +1110,7 @@ fn delayed_run(snapshot: &Snapshot, strategy: ShardingStrategy, delay: Duration)
     let started = Instant::now();
     let ranks = launch(options(world), |ctx| {
         let (model, _, _) = build(Some(snapshot), DType::F32, NestedWrappedModule::new)?;
-        let comm = Arc::new(SlowReduceScatter { inner: ctx.comm.clone(), delay });
+        let comm = Arc::new(FaultyCollectives { inner: ctx.comm.clone(), fault: Fault::SlowReduceScatter(delay) });
         let fsdp = Fsdp::wrap(model, comm, config(strategy))?;
         let mut optim = SgdMomentum::new(fsdp.parameters(), SGD)?;
         let mut losses = Vec::new();

@@ -6,6 +6,7 @@
 //! through candle and comes back out of [`crate::Fsdp`]'s calls as itself, not as a string:
 //! [`into_candle`] packs it, the `From<candle_core::Error>` conversion unpacks it.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The library's error type.
@@ -156,6 +157,28 @@ pub enum Error {
 
     #[error("{0} was called while the stage context is in an input pass")]
     StageReentrant(&'static str),
+
+    // --- Checkpoints ---------------------------------------------------------------------
+    #[error("rank {rank}: {}: {problem}", path.display())]
+    CheckpointFile { rank: usize, path: PathBuf, problem: String },
+
+    #[error("rank {rank}: {}: `{fqn}`: {problem}", path.display())]
+    CheckpointTensor { rank: usize, path: PathBuf, fqn: String, problem: String },
+
+    #[error("rank {rank}: {} does not fit this model:\n  {}", path.display(), problems.join("\n  "))]
+    CheckpointMismatch { rank: usize, path: PathBuf, problems: Vec<String> },
+
+    #[error(
+        "rank {rank}: {stage} failed on rank(s) {failed:?} (their own errors say why); {}",
+        if *kept_previous { "the previous checkpoints are untouched" } else { "nothing was loaded" }
+    )]
+    CheckpointPeerFailed { rank: usize, stage: String, failed: Vec<usize>, kept_previous: bool },
+
+    #[error("rank {rank}: {what} is not supported yet: {why}")]
+    CheckpointUnsupported { rank: usize, what: String, why: String },
+
+    #[error("{}: {problem}", path.display())]
+    ModelConfig { path: PathBuf, problem: String },
 
     // --- candle --------------------------------------------------------------------------
     #[error(transparent)]

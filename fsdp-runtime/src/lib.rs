@@ -13,6 +13,7 @@
 //! a wrapped model) uses both.
 
 mod backend;
+pub mod checkpoint;
 mod config;
 pub mod dist;
 mod error;

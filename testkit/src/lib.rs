@@ -2,7 +2,8 @@
 //! FSDP test suite ([`fsdp_test_models`]), the FQN lists of the seed documents
 //! ([`seed_fqns`]), reproducible model construction (candle's CPU generator cannot be
 //! seeded, so a model is built once and its values copied into every other copy), seeded
-//! inputs, tolerance checks, and a collectives wrapper that injects a slow network.
+//! inputs, tolerance checks, and a collectives wrapper that injects faults (a slow network,
+//! a rank that dies at a chosen collective).
 
 pub mod fsdp_test_models;
 pub mod seed_fqns;
@@ -91,14 +92,36 @@ pub fn randn(seed: u64, shape: &[usize]) -> Tensor {
     Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
 }
 
-/// A rank's collectives with every reduce-scatter issued `delay` late: the slow network of
-/// PyTorch's delayed-reduce-scatter test, without a fault knob in the library.
-pub struct SlowReduceScatter {
-    pub inner: std::sync::Arc<dyn candle_fsdp::dist::Collectives>,
-    pub delay: std::time::Duration,
+/// A fault injected into a rank's collectives, without a fault knob in the library.
+#[derive(Clone, Copy, Debug)]
+pub enum Fault {
+    /// Every reduce-scatter is issued this late: the slow network of PyTorch's
+    /// delayed-reduce-scatter test.
+    SlowReduceScatter(std::time::Duration),
+    /// The rank panics when it issues a collective whose label contains this text: a rank
+    /// that dies at a chosen point (between two stages of a checkpoint save, say).
+    PanicAt(&'static str),
 }
 
-impl candle_fsdp::dist::Collectives for SlowReduceScatter {
+/// A rank's collectives with a [`Fault`].
+pub struct FaultyCollectives {
+    pub inner: std::sync::Arc<dyn candle_fsdp::dist::Collectives>,
+    pub fault: Fault,
+}
+
+impl FaultyCollectives {
+    fn before(&self, op: &str, label: &str) {
+        match self.fault {
+            Fault::SlowReduceScatter(delay) if op == "reduce_scatter" => std::thread::sleep(delay),
+            Fault::PanicAt(text) if label.contains(text) => {
+                panic!("injected fault: rank {} dies in {op} for {label}", self.inner.global_rank())
+            }
+            _ => {}
+        }
+    }
+}
+
+impl candle_fsdp::dist::Collectives for FaultyCollectives {
     fn rank(&self) -> usize {
         self.inner.rank()
     }
@@ -109,6 +132,7 @@ impl candle_fsdp::dist::Collectives for SlowReduceScatter {
         self.inner.global_rank()
     }
     fn all_gather(&self, input: &Tensor, label: &str) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
+        self.before("all_gather", label);
         self.inner.all_gather(input, label)
     }
     fn reduce_scatter(
@@ -117,7 +141,7 @@ impl candle_fsdp::dist::Collectives for SlowReduceScatter {
         op: candle_fsdp::dist::ReduceOp,
         label: &str,
     ) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
-        std::thread::sleep(self.delay);
+        self.before("reduce_scatter", label);
         self.inner.reduce_scatter(input, op, label)
     }
     fn all_reduce(
@@ -126,12 +150,15 @@ impl candle_fsdp::dist::Collectives for SlowReduceScatter {
         op: candle_fsdp::dist::ReduceOp,
         label: &str,
     ) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
+        self.before("all_reduce", label);
         self.inner.all_reduce(input, op, label)
     }
     fn broadcast(&self, input: &Tensor, root: usize, label: &str) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
+        self.before("broadcast", label);
         self.inner.broadcast(input, root, label)
     }
     fn barrier(&self, label: &str) -> candle_fsdp::Result<()> {
+        self.before("barrier", label);
         self.inner.barrier(label)
     }
     fn new_group(&self, global_ranks: &[usize]) -> candle_fsdp::Result<Box<dyn candle_fsdp::dist::Collectives>> {

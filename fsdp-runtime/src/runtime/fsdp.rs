@@ -32,6 +32,24 @@ use std::sync::{Arc, Weak};
 pub struct Fsdp<M> {
     model: M,
     state: Arc<RankState>,
+    buffers: Vec<Buffer>,
+    ties: Vec<Tie>,
+}
+
+/// A tensor of the wrapped model that is not trained (a running statistic): every rank
+/// holds it whole; checkpoints save and restore it.
+pub(crate) struct Buffer {
+    pub fqn: String,
+    pub unit: usize,
+    /// The tensor the model's layers hold.
+    pub tensor: Tensor,
+}
+
+/// A second FQN under which the model reaches a trained parameter.
+pub(crate) struct Tie {
+    pub fqn: String,
+    /// The FQN the parameter is sharded and saved under.
+    pub target: String,
 }
 
 impl<M: ShardableModel> Fsdp<M> {
@@ -116,6 +134,17 @@ impl<M: ShardableModel> Fsdp<M> {
                 replacement.insert(info.tensor.id(), param.gathered.clone());
             }
         }
+        let buffers = layout
+            .params
+            .iter()
+            .filter(|p| p.role == Role::Buffer)
+            .map(|p| Buffer { fqn: p.fqn.clone(), unit: p.unit, tensor: replacement[&p.tensor.id()].clone() })
+            .collect();
+        let ties = layout
+            .ties
+            .iter()
+            .map(|t| Tie { fqn: t.fqn.clone(), target: layout.params[t.param].fqn.clone() })
+            .collect();
         drop(layout);
         let model = model.map_tensors(&mut |t: Tensor| Ok(replacement.get(&t.id()).cloned().unwrap_or(t)))?;
         drop(replacement);
@@ -127,7 +156,7 @@ impl<M: ShardableModel> Fsdp<M> {
             return Err(error);
         }
         state.release_initial()?;
-        Ok(Self { model, state })
+        Ok(Self { model, state, buffers, ties })
     }
 }
 
@@ -136,16 +165,14 @@ impl<M: Shardable> Fsdp<M> {
     /// trained parameters, gathered one unit at a time, and the buffers. A collective:
     /// every rank calls it; each gets its own full copy.
     pub fn into_inner(self) -> Result<M> {
-        if self.state.training_step_pending() {
-            return Err(Error::StepInProgress { rank: self.rank(), call: "Fsdp::into_inner" });
-        }
+        self.check_between_steps("Fsdp::into_inner")?;
         let mut full: HashMap<TensorId, Tensor> = HashMap::new();
         for group in &self.state.groups {
             for (param, value) in group.params.iter().zip(group.full_values()?) {
                 full.insert(param.gathered.id(), value);
             }
         }
-        let Fsdp { model, state } = self;
+        let Fsdp { model, state, .. } = self;
         drop(state);
         // A tied parameter is one gathered node at two places: both get the one value.
         Ok(model.map_tensors(&mut |t: Tensor| Ok(full.get(&t.id()).cloned().unwrap_or(t)))?)
@@ -345,6 +372,32 @@ impl<M> Fsdp<M> {
 
     pub fn config(&self) -> &FsdpConfig {
         &self.state.config
+    }
+
+    /// Refuses `call` between a training forward and its backward.
+    pub(crate) fn check_between_steps(&self, call: &'static str) -> Result<()> {
+        if self.state.training_step_pending() {
+            return Err(Error::StepInProgress { rank: self.rank(), call });
+        }
+        Ok(())
+    }
+
+    /// The units at run time, root first.
+    pub(crate) fn groups(&self) -> &[ParamGroup] {
+        &self.state.groups
+    }
+
+    pub(crate) fn buffers(&self) -> &[Buffer] {
+        &self.buffers
+    }
+
+    pub(crate) fn ties(&self) -> &[Tie] {
+        &self.ties
+    }
+
+    /// The world's communicator.
+    pub(crate) fn comm(&self) -> &Arc<dyn Collectives> {
+        &self.state.comm
     }
 }
 

@@ -15,9 +15,13 @@ mod sharded_param;
 mod storage;
 mod trace;
 
+pub(crate) use flat_buffer::pad;
+pub(crate) use fsdp::Buffer;
 pub use fsdp::Fsdp;
 pub use memory::MemoryStats;
+pub(crate) use param_group::ParamGroup;
 pub(crate) use prefetch::{backward_prefetch_target, forward_prefetch_target};
+pub(crate) use storage::Fill;
 pub use trace::{TraceEvent, UnshardCause};
 
 /// What a rank records as it runs: the trace of events and the gathered-memory count.

@@ -160,6 +160,16 @@ impl ParamGroup {
         self.params.iter().map(|p| p.gathered_bytes()).sum()
     }
 
+    /// This rank's position among the ranks the parameters are split over (0 without
+    /// sharding, where every rank holds everything).
+    pub fn shard_rank(&self) -> usize {
+        if self.shard_world == 1 {
+            0
+        } else {
+            self.comm.rank()
+        }
+    }
+
     fn specs(&self) -> Vec<ShardSpec> {
         self.params.iter().map(|p| p.spec).collect()
     }

@@ -1,0 +1,340 @@
+//! Full models in the Hugging Face layout: `model.safetensors`, or above a size limit
+//! `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`
+//! (`metadata.total_size`, `weight_map`), under the model's FQNs.
+
+use super::commit::{all_ranks_ok, io_error, read_json, write_json};
+use super::tensor_files::{MappedFile, PlannedTensor, StreamingWriter};
+use super::{capped, check_world_sharded, device_of, restore_buffer, shard_of};
+use crate::error::{Error, Result};
+use crate::Fsdp;
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+const SINGLE_FILE: &str = "model.safetensors";
+const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// `model.safetensors.index.json`, as Hugging Face writes and reads it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HfIndex {
+    pub metadata: HfIndexMetadata,
+    /// FQN to the file that holds it.
+    pub weight_map: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HfIndexMetadata {
+    /// Bytes of tensor data over all files.
+    pub total_size: u64,
+}
+
+/// How [`export_hf`] writes.
+#[derive(Clone, Debug)]
+pub struct ExportOptions {
+    /// Above this many bytes of tensor data the model is split into several files
+    /// (Hugging Face's `max_shard_size`); a tensor larger than the limit gets a file of
+    /// its own.
+    pub max_file_bytes: u64,
+    /// The dtype floating-point tensors are written in (`None`: as trained).
+    pub dtype: Option<DType>,
+}
+
+impl Default for ExportOptions {
+    /// One file up to 5 GB, Hugging Face's default, in the trained dtype.
+    fn default() -> Self {
+        Self { max_file_bytes: 5_000_000_000, dtype: None }
+    }
+}
+
+/// One tensor of the export, in the order it is gathered and written.
+struct Exported {
+    planned: PlannedTensor,
+    /// Index into the files.
+    file: usize,
+}
+
+/// Writes the full model (every trained parameter and buffer, under its FQN; a tied
+/// parameter under its first FQN only, as Hugging Face saves tied weights) into `dir` in
+/// the Hugging Face layout; returns the files written. A collective: every rank calls it
+/// between steps; units are gathered one at a time, so no rank holds more than one
+/// unit's full values beyond its shards, and rank 0 streams them to disk. Each file
+/// appears under its name only once complete; files of an earlier export in `dir` that
+/// this one does not write are removed.
+pub fn export_hf<M>(fsdp: &Fsdp<M>, dir: &Path, options: &ExportOptions) -> Result<Vec<PathBuf>> {
+    let rank = fsdp.rank();
+    let comm = fsdp.comm().as_ref();
+    let device = device_of(fsdp);
+    let prepared = (|| {
+        fsdp.check_between_steps("checkpoint::export_hf")?;
+        check_world_sharded(fsdp, "an export")?;
+        if rank == 0 {
+            std::fs::create_dir_all(dir).map_err(io_error(0, dir))?;
+        }
+        Ok(())
+    })();
+    all_ranks_ok(comm, &device, prepared, "export (preparing)", true)?;
+
+    let (exported, names) = plan_files(fsdp, options);
+    let cast = |t: &Tensor| -> Result<Tensor> {
+        Ok(match options.dtype {
+            Some(dtype) if t.dtype().is_float() => t.to_dtype(dtype)?,
+            _ => t.clone(),
+        })
+    };
+    let mut writer = FileSequence { dir, names: &names, exported: &exported, next: 0, open: None, done: Vec::new() };
+    // Rank 0 keeps gathering after a write error, so its peers are not left waiting in a
+    // collective; the error is reported at the end.
+    let mut write_error: Option<Error> = None;
+    for group in fsdp.groups() {
+        let values = group.full_values()?;
+        if rank != 0 || write_error.is_some() {
+            continue;
+        }
+        let buffers = fsdp.buffers().iter().filter(|b| b.unit == group.index);
+        let tensors =
+            group.params.iter().map(|p| &p.fqn).zip(values.iter()).chain(buffers.map(|b| (&b.fqn, &b.tensor)));
+        for (fqn, value) in tensors {
+            if let Err(e) = cast(value).and_then(|v| writer.write(fqn, &v)) {
+                write_error = Some(e);
+                break;
+            }
+        }
+    }
+    let finished = if rank != 0 {
+        Ok(Vec::new())
+    } else {
+        match write_error {
+            Some(e) => Err(e),
+            None => writer.finish(&exported),
+        }
+    };
+    all_ranks_ok(comm, &device, finished, "export (writing)", true)?;
+    Ok(names.iter().map(|n| dir.join(n)).collect())
+}
+
+/// The tensors in unit order (a unit's parameters, then its buffers) and the files they
+/// go to, split at `max_file_bytes`.
+fn plan_files<M>(fsdp: &Fsdp<M>, options: &ExportOptions) -> (Vec<Exported>, Vec<String>) {
+    let exported_dtype = |dtype: DType| match options.dtype {
+        Some(to) if dtype.is_float() => to,
+        _ => dtype,
+    };
+    let mut planned = Vec::new();
+    for group in fsdp.groups() {
+        for param in &group.params {
+            let dtype = exported_dtype(param.shard.dtype());
+            planned.push(PlannedTensor { name: param.fqn.clone(), dtype, shape: param.shape.dims().to_vec() });
+        }
+        for buffer in fsdp.buffers().iter().filter(|b| b.unit == group.index) {
+            let dtype = exported_dtype(buffer.tensor.dtype());
+            planned.push(PlannedTensor { name: buffer.fqn.clone(), dtype, shape: buffer.tensor.dims().to_vec() });
+        }
+    }
+    let mut exported = Vec::with_capacity(planned.len());
+    let (mut file, mut in_file) = (0, 0u64);
+    for tensor in planned {
+        let bytes = tensor.bytes() as u64;
+        if in_file > 0 && in_file + bytes > options.max_file_bytes {
+            file += 1;
+            in_file = 0;
+        }
+        in_file += bytes;
+        exported.push(Exported { planned: tensor, file });
+    }
+    let count = exported.last().map_or(1, |e| e.file + 1);
+    let names = if count == 1 {
+        vec![SINGLE_FILE.to_string()]
+    } else {
+        (1..=count).map(|i| format!("model-{i:05}-of-{count:05}.safetensors")).collect()
+    };
+    (exported, names)
+}
+
+/// Rank 0's writer: opens each file when its first tensor comes, closes it after its last.
+struct FileSequence<'a> {
+    dir: &'a Path,
+    names: &'a [String],
+    exported: &'a [Exported],
+    /// The next tensor in plan order.
+    next: usize,
+    open: Option<StreamingWriter>,
+    done: Vec<PathBuf>,
+}
+
+impl FileSequence<'_> {
+    fn write(&mut self, fqn: &str, value: &Tensor) -> Result<()> {
+        let file = self.exported[self.next].file;
+        if self.open.is_none() {
+            let planned = self.exported.iter().filter(|e| e.file == file).map(|e| e.planned.clone()).collect();
+            let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+            self.open = Some(StreamingWriter::create(&self.dir.join(&self.names[file]), planned, metadata)?);
+        }
+        let writer = self.open.as_mut().expect("opened above");
+        writer.write(fqn, value)?;
+        self.next += 1;
+        if writer.is_complete() {
+            self.done.push(self.open.take().expect("open").finish()?);
+        }
+        Ok(())
+    }
+
+    /// Writes the index (several files), removes what an earlier export left.
+    fn finish(self, exported: &[Exported]) -> Result<Vec<PathBuf>> {
+        debug_assert!(self.open.is_none() && self.next == exported.len());
+        let index_path = self.dir.join(INDEX_FILE);
+        if self.names.len() > 1 {
+            let weight_map = exported
+                .iter()
+                .map(|e| (e.planned.name.clone(), self.names[e.file].clone()))
+                .collect::<BTreeMap<_, _>>();
+            let total_size = exported.iter().map(|e| e.planned.bytes() as u64).sum();
+            write_json(0, &index_path, &HfIndex { metadata: HfIndexMetadata { total_size }, weight_map })?;
+        }
+        let single = self.names.len() == 1;
+        let stale = |name: &str| {
+            let export_file = name == SINGLE_FILE
+                || (name.starts_with("model-") && name.contains("-of-") && name.ends_with(".safetensors"));
+            (export_file && !self.names.iter().any(|n| n == name)) || (name == INDEX_FILE && single)
+        };
+        let entries = std::fs::read_dir(self.dir).map_err(io_error(0, self.dir))?;
+        for entry in entries {
+            let path = entry.map_err(io_error(0, self.dir))?.path();
+            if path.file_name().and_then(|n| n.to_str()).is_some_and(stale) {
+                std::fs::remove_file(&path).map_err(io_error(0, &path))?;
+            }
+        }
+        Ok(self.done)
+    }
+}
+
+/// Where each FQN of a Hugging Face checkpoint is: the files of an index, or one file.
+struct HfCheckpoint {
+    files: Vec<MappedFile>,
+    /// FQN to index into `files`.
+    routing: BTreeMap<String, usize>,
+}
+
+impl HfCheckpoint {
+    /// `path`: a directory holding `model.safetensors.index.json` or `model.safetensors`,
+    /// an index file, or one `.safetensors` file.
+    fn open(path: &Path, rank: usize) -> Result<Self> {
+        let index = if path.is_dir() {
+            let index = path.join(INDEX_FILE);
+            if index.is_file() {
+                Some(index)
+            } else if path.join(SINGLE_FILE).is_file() {
+                return Self::single(&path.join(SINGLE_FILE), rank);
+            } else {
+                let problem = format!("holds neither {INDEX_FILE} nor {SINGLE_FILE}");
+                return Err(Error::CheckpointFile { rank, path: path.into(), problem });
+            }
+        } else if path.extension().is_some_and(|e| e == "json") {
+            Some(path.to_path_buf())
+        } else {
+            None
+        };
+        let Some(index_path) = index else {
+            return Self::single(path, rank);
+        };
+        let index: HfIndex = read_json(rank, &index_path)?;
+        let base = index_path.parent().unwrap_or(Path::new("."));
+        let mut names: Vec<&String> = index.weight_map.values().collect();
+        names.sort();
+        names.dedup();
+        let files = names.iter().map(|n| MappedFile::open(&base.join(n), rank)).collect::<Result<Vec<_>>>()?;
+        let mut routing = BTreeMap::new();
+        for (fqn, file) in &index.weight_map {
+            let at = names.iter().position(|n| *n == file).expect("listed above");
+            if !files[at].names().contains(fqn) {
+                return Err(Error::CheckpointTensor {
+                    rank,
+                    path: files[at].path().into(),
+                    fqn: fqn.clone(),
+                    problem: format!(
+                        "the index {} places it here, but the file does not hold it",
+                        index_path.display()
+                    ),
+                });
+            }
+            routing.insert(fqn.clone(), at);
+        }
+        Ok(Self { files, routing })
+    }
+
+    fn single(path: &Path, rank: usize) -> Result<Self> {
+        let file = MappedFile::open(path, rank)?;
+        let routing = file.names().into_iter().map(|n| (n, 0)).collect();
+        Ok(Self { files: vec![file], routing })
+    }
+
+    fn file(&self, fqn: &str) -> &MappedFile {
+        &self.files[self.routing[fqn]]
+    }
+}
+
+/// Sets a wrapped model's values from a Hugging Face checkpoint (see [`HfCheckpoint`]'s
+/// accepted paths): each rank reads from the memory-mapped files only the ranges of its
+/// own shards (and the buffers), converting floating-point dtypes to the model's. Every
+/// FQN of the model must be in the checkpoint with its shape, and nothing else (a tied
+/// parameter's second FQN may be absent); the whole checkpoint is checked before any
+/// value changes. A collective: every rank calls it; when one fails, all fail.
+pub fn load_pretrained<M>(fsdp: &Fsdp<M>, path: &Path) -> Result<()> {
+    let loaded = load_pretrained_on_rank(fsdp, path);
+    all_ranks_ok(fsdp.comm().as_ref(), &device_of(fsdp), loaded, "loading pretrained weights", false)
+}
+
+fn load_pretrained_on_rank<M>(fsdp: &Fsdp<M>, path: &Path) -> Result<()> {
+    let rank = fsdp.rank();
+    fsdp.check_between_steps("checkpoint::load_pretrained")?;
+    check_world_sharded(fsdp, "loading pretrained weights")?;
+    let checkpoint = HfCheckpoint::open(path, rank)?;
+
+    let mut expected: Vec<(&str, DType, &[usize])> = Vec::new();
+    for group in fsdp.groups() {
+        expected.extend(group.params.iter().map(|p| (p.fqn.as_str(), p.shard.dtype(), p.shape.dims())));
+    }
+    expected.extend(fsdp.buffers().iter().map(|b| (b.fqn.as_str(), b.tensor.dtype(), b.tensor.dims())));
+    let mut problems = Vec::new();
+    for &(fqn, dtype, shape) in &expected {
+        if !checkpoint.routing.contains_key(fqn) {
+            problems.push(format!("`{fqn}`: in the model, not in the checkpoint"));
+            continue;
+        }
+        let (file_dtype, file_shape) = checkpoint.file(fqn).info(fqn)?;
+        if file_shape != shape {
+            problems.push(format!("`{fqn}`: shape {shape:?} in the model, {file_shape:?} in the checkpoint"));
+        }
+        if file_dtype != dtype && !(file_dtype.is_float() && dtype.is_float()) {
+            problems.push(format!("`{fqn}`: dtype {dtype:?} in the model, {file_dtype:?} in the checkpoint"));
+        }
+    }
+    for fqn in checkpoint.routing.keys().filter(|f| !expected.iter().any(|(e, _, _)| e == f)) {
+        match fsdp.ties().iter().find(|t| &t.fqn == fqn) {
+            Some(tie) => problems.push(format!(
+                "`{fqn}`: this model ties it to `{}`, so the checkpoint must not hold it separately",
+                tie.target
+            )),
+            None => problems.push(format!("`{fqn}`: in the checkpoint, not in the model")),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Error::CheckpointMismatch { rank, path: path.into(), problems: capped(problems) });
+    }
+
+    let device = device_of(fsdp);
+    for group in fsdp.groups() {
+        for (i, param) in group.params.iter().enumerate() {
+            let file = checkpoint.file(&param.fqn);
+            let shard =
+                shard_of(group, i, |start, len, dtype| file.read_range(&param.fqn, start, len, dtype, &device))?;
+            param.shard.set(&shard)?;
+        }
+    }
+    for buffer in fsdp.buffers() {
+        let numel = buffer.tensor.elem_count();
+        let flat = checkpoint.file(&buffer.fqn).read_range(&buffer.fqn, 0, numel, buffer.tensor.dtype(), &device)?;
+        restore_buffer(buffer, flat)?;
+    }
+    Ok(())
+}

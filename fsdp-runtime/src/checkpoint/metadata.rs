@@ -1,0 +1,84 @@
+//! The metadata file of a sharded checkpoint (`metadata.json`): what was saved, by whom,
+//! and where each FQN's elements lie, so that any number of ranks under any strategy can
+//! cut their shards out of it.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub(crate) const FORMAT: &str = "candle-fsdp-sharded";
+pub(crate) const VERSION: u32 = 1;
+pub(crate) const METADATA_FILE: &str = "metadata.json";
+
+/// Where training stood when a checkpoint was saved: what a resumed run needs beside the
+/// weights and the optimizer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// A learning-rate scheduler's state (e.g. a serialized [`crate::optim::StepLr`]).
+    pub scheduler: Option<serde_json::Value>,
+    /// Anything else the program keeps: the data position, the RNG seed, …
+    pub extras: serde_json::Value,
+}
+
+/// The content of `metadata.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckpointMetadata {
+    /// Always `candle-fsdp-sharded`.
+    pub format: String,
+    pub version: u32,
+    /// The world size and strategy the checkpoint was written with.
+    pub world_size: usize,
+    pub strategy: String,
+    pub progress: Progress,
+    /// Every file of the checkpoint with its size in bytes: a missing or truncated file
+    /// is found before anything is read.
+    pub files: BTreeMap<String, u64>,
+    /// Every parameter and buffer, by FQN.
+    pub tensors: BTreeMap<String, TensorEntry>,
+    /// The optimizer's state, if one was saved: its scalars, and per FQN the names of its
+    /// per-parameter slots, stored beside the parameter's pieces.
+    pub optimizer: Option<OptimizerEntry>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TensorKind {
+    Parameter,
+    Buffer,
+}
+
+/// One FQN: its full shape and dtype, and the pieces of its flattened elements.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TensorEntry {
+    pub kind: TensorKind,
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    /// Disjoint ranges of the flattened value that together cover it.
+    pub pieces: Vec<Piece>,
+}
+
+/// Elements `[start, start + len)` of a flattened value, stored in `file` as a 1-D tensor
+/// under the FQN (the parameter) or under [`slot_key`] (an optimizer slot).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Piece {
+    pub file: String,
+    pub start: usize,
+    pub len: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OptimizerEntry {
+    pub scalars: BTreeMap<String, f64>,
+    pub slots: BTreeMap<String, Vec<String>>,
+}
+
+/// The key of an optimizer slot's piece in a rank file.
+pub(crate) fn slot_key(slot: &str, fqn: &str) -> String {
+    format!("optimizer/{slot}/{fqn}")
+}
+
+/// The file rank `rank` writes.
+pub(crate) fn rank_file(rank: usize) -> String {
+    format!("rank-{rank:05}.safetensors")
+}
