@@ -1110,7 +1110,7 @@ fn delayed_run(snapshot: &Snapshot, strategy: ShardingStrategy, delay: Duration)
     let started = Instant::now();
     let ranks = launch(options(world), |ctx| {
         let (model, _, _) = build(Some(snapshot), DType::F32, NestedWrappedModule::new)?;
-        let comm = Arc::new(FaultyCollectives { inner: ctx.comm.clone(), fault: Fault::SlowReduceScatter(delay) });
+        let comm = Arc::new(FaultyCollectives::new(ctx.comm.clone(), Fault::SlowReduceScatter(delay)));
         let fsdp = Fsdp::wrap(model, comm, config(strategy))?;
         let mut optim = SgdMomentum::new(fsdp.parameters(), SGD)?;
         let mut losses = Vec::new();

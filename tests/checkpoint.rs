@@ -417,7 +417,7 @@ fn a_rank_failing_during_a_save_fails_every_rank_and_keeps_the_previous_checkpoi
     // Rank 1 dies after writing its file, before the checkpoint is committed.
     let results = launch_each(options(2), |ctx| {
         let comm: Arc<dyn candle_fsdp::dist::Collectives> = if ctx.rank == 1 {
-            Arc::new(FaultyCollectives { inner: ctx.comm.clone(), fault: Fault::PanicAt("writing the rank files") })
+            Arc::new(FaultyCollectives::new(ctx.comm.clone(), Fault::PanicAt("writing the rank files")))
         } else {
             ctx.comm.clone()
         };

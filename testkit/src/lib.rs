@@ -95,6 +95,8 @@ pub fn randn(seed: u64, shape: &[usize]) -> Tensor {
 /// A fault injected into a rank's collectives, without a fault knob in the library.
 #[derive(Clone, Copy, Debug)]
 pub enum Fault {
+    /// None: the calls are only counted.
+    None,
     /// Every reduce-scatter is issued this late: the slow network of PyTorch's
     /// delayed-reduce-scatter test.
     SlowReduceScatter(std::time::Duration),
@@ -103,14 +105,25 @@ pub enum Fault {
     PanicAt(&'static str),
 }
 
-/// A rank's collectives with a [`Fault`].
+/// A rank's collectives with a [`Fault`], counting the calls issued of each kind.
 pub struct FaultyCollectives {
     pub inner: std::sync::Arc<dyn candle_fsdp::dist::Collectives>,
     pub fault: Fault,
+    calls: std::sync::Mutex<std::collections::BTreeMap<&'static str, usize>>,
 }
 
 impl FaultyCollectives {
-    fn before(&self, op: &str, label: &str) {
+    pub fn new(inner: std::sync::Arc<dyn candle_fsdp::dist::Collectives>, fault: Fault) -> Self {
+        Self { inner, fault, calls: Default::default() }
+    }
+
+    /// How many calls of `op` ("all_gather", "reduce_scatter", ...) were issued.
+    pub fn calls(&self, op: &str) -> usize {
+        self.calls.lock().unwrap().get(op).copied().unwrap_or(0)
+    }
+
+    fn before(&self, op: &'static str, label: &str) {
+        *self.calls.lock().unwrap().entry(op).or_default() += 1;
         match self.fault {
             Fault::SlowReduceScatter(delay) if op == "reduce_scatter" => std::thread::sleep(delay),
             Fault::PanicAt(text) if label.contains(text) => {
@@ -130,6 +143,9 @@ impl candle_fsdp::dist::Collectives for FaultyCollectives {
     }
     fn global_rank(&self) -> usize {
         self.inner.global_rank()
+    }
+    fn device(&self) -> Device {
+        self.inner.device()
     }
     fn all_gather(&self, input: &Tensor, label: &str) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
         self.before("all_gather", label);

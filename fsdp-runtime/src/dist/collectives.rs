@@ -6,7 +6,7 @@
 //! and every error names the rank, the operation and what it was for (the unit).
 
 use crate::error::{Error, Result};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use std::fmt;
 use std::sync::Arc;
 
@@ -146,6 +146,8 @@ pub trait Collectives: Send + Sync {
     fn size(&self) -> usize;
     /// The rank's global rank (its position in the whole world), for messages.
     fn global_rank(&self) -> usize;
+    /// Where the tensors this backend moves live.
+    fn device(&self) -> Device;
 
     /// Concatenates every rank's `input` (all the same length) in rank order.
     fn all_gather(&self, input: &Tensor, label: &str) -> Result<Work>;

@@ -162,7 +162,6 @@ impl TcpComm {
     }
 }
 
-/// A collective on a group of one rank: nothing to wait for.
 impl Collectives for TcpComm {
     fn rank(&self) -> usize {
         self.rank
@@ -174,6 +173,10 @@ impl Collectives for TcpComm {
 
     fn global_rank(&self) -> usize {
         self.group.ranks[self.rank]
+    }
+
+    fn device(&self) -> Device {
+        Device::Cpu
     }
 
     fn all_gather(&self, input: &Tensor, label: &str) -> Result<Work> {

@@ -8,7 +8,7 @@
 
 use super::collectives::{checked_issue, group_members, Collectives, OpKind, Pending, ReduceOp, Work};
 use crate::error::{Error, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -293,7 +293,6 @@ impl Pending for ThreadPending {
     }
 }
 
-/// A collective on a group of one rank: nothing to wait for.
 impl Collectives for ThreadComm {
     fn rank(&self) -> usize {
         self.rank
@@ -305,6 +304,10 @@ impl Collectives for ThreadComm {
 
     fn global_rank(&self) -> usize {
         self.group[self.rank]
+    }
+
+    fn device(&self) -> Device {
+        Device::Cpu
     }
 
     fn all_gather(&self, input: &Tensor, label: &str) -> Result<Work> {
