@@ -108,6 +108,12 @@ pub struct FsdpConfig {
     /// Broadcast rank 0's parameters and buffers at wrap time, so ranks that built their
     /// models differently still start from the same state.
     pub sync_module_states: bool,
+    /// Run every collective even over a group of one rank, where it is skipped otherwise
+    /// (a gather is then a copy of the shard, a reduction the gradient itself): one GPU
+    /// then exercises the path of several (all-gather, copy-out, reduce-scatter). Same
+    /// results; for checking the communication path.
+    #[doc(hidden)]
+    pub collectives_at_world_one: bool,
 }
 
 impl Default for FsdpConfig {
@@ -119,6 +125,7 @@ impl Default for FsdpConfig {
             max_prefetch_in_flight: 2,
             order_check: OrderCheck::Warn,
             sync_module_states: true,
+            collectives_at_world_one: false,
         }
     }
 }
@@ -141,6 +148,12 @@ impl FsdpConfig {
 
     pub fn order_check(mut self, check: OrderCheck) -> Self {
         self.order_check = check;
+        self
+    }
+
+    #[doc(hidden)]
+    pub fn collectives_at_world_one(mut self, on: bool) -> Self {
+        self.collectives_at_world_one = on;
         self
     }
 }

@@ -9,8 +9,8 @@ use super::sharded_param::ShardedParam;
 use super::storage::{Fill, Free};
 use super::trace::{TraceEvent, UnshardCause};
 use super::Recorders;
-use crate::config::ShardingStrategy;
-use crate::dist::{Collectives, ReduceOp};
+use crate::config::{FsdpConfig, ShardingStrategy};
+use crate::dist::{Collectives, ReduceOp, Work};
 use crate::error::{Error, Result};
 use candle_core::{Shape, Tensor};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -23,7 +23,9 @@ pub(crate) enum Residency {
     Sharded,
     /// Gathered for the unit's own forward or backward.
     Unsharded,
-    /// Gathered ahead of use by a prefetch, and not used since.
+    /// Gathered ahead of use by a prefetch, and not used since. The all-gather may still
+    /// be in flight: its output is copied into the parameters at the first use, so that on
+    /// a GPU it runs beside the compute queued before that use.
     Prefetched,
 }
 
@@ -93,6 +95,8 @@ struct GroupState {
     residency: Residency,
     training: TrainingState,
     grads: Gradients,
+    /// A prefetch's all-gather, not yet copied into the parameters.
+    prefetched: Option<Work>,
 }
 
 pub(crate) struct ParamGroup {
@@ -104,6 +108,10 @@ pub(crate) struct ParamGroup {
     pub comm: Arc<dyn Collectives>,
     /// How many ranks the parameters are split over (1 without sharding).
     pub shard_world: usize,
+    /// Whether gathers and reductions go through the collectives. Not over a group of
+    /// one rank, where a gather is a copy of the shard and a reduction the gradient
+    /// itself, unless the configuration asks for the collectives anyway.
+    communicates: bool,
     /// Free the gathered parameters when the unit's forward ends (FULL_SHARD, not the root).
     reshard_after_forward: bool,
     /// Without sharding the full values are never released, only refreshed.
@@ -119,17 +127,20 @@ impl ParamGroup {
         params: Vec<ShardedParam>,
         comm: Arc<dyn Collectives>,
         shard_world: usize,
-        strategy: ShardingStrategy,
+        config: &FsdpConfig,
         is_root: bool,
     ) -> Self {
         let state = GroupState {
             residency: Residency::Unsharded,
             training: TrainingState::Idle,
             grads: Gradients::new(params.len()),
+            prefetched: None,
         };
+        let strategy = config.strategy;
         Self {
             index,
             name,
+            communicates: comm.size() > 1 || config.collectives_at_world_one,
             comm,
             shard_world,
             reshard_after_forward: strategy == ShardingStrategy::FullShard && !is_root,
@@ -192,41 +203,56 @@ impl ParamGroup {
         Ok(())
     }
 
-    /// Gathers the full parameters unless they are gathered already; a use (not a
-    /// prefetch) of prefetched parameters marks them used.
+    /// Gathers the full parameters unless they are gathered already. A prefetch only
+    /// issues the all-gather; the first use (not a prefetch) of prefetched parameters
+    /// copies them out of it and marks them used.
     pub fn unshard(&self, cause: UnshardCause, recorders: &Recorders) -> Result<()> {
         {
             let mut state = self.state();
             match state.residency {
                 Residency::Unsharded => return Ok(()),
                 Residency::Prefetched => {
-                    if !cause.is_prefetch() {
-                        state.residency = Residency::Unsharded;
+                    if cause.is_prefetch() {
+                        return Ok(());
                     }
-                    return Ok(());
+                    state.residency = Residency::Unsharded;
+                    let prefetched = state.prefetched.take();
+                    drop(state);
+                    return prefetched.map_or(Ok(()), |work| self.fill_gathered(work));
                 }
                 Residency::Sharded => {}
             }
         }
         let _span = tracing::debug_span!("unshard", unit = %self.name, ?cause).entered();
-        self.gather()?;
+        let gathering = self.start_gather()?;
         if !self.keeps_full_values {
             recorders.memory.allocated(self.gathered_bytes());
         }
-        self.state().residency = if cause.is_prefetch() { Residency::Prefetched } else { Residency::Unsharded };
         recorders.trace.record(TraceEvent::Unshard { unit: self.name.clone(), cause });
-        Ok(())
+        if cause.is_prefetch() {
+            let mut state = self.state();
+            state.residency = Residency::Prefetched;
+            state.prefetched = gathering;
+            return Ok(());
+        }
+        self.state().residency = Residency::Unsharded;
+        gathering.map_or(Ok(()), |work| self.fill_gathered(work))
     }
 
     /// Releases the gathered parameters unless they are released already (without
     /// sharding: marks them for a refresh).
     pub fn reshard(&self, recorders: &Recorders) -> Result<()> {
-        {
+        let unused_prefetch = {
             let mut state = self.state();
             if state.residency == Residency::Sharded {
                 return Ok(());
             }
             state.residency = Residency::Sharded;
+            state.prefetched.take()
+        };
+        if let Some(work) = unused_prefetch {
+            // The peers joined this all-gather: complete it, and let its output go.
+            work.wait()?;
         }
         if self.keeps_full_values {
             return Ok(());
@@ -366,11 +392,11 @@ impl ParamGroup {
             return Ok(Vec::new());
         }
         let flat = self.flat_shards()?;
-        let gathered = if self.shard_world == 1 {
+        let gathered = if self.gathers_by_collective() {
+            self.comm.all_gather(&flat, &format!("full parameters of {}", self.label()))?.wait()?
+        } else {
             // A copy: the values must not alias the shards the optimizer keeps stepping.
             flat.copy()?
-        } else {
-            self.comm.all_gather(&flat, &format!("full parameters of {}", self.label()))?.wait()?
         };
         let shapes: Vec<Shape> = self.params.iter().map(|p| p.shape.clone()).collect();
         Ok(unflatten_gathered(&self.specs(), &shapes, &gathered.detach(), self.shard_world)?)
@@ -382,20 +408,31 @@ impl ParamGroup {
         Ok(Tensor::cat(&shards, 0)?)
     }
 
-    /// All-gathers the parameters (one collective) and refills the gathered nodes, each
-    /// with one copy out of the collective's output (or, unsharded, out of its shard).
-    fn gather(&self) -> Result<()> {
+    /// The parameters are gathered by an all-gather over the group, not copied from the
+    /// rank's own shards.
+    fn gathers_by_collective(&self) -> bool {
+        !self.keeps_full_values && self.communicates
+    }
+
+    /// Starts gathering the parameters: issues the all-gather (one collective) and returns
+    /// it, or, when the rank holds them whole, refills the gathered nodes from the shards.
+    fn start_gather(&self) -> Result<Option<Work>> {
         if self.params.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
-        if self.shard_world == 1 {
+        if !self.gathers_by_collective() {
             for param in &self.params {
                 let fill = Fill { source: param.shard.as_tensor().clone(), ranges: vec![(0, param.spec.numel)] };
                 param.gathered.inplace_op1(&fill)?;
             }
-            return Ok(());
+            return Ok(None);
         }
-        let full = self.comm.all_gather(&self.flat_shards()?, &self.label())?.wait()?;
+        Ok(Some(self.comm.all_gather(&self.flat_shards()?, &self.label())?))
+    }
+
+    /// Refills the gathered nodes from the all-gather `work`, each with one copy.
+    fn fill_gathered(&self, work: Work) -> Result<()> {
+        let full = work.wait()?;
         for (param, ranges) in self.params.iter().zip(gathered_ranges(&self.specs(), self.shard_world)) {
             param.gathered.inplace_op1(&Fill { source: full.clone(), ranges })?;
         }
@@ -413,12 +450,12 @@ impl ParamGroup {
     /// shard of each, by parameter index. Parameters without a gradient get none, as in a
     /// plain backward.
     fn reduce(&self, grads: Vec<(usize, Tensor)>) -> Result<Vec<(usize, Tensor)>> {
-        if self.comm.size() == 1 {
+        if !self.communicates {
             // Averaging over one rank changes nothing: no packing, no collective.
             return grads.into_iter().map(|(i, grad)| Ok((i, grad.flatten_all()?))).collect();
         }
         let packed = pack_for_reduce_scatter(&self.specs(), &grads, self.shard_world)?;
-        let reduced = if self.shard_world == 1 {
+        let reduced = if self.keeps_full_values {
             self.comm.all_reduce(&packed, ReduceOp::Avg, &self.label())?.wait()?
         } else {
             self.comm.reduce_scatter(&packed, ReduceOp::Avg, &self.label())?.wait()?

@@ -8,7 +8,7 @@
 use crate::dist::Collectives;
 use crate::error::{Error, Result};
 use crate::model::Layout;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 /// One line per unit and per tensor, in layout order: what must agree across ranks.
 fn describe(layout: &Layout) -> Vec<String> {
@@ -32,13 +32,13 @@ fn fingerprint(text: &str) -> f64 {
 }
 
 /// Refuses to wrap when the ranks of `comm` disagree on the world size or on the model.
-/// A collective: every rank of the group calls it.
-pub(crate) fn check_ranks_agree(comm: &dyn Collectives, layout: &Layout) -> Result<()> {
-    if comm.size() == 1 {
+/// A collective: every rank of the group calls it (over one rank only when `even_alone`).
+pub(crate) fn check_ranks_agree(comm: &dyn Collectives, layout: &Layout, even_alone: bool) -> Result<()> {
+    if comm.size() == 1 && !even_alone {
         return Ok(());
     }
-    // On the parameters' device: a GPU backend moves device buffers only.
-    let device = layout.params.first().map_or(Device::Cpu, |p| p.tensor.device().clone());
+    // On the backend's device: a GPU backend moves device buffers only.
+    let device = comm.device();
     let gather = |values: &[f64], what: &str| -> Result<Vec<Vec<f64>>> {
         let mine = Tensor::new(values, &device)?;
         let label = format!("the wrap-time check that all ranks agree ({what})");

@@ -44,7 +44,9 @@ pub(crate) struct Fill {
 }
 
 impl Fill {
-    fn fill<S: OnBackend>(&self, storage: &mut S) -> Result<()> {
+    /// `min_len`: the fewest elements the backend can allocate (one on CUDA, which refuses
+    /// zero-byte allocations; a parameter of no elements gets a placeholder, as in [`Free`]).
+    fn fill<S: OnBackend>(&self, storage: &mut S, min_len: usize) -> Result<()> {
         let (source, source_layout) = self.source.storage_and_layout();
         let (Some(source), true) = (S::pick(&source), source_layout.is_contiguous()) else {
             candle_core::bail!("fill: the source must be a contiguous tensor on the parameter's device");
@@ -55,7 +57,7 @@ impl Fill {
         let base = source_layout.start_offset();
         let total: usize = self.ranges.iter().map(|(_, len)| len).sum();
         // Every element is written by the copies below before anyone reads it.
-        let mut filled = unsafe { storage.device().alloc_uninit(&Shape::from(total), storage.dtype())? };
+        let mut filled = unsafe { storage.device().alloc_uninit(&Shape::from(total.max(min_len)), storage.dtype())? };
         let mut written = 0;
         for run in strided_runs(&self.ranges) {
             source.copy2d(&mut filled, run.count, run.len, run.stride, run.len, base + run.start, written)?;
@@ -75,10 +77,10 @@ struct StridedRun {
     count: usize,
 }
 
-/// Groups consecutive ranges of equal length and equal spacing.
+/// Groups consecutive ranges of equal length and equal spacing; empty ranges copy nothing.
 fn strided_runs(ranges: &[(usize, usize)]) -> Vec<StridedRun> {
     let mut runs: Vec<StridedRun> = Vec::new();
-    for &(start, len) in ranges {
+    for &(start, len) in ranges.iter().filter(|(_, len)| *len > 0) {
         if let Some(run) = runs.last_mut() {
             let next = run.start + run.count * run.stride;
             let spacing_fits = run.count == 1 || start == next;
@@ -101,11 +103,11 @@ impl InplaceOp1 for Fill {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, _layout: &Layout) -> Result<()> {
-        self.fill(storage)
+        self.fill(storage, 0)
     }
 
     fn cuda_fwd(&self, storage: &mut CudaStorage, _layout: &Layout) -> Result<()> {
-        self.fill(storage)
+        self.fill(storage, 1)
     }
 }
 
@@ -125,6 +127,7 @@ mod tests {
         );
         let runs = strided_runs(&[(0, 4), (10, 4), (25, 4)]);
         assert_eq!(runs.len(), 2, "a change of spacing starts a new run: {runs:?}");
+        assert_eq!(strided_runs(&[(0, 0), (7, 0)]), vec![], "a parameter of no elements copies nothing");
     }
 
     #[test]
