@@ -224,7 +224,7 @@ fn main() -> anyhow::Result<()> {
         Ranks::CpuThreads => launch(options, |ctx| train(ctx, false)).context("training failed")?,
         #[cfg(feature = "cuda")]
         Ranks::GpuThreads => {
-            candle_fsdp::launch::launch_gpus(options, |ctx| train(ctx, false)).context("training failed")?
+            candle_fsdp::dist::launch_gpus(options, |ctx| train(ctx, false)).context("training failed")?
         }
         Ranks::Process(group) => {
             let ctx = group.context();
