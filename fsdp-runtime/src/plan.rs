@@ -237,19 +237,6 @@ impl fmt::Display for Bytes {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bytes_show_in_binary_units_and_honour_widths() {
-        assert_eq!(Bytes(512).to_string(), "512 B");
-        assert_eq!(Bytes(1536).to_string(), "1.50 KiB");
-        assert_eq!(Bytes(3 << 30).to_string(), "3.00 GiB");
-        assert_eq!(format!("[{:>10}]", Bytes(1024)), "[  1.00 KiB]");
-    }
-}
-
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.config;
@@ -293,5 +280,18 @@ impl fmt::Display for Plan {
         row(f, "gathered peak", self.memory.gathered_peak, self.unsharded_memory.gathered_peak)?;
         row(f, "total peak", self.memory.total_peak(), self.unsharded_memory.total_peak())?;
         writeln!(f, "\nbytes sent per rank per step: {}", Bytes(self.bytes_sent_per_step))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_show_in_binary_units_and_honour_widths() {
+        assert_eq!(Bytes(512).to_string(), "512 B");
+        assert_eq!(Bytes(1536).to_string(), "1.50 KiB");
+        assert_eq!(Bytes(3 << 30).to_string(), "3.00 GiB");
+        assert_eq!(format!("[{:>10}]", Bytes(1024)), "[  1.00 KiB]");
     }
 }
