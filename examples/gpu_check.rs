@@ -9,14 +9,21 @@
 //!    (Sum, Avg), all-reduce, broadcast, barrier and `new_group(&[0])` in f32, bf16, f16,
 //!    f64 and u32, an input at a storage offset, a CPU input refused, and the bandwidth
 //!    of a 256 MiB all-gather next to a plain device copy.
-//! 4. CUDA storage swap and device memory (`cuMemGetInfo` and the stream-ordered pool's
+//! 4. Stream ordering between candle's compute stream and NCCL's stream, which world size
+//!    1 shows as plainly as eight GPUs would: an input written by a long chain of kernels
+//!    handed straight to a collective; collectives queued back to back, their outputs read
+//!    at once by `to_dtype` and `cat`; an output dropped with its reader queued and its
+//!    memory free for the next collective; each compared element by element.
+//! 5. CUDA storage swap and device memory (`cuMemGetInfo` and the stream-ordered pool's
 //!    counters) around wrap, an inference forward (must come back to the post-wrap level),
 //!    a training forward, backward and AdamW step, against the expected byte counts.
-//! 5. Parity: the small Llama trained with AdamW under FSDP (world 1, NCCL) against plain
-//!    candle on the same GPU, same snapshot and batches, in six FSDP configurations.
-//! 6. The seed's backward-prefetch sequences (tests/backward_prefetch.rs) on the GPU.
-//! 7. Step time: plain candle against FSDP world 1 for the bench's small and medium Llama
-//!    and a larger one, measured side by side in one run.
+//! 6. Parity: the small Llama trained with AdamW under FSDP (world 1, NCCL) against plain
+//!    candle on the same GPU, same snapshot and batches, in six FSDP configurations, each
+//!    with the world-1 shortcuts and with every collective run (`collectives_at_world_one`:
+//!    all-gather, copy-out, reduce-scatter through NCCL, as on several GPUs).
+//! 7. The seed's backward-prefetch sequences (tests/backward_prefetch.rs) on the GPU.
+//! 8. Step time: plain candle against FSDP world 1 (shortcuts, and every collective run)
+//!    for the bench's small and medium Llama and a larger one, side by side in one run.
 //!
 //! Each section runs on a thread of its own and catches its own errors and panics, so a
 //! failure in one does not hide the others. The exit status is 1 when any check failed,
@@ -58,9 +65,9 @@ use std::time::{Duration, Instant};
 
 /// Checks the CUDA/NCCL path of candle-fsdp on this machine's GPU and prints every figure.
 ///
-/// Sections: 1 environment, 2 kernels, 3 NCCL collectives, 4 storage swap and memory,
-/// 5 parity with plain candle, 6 backward-prefetch sequences, 7 step time. Exit status 1
-/// if any check fails.
+/// Sections: 1 environment, 2 kernels, 3 NCCL collectives, 4 stream ordering, 5 storage
+/// swap and memory, 6 parity with plain candle, 7 backward-prefetch sequences, 8 step time.
+/// Exit status 1 if any check fails.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -69,7 +76,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
 
-    /// Sections to run, comma-separated (1-7); all by default.
+    /// Sections to run, comma-separated (1-8); all by default.
     #[arg(long, value_delimiter = ',')]
     sections: Vec<u32>,
 
@@ -718,16 +725,19 @@ fn main() {
         run_section(3, "NCCL collectives at world size 1 (launch_gpus)", |sec| collectives(sec, s));
     }
     if wanted(4) {
-        run_section(4, "CUDA storage swap and device memory", |sec| memory(sec, a, s));
+        run_section(4, "stream ordering: compute stream and NCCL's stream", |sec| stream_ordering(sec, s));
     }
     if wanted(5) {
-        run_section(5, "parity: FSDP world 1 (NCCL) vs plain candle, small Llama, AdamW", |sec| parity(sec, a, s));
+        run_section(5, "CUDA storage swap and device memory", |sec| memory(sec, a, s));
     }
     if wanted(6) {
-        run_section(6, "backward prefetch sequences on the GPU (seed check)", |sec| prefetch_sequences(sec, s));
+        run_section(6, "parity: FSDP world 1 (NCCL) vs plain candle, small Llama, AdamW", |sec| parity(sec, a, s));
     }
     if wanted(7) {
-        run_section(7, "step time: plain candle vs FSDP world 1 (NCCL), f32", |sec| step_time(sec, a, s));
+        run_section(7, "backward prefetch sequences on the GPU (seed check)", |sec| prefetch_sequences(sec, s));
+    }
+    if wanted(8) {
+        run_section(8, "step time: plain candle vs FSDP world 1 (NCCL), f32", |sec| step_time(sec, a, s));
     }
     let all = print_summary(started);
     std::process::exit(if all { 0 } else { 1 });
@@ -1159,7 +1169,123 @@ fn collectives(sec: &Section, settings: &Settings) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------
-// 4. Memory.
+// 4. Stream ordering between candle's compute stream and NCCL's stream.
+
+/// Values `x` after a chain of kernels that keeps the compute stream busy for many
+/// milliseconds: a collective issued right after it must wait for all of it.
+fn busy_chain(x: &Tensor, rounds: usize) -> Result<Tensor> {
+    let mut y = x.clone();
+    for _ in 0..rounds {
+        y = (y.matmul(x)? / (x.dim(0)? as f64).sqrt())?.tanh()?;
+    }
+    Ok(y)
+}
+
+/// Element by element: `got` (read back now) against `expected`.
+fn differing(got: &Tensor, expected: &[f64]) -> Result<usize> {
+    let got = values(got)?;
+    ensure!(got.len() == expected.len(), "{} elements, expected {}", got.len(), expected.len());
+    Ok(got.iter().zip(expected).filter(|(a, b)| a != b).count())
+}
+
+fn stream_ordering(sec: &Section, settings: &Settings) -> Result<()> {
+    on_gpu(settings.timeout, |ctx| {
+        let dev = ctx.device.clone();
+        let comm = ctx.comm.clone();
+        let label = "gpu_check ordering";
+        let side = 4096;
+
+        // (1) An input written by a chain of kernels, handed straight to the collective:
+        // the communication stream must wait for the kernels (cudarc records no write
+        // event for a kernel's output).
+        let written = attempt(|| -> Result<(usize, usize)> {
+            let mut rng = Rng::stream(7, 1);
+            let x = randn_cpu(&mut rng, &[side, side])?.to_device(&dev)?;
+            sync(&dev)?;
+            let chain = busy_chain(&x, 6)?.flatten_all()?;
+            let gathered = comm.all_gather(&chain, label)?.wait()?;
+            let reduced = comm.all_reduce(&busy_chain(&x, 6)?.flatten_all()?, ReduceOp::Sum, label)?.wait()?;
+            sync(&dev)?;
+            let expected = values(&chain)?;
+            Ok((differing(&gathered, &expected)?, differing(&reduced, &expected)?))
+        });
+        if let Some((g, r)) = sec.check_result("an input written by a chain of kernels", written) {
+            sec.check(
+                g == 0 && r == 0,
+                format!(
+                    "an input written by 6 chained {side}x{side} matmuls and handed straight to all_gather / all_reduce: \
+                     {g} / {r} of {} elements differ from the input",
+                    side * side
+                ),
+            );
+        }
+
+        // (2) Collectives queued back to back (the communication stream busy), their
+        // outputs read at once by candle's copies (`to_dtype`, `cat`), which wait on a
+        // buffer's own stream only.
+        let queued = attempt(|| -> Result<(usize, usize, usize)> {
+            let len = 16 << 20;
+            let inputs: Vec<Tensor> = (0..8)
+                .map(|i| Ok(((Tensor::arange(0u32, len as u32, &dev)?.to_dtype(DType::F32)? * 1e-3)? + i as f64)?))
+                .collect::<Result<_>>()?;
+            sync(&dev)?;
+            let outputs: Vec<Tensor> =
+                inputs.iter().map(|t| Ok(comm.all_gather(t, label)?.wait()?)).collect::<Result<_>>()?;
+            let as_f64: Vec<Tensor> = outputs.iter().map(|o| Ok(o.to_dtype(DType::F64)?)).collect::<Result<_>>()?;
+            let joined = Tensor::cat(&outputs, 0)?;
+            let (mut casts, mut cat) = (0, 0);
+            let mut expected_all = Vec::with_capacity(8 * len);
+            for (input, cast) in inputs.iter().zip(&as_f64) {
+                let expected = values(input)?;
+                casts += differing(cast, &expected)?;
+                expected_all.extend(expected);
+            }
+            cat += differing(&joined, &expected_all)?;
+            Ok((casts, cat, 8 * len))
+        });
+        if let Some((casts, cat, total)) = sec.check_result("outputs read at once", queued) {
+            sec.check(
+                casts == 0 && cat == 0,
+                format!(
+                    "8 all_gathers of 64 MiB queued back to back, outputs read at once: to_dtype {casts}, cat {cat} of {total} elements wrong"
+                ),
+            );
+        }
+
+        // (3) An output dropped while a reader is queued, its memory free for the next
+        // collective's output: the reader must still see the first values.
+        let reused = attempt(|| -> Result<usize> {
+            let len = 32 << 20;
+            let first = Tensor::ones(len, DType::F32, &dev)?;
+            let second = (Tensor::ones(len, DType::F32, &dev)? * 2.0)?;
+            let x = randn_cpu(&mut Rng::stream(7, 2), &[side, side])?.to_device(&dev)?;
+            sync(&dev)?;
+            let mut wrong = 0;
+            for _ in 0..4 {
+                // Keep the compute stream busy so the reader below stays queued.
+                let busy = busy_chain(&x, 4)?;
+                let gathered = comm.all_gather(&first, label)?.wait()?;
+                let read = gathered.to_dtype(DType::F64)?;
+                drop(gathered);
+                let next = comm.all_gather(&second, label)?.wait()?;
+                wrong += differing(&read, &vec![1.0; len])?;
+                wrong += differing(&next, &vec![2.0; len])?;
+                drop(busy);
+            }
+            Ok(wrong)
+        });
+        if let Some(wrong) = sec.check_result("an output dropped while read", reused) {
+            sec.check(
+                wrong == 0,
+                format!("an all_gather output dropped with its reader queued, then a second all_gather: {wrong} elements wrong in 4 rounds"),
+            );
+        }
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Memory.
 
 fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
     let (hidden, units, rows) = (args.mem_hidden, args.mem_units, args.mem_rows);
@@ -1386,7 +1512,7 @@ fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------
-// 5. Parity.
+// 6. Parity.
 
 struct Trained {
     losses: Vec<f64>,
@@ -1463,10 +1589,12 @@ fn parity(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
         settings.parity_steps
     ));
     sec.info(
-        "at world size 1 every unit's shard is the whole parameter: a gather is a copy of the shard and the reduction \
-         hands the gradient back unchanged (no collective in the step), so the runs should agree to the bit",
+        "each configuration twice: with the world-1 shortcuts (a gather is a copy of the shard, the reduction hands the \
+         gradient back unchanged: no collective in the step) and with every collective run through NCCL \
+         (collectives_at_world_one: all-gather, copy-out, reduce-scatter, as on several GPUs); both should agree with \
+         plain candle to the bit",
     );
-    let configs = [
+    let strategies = [
         ("FULL_SHARD, backward prefetch BACKWARD_PRE (default)", FsdpConfig::default()),
         ("FULL_SHARD, BACKWARD_PRE + forward prefetch", FsdpConfig::default().forward_prefetch(true)),
         ("FULL_SHARD, BACKWARD_POST", FsdpConfig::default().backward_prefetch(BackwardPrefetch::Post)),
@@ -1474,6 +1602,15 @@ fn parity(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
         ("SHARD_GRAD_OP", FsdpConfig::default().strategy(ShardingStrategy::ShardGradOp)),
         ("NO_SHARD", FsdpConfig::default().strategy(ShardingStrategy::NoShard)),
     ];
+    let configs: Vec<(String, FsdpConfig)> = strategies
+        .iter()
+        .flat_map(|(name, config)| {
+            [
+                (format!("{name}, shortcuts"), *config),
+                (format!("{name}, collectives run"), config.collectives_at_world_one(true)),
+            ]
+        })
+        .collect();
     on_gpu(settings.timeout, |ctx| {
         let plain = train_plain(&s.config, &snapshot, &batches, &ctx.device)?;
         sec.info(format!(
@@ -1521,7 +1658,7 @@ fn parity(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
             }
         }
         sec.figure(
-            "parity, 6 FSDP configurations vs plain candle",
+            "parity, 6 FSDP configurations x (shortcuts, collectives run) vs plain candle",
             format!(
                 "max |loss diff| {:.3e}, max |param diff| {:.3e} after {} steps",
                 worst.0, worst.1, settings.parity_steps
@@ -1532,7 +1669,7 @@ fn parity(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------
-// 6. Backward prefetch sequences (the port of tests/backward_prefetch.rs, on the GPU).
+// 7. Backward prefetch sequences (the port of tests/backward_prefetch.rs, on the GPU).
 
 const NUM_ITERS: usize = 2;
 fn prefetch_sequences(sec: &Section, settings: &Settings) -> Result<()> {
@@ -1658,7 +1795,7 @@ fn prefetch_sequences(sec: &Section, settings: &Settings) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------
-// 7. Step time.
+// 8. Step time.
 
 struct Timed {
     /// Milliseconds of each measured step.
@@ -1730,10 +1867,12 @@ fn time_fsdp(
     snapshot: &HashMap<String, Tensor>,
     batches: &[(Tensor, Tensor)],
     warmup: usize,
+    collectives_at_world_one: bool,
 ) -> Result<Timed> {
     let dev = &ctx.device;
     let model = Llama::new(config, VarBuilder::from_tensors(snapshot.clone(), DTYPE, dev))?;
-    let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig { sync_module_states: false, ..FsdpConfig::default() })?;
+    let fsdp_config = FsdpConfig { sync_module_states: false, collectives_at_world_one, ..FsdpConfig::default() };
+    let fsdp = Fsdp::wrap(model, ctx.comm.clone(), fsdp_config)?;
     let mut optimizer = AdamW::new(fsdp.parameters(), ParamsAdamW { lr: LR, ..ParamsAdamW::default() })?;
     timed_steps(dev, batches, warmup, |inputs, targets| {
         let logits = fsdp.forward(|m| m.forward(inputs))?;
@@ -1756,8 +1895,9 @@ fn step_time(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
     sec.info(
         "(a) plain candle on a fresh CUDA device (a context with one stream: cudarc records no events); (a') plain candle \
          on the NCCL rank's device (its context also has NCCL's stream, so cudarc records an event per buffer use); \
-         (b) FSDP world 1 over NCCL, FULL_SHARD, BACKWARD_PRE, no forward prefetch. At world 1 a gather is a copy of the \
-         shard and no collective runs in the step: (b)/(a) is the runtime's own overhead (copies, frees, hooks, events)",
+         (b) FSDP world 1 over NCCL, FULL_SHARD, BACKWARD_PRE, no forward prefetch: a gather is a copy of the shard and \
+         no collective runs in the step, so (b)/(a) is the runtime's own overhead (copies, frees, hooks, events); \
+         (c) the same with every collective run through NCCL (all-gather, copy-out, reduce-scatter, as on several GPUs)",
     );
     for &size in &settings.models {
         let s = setup(size, args);
@@ -1770,19 +1910,21 @@ fn step_time(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
             let batches = (0..settings.warmup + per_round)
                 .map(|_| task.batch(&mut rng, s.batch, s.seq_len, &Device::Cpu))
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            let (a, a2, b) = on_gpu(settings.timeout, |ctx| {
+            let (a, a2, b, c) = on_gpu(settings.timeout, |ctx| {
                 let fresh = Device::new_cuda(0)?;
-                let (mut a, mut a2, mut b) = (None, None, None);
+                let (mut a, mut a2, mut b, mut c) = (None, None, None, None);
                 for round in 1..=settings.rounds {
                     eprintln!("  {} round {round}/{}: (a) plain, fresh device", s.name, settings.rounds);
                     Timed::merge(&mut a, time_plain(&s.config, &snapshot, &batches, settings.warmup, &fresh)?);
                     eprintln!("  {} round {round}/{}: (a') plain, NCCL rank's device", s.name, settings.rounds);
                     Timed::merge(&mut a2, time_plain(&s.config, &snapshot, &batches, settings.warmup, &ctx.device)?);
                     eprintln!("  {} round {round}/{}: (b) FSDP world 1", s.name, settings.rounds);
-                    Timed::merge(&mut b, time_fsdp(&ctx, &s.config, &snapshot, &batches, settings.warmup)?);
+                    Timed::merge(&mut b, time_fsdp(&ctx, &s.config, &snapshot, &batches, settings.warmup, false)?);
+                    eprintln!("  {} round {round}/{}: (c) FSDP world 1, collectives run", s.name, settings.rounds);
+                    Timed::merge(&mut c, time_fsdp(&ctx, &s.config, &snapshot, &batches, settings.warmup, true)?);
                 }
                 let done = |t: Option<Timed>| t.ok_or_else(|| anyhow!("no round ran"));
-                Ok((done(a)?, done(a2)?, done(b)?))
+                Ok((done(a)?, done(a2)?, done(b)?, done(c)?))
             })?;
             let tokens = (s.batch * s.seq_len) as f64;
             let min = |t: &Timed| t.times.iter().copied().fold(f64::INFINITY, f64::min);
@@ -1795,6 +1937,7 @@ fn step_time(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
                 ("(a)  plain candle, fresh device", &a),
                 ("(a') plain candle, NCCL rank's device", &a2),
                 ("(b)  FSDP world 1 (NCCL), FULL_SHARD", &b),
+                ("(c)  FSDP world 1, FULL_SHARD, collectives run", &c),
             ] {
                 sec.info(format!(
                     "  {name:<50} {:>7.2} ms {:>7.2} ms {:>9.3} {:>9.3} {:>12.0} {:>14}",
@@ -1807,18 +1950,28 @@ fn step_time(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
                 ));
             }
             sec.info(format!(
-                "  losses first / last: (a) {:.5} / {:.5}, (a') {:.5} / {:.5}, (b) {:.5} / {:.5}",
-                a.first_loss, a.last_loss, a2.first_loss, a2.last_loss, b.first_loss, b.last_loss
+                "  losses first / last: (a) {:.5} / {:.5}, (a') {:.5} / {:.5}, (b) {:.5} / {:.5}, (c) {:.5} / {:.5}",
+                a.first_loss,
+                a.last_loss,
+                a2.first_loss,
+                a2.last_loss,
+                b.first_loss,
+                b.last_loss,
+                c.first_loss,
+                c.last_loss
             ));
+            let same = |t: &Timed| {
+                (a.first_loss - t.first_loss).abs() <= 1e-4 * a.first_loss.abs()
+                    && (a.last_loss - t.last_loss).abs() <= 1e-3 * a.last_loss.abs().max(1.0)
+            };
             sec.check(
-                (a.first_loss - b.first_loss).abs() <= 1e-4 * a.first_loss.abs()
-                    && (a.last_loss - b.last_loss).abs() <= 1e-3 * a.last_loss.abs().max(1.0),
-                format!("{}: FSDP and plain candle computed the same losses", s.name),
+                same(&b) && same(&c),
+                format!("{}: FSDP (b, c) and plain candle computed the same losses", s.name),
             );
             sec.figure(
                 &format!("step time {} ({} params, {}x{} tokens)", s.name, human_count(numel), s.batch, s.seq_len),
                 format!(
-                    "plain {:.2} ms median / {:.2} min; plain on the NCCL device {:.2} / {:.2}; FSDP {:.2} / {:.2}; FSDP/plain {:.3} by median, {:.3} by min",
+                    "plain {:.2} ms median / {:.2} min; plain on the NCCL device {:.2} / {:.2}; FSDP {:.2} / {:.2}; FSDP/plain {:.3} by median, {:.3} by min; FSDP with collectives run {:.2} / {:.2}, /plain {:.3} by median",
                     base_med,
                     base_min,
                     median(&a2.times),
@@ -1826,7 +1979,10 @@ fn step_time(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
                     median(&b.times),
                     min(&b),
                     median(&b.times) / base_med,
-                    min(&b) / base_min
+                    min(&b) / base_min,
+                    median(&c.times),
+                    min(&c),
+                    median(&c.times) / base_med
                 ),
             );
             Ok(())
