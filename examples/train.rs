@@ -9,30 +9,40 @@
 //! The data is a synthetic but learnable token stream: each token is followed by a fixed
 //! successor (a random permutation of the vocabulary) with probability 0.9 and by a
 //! random token otherwise, so a model that learns the rule gets well below `ln(vocab)`.
-//! Every rank draws its own batches; the gradients are averaged over the ranks by the
-//! reduce-scatter of FSDP, so one step trains on `world_size × batch_size` sequences.
+//! Every rank draws its own batches (from a stream fixed by the seed, the step and the
+//! rank); the gradients are averaged over the ranks by the reduce-scatter of FSDP, so one
+//! step trains on `world_size × batch_size` sequences.
+//!
+//! With `--save-dir` the run keeps sharded checkpoints (every `--save-every` steps and at
+//! the end) and `--resume` continues from the newest, at any world size and strategy;
+//! `--export` writes the trained model in the Hugging Face layout.
 //!
 //! ```text
 //! cargo run --release --example train
 //! cargo run --release --example train -- --world-size 4 --strategy shard-grad-op --steps 100
 //! cargo build --release --example train && target/release/fsdp-run --nproc-per-node 2 -- target/release/examples/train
+//! cargo run --release --example train -- --steps 40 --save-dir ckpt --save-every 20
+//! cargo run --release --example train -- --steps 60 --save-dir ckpt --resume --world-size 3 --export model
 //! ```
 
 mod common;
 
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
+use candle_fsdp::checkpoint::{self, Checkpointer, ExportOptions, Progress};
 use candle_fsdp::dist::DistEnv;
 use candle_fsdp::dist::ReduceOp;
 use candle_fsdp::model::{Layout, Role};
 use candle_fsdp::models::llama::{Llama, LlamaConfig};
+use candle_fsdp::optim::{AdamW, ParamsAdamW};
 use candle_fsdp::{launch, Bytes, Fsdp, FsdpConfig, LaunchOptions, Plan, PlanConfig, RankContext};
 use candle_fsdp::{Backend, ProcessGroup};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
 use clap::Parser;
 use common::{human_count, median, ms, BigramTask, Rng, DTYPE};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Train a small Llama language model with FSDP: CPU ranks as threads of this process by
@@ -85,6 +95,27 @@ struct Args {
     /// The longest the rendezvous or any collective waits for the other ranks.
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     timeout_secs: u64,
+
+    /// Keep sharded checkpoints (parameters, AdamW state, step) in this directory.
+    #[arg(long)]
+    save_dir: Option<PathBuf>,
+
+    /// Save a checkpoint every this many steps (and after the last step).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    save_every: u64,
+
+    /// Checkpoints kept in `--save-dir`; older ones are removed.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    keep_last: u64,
+
+    /// Continue from the newest checkpoint in `--save-dir` (at any world size and strategy),
+    /// up to `--steps` steps in all; without one, start afresh.
+    #[arg(long, requires = "save_dir")]
+    resume: bool,
+
+    /// After training, write the model in the Hugging Face layout (`model.safetensors`) here.
+    #[arg(long)]
+    export: Option<PathBuf>,
 }
 
 /// How the ranks of this run are started.
@@ -121,6 +152,8 @@ fn model_config(seq_len: usize) -> LlamaConfig {
 /// What a rank hands back after training.
 struct RankReport {
     rank: usize,
+    /// The step this run started after (0, or the step of the checkpoint it resumed).
+    resumed_at: usize,
     /// The global loss (average over ranks) of every step, before its update.
     losses: Vec<f64>,
     step_times: Vec<Duration>,
@@ -240,6 +273,11 @@ fn main() -> anyhow::Result<()> {
     let wall = started.elapsed();
 
     let losses = &reports[0].losses;
+    let resumed_at = reports[0].resumed_at;
+    if losses.is_empty() {
+        println!("\nnothing to train: the checkpoint is at step {resumed_at} of {steps}");
+        return Ok(());
+    }
     let (start, end) = (losses[0], losses[losses.len() - 1]);
     let tail = &losses[losses.len().saturating_sub(5)..];
     let tail_mean = tail.iter().sum::<f64>() / tail.len() as f64;
@@ -255,16 +293,19 @@ fn main() -> anyhow::Result<()> {
 
     print_memory(&reports, full_bytes, plan.memory.gathered_peak);
 
-    if steps >= 10 {
-        if tail_mean < start - 0.5 {
+    // A resumed run starts where the loss has fallen already: it must stay below knowing nothing.
+    let baseline = if resumed_at > 0 { (VOCAB as f64).ln() } else { start };
+    if losses.len() >= 10 || resumed_at > 0 {
+        if tail_mean < baseline - 0.5 {
             println!(
-                "\nok: the loss fell by {:.3} nats, from about ln({VOCAB}) (no knowledge) towards the ideal {:.3} \
+                "\nok: the loss is {:.3} nats below {} ({baseline:.3}), towards the ideal {:.3} \
                  (a single batch's loss scatters around it)",
-                start - tail_mean,
+                baseline - tail_mean,
+                if resumed_at > 0 { format!("ln({VOCAB}), knowing nothing") } else { "its start".to_string() },
                 task.entropy()
             );
         } else {
-            bail!("the loss did not fall clearly: {start:.4} at the start, {tail_mean:.4} over the last steps");
+            bail!("the loss did not fall clearly: {baseline:.4} at the start, {tail_mean:.4} over the last steps");
         }
     }
     Ok(())
@@ -294,10 +335,15 @@ fn train_rank(
     let shard_numel: usize = shards.iter().map(|v| v.elem_count()).sum();
     let shard_bytes = common::var_bytes(&shards);
     let mut optimizer = AdamW::new(shards.clone(), ParamsAdamW { lr: args.lr, ..ParamsAdamW::default() })?;
+    let checkpointer = args.save_dir.as_ref().map(|dir| Checkpointer::new(dir).keep_last(args.keep_last as usize));
+    let resumed_at = match (&checkpointer, args.resume) {
+        (Some(checkpointer), true) => resume(&fsdp, &mut optimizer, checkpointer, args.seed)?,
+        _ => 0,
+    };
 
-    let mut rng = Rng::stream(args.seed, 1 + ctx.rank as u64);
     let progress = if ctx.rank == 0 {
         let bar = ProgressBar::new(steps as u64);
+        bar.set_position(resumed_at.min(steps) as u64);
         bar.set_style(
             ProgressStyle::with_template(
                 "{spinner} [{elapsed_precise}] {bar:40.cyan/blue} {pos}/{len} steps  loss {msg}",
@@ -313,7 +359,10 @@ fn train_rank(
     let mut losses = Vec::with_capacity(steps);
     let mut step_times = Vec::with_capacity(steps);
     let mut grad_bytes = 0;
-    for step in 1..=steps {
+    for step in resumed_at + 1..=steps {
+        // The batch depends on the seed, the step and the rank only, so a resumed run
+        // draws what the uninterrupted run would have.
+        let mut rng = Rng::stream(args.seed, ((step as u64) << 16) | ctx.rank as u64);
         let (inputs, targets) = task.batch(&mut rng, batch, seq_len, &device)?;
         let started = Instant::now();
         let logits = fsdp.forward(|model| model.forward(&inputs))?;
@@ -331,11 +380,28 @@ fn train_rank(
         if ctx.rank == 0 && (step == 1 || step % args.log_every as usize == 0 || step == steps) {
             progress.suspend(|| println!("step {step:>4}/{steps}  loss {global:.4}"));
         }
+        if let Some(checkpointer) = &checkpointer {
+            if step % args.save_every as usize == 0 || step == steps {
+                let saved =
+                    Progress { step: step as u64, scheduler: None, extras: serde_json::json!({ "seed": args.seed }) };
+                let path = checkpointer.save(&fsdp, Some(&optimizer), &saved)?;
+                if ctx.rank == 0 {
+                    progress.suspend(|| println!("saved {}", path.display()));
+                }
+            }
+        }
     }
     progress.finish();
+    if let Some(dir) = &args.export {
+        let files = checkpoint::export_hf(&fsdp, dir, &ExportOptions::default())?;
+        if ctx.rank == 0 {
+            println!("exported {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
+        }
+    }
 
     Ok(RankReport {
         rank: ctx.rank,
+        resumed_at,
         losses,
         step_times,
         shard_numel,
@@ -344,6 +410,37 @@ fn train_rank(
         optimizer_bytes: 2 * shard_bytes,
         gathered_peak: fsdp.memory().gathered_peak,
     })
+}
+
+/// Loads the newest checkpoint of `checkpointer`, if there is one; returns its step.
+fn resume(
+    fsdp: &Fsdp<Llama>,
+    optimizer: &mut AdamW,
+    checkpointer: &Checkpointer,
+    seed: u64,
+) -> candle_fsdp::Result<usize> {
+    let Some(path) = checkpointer.latest()? else {
+        if fsdp.rank() == 0 {
+            println!("no checkpoint in {}: starting afresh", checkpointer.dir().display());
+        }
+        return Ok(0);
+    };
+    let restored = checkpoint::load(fsdp, Some(optimizer), &path)?;
+    if restored.extras["seed"] != serde_json::json!(seed) {
+        return Err(candle_fsdp::Error::Rank {
+            rank: fsdp.rank(),
+            message: format!("{} was trained with --seed {}, not {seed}", path.display(), restored.extras["seed"]),
+        });
+    }
+    if fsdp.rank() == 0 {
+        println!(
+            "resumed {} at step {} (saved by {} ranks)",
+            path.display(),
+            restored.step,
+            checkpoint::read_metadata(&path)?.world_size
+        );
+    }
+    Ok(restored.step as usize)
 }
 
 /// Every rank's memory figures on every rank, so rank 0 can print the table; the losses and
@@ -358,6 +455,7 @@ fn gather_reports(ctx: &RankContext, mine: RankReport) -> anyhow::Result<Vec<Ran
         .enumerate()
         .map(|(rank, f)| RankReport {
             rank,
+            resumed_at: mine.resumed_at,
             losses: mine.losses.clone(),
             step_times: mine.step_times.clone(),
             shard_numel: f[0] as usize,
