@@ -35,7 +35,9 @@ fn grads(vars: &[Var], step: usize) -> GradStore {
 }
 
 fn bits(vars: &[Var]) -> Vec<Vec<u32>> {
-    vars.iter().map(|v| v.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()).collect()
+    vars.iter()
+        .map(|v| v.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect())
+        .collect()
 }
 
 #[test]
@@ -99,7 +101,9 @@ fn a_state_that_does_not_fit_is_refused_and_changes_nothing() {
     let before_bits: Vec<Vec<u32>> = before
         .vars
         .iter()
-        .map(|v| v.slots["exp_avg"].flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect())
+        .map(|v| {
+            v.slots["exp_avg"].flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+        })
         .collect();
 
     let mut wrong_shape = opt.export_state().unwrap();
