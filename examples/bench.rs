@@ -106,6 +106,7 @@ impl ModelSize {
                 rms_norm_eps: 1e-5,
                 rope_theta: 10_000.0,
                 initializer_range: 0.02,
+                ..LlamaConfig::default()
             },
             batch,
             seq_len,

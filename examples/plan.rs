@@ -88,6 +88,7 @@ fn llama_config() -> LlamaConfig {
         rms_norm_eps: 1e-5,
         rope_theta: 10_000.0,
         initializer_range: 0.02,
+        ..LlamaConfig::default()
     }
 }
 

@@ -146,6 +146,7 @@ fn model_config(seq_len: usize) -> LlamaConfig {
         rms_norm_eps: 1e-5,
         rope_theta: 10_000.0,
         initializer_range: 0.02,
+        ..LlamaConfig::default()
     }
 }
 

@@ -11,9 +11,15 @@
 //! ```
 //!
 //! Pre-norm decoder layers with RMSNorm, rotary position embeddings (the Hugging Face
-//! "rotate half" convention), causal self-attention with optional grouped key/value heads,
-//! a SiLU-gated MLP, no biases and an untied `lm_head`. Each decoder layer is an FSDP
-//! [`Unit`]; the root unit holds the embedding, the final norm and `lm_head`.
+//! "rotate half" convention, optionally with Llama 3.1's frequency scaling), causal
+//! self-attention with optional grouped key/value heads and an explicit head dimension, a
+//! SiLU-gated MLP, no biases, and an `lm_head` that may be tied to the embedding. Each
+//! decoder layer is an FSDP [`Unit`]; the root unit holds the embedding, the final norm
+//! and `lm_head`.
+//!
+//! [`LlamaConfig::from_hf_json`] reads a Hugging Face `config.json` and refuses, by name,
+//! every setting this model does not compute (biases, another activation, another rope
+//! scaling, another architecture), so a checkpoint is never run with different arithmetic.
 //!
 //! Initialisation follows Hugging Face: `N(0, initializer_range)` for every matrix, norm
 //! weights 1.
@@ -22,6 +28,8 @@ use super::{affine, rms_norm, softmax_last_dim};
 use crate::{Shardable, Unit};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Init, RmsNorm, VarBuilder};
+use serde::Deserialize;
+use std::path::Path;
 
 /// The hyper-parameters of [`Llama`] (Hugging Face `LlamaConfig` names); `Default` is a
 /// small model for tests.
@@ -37,6 +45,40 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub initializer_range: f64,
+    /// The attention head dimension, when it is not `hidden_size / num_attention_heads`.
+    pub head_dim: Option<usize>,
+    /// `lm_head` reuses the embedding matrix (no `lm_head.weight` of its own).
+    pub tie_word_embeddings: bool,
+    /// Llama 3.1's rotary frequency scaling.
+    pub rope_scaling: Option<RopeScaling>,
+}
+
+/// Llama 3.1's rotary scaling (Hugging Face `rope_type: "llama3"`): frequencies whose
+/// wavelength exceeds `original_max_position_embeddings / low_freq_factor` are divided by
+/// `factor`, those below `original_max_position_embeddings / high_freq_factor` kept, and
+/// those between interpolated smoothly.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+impl RopeScaling {
+    fn scale(&self, inv_freq: f64) -> f64 {
+        let original = self.original_max_position_embeddings as f64;
+        let wavelength = 2.0 * std::f64::consts::PI / inv_freq;
+        if wavelength < original / self.high_freq_factor {
+            inv_freq
+        } else if wavelength > original / self.low_freq_factor {
+            inv_freq / self.factor
+        } else {
+            let smooth =
+                (original / wavelength - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor);
+            (1.0 - smooth) * inv_freq / self.factor + smooth * inv_freq
+        }
+    }
 }
 
 impl Default for LlamaConfig {
@@ -52,19 +94,142 @@ impl Default for LlamaConfig {
             rms_norm_eps: 1e-6,
             rope_theta: 10_000.0,
             initializer_range: 0.02,
+            head_dim: None,
+            tie_word_embeddings: false,
+            rope_scaling: None,
         }
     }
 }
 
+/// The fields of a Hugging Face Llama `config.json` that decide the arithmetic; unknown
+/// keys (token ids, dtype, versions) do not.
+#[derive(Deserialize)]
+struct HfLlamaConfig {
+    model_type: Option<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    #[serde(default = "hf_default_positions")]
+    max_position_embeddings: usize,
+    #[serde(default = "hf_default_eps")]
+    rms_norm_eps: f64,
+    #[serde(default = "hf_default_theta")]
+    rope_theta: f64,
+    #[serde(default = "hf_default_init")]
+    initializer_range: f64,
+    head_dim: Option<usize>,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    rope_scaling: Option<serde_json::Map<String, serde_json::Value>>,
+    hidden_act: Option<String>,
+    #[serde(default)]
+    attention_bias: bool,
+    #[serde(default)]
+    mlp_bias: bool,
+    sliding_window: Option<serde_json::Value>,
+}
+
+fn hf_default_positions() -> usize {
+    2048
+}
+fn hf_default_eps() -> f64 {
+    1e-6
+}
+fn hf_default_theta() -> f64 {
+    10_000.0
+}
+fn hf_default_init() -> f64 {
+    0.02
+}
+
 impl LlamaConfig {
+    /// Reads a Hugging Face Llama `config.json` (see [`LlamaConfig::from_hf_json`]).
+    pub fn from_hf_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| candle_core::Error::Msg(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_hf_json(&text).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses a Hugging Face Llama `config.json`. A setting this model does not compute is
+    /// refused by its key, never loaded into different arithmetic: `attention_bias` or
+    /// `mlp_bias` true, a `hidden_act` other than `silu`, a `rope_scaling` other than
+    /// `llama3` (or `default`), a `sliding_window`, a `model_type` other than `llama`.
+    pub fn from_hf_json(text: &str) -> Result<Self> {
+        let hf: HfLlamaConfig =
+            serde_json::from_str(text).map_err(|e| candle_core::Error::Msg(format!("not a Llama config.json: {e}")))?;
+        let refuse = |what: String| -> Result<Self> {
+            candle_core::bail!("{what}: this Llama model does not implement it, so the checkpoint is refused")
+        };
+        if let Some(kind) = hf.model_type.as_deref().filter(|&k| k != "llama") {
+            return refuse(format!("`model_type` is `{kind}`"));
+        }
+        if let Some(act) = hf.hidden_act.as_deref().filter(|&a| a != "silu") {
+            return refuse(format!("`hidden_act` is `{act}` (only `silu`)"));
+        }
+        if hf.attention_bias {
+            return refuse("`attention_bias` is true".into());
+        }
+        if hf.mlp_bias {
+            return refuse("`mlp_bias` is true".into());
+        }
+        if hf.sliding_window.as_ref().is_some_and(|w| !w.is_null()) {
+            return refuse("`sliding_window` is set".into());
+        }
+        let rope_scaling = match &hf.rope_scaling {
+            None => None,
+            Some(scaling) => {
+                // Hugging Face writes `rope_type`; older configs `type`.
+                let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|v| v.as_str());
+                match kind {
+                    Some("default") => None,
+                    Some("llama3") => {
+                        let number = |key: &str| -> Result<f64> {
+                            scaling.get(key).and_then(|v| v.as_f64()).ok_or_else(|| {
+                                candle_core::Error::Msg(format!("`rope_scaling.{key}` is missing or not a number"))
+                            })
+                        };
+                        Some(RopeScaling {
+                            factor: number("factor")?,
+                            low_freq_factor: number("low_freq_factor")?,
+                            high_freq_factor: number("high_freq_factor")?,
+                            original_max_position_embeddings: number("original_max_position_embeddings")? as usize,
+                        })
+                    }
+                    Some(other) => return refuse(format!("`rope_scaling` of type `{other}` (only `llama3`)")),
+                    None => return refuse("`rope_scaling` without a `rope_type`".into()),
+                }
+            }
+        };
+        let config = Self {
+            vocab_size: hf.vocab_size,
+            hidden_size: hf.hidden_size,
+            intermediate_size: hf.intermediate_size,
+            num_hidden_layers: hf.num_hidden_layers,
+            num_attention_heads: hf.num_attention_heads,
+            num_key_value_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
+            max_position_embeddings: hf.max_position_embeddings,
+            rms_norm_eps: hf.rms_norm_eps,
+            rope_theta: hf.rope_theta,
+            initializer_range: hf.initializer_range,
+            head_dim: hf.head_dim,
+            tie_word_embeddings: hf.tie_word_embeddings,
+            rope_scaling,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     fn validate(&self) -> Result<()> {
         let heads = self.num_attention_heads;
         let kv_heads = self.num_key_value_heads;
-        if heads == 0 || !self.hidden_size.is_multiple_of(heads) {
+        if heads == 0 || (self.head_dim.is_none() && !self.hidden_size.is_multiple_of(heads)) {
             candle_core::bail!(
                 "Llama: hidden_size ({}) must be a positive multiple of num_attention_heads ({heads})",
                 self.hidden_size
@@ -123,8 +288,12 @@ impl RotaryEmbedding {
         let head_dim = config.head_dim();
         let half = head_dim / 2;
         let internal = at_least_f32(dtype);
-        let inv_freq: Vec<f64> =
-            (0..half).map(|j| 1.0 / config.rope_theta.powf((2 * j) as f64 / head_dim as f64)).collect();
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|j| {
+                let inv_freq = 1.0 / config.rope_theta.powf((2 * j) as f64 / head_dim as f64);
+                config.rope_scaling.as_ref().map_or(inv_freq, |scaling| scaling.scale(inv_freq))
+            })
+            .collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?.to_dtype(internal)?;
         let positions = Tensor::arange(0u32, config.max_position_embeddings as u32, device)?
             .to_dtype(internal)?
@@ -284,14 +453,19 @@ impl Llama {
     pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
         let model = vb.pp("model");
-        let embed_tokens = candle_nn::Embedding::new(
-            model.pp("embed_tokens").get_with_hints(
-                (config.vocab_size, config.hidden_size),
-                "weight",
-                Init::Randn { mean: 0.0, stdev: config.initializer_range },
-            )?,
-            config.hidden_size,
-        );
+        let embedding = model.pp("embed_tokens").get_with_hints(
+            (config.vocab_size, config.hidden_size),
+            "weight",
+            Init::Randn { mean: 0.0, stdev: config.initializer_range },
+        )?;
+        // A tied head is the embedding tensor itself: the layout sees one parameter under
+        // two names, and checkpoints hold it once, as Hugging Face does.
+        let lm_head = if config.tie_word_embeddings {
+            LinearNoBias { weight: embedding.clone() }
+        } else {
+            config.linear(config.hidden_size, config.vocab_size, vb.pp("lm_head"))?
+        };
+        let embed_tokens = candle_nn::Embedding::new(embedding, config.hidden_size);
         let layers = (0..config.num_hidden_layers)
             .map(|i| LlamaDecoderLayer::new(config, model.pp("layers").pp(i)).map(Unit::new))
             .collect::<Result<_>>()?;
@@ -299,7 +473,7 @@ impl Llama {
             embed_tokens,
             layers,
             norm: config.norm(model.pp("norm"))?,
-            lm_head: config.linear(config.hidden_size, config.vocab_size, vb.pp("lm_head"))?,
+            lm_head,
             rotary: RotaryEmbedding::new(config, vb.dtype(), vb.device())?,
             config: config.clone(),
         })
