@@ -3,10 +3,12 @@
 //! load of that export, each next to a plain write (or read) of the same bytes by every
 //! rank at once in the same run, and each with the extra peak resident memory it took.
 //!
-//! The peak is the process's (`VmHWM` after a reset through `/proc/self/clear_refs`, over
-//! the resident size before): the ranks are threads of one process, so the figure is the
-//! sum over ranks, and the per-rank figure is that sum divided by the world size. It is
-//! compared with the goal of at most one unit's full size beyond the shards per rank.
+//! The peak is counted by this program's allocator: the most bytes allocated at once during
+//! the operation over the bytes allocated before it (resident-memory figures would count
+//! the page cache behind memory-mapped files, and miss memory the heap reuses). The ranks
+//! are threads of one process, so the figure is the sum over ranks, and the per-rank
+//! figure is that sum divided by the world size. It is compared with the goal of at most
+//! one unit's full size beyond the shards per rank.
 //!
 //! ```text
 //! cargo run --release --example checkpoint_bench
@@ -19,15 +21,17 @@ use anyhow::{ensure, Context};
 use candle_core::Device;
 use candle_fsdp::checkpoint::{self, Checkpointer, ExportOptions, Progress};
 use candle_fsdp::dist::Collectives;
-use candle_fsdp::model::Layout;
+use candle_fsdp::model::Layout as ModelLayout;
 use candle_fsdp::models::llama::{Llama, LlamaConfig};
 use candle_fsdp::optim::{AdamW, ParamsAdamW};
 use candle_fsdp::{launch, Bytes, Fsdp, FsdpConfig, LaunchOptions, Plan, PlanConfig};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use clap::Parser;
 use common::{BigramTask, Rng, DTYPE};
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 /// Sharded save and load, Hugging Face export and pretrained load: throughput per rank
@@ -51,20 +55,47 @@ struct Args {
     dir: Option<PathBuf>,
 }
 
-/// The process's resident memory now and its high-water mark, in bytes.
-fn resident() -> anyhow::Result<(usize, usize)> {
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let field = |name: &str| -> anyhow::Result<usize> {
-        let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name} in status"))?;
-        let kib: usize = line.split_whitespace().nth(1).context("a number")?.parse()?;
-        Ok(kib * 1024)
-    };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
+/// The system allocator, counting the bytes allocated now and their high-water mark.
+struct CountingAllocator;
+
+static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only counters change.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let ptr = unsafe { System.alloc(layout) };
+        if !ptr.is_null() {
+            let now = ALLOCATED.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        ALLOCATED.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let new = unsafe { System.realloc(ptr, layout, new_size) };
+        if !new.is_null() {
+            ALLOCATED.fetch_sub(layout.size(), Ordering::Relaxed);
+            let now = ALLOCATED.fetch_add(new_size, Ordering::Relaxed) + new_size;
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        new
+    }
 }
 
-/// Starts a new high-water mark of the resident size.
-fn reset_peak() -> anyhow::Result<()> {
-    std::fs::write("/proc/self/clear_refs", "5").context("resetting the peak through /proc/self/clear_refs")
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// Starts a new high-water mark; returns the bytes allocated now.
+fn reset_peak() -> usize {
+    let now = ALLOCATED.load(Ordering::Relaxed);
+    PEAK.store(now, Ordering::Relaxed);
+    now
 }
 
 /// What one operation took on one rank.
@@ -84,21 +115,13 @@ struct Meeting<'a> {
 impl Meeting<'_> {
     fn run<T>(&self, rank: usize, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64, Option<usize>)> {
         self.comm.barrier("benchmark: before measuring")?;
-        let before = if rank == 0 {
-            reset_peak()?;
-            Some(resident()?.0)
-        } else {
-            None
-        };
+        let before = if rank == 0 { Some(reset_peak()) } else { None };
         self.comm.barrier("benchmark: start")?;
         let started = Instant::now();
         let out = f();
         let seconds = started.elapsed().as_secs_f64();
         self.comm.barrier("benchmark: end")?;
-        let extra = match before {
-            Some(before) => Some(resident()?.1.saturating_sub(before)),
-            None => None,
-        };
+        let extra = before.map(|before| PEAK.load(Ordering::Relaxed).saturating_sub(before));
         Ok((out?, seconds, extra))
     }
 }
@@ -166,7 +189,7 @@ fn main() -> anyhow::Result<()> {
 
     let var_map = VarMap::new();
     let model = Llama::new(&config, VarBuilder::from_varmap(&var_map, DTYPE, &Device::Cpu))?;
-    let plan = Plan::new(&Layout::of(&model)?, PlanConfig::new(world, FsdpConfig::default()).optimizer_states(2))?;
+    let plan = Plan::new(&ModelLayout::of(&model)?, PlanConfig::new(world, FsdpConfig::default()).optimizer_states(2))?;
     let largest_unit = plan.units.iter().map(|u| u.gathered_bytes).max().unwrap_or(0);
     let numel: usize = plan.units.iter().map(|u| u.numel).sum();
     drop(model);
@@ -306,7 +329,8 @@ fn main() -> anyhow::Result<()> {
     }
     println!(
         "\nratio: the operation's throughput over a plain write (or read) of the same bytes per rank, all ranks at once, \
-         in this run; extra peak: the process's resident high-water mark over its size before, all ranks together"
+         in this run; extra peak: the most bytes allocated at once during the operation over those allocated before, \
+         all ranks together"
     );
     println!(
         "goal: at most one unit's full size ({}) beyond the shards per rank; worst measured {} per rank: {}",

@@ -82,20 +82,23 @@ pub fn export_hf<M>(fsdp: &Fsdp<M>, dir: &Path, options: &ExportOptions) -> Resu
             _ => t.clone(),
         })
     };
+    let cast_all = |pieces: &[Tensor]| pieces.iter().map(cast).collect::<Result<Vec<_>>>();
     let mut writer = FileSequence { dir, names: &names, exported: &exported, next: 0, open: None, done: Vec::new() };
     // Rank 0 keeps gathering after a write error, so its peers are not left waiting in a
     // collective; the error is reported at the end.
     let mut write_error: Option<Error> = None;
     for group in fsdp.groups() {
-        let values = group.full_values()?;
+        // Written out of the gathered buffer piece by piece: no second copy of the unit.
+        let values = group.full_value_pieces()?;
         if rank != 0 || write_error.is_some() {
             continue;
         }
+        let params = group.params.iter().zip(values).map(|(p, pieces)| Ok((&p.fqn, p.shape.dims(), pieces)));
         let buffers = fsdp.buffers().iter().filter(|b| b.unit == group.index);
-        let tensors =
-            group.params.iter().map(|p| &p.fqn).zip(values.iter()).chain(buffers.map(|b| (&b.fqn, &b.tensor)));
-        for (fqn, value) in tensors {
-            if let Err(e) = cast(value).and_then(|v| writer.write(fqn, &v)) {
+        let buffers = buffers.map(|b| Ok((&b.fqn, b.tensor.dims(), vec![b.tensor.flatten_all()?])));
+        for tensor in params.chain(buffers) {
+            let written = tensor.and_then(|(fqn, shape, pieces)| writer.write(fqn, shape, &cast_all(&pieces)?));
+            if let Err(e) = written {
                 write_error = Some(e);
                 break;
             }
@@ -163,7 +166,7 @@ struct FileSequence<'a> {
 }
 
 impl FileSequence<'_> {
-    fn write(&mut self, fqn: &str, value: &Tensor) -> Result<()> {
+    fn write(&mut self, fqn: &str, shape: &[usize], pieces: &[Tensor]) -> Result<()> {
         let file = self.exported[self.next].file;
         if self.open.is_none() {
             let planned = self.exported.iter().filter(|e| e.file == file).map(|e| e.planned.clone()).collect();
@@ -171,7 +174,7 @@ impl FileSequence<'_> {
             self.open = Some(StreamingWriter::create(&self.dir.join(&self.names[file]), planned, metadata)?);
         }
         let writer = self.open.as_mut().expect("opened above");
-        writer.write(fqn, value)?;
+        writer.write_pieces(fqn, shape, pieces)?;
         self.next += 1;
         if writer.is_complete() {
             self.done.push(self.open.take().expect("open").finish()?);

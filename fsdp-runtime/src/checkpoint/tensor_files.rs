@@ -130,30 +130,38 @@ impl StreamingWriter {
         Ok(Self { path: path.into(), temp, out, planned, next: 0 })
     }
 
-    /// Appends the next planned tensor.
-    pub fn write(&mut self, name: &str, tensor: &Tensor) -> Result<()> {
+    /// Appends the next planned tensor, `name` of shape `shape`, whose elements in order
+    /// are those of `pieces` (1-D, of the planned dtype): one piece's bytes are copied at
+    /// a time, so a tensor is written out of a larger buffer without a copy of it whole.
+    pub fn write_pieces(&mut self, name: &str, shape: &[usize], pieces: &[Tensor]) -> Result<()> {
         let planned = &self.planned[self.next];
-        if planned.name != name || planned.dtype != tensor.dtype() || planned.shape != tensor.dims() {
+        let dtype = pieces.first().map_or(planned.dtype, |p| p.dtype());
+        let numel: usize = pieces.iter().map(|p| p.elem_count()).sum();
+        let uniform = pieces.iter().all(|p| p.dtype() == dtype && p.rank() == 1);
+        let fits = uniform && numel == shape.iter().product::<usize>();
+        if planned.name != name || planned.dtype != dtype || planned.shape != shape || !fits {
             return Err(Error::CheckpointTensor {
                 rank: 0,
                 path: self.path.clone(),
                 fqn: name.into(),
                 problem: format!(
-                    "written out of plan: {:?} {:?} where `{}` {:?} {:?} was planned",
-                    tensor.dtype(),
-                    tensor.dims(),
+                    "written out of plan: {dtype:?} {shape:?} ({numel} elements in {} pieces) where `{}` {:?} {:?} \
+                     was planned",
+                    pieces.len(),
                     planned.name,
                     planned.dtype,
                     planned.shape
                 ),
             });
         }
-        let bytes = View::data(&tensor.contiguous()?).into_owned();
-        self.out.write_all(&bytes).map_err(|e| Error::CheckpointFile {
-            rank: 0,
-            path: self.temp.clone(),
-            problem: e.to_string(),
-        })?;
+        for piece in pieces {
+            let bytes = View::data(&piece.contiguous()?).into_owned();
+            self.out.write_all(&bytes).map_err(|e| Error::CheckpointFile {
+                rank: 0,
+                path: self.temp.clone(),
+                problem: e.to_string(),
+            })?;
+        }
         self.next += 1;
         Ok(())
     }

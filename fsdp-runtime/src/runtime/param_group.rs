@@ -388,18 +388,43 @@ impl ParamGroup {
     /// The full value of every parameter, gathered into fresh tensors (a collective over
     /// the unit's group), leaving the gathered nodes as they are.
     pub fn full_values(&self) -> Result<Vec<Tensor>> {
-        if self.params.is_empty() {
+        let Some(gathered) = self.gather_full_values()? else {
             return Ok(Vec::new());
+        };
+        let shapes: Vec<Shape> = self.params.iter().map(|p| p.shape.clone()).collect();
+        Ok(unflatten_gathered(&self.specs(), &shapes, &gathered, self.shard_world)?)
+    }
+
+    /// Every parameter's full value as pieces of one gathered buffer (a collective over
+    /// the unit's group): views, in order, that together hold the parameter's elements.
+    /// No more than the unit's full size is allocated, which lets an export write a unit
+    /// without a second copy of it.
+    pub fn full_value_pieces(&self) -> Result<Vec<Vec<Tensor>>> {
+        let Some(gathered) = self.gather_full_values()? else {
+            return Ok(Vec::new());
+        };
+        let pieces = gathered_ranges(&self.specs(), self.shard_world)
+            .into_iter()
+            .map(|ranges| ranges.into_iter().map(|(start, len)| gathered.narrow(0, start, len)).collect())
+            .collect::<candle_core::Result<Vec<Vec<Tensor>>>>()?;
+        Ok(pieces)
+    }
+
+    /// The rank-major buffer of every rank's shards, fresh (it does not alias the shards
+    /// the optimizer keeps stepping); `None` without parameters.
+    fn gather_full_values(&self) -> Result<Option<Tensor>> {
+        if self.params.is_empty() {
+            return Ok(None);
         }
         let flat = self.flat_shards()?;
         let gathered = if self.gathers_by_collective() {
-            self.comm.all_gather(&flat, &format!("full parameters of {}", self.label()))?.wait()?
+            let work = self.comm.all_gather(&flat, &format!("full parameters of {}", self.label()))?;
+            drop(flat);
+            work.wait()?
         } else {
-            // A copy: the values must not alias the shards the optimizer keeps stepping.
             flat.copy()?
         };
-        let shapes: Vec<Shape> = self.params.iter().map(|p| p.shape.clone()).collect();
-        Ok(unflatten_gathered(&self.specs(), &shapes, &gathered.detach(), self.shard_world)?)
+        Ok(Some(gathered.detach()))
     }
 
     /// The all-gather input: this rank's shards, concatenated.
