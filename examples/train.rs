@@ -66,6 +66,11 @@ struct Args {
     #[arg(long, default_value_t = 1e-2)]
     lr: f64,
 
+    /// Scale the gradients so that the whole model's L2 norm is at most this, before each
+    /// AdamW step (the norm is logged).
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+
     /// Sequences per rank and step.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
@@ -368,7 +373,11 @@ fn train_rank(
         let started = Instant::now();
         let logits = fsdp.forward(|model| model.forward(&inputs))?;
         let loss = common::next_token_loss(&logits, &targets)?;
-        let grads = fsdp.backward(&loss)?;
+        let mut grads = fsdp.backward(&loss)?;
+        let grad_norm = match args.max_grad_norm {
+            Some(max) => Some(fsdp.clip_grad_norm(&mut grads, max, 2.0)?),
+            None => None,
+        };
         optimizer.step(&grads)?;
         step_times.push(started.elapsed());
         grad_bytes = common::tensor_bytes(shards.iter().filter_map(|v| grads.get(v.as_tensor())));
@@ -379,7 +388,8 @@ fn train_rank(
         progress.set_message(format!("{global:.4}"));
         progress.inc(1);
         if ctx.rank == 0 && (step == 1 || step % args.log_every as usize == 0 || step == steps) {
-            progress.suspend(|| println!("step {step:>4}/{steps}  loss {global:.4}"));
+            let norm = grad_norm.map(|n| format!("  grad norm {n:.4}")).unwrap_or_default();
+            progress.suspend(|| println!("step {step:>4}/{steps}  loss {global:.4}{norm}"));
         }
         if let Some(checkpointer) = &checkpointer {
             if step % args.save_every as usize == 0 || step == steps {

@@ -180,6 +180,16 @@ pub enum Error {
     #[error("{}: {problem}", path.display())]
     ModelConfig { path: PathBuf, problem: String },
 
+    // --- Gradients ---------------------------------------------------------------------------
+    #[error(
+        "rank {rank}: the gradients' total {norm_type}-norm is {norm}; nothing was scaled{}",
+        if units.is_empty() { String::new() } else { format!(" (non-finite on this rank in {})", units.join(", ")) }
+    )]
+    NonFiniteGradNorm { rank: usize, norm_type: f64, norm: f64, units: Vec<String> },
+
+    #[error("clip_grad_norm: {problem}")]
+    ClipArgument { problem: String },
+
     // --- candle --------------------------------------------------------------------------
     #[error(transparent)]
     Candle(candle_core::Error),

@@ -4,6 +4,7 @@
 //! and the trace and memory records. Uses `model` and `dist`; neither uses it.
 
 mod autograd;
+mod clip_grad;
 mod flat_buffer;
 mod fsdp;
 mod memory;

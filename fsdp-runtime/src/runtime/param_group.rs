@@ -171,6 +171,12 @@ impl ParamGroup {
         self.params.iter().map(|p| p.gathered_bytes()).sum()
     }
 
+    /// Every rank of the group holds the parameters (and, after the reduction, their
+    /// gradients) whole.
+    pub fn replicates(&self) -> bool {
+        self.keeps_full_values
+    }
+
     /// This rank's position among the ranks the parameters are split over (0 without
     /// sharding, where every rank holds everything).
     pub fn shard_rank(&self) -> usize {

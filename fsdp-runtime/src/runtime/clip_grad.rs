@@ -1,0 +1,107 @@
+//! [`Fsdp::clip_grad_norm`]: the norm of the whole model's gradients, computed from the
+//! shard gradients of every rank, and the gradients scaled so that it is at most a limit
+//! (PyTorch's `FullyShardedDataParallel.clip_grad_norm_`).
+
+use super::Fsdp;
+use crate::dist::ReduceOp;
+use crate::error::{Error, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor};
+
+/// Added to the norm before dividing, as PyTorch does, so a zero norm scales by nothing.
+const EPS: f64 = 1e-6;
+
+impl<M> Fsdp<M> {
+    /// Scales the shard gradients `grads` (what [`Fsdp::backward`] returned) in place so
+    /// that the total `norm_type`-norm of the whole model's gradients is at most
+    /// `max_norm`, and returns that norm as it was before scaling. `norm_type` is any
+    /// p ≥ 1, or `f64::INFINITY` for the largest magnitude.
+    ///
+    /// Every element of the model counts once: a rank counts the elements of its shards
+    /// (not their padding), and a unit every rank of its group holds whole (`NO_SHARD`)
+    /// is counted by the group's first rank. A collective: every rank calls it with its
+    /// gradients of the same step. A norm that is not finite is an error on every rank,
+    /// naming the units where this rank found non-finite values, and nothing is scaled.
+    pub fn clip_grad_norm(&self, grads: &mut GradStore, max_norm: f64, norm_type: f64) -> Result<f64> {
+        if norm_type.is_nan() || norm_type < 1.0 || max_norm.is_nan() || max_norm < 0.0 {
+            return Err(Error::ClipArgument {
+                problem: format!(
+                    "norm_type must be at least 1 and max_norm non-negative, not {norm_type} and {max_norm}"
+                ),
+            });
+        }
+        self.check_between_steps("Fsdp::clip_grad_norm")?;
+        // This rank's contribution: Σ|g|^p, or max|g| for the infinity norm, in f64.
+        let mut local = 0.0f64;
+        let mut non_finite = Vec::new();
+        for group in self.groups() {
+            if group.replicates() && group.comm.rank() != 0 {
+                continue;
+            }
+            let mut unit = 0.0f64;
+            for param in &group.params {
+                let Some(grad) = grads.get(param.shard.as_tensor()) else {
+                    continue;
+                };
+                let real = param.spec.real_len(group.shard_rank());
+                let values = grad.flatten_all()?.narrow(0, 0, real)?.to_dtype(DType::F64)?.abs()?;
+                // The plain sum is NaN or infinite when any element is; a maximum may skip NaN.
+                let sum = values.sum_all()?.to_scalar::<f64>()?;
+                let part = if !sum.is_finite() || real == 0 {
+                    sum
+                } else if norm_type.is_infinite() {
+                    values.max(0)?.to_scalar::<f64>()?
+                } else {
+                    values.powf(norm_type)?.sum_all()?.to_scalar::<f64>()?
+                };
+                unit = combine(unit, part, norm_type);
+            }
+            if !unit.is_finite() {
+                non_finite.push(format!("`{}`", group.name));
+            }
+            local = combine(local, unit, norm_type);
+        }
+        let total = self.combine_over_ranks(local, norm_type)?;
+        let norm = if norm_type.is_infinite() { total } else { total.powf(1.0 / norm_type) };
+        if !norm.is_finite() {
+            return Err(Error::NonFiniteGradNorm { rank: self.rank(), norm_type, norm, units: non_finite });
+        }
+        let scale = max_norm / (norm + EPS);
+        if scale < 1.0 {
+            for var in self.parameters() {
+                if let Some(grad) = grads.get(var.as_tensor()) {
+                    let scaled = (grad * scale)?;
+                    grads.insert(var.as_tensor(), scaled);
+                }
+            }
+        }
+        Ok(norm)
+    }
+
+    /// The sum (or, for the infinity norm, the largest) of every rank's `local` value.
+    fn combine_over_ranks(&self, local: f64, norm_type: f64) -> Result<f64> {
+        let comm = self.comm();
+        let device = comm.device();
+        let label = "the gradient norm (clip_grad_norm)";
+        let mine = Tensor::new(&[local], &device)?;
+        let all = if norm_type.is_infinite() {
+            comm.all_gather(&mine, label)?.wait()?
+        } else {
+            comm.all_reduce(&mine, ReduceOp::Sum, label)?.wait()?
+        };
+        let all = all.to_device(&Device::Cpu)?.to_vec1::<f64>()?;
+        Ok(all.into_iter().fold(0.0, |acc, v| combine(acc, v, norm_type)))
+    }
+}
+
+/// Adds two contributions to a p-norm's sum, or takes the larger for the infinity norm;
+/// NaN wins either way (`f64::max` would drop it).
+fn combine(a: f64, b: f64, norm_type: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else if norm_type.is_infinite() {
+        a.max(b)
+    } else {
+        a + b
+    }
+}
