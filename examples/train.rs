@@ -406,6 +406,9 @@ fn train_rank(
     if let Some(dir) = &args.export {
         let files = checkpoint::export_hf(&fsdp, dir, &ExportOptions::default())?;
         if ctx.rank == 0 {
+            let path = dir.join("config.json");
+            std::fs::write(&path, config.to_hf_json())
+                .map_err(|e| candle_fsdp::Error::Rank { rank: 0, message: format!("{}: {e}", path.display()) })?;
             println!("exported {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
         }
     }

@@ -148,6 +148,17 @@ fn an_explicit_head_dim_sets_the_projection_shapes() {
 }
 
 #[test]
+fn a_config_written_by_the_library_reads_back_the_same() {
+    for extra in ["", TIED_LLAMA3, r#", "head_dim": 16"#] {
+        let config = LlamaConfig::from_hf_json(&config_json(extra)).unwrap();
+        assert_eq!(LlamaConfig::from_hf_json(&config.to_hf_json()).unwrap(), config);
+        // candle-transformers reads it too.
+        let theirs: reference::LlamaConfig = serde_json::from_str(&config.to_hf_json()).unwrap();
+        assert_eq!(theirs.num_key_value_heads(), config.num_key_value_heads);
+    }
+}
+
+#[test]
 fn settings_the_model_does_not_compute_are_refused_by_key() {
     let cases = [
         (r#", "attention_bias": true"#, "`attention_bias`"),

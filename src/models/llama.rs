@@ -222,6 +222,43 @@ impl LlamaConfig {
         Ok(config)
     }
 
+    /// This configuration as a Hugging Face `config.json` (what [`LlamaConfig::from_hf_json`]
+    /// reads back, and what Hugging Face and candle-transformers load beside an export).
+    pub fn to_hf_json(&self) -> String {
+        let mut json = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "attention_bias": false,
+            "mlp_bias": false,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "initializer_range": self.initializer_range,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": "float32",
+        });
+        if let Some(head_dim) = self.head_dim {
+            json["head_dim"] = head_dim.into();
+        }
+        if let Some(s) = &self.rope_scaling {
+            json["rope_scaling"] = serde_json::json!({
+                "rope_type": "llama3",
+                "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor,
+                "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings,
+            });
+        }
+        serde_json::to_string_pretty(&json).expect("a JSON value serializes")
+    }
+
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
