@@ -636,3 +636,46 @@ fn pretrained_weights_that_do_not_fit_are_refused_naming_file_and_fqn() {
     let message = pretrained_output(split.path(), 2, ShardingStrategy::FullShard).unwrap_err().to_string();
     assert!(message.contains(gone) && message.contains("no such file"), "{message}");
 }
+
+#[test]
+fn the_scheduler_state_and_the_callers_extras_come_back_at_another_world_size() {
+    use candle_fsdp::optim::StepLr;
+    let snapshot = snapshot(DIMS);
+    let dir = tempfile::tempdir().unwrap();
+    // A scheduler three epochs in: its learning rate has been cut once.
+    let progress = launch(options(2), |ctx| {
+        let fsdp = Fsdp::wrap(net(&snapshot, DIMS, DType::F32), ctx.comm.clone(), FsdpConfig::default())?;
+        let mut opt = SgdMomentum::new(fsdp.parameters(), SgdMomentumConfig { lr: 0.05, momentum: 0.9 })?;
+        let mut scheduler = StepLr::new(2, 0.5);
+        for _ in 0..3 {
+            scheduler.step(&mut opt);
+        }
+        let progress = Progress {
+            step: 3,
+            scheduler: Some(serde_json::to_value(scheduler).unwrap()),
+            extras: serde_json::json!({ "data_position": 1234, "seed": 7 }),
+        };
+        Checkpointer::new(dir.path()).save(&fsdp, Some(&opt), &progress)?;
+        Ok((progress, opt.learning_rate()))
+    })
+    .unwrap();
+    let (saved, lr_saved) = progress[0].clone();
+    let path = Checkpointer::new(dir.path()).latest().unwrap().expect("a checkpoint");
+    let restored = launch(options(3), |ctx| {
+        let fsdp = Fsdp::wrap(net(&snapshot, DIMS, DType::F32), ctx.comm.clone(), FsdpConfig::default())?;
+        let mut opt = SgdMomentum::new(fsdp.parameters(), SgdMomentumConfig { lr: 0.05, momentum: 0.9 })?;
+        let progress = checkpoint::load(&fsdp, Some(&mut opt), &path)?;
+        let mut scheduler: StepLr = serde_json::from_value(progress.scheduler.clone().unwrap()).unwrap();
+        // The restored scheduler sets the optimizer's rate where the saved run had it.
+        scheduler.step(&mut opt);
+        Ok((progress, opt.learning_rate()))
+    })
+    .unwrap();
+    for (rank, (progress, lr)) in restored.into_iter().enumerate() {
+        assert_eq!(progress.step, 3, "rank {rank}");
+        assert_eq!(progress.extras, saved.extras, "rank {rank}");
+        assert_eq!(progress.scheduler, saved.scheduler, "rank {rank}");
+        // Epoch 4 of a step-2 schedule: 0.05 · 0.5².
+        assert_eq!((lr_saved, lr), (0.025, 0.0125), "rank {rank}");
+    }
+}
