@@ -30,8 +30,8 @@ use std::sync::{Arc, Weak};
 /// released parameter keeps its shape over freed storage, which no safe call may read.
 /// [`Fsdp::into_inner`] hands back a plain model with the full trained parameters.
 pub struct Fsdp<M> {
-    model: M,
-    state: Arc<RankState>,
+    pub(super) model: M,
+    pub(super) state: Arc<RankState>,
     buffers: Vec<Buffer>,
     ties: Vec<Tie>,
 }
@@ -268,25 +268,6 @@ impl<M> Fsdp<M> {
                 let outputs = outputs?;
                 finished?;
                 Ok(outputs)
-            }
-        }
-    }
-
-    /// Runs `f` with every unit's full parameters gathered (PyTorch's
-    /// `summon_full_params`): `f` may read the model's layers and run them. A collective:
-    /// every rank calls it. Refused between a forward and its backward. What `f` computes
-    /// is for reading only: no gradient of it reaches the shards, and changes to the full
-    /// values are not written back. The units are freed again afterwards, also when `f`
-    /// panics.
-    pub fn summon_full_params<R>(&self, f: impl FnOnce(&M) -> R) -> Result<R> {
-        self.state.summon()?;
-        let result = catch_unwind(AssertUnwindSafe(|| f(&self.model)));
-        let released = self.state.end_summon();
-        match result {
-            Err(panic) => resume_unwind(panic),
-            Ok(result) => {
-                released?;
-                Ok(result)
             }
         }
     }

@@ -14,6 +14,7 @@ mod rank_agreement;
 mod rank_state;
 mod sharded_param;
 mod storage;
+mod summon;
 mod trace;
 
 pub(crate) use flat_buffer::pad;
@@ -23,6 +24,7 @@ pub use memory::MemoryStats;
 pub(crate) use param_group::ParamGroup;
 pub(crate) use prefetch::{backward_prefetch_target, forward_prefetch_target};
 pub(crate) use storage::Fill;
+pub use summon::SummonOptions;
 pub use trace::{TraceEvent, UnshardCause};
 
 /// What a rank records as it runs: the trace of events and the gathered-memory count.

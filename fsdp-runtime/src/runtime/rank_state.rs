@@ -364,9 +364,10 @@ impl RankState {
         Ok(())
     }
 
-    /// Gathers every unit for [`crate::Fsdp::summon_full_params`]; refused while a
-    /// training step is under way (its units' states belong to its backward).
-    pub fn summon(&self) -> Result<()> {
+    /// Gathers `units` (every unit, or one) for [`crate::Fsdp::summon_full_params`];
+    /// refused while a training step is under way (its units' states belong to its
+    /// backward).
+    pub fn summon(&self, units: std::ops::Range<usize>) -> Result<()> {
         const CALL: &str = "Fsdp::summon_full_params";
         let busy =
             self.training_step_pending() || self.groups.iter().any(|g| g.training_state() != TrainingState::Idle);
@@ -374,7 +375,7 @@ impl RankState {
             return Err(Error::StepInProgress { rank: self.rank(), call: CALL });
         }
         self.enter_mode(ForwardMode::Summoned, CALL)?;
-        let gathered = (0..self.groups.len()).try_for_each(|unit| self.unshard(unit, UnshardCause::Summon));
+        let gathered = units.into_iter().try_for_each(|unit| self.unshard(unit, UnshardCause::Summon));
         if gathered.is_err() {
             self.leave_mode();
         }
