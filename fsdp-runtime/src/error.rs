@@ -183,9 +183,13 @@ pub enum Error {
     // --- Gradients ---------------------------------------------------------------------------
     #[error(
         "rank {rank}: the gradients' total {norm_type}-norm is {norm}; nothing was scaled{}",
-        if units.is_empty() { String::new() } else { format!(" (non-finite on this rank in {})", units.join(", ")) }
+        if parameters.is_empty() {
+            String::new()
+        } else {
+            format!(" (not finite on this rank: the gradient of {})", parameters.join(", "))
+        }
     )]
-    NonFiniteGradNorm { rank: usize, norm_type: f64, norm: f64, units: Vec<String> },
+    NonFiniteGradNorm { rank: usize, norm_type: f64, norm: f64, parameters: Vec<String> },
 
     #[error("clip_grad_norm: {problem}")]
     ClipArgument { problem: String },

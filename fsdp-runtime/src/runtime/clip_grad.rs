@@ -21,7 +21,8 @@ impl<M> Fsdp<M> {
     /// (not their padding), and a unit every rank of its group holds whole (`NO_SHARD`)
     /// is counted by the group's first rank. A collective: every rank calls it with its
     /// gradients of the same step. A norm that is not finite is an error on every rank,
-    /// naming the units where this rank found non-finite values, and nothing is scaled.
+    /// naming the parameters whose shard gradients on this rank are not finite (first
+    /// ones first), and nothing is scaled.
     pub fn clip_grad_norm(&self, grads: &mut GradStore, max_norm: f64, norm_type: f64) -> Result<f64> {
         if norm_type.is_nan() || norm_type < 1.0 || max_norm.is_nan() || max_norm < 0.0 {
             return Err(Error::ClipArgument {
@@ -54,17 +55,18 @@ impl<M> Fsdp<M> {
                 } else {
                     values.powf(norm_type)?.sum_all()?.to_scalar::<f64>()?
                 };
+                if !part.is_finite() {
+                    non_finite.push(format!("`{}` (unit `{}`)", param.fqn, group.name));
+                }
                 unit = combine(unit, part, norm_type);
             }
-            if !unit.is_finite() {
-                non_finite.push(format!("`{}`", group.name));
-            }
+
             local = combine(local, unit, norm_type);
         }
         let total = self.combine_over_ranks(local, norm_type)?;
         let norm = if norm_type.is_infinite() { total } else { total.powf(1.0 / norm_type) };
         if !norm.is_finite() {
-            return Err(Error::NonFiniteGradNorm { rank: self.rank(), norm_type, norm, units: non_finite });
+            return Err(Error::NonFiniteGradNorm { rank: self.rank(), norm_type, norm, parameters: non_finite });
         }
         let scale = max_norm / (norm + EPS);
         if scale < 1.0 {
