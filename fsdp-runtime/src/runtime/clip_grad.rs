@@ -21,8 +21,8 @@ impl<M> Fsdp<M> {
     /// (not their padding), and a unit every rank of its group holds whole (`NO_SHARD`)
     /// is counted by the group's first rank. A collective: every rank calls it with its
     /// gradients of the same step. A norm that is not finite is an error on every rank,
-    /// naming the parameters whose shard gradients on this rank are not finite (first
-    /// ones first), and nothing is scaled.
+    /// naming the parameters whose shard gradients on this rank are not finite (in layout
+    /// order), and nothing is scaled.
     pub fn clip_grad_norm(&self, grads: &mut GradStore, max_norm: f64, norm_type: f64) -> Result<f64> {
         if norm_type.is_nan() || norm_type < 1.0 || max_norm.is_nan() || max_norm < 0.0 {
             return Err(Error::ClipArgument {
