@@ -206,6 +206,11 @@ fn group_of_one_rank_returns_its_own_input() {
                 values(&group.broadcast(&x, 0, "one")?.wait()?),
             ];
             group.barrier("one")?;
+            // An output is a buffer of its own: changing the input later leaves it be.
+            let var = candle_core::Var::from_tensor(&x)?;
+            let gathered = group.all_gather(var.as_tensor(), "one")?.wait()?;
+            var.set(&(x.clone() * 0.0)?)?;
+            assert_eq!(values(&gathered), input_values(ctx.rank, 4), "an all_gather output aliases its input");
             // The world group still works alongside.
             let world_sum = values(&ctx.comm.all_reduce(&x, ReduceOp::Sum, "world")?.wait()?);
             Ok((results, world_sum))

@@ -61,7 +61,7 @@ impl Work {
 }
 
 /// A collective that is complete when issued: over a group of one rank, every collective
-/// hands back its input.
+/// hands back (a copy of) its input.
 struct Ready(Tensor);
 
 impl Pending for Ready {
@@ -86,7 +86,10 @@ pub(crate) fn checked_issue(
         _ => {}
     }
     if comm.size() == 1 {
-        return Ok(Work::new(Ready(input.clone())));
+        // A copy, as every backend's output is a buffer of its own (NCCL's always is): an
+        // output that aliased its input would change when the input does (a shard the
+        // optimizer steps).
+        return Ok(Work::new(Ready(input.copy()?)));
     }
     issue()
 }
