@@ -156,6 +156,12 @@ impl FsdpConfig {
         self.collectives_at_world_one = on;
         self
     }
+
+    /// Whether a group of `size` ranks runs its collectives: always with peers, over one
+    /// rank only with `collectives_at_world_one`.
+    pub(crate) fn communicates_over(&self, size: usize) -> bool {
+        size > 1 || self.collectives_at_world_one
+    }
 }
 
 #[cfg(test)]

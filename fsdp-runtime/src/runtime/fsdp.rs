@@ -70,7 +70,9 @@ impl<M: ShardableModel> Fsdp<M> {
         unit_groups: Vec<(String, Arc<dyn Collectives>)>,
     ) -> Result<Self> {
         let layout = Layout::of(&model)?;
-        check_ranks_agree(comm.as_ref(), &layout, config.collectives_at_world_one)?;
+        if config.communicates_over(comm.size()) {
+            check_ranks_agree(comm.as_ref(), &layout)?;
+        }
         let mut unit_comms: Vec<Arc<dyn Collectives>> = vec![comm.clone(); layout.units.len()];
         for (name, group) in unit_groups {
             let index = layout.unit_named(&name).ok_or(Error::UnknownUnit { name })?;
@@ -82,7 +84,7 @@ impl<M: ShardableModel> Fsdp<M> {
         let mut values: HashMap<TensorId, Tensor> = HashMap::new();
         for param in &layout.params {
             let group = &unit_comms[param.unit];
-            let value = if config.sync_module_states && (group.size() > 1 || config.collectives_at_world_one) {
+            let value = if config.sync_module_states && config.communicates_over(group.size()) {
                 let flat = param.tensor.flatten_all()?.contiguous()?;
                 let label = format!("initial value of `{}`", param.fqn);
                 group.broadcast(&flat, 0, &label)?.wait()?.reshape(param.tensor.shape())?

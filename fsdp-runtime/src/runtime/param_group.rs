@@ -140,7 +140,7 @@ impl ParamGroup {
         Self {
             index,
             name,
-            communicates: comm.size() > 1 || config.collectives_at_world_one,
+            communicates: config.communicates_over(comm.size()),
             comm,
             shard_world,
             reshard_after_forward: strategy == ShardingStrategy::FullShard && !is_root,

@@ -32,11 +32,8 @@ fn fingerprint(text: &str) -> f64 {
 }
 
 /// Refuses to wrap when the ranks of `comm` disagree on the world size or on the model.
-/// A collective: every rank of the group calls it (over one rank only when `even_alone`).
-pub(crate) fn check_ranks_agree(comm: &dyn Collectives, layout: &Layout, even_alone: bool) -> Result<()> {
-    if comm.size() == 1 && !even_alone {
-        return Ok(());
-    }
+/// A collective: every rank of the group calls it.
+pub(crate) fn check_ranks_agree(comm: &dyn Collectives, layout: &Layout) -> Result<()> {
     // On the backend's device: a GPU backend moves device buffers only.
     let device = comm.device();
     let gather = |values: &[f64], what: &str| -> Result<Vec<Vec<f64>>> {
