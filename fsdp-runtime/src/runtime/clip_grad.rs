@@ -46,12 +46,14 @@ impl<M> Fsdp<M> {
                 };
                 let real = param.spec.real_len(group.shard_rank());
                 let values = grad.flatten_all()?.narrow(0, 0, real)?.to_dtype(DType::F64)?.abs()?;
-                // The plain sum is NaN or infinite when any element is; a maximum may skip NaN.
-                let sum = values.sum_all()?.to_scalar::<f64>()?;
-                let part = if !sum.is_finite() || real == 0 {
-                    sum
-                } else if norm_type.is_infinite() {
-                    values.max(0)?.to_scalar::<f64>()?
+                let part = if norm_type.is_infinite() {
+                    // The sum is NaN or infinite when any element is; the maximum may skip NaN.
+                    let sum = values.sum_all()?.to_scalar::<f64>()?;
+                    if !sum.is_finite() || real == 0 {
+                        sum
+                    } else {
+                        values.max(0)?.to_scalar::<f64>()?
+                    }
                 } else {
                     values.powf(norm_type)?.sum_all()?.to_scalar::<f64>()?
                 };
