@@ -60,10 +60,9 @@ pub(super) fn alloc_output(like: &CudaStorage, stream: &Arc<CudaStream>, len: us
 }
 
 /// Runs `transfer` on `comm_stream`. The stream must already wait for the compute stream
-/// (the input's writers and the output's allocation): cudarc orders a buffer only after
-/// its recorded *write* event, and candle's kernels record none for their outputs.
-/// Afterwards the input's read event and the output's write event are recorded on the
-/// communication stream, so freeing the input and reading the output wait for the call.
+/// (the input's writers and the output's allocation), and the compute stream must wait
+/// for the call before the input is freed or the output read: cudarc's event tracking is
+/// off on a rank's context (see the module above), so nothing orders them otherwise.
 pub(super) fn run(
     comm: sys::ncclComm_t,
     comm_stream: &CudaStream,
