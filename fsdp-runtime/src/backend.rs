@@ -9,10 +9,15 @@ use std::sync::Mutex;
 
 /// A candle backend's storage type, and how to find it inside a `Storage`.
 pub(crate) trait OnBackend: BackendStorage<Device: BackendDevice<Storage = Self>> + Sized {
+    /// The fewest elements the backend allocates: CUDA refuses zero-byte allocations.
+    const SMALLEST: usize;
+
     fn pick(storage: &Storage) -> Option<&Self>;
 }
 
 impl OnBackend for CpuStorage {
+    const SMALLEST: usize = 0;
+
     fn pick(storage: &Storage) -> Option<&Self> {
         match storage {
             Storage::Cpu(cpu) => Some(cpu),
@@ -22,6 +27,8 @@ impl OnBackend for CpuStorage {
 }
 
 impl OnBackend for CudaStorage {
+    const SMALLEST: usize = 1;
+
     fn pick(storage: &Storage) -> Option<&Self> {
         match storage {
             Storage::Cuda(cuda) => Some(cuda),

@@ -35,6 +35,13 @@ pub enum Error {
     )]
     VisitOrderMismatch { detail: String },
 
+    #[error(
+        "building the model without values failed{}: {message}; a constructor cannot read a parameter's values \
+         before they exist (they are made by `Fsdp::wrap_meta`)",
+        last.as_ref().map(|name| format!(" (the last parameter it was given: `{name}`)")).unwrap_or_default()
+    )]
+    MetaBuild { last: Option<String>, message: String },
+
     // --- Wrapping and configuring --------------------------------------------------------
     #[error("rank {rank}: the ranks built different models: {detail}")]
     RanksDisagree { rank: usize, detail: String },

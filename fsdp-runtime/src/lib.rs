@@ -32,7 +32,7 @@ pub use model::schema::Shardable;
 pub use model::table::ShardableModel;
 pub use model::unit::Unit;
 pub use plan::{Bytes, Plan, PlanConfig, RankMemory, UnitPlan};
-pub use runtime::{Fsdp, MemoryStats, SummonOptions, TraceEvent, UnshardCause};
+pub use runtime::{Fsdp, MemoryStats, MetaModel, SummonOptions, TraceEvent, UnshardCause};
 
 /// Layers candle-nn lacks in a form the runtime can shard.
 pub mod layers {

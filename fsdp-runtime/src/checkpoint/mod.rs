@@ -63,10 +63,13 @@ fn shard_of(
     read: impl FnOnce(usize, usize, DType) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let param = &group.params[param];
-    let rank = group.shard_rank();
-    let (start, real) = (rank * param.spec.shard_len, param.spec.real_len(rank));
+    let range = param.spec.real_range(group.shard_rank());
     let dtype = param.shard.dtype();
-    let values = if real == 0 { Tensor::zeros(0, dtype, param.shard.device())? } else { read(start, real, dtype)? };
+    let values = if range.is_empty() {
+        Tensor::zeros(0, dtype, param.shard.device())?
+    } else {
+        read(range.start, range.len(), dtype)?
+    };
     Ok(pad(&values, param.spec.shard_len)?)
 }
 

@@ -29,6 +29,20 @@ impl ShardSpec {
     pub fn real_len(&self, rank: usize) -> usize {
         self.numel.saturating_sub(rank * self.shard_len).min(self.shard_len)
     }
+
+    /// The elements of the flattened full parameter that rank `rank`'s shard holds
+    /// (padding left out).
+    pub fn real_range(&self, rank: usize) -> std::ops::Range<usize> {
+        let start = (rank * self.shard_len).min(self.numel);
+        start..start + self.real_len(rank)
+    }
+
+    /// Rank `rank`'s shard (1-D, padded with zeros) of `full`, without a padded copy of
+    /// the whole parameter.
+    pub fn shard_of(&self, full: &Tensor, rank: usize) -> Result<Tensor> {
+        let range = self.real_range(rank);
+        pad(&full.flatten_all()?.narrow(0, range.start, range.len())?, self.shard_len)
+    }
 }
 
 /// `flat` (1-D) followed by zeros up to `len` elements.

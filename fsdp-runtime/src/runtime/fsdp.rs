@@ -1,15 +1,20 @@
 //! [`Fsdp`]: a model wrapped for fully sharded data parallel training on one rank.
 
 use super::autograd::GradSink;
+use super::flat_buffer::{pad, ShardSpec};
+use super::meta_model::{MetaModel, MetaParam};
 use super::param_group::ParamGroup;
 use super::rank_agreement::check_ranks_agree;
 use super::rank_state::{ForwardMode, RankState, ROOT};
+use super::seeded_init;
 use super::sharded_param::ShardedParam;
 use super::{MemoryStats, TraceEvent};
 use crate::config::FsdpConfig;
 use crate::dist::Collectives;
 use crate::error::{Error, Result};
-use crate::model::{Activations, Layout, Role, Shardable, ShardableModel, UnitCell, UnitHooks, VisitOrder, Visitor};
+use crate::model::{
+    Activations, Layout, ParamInfo, Role, Shardable, ShardableModel, UnitCell, UnitHooks, VisitOrder, Visitor,
+};
 use crate::pipeline::DeferredGradSink;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, TensorId, Var};
@@ -52,6 +57,65 @@ pub(crate) struct Tie {
     pub target: String,
 }
 
+/// The initialisers a meta-built model recorded, and the seed to draw them with.
+#[derive(Clone, Copy)]
+struct Seeded<'a> {
+    recorded: &'a HashMap<TensorId, MetaParam>,
+    seed: u64,
+}
+
+/// Where wrapping takes each tensor's first value from: drawn from its recorded
+/// initialiser, or the value the model holds (from the group's first rank with
+/// `sync_module_states`). Full values live one tensor at a time.
+struct FirstValues<'a> {
+    config: &'a FsdpConfig,
+    seeded: Option<Seeded<'a>>,
+}
+
+impl FirstValues<'_> {
+    fn recorded(&self, param: &ParamInfo) -> Option<(&MetaParam, u64)> {
+        let seeded = self.seeded?;
+        seeded.recorded.get(&param.tensor.id()).map(|meta| (meta, seeded.seed))
+    }
+
+    /// The value the model holds, the same on every rank of `group` when asked.
+    fn held(&self, param: &ParamInfo, group: &dyn Collectives) -> Result<Tensor> {
+        if self.config.sync_module_states && self.config.communicates_over(group.size()) {
+            let flat = param.tensor.flatten_all()?.contiguous()?;
+            let label = format!("initial value of `{}`", param.fqn);
+            Ok(group.broadcast(&flat, 0, &label)?.wait()?.reshape(param.tensor.shape())?)
+        } else {
+            Ok(param.tensor.clone())
+        }
+    }
+
+    /// The whole first value (a buffer, which every rank holds whole).
+    fn full(&self, param: &ParamInfo, group: &dyn Collectives) -> Result<Tensor> {
+        match self.recorded(param) {
+            Some((meta, seed)) => {
+                let numel = meta.shape.elem_count();
+                let flat =
+                    seeded_init::draw(&meta.init, &meta.shape, &param.fqn, seed, 0..numel, meta.dtype, &meta.device)?;
+                Ok(flat.reshape(meta.shape.clone())?)
+            }
+            None => self.held(param, group),
+        }
+    }
+
+    /// Rank `rank`'s shard of the first value, split as `spec` says.
+    fn shard(&self, param: &ParamInfo, group: &dyn Collectives, spec: ShardSpec, rank: usize) -> Result<Tensor> {
+        match self.recorded(param) {
+            Some((meta, seed)) => {
+                let range = spec.real_range(rank);
+                let real =
+                    seeded_init::draw(&meta.init, &meta.shape, &param.fqn, seed, range, meta.dtype, &meta.device)?;
+                Ok(pad(&real, spec.shard_len)?)
+            }
+            None => Ok(spec.shard_of(&self.held(param, group)?, rank)?),
+        }
+    }
+}
+
 impl<M: ShardableModel> Fsdp<M> {
     /// Wraps `model` (this rank's copy) for sharded training over `comm`'s ranks. A
     /// collective: every rank of `comm` wraps at the same time, and wrapping fails on
@@ -69,6 +133,28 @@ impl<M: ShardableModel> Fsdp<M> {
         config: FsdpConfig,
         unit_groups: Vec<(String, Arc<dyn Collectives>)>,
     ) -> Result<Self> {
+        Self::wrap_from(model, comm, config, unit_groups, None)
+    }
+
+    /// Wraps a model built without values ([`MetaModel::build`]): each rank draws only its
+    /// shards, from the initialiser each layer asked for, seeded by `seed` and the
+    /// parameter's FQN. The values do not depend on the world size or the strategy, and
+    /// no rank holds more than its shards plus the model's buffers (and the tensors the
+    /// model made itself, which keep their values). To start from a checkpoint instead,
+    /// follow with [`crate::checkpoint::load_pretrained`] or [`crate::checkpoint::load`].
+    pub fn wrap_meta(meta: MetaModel<M>, comm: Arc<dyn Collectives>, config: FsdpConfig, seed: u64) -> Result<Self> {
+        let MetaModel { model, params } = meta;
+        let recorded: HashMap<TensorId, MetaParam> = params.into_iter().collect();
+        Self::wrap_from(model, comm, config, Vec::new(), Some(Seeded { recorded: &recorded, seed }))
+    }
+
+    fn wrap_from(
+        model: M,
+        comm: Arc<dyn Collectives>,
+        config: FsdpConfig,
+        unit_groups: Vec<(String, Arc<dyn Collectives>)>,
+        seeded: Option<Seeded<'_>>,
+    ) -> Result<Self> {
         let layout = Layout::of(&model)?;
         if config.communicates_over(comm.size()) {
             check_ranks_agree(comm.as_ref(), &layout)?;
@@ -79,20 +165,7 @@ impl<M: ShardableModel> Fsdp<M> {
             unit_comms[index] = group;
         }
         let sharded = config.strategy.shards();
-
-        // Every rank starts from its group's first rank's values when asked to.
-        let mut values: HashMap<TensorId, Tensor> = HashMap::new();
-        for param in &layout.params {
-            let group = &unit_comms[param.unit];
-            let value = if config.sync_module_states && config.communicates_over(group.size()) {
-                let flat = param.tensor.flatten_all()?.contiguous()?;
-                let label = format!("initial value of `{}`", param.fqn);
-                group.broadcast(&flat, 0, &label)?.wait()?.reshape(param.tensor.shape())?
-            } else {
-                param.tensor.clone()
-            };
-            values.insert(param.tensor.id(), value);
-        }
+        let first_values = FirstValues { config: &config, seeded };
 
         let build_groups = |sink: Weak<dyn GradSink>| -> Result<Vec<ParamGroup>> {
             layout
@@ -117,8 +190,10 @@ impl<M: ShardableModel> Fsdp<M> {
                         .iter()
                         .enumerate()
                         .map(|(i, p)| {
-                            let full = &values[&p.tensor.id()];
-                            Ok(ShardedParam::new(p.fqn.clone(), full, shard_rank, shard_world, sink.clone(), index, i)?)
+                            let spec = ShardSpec::new(p.tensor.elem_count(), shard_world);
+                            let shard = first_values.shard(p, group.as_ref(), spec, shard_rank)?;
+                            let shape = p.tensor.shape().clone();
+                            Ok(ShardedParam::new(p.fqn.clone(), shape, spec, &shard, sink.clone(), index, i)?)
                         })
                         .collect::<Result<Vec<_>>>()?;
                     let name = unit.display_name().to_string();
@@ -126,10 +201,14 @@ impl<M: ShardableModel> Fsdp<M> {
                 })
                 .collect()
         };
-        let state = RankState::new(comm, config, layout.forward_order.clone(), build_groups)?;
+        let state = RankState::new(comm, config.clone(), layout.forward_order.clone(), build_groups)?;
 
-        // The model's layers now hold the gathered nodes (and the synced buffers).
-        let mut replacement: HashMap<TensorId, Tensor> = values;
+        // The model's layers now hold the gathered nodes and the buffers' first values.
+        let mut replacement: HashMap<TensorId, Tensor> = HashMap::new();
+        for param in layout.params.iter().filter(|p| p.role == Role::Buffer) {
+            let value = first_values.full(param, unit_comms[param.unit].as_ref())?;
+            replacement.insert(param.tensor.id(), value);
+        }
         for (group, unit) in state.groups.iter().zip(&layout.units) {
             let trained = unit.params.iter().map(|&p| &layout.params[p]).filter(|p| p.role == Role::Parameter);
             for (param, info) in group.params.iter().zip(trained) {

@@ -4,7 +4,7 @@
 //! [`Residency`] and [`TrainingState`]; the rank's executor decides *when* each step runs
 //! (sequencing, prefetch targets), the group *how*.
 
-use super::flat_buffer::{gathered_ranges, pack_for_reduce_scatter, pad, split_reduced, unflatten_gathered, ShardSpec};
+use super::flat_buffer::{gathered_ranges, pack_for_reduce_scatter, split_reduced, unflatten_gathered, ShardSpec};
 use super::sharded_param::ShardedParam;
 use super::storage::{Fill, Free};
 use super::trace::{TraceEvent, UnshardCause};
@@ -420,9 +420,7 @@ impl ParamGroup {
     /// place while summoned), into its shards: the next gather sees the edit.
     pub fn write_back_gathered(&self) -> Result<()> {
         for param in &self.params {
-            let spec = &param.spec;
-            let full = pad(&param.gathered.flatten_all()?, self.shard_world * spec.shard_len)?;
-            param.shard.set(&full.narrow(0, self.shard_rank() * spec.shard_len, spec.shard_len)?)?;
+            param.shard.set(&param.spec.shard_of(&param.gathered, self.shard_rank())?)?;
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! wrong). Every rank gets the same error, naming the first tensor that differs and what
 //! each side has.
 
+use super::seeded_init::fnv1a;
 use crate::dist::Collectives;
 use crate::error::{Error, Result};
 use crate::model::Layout;
@@ -21,14 +22,9 @@ fn describe(layout: &Layout) -> Vec<String> {
 }
 
 /// FNV-1a, cut to 52 bits so that an `f64` carries it exactly: a fingerprint that is the
-/// same in every process (std's hasher is not guaranteed to be).
+/// same in every process.
 fn fingerprint(text: &str) -> f64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    (hash & ((1 << 52) - 1)) as f64
+    (fnv1a(text) & ((1 << 52) - 1)) as f64
 }
 
 /// Refuses to wrap when the ranks of `comm` disagree on the world size or on the model.

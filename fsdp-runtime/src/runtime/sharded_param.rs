@@ -3,8 +3,7 @@
 //! [`super::flat_buffer`]'s.
 
 use super::autograd::{GatheredParam, GradSink};
-use super::flat_buffer::{pad, ShardSpec};
-use crate::backend::BuiltValue;
+use super::flat_buffer::ShardSpec;
 use candle_core::{Result, Shape, Tensor, Var};
 use std::sync::Weak;
 
@@ -20,23 +19,21 @@ pub(crate) struct ShardedParam {
 }
 
 impl ShardedParam {
-    /// Splits `full` (the same on every rank) over `world` ranks and keeps rank `rank`'s
-    /// shard; the gathered node starts out holding `full`.
+    /// Keeps `shard`, this rank's shard of a parameter of `shape` split as `spec` says;
+    /// the gathered node starts out released (its first gather fills it).
     pub(crate) fn new(
         fqn: String,
-        full: &Tensor,
-        rank: usize,
-        world: usize,
+        shape: Shape,
+        spec: ShardSpec,
+        shard: &Tensor,
         sink: Weak<dyn GradSink>,
         unit: usize,
         param: usize,
     ) -> Result<Self> {
-        let spec = ShardSpec::new(full.elem_count(), world);
-        let padded = pad(&full.flatten_all()?, world * spec.shard_len)?;
-        let shard = Var::from_tensor(&padded.narrow(0, rank * spec.shard_len, spec.shard_len)?)?;
-        let op = GatheredParam { sink, unit, param, initial: BuiltValue::new("fsdp-gathered-param", full.clone()) };
+        let shard = Var::from_tensor(shard)?;
+        let op = GatheredParam { sink, unit, param, shape: shape.clone() };
         let gathered = shard.as_tensor().apply_op1(op)?;
-        Ok(Self { fqn, shape: full.shape().clone(), spec, shard, gathered })
+        Ok(Self { fqn, shape, spec, shard, gathered })
     }
 
     pub fn gathered_bytes(&self) -> usize {

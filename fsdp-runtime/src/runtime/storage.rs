@@ -2,23 +2,20 @@
 //! every tensor and graph node referring to it stays valid: [`Free`] and [`Fill`].
 
 use crate::backend::OnBackend;
-use candle_core::backend::BackendDevice;
+use candle_core::backend::{BackendDevice, BackendStorage};
 #[cfg(test)]
 use candle_core::Storage;
-use candle_core::{CpuStorage, CudaStorage, InplaceOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, InplaceOp1, Layout, Result, Shape, Tensor};
+
+/// The storage of a released tensor: as few elements as the backend allocates (none on
+/// CPU, one on CUDA, which refuses zero-byte allocations).
+pub(crate) fn released<S: OnBackend>(device: &S::Device, dtype: DType) -> Result<S> {
+    device.zeros_impl(&Shape::from(S::SMALLEST), dtype)
+}
 
 /// Releases a tensor's storage in place. Reading the tensor before a [`Fill`] fails on
-/// CPU. On CUDA the storage becomes a one-element placeholder (a zero-byte allocation is
-/// not valid there); cudarc frees the old buffer in stream order, after the kernels that
-/// read it.
+/// CPU. cudarc frees the old buffer in stream order, after the kernels that read it.
 pub(crate) struct Free;
-
-impl Free {
-    fn release<S: OnBackend>(storage: &mut S, placeholder_len: usize) -> Result<()> {
-        *storage = storage.device().zeros_impl(&Shape::from(placeholder_len), storage.dtype())?;
-        Ok(())
-    }
-}
 
 impl InplaceOp1 for Free {
     fn name(&self) -> &'static str {
@@ -26,11 +23,33 @@ impl InplaceOp1 for Free {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, _layout: &Layout) -> Result<()> {
-        Free::release(storage, 0)
+        *storage = released(storage.device(), storage.dtype())?;
+        Ok(())
     }
 
     fn cuda_fwd(&self, storage: &mut CudaStorage, _layout: &Layout) -> Result<()> {
-        Free::release(storage, 1)
+        *storage = released(storage.device(), storage.dtype())?;
+        Ok(())
+    }
+}
+
+/// A tensor of `shape` that starts out released (applied to any tensor of the wanted
+/// dtype and device): the placeholder of a parameter that has no values yet.
+pub(crate) struct Unallocated {
+    pub shape: Shape,
+}
+
+impl CustomOp1 for Unallocated {
+    fn name(&self) -> &'static str {
+        "fsdp-unallocated"
+    }
+
+    fn cpu_fwd(&self, like: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((released(like.device(), like.dtype())?, self.shape.clone()))
+    }
+
+    fn cuda_fwd(&self, like: &CudaStorage, _layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        Ok((released(like.device(), like.dtype())?, self.shape.clone()))
     }
 }
 
@@ -44,9 +63,7 @@ pub(crate) struct Fill {
 }
 
 impl Fill {
-    /// `min_len`: the fewest elements the backend can allocate (one on CUDA, which refuses
-    /// zero-byte allocations; a parameter of no elements gets a placeholder, as in [`Free`]).
-    fn fill<S: OnBackend>(&self, storage: &mut S, min_len: usize) -> Result<()> {
+    fn fill<S: OnBackend>(&self, storage: &mut S) -> Result<()> {
         let (source, source_layout) = self.source.storage_and_layout();
         let (Some(source), true) = (S::pick(&source), source_layout.is_contiguous()) else {
             candle_core::bail!("fill: the source must be a contiguous tensor on the parameter's device");
@@ -57,7 +74,8 @@ impl Fill {
         let base = source_layout.start_offset();
         let total: usize = self.ranges.iter().map(|(_, len)| len).sum();
         // Every element is written by the copies below before anyone reads it.
-        let mut filled = unsafe { storage.device().alloc_uninit(&Shape::from(total.max(min_len)), storage.dtype())? };
+        let mut filled =
+            unsafe { storage.device().alloc_uninit(&Shape::from(total.max(S::SMALLEST)), storage.dtype())? };
         let mut written = 0;
         for run in strided_runs(&self.ranges) {
             source.copy2d(&mut filled, run.count, run.len, run.stride, run.len, base + run.start, written)?;
@@ -103,11 +121,11 @@ impl InplaceOp1 for Fill {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, _layout: &Layout) -> Result<()> {
-        self.fill(storage, 0)
+        self.fill(storage)
     }
 
     fn cuda_fwd(&self, storage: &mut CudaStorage, _layout: &Layout) -> Result<()> {
-        self.fill(storage, 1)
+        self.fill(storage)
     }
 }
 
