@@ -54,6 +54,26 @@ fn adamw_equals_candle_nn_bit_for_bit() {
     assert_eq!(ours.step_count(), 8);
 }
 
+/// A variable of 2.5 Mi elements is updated in pieces: the pieces meet without a seam.
+#[test]
+fn adamw_equals_candle_nn_on_a_variable_of_several_pieces() {
+    let shape = [5 << 19];
+    let ours_vars = vec![Var::from_tensor(&common::randn(7, &shape)).unwrap()];
+    let theirs_vars = copies(&ours_vars);
+    let mut ours = AdamW::new(ours_vars.clone(), PARAMS).unwrap();
+    let mut theirs = candle_nn::AdamW::new(theirs_vars.clone(), PARAMS).unwrap();
+    for step in 0..3 {
+        let grad = (common::randn(100 + step, &shape) * 3.0).unwrap();
+        let mut store = GradStore::default();
+        store.insert(ours_vars[0].as_tensor(), grad.clone());
+        ours.step(&store).unwrap();
+        let mut store = GradStore::default();
+        store.insert(theirs_vars[0].as_tensor(), grad);
+        theirs.step(&store).unwrap();
+        assert!(bits(&ours_vars) == bits(&theirs_vars), "after step {step}");
+    }
+}
+
 /// `total` steps with `make`'s optimizer, exporting after `k` into a fresh optimizer on
 /// copies of the variables, against the same steps uninterrupted.
 fn resume_matches<O: Optimizer + OptimizerState>(make: impl Fn(Vec<Var>) -> O, k: usize, total: usize) {

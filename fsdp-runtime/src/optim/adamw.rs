@@ -3,9 +3,13 @@
 
 use super::state::{check_slot, positions, OptimizerState, OptimizerStateDict, VarState};
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Var};
+use candle_core::{Result, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW};
 use std::collections::BTreeMap;
+
+/// Elements updated at once: bounds the step's temporaries (about eight arrays of this
+/// many elements) whatever a variable's size.
+const CHUNK: usize = 1 << 20;
 
 /// PyTorch's names for the first and second moments.
 const EXP_AVG: &str = "exp_avg";
@@ -71,16 +75,27 @@ impl Optimizer for AdamW {
             let Some(g) = grads.get(theta) else {
                 continue;
             };
-            let next_m = ((m.as_tensor() * beta1)? + (g * (1.0 - beta1))?)?;
-            let next_v = ((v.as_tensor() * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-            let m_hat = (&next_m * scale_m)?;
-            let v_hat = (&next_v * scale_v)?;
-            let next_theta = (theta.as_tensor() * (1f64 - lr * weight_decay))?;
-            let adjusted_grad = (m_hat / (v_hat.sqrt()? + eps)?)?;
-            let next_theta = (next_theta - (adjusted_grad * lr)?)?;
-            m.set(&next_m)?;
-            v.set(&next_v)?;
-            theta.set(&next_theta)?;
+            // Elementwise, so a chunk at a time gives the same bits with temporaries of a
+            // chunk's size, not of the variable's.
+            let flat = |t: &Tensor| t.flatten_all();
+            let (theta_all, m_all, v_all, g_all) =
+                (flat(theta.as_tensor())?, flat(m.as_tensor())?, flat(v.as_tensor())?, flat(&g.contiguous()?)?);
+            let numel = theta_all.elem_count();
+            for start in (0..numel).step_by(CHUNK) {
+                let len = CHUNK.min(numel - start);
+                let chunk = |t: &Tensor| t.narrow(0, start, len);
+                let (theta, m, v, g) = (chunk(&theta_all)?, chunk(&m_all)?, chunk(&v_all)?, chunk(&g_all)?);
+                let next_m = ((&m * beta1)? + (&g * (1.0 - beta1))?)?;
+                let next_v = ((&v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+                let m_hat = (&next_m * scale_m)?;
+                let v_hat = (&next_v * scale_v)?;
+                let next_theta = (&theta * (1f64 - lr * weight_decay))?;
+                let adjusted_grad = (m_hat / (v_hat.sqrt()? + eps)?)?;
+                let next_theta = (next_theta - (adjusted_grad * lr)?)?;
+                m_all.slice_set(&next_m, 0, start)?;
+                v_all.slice_set(&next_v, 0, start)?;
+                theta_all.slice_set(&next_theta, 0, start)?;
+            }
         }
         Ok(())
     }
