@@ -371,6 +371,8 @@ impl ParamGroup {
             }
             ready
         };
+        // The parameters are not needed for the reduction: free them before it allocates.
+        self.reshard(recorders)?;
         let reduced = if grads.is_empty() {
             Vec::new()
         } else {
@@ -379,7 +381,6 @@ impl ParamGroup {
             recorders.trace.record(TraceEvent::ReduceGrads { unit: self.name.clone(), params });
             reduced
         };
-        self.reshard(recorders)?;
         recorders.trace.record(TraceEvent::PostBackward { unit: self.name.clone() });
         Ok(Some(reduced))
     }
@@ -495,12 +496,14 @@ impl ParamGroup {
             return grads.into_iter().map(|(i, grad)| Ok((i, grad.flatten_all()?))).collect();
         }
         let packed = pack_for_reduce_scatter(&self.specs(), &grads, self.shard_world)?;
+        let params: Vec<usize> = grads.iter().map(|(i, _)| *i).collect();
+        // The full gradients are in the packed buffer now: not two copies during the call.
+        drop(grads);
         let reduced = if self.keeps_full_values {
             self.comm.all_reduce(&packed, ReduceOp::Avg, &self.label())?.wait()?
         } else {
             self.comm.reduce_scatter(&packed, ReduceOp::Avg, &self.label())?.wait()?
         };
-        let params: Vec<usize> = grads.iter().map(|(i, _)| *i).collect();
         Ok(split_reduced(&self.specs(), &params, &reduced)?)
     }
 }
