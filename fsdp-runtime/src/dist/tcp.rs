@@ -41,7 +41,6 @@ use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
-use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -135,21 +134,27 @@ impl TcpComm {
             OpKind::Broadcast { root } => root == self.rank,
             _ => true,
         };
-        let payload = match input {
-            Some(t) if sends_data => Arc::new(le_bytes(t).map_err(|e| shared.fail(e.into()))?),
-            _ => Arc::new(Vec::new()),
+        let bytes = |t: &Tensor| le_bytes(t).map(Arc::new).map_err(|e| shared.fail(e.into()));
+        // A reduce-scatter sends each peer only its chunk, so only those bytes are made;
+        // the other calls send every peer the same bytes.
+        let shared_payload = match input {
+            Some(t) if sends_data && !matches!(kind, OpKind::ReduceScatter(_)) => Some(bytes(t)?),
+            _ => None,
         };
-        let chunk = payload.len() / self.size();
         for (position, &peer) in self.group.ranks.iter().enumerate() {
             if peer == me {
                 continue;
             }
-            let range = match kind {
-                OpKind::ReduceScatter(_) => position * chunk..(position + 1) * chunk,
-                _ => 0..payload.len(),
+            let payload = match (input, &shared_payload) {
+                (_, Some(payload)) => payload.clone(),
+                (Some(t), None) if sends_data => {
+                    let chunk = t.elem_count() / self.size();
+                    bytes(&t.narrow(0, position * chunk, chunk)?)?
+                }
+                _ => Arc::new(Vec::new()),
             };
-            let head = data_head(&self.group, call, &header, range.len());
-            shared.send(peer, Outgoing::Data { head, payload: payload.clone(), range });
+            let head = data_head(&self.group, call, &header, payload.len());
+            shared.send(peer, Outgoing::Data { head, payload });
         }
         Ok(Work::new(TcpPending {
             mesh: self.mesh.clone(),
@@ -387,10 +392,20 @@ impl TcpPending {
         let len = input.elem_count();
         let result = match self.header.kind {
             OpKind::AllGather => {
-                let parts = parts(len, input.clone())?;
-                let parts: Vec<Tensor> =
-                    parts.iter().map(|p| p.reshape(input.shape())).collect::<candle_core::Result<_>>()?;
-                Tensor::cat(&parts, 0)?
+                // Each contribution is copied into its place and let go: the output and
+                // the received bytes, not a decoded copy of every part besides.
+                let rows = input.dim(0)?;
+                let mut dims = input.dims().to_vec();
+                dims[0] = n * rows;
+                let output = Tensor::zeros(dims, input.dtype(), input.device())?;
+                for (position, (message, &sender)) in messages.into_iter().zip(self.group.ranks.iter()).enumerate() {
+                    let part = match message {
+                        None => input.clone(),
+                        Some(message) => self.decode(sender, &message, len, input)?.reshape(input.shape())?,
+                    };
+                    output.slice_set(&part, 0, position * rows)?;
+                }
+                output
             }
             OpKind::ReduceScatter(op) => {
                 let chunk = len / n;
@@ -466,11 +481,11 @@ struct State {
 
 /// A frame for a writer thread.
 enum Outgoing {
-    /// A collective's message: its encoded head, then `payload[range]`.
+    /// A collective's message: its encoded head, then the payload (shared by the peers
+    /// that get the same bytes).
     Data {
         head: Vec<u8>,
         payload: Arc<Vec<u8>>,
-        range: Range<usize>,
     },
     Abort(String),
     Bye,
@@ -940,9 +955,9 @@ fn data_head(group: &GroupId, call: u64, header: &CallHeader, payload_len: usize
 
 fn write_frame(output: &mut impl Write, frame: &Outgoing) -> io::Result<()> {
     match frame {
-        Outgoing::Data { head, payload, range } => {
+        Outgoing::Data { head, payload } => {
             output.write_all(head)?;
-            output.write_all(&payload[range.clone()])
+            output.write_all(payload)
         }
         Outgoing::Abort(reason) => {
             let mut bytes = vec![ABORT];
