@@ -10,7 +10,9 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_fsdp::checkpoint::{self, Checkpointer, ExportOptions, Progress};
 use candle_fsdp::optim::{AdamW, ParamsAdamW};
-use candle_fsdp::{launch, Backend, Fsdp, FsdpConfig, LaunchOptions, ProcessGroup, RankContext, Shardable, Unit};
+use candle_fsdp::{
+    launch, Backend, Fsdp, FsdpConfig, LaunchOptions, MetaModel, ProcessGroup, RankContext, Shardable, Unit,
+};
 use candle_nn::{Embedding, Linear, Optimizer, VarBuilder, VarMap};
 use serde_json::json;
 use std::path::Path;
@@ -110,7 +112,16 @@ fn train(ctx: RankContext, var_map: &VarMap, dir: &Path) -> candle_fsdp::Result<
         last = loss.to_scalar::<f32>()?;
     }
     save_resume_export(&fsdp, &mut optimizer, dir)?;
+    let unbuilt = wrap_unbuilt(&ctx)?;
+    let (ids, _) = batch(0, ctx.rank)?;
+    unbuilt.forward_inference(|m| m.forward(&ids))?;
     Ok(last)
+}
+
+/// A model too big for one rank: no rank builds it whole.
+fn wrap_unbuilt(ctx: &RankContext) -> candle_fsdp::Result<Fsdp<Model>> {
+    let meta = MetaModel::build(DType::F32, &Device::Cpu, Model::new)?; // shapes and initialisers only
+    Fsdp::wrap_meta(meta, ctx.comm.clone(), FsdpConfig::default(), 42) // each rank draws its shards
 }
 
 fn save_resume_export(fsdp: &Fsdp<Model>, optimizer: &mut AdamW, dir: &Path) -> candle_fsdp::Result<()> {

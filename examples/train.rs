@@ -13,6 +13,10 @@
 //! rank); the gradients are averaged over the ranks by the reduce-scatter of FSDP, so one
 //! step trains on `world_size × batch_size` sequences.
 //!
+//! No rank builds the whole model: it is built without values (`MetaModel`) and each rank
+//! draws its shards from the seed, so the model depends on `--seed` only, not on the world
+//! size.
+//!
 //! With `--save-dir` the run keeps sharded checkpoints (every `--save-every` steps and at
 //! the end) and `--resume` continues from the newest, at any world size and strategy;
 //! `--export` writes the trained model in the Hugging Face layout.
@@ -32,16 +36,15 @@ use candle_core::{Device, Tensor};
 use candle_fsdp::checkpoint::{self, Checkpointer, ExportOptions, Progress};
 use candle_fsdp::dist::DistEnv;
 use candle_fsdp::dist::ReduceOp;
-use candle_fsdp::model::{Layout, Role};
+use candle_fsdp::model::Role;
 use candle_fsdp::models::llama::{Llama, LlamaConfig};
 use candle_fsdp::optim::{AdamW, ParamsAdamW};
-use candle_fsdp::{launch, Bytes, Fsdp, FsdpConfig, LaunchOptions, Plan, PlanConfig, RankContext};
+use candle_fsdp::{launch, Bytes, Fsdp, LaunchOptions, MetaModel, Plan, PlanConfig, RankContext};
 use candle_fsdp::{Backend, ProcessGroup};
-use candle_nn::{Optimizer, VarBuilder, VarMap};
+use candle_nn::Optimizer;
 use clap::Parser;
 use common::{human_count, median, ms, BigramTask, Rng, DTYPE};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -206,18 +209,13 @@ fn main() -> anyhow::Result<()> {
     let config = model_config(seq_len);
     let task = BigramTask::new(VOCAB, NOISE, args.seed);
 
-    // Build the model once, here: candle's CPU RNG cannot be seeded, so the ranks build
-    // their copies from a snapshot of these values rather than from their own draws.
-    let var_map = VarMap::new();
-    let model =
-        Llama::new(&config, VarBuilder::from_varmap(&var_map, DTYPE, &Device::Cpu)).context("building the model")?;
-    let layout = Layout::of(&model)?;
+    // The plan needs the shapes only: a model built without values.
+    let layout = MetaModel::build(DTYPE, &Device::Cpu, |vb| Llama::new(&config, vb))?.layout()?;
     let plan = Plan::new(&layout, PlanConfig::new(world, args.fsdp.fsdp_config()).optimizer_states(2))?;
     let full_numel: usize =
         layout.params.iter().filter(|p| p.role == Role::Parameter).map(|p| p.tensor.elem_count()).sum();
     let full_bytes = full_numel * DTYPE.size_in_bytes();
-    let snapshot = common::snapshot(&var_map)?;
-    drop((model, layout, var_map));
+    drop(layout);
 
     let say = |line: String| {
         if printer {
@@ -257,17 +255,17 @@ fn main() -> anyhow::Result<()> {
     ));
 
     let started = Instant::now();
-    let train = |ctx: RankContext, launched: bool| train_rank(ctx, &args, &config, &snapshot, &task, launched);
+    let train = |ctx: RankContext| train_rank(ctx, &args, &config, &task);
     let options = LaunchOptions::new(world).timeout(timeout);
     let reports = match ranks {
-        Ranks::CpuThreads => launch(options, |ctx| train(ctx, false)).context("training failed")?,
+        Ranks::CpuThreads => launch(options, train).context("training failed")?,
         #[cfg(feature = "cuda")]
         Ranks::GpuThreads => {
-            candle_fsdp::dist::launch_gpus(options, |ctx| train(ctx, false)).context("training failed")?
+            candle_fsdp::dist::launch_gpus(options, train).context("training failed")?
         }
         Ranks::Process(group) => {
             let ctx = group.context();
-            let mine = train(ctx.clone(), true).context("training failed")?;
+            let mine = train(ctx.clone()).context("training failed")?;
             let reports = gather_reports(&ctx, mine)?;
             group.finish()?;
             if !printer {
@@ -317,26 +315,13 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Trains one rank. `launched`: this process is one rank of a launched job, so its
-/// snapshot differs from the other processes' and rank 0's values are broadcast.
-fn train_rank(
-    ctx: RankContext,
-    args: &Args,
-    config: &LlamaConfig,
-    snapshot: &HashMap<String, Tensor>,
-    task: &BigramTask,
-    launched: bool,
-) -> candle_fsdp::Result<RankReport> {
+/// Trains one rank.
+fn train_rank(ctx: RankContext, args: &Args, config: &LlamaConfig, task: &BigramTask) -> candle_fsdp::Result<RankReport> {
     let device = ctx.device.clone();
     let (steps, batch, seq_len) = (args.steps as usize, args.batch_size as usize, args.seq_len as usize);
-    let model = Llama::new(config, VarBuilder::from_tensors(snapshot.clone(), DTYPE, &device))?;
-    let fsdp_config = FsdpConfig {
-        // Thread ranks loaded the same snapshot: nothing to broadcast. Processes built
-        // their own (candle's CPU RNG cannot be seeded): take rank 0's.
-        sync_module_states: launched,
-        ..args.fsdp.fsdp_config()
-    };
-    let fsdp = Fsdp::wrap(model, ctx.comm.clone(), fsdp_config)?;
+    // Every rank draws its shards from the seed: the same model at any world size.
+    let meta = MetaModel::build(DTYPE, &device, |vb| Llama::new(config, vb))?;
+    let fsdp = Fsdp::wrap_meta(meta, ctx.comm.clone(), args.fsdp.fsdp_config(), args.seed)?;
     let shards = fsdp.parameters();
     let shard_numel: usize = shards.iter().map(|v| v.elem_count()).sum();
     let shard_bytes = common::var_bytes(&shards);
