@@ -21,17 +21,16 @@ use anyhow::{ensure, Context};
 use candle_core::Device;
 use candle_fsdp::checkpoint::{self, Checkpointer, ExportOptions, Progress};
 use candle_fsdp::dist::Collectives;
-use candle_fsdp::model::Layout as ModelLayout;
+use candle_fsdp::model::Layout;
 use candle_fsdp::models::llama::{Llama, LlamaConfig};
 use candle_fsdp::optim::{AdamW, ParamsAdamW};
 use candle_fsdp::{launch, Bytes, Fsdp, FsdpConfig, LaunchOptions, Plan, PlanConfig};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use clap::Parser;
+use common::counting_allocator::{peak, reset_peak, CountingAllocator};
 use common::{BigramTask, Rng, DTYPE};
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 /// Sharded save and load, Hugging Face export and pretrained load: throughput per rank
@@ -55,48 +54,8 @@ struct Args {
     dir: Option<PathBuf>,
 }
 
-/// The system allocator, counting the bytes allocated now and their high-water mark.
-struct CountingAllocator;
-
-static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every call is forwarded to the system allocator unchanged; only counters change.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let ptr = unsafe { System.alloc(layout) };
-        if !ptr.is_null() {
-            let now = ALLOCATED.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        ptr
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        ALLOCATED.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let new = unsafe { System.realloc(ptr, layout, new_size) };
-        if !new.is_null() {
-            ALLOCATED.fetch_sub(layout.size(), Ordering::Relaxed);
-            let now = ALLOCATED.fetch_add(new_size, Ordering::Relaxed) + new_size;
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        new
-    }
-}
-
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
-
-/// Starts a new high-water mark; returns the bytes allocated now.
-fn reset_peak() -> usize {
-    let now = ALLOCATED.load(Ordering::Relaxed);
-    PEAK.store(now, Ordering::Relaxed);
-    now
-}
 
 /// What one operation took on one rank.
 #[derive(Clone, Copy, Default)]
@@ -121,7 +80,7 @@ impl Meeting<'_> {
         let out = f();
         let seconds = started.elapsed().as_secs_f64();
         self.comm.barrier("benchmark: end")?;
-        let extra = before.map(|before| PEAK.load(Ordering::Relaxed).saturating_sub(before));
+        let extra = before.map(|before| peak().saturating_sub(before));
         Ok((out?, seconds, extra))
     }
 }
@@ -189,7 +148,7 @@ fn main() -> anyhow::Result<()> {
 
     let var_map = VarMap::new();
     let model = Llama::new(&config, VarBuilder::from_varmap(&var_map, DTYPE, &Device::Cpu))?;
-    let plan = Plan::new(&ModelLayout::of(&model)?, PlanConfig::new(world, FsdpConfig::default()).optimizer_states(2))?;
+    let plan = Plan::new(&Layout::of(&model)?, PlanConfig::new(world, FsdpConfig::default()).optimizer_states(2))?;
     let largest_unit = plan.units.iter().map(|u| u.gathered_bytes).max().unwrap_or(0);
     let numel: usize = plan.units.iter().map(|u| u.numel).sum();
     drop(model);

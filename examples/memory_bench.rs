@@ -26,9 +26,8 @@ use candle_fsdp::optim::{AdamW, ParamsAdamW};
 use candle_fsdp::{Backend, Fsdp, FsdpConfig, MetaModel, Plan, PlanConfig, ProcessGroup};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use clap::{Parser, ValueEnum};
+use common::counting_allocator::{allocated, peak, reset_peak, CountingAllocator};
 use common::{BigramTask, Rng, DTYPE};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -62,62 +61,12 @@ struct Args {
     steps: usize,
 }
 
-/// The system allocator, counting the bytes allocated now and their high-water mark.
-struct CountingAllocator;
-
-static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: every call is forwarded to the system allocator unchanged; only counters change.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let ptr = unsafe { System.alloc(layout) };
-        if !ptr.is_null() {
-            let now = ALLOCATED.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        ptr
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let ptr = unsafe { System.alloc_zeroed(layout) };
-        if !ptr.is_null() {
-            let now = ALLOCATED.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        ptr
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        ALLOCATED.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let new = unsafe { System.realloc(ptr, layout, new_size) };
-        if !new.is_null() {
-            ALLOCATED.fetch_sub(layout.size(), Ordering::Relaxed);
-            let now = ALLOCATED.fetch_add(new_size, Ordering::Relaxed) + new_size;
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        new
-    }
-}
-
 #[global_allocator]
-static GLOBAL: CountingAllocator = CountingAllocator;
+static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 /// Starts a phase: its peak is measured from here.
 fn start_phase() {
-    PEAK.store(ALLOCATED.load(Ordering::Relaxed), Ordering::Relaxed);
-}
-
-fn now() -> usize {
-    ALLOCATED.load(Ordering::Relaxed)
-}
-
-fn peak() -> usize {
-    PEAK.load(Ordering::Relaxed)
+    reset_peak();
 }
 
 fn mib(bytes: f64) -> String {
@@ -187,7 +136,7 @@ fn main() -> anyhow::Result<()> {
         ..LlamaConfig::default()
     };
     let fsdp_config = FsdpConfig::default();
-    let base = now();
+    let base = allocated();
     let mut figures = Figures::default();
 
     // Construction and wrapping.
@@ -220,13 +169,13 @@ fn main() -> anyhow::Result<()> {
     let mut rng = Rng::stream(1, ctx.rank as u64);
     for step in 0..args.steps {
         let (inputs, targets) = task.batch(&mut rng, 1, args.tokens, &Device::Cpu)?;
-        let before_forward = now();
+        let before_forward = allocated();
         start_phase();
         let logits = fsdp.forward(|m| m.forward(&inputs))?;
         let loss = common::next_token_loss(&logits, &targets)?;
         figures.forward_peak = figures.forward_peak.max(peak() - base);
         // What the forward keeps for backward, beyond the root's gathered parameters.
-        let kept = now().saturating_sub(before_forward).saturating_sub(plan.units[0].gathered_bytes);
+        let kept = allocated().saturating_sub(before_forward).saturating_sub(plan.units[0].gathered_bytes);
         figures.activations = figures.activations.max(kept);
         start_phase();
         let grads = fsdp.backward(&loss)?;
@@ -237,7 +186,7 @@ fn main() -> anyhow::Result<()> {
         figures.optimizer_peak = figures.optimizer_peak.max(peak() - base);
         drop(grads);
         if step + 1 == args.steps {
-            figures.between_steps = now() - base;
+            figures.between_steps = allocated() - base;
         }
     }
     figures.step_peak = figures.forward_peak.max(figures.backward_peak).max(figures.optimizer_peak);

@@ -260,9 +260,7 @@ fn main() -> anyhow::Result<()> {
     let reports = match ranks {
         Ranks::CpuThreads => launch(options, train).context("training failed")?,
         #[cfg(feature = "cuda")]
-        Ranks::GpuThreads => {
-            candle_fsdp::dist::launch_gpus(options, train).context("training failed")?
-        }
+        Ranks::GpuThreads => candle_fsdp::dist::launch_gpus(options, train).context("training failed")?,
         Ranks::Process(group) => {
             let ctx = group.context();
             let mine = train(ctx.clone()).context("training failed")?;
@@ -316,7 +314,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Trains one rank.
-fn train_rank(ctx: RankContext, args: &Args, config: &LlamaConfig, task: &BigramTask) -> candle_fsdp::Result<RankReport> {
+fn train_rank(
+    ctx: RankContext,
+    args: &Args,
+    config: &LlamaConfig,
+    task: &BigramTask,
+) -> candle_fsdp::Result<RankReport> {
     let device = ctx.device.clone();
     let (steps, batch, seq_len) = (args.steps as usize, args.batch_size as usize, args.seq_len as usize);
     // Every rank draws its shards from the seed: the same model at any world size.

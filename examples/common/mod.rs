@@ -5,6 +5,8 @@
 //! item.)
 #![allow(dead_code)]
 
+pub mod counting_allocator;
+
 use candle_core::{DType, Device, Tensor, Var};
 use candle_fsdp::models::log_softmax_last_dim;
 use candle_fsdp::Bytes;

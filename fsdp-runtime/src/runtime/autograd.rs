@@ -9,9 +9,9 @@
 //!   consumes the tensor, candle's topological walk runs its backward before any op that
 //!   produced the tensor: on a unit's outputs that is the unit's pre-backward point.
 
-use super::storage::released;
+use super::storage::Unallocated;
 use crate::backend::OnBackend;
-use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::backend::BackendDevice;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,13 +25,13 @@ pub(crate) trait GradSink: Send + Sync {
     fn pre_backward(&self, unit: usize, generation: u64) -> Result<()>;
 }
 
-/// See the module docs. The node starts out released, with the full parameter's
-/// `shape`; its values arrive through [`super::storage::Fill`].
+/// See the module docs. The node starts out released, with the full parameter's shape
+/// (`released`); its values arrive through [`super::storage::Fill`].
 pub(crate) struct GatheredParam {
     pub sink: std::sync::Weak<dyn GradSink>,
     pub unit: usize,
     pub param: usize,
-    pub shape: Shape,
+    pub released: Unallocated,
 }
 
 impl CustomOp1 for GatheredParam {
@@ -39,12 +39,12 @@ impl CustomOp1 for GatheredParam {
         "fsdp-gathered-param"
     }
 
-    fn cpu_fwd(&self, shard: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((released(shard.device(), shard.dtype())?, self.shape.clone()))
+    fn cpu_fwd(&self, shard: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.released.cpu_fwd(shard, layout)
     }
 
-    fn cuda_fwd(&self, shard: &CudaStorage, _layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        Ok((released(shard.device(), shard.dtype())?, self.shape.clone()))
+    fn cuda_fwd(&self, shard: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.released.cuda_fwd(shard, layout)
     }
 
     fn bwd(&self, _shard: &Tensor, _full: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

@@ -201,7 +201,7 @@ impl<M: ShardableModel> Fsdp<M> {
                 })
                 .collect()
         };
-        let state = RankState::new(comm, config.clone(), layout.forward_order.clone(), build_groups)?;
+        let state = RankState::new(comm, config, layout.forward_order.clone(), build_groups)?;
 
         // The model's layers now hold the gathered nodes and the buffers' first values.
         let mut replacement: HashMap<TensorId, Tensor> = HashMap::new();

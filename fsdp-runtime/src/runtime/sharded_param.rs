@@ -4,6 +4,7 @@
 
 use super::autograd::{GatheredParam, GradSink};
 use super::flat_buffer::ShardSpec;
+use super::storage::Unallocated;
 use candle_core::{Result, Shape, Tensor, Var};
 use std::sync::Weak;
 
@@ -31,7 +32,7 @@ impl ShardedParam {
         param: usize,
     ) -> Result<Self> {
         let shard = Var::from_tensor(shard)?;
-        let op = GatheredParam { sink, unit, param, shape: shape.clone() };
+        let op = GatheredParam { sink, unit, param, released: Unallocated { shape: shape.clone() } };
         let gathered = shard.as_tensor().apply_op1(op)?;
         Ok(Self { fqn, shape, spec, shard, gathered })
     }
