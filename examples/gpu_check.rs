@@ -49,8 +49,8 @@ use candle_fsdp::model::Layout;
 use candle_fsdp::models::llama::{Llama, LlamaConfig};
 use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
 use candle_fsdp::{
-    BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, Plan, PlanConfig, RankContext, Shardable, ShardingStrategy,
-    TraceEvent, Unit, UnshardCause,
+    launch, BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, MetaModel, Plan, PlanConfig, RankContext, Shardable,
+    ShardingStrategy, TraceEvent, Unit, UnshardCause,
 };
 use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap, SGD};
 use clap::{Parser, ValueEnum};
@@ -1611,9 +1611,13 @@ fn train_fsdp(
     snapshot: &HashMap<String, Tensor>,
     batches: &[(Tensor, Tensor)],
 ) -> Result<Trained> {
-    let dev = &ctx.device;
-    let model = Llama::new(config, VarBuilder::from_tensors(snapshot.clone(), DTYPE, dev))?;
+    let model = Llama::new(config, VarBuilder::from_tensors(snapshot.clone(), DTYPE, &ctx.device))?;
     let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig { sync_module_states: false, ..fsdp_config })?;
+    train_wrapped(fsdp, &ctx.device, batches)
+}
+
+/// Trains a wrapped Llama on `batches` with AdamW; its losses and full trained values.
+fn train_wrapped(fsdp: Fsdp<Llama>, dev: &Device, batches: &[(Tensor, Tensor)]) -> Result<Trained> {
     let mut optimizer = AdamW::new(fsdp.parameters(), ParamsAdamW { lr: LR, ..ParamsAdamW::default() })?;
     let mut losses = Vec::new();
     for (inputs, targets) in batches {
@@ -1716,6 +1720,49 @@ fn parity(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
                     ),
                 );
             }
+        }
+        // A model built without values: the shards drawn on the CPU and moved to the GPU
+        // hold what a CPU rank draws, and the model trains as plain candle does from them.
+        let meta = attempt(|| -> Result<(f64, f64)> {
+            const SEED: u64 = 5;
+            let on_cpu = launch(LaunchOptions::new(1), |cpu| {
+                let meta = MetaModel::build(DTYPE, &Device::Cpu, |vb| Llama::new(&s.config, vb))?;
+                let fsdp = Fsdp::wrap_meta(meta, cpu.comm.clone(), FsdpConfig::default(), SEED)?;
+                Ok(fsdp.full_parameters()?.into_iter().collect::<HashMap<String, Tensor>>())
+            })?
+            .remove(0);
+            let meta = MetaModel::build(DTYPE, &ctx.device, |vb| Llama::new(&s.config, vb))?;
+            let config = FsdpConfig::default().collectives_at_world_one(true);
+            let fsdp = Fsdp::wrap_meta(meta, ctx.comm.clone(), config, SEED)?;
+            let mut drawn_diff = 0.0f64;
+            for (fqn, value) in fsdp.full_parameters()? {
+                let cpu = on_cpu.get(&fqn).ok_or_else(|| anyhow!("`{fqn}` is not drawn on the CPU"))?;
+                drawn_diff = drawn_diff.max(max_abs_diff(&value.to_device(&Device::Cpu)?, cpu)?);
+            }
+            ensure!(drawn_diff == 0.0, "the GPU's shards differ from the CPU's draw by up to {drawn_diff:.3e}");
+            let trained = train_wrapped(fsdp, &ctx.device, &batches)?;
+            let reference = train_plain(&s.config, &on_cpu, &batches, &ctx.device)?;
+            let loss_diff = trained.losses.iter().zip(&reference.losses).fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+            let mut param_diff = 0.0f64;
+            for (fqn, value) in &trained.params {
+                param_diff = param_diff.max(max_abs_diff(value, &reference.params[fqn])?);
+            }
+            ensure!(
+                trained.losses.iter().zip(&reference.losses).all(|(a, b)| (a - b).abs() <= rtol * b.abs()),
+                "losses {:?} vs plain candle's {:?}",
+                trained.losses,
+                reference.losses
+            );
+            Ok((loss_diff, param_diff))
+        });
+        if let Some((l, p)) = sec.check_result("MetaModel + wrap_meta on the GPU", meta) {
+            sec.check(
+                true,
+                format!(
+                    "MetaModel + wrap_meta on the GPU: the same values as a CPU rank draws; after training, max |loss \
+                     diff| {l:.3e}, max |param diff| {p:.3e} against plain candle from those values"
+                ),
+            );
         }
         sec.figure(
             "parity, 6 FSDP configurations x (shortcuts, collectives run) vs plain candle",
