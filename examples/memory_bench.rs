@@ -7,10 +7,12 @@
 //!
 //! Figures are counted by this program's allocator (every process is one rank, so they
 //! are per rank): the most bytes allocated at once during a phase, and the bytes allocated
-//! at its end. The prediction is ZeRO-3's model state, `(4 + 4 + 8) B/param / N` for f32
-//! parameters, gradients and AdamW's two moments, plus the largest gathered units in
-//! flight (the plan's `gathered_peak`) and this run's activations, which the plan does not
-//! know: they are measured here as the growth of the forward before backward starts.
+//! at its end. The prediction is the plan's `total_peak`: ZeRO-3's model state,
+//! `(4 + 4 + 8) B/param / N` for f32 parameters, gradients and AdamW's two moments, plus
+//! the largest gathered units in flight (`gathered_peak`) and the full gradients awaiting
+//! their reduction (`unreduced_grads_peak`: the root's, which span the whole backward, and
+//! the running unit's); plus this run's activations, which the plan does not know: they
+//! are measured here as the growth of the forward before backward starts.
 //!
 //! ```text
 //! cargo build --release --example memory_bench && cargo build --release -p fsdp-run
@@ -199,7 +201,7 @@ fn main() -> anyhow::Result<()> {
         let params = plan.unsharded_memory.params;
         let state = plan.memory.params + plan.memory.grads + plan.memory.optimizer;
         let worst = |i: usize| all.iter().map(|r| r[i]).fold(0.0, f64::max);
-        let predicted = state + plan.memory.gathered_peak + worst(4) as usize;
+        let predicted = plan.memory.total_peak() + worst(4) as usize;
         println!(
             "{:<5} {:>5} {:>11} {:>11} {:>11} {:>11} {:>13} {:>11} {:>8} {:>11}",
             "init", "world", "build", "wrap", "between", "step peak", "ZeRO-3 state", "predicted", "ratio", "resident"
@@ -218,11 +220,12 @@ fn main() -> anyhow::Result<()> {
             mib(worst(5)),
         );
         println!(
-            "      model {} params ({} f32); predicted = state + gathered peak {} + activations {} (measured); \
-             step peaks: forward {}, backward {}, optimizer {}",
+            "      model {} params ({} f32); predicted = state + gathered peak {} + unreduced gradients {} + \
+             activations {} (measured); step peaks: forward {}, backward {}, optimizer {}",
             params / 4,
             mib(params as f64),
             mib(plan.memory.gathered_peak as f64),
+            mib(plan.memory.unreduced_grads_peak as f64),
             mib(worst(4)),
             mib(worst(6)),
             mib(worst(7)),

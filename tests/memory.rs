@@ -102,3 +102,21 @@ fn shard_grad_op_holds_the_whole_model_between_forward_and_backward() {
         assert_eq!(m.after_backward, 0, "rank {rank}");
     }
 }
+
+/// A unit's full gradients wait for its reduction; the root's arrive from the first
+/// backward step to the last. At one rank without collectives they are the shards' own.
+#[test]
+fn the_plan_counts_the_root_and_the_largest_unit_of_full_gradients_awaiting_reduction() {
+    let layout = {
+        let (model, _, _) = common::build(None, DType::F32, |vb| Transformer::new(&config(), vb)).unwrap();
+        Layout::of(&model).unwrap()
+    };
+    let plan = |world: usize, fsdp: FsdpConfig| Plan::new(&layout, PlanConfig::new(world, fsdp)).unwrap();
+    let two = plan(2, FsdpConfig::default());
+    let expected = unit_bytes(&two, "<root>") + unit_bytes(&two, "decoder.layers.0");
+    for strategy in ShardingStrategy::ALL {
+        assert_eq!(plan(2, FsdpConfig::default().strategy(strategy)).memory.unreduced_grads_peak, expected);
+    }
+    assert_eq!(plan(1, FsdpConfig::default()).memory.unreduced_grads_peak, 0);
+    assert_eq!(plan(1, FsdpConfig::default().collectives_at_world_one(true)).memory.unreduced_grads_peak, expected);
+}

@@ -59,11 +59,18 @@ pub struct RankMemory {
     pub optimizer: usize,
     /// The most gathered (unsharded) parameter bytes alive at once, beyond `params`.
     pub gathered_peak: usize,
+    /// The most full gradient bytes alive at once before their reduction, beyond `grads`:
+    /// a unit's full gradients live from the first one autograd hands over to the unit's
+    /// reduction, so the root's span the whole backward. Zero where no reduction runs (one
+    /// rank, no collectives): the full gradients then are the shards' own.
+    pub unreduced_grads_peak: usize,
 }
 
 impl RankMemory {
+    /// What the state and the units in flight need at once; the activations, which depend
+    /// on the inputs, come on top.
     pub fn total_peak(&self) -> usize {
-        self.params + self.grads + self.optimizer + self.gathered_peak
+        self.params + self.grads + self.optimizer + self.gathered_peak + self.unreduced_grads_peak
     }
 }
 
@@ -154,6 +161,7 @@ fn single_process_memory(layout: &Layout, optimizer_states: usize) -> RankMemory
         grads: trained,
         optimizer: trained * optimizer_states,
         gathered_peak: 0,
+        unreduced_grads_peak: 0,
     }
 }
 
@@ -165,25 +173,39 @@ fn rank_memory(layout: &Layout, units: &[UnitPlan], config: &PlanConfig) -> Rank
         ShardingStrategy::ShardGradOp => units.iter().map(|u| u.gathered_bytes).sum(),
         ShardingStrategy::FullShard => full_shard_gathered_peak(layout, units, config),
     };
-    RankMemory { params: shard + buffers, grads: shard, optimizer: shard * config.optimizer_states, gathered_peak }
+    let unreduced_grads_peak = if config.fsdp.communicates_over(config.world_size) {
+        layout.backward_order().map(|u| alive_with(layout, units, u, None)).max().unwrap_or(0)
+    } else {
+        0
+    };
+    RankMemory {
+        params: shard + buffers,
+        grads: shard,
+        optimizer: shard * config.optimizer_states,
+        gathered_peak,
+        unreduced_grads_peak,
+    }
 }
 
-/// The largest set of gathered units alive at once under FULL_SHARD: a running unit, its
-/// enclosing units (their forward is still in progress), the root (kept from forward to the
-/// end of backward), and the unit prefetched alongside it.
+/// The bytes of unit `unit`, its enclosing units (their forward or backward is still in
+/// progress), the root (kept from forward to the end of backward) and `prefetched`.
+fn alive_with(layout: &Layout, units: &[UnitPlan], unit: usize, prefetched: Option<usize>) -> usize {
+    let mut alive = vec![0];
+    let mut next = Some(unit);
+    while let Some(u) = next {
+        alive.push(u);
+        next = layout.units[u].parent;
+    }
+    alive.extend(prefetched);
+    alive.sort_unstable();
+    alive.dedup();
+    alive.iter().map(|&u| units[u].gathered_bytes).sum()
+}
+
+/// The largest set of gathered units alive at once under FULL_SHARD: a running unit with
+/// its enclosing units and the root, and the unit prefetched alongside it.
 fn full_shard_gathered_peak(layout: &Layout, units: &[UnitPlan], config: &PlanConfig) -> usize {
-    let alive_with = |unit: usize, prefetched: Option<usize>| -> usize {
-        let mut alive = vec![0];
-        let mut next = Some(unit);
-        while let Some(u) = next {
-            alive.push(u);
-            next = layout.units[u].parent;
-        }
-        alive.extend(prefetched);
-        alive.sort_unstable();
-        alive.dedup();
-        alive.iter().map(|&u| units[u].gathered_bytes).sum()
-    };
+    let alive_with = |unit: usize, prefetched: Option<usize>| alive_with(layout, units, unit, prefetched);
     let forward = layout.forward_order.iter().map(|&u| {
         let target =
             if config.fsdp.forward_prefetch { forward_prefetch_target(&layout.forward_order, u) } else { None };
@@ -278,6 +300,7 @@ impl fmt::Display for Plan {
         row(f, "gradients", self.memory.grads, self.unsharded_memory.grads)?;
         row(f, "optimizer state", self.memory.optimizer, self.unsharded_memory.optimizer)?;
         row(f, "gathered peak", self.memory.gathered_peak, self.unsharded_memory.gathered_peak)?;
+        row(f, "unreduced grads", self.memory.unreduced_grads_peak, self.unsharded_memory.unreduced_grads_peak)?;
         row(f, "total peak", self.memory.total_peak(), self.unsharded_memory.total_peak())?;
         writeln!(f, "\nbytes sent per rank per step: {}", Bytes(self.bytes_sent_per_step))
     }
