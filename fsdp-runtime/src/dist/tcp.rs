@@ -37,7 +37,7 @@
 use super::collectives::{checked_issue, group_members, Collectives, OpKind, Pending, ReduceOp, Work};
 use super::store::Store;
 use crate::error::{Error, Result};
-use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Shape, Storage, Tensor};
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
@@ -378,49 +378,40 @@ impl TcpPending {
             return Ok(Tensor::zeros(0, DType::F32, &Device::Cpu)?);
         };
         let n = self.group.ranks.len();
-        // Every rank's contribution of `len` elements, this rank's own being `mine`.
-        let parts = |len: usize, mine: Tensor| -> Result<Vec<Tensor>> {
-            messages
-                .iter()
-                .zip(self.group.ranks.iter())
-                .map(|(message, &sender)| match message {
-                    None => Ok(mine.clone()),
-                    Some(message) => self.decode(sender, message, len, input),
-                })
-                .collect()
-        };
         let len = input.elem_count();
+        // Every rank's contribution of `len` elements in rank order, this rank's own being
+        // `mine`, shaped like `shape`; each message is decoded when its turn comes and let
+        // go after, so only one decoded part lives at a time.
+        let contributions = |messages: Vec<Option<Message>>, len: usize, mine: Tensor, shape: Shape| {
+            messages.into_iter().zip(self.group.ranks.iter()).map(move |(message, &sender)| -> Result<Tensor> {
+                match message {
+                    None => Ok(mine.reshape(shape.clone())?),
+                    Some(message) => Ok(self.decode(sender, &message, len, input)?.reshape(shape.clone())?),
+                }
+            })
+        };
         let result = match self.header.kind {
             OpKind::AllGather => {
-                // Each contribution is copied into its place and let go: the output and
-                // the received bytes, not a decoded copy of every part besides.
                 let rows = input.dim(0)?;
                 let mut dims = input.dims().to_vec();
                 dims[0] = n * rows;
                 let output = Tensor::zeros(dims, input.dtype(), input.device())?;
-                for (position, (message, &sender)) in messages.into_iter().zip(self.group.ranks.iter()).enumerate() {
-                    let part = match message {
-                        None => input.clone(),
-                        Some(message) => self.decode(sender, &message, len, input)?.reshape(input.shape())?,
-                    };
-                    output.slice_set(&part, 0, position * rows)?;
+                for (position, part) in contributions(messages, len, input.clone(), input.shape().clone()).enumerate() {
+                    output.slice_set(&part?, 0, position * rows)?;
                 }
                 output
             }
             OpKind::ReduceScatter(op) => {
                 let chunk = len / n;
-                reduce(&parts(chunk, input.narrow(0, self.rank * chunk, chunk)?)?, op)?.contiguous()?
+                let mine = input.narrow(0, self.rank * chunk, chunk)?;
+                reduce(contributions(messages, chunk, mine, Shape::from(chunk)), n, op)?.contiguous()?
             }
-            OpKind::AllReduce(op) => {
-                let parts = parts(len, input.clone())?;
-                let parts: Vec<Tensor> =
-                    parts.iter().map(|p| p.reshape(input.shape())).collect::<candle_core::Result<_>>()?;
-                reduce(&parts, op)?
-            }
+            OpKind::AllReduce(op) => reduce(contributions(messages, len, input.clone(), input.shape().clone()), n, op)?,
             OpKind::Broadcast { root } if root == self.rank => input.copy()?,
             OpKind::Broadcast { root } => {
-                let message = messages[root].as_ref().expect("a peer's message");
-                self.decode(self.group.ranks[root], message, len, input)?.reshape(input.shape())?
+                let sender = self.group.ranks[root];
+                let message = messages.into_iter().nth(root).flatten().expect("the root's message");
+                self.decode(sender, &message, len, input)?.reshape(input.shape())?
             }
             OpKind::Barrier => Tensor::zeros(0, DType::F32, &Device::Cpu)?,
         };
@@ -428,17 +419,17 @@ impl TcpPending {
     }
 }
 
-/// Sums in rank order, exactly as the thread backend's `reduce` (the same candle
-/// operations in the same order), so both backends give bit-identical results.
-fn reduce(parts: &[Tensor], op: ReduceOp) -> candle_core::Result<Tensor> {
-    let mut total = parts[0].clone();
-    for part in &parts[1..] {
-        total = (total + part)?;
+/// Sums the `n` parts in rank order, exactly as the thread backend's `reduce` (the same
+/// candle operations in the same order), so both backends give bit-identical results.
+fn reduce(mut parts: impl Iterator<Item = Result<Tensor>>, n: usize, op: ReduceOp) -> Result<Tensor> {
+    let mut total = parts.next().expect("a group has a member")?;
+    for part in parts {
+        total = (total + part?)?;
     }
-    match op {
-        ReduceOp::Sum => Ok(total),
-        ReduceOp::Avg => total / parts.len() as f64,
-    }
+    Ok(match op {
+        ReduceOp::Sum => total,
+        ReduceOp::Avg => (total / n as f64)?,
+    })
 }
 
 impl Pending for TcpPending {
