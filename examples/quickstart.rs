@@ -1,6 +1,6 @@
 //! The README's code, whole and compiled: a small model declared for FSDP, trained on 2 CPU
 //! ranks (threads), checkpointed, resumed and exported; run as one process per rank when
-//! started by `fsdp-run` or torchrun (`RANK` is set). `tests/readme.rs` checks that every
+//! started by `fsdp-run`, `srun` or `mpirun`. `tests/readme.rs` checks that every
 //! Rust block of the README appears in this file, line for line.
 //!
 //! ```text
@@ -9,6 +9,7 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_fsdp::checkpoint::{self, Checkpointer, ExportOptions, Progress};
+use candle_fsdp::dist::DistEnv;
 use candle_fsdp::optim::{AdamW, ParamsAdamW};
 use candle_fsdp::{
     launch, Backend, Fsdp, FsdpConfig, LaunchOptions, MetaModel, ProcessGroup, RankContext, Shardable, Unit,
@@ -141,7 +142,7 @@ fn save_resume_export(fsdp: &Fsdp<Model>, optimizer: &mut AdamW, dir: &Path) -> 
     Ok(())
 }
 
-/// One process per rank, started by `fsdp-run`, torchrun, SLURM or mpirun.
+/// One process per rank, started by `fsdp-run`, `srun` or `mpirun`.
 fn as_one_process(var_map: &VarMap, dir: &Path) -> candle_fsdp::Result<f32> {
     let group = ProcessGroup::from_env(Backend::Tcp, Duration::from_secs(60))?; // or Backend::Nccl
     let ctx = group.context(); // rank, world_size, comm, device
@@ -152,7 +153,7 @@ fn as_one_process(var_map: &VarMap, dir: &Path) -> candle_fsdp::Result<f32> {
 
 fn main() -> anyhow::Result<()> {
     let var_map = initial_values()?;
-    let losses = if std::env::var_os("RANK").is_some() {
+    let losses = if DistEnv::is_set() {
         // The processes of one node share a folder; wrapping takes rank 0's initial values.
         let dir = std::env::temp_dir().join("candle-fsdp-quickstart");
         vec![as_one_process(&var_map, &dir)?]

@@ -1,9 +1,9 @@
 //! Trains a small Llama-style language model with fully sharded data parallelism.
 //!
 //! Ranks are, by default, threads of this process on the CPU. Started by a launcher
-//! (`fsdp-run`, torchrun, SLURM: `RANK`/`WORLD_SIZE`/`MASTER_ADDR`... set), this process is
-//! one rank: the CPU ranks talk over TCP, or with `--device cuda` each process drives the GPU
-//! `LOCAL_RANK` names and talks through NCCL. `--device cuda` without a launcher runs one
+//! (`fsdp-run`, `srun`, `mpirun`: `RANK`/`WORLD_SIZE`/`MASTER_ADDR`... or the launcher's
+//! own variables set), this process is one rank: the CPU ranks talk over TCP, or with
+//! `--device cuda` each process drives the GPU `LOCAL_RANK` names and talks through NCCL. `--device cuda` without a launcher runs one
 //! thread per GPU of this machine.
 //!
 //! The data is a synthetic but learnable token stream: each token is followed by a fixed
@@ -49,7 +49,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Train a small Llama language model with FSDP: CPU ranks as threads of this process by
-/// default; one rank per process when started by `fsdp-run` or torchrun.
+/// default; one rank per process when started by `fsdp-run`, `srun` or `mpirun`.
 ///
 /// The model learns a synthetic token stream (a fixed random successor for every token,
 /// 10% noise). Each rank trains on its own batches; FSDP averages the gradients over the

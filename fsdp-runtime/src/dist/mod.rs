@@ -10,6 +10,7 @@
 
 pub(crate) mod collectives;
 pub(crate) mod launch;
+mod launcher_env;
 #[cfg(feature = "cuda")]
 mod nccl;
 pub(crate) mod process_group;

@@ -7,6 +7,7 @@
 //! registers ([`Rendezvous::join`]). Afterwards ranks exchange small values through the
 //! store (the NCCL unique id with [`Rendezvous::broadcast_bytes`]) and meet in barriers.
 
+use super::launcher_env::{self, Found};
 use super::store::{unique_token, Store, StoreServer};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
@@ -28,30 +29,31 @@ pub struct DistEnv {
 
 impl DistEnv {
     /// Reads `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE` (optional: the world
-    /// size when not given), `MASTER_ADDR` and `MASTER_PORT` from the environment.
+    /// size when not given), `MASTER_ADDR` and `MASTER_PORT` from the environment; each one
+    /// not set is taken from SLURM's, Open MPI's or PMI's own variables (see
+    /// the README's launch section for the table), so `srun` and `mpirun` need no
+    /// wrapper.
     pub fn from_env() -> Result<Self> {
         Self::from_vars(|name| std::env::var(name).ok())
     }
 
     /// [`DistEnv::from_env`] over any source of variables. The error lists every missing or
-    /// invalid variable at once.
+    /// invalid variable at once, naming the variable each value was read from.
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let mut problems = Vec::new();
-        let mut number = |name: &str| -> Option<String> {
-            match get(name) {
-                None => {
-                    problems.push(format!("{name} is not set"));
-                    None
-                }
-                Some(value) => Some(value),
+        let mut required = |name: &str| -> Option<Found> {
+            let found = launcher_env::lookup(&get, name);
+            if found.is_none() {
+                problems.push(format!("{name} is not set (looked for {})", launcher_env::looked_for(name)));
             }
+            found
         };
-        let rank = number("RANK");
-        let world_size = number("WORLD_SIZE");
-        let local_rank = number("LOCAL_RANK");
-        let master_addr = number("MASTER_ADDR");
-        let master_port = number("MASTER_PORT");
-        let local_world_size = get("LOCAL_WORLD_SIZE");
+        let rank = required("RANK");
+        let world_size = required("WORLD_SIZE");
+        let local_rank = required("LOCAL_RANK");
+        let master_addr = required("MASTER_ADDR");
+        let master_port = required("MASTER_PORT");
+        let local_world_size = launcher_env::lookup(&get, "LOCAL_WORLD_SIZE");
 
         let rank = parse::<usize>(&mut problems, "RANK", rank);
         let world_size = parse::<usize>(&mut problems, "WORLD_SIZE", world_size);
@@ -61,6 +63,7 @@ impl DistEnv {
             None => world_size,
             some => parse::<usize>(&mut problems, "LOCAL_WORLD_SIZE", some),
         };
+        let master_addr = master_addr.map(|found| found.value);
         let master_addr = master_addr.map(|a| a.trim().to_string());
         if master_addr.as_deref() == Some("") {
             problems.push("MASTER_ADDR is empty".into());
@@ -107,10 +110,11 @@ impl DistEnv {
         }
     }
 
-    /// True when `RANK` and `WORLD_SIZE` are both in the environment: this process was
-    /// launched as one of several.
+    /// True when `RANK` and `WORLD_SIZE`, or a launcher's own pair (`SLURM_PROCID` and
+    /// `SLURM_NTASKS`, ...), are in the environment: this process was launched as one of
+    /// several.
     pub fn is_set() -> bool {
-        std::env::var_os("RANK").is_some() && std::env::var_os("WORLD_SIZE").is_some()
+        launcher_env::launched(&|name| std::env::var(name).ok())
     }
 
     /// `MASTER_ADDR:MASTER_PORT` as a connectable address (an IPv6 literal in brackets).
@@ -119,12 +123,13 @@ impl DistEnv {
     }
 }
 
-fn parse<T: std::str::FromStr>(problems: &mut Vec<String>, name: &str, value: Option<String>) -> Option<T> {
-    let value = value?;
+fn parse<T: std::str::FromStr>(problems: &mut Vec<String>, name: &str, found: Option<Found>) -> Option<T> {
+    let Found { value, source } = found?;
     match value.trim().parse::<T>() {
         Ok(v) => Some(v),
         Err(_) => {
-            problems.push(format!("{name}=`{value}` is not a valid number"));
+            let from = if source == name { String::new() } else { format!(" (from {source})") };
+            problems.push(format!("{name}=`{value}`{from} is not a valid number"));
             None
         }
     }
@@ -408,9 +413,72 @@ mod tests {
         let problems: Vec<&str> = err.split_once("is not usable: ").unwrap().1.split("; ").collect();
         assert_eq!(
             problems,
-            ["RANK is not set", "WORLD_SIZE is not set", "MASTER_ADDR is not set", "MASTER_PORT is not set"],
+            [
+                "RANK is not set (looked for RANK, SLURM_PROCID, OMPI_COMM_WORLD_RANK, PMI_RANK)",
+                "WORLD_SIZE is not set (looked for WORLD_SIZE, SLURM_NTASKS, OMPI_COMM_WORLD_SIZE, PMI_SIZE)",
+                "MASTER_ADDR is not set (looked for MASTER_ADDR, SLURM_JOB_NODELIST)",
+                "MASTER_PORT is not set (looked for MASTER_PORT, SLURM_JOB_ID)"
+            ],
             "{err}"
         );
+    }
+
+    /// What `srun -N 2 --ntasks-per-node 4` gives the third task of the second node.
+    const SLURM: &[(&str, &str)] = &[
+        ("SLURM_PROCID", "6"),
+        ("SLURM_NTASKS", "8"),
+        ("SLURM_LOCALID", "2"),
+        ("SLURM_NODEID", "1"),
+        ("SLURM_TASKS_PER_NODE", "4(x2)"),
+        ("SLURM_JOB_NODELIST", "gpu-node[07-08]"),
+        ("SLURM_JOB_ID", "4312345"),
+    ];
+
+    #[test]
+    fn slurm_variables_need_no_translation() {
+        let env = DistEnv::from_vars(vars(SLURM)).unwrap();
+        let expected = DistEnv {
+            rank: 6,
+            world_size: 8,
+            local_rank: 2,
+            local_world_size: 4,
+            master_addr: "gpu-node07".into(),
+            master_port: 22345,
+        };
+        assert_eq!(env, expected);
+        // Set torchrun variables win over derived ones.
+        let mut pairs = SLURM.to_vec();
+        pairs.extend([("MASTER_ADDR", "10.1.2.3"), ("MASTER_PORT", "29400"), ("LOCAL_WORLD_SIZE", "4")]);
+        let env = DistEnv::from_vars(vars(&pairs)).unwrap();
+        assert_eq!((env.master_addr.as_str(), env.master_port), ("10.1.2.3", 29400));
+        // A value that cannot be read names the launcher's variable it came from.
+        let mut pairs = SLURM.to_vec();
+        pairs[0] = ("SLURM_PROCID", "six");
+        let err = error_of(&pairs);
+        assert!(err.contains("RANK=`six` (from SLURM_PROCID) is not a valid number"), "{err}");
+    }
+
+    #[test]
+    fn open_mpi_and_pmi_variables_on_one_node_meet_on_loopback() {
+        let ompi = [
+            ("OMPI_COMM_WORLD_RANK", "1"),
+            ("OMPI_COMM_WORLD_SIZE", "2"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "1"),
+            ("OMPI_COMM_WORLD_LOCAL_SIZE", "2"),
+            ("MASTER_PORT", "29500"),
+        ];
+        let env = DistEnv::from_vars(vars(&ompi)).unwrap();
+        assert_eq!((env.rank, env.world_size, env.local_rank, env.local_world_size), (1, 2, 1, 2));
+        assert_eq!(env.master_endpoint(), "127.0.0.1:29500");
+        let pmi = [("PMI_RANK", "3"), ("PMI_SIZE", "4"), ("MPI_LOCALRANKID", "1"), ("MPI_LOCALNRANKS", "2")];
+        let mut pairs = pmi.to_vec();
+        pairs.push(("MASTER_PORT", "29500"));
+        // Two nodes: no address to derive, and the error says where it looked.
+        let err = error_of(&pairs);
+        assert!(err.contains("MASTER_ADDR is not set (looked for MASTER_ADDR, SLURM_JOB_NODELIST)"), "{err}");
+        pairs.push(("MASTER_ADDR", "head"));
+        let env = DistEnv::from_vars(vars(&pairs)).unwrap();
+        assert_eq!((env.rank, env.world_size, env.local_rank, env.local_world_size), (3, 4, 1, 2));
     }
 
     #[test]
