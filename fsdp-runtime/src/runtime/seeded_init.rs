@@ -83,16 +83,18 @@ pub(crate) fn draw(
     device: &Device,
 ) -> Result<Tensor> {
     let distribution = Distribution::of(init, shape);
-    let values: Vec<f64> = if let Distribution::Constant(value) = distribution {
-        vec![value; range.len()]
+    let len = range.len();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(fnv1a(fqn));
+    rng.set_word_pos(2 * range.start as u128);
+    let mut next = move || distribution.sample(rng.next_u32(), rng.next_u32());
+    // Drawn in f64, kept in f32 unless the parameter is f64: half the bytes of the draw.
+    let values = if dtype == DType::F64 {
+        Tensor::from_vec((0..len).map(|_| next()).collect::<Vec<f64>>(), len, &Device::Cpu)?
     } else {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        rng.set_stream(fnv1a(fqn));
-        rng.set_word_pos(2 * range.start as u128);
-        range.map(|_| distribution.sample(rng.next_u32(), rng.next_u32())).collect()
+        Tensor::from_vec((0..len).map(|_| next() as f32).collect::<Vec<f32>>(), len, &Device::Cpu)?
     };
-    let len = values.len();
-    Tensor::from_vec(values, len, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+    values.to_dtype(dtype)?.to_device(device)
 }
 
 #[cfg(test)]
