@@ -5,7 +5,9 @@
 //!   of the seed and the FQN only);
 //! - each layer's values follow the distribution candle-nn draws for it (compared with a
 //!   model candle-nn initialised itself, by mean and spread);
-//! - training from such a model matches plain candle trained from the same values;
+//! - training from such a model matches plain candle trained from the same values, and
+//!   the same seed gives the same run bit for bit;
+//! - a tied head is one tensor, drawn once;
 //! - a constructor that reads a parameter before it exists gets an error naming it.
 
 use candle_core::{DType, Device, Tensor};
@@ -194,4 +196,46 @@ fn a_shape_free_request_is_refused() {
     let result = MetaModel::build(DType::F32, &Device::Cpu, |vb| vb.get_unchecked("w"));
     let message = result.err().expect("no shape, no placeholder").to_string();
     assert!(message.contains("`w`") && message.contains("shape"), "{message}");
+}
+
+/// A tied head is the embedding tensor: one recorded placeholder, one draw, both names.
+#[test]
+fn a_tied_head_is_drawn_once() {
+    let config = LlamaConfig { tie_word_embeddings: true, ..llama_config() };
+    let trained = launch(LaunchOptions::new(2), |ctx| {
+        let meta = MetaModel::build(DType::F32, &Device::Cpu, |vb| Llama::new(&config, vb))?;
+        let fsdp = Fsdp::wrap_meta(meta, ctx.comm.clone(), FsdpConfig::default(), 9)?;
+        let model = fsdp.into_inner()?;
+        Ok((values(&model), model.lm_head.weight.flatten_all()?.to_vec1::<f32>()?))
+    })
+    .unwrap();
+    for (rank, (values, head)) in trained.iter().enumerate() {
+        assert!(!values.contains_key("lm_head.weight"), "rank {rank}: the head is no parameter of its own");
+        assert_eq!(head, &values["model.embed_tokens.weight"], "rank {rank}");
+    }
+    assert_eq!(trained[0], trained[1]);
+}
+
+/// The same seed twice: the same losses, bit for bit.
+#[test]
+fn the_same_seed_gives_the_same_run() {
+    let run = || {
+        launch(LaunchOptions::new(2), |ctx| {
+            let meta = MetaModel::build(DType::F32, &Device::Cpu, |vb| Llama::new(&llama_config(), vb))?;
+            let fsdp = Fsdp::wrap_meta(meta, ctx.comm.clone(), FsdpConfig::default(), 21)?;
+            let mut optimizer = SgdMomentum::new(fsdp.parameters(), SgdMomentumConfig { lr: 0.05, momentum: 0.9 })?;
+            let ids =
+                Tensor::from_vec((0..24u32).map(|i| (i * 7 + ctx.rank as u32) % 128).collect(), (2, 12), &Device::Cpu)?;
+            let mut losses = Vec::new();
+            for _ in 0..2 {
+                let logits = fsdp.forward(|m| m.forward(&ids))?;
+                let loss = logits.sqr()?.mean_all()?;
+                optimizer.step(&fsdp.backward(&loss)?)?;
+                losses.push(loss.to_scalar::<f32>()?.to_bits());
+            }
+            Ok(losses)
+        })
+        .unwrap()
+    };
+    assert_eq!(run(), run());
 }
