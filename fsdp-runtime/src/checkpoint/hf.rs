@@ -276,8 +276,9 @@ impl HfCheckpoint {
     }
 }
 
-/// Sets a wrapped model's values from a Hugging Face checkpoint (see [`HfCheckpoint`]'s
-/// accepted paths): each rank reads from the memory-mapped files only the ranges of its
+/// Sets a wrapped model's values from a Hugging Face checkpoint (`path`: a directory
+/// holding `model.safetensors.index.json` or `model.safetensors`, an index file, or one
+/// `.safetensors` file): each rank reads from the memory-mapped files only the ranges of its
 /// own shards (and the buffers), converting floating-point dtypes to the model's. Every
 /// FQN of the model must be in the checkpoint with its shape, and nothing else (a tied
 /// parameter's second FQN may be absent); the whole checkpoint is checked before any

@@ -59,7 +59,7 @@ pub struct TensorEntry {
 }
 
 /// Elements `[start, start + len)` of a flattened value, stored in `file` as a 1-D tensor
-/// under the FQN (the parameter) or under [`slot_key`] (an optimizer slot).
+/// under the FQN (the parameter) or under `optimizer/{slot}/{fqn}` (an optimizer slot).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Piece {
     pub file: String,
