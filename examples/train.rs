@@ -38,13 +38,14 @@ use candle_fsdp::dist::DistEnv;
 use candle_fsdp::dist::ReduceOp;
 use candle_fsdp::model::Role;
 use candle_fsdp::models::llama::{Llama, LlamaConfig};
-use candle_fsdp::optim::{AdamW, ParamsAdamW};
+use candle_fsdp::optim::{AdamW, ParamsAdamW, WarmupCosine};
 use candle_fsdp::{launch, Bytes, Fsdp, LaunchOptions, MetaModel, Plan, PlanConfig, RankContext};
 use candle_fsdp::{Backend, ProcessGroup};
 use candle_nn::Optimizer;
 use clap::Parser;
 use common::{human_count, median, ms, BigramTask, Rng, DTYPE};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -65,9 +66,28 @@ struct Args {
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     steps: u64,
 
-    /// AdamW learning rate.
+    /// AdamW learning rate (the peak of a `--warmup-steps` / cosine schedule).
     #[arg(long, default_value_t = 1e-2)]
     lr: f64,
+
+    /// Raise the learning rate linearly from 0 over this many steps, then decay it along a
+    /// half cosine to `--min-lr` at the last step. 0 with no `--min-lr`: a constant rate.
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: u64,
+
+    /// The rate the cosine decay ends at (with `--warmup-steps`; default: lr / 10).
+    #[arg(long)]
+    min_lr: Option<f64>,
+
+    /// Micro-batches per optimizer step: the gradients of the first ones are summed on each
+    /// rank without communication, the last one's backward reduces the sum.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
+    grad_accum: u64,
+
+    /// Write one JSON line per step (step, loss, learning rate, step time, tokens per
+    /// second, gradient norm) to this file (rank 0).
+    #[arg(long)]
+    metrics: Option<PathBuf>,
 
     /// Scale the gradients so that the whole model's L2 norm is at most this, before each
     /// AdamW step (the norm is logged).
@@ -242,10 +262,21 @@ fn main() -> anyhow::Result<()> {
         args.fsdp.backward_prefetch,
         if args.fsdp.forward_prefetch { "on" } else { "off" }
     ));
+    let schedule = if args.warmup_steps > 0 || args.min_lr.is_some() {
+        format!(
+            "peak lr {}, {} warm-up steps, cosine to {}",
+            args.lr,
+            args.warmup_steps,
+            args.min_lr.unwrap_or(args.lr / 10.0)
+        )
+    } else {
+        format!("lr {}", args.lr)
+    };
+    let micro = args.grad_accum as usize;
     say(format!(
-        "train: {steps} steps of AdamW (lr {}), {batch} sequences x {seq_len} tokens per rank ({} tokens per step globally)",
-        args.lr,
-        world * batch * seq_len
+        "train: {steps} steps of AdamW ({schedule}), {micro} x {batch} sequences x {seq_len} tokens per rank \
+         ({} tokens per step globally)",
+        world * micro * batch * seq_len
     ));
     say(format!(
         "data:  successor rule with {:.0}% noise; loss of a model that knows nothing ln({VOCAB}) = {:.3}, of the ideal model {:.3}\n",
@@ -290,7 +321,7 @@ fn main() -> anyhow::Result<()> {
         "time: {:.2} s in all; step (forward + backward + AdamW) median {step_median:.1} ms, first {:.1} ms; {:.0} tokens/s",
         wall.as_secs_f64(),
         times[0],
-        (world * batch * seq_len) as f64 / (step_median / 1e3)
+        (world * batch * seq_len * args.grad_accum as usize) as f64 / (step_median / 1e3)
     );
 
     print_memory(&reports, full_bytes, plan.memory.gathered_peak);
@@ -330,8 +361,15 @@ fn train_rank(
     let shard_bytes = common::var_bytes(&shards);
     let mut optimizer = AdamW::new(shards.clone(), ParamsAdamW { lr: args.lr, ..ParamsAdamW::default() })?;
     let checkpointer = args.save_dir.as_ref().map(|dir| Checkpointer::new(dir).keep_last(args.keep_last as usize));
+    // A function of the step alone: a resumed run gets the uninterrupted run's rates.
+    let schedule = (args.warmup_steps > 0 || args.min_lr.is_some()).then(|| WarmupCosine {
+        peak_lr: args.lr,
+        warmup_steps: args.warmup_steps as usize,
+        total_steps: steps,
+        min_lr: args.min_lr.unwrap_or(args.lr / 10.0),
+    });
     let resumed_at = match (&checkpointer, args.resume) {
-        (Some(checkpointer), true) => resume(&fsdp, &mut optimizer, checkpointer, args.seed)?,
+        (Some(checkpointer), true) => resume(&fsdp, &mut optimizer, checkpointer, args.seed, schedule)?,
         _ => 0,
     };
 
@@ -350,29 +388,67 @@ fn train_rank(
         ProgressBar::hidden()
     };
 
+    let mut metrics = match (&args.metrics, ctx.rank) {
+        (Some(path), 0) => Some(std::fs::File::create(path).map_err(|e| candle_fsdp::Error::Rank {
+            rank: 0,
+            message: format!("cannot create the metrics file {}: {e}", path.display()),
+        })?),
+        _ => None,
+    };
+    let micro_batches = args.grad_accum as usize;
     let mut losses = Vec::with_capacity(steps);
     let mut step_times = Vec::with_capacity(steps);
     let mut grad_bytes = 0;
     for step in resumed_at + 1..=steps {
-        // The batch depends on the seed, the step and the rank only, so a resumed run
-        // draws what the uninterrupted run would have.
-        let mut rng = Rng::stream(args.seed, ((step as u64) << 16) | ctx.rank as u64);
-        let (inputs, targets) = task.batch(&mut rng, batch, seq_len, &device)?;
+        if let Some(schedule) = &schedule {
+            schedule.apply(step - 1, &mut optimizer);
+        }
         let started = Instant::now();
-        let logits = fsdp.forward(|model| model.forward(&inputs))?;
-        let loss = common::next_token_loss(&logits, &targets)?;
-        let mut grads = fsdp.backward(&loss)?;
+        // The mean over the micro-batches: each backward adds its share, the last reduces.
+        let mut step_loss = 0.0;
+        let mut grads = None;
+        for micro in 0..micro_batches {
+            // The batch depends on the seed, the step, the micro-batch and the rank only, so
+            // a resumed run draws what the uninterrupted run would have.
+            let stream = ((step as u64) << 24) | ((micro as u64) << 16) | ctx.rank as u64;
+            let (inputs, targets) = task.batch(&mut Rng::stream(args.seed, stream), batch, seq_len, &device)?;
+            let last = micro + 1 == micro_batches;
+            fsdp.set_requires_gradient_sync(last);
+            let logits = fsdp.forward(|model| model.forward(&inputs))?;
+            let loss = (common::next_token_loss(&logits, &targets)? / micro_batches as f64)?;
+            let micro_grads = fsdp.backward(&loss)?;
+            step_loss += loss.to_scalar::<f32>()? as f64;
+            grads = last.then_some(micro_grads);
+        }
+        let mut grads = grads.expect("the last micro-batch reduces the gradients");
         let grad_norm = match args.max_grad_norm {
             Some(max) => Some(fsdp.clip_grad_norm(&mut grads, max, 2.0)?),
             None => None,
         };
         optimizer.step(&grads)?;
-        step_times.push(started.elapsed());
+        let step_time = started.elapsed();
+        step_times.push(step_time);
         grad_bytes = common::tensor_bytes(shards.iter().filter_map(|v| grads.get(v.as_tensor())));
 
-        let global = ctx.comm.all_reduce(&loss.detach().reshape(1)?, ReduceOp::Avg, "loss")?.wait()?;
+        let mine = Tensor::new(&[step_loss as f32], &device)?;
+        let global = ctx.comm.all_reduce(&mine, ReduceOp::Avg, "loss")?.wait()?;
         let global = global.to_vec1::<f32>()?[0] as f64;
         losses.push(global);
+        if let Some(file) = &mut metrics {
+            let tokens = (ctx.world_size * batch * seq_len * micro_batches) as f64;
+            let line = serde_json::json!({
+                "step": step,
+                "loss": global,
+                "lr": optimizer.learning_rate(),
+                "step_ms": ms(step_time),
+                "tokens_per_s": tokens / step_time.as_secs_f64(),
+                "grad_norm": grad_norm,
+            });
+            writeln!(file, "{line}").map_err(|e| candle_fsdp::Error::Rank {
+                rank: 0,
+                message: format!("cannot write the metrics file: {e}"),
+            })?;
+        }
         progress.set_message(format!("{global:.4}"));
         progress.inc(1);
         if ctx.rank == 0 && (step == 1 || step % args.log_every as usize == 0 || step == steps) {
@@ -381,8 +457,9 @@ fn train_rank(
         }
         if let Some(checkpointer) = &checkpointer {
             if step % args.save_every as usize == 0 || step == steps {
-                let saved =
-                    Progress { step: step as u64, scheduler: None, extras: serde_json::json!({ "seed": args.seed }) };
+                let scheduler = schedule.map(|s| serde_json::to_value(s).expect("plain numbers"));
+                let extras = serde_json::json!({ "seed": args.seed });
+                let saved = Progress { step: step as u64, scheduler, extras };
                 let path = checkpointer.save(&fsdp, Some(&optimizer), &saved)?;
                 if ctx.rank == 0 {
                     progress.suspend(|| println!("saved {}", path.display()));
@@ -414,12 +491,15 @@ fn train_rank(
     })
 }
 
-/// Loads the newest checkpoint of `checkpointer`, if there is one; returns its step.
+/// Loads the newest checkpoint of `checkpointer`, if there is one; returns its step. A
+/// checkpoint trained with another seed or learning-rate schedule is refused: the resumed
+/// run would not be the run it continues.
 fn resume(
     fsdp: &Fsdp<Llama>,
     optimizer: &mut AdamW,
     checkpointer: &Checkpointer,
     seed: u64,
+    schedule: Option<WarmupCosine>,
 ) -> candle_fsdp::Result<usize> {
     let Some(path) = checkpointer.latest()? else {
         if fsdp.rank() == 0 {
@@ -432,6 +512,17 @@ fn resume(
         return Err(candle_fsdp::Error::Rank {
             rank: fsdp.rank(),
             message: format!("{} was trained with --seed {}, not {seed}", path.display(), restored.extras["seed"]),
+        });
+    }
+    let saved: Option<WarmupCosine> = restored.scheduler.as_ref().and_then(|v| serde_json::from_value(v.clone()).ok());
+    if saved != schedule {
+        return Err(candle_fsdp::Error::Rank {
+            rank: fsdp.rank(),
+            message: format!(
+                "{} was trained with the learning-rate schedule {saved:?}, this run asks for {schedule:?} \
+                 (a schedule depends on --steps: resume with the flags of the run it continues)",
+                path.display()
+            ),
         });
     }
     if fsdp.rank() == 0 {
