@@ -70,6 +70,11 @@ impl BigramTask {
         Self { vocab, noise, successor }
     }
 
+    /// The token the rule puts after `token`.
+    pub fn successor_of(&self, token: u32) -> u32 {
+        self.successor[token as usize]
+    }
+
     /// The loss of the ideal predictor (the entropy of the next token), in nats.
     pub fn entropy(&self) -> f64 {
         let v = self.vocab as f64;
