@@ -239,3 +239,23 @@ fn the_same_seed_gives_the_same_run() {
     };
     assert_eq!(run(), run());
 }
+
+/// A layer holding a transposed placeholder holds no values of its own: refused at wrap,
+/// naming the parameter and the placeholder, instead of reading released storage.
+#[test]
+fn a_view_of_a_placeholder_is_refused_at_wrap() {
+    #[derive(candle_fsdp::Shardable)]
+    struct Transposed {
+        weight: Tensor,
+    }
+    let outcome = launch(LaunchOptions::new(1), |ctx| {
+        let meta = MetaModel::build(DType::F32, &Device::Cpu, |vb| {
+            Ok(Transposed { weight: vb.get_with_hints((3, 5), "w", candle_nn::Init::Const(1.0))?.t()? })
+        })?;
+        Fsdp::wrap_meta(meta, ctx.comm.clone(), FsdpConfig::default(), 0).map(|_| ())
+    });
+    match outcome {
+        Err(Error::MetaView { fqn, placeholder }) => assert_eq!((fqn.as_str(), placeholder.as_str()), ("weight", "w")),
+        other => panic!("expected the view to be refused, got {:?}", other.map(|_| ())),
+    }
+}

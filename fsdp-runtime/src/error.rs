@@ -42,6 +42,12 @@ pub enum Error {
     )]
     MetaBuild { last: Option<String>, message: String },
 
+    #[error(
+        "`{fqn}` is a view of `{placeholder}`, which had no values when the model was built: a model built \
+         without values must hold the tensors its VarBuilder gives, unchanged (transpose or reshape in forward)"
+    )]
+    MetaView { fqn: String, placeholder: String },
+
     // --- Wrapping and configuring --------------------------------------------------------
     #[error("rank {rank}: the ranks built different models: {detail}")]
     RanksDisagree { rank: usize, detail: String },

@@ -2,7 +2,7 @@
 
 use super::autograd::GradSink;
 use super::flat_buffer::{pad, ShardSpec};
-use super::meta_model::{MetaModel, MetaParam};
+use super::meta_model::{storage_address, MetaModel, MetaParam};
 use super::param_group::ParamGroup;
 use super::rank_agreement::check_ranks_agree;
 use super::rank_state::{ForwardMode, RankState, ROOT};
@@ -57,10 +57,12 @@ pub(crate) struct Tie {
     pub target: String,
 }
 
-/// The initialisers a meta-built model recorded, and the seed to draw them with.
+/// The initialisers a meta-built model recorded (by the placeholder handed out, and by
+/// the placeholder's storage), and the seed to draw them with.
 #[derive(Clone, Copy)]
 struct Seeded<'a> {
     recorded: &'a HashMap<TensorId, MetaParam>,
+    storages: &'a HashMap<usize, String>,
     seed: u64,
 }
 
@@ -80,6 +82,11 @@ impl FirstValues<'_> {
 
     /// The value the model holds, the same on every rank of `group` when asked.
     fn held(&self, param: &ParamInfo, group: &dyn Collectives) -> Result<Tensor> {
+        // A layer that holds a view of a placeholder (a transpose, a reshape) holds no
+        // values and no initialiser of its own.
+        if let Some(name) = self.seeded.and_then(|s| s.storages.get(&storage_address(&param.tensor))) {
+            return Err(Error::MetaView { fqn: param.fqn.clone(), placeholder: name.clone() });
+        }
         if self.config.sync_module_states && self.config.communicates_over(group.size()) {
             let flat = param.tensor.flatten_all()?.contiguous()?;
             let label = format!("initial value of `{}`", param.fqn);
@@ -144,8 +151,15 @@ impl<M: ShardableModel> Fsdp<M> {
     /// follow with [`crate::checkpoint::load_pretrained`] or [`crate::checkpoint::load`].
     pub fn wrap_meta(meta: MetaModel<M>, comm: Arc<dyn Collectives>, config: FsdpConfig, seed: u64) -> Result<Self> {
         let MetaModel { model, params } = meta;
-        let recorded: HashMap<TensorId, MetaParam> = params.into_iter().collect();
-        Self::wrap_from(model, comm, config, Vec::new(), Some(Seeded { recorded: &recorded, seed }))
+        let storages: HashMap<usize, String> =
+            params.iter().map(|(t, p)| (storage_address(t), p.name.clone())).collect();
+        let recorded: HashMap<TensorId, MetaParam> = params.iter().map(|(t, p)| (t.id(), p.clone())).collect();
+        let seeded = Seeded { recorded: &recorded, storages: &storages, seed };
+        let wrapped = Self::wrap_from(model, comm, config, Vec::new(), Some(seeded));
+        // The placeholders' storages stay allocated until here: no other tensor can take
+        // one of their addresses while wrapping compares them.
+        drop(params);
+        wrapped
     }
 
     fn wrap_from(

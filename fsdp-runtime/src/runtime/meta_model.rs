@@ -11,7 +11,7 @@
 use super::storage::Unallocated;
 use crate::error::{Error, Result};
 use crate::model::{Layout, ShardableModel};
-use candle_core::{DType, Device, Shape, Tensor, TensorId};
+use candle_core::{DType, Device, Shape, Storage, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -21,9 +21,10 @@ use std::sync::{Arc, Mutex};
 /// use it is [`Fsdp::wrap_meta`](super::Fsdp::wrap_meta), which materialises the shards.
 pub struct MetaModel<M> {
     pub(super) model: M,
-    /// What the builder recorded, with the placeholder each layer holds, in the order
-    /// the model asked.
-    pub(super) params: Vec<(TensorId, MetaParam)>,
+    /// What the builder recorded, with the placeholder it handed out, in the order the
+    /// model asked. The placeholders are kept: a layer may hold a view of one, which
+    /// wrapping recognises by the storage they share.
+    pub(super) params: Vec<(Tensor, MetaParam)>,
 }
 
 /// One tensor the model asked its `VarBuilder` for.
@@ -70,7 +71,7 @@ impl<M> MetaModel<M> {
                 return Err(failure(format!("the constructor panicked: {message}")));
             }
         };
-        let params = made.into_iter().map(|(param, tensor)| (tensor.id(), param)).collect();
+        let params = made.into_iter().map(|(param, tensor)| (tensor, param)).collect();
         Ok(Self { model, params })
     }
 
@@ -124,4 +125,11 @@ impl SimpleBackend for MetaBackend {
     fn contains_tensor(&self, name: &str) -> bool {
         self.made.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|(p, _)| p.name == name)
     }
+}
+
+/// Where a tensor's storage lives: a tensor and its views (`t()`, `reshape`, `narrow`)
+/// share it.
+pub(crate) fn storage_address(tensor: &Tensor) -> usize {
+    let (storage, _) = tensor.storage_and_layout();
+    &*storage as *const Storage as usize
 }
