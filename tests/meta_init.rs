@@ -64,17 +64,20 @@ fn the_values_do_not_depend_on_the_world_size_or_the_strategy() {
     assert_ne!(other_seed[name], reference[name], "another seed draws other values");
 }
 
-fn mean_and_std(values: &[f32]) -> (f64, f64) {
+/// Mean, standard deviation and kurtosis (3 for a normal distribution, 1.8 for a uniform
+/// one: what tells the two apart at equal spread).
+fn moments(values: &[f32]) -> (f64, f64, f64) {
     let n = values.len() as f64;
     let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-    let var = values.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n;
-    (mean, var.sqrt())
+    let central = |k: i32| values.iter().map(|&v| (f64::from(v) - mean).powi(k)).sum::<f64>() / n;
+    let var = central(2);
+    (mean, var.sqrt(), central(4) / (var * var))
 }
 
 /// Against candle-nn's own initialisation of the same model (Xavier-uniform attention
 /// weights, Kaiming-normal feed-forward weights with uniform biases, zero biases, unit
 /// norms): constants equal, random tensors of equal mean and spread within five standard
-/// errors.
+/// errors, and of the same shape of distribution (kurtosis) where they are large.
 #[test]
 fn each_layer_draws_from_the_initialiser_candle_nn_would_use() {
     let config = TransformerConfig {
@@ -94,8 +97,8 @@ fn each_layer_draws_from_the_initialiser_candle_nn_would_use() {
     let mut random = 0;
     for (fqn, theirs) in &candle_nn_values {
         let mine = &ours[fqn];
-        let (their_mean, their_std) = mean_and_std(theirs);
-        let (my_mean, my_std) = mean_and_std(mine);
+        let (their_mean, their_std, their_kurtosis) = moments(theirs);
+        let (my_mean, my_std, my_kurtosis) = moments(mine);
         if their_std == 0.0 {
             assert_eq!(mine, theirs, "`{fqn}`: a constant");
             continue;
@@ -109,12 +112,18 @@ fn each_layer_draws_from_the_initialiser_candle_nn_would_use() {
             (my_std / their_std - 1.0).abs() < spread_error.max(0.05),
             "`{fqn}`: std {my_std} vs candle-nn's {their_std} ({n} elements)"
         );
+        if n >= 4096.0 {
+            assert!(
+                (my_kurtosis - their_kurtosis).abs() < 0.4,
+                "`{fqn}`: kurtosis {my_kurtosis} vs candle-nn's {their_kurtosis}: another distribution"
+            );
+        }
     }
     assert!(random >= 10, "only {random} random tensors compared");
 }
 
-/// Three steps of SGD with momentum on the same batch on every rank: FSDP over two
-/// ranks from a meta-built model against plain candle from the same values.
+/// Three steps of SGD with momentum, each rank on its own batch: FSDP over two ranks from
+/// a meta-built model against plain candle on both batches at once, from the same values.
 #[test]
 fn training_from_a_meta_model_matches_plain_candle() {
     const SGD: SgdMomentumConfig = SgdMomentumConfig { lr: 0.05, momentum: 0.9 };
@@ -125,8 +134,10 @@ fn training_from_a_meta_model_matches_plain_candle() {
     })
     .unwrap()
     .remove(0);
-    let tokens = |step: u64| {
-        let ids: Vec<u32> = (0..2 * 12).map(|i| ((i as u64 * 37 + step * 11) % 128) as u32).collect();
+    // Each rank its own batch; the reference trains on both at once (equal sizes, so the
+    // mean loss of the global batch is the mean of the ranks' losses).
+    let tokens = |step: u64, rank: u64| {
+        let ids: Vec<u32> = (0..2 * 12).map(|i| ((i as u64 * 37 + step * 11 + rank * 53) % 128) as u32).collect();
         Tensor::from_vec(ids, (2, 12), &Device::Cpu).unwrap()
     };
     let loss_of = |logits: &Tensor, ids: &Tensor| -> candle_core::Result<Tensor> {
@@ -142,7 +153,7 @@ fn training_from_a_meta_model_matches_plain_candle() {
     let mut optimizer = SgdMomentum::new(varmap.all_vars(), SGD).unwrap();
     let mut plain_losses = Vec::new();
     for step in 0..3 {
-        let ids = tokens(step);
+        let ids = Tensor::cat(&[tokens(step, 0), tokens(step, 1)], 0).unwrap();
         let loss = loss_of(&plain.forward(&ids).unwrap(), &ids).unwrap();
         optimizer.backward_step(&loss).unwrap();
         plain_losses.push(loss.to_scalar::<f32>().unwrap());
@@ -155,7 +166,7 @@ fn training_from_a_meta_model_matches_plain_candle() {
         let mut optimizer = SgdMomentum::new(fsdp.parameters(), SGD)?;
         let mut losses = Vec::new();
         for step in 0..3 {
-            let ids = tokens(step);
+            let ids = tokens(step, ctx.rank as u64);
             let logits = fsdp.forward(|m| m.forward(&ids))?;
             let loss = loss_of(&logits, &ids)?;
             optimizer.step(&fsdp.backward(&loss)?)?;
@@ -164,10 +175,12 @@ fn training_from_a_meta_model_matches_plain_candle() {
         Ok((losses, values(&fsdp.into_inner()?)))
     })
     .unwrap();
-    for (rank, (losses, trained)) in results.iter().enumerate() {
-        for (step, (got, want)) in losses.iter().zip(&plain_losses).enumerate() {
-            assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "rank {rank}, step {step}: loss {got} vs {want}");
-        }
+    for (step, want) in plain_losses.iter().enumerate() {
+        let got = (results[0].0[step] + results[1].0[step]) / 2.0;
+        assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "step {step}: mean loss {got} vs {want}");
+    }
+    assert_ne!(results[0].0[0], results[1].0[0], "the ranks trained on different batches");
+    for (rank, (_, trained)) in results.iter().enumerate() {
         for (fqn, want) in &plain_values {
             let got = Tensor::new(trained[fqn].as_slice(), &Device::Cpu).unwrap();
             let want = Tensor::new(want.as_slice(), &Device::Cpu).unwrap();

@@ -54,6 +54,22 @@ fn adamw_equals_candle_nn_bit_for_bit() {
     assert_eq!(ours.step_count(), 8);
 }
 
+/// PyTorch's SGD with momentum by hand: `buf = g` the first time, then
+/// `buf = momentum * buf + g`, `p -= lr * buf`.
+#[test]
+fn sgd_momentum_follows_pytorch_by_hand() {
+    let var = Var::new(&[1.0f64, 2.0], &Device::Cpu).unwrap();
+    let mut sgd = SgdMomentum::new(vec![var.clone()], SgdMomentumConfig { lr: 0.1, momentum: 0.9 }).unwrap();
+    for grad in [[0.5f64, -1.0], [1.0, 1.0]] {
+        let mut store = GradStore::default();
+        store.insert(var.as_tensor(), Tensor::new(&grad, &Device::Cpu).unwrap());
+        sgd.step(&store).unwrap();
+    }
+    // Step 1: buf = [0.5, -1], p = [0.95, 2.1]; step 2: buf = [1.45, 0.1], p = [0.805, 2.09].
+    let got = var.as_tensor().to_vec1::<f64>().unwrap();
+    assert!((got[0] - 0.805).abs() < 1e-15 && (got[1] - 2.09).abs() < 1e-15, "{got:?}");
+}
+
 /// A variable of 2.5 Mi elements is updated in pieces: the pieces meet without a seam.
 #[test]
 fn adamw_equals_candle_nn_on_a_variable_of_several_pieces() {
