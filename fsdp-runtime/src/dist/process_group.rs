@@ -1,7 +1,7 @@
 //! One rank of a job made of several processes: the torchrun environment contract
 //! (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`), the rendezvous,
-//! and the communicator of the chosen backend. torchrun, SLURM (exporting those
-//! variables), mpirun or `fsdp-run` can start the processes, on one node or several.
+//! and the communicator of the chosen backend. `fsdp-run`, `srun` or `mpirun` can start
+//! the processes, on one node or several (torchrun not yet: its agent hosts the store).
 
 use super::collectives::Collectives;
 use super::launch::RankContext;

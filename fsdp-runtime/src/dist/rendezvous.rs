@@ -1,8 +1,8 @@
 //! How separate processes (one per GPU, or per CPU rank) find each other.
 //!
-//! The launcher (torchrun, SLURM through a wrapper, mpirun, or our `fsdp-run`) gives every
-//! process the torchrun environment: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
-//! `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` ([`DistEnv`]). Rank 0 hosts a
+//! The launcher (`fsdp-run`, `srun`, `mpirun`) gives every process the torchrun
+//! environment: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`,
+//! `MASTER_PORT` ([`DistEnv`]), or its own variables, from which they are derived. Rank 0 hosts a
 //! [`StoreServer`] at `MASTER_ADDR:MASTER_PORT`; every rank, rank 0 too, connects to it and
 //! registers ([`Rendezvous::join`]). Afterwards ranks exchange small values through the
 //! store (the NCCL unique id with [`Rendezvous::broadcast_bytes`]) and meet in barriers.
@@ -423,13 +423,14 @@ mod tests {
         );
     }
 
-    /// What `srun -N 2 --ntasks-per-node 4` gives the third task of the second node.
+    /// A job of four tasks on a first node and two on a second (`SLURM_TASKS_PER_NODE`
+    /// `4,2`), as the second node's second task sees it.
     const SLURM: &[(&str, &str)] = &[
-        ("SLURM_PROCID", "6"),
-        ("SLURM_NTASKS", "8"),
-        ("SLURM_LOCALID", "2"),
+        ("SLURM_PROCID", "5"),
+        ("SLURM_NTASKS", "6"),
+        ("SLURM_LOCALID", "1"),
         ("SLURM_NODEID", "1"),
-        ("SLURM_TASKS_PER_NODE", "4(x2)"),
+        ("SLURM_TASKS_PER_NODE", "4,2"),
         ("SLURM_JOB_NODELIST", "gpu-node[07-08]"),
         ("SLURM_JOB_ID", "4312345"),
     ];
@@ -437,11 +438,12 @@ mod tests {
     #[test]
     fn slurm_variables_need_no_translation() {
         let env = DistEnv::from_vars(vars(SLURM)).unwrap();
+        // The second node's entry of `4,2`.
         let expected = DistEnv {
-            rank: 6,
-            world_size: 8,
-            local_rank: 2,
-            local_world_size: 4,
+            rank: 5,
+            world_size: 6,
+            local_rank: 1,
+            local_world_size: 2,
             master_addr: "gpu-node07".into(),
             master_port: 22345,
         };

@@ -5,11 +5,13 @@
 use candle_nn::Optimizer;
 use serde::{Deserialize, Serialize};
 
-/// Hugging Face's `get_cosine_with_min_lr_schedule_with_warmup` (one half cosine): the
-/// rate of optimizer step `s` (counted from 0) is `peak_lr · s / warmup_steps` during the
-/// warm-up, then `min_lr + (peak_lr - min_lr) · (1 + cos(π · p)) / 2` with
-/// `p = (s - warmup_steps) / (total_steps - warmup_steps)` (at most 1), so it reaches
-/// `min_lr` at `total_steps` and stays there.
+/// Hugging Face's `get_cosine_with_min_lr_schedule_with_warmup` (one half cosine), held
+/// at the floor after the last step: the rate of optimizer step `s` (counted from 0) is
+/// `peak_lr · s / warmup_steps` during the warm-up, then
+/// `min_lr + (peak_lr - min_lr) · (1 + cos(π · p)) / 2` with
+/// `p = (s - warmup_steps) / (total_steps - warmup_steps)`. Hugging Face lets `p` pass 1
+/// (the rate rises again after `total_steps`); here it stops at 1, so the rate stays at
+/// `min_lr`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WarmupCosine {
     pub peak_lr: f64,
