@@ -20,7 +20,8 @@
 //! 6. Parity: the small Llama trained with AdamW under FSDP (world 1, NCCL) against plain
 //!    candle on the same GPU, same snapshot and batches, in six FSDP configurations, each
 //!    with the world-1 shortcuts and with every collective run (`collectives_at_world_one`:
-//!    all-gather, copy-out, reduce-scatter through NCCL, as on several GPUs).
+//!    all-gather, copy-out, reduce-scatter through NCCL, as on several GPUs); and a model
+//!    built without values, whose GPU shards must hold a CPU rank's draw.
 //! 7. The seed's backward-prefetch sequences (tests/backward_prefetch.rs) on the GPU.
 //! 8. Step time: plain candle against FSDP world 1 (shortcuts, and every collective run)
 //!    for the bench's small and medium Llama and a larger one, side by side in one run.
@@ -29,9 +30,10 @@
 //! failure in one does not hide the others. The exit status is 1 when any check failed,
 //! 3 when the deadline (`--deadline-secs`) cut the run short.
 //!
-//! Built here with `../shared/gpu/cargo-cuda build --release --features cuda --example
-//! gpu_check`, run there with `.gpu/run-on-gpu .gpu/gpu_check [--quick]`. With `$OUT`
-//! set, the whole output is also written to `$OUT/gpu_check.log`.
+//! Build it with `cargo build --release --features cuda --example gpu_check` where a CUDA
+//! compiler is; on the GPU machine run `examples/gpu_check.sh PATH/TO/gpu_check [--quick]`,
+//! which finds NCCL and runs the sections that can hang first. With `$OUT` set, the whole
+//! output is also written under `$OUT`.
 
 mod common;
 
