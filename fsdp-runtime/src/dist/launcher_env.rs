@@ -1,18 +1,22 @@
 //! torchrun's variables (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`,
-//! `MASTER_ADDR`, `MASTER_PORT`) taken from SLURM's, Open MPI's or PMI's own when they are
-//! not set, so that `srun` and `mpirun` start ranks without a wrapper script.
+//! `MASTER_ADDR`, `MASTER_PORT`) taken from Open MPI's, PMI's or SLURM's own when they are
+//! not set, so that `mpirun` and `srun` start ranks without a wrapper script.
 //!
-//! A torchrun variable that is set always wins. Otherwise the first launcher that sets a
-//! source, in this order:
+//! A torchrun variable that is set always wins. Otherwise one launcher provides them all:
+//! the first of Open MPI, PMI and SLURM whose rank variable is set. MPI comes first because
+//! `mpirun` inside a SLURM allocation starts its daemons with `srun`, whose SLURM
+//! variables its ranks inherit. Of SLURM, only what `srun` sets for its job step is read
+//! (a batch script, or a step on part of the allocation, sees job-wide values that do not
+//! describe the ranks).
 //!
-//! | variable | SLURM | Open MPI | PMI (MPICH, Intel MPI) |
+//! | variable | Open MPI | PMI (MPICH, Intel MPI) | SLURM (`srun`) |
 //! |---|---|---|---|
-//! | `RANK` | `SLURM_PROCID` | `OMPI_COMM_WORLD_RANK` | `PMI_RANK` |
-//! | `WORLD_SIZE` | `SLURM_NTASKS` | `OMPI_COMM_WORLD_SIZE` | `PMI_SIZE` |
-//! | `LOCAL_RANK` | `SLURM_LOCALID` | `OMPI_COMM_WORLD_LOCAL_RANK` | `MPI_LOCALRANKID` |
-//! | `LOCAL_WORLD_SIZE` | `SLURM_NTASKS_PER_NODE`, else this node's entry of `SLURM_TASKS_PER_NODE` | `OMPI_COMM_WORLD_LOCAL_SIZE` | `MPI_LOCALNRANKS` |
-//! | `MASTER_ADDR` | the first host of `SLURM_JOB_NODELIST` | – | – |
-//! | `MASTER_PORT` | `20000 + SLURM_JOB_ID % 10000` | – | – |
+//! | `RANK` | `OMPI_COMM_WORLD_RANK` | `PMI_RANK` | `SLURM_PROCID` |
+//! | `WORLD_SIZE` | `OMPI_COMM_WORLD_SIZE` | `PMI_SIZE` | `SLURM_STEP_NUM_TASKS` |
+//! | `LOCAL_RANK` | `OMPI_COMM_WORLD_LOCAL_RANK` | `MPI_LOCALRANKID` | `SLURM_LOCALID` |
+//! | `LOCAL_WORLD_SIZE` | `OMPI_COMM_WORLD_LOCAL_SIZE` | `MPI_LOCALNRANKS` | this node's entry of `SLURM_STEP_TASKS_PER_NODE` (by `SLURM_NODEID`) |
+//! | `MASTER_ADDR` | – | – | the first host of `SLURM_STEP_NODELIST` |
+//! | `MASTER_PORT` | – | – | `20000 + (16 · SLURM_JOB_ID + SLURM_STEP_ID) % 10000` |
 //!
 //! With no `MASTER_ADDR` from anywhere, a job whose ranks all run on one node (its local
 //! world size is the world size) meets on `127.0.0.1`.
@@ -25,44 +29,86 @@ pub(crate) struct Found {
     pub source: String,
 }
 
-/// The launchers' sources of each torchrun variable, in order of precedence.
-fn sources(name: &str) -> &'static [&'static str] {
-    match name {
-        "RANK" => &["SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"],
-        "WORLD_SIZE" => &["SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"],
-        "LOCAL_RANK" => &["SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"],
-        "LOCAL_WORLD_SIZE" => {
-            &["SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"]
-        }
-        "MASTER_ADDR" => &["SLURM_JOB_NODELIST"],
-        "MASTER_PORT" => &["SLURM_JOB_ID"],
-        _ => &[],
+/// A launcher: the variable that says it started this process, and its source of each
+/// torchrun variable.
+struct Launcher {
+    rank: &'static str,
+    sources: fn(&str) -> Option<&'static str>,
+}
+
+const LAUNCHERS: [Launcher; 3] = [
+    Launcher {
+        rank: "OMPI_COMM_WORLD_RANK",
+        sources: |name| match name {
+            "WORLD_SIZE" => Some("OMPI_COMM_WORLD_SIZE"),
+            "LOCAL_RANK" => Some("OMPI_COMM_WORLD_LOCAL_RANK"),
+            "LOCAL_WORLD_SIZE" => Some("OMPI_COMM_WORLD_LOCAL_SIZE"),
+            _ => None,
+        },
+    },
+    Launcher {
+        rank: "PMI_RANK",
+        sources: |name| match name {
+            "WORLD_SIZE" => Some("PMI_SIZE"),
+            "LOCAL_RANK" => Some("MPI_LOCALRANKID"),
+            "LOCAL_WORLD_SIZE" => Some("MPI_LOCALNRANKS"),
+            _ => None,
+        },
+    },
+    Launcher {
+        rank: "SLURM_PROCID",
+        sources: |name| match name {
+            "WORLD_SIZE" => Some("SLURM_STEP_NUM_TASKS"),
+            "LOCAL_RANK" => Some("SLURM_LOCALID"),
+            "LOCAL_WORLD_SIZE" => Some("SLURM_STEP_TASKS_PER_NODE"),
+            "MASTER_ADDR" => Some("SLURM_STEP_NODELIST"),
+            "MASTER_PORT" => Some("SLURM_JOB_ID"),
+            _ => None,
+        },
+    },
+];
+
+/// The launcher's variable for torchrun's `name`.
+fn source(launcher: &Launcher, name: &str) -> Option<&'static str> {
+    if name == "RANK" {
+        Some(launcher.rank)
+    } else {
+        (launcher.sources)(name)
     }
+}
+
+/// The launcher that started this process: the first whose rank variable is set.
+fn launcher(get: &dyn Fn(&str) -> Option<String>) -> Option<&'static Launcher> {
+    LAUNCHERS.iter().find(|l| get(l.rank).is_some())
 }
 
 /// The variables `name` may come from, for an error that says what was looked for.
 pub(crate) fn looked_for(name: &str) -> String {
-    std::iter::once(name).chain(sources(name).iter().copied()).collect::<Vec<_>>().join(", ")
+    std::iter::once(name).chain(LAUNCHERS.iter().filter_map(|l| source(l, name))).collect::<Vec<_>>().join(", ")
 }
 
-/// `name`'s value: set, or derived from a launcher's variable.
+/// `name`'s value: set, or derived from the launcher's variables.
 pub(crate) fn lookup(get: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<Found> {
     if let Some(value) = get(name) {
         return Some(Found { value, source: name.to_string() });
     }
-    for &source in sources(name) {
-        let Some(raw) = get(source) else { continue };
-        let value = match source {
-            "SLURM_TASKS_PER_NODE" => {
-                let node = get("SLURM_NODEID").and_then(|n| n.trim().parse::<usize>().ok()).unwrap_or(0);
-                tasks_on_node(&raw, node).map(|n| n.to_string())
-            }
-            "SLURM_JOB_NODELIST" => first_host(&raw),
-            "SLURM_JOB_ID" => raw.trim().parse::<u64>().ok().map(|id| (20_000 + id % 10_000).to_string()),
-            _ => Some(raw.clone()),
-        };
-        // A source that cannot be read is handed on as it is, for the error to show it.
-        return Some(Found { value: value.unwrap_or(raw), source: source.to_string() });
+    if let Some(source) = launcher(get).and_then(|l| source(l, name)) {
+        if let Some(raw) = get(source) {
+            let number = |var: &str| get(var).and_then(|v| v.trim().parse::<u64>().ok());
+            let value = match source {
+                "SLURM_STEP_TASKS_PER_NODE" => {
+                    tasks_on_node(&raw, number("SLURM_NODEID").unwrap_or(0) as usize).map(|n| n.to_string())
+                }
+                "SLURM_STEP_NODELIST" => first_host(&raw),
+                "SLURM_JOB_ID" => raw.trim().parse::<u64>().ok().map(|job| {
+                    let step = number("SLURM_STEP_ID").unwrap_or(0);
+                    (20_000 + (16 * job + step) % 10_000).to_string()
+                }),
+                _ => Some(raw.clone()),
+            };
+            // A source that cannot be read is handed on as it is, for the error to show it.
+            return Some(Found { value: value.unwrap_or(raw), source: source.to_string() });
+        }
     }
     if name == "MASTER_ADDR" {
         let size = |n: &str| lookup(get, n).and_then(|f| f.value.trim().parse::<usize>().ok());

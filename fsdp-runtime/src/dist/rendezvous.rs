@@ -414,9 +414,9 @@ mod tests {
         assert_eq!(
             problems,
             [
-                "RANK is not set (looked for RANK, SLURM_PROCID, OMPI_COMM_WORLD_RANK, PMI_RANK)",
-                "WORLD_SIZE is not set (looked for WORLD_SIZE, SLURM_NTASKS, OMPI_COMM_WORLD_SIZE, PMI_SIZE)",
-                "MASTER_ADDR is not set (looked for MASTER_ADDR, SLURM_JOB_NODELIST)",
+                "RANK is not set (looked for RANK, OMPI_COMM_WORLD_RANK, PMI_RANK, SLURM_PROCID)",
+                "WORLD_SIZE is not set (looked for WORLD_SIZE, OMPI_COMM_WORLD_SIZE, PMI_SIZE, SLURM_STEP_NUM_TASKS)",
+                "MASTER_ADDR is not set (looked for MASTER_ADDR, SLURM_STEP_NODELIST)",
                 "MASTER_PORT is not set (looked for MASTER_PORT, SLURM_JOB_ID)"
             ],
             "{err}"
@@ -425,14 +425,19 @@ mod tests {
 
     /// A job of four tasks on a first node and two on a second (`SLURM_TASKS_PER_NODE`
     /// `4,2`), as the second node's second task sees it.
+    /// The job-wide variables (a larger allocation) must not be read.
     const SLURM: &[(&str, &str)] = &[
         ("SLURM_PROCID", "5"),
-        ("SLURM_NTASKS", "6"),
+        ("SLURM_STEP_NUM_TASKS", "6"),
+        ("SLURM_NTASKS", "16"),
         ("SLURM_LOCALID", "1"),
         ("SLURM_NODEID", "1"),
-        ("SLURM_TASKS_PER_NODE", "4,2"),
-        ("SLURM_JOB_NODELIST", "gpu-node[07-08]"),
+        ("SLURM_STEP_TASKS_PER_NODE", "4,2"),
+        ("SLURM_TASKS_PER_NODE", "4(x4)"),
+        ("SLURM_STEP_NODELIST", "gpu-node[07-08]"),
+        ("SLURM_JOB_NODELIST", "gpu-node[01-08]"),
         ("SLURM_JOB_ID", "4312345"),
+        ("SLURM_STEP_ID", "3"),
     ];
 
     #[test]
@@ -445,7 +450,8 @@ mod tests {
             local_rank: 1,
             local_world_size: 2,
             master_addr: "gpu-node07".into(),
-            master_port: 22345,
+            // 20000 + (16 · 4312345 + 3) % 10000
+            master_port: 27523,
         };
         assert_eq!(env, expected);
         // Set torchrun variables win over derived ones.
@@ -458,6 +464,27 @@ mod tests {
         pairs[0] = ("SLURM_PROCID", "six");
         let err = error_of(&pairs);
         assert!(err.contains("RANK=`six` (from SLURM_PROCID) is not a valid number"), "{err}");
+    }
+
+    /// `mpirun` inside an allocation: its ranks inherit the SLURM variables of the daemon
+    /// `srun` started, and the MPI ones must win, all of them together.
+    #[test]
+    fn mpi_variables_win_over_inherited_slurm_ones() {
+        let mut pairs = SLURM.to_vec();
+        pairs.extend([
+            ("OMPI_COMM_WORLD_RANK", "3"),
+            ("OMPI_COMM_WORLD_SIZE", "4"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "3"),
+            ("OMPI_COMM_WORLD_LOCAL_SIZE", "4"),
+            ("MASTER_PORT", "29500"),
+        ]);
+        let env = DistEnv::from_vars(vars(&pairs)).unwrap();
+        assert_eq!((env.rank, env.world_size, env.local_rank, env.local_world_size), (3, 4, 3, 4));
+        assert_eq!(env.master_endpoint(), "127.0.0.1:29500");
+        // A batch script: SLURM_PROCID without the step's variables is no launched rank.
+        let batch = [("SLURM_PROCID", "0"), ("SLURM_NTASKS", "8"), ("SLURM_JOB_ID", "7")];
+        assert!(!launcher_env::launched(&vars(&batch)));
+        assert!(launcher_env::launched(&vars(SLURM)));
     }
 
     #[test]
@@ -477,7 +504,7 @@ mod tests {
         pairs.push(("MASTER_PORT", "29500"));
         // Two nodes: no address to derive, and the error says where it looked.
         let err = error_of(&pairs);
-        assert!(err.contains("MASTER_ADDR is not set (looked for MASTER_ADDR, SLURM_JOB_NODELIST)"), "{err}");
+        assert!(err.contains("MASTER_ADDR is not set (looked for MASTER_ADDR, SLURM_STEP_NODELIST)"), "{err}");
         pairs.push(("MASTER_ADDR", "head"));
         let env = DistEnv::from_vars(vars(&pairs)).unwrap();
         assert_eq!((env.rank, env.world_size, env.local_rank, env.local_world_size), (3, 4, 1, 2));
