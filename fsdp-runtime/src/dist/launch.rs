@@ -172,7 +172,7 @@ fn all_or_cause<R>(outcomes: Vec<Result<R>>) -> Result<Vec<R>> {
     Err(errors.swap_remove(cause))
 }
 
-fn panic_message(payload: Box<dyn Any + Send>) -> String {
+pub(crate) fn panic_message(payload: Box<dyn Any + Send>) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {

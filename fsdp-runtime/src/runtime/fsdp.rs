@@ -101,9 +101,8 @@ impl FirstValues<'_> {
         match self.recorded(param) {
             Some((meta, seed)) => {
                 let numel = meta.shape.elem_count();
-                let flat =
-                    seeded_init::draw(&meta.init, &meta.shape, &param.fqn, seed, 0..numel, meta.dtype, &meta.device)?;
-                Ok(flat.reshape(meta.shape.clone())?)
+                let flat = seeded_init::draw(&meta.init, &meta.shape, &param.fqn, seed, 0..numel, meta.dtype)?;
+                Ok(flat.reshape(meta.shape.clone())?.to_device(&meta.device)?)
             }
             None => self.held(param, group),
         }
@@ -114,9 +113,8 @@ impl FirstValues<'_> {
         match self.recorded(param) {
             Some((meta, seed)) => {
                 let range = spec.real_range(rank);
-                let real =
-                    seeded_init::draw(&meta.init, &meta.shape, &param.fqn, seed, range, meta.dtype, &meta.device)?;
-                Ok(pad(&real, spec.shard_len)?)
+                let real = seeded_init::draw(&meta.init, &meta.shape, &param.fqn, seed, range, meta.dtype)?;
+                Ok(pad(&real, spec.shard_len)?.to_device(&meta.device)?)
             }
             None => Ok(spec.shard_of(&self.held(param, group)?, rank)?),
         }

@@ -9,6 +9,7 @@
 //! its bias, ones for a norm), from which wrapping draws the values.
 
 use super::storage::Unallocated;
+use crate::dist::launch::panic_message;
 use crate::error::{Error, Result};
 use crate::model::{Layout, ShardableModel};
 use candle_core::{DType, Device, Shape, Storage, Tensor};
@@ -62,14 +63,7 @@ impl<M> MetaModel<M> {
         let model = match built {
             Ok(Ok(model)) => model,
             Ok(Err(error)) => return Err(failure(error.to_string())),
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic".to_string());
-                return Err(failure(format!("the constructor panicked: {message}")));
-            }
+            Err(panic) => return Err(failure(format!("the constructor panicked: {}", panic_message(panic)))),
         };
         let params = made.into_iter().map(|(param, tensor)| (tensor, param)).collect();
         Ok(Self { model, params })

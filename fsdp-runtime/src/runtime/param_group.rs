@@ -120,7 +120,8 @@ pub(crate) struct ParamGroup {
 }
 
 impl ParamGroup {
-    /// A group whose gathered nodes still hold the values they were built with.
+    /// A group over its sharded parameters, whose gathered nodes start out released
+    /// (`release_initial` then marks it sharded).
     pub fn new(
         index: usize,
         name: String,
@@ -434,9 +435,7 @@ impl ParamGroup {
         }
         let flat = self.flat_shards()?;
         let gathered = if self.gathers_by_collective() {
-            let work = self.comm.all_gather(&flat, &format!("full parameters of {}", self.label()))?;
-            drop(flat);
-            work.wait()?
+            self.comm.all_gather(&flat, &format!("full parameters of {}", self.label()))?.wait()?
         } else {
             flat.copy()?
         };

@@ -2,9 +2,9 @@
 //!
 //! **Streams.** candle runs a rank's kernels on the thread's compute stream (CUDA's
 //! per-thread default stream); each communicator has a communication stream of its own.
-//! cudarc orders a buffer across streams by a read and a write event, but candle's
-//! kernels record no write event for their outputs, and candle's copies wait on a
-//! buffer's *own* stream only. So the ordering is made explicit, on the rank's thread:
+//! cudarc's per-buffer events would not order them (candle's kernels record no write
+//! event for their outputs, and candle's copies wait on a buffer's *own* stream only), so
+//! the ordering is explicit, on the rank's thread:
 //!
 //! - before each call the communication stream waits for everything queued on the
 //!   compute stream (the kernels that wrote the input, the output's allocation);
@@ -92,6 +92,10 @@ impl NcclComm {
     /// The communicator over all `world_size` ranks, for the rank `rank` driving `device`.
     /// Every rank calls this with a client of the same store, once per store: the unique
     /// id lives under a fixed key. Sub-groups come from [`Collectives::new_group`].
+    ///
+    /// This turns cudarc's event tracking off for `device`'s context (the communicator
+    /// orders its stream against candle's itself): code that uses a buffer of that context
+    /// on a stream of its own must order it with events itself.
     pub fn world(device: &CudaDevice, store: Store, rank: usize, world_size: usize, timeout: Duration) -> Result<Self> {
         check_libraries(rank)?;
         let world = Arc::new(NcclWorld {
@@ -246,6 +250,8 @@ impl NcclComm {
                 }
                 Err(e) => {
                     watched.ended();
+                    // Nothing orders the output's free after the call NCCL accepted: keep it.
+                    std::mem::forget(output);
                     return Err(self.nccl_failed(kind, label, format!("cannot record the completion event: {e:?}")));
                 }
             }
