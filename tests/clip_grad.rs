@@ -168,3 +168,47 @@ fn a_non_finite_norm_is_an_error_on_every_rank_and_scales_nothing() {
     .unwrap();
     assert!(refused[0].contains("norm_type must be at least 1"), "{}", refused[0]);
 }
+
+/// One rank's shard gradient holds one non-finite element; the other rank's are finite:
+/// both ranks get the error (the other naming no parameter of its own), and neither
+/// scales its gradients, which a clip to 1e-3 would otherwise change.
+#[test]
+fn a_non_finite_element_on_one_rank_stops_the_clip_on_every_rank() {
+    let (_, _, snapshot) = build(None, DType::F32, Nested::new).unwrap();
+    for (norm_type, poison) in [(2.0, f32::INFINITY), (f64::INFINITY, f32::NAN)] {
+        let results = candle_fsdp::launch_each(LaunchOptions::new(2), |ctx| {
+            let (model, _, _) = build(Some(&snapshot), DType::F32, Nested::new)?;
+            let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
+            let x = input(ctx.rank);
+            let mut grads = fsdp.backward(&fsdp.forward(|m| m.forward(&x))?.sum_all()?)?;
+            let first = fsdp.parameters()[0].clone();
+            if ctx.rank == 1 {
+                let mut values = grads.get(first.as_tensor()).unwrap().to_vec1::<f32>()?;
+                values[0] = poison;
+                grads.insert(first.as_tensor(), Tensor::new(values.as_slice(), &candle_core::Device::Cpu)?);
+            }
+            let bits = |grads: &GradStore| -> Vec<Vec<u32>> {
+                fsdp.parameters()
+                    .iter()
+                    .filter_map(|v| grads.get(v.as_tensor()))
+                    .map(|g| g.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect())
+                    .collect()
+            };
+            let before = bits(&grads);
+            let outcome = fsdp.clip_grad_norm(&mut grads, 1e-3, norm_type);
+            Ok((outcome, before == bits(&grads)))
+        })
+        .unwrap();
+        for (rank, result) in results.into_iter().enumerate() {
+            let (outcome, unchanged) = result.unwrap();
+            match outcome {
+                Err(Error::NonFiniteGradNorm { parameters, .. }) => {
+                    let expected: &[&str] = if rank == 1 { &["`module.0.weight` (unit `<root>`)"] } else { &[] };
+                    assert_eq!(parameters, expected, "p = {norm_type}, rank {rank}");
+                }
+                other => panic!("p = {norm_type}, rank {rank}: expected NonFiniteGradNorm, got {other:?}"),
+            }
+            assert!(unchanged, "p = {norm_type}, rank {rank}: a refused clip changed the gradients");
+        }
+    }
+}

@@ -12,8 +12,8 @@ use candle_core::{DType, Device, Tensor};
 const EPS: f64 = 1e-6;
 
 impl<M> Fsdp<M> {
-    /// Scales the shard gradients `grads` (what [`Fsdp::backward`] returned) in place so
-    /// that the total `norm_type`-norm of the whole model's gradients is at most
+    /// Replaces the shard gradients in `grads` (what [`Fsdp::backward`] returned) with
+    /// scaled ones so that the total `norm_type`-norm of the whole model's gradients is at most
     /// `max_norm`, and returns that norm as it was before scaling. `norm_type` is any
     /// p ≥ 1, or `f64::INFINITY` for the largest magnitude.
     ///
@@ -32,38 +32,39 @@ impl<M> Fsdp<M> {
             });
         }
         self.check_between_steps("Fsdp::clip_grad_norm")?;
-        // This rank's contribution: Σ|g|^p, or max|g| for the infinity norm, in f64.
-        let mut local = 0.0f64;
-        let mut non_finite = Vec::new();
+        // This rank's contribution per parameter, Σ|g|^p (or max|g| for the infinity norm)
+        // in f64, and Σ|g|, which is NaN or infinite when any element is (a maximum may
+        // skip a NaN); kept on the device and read back once.
+        let mut named = Vec::new();
+        let mut parts = Vec::new();
         for group in self.groups() {
             if group.replicates() && group.comm.rank() != 0 {
                 continue;
             }
-            let mut unit = 0.0f64;
             for param in &group.params {
                 let Some(grad) = grads.get(param.shard.as_tensor()) else {
                     continue;
                 };
                 let real = param.spec.real_len(group.shard_rank());
-                let values = grad.flatten_all()?.narrow(0, 0, real)?.to_dtype(DType::F64)?.abs()?;
-                let part = if norm_type.is_infinite() {
-                    // The sum is NaN or infinite when any element is; the maximum may skip NaN.
-                    let sum = values.sum_all()?.to_scalar::<f64>()?;
-                    if !sum.is_finite() || real == 0 {
-                        sum
-                    } else {
-                        values.max(0)?.to_scalar::<f64>()?
-                    }
-                } else {
-                    values.powf(norm_type)?.sum_all()?.to_scalar::<f64>()?
-                };
-                if !part.is_finite() {
-                    non_finite.push(format!("`{}` (unit `{}`)", param.fqn, group.name));
+                if real == 0 {
+                    continue;
                 }
-                unit = combine(unit, part, norm_type);
+                let values = grad.flatten_all()?.narrow(0, 0, real)?.to_dtype(DType::F64)?.abs()?;
+                let part = if norm_type.is_infinite() { values.max(0)? } else { values.powf(norm_type)?.sum_all()? };
+                parts.push(Tensor::stack(&[part, values.sum_all()?], 0)?);
+                named.push((param.fqn.as_str(), group.name.as_str()));
             }
-
-            local = combine(local, unit, norm_type);
+        }
+        let read = if parts.is_empty() { Vec::new() } else { Tensor::stack(&parts, 0)?.to_vec2::<f64>()? };
+        let mut local = 0.0f64;
+        let mut non_finite = Vec::new();
+        for ((fqn, unit), row) in named.into_iter().zip(read) {
+            let (part, sum) = (row[0], row[1]);
+            let part = if sum.is_finite() { part } else { sum };
+            if !part.is_finite() {
+                non_finite.push(format!("`{fqn}` (unit `{unit}`)"));
+            }
+            local = combine(local, part, norm_type);
         }
         let total = self.combine_over_ranks(local, norm_type)?;
         let norm = if norm_type.is_infinite() { total } else { total.powf(1.0 / norm_type) };
