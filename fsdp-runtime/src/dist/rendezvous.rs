@@ -111,7 +111,7 @@ impl DistEnv {
     }
 
     /// True when `RANK` and `WORLD_SIZE`, or a launcher's own pair (`SLURM_PROCID` and
-    /// `SLURM_NTASKS`, ...), are in the environment: this process was launched as one of
+    /// `SLURM_STEP_NUM_TASKS`, ...), are in the environment: this process was launched as one of
     /// several.
     pub fn is_set() -> bool {
         launcher_env::launched(&|name| std::env::var(name).ok())
