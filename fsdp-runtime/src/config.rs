@@ -2,6 +2,7 @@
 //! value types like PyTorch's `ShardingStrategy` and `BackwardPrefetch`.
 
 use crate::error::{Error, Result};
+use candle_core::DType;
 use std::fmt;
 use std::str::FromStr;
 
@@ -94,6 +95,68 @@ pub enum OrderCheck {
     Strict,
 }
 
+/// Which dtypes the units compute and communicate in (FSDP2's `MixedPrecisionPolicy`).
+///
+/// The shards, their gradients and the optimizer state stay in the model's dtype (the
+/// master weights, usually f32). Each shard is cast to `param_dtype` before its
+/// all-gather, so the gather moves and the forward and backward compute in that dtype;
+/// the full gradients are cast to `reduce_dtype` for their reduction and land on the
+/// shards in the model's dtype. `None` keeps the model's dtype (for `reduce_dtype`:
+/// `param_dtype`'s, as in FSDP2). The model's own constants (masks, rotary tables) are
+/// not cast: a model meant for mixed precision casts them to its activations' dtype.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MixedPrecision {
+    /// What parameters are gathered and computed in.
+    pub param_dtype: Option<DType>,
+    /// What gradients are reduced in.
+    pub reduce_dtype: Option<DType>,
+    /// What the root's floating-point outputs are cast to.
+    pub output_dtype: Option<DType>,
+    /// Cast the floating-point inputs of every unit (and of [`crate::Fsdp::forward_with`])
+    /// to `param_dtype`.
+    pub cast_forward_inputs: bool,
+}
+
+impl Default for MixedPrecision {
+    /// Everything in the model's dtype.
+    fn default() -> Self {
+        Self { param_dtype: None, reduce_dtype: None, output_dtype: None, cast_forward_inputs: true }
+    }
+}
+
+impl MixedPrecision {
+    /// Computes in `param_dtype` and reduces gradients in f32, with the root's outputs in
+    /// f32: the recipe of most large-model training (torchtitan's default for bf16).
+    pub fn compute_in(param_dtype: DType) -> Self {
+        Self {
+            param_dtype: Some(param_dtype),
+            reduce_dtype: Some(DType::F32),
+            output_dtype: Some(DType::F32),
+            cast_forward_inputs: true,
+        }
+    }
+
+    pub fn reduce_dtype(mut self, dtype: DType) -> Self {
+        self.reduce_dtype = Some(dtype);
+        self
+    }
+
+    /// The dtype a unit whose parameters are `model` computes in.
+    pub fn param_dtype_for(&self, model: DType) -> DType {
+        self.param_dtype.unwrap_or(model)
+    }
+
+    /// The dtype a unit whose parameters are `model` reduces its gradients in.
+    pub fn reduce_dtype_for(&self, model: DType) -> DType {
+        self.reduce_dtype.unwrap_or(self.param_dtype_for(model))
+    }
+
+    /// Whether any dtype differs from the model's.
+    pub fn is_active(&self) -> bool {
+        self.param_dtype.is_some() || self.reduce_dtype.is_some() || self.output_dtype.is_some()
+    }
+}
+
 /// The options of [`crate::Fsdp::wrap`].
 #[derive(Clone, Copy, Debug)]
 pub struct FsdpConfig {
@@ -108,6 +171,7 @@ pub struct FsdpConfig {
     /// Broadcast rank 0's parameters and buffers at wrap time, so ranks that built their
     /// models differently still start from the same state.
     pub sync_module_states: bool,
+    pub mixed_precision: MixedPrecision,
     /// Run every collective even over a group of one rank, where it is skipped otherwise
     /// (a gather is then a copy of the shard, a reduction the gradient itself): one GPU
     /// then exercises the path of several (all-gather, copy-out, reduce-scatter). Same
@@ -125,6 +189,7 @@ impl Default for FsdpConfig {
             max_prefetch_in_flight: 2,
             order_check: OrderCheck::Warn,
             sync_module_states: true,
+            mixed_precision: MixedPrecision::default(),
             collectives_at_world_one: false,
         }
     }
@@ -148,6 +213,11 @@ impl FsdpConfig {
 
     pub fn order_check(mut self, check: OrderCheck) -> Self {
         self.order_check = check;
+        self
+    }
+
+    pub fn mixed_precision(mut self, policy: MixedPrecision) -> Self {
+        self.mixed_precision = policy;
         self
     }
 

@@ -73,6 +73,17 @@ pub enum Error {
         other_dtype: candle_core::DType,
     },
 
+    #[error("unit `{unit}`: the mixed-precision policy casts to {dtype:?}, but {problem}")]
+    MixedPrecisionPolicy { unit: String, dtype: candle_core::DType, problem: String },
+
+    #[error(
+        "rank {rank}: the forward of unit `{unit}` failed with its parameters gathered in {dtype:?} \
+         (mixed precision): {message}. An op may lack a {dtype:?} kernel on this device, or the model \
+         mixes dtypes: cast its own constants to its activations' dtype, and give the root's inputs to \
+         Fsdp::forward_with, which casts them"
+    )]
+    MixedPrecisionForward { rank: usize, unit: String, dtype: candle_core::DType, message: String },
+
     #[error("unknown {what} `{value}` (expected one of: {expected})")]
     UnknownOption { what: &'static str, value: String, expected: String },
 
@@ -203,6 +214,12 @@ pub enum Error {
         }
     )]
     NonFiniteGradNorm { rank: usize, norm_type: f64, norm: f64, parameters: Vec<String> },
+
+    #[error(
+        "ShardedGradScaler: {config} cannot work (the scale must be positive and finite, the growth factor \
+         above 1, the backoff factor between 0 and 1, the growth interval at least 1)"
+    )]
+    GradScalerArgument { config: String },
 
     #[error("clip_grad_norm: {problem}")]
     ClipArgument { problem: String },

@@ -23,7 +23,7 @@ pub mod pipeline;
 mod plan;
 mod runtime;
 
-pub use config::{BackwardPrefetch, FsdpConfig, OrderCheck, ShardingStrategy};
+pub use config::{BackwardPrefetch, FsdpConfig, MixedPrecision, OrderCheck, ShardingStrategy};
 pub use dist::launch::{launch, launch_each, LaunchOptions, RankContext};
 pub use dist::process_group::{Backend, ProcessGroup};
 pub use error::{Error, Result};
@@ -32,7 +32,10 @@ pub use model::schema::Shardable;
 pub use model::table::ShardableModel;
 pub use model::unit::Unit;
 pub use plan::{Bytes, Plan, PlanConfig, RankMemory, UnitPlan};
-pub use runtime::{Fsdp, MemoryStats, MetaModel, SummonOptions, TraceEvent, UnshardCause};
+pub use runtime::{
+    Fsdp, GradScalerConfig, MemoryStats, MetaModel, ScaledStep, ShardedGradScaler, SummonOptions, TraceEvent,
+    UnshardCause,
+};
 
 /// Layers candle-nn lacks in a form the runtime can shard.
 pub mod layers {

@@ -39,11 +39,17 @@ pub struct UnitPlan {
     pub fqns: Vec<String>,
     /// Trained elements (buffers excluded), unpadded.
     pub numel: usize,
-    /// Bytes of the unit's trained parameters when gathered.
+    /// Bytes of the unit's trained parameters when gathered, in the compute dtype (the
+    /// mixed-precision policy's `param_dtype`).
     pub gathered_bytes: usize,
-    /// Bytes one all-gather or reduce-scatter of the unit moves: each parameter padded to
-    /// a multiple of the world size.
+    /// Bytes of the unit's full gradients before their reduction: in the compute dtype as
+    /// autograd makes them, or in the reduce dtype where that is wider.
+    pub unreduced_grad_bytes: usize,
+    /// Bytes one all-gather of the unit moves, in the compute dtype: each parameter padded
+    /// to a multiple of the world size.
     pub collective_bytes: usize,
+    /// Bytes one reduction of the unit's gradients moves, in the reduce dtype.
+    pub reduce_bytes: usize,
     /// Bytes of this rank's shard of the unit's trained parameters.
     pub shard_bytes: usize,
     /// Bytes of the unit's buffers, replicated on every rank.
@@ -107,7 +113,9 @@ impl Plan {
                     fqns: layout.unit_fqns(index).into_iter().map(String::from).collect(),
                     numel: 0,
                     gathered_bytes: 0,
+                    unreduced_grad_bytes: 0,
                     collective_bytes: 0,
+                    reduce_bytes: 0,
                     shard_bytes: 0,
                     buffer_bytes: 0,
                 };
@@ -118,11 +126,19 @@ impl Plan {
                     match param.role {
                         Role::Buffer => plan.buffer_bytes += numel * size,
                         Role::Parameter => {
+                            let policy = &config.fsdp.mixed_precision;
+                            let dtype = param.tensor.dtype();
+                            let compute = if dtype.is_float() { policy.param_dtype_for(dtype) } else { dtype };
+                            let reduce = if dtype.is_float() { policy.reduce_dtype_for(dtype) } else { dtype };
+                            let (compute, reduce) = (compute.size_in_bytes(), reduce.size_in_bytes());
                             plan.numel += numel;
                             let shard = if shards { numel.div_ceil(world) } else { numel };
+                            let moved = if shards { shard * world } else { numel };
                             plan.shard_bytes += shard * size;
-                            plan.gathered_bytes += numel * size;
-                            plan.collective_bytes += if shards { shard * world * size } else { numel * size };
+                            plan.gathered_bytes += numel * compute;
+                            plan.unreduced_grad_bytes += numel * compute.max(reduce);
+                            plan.collective_bytes += moved * compute;
+                            plan.reduce_bytes += moved * reduce;
                         }
                     }
                 }
@@ -174,7 +190,8 @@ fn rank_memory(layout: &Layout, units: &[UnitPlan], config: &PlanConfig) -> Rank
         ShardingStrategy::FullShard => full_shard_gathered_peak(layout, units, config),
     };
     let unreduced_grads_peak = if config.fsdp.communicates_over(config.world_size) {
-        layout.backward_order().map(|u| alive_with(layout, units, u, None)).max().unwrap_or(0)
+        let grads = |u: &UnitPlan| u.unreduced_grad_bytes;
+        layout.backward_order().map(|u| alive_with(layout, units, u, None, grads)).max().unwrap_or(0)
     } else {
         0
     };
@@ -187,9 +204,15 @@ fn rank_memory(layout: &Layout, units: &[UnitPlan], config: &PlanConfig) -> Rank
     }
 }
 
-/// The bytes of unit `unit`, its enclosing units (their forward or backward is still in
+/// The `bytes` of unit `unit`, its enclosing units (their forward or backward is still in
 /// progress), the root (kept from forward to the end of backward) and `prefetched`.
-fn alive_with(layout: &Layout, units: &[UnitPlan], unit: usize, prefetched: Option<usize>) -> usize {
+fn alive_with(
+    layout: &Layout,
+    units: &[UnitPlan],
+    unit: usize,
+    prefetched: Option<usize>,
+    bytes: impl Fn(&UnitPlan) -> usize,
+) -> usize {
     let mut alive = vec![0];
     let mut next = Some(unit);
     while let Some(u) = next {
@@ -199,13 +222,14 @@ fn alive_with(layout: &Layout, units: &[UnitPlan], unit: usize, prefetched: Opti
     alive.extend(prefetched);
     alive.sort_unstable();
     alive.dedup();
-    alive.iter().map(|&u| units[u].gathered_bytes).sum()
+    alive.iter().map(|&u| bytes(&units[u])).sum()
 }
 
 /// The largest set of gathered units alive at once under FULL_SHARD: a running unit with
 /// its enclosing units and the root, and the unit prefetched alongside it.
 fn full_shard_gathered_peak(layout: &Layout, units: &[UnitPlan], config: &PlanConfig) -> usize {
-    let alive_with = |unit: usize, prefetched: Option<usize>| alive_with(layout, units, unit, prefetched);
+    let alive_with =
+        |unit: usize, prefetched: Option<usize>| alive_with(layout, units, unit, prefetched, |u| u.gathered_bytes);
     let forward = layout.forward_order.iter().map(|&u| {
         let target =
             if config.fsdp.forward_prefetch { forward_prefetch_target(&layout.forward_order, u) } else { None };
@@ -226,14 +250,15 @@ fn full_shard_gathered_peak(layout: &Layout, units: &[UnitPlan], config: &PlanCo
 fn bytes_sent(units: &[UnitPlan], config: &PlanConfig) -> usize {
     let world = config.world_size;
     let ring = |bytes: usize| bytes * (world - 1) / world;
-    let all: usize = units.iter().map(|u| u.collective_bytes).sum();
+    let gathered: usize = units.iter().map(|u| u.collective_bytes).sum();
+    let reduced: usize = units.iter().map(|u| u.reduce_bytes).sum();
     let root = units[0].collective_bytes;
     match config.fsdp.strategy {
         // Forward gathers every unit; backward gathers all but the root again; gradients
         // are reduce-scattered.
-        ShardingStrategy::FullShard => ring(all) + ring(all - root) + ring(all),
-        ShardingStrategy::ShardGradOp => ring(all) + ring(all),
-        ShardingStrategy::NoShard => 2 * ring(all),
+        ShardingStrategy::FullShard => ring(gathered) + ring(gathered - root) + ring(reduced),
+        ShardingStrategy::ShardGradOp => ring(gathered) + ring(reduced),
+        ShardingStrategy::NoShard => 2 * ring(reduced),
     }
 }
 
@@ -271,6 +296,18 @@ impl fmt::Display for Plan {
             if c.fsdp.forward_prefetch { "on" } else { "off" },
             c.optimizer_states
         )?;
+        let policy = &c.fsdp.mixed_precision;
+        if policy.is_active() {
+            let name =
+                |d: Option<candle_core::DType>| d.map_or("the model's dtype".to_string(), |d| d.as_str().to_string());
+            writeln!(
+                f,
+                "mixed precision: gathered in {}, reduced in {}, outputs in {}",
+                name(policy.param_dtype),
+                name(policy.reduce_dtype.or(policy.param_dtype)),
+                name(policy.output_dtype)
+            )?;
+        }
         writeln!(f, "\nunits ({}):", self.units.len())?;
         for unit in &self.units {
             writeln!(

@@ -343,7 +343,9 @@ impl RotaryEmbedding {
     /// `x·cos + rotate_half(x)·sin` with the half-split convention of Hugging Face Llama.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         // `rope_slow` is built from differentiable ops; the fused `rope` is forward-only.
-        candle_nn::rotary_emb::rope_slow(&x.contiguous()?, &self.cos, &self.sin)
+        // The tables follow the activations' dtype, which mixed precision may lower.
+        let (cos, sin) = (self.cos.to_dtype(x.dtype())?, self.sin.to_dtype(x.dtype())?);
+        candle_nn::rotary_emb::rope_slow(&x.contiguous()?, &cos, &sin)
     }
 }
 

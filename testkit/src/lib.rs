@@ -105,16 +105,27 @@ pub enum Fault {
     PanicAt(&'static str),
 }
 
-/// A rank's collectives with a [`Fault`], counting the calls issued of each kind.
+/// A rank's collectives with a [`Fault`], counting the calls issued of each kind and the
+/// bytes of their inputs.
 pub struct FaultyCollectives {
     pub inner: std::sync::Arc<dyn candle_fsdp::dist::Collectives>,
     pub fault: Fault,
     calls: std::sync::Mutex<std::collections::BTreeMap<&'static str, usize>>,
+    bytes: std::sync::Mutex<std::collections::BTreeMap<&'static str, usize>>,
 }
 
 impl FaultyCollectives {
     pub fn new(inner: std::sync::Arc<dyn candle_fsdp::dist::Collectives>, fault: Fault) -> Self {
-        Self { inner, fault, calls: Default::default() }
+        Self { inner, fault, calls: Default::default(), bytes: Default::default() }
+    }
+
+    /// The bytes of the inputs of every call of `op` issued (what this rank contributed).
+    pub fn bytes(&self, op: &str) -> usize {
+        self.bytes.lock().unwrap().get(op).copied().unwrap_or(0)
+    }
+
+    fn count_bytes(&self, op: &'static str, input: &Tensor) {
+        *self.bytes.lock().unwrap().entry(op).or_default() += input.elem_count() * input.dtype().size_in_bytes();
     }
 
     /// How many calls of `op` ("all_gather", "reduce_scatter", ...) were issued.
@@ -149,6 +160,7 @@ impl candle_fsdp::dist::Collectives for FaultyCollectives {
     }
     fn all_gather(&self, input: &Tensor, label: &str) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
         self.before("all_gather", label);
+        self.count_bytes("all_gather", input);
         self.inner.all_gather(input, label)
     }
     fn reduce_scatter(
@@ -158,6 +170,7 @@ impl candle_fsdp::dist::Collectives for FaultyCollectives {
         label: &str,
     ) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
         self.before("reduce_scatter", label);
+        self.count_bytes("reduce_scatter", input);
         self.inner.reduce_scatter(input, op, label)
     }
     fn all_reduce(
@@ -167,6 +180,7 @@ impl candle_fsdp::dist::Collectives for FaultyCollectives {
         label: &str,
     ) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
         self.before("all_reduce", label);
+        self.count_bytes("all_reduce", input);
         self.inner.all_reduce(input, op, label)
     }
     fn broadcast(&self, input: &Tensor, root: usize, label: &str) -> candle_fsdp::Result<candle_fsdp::dist::Work> {

@@ -24,6 +24,9 @@ pub(crate) trait UnitHooks: Send + Sync {
     fn pre_forward(&self, unit: usize) -> crate::Result<()>;
     /// After the forward, on the outputs (to hook the unit's pre-backward).
     fn post_forward(&self, unit: usize, outputs: Vec<Tensor>) -> crate::Result<Vec<Tensor>>;
+    /// The unit's forward failed with `error`: the error to report, with what the runtime
+    /// knows of the cause.
+    fn forward_failed(&self, unit: usize, error: candle_core::Error) -> candle_core::Error;
 }
 
 /// Where a wrapped unit finds the hooks of its executor and its index there. Empty until
@@ -68,7 +71,7 @@ impl<T> Unit<T> {
         let bound = hooks.bind_inputs(*index, inputs.tensors()).map_err(into_candle)?;
         let inputs = inputs.with_tensors(bound)?;
         hooks.pre_forward(*index).map_err(into_candle)?;
-        let outputs = f(&self.inner, inputs)?;
+        let outputs = f(&self.inner, inputs).map_err(|e| hooks.forward_failed(*index, e))?;
         let hooked = hooks.post_forward(*index, outputs.tensors()).map_err(into_candle)?;
         outputs.with_tensors(hooked)
     }

@@ -8,8 +8,9 @@ use super::rank_agreement::check_ranks_agree;
 use super::rank_state::{ForwardMode, RankState, ROOT};
 use super::seeded_init;
 use super::sharded_param::ShardedParam;
+use super::storage::Unallocated;
 use super::{MemoryStats, TraceEvent};
-use crate::config::FsdpConfig;
+use crate::config::{FsdpConfig, MixedPrecision};
 use crate::dist::Collectives;
 use crate::error::{Error, Result};
 use crate::model::{
@@ -17,7 +18,7 @@ use crate::model::{
 };
 use crate::pipeline::DeferredGradSink;
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, TensorId, Var};
+use candle_core::{DType, Tensor, TensorId, Var};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Weak};
@@ -196,6 +197,10 @@ impl<M: ShardableModel> Fsdp<M> {
                             other_dtype: other.tensor.dtype(),
                         });
                     }
+                    let compute_dtype = match trained.first() {
+                        Some(first) => check_precision(unit.display_name(), first, &config.mixed_precision)?,
+                        None => None,
+                    };
                     let group = unit_comms[index].clone();
                     let (shard_rank, shard_world) = if sharded { (group.rank(), group.size()) } else { (0, 1) };
                     let params = trained
@@ -204,8 +209,11 @@ impl<M: ShardableModel> Fsdp<M> {
                         .map(|(i, p)| {
                             let spec = ShardSpec::new(p.tensor.elem_count(), shard_world);
                             let shard = first_values.shard(p, group.as_ref(), spec, shard_rank)?;
-                            let shape = p.tensor.shape().clone();
-                            Ok(ShardedParam::new(p.fqn.clone(), shape, spec, &shard, sink.clone(), index, i)?)
+                            let gathered = Unallocated {
+                                shape: p.tensor.shape().clone(),
+                                dtype: compute_dtype.unwrap_or(p.tensor.dtype()),
+                            };
+                            Ok(ShardedParam::new(p.fqn.clone(), spec, &shard, gathered, sink.clone(), index, i)?)
                         })
                         .collect::<Result<Vec<_>>>()?;
                     let name = unit.display_name().to_string();
@@ -274,12 +282,27 @@ impl<M: Shardable> Fsdp<M> {
 
 impl<M> Fsdp<M> {
     /// Runs the model's forward `f` as the root unit: the root's parameters are gathered
-    /// first and kept until the end of backward, and the outputs are hooked.
+    /// first and kept until the end of backward, and the outputs are hooked (and cast to
+    /// the mixed-precision policy's `output_dtype`).
     pub fn forward<R: Activations>(&self, f: impl FnOnce(&M) -> candle_core::Result<R>) -> Result<R> {
         self.state.pre_forward(ROOT)?;
-        let outputs = f(&self.model)?;
+        let outputs = f(&self.model).map_err(|e| self.state.forward_failed(ROOT, e))?;
         let hooked = self.state.post_forward(ROOT, outputs.tensors())?;
-        Ok(outputs.with_tensors(hooked)?)
+        let cast = self.state.cast_outputs(hooked)?;
+        Ok(outputs.with_tensors(cast)?)
+    }
+
+    /// [`Fsdp::forward`] on `inputs`, whose floating-point tensors are cast to the
+    /// mixed-precision policy's `param_dtype` first (with `cast_forward_inputs`), as every
+    /// unit's inputs are: the way to feed a root that computes on floating-point inputs.
+    pub fn forward_with<I: Activations, R: Activations>(
+        &self,
+        inputs: I,
+        f: impl FnOnce(&M, I) -> candle_core::Result<R>,
+    ) -> Result<R> {
+        let cast = self.state.cast_inputs(inputs.tensors())?;
+        let inputs = inputs.with_tensors(cast)?;
+        self.forward(|model| f(model, inputs))
     }
 
     /// Backpropagates `loss`; returns a `GradStore` holding, for every shard `Var` that
@@ -473,6 +496,25 @@ impl<M> Fsdp<M> {
     pub(crate) fn comm(&self) -> &Arc<dyn Collectives> {
         &self.state.comm
     }
+}
+
+/// The dtype a unit whose first trained parameter is `first` computes in, when the
+/// policy casts it (`None` when it computes in the model's dtype). A policy casts only
+/// floating-point parameters, and only to a floating-point dtype.
+fn check_precision(unit: &str, first: &ParamInfo, policy: &MixedPrecision) -> Result<Option<DType>> {
+    let model = first.tensor.dtype();
+    let casts = [policy.param_dtype, policy.reduce_dtype].into_iter().flatten().find(|&d| d != model);
+    let Some(dtype) = casts else {
+        return Ok(None);
+    };
+    let refuse = |problem: String| Err(Error::MixedPrecisionPolicy { unit: unit.to_string(), dtype, problem });
+    if !dtype.is_float() {
+        return refuse("only floating-point dtypes can be computed or reduced in".to_string());
+    }
+    if !model.is_float() {
+        return refuse(format!("`{}` is {model:?}: integer parameters cannot be cast", first.fqn));
+    }
+    Ok(Some(policy.param_dtype_for(model)).filter(|&d| d != model))
 }
 
 /// Hands each `Unit` of the wrapped model its runtime, in declaration order (the order of

@@ -103,7 +103,8 @@ impl SimpleBackend for MetaBackend {
             }
             return Ok(tensor.clone());
         }
-        let tensor = Tensor::zeros((), dtype, &Device::Cpu)?.apply_op1_no_bwd(&Unallocated { shape: shape.clone() })?;
+        let tensor =
+            Tensor::zeros((), dtype, &Device::Cpu)?.apply_op1_no_bwd(&Unallocated { shape: shape.clone(), dtype })?;
         let param = MetaParam { name: name.to_string(), shape, init, dtype, device: dev.clone() };
         made.push((param, tensor.clone()));
         Ok(tensor)

@@ -12,7 +12,7 @@ use super::Recorders;
 use crate::config::{FsdpConfig, ShardingStrategy};
 use crate::dist::{Collectives, ReduceOp, Work};
 use crate::error::{Error, Result};
-use candle_core::{Shape, Tensor};
+use candle_core::{DType, Shape, Tensor};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Where a group's full parameters are.
@@ -116,6 +116,8 @@ pub(crate) struct ParamGroup {
     reshard_after_forward: bool,
     /// Without sharding the full values are never released, only refreshed.
     keeps_full_values: bool,
+    /// What the gradients are reduced in (the mixed-precision policy's `reduce_dtype`).
+    reduce_dtype: DType,
     state: Mutex<GroupState>,
 }
 
@@ -138,6 +140,7 @@ impl ParamGroup {
             prefetched: None,
         };
         let strategy = config.strategy;
+        let model_dtype = params.first().map_or(DType::F32, |p| p.shard.dtype());
         Self {
             index,
             name,
@@ -146,6 +149,7 @@ impl ParamGroup {
             shard_world,
             reshard_after_forward: strategy == ShardingStrategy::FullShard && !is_root,
             keeps_full_values: !strategy.shards(),
+            reduce_dtype: config.mixed_precision.reduce_dtype_for(model_dtype),
             params,
             state: Mutex::new(state),
         }
@@ -361,7 +365,9 @@ impl ParamGroup {
             let grads = &mut state.grads;
             let mut ready = Vec::new();
             for i in 0..self.params.len() {
-                let total = match (grads.accumulated[i].take(), grads.arrived[i].take()) {
+                // Summed over steps in the reduce dtype, not the (lower) compute dtype.
+                let arrived = grads.arrived[i].take().map(|g| g.to_dtype(self.reduce_dtype)).transpose()?;
+                let total = match (grads.accumulated[i].take(), arrived) {
                     (Some(acc), Some(new)) => Some((acc + new)?),
                     (acc, new) => acc.or(new),
                 };
@@ -419,10 +425,20 @@ impl ParamGroup {
     }
 
     /// Copies this rank's part of the gathered parameters, as they are now (edited in
-    /// place while summoned), into its shards: the next gather sees the edit.
+    /// place while summoned), into its shards: the next gather sees the edit. Gathered in
+    /// a lower precision than the shards, only the elements the edit changed are copied:
+    /// the others keep their full precision.
     pub fn write_back_gathered(&self) -> Result<()> {
         for param in &self.params {
-            param.shard.set(&param.spec.shard_of(&param.gathered, self.shard_rank())?)?;
+            let edited = param.spec.shard_of(&param.gathered, self.shard_rank())?;
+            let shard = param.shard.as_tensor();
+            let value = if edited.dtype() == shard.dtype() {
+                edited
+            } else {
+                let changed = edited.ne(&shard.to_dtype(edited.dtype())?)?;
+                changed.where_cond(&edited.to_dtype(shard.dtype())?, shard)?
+            };
+            param.shard.set(&value)?;
         }
         Ok(())
     }
@@ -433,7 +449,7 @@ impl ParamGroup {
         if self.params.is_empty() {
             return Ok(None);
         }
-        let flat = self.flat_shards()?;
+        let flat = self.flat_shards(self.params[0].shard.dtype())?;
         let gathered = if self.gathers_by_collective() {
             self.comm.all_gather(&flat, &format!("full parameters of {}", self.label()))?.wait()?
         } else {
@@ -442,10 +458,16 @@ impl ParamGroup {
         Ok(Some(gathered.detach()))
     }
 
-    /// The all-gather input: this rank's shards, concatenated.
-    fn flat_shards(&self) -> Result<Tensor> {
-        let shards: Vec<&Tensor> = self.params.iter().map(|p| p.shard.as_tensor()).collect();
+    /// An all-gather input: this rank's shards, concatenated, in `dtype` (each cast first,
+    /// so no full-precision copy of the whole is made).
+    fn flat_shards(&self, dtype: DType) -> Result<Tensor> {
+        let shards = self.params.iter().map(|p| p.shard.to_dtype(dtype)).collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&shards, 0)?)
+    }
+
+    /// What the parameters are gathered and computed in.
+    fn compute_dtype(&self) -> DType {
+        self.params[0].gathered.dtype()
     }
 
     /// The parameters are gathered by an all-gather over the group, not copied from the
@@ -462,12 +484,13 @@ impl ParamGroup {
         }
         if !self.gathers_by_collective() {
             for param in &self.params {
-                let fill = Fill { source: param.shard.as_tensor().clone(), ranges: vec![(0, param.spec.numel)] };
+                let fill =
+                    Fill { source: param.shard.to_dtype(param.gathered.dtype())?, ranges: vec![(0, param.spec.numel)] };
                 param.gathered.inplace_op1(&fill)?;
             }
             return Ok(None);
         }
-        Ok(Some(self.comm.all_gather(&self.flat_shards()?, &self.label())?))
+        Ok(Some(self.comm.all_gather(&self.flat_shards(self.compute_dtype())?, &self.label())?))
     }
 
     /// Refills the gathered nodes from the all-gather `work`, each with one copy.
@@ -486,14 +509,19 @@ impl ParamGroup {
         Ok(())
     }
 
-    /// Averages the gradients over the ranks (one collective) and returns this rank's
-    /// shard of each, by parameter index. Parameters without a gradient get none, as in a
-    /// plain backward.
+    /// Averages the gradients (in the reduce dtype) over the ranks (one collective) and
+    /// returns this rank's shard of each, by parameter index, in the shards' dtype.
+    /// Parameters without a gradient get none, as in a plain backward.
     fn reduce(&self, grads: Vec<(usize, Tensor)>) -> Result<Vec<(usize, Tensor)>> {
+        let shard_dtype = |i: usize| self.params[i].shard.dtype();
         if !self.communicates {
             // Averaging over one rank changes nothing: no packing, no collective.
-            return grads.into_iter().map(|(i, grad)| Ok((i, grad.flatten_all()?))).collect();
+            return grads.into_iter().map(|(i, grad)| Ok((i, grad.flatten_all()?.to_dtype(shard_dtype(i))?))).collect();
         }
+        let grads = grads
+            .into_iter()
+            .map(|(i, grad)| Ok((i, grad.to_dtype(self.reduce_dtype)?)))
+            .collect::<Result<Vec<_>>>()?;
         let packed = pack_for_reduce_scatter(&self.specs(), &grads, self.shard_world)?;
         let params: Vec<usize> = grads.iter().map(|(i, _)| *i).collect();
         // The full gradients are in the packed buffer now: not two copies during the call.
@@ -503,6 +531,9 @@ impl ParamGroup {
         } else {
             self.comm.reduce_scatter(&packed, ReduceOp::Avg, &self.label())?.wait()?
         };
-        Ok(split_reduced(&self.specs(), &params, &reduced)?)
+        split_reduced(&self.specs(), &params, &reduced)?
+            .into_iter()
+            .map(|(i, grad)| Ok((i, grad.to_dtype(shard_dtype(i))?)))
+            .collect()
     }
 }

@@ -18,10 +18,15 @@ use crate::dist::Collectives;
 use crate::error::{into_candle, Error, Result};
 use crate::model::UnitHooks;
 use crate::pipeline::DeferredGradSink;
-use candle_core::{Tensor, TensorId, Var};
+use candle_core::{DType, Tensor, TensorId, Var};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+/// `tensors` with every floating-point one in `dtype`.
+fn cast_floats(tensors: Vec<Tensor>, dtype: DType) -> candle_core::Result<Vec<Tensor>> {
+    tensors.into_iter().map(|t| if t.dtype().is_float() { t.to_dtype(dtype) } else { Ok(t) }).collect()
+}
 
 /// The unit of parameters that sit in no `Unit`.
 pub(crate) const ROOT: usize = 0;
@@ -254,6 +259,38 @@ impl RankState {
         Ok(outputs)
     }
 
+    /// The floating-point `inputs` in the policy's `param_dtype`, when it asks for that.
+    pub fn cast_inputs(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        let policy = &self.config.mixed_precision;
+        match policy.param_dtype.filter(|_| policy.cast_forward_inputs) {
+            Some(dtype) => Ok(cast_floats(inputs, dtype)?),
+            None => Ok(inputs),
+        }
+    }
+
+    /// The floating-point `outputs` of the root in the policy's `output_dtype`.
+    pub fn cast_outputs(&self, outputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        match self.config.mixed_precision.output_dtype {
+            Some(dtype) => Ok(cast_floats(outputs, dtype)?),
+            None => Ok(outputs),
+        }
+    }
+
+    /// `unit`'s forward failed with `error`: under mixed precision, the error says in which
+    /// dtype the unit ran (once, at the innermost unit).
+    pub fn forward_failed(&self, unit: usize, error: candle_core::Error) -> Error {
+        let error = Error::from(error);
+        match self.config.mixed_precision.param_dtype {
+            Some(dtype) if !matches!(error, Error::MixedPrecisionForward { .. }) => Error::MixedPrecisionForward {
+                rank: self.rank(),
+                unit: self.groups[unit].name.clone(),
+                dtype,
+                message: error.to_string(),
+            },
+            _ => error,
+        }
+    }
+
     /// Ties a unit's inputs into its first input tensor, so that candle's backward walk
     /// (a depth-first order from the loss) reaches every input, and what produced it, only
     /// after the unit's own parameters: their gradients are then complete, and the unit's
@@ -429,7 +466,7 @@ impl RankState {
 
 impl UnitHooks for RankState {
     fn bind_inputs(&self, _unit: usize, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
-        RankState::bind_inputs(self, inputs)
+        RankState::bind_inputs(self, self.cast_inputs(inputs)?)
     }
 
     fn pre_forward(&self, unit: usize) -> Result<()> {
@@ -438,6 +475,10 @@ impl UnitHooks for RankState {
 
     fn post_forward(&self, unit: usize, outputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
         RankState::post_forward(self, unit, outputs)
+    }
+
+    fn forward_failed(&self, unit: usize, error: candle_core::Error) -> candle_core::Error {
+        into_candle(RankState::forward_failed(self, unit, error))
     }
 }
 

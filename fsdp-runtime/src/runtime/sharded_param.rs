@@ -20,19 +20,21 @@ pub(crate) struct ShardedParam {
 }
 
 impl ShardedParam {
-    /// Keeps `shard`, this rank's shard of a parameter of `shape` split as `spec` says;
-    /// the gathered node starts out released (its first gather fills it).
+    /// Keeps `shard`, this rank's shard of a parameter split as `spec` says; the gathered
+    /// node, of `gathered`'s shape and dtype (the compute dtype), starts out released (its
+    /// first gather fills it).
     pub(crate) fn new(
         fqn: String,
-        shape: Shape,
         spec: ShardSpec,
         shard: &Tensor,
+        gathered: Unallocated,
         sink: Weak<dyn GradSink>,
         unit: usize,
         param: usize,
     ) -> Result<Self> {
         let shard = Var::from_tensor(shard)?;
-        let op = GatheredParam { sink, unit, param, released: Unallocated { shape: shape.clone() } };
+        let shape = gathered.shape.clone();
+        let op = GatheredParam { sink, unit, param, released: gathered };
         let gathered = shard.as_tensor().apply_op1(op)?;
         Ok(Self { fqn, shape, spec, shard, gathered })
     }

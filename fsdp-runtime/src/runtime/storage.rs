@@ -33,10 +33,12 @@ impl InplaceOp1 for Free {
     }
 }
 
-/// A tensor of `shape` that starts out released (applied to any tensor of the wanted
-/// dtype and device): the placeholder of a parameter that has no values yet.
+/// A tensor of `shape` and `dtype` that starts out released (applied to any tensor on the
+/// wanted device): the placeholder of a parameter that has no values yet, or the gathered
+/// node of a shard, which may be in another dtype than the shard (mixed precision).
 pub(crate) struct Unallocated {
     pub shape: Shape,
+    pub dtype: DType,
 }
 
 impl CustomOp1 for Unallocated {
@@ -45,11 +47,11 @@ impl CustomOp1 for Unallocated {
     }
 
     fn cpu_fwd(&self, like: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((released(like.device(), like.dtype())?, self.shape.clone()))
+        Ok((released(like.device(), self.dtype)?, self.shape.clone()))
     }
 
     fn cuda_fwd(&self, like: &CudaStorage, _layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        Ok((released(like.device(), like.dtype())?, self.shape.clone()))
+        Ok((released(like.device(), self.dtype)?, self.shape.clone()))
     }
 }
 
