@@ -42,9 +42,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 try:
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 except ImportError:  # torch < 2.6
-    from torch.distributed._composable.fsdp import fully_shard
+    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
 
 # (vocab, hidden, intermediate, layers, heads, kv_heads, batch, seq_len), as gpu_check.
@@ -225,15 +225,18 @@ def run_model(c, args, device):
           f"{numel / 1e6:.2f}M parameters ({numel * 4 / 2**20:.1f} MiB f32); batch {c.batch} x {c.seq_len} tokens; "
           f"{measured} measured steps per run in {args.rounds} round(s) of {args.warmup} warm-up + {per_round} measured; "
           f"attention {args.attention}", flush=True)
-    runs = {"plain": None, "fsdp2": None}
+    runs = {"plain": None, "fsdp2": None, "fsdp2_bf16": None}
     for r in range(1, args.rounds + 1):
-        for kind in ("plain", "fsdp2"):
+        for kind in runs:
             print(f"  {c.name} round {r}/{args.rounds}: {kind}", file=sys.stderr, flush=True)
             model = copy.deepcopy(base)
-            if kind == "fsdp2":
+            if kind != "plain":
+                # bf16 gathered and computed over f32 master shards, gradients reduced in f32.
+                mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+                    if kind == "fsdp2_bf16" else MixedPrecisionPolicy()
                 for layer in model.layers:
-                    fully_shard(layer, reshard_after_forward=True)
-                fully_shard(model, reshard_after_forward=True)
+                    fully_shard(layer, reshard_after_forward=True, mp_policy=mp)
+                fully_shard(model, reshard_after_forward=True, mp_policy=mp)
             result = train(model, batches, args.warmup)
             del model
             torch.cuda.empty_cache()
@@ -243,17 +246,20 @@ def run_model(c, args, device):
                 runs[kind][0] = runs[kind][0] + result[0]
                 runs[kind][3] = max(runs[kind][3], result[3])
     tokens = c.batch * c.seq_len
-    (pt, pf, pl, pm), (ft, ff, fl, fm) = runs["plain"], runs["fsdp2"]
+    (pt, pf, pl, pm), (ft, ff, fl, fm), (bt, bf, bl, bm) = runs["plain"], runs["fsdp2"], runs["fsdp2_bf16"]
     base_med, base_min = statistics.median(pt), min(pt)
     print(f"  {'run':<50} {'median':>10} {'min':>10} {'x (a) med':>9} {'x (a) min':>9} {'tokens/s':>12} {'peak alloc':>12}")
-    for name, times, peak in (("(a)  plain PyTorch", pt, pm), ("(b)  FSDP2 world 1 (NCCL), reshard_after_forward", ft, fm)):
+    for name, times, peak in (("(a)  plain PyTorch", pt, pm), ("(b)  FSDP2 world 1 (NCCL), reshard_after_forward", ft, fm),
+                              ("(c)  as (b), bf16 params, f32 reduce", bt, bm)):
         med, least = statistics.median(times), min(times)
         print(f"  {name:<50} {med:>7.2f} ms {least:>7.2f} ms {med / base_med:>9.3f} {least / base_min:>9.3f} "
               f"{tokens / (med / 1e3):>12.0f} {peak / 2**20:>8.1f} MiB")
-    print(f"  losses first / last: (a) {pf:.5f} / {pl:.5f}, (b) {ff:.5f} / {fl:.5f}")
+    print(f"  losses first / last: (a) {pf:.5f} / {pl:.5f}, (b) {ff:.5f} / {fl:.5f}, (c) {bf:.5f} / {bl:.5f}")
     print(f"  ---> step time {c.name} ({numel / 1e6:.2f}M params, {c.batch}x{c.seq_len} tokens): plain {base_med:.2f} ms "
           f"median / {base_min:.2f} min; FSDP2 {statistics.median(ft):.2f} / {min(ft):.2f}; FSDP2/plain "
-          f"{statistics.median(ft) / base_med:.3f} by median, {min(ft) / base_min:.3f} by min", flush=True)
+          f"{statistics.median(ft) / base_med:.3f} by median, {min(ft) / base_min:.3f} by min; FSDP2 bf16 "
+          f"{statistics.median(bt):.2f} / {min(bt):.2f}, /f32 FSDP2 {statistics.median(bt) / statistics.median(ft):.3f} "
+          f"by median", flush=True)
 
 
 def main():

@@ -1576,6 +1576,7 @@ fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // 6. Parity.
 
+#[derive(Clone)]
 struct Trained {
     losses: Vec<f64>,
     params: HashMap<String, Tensor>,
@@ -1604,6 +1605,77 @@ fn train_plain(
         .map(|(name, var)| Ok((name.clone(), var.as_tensor().to_device(&Device::Cpu)?)))
         .collect::<Result<_>>()?;
     Ok(Trained { losses, params })
+}
+
+/// Plain candle with the recipe a mixed-precision policy follows: f32 master variables, a
+/// `dtype` copy of them each step, the logits cast to f32 for the loss, the `dtype`
+/// gradients cast to f32 for AdamW.
+fn train_plain_mixed(
+    config: &LlamaConfig,
+    snapshot: &HashMap<String, Tensor>,
+    batches: &[(Tensor, Tensor)],
+    dev: &Device,
+    dtype: DType,
+) -> Result<Trained> {
+    let (_, master_map) = plain_llama(config, snapshot, dev)?;
+    let compute_map = VarMap::new();
+    let model = Llama::new(config, VarBuilder::from_varmap(&compute_map, dtype, dev))?;
+    let vars = |map: &VarMap| -> Result<HashMap<String, Var>> {
+        Ok(map.data().lock().map_err(|_| anyhow!("VarMap lock poisoned"))?.clone())
+    };
+    let (master, compute) = (vars(&master_map)?, vars(&compute_map)?);
+    let mut optimizer = AdamW::new(master_map.all_vars(), ParamsAdamW { lr: LR, ..ParamsAdamW::default() })?;
+    let mut losses = Vec::new();
+    for (inputs, targets) in batches {
+        let (inputs, targets) = (inputs.to_device(dev)?, targets.to_device(dev)?);
+        for (name, var) in &compute {
+            var.set(&master[name].as_tensor().to_dtype(dtype)?)?;
+        }
+        let logits = model.forward(&inputs)?.to_dtype(DType::F32)?;
+        let loss = common::next_token_loss(&logits, &targets)?;
+        let grads = loss.backward()?;
+        let mut master_grads = candle_core::backprop::GradStore::default();
+        for (name, var) in &compute {
+            if let Some(grad) = grads.get(var.as_tensor()) {
+                master_grads.insert(master[name].as_tensor(), grad.to_dtype(DType::F32)?);
+            }
+        }
+        optimizer.step(&master_grads)?;
+        losses.push(loss.to_scalar::<f32>()? as f64);
+    }
+    let params = master
+        .iter()
+        .map(|(name, var)| Ok((name.clone(), var.as_tensor().to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    Ok(Trained { losses, params })
+}
+
+/// The largest loss and parameter differences of `fsdp` from `plain`, and whether they are
+/// all zero; an error past `rtol` (of each loss, of each tensor's largest magnitude).
+fn compare(fsdp: &Trained, plain: &Trained, rtol: f64) -> Result<(f64, f64, bool)> {
+    let loss_diff = fsdp.losses.iter().zip(&plain.losses).fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    let loss_ok = fsdp.losses.iter().zip(&plain.losses).all(|(a, b)| (a - b).abs() <= rtol * b.abs());
+    ensure!(
+        fsdp.params.len() == plain.params.len(),
+        "{} trained parameters under FSDP, {} in plain candle",
+        fsdp.params.len(),
+        plain.params.len()
+    );
+    let mut param_diff = 0.0f64;
+    let mut params_ok = true;
+    let mut identical = loss_diff == 0.0;
+    for (fqn, value) in &fsdp.params {
+        let reference = plain.params.get(fqn).ok_or_else(|| anyhow!("`{fqn}` is not a plain-candle variable"))?;
+        let diff = max_abs_diff(value, reference)?;
+        params_ok &= diff <= rtol * max_abs(reference)?;
+        identical &= diff == 0.0;
+        param_diff = param_diff.max(diff);
+    }
+    ensure!(
+        loss_ok && params_ok && !param_diff.is_nan(),
+        "max |loss diff| {loss_diff:.3e}, max |param diff| {param_diff:.3e}"
+    );
+    Ok((loss_diff, param_diff, identical))
 }
 
 fn train_fsdp(
@@ -1685,33 +1757,8 @@ fn parity(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
         ));
         let mut worst = (0.0f64, 0.0f64);
         for (name, config) in &configs {
-            let outcome = attempt(|| -> Result<(f64, f64, bool)> {
-                let fsdp = train_fsdp(&ctx, &s.config, *config, &snapshot, &batches)?;
-                let loss_diff = fsdp.losses.iter().zip(&plain.losses).fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
-                let loss_ok = fsdp.losses.iter().zip(&plain.losses).all(|(a, b)| (a - b).abs() <= rtol * b.abs());
-                ensure!(
-                    fsdp.params.len() == plain.params.len(),
-                    "{} trained parameters under FSDP, {} in plain candle",
-                    fsdp.params.len(),
-                    plain.params.len()
-                );
-                let mut param_diff = 0.0f64;
-                let mut params_ok = true;
-                let mut identical = loss_diff == 0.0;
-                for (fqn, value) in &fsdp.params {
-                    let reference =
-                        plain.params.get(fqn).ok_or_else(|| anyhow!("`{fqn}` is not a plain-candle variable"))?;
-                    let diff = max_abs_diff(value, reference)?;
-                    params_ok &= diff <= rtol * max_abs(reference)?;
-                    identical &= diff == 0.0;
-                    param_diff = param_diff.max(diff);
-                }
-                ensure!(
-                    loss_ok && params_ok && !param_diff.is_nan(),
-                    "max |loss diff| {loss_diff:.3e}, max |param diff| {param_diff:.3e}"
-                );
-                Ok((loss_diff, param_diff, identical))
-            });
+            let outcome =
+                attempt(|| compare(&train_fsdp(&ctx, &s.config, *config, &snapshot, &batches)?, &plain, rtol));
             if let Some((l, p, identical)) = sec.check_result(name, outcome) {
                 worst = (worst.0.max(l), worst.1.max(p));
                 sec.check(
@@ -1757,6 +1804,38 @@ fn parity(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
             );
             Ok((loss_diff, param_diff))
         });
+        // Mixed precision through the same code as on CPU ranks: bf16 gathered and computed
+        // over f32 master shards, against plain candle following the same recipe.
+        let plain_bf16 = train_plain_mixed(&s.config, &snapshot, &batches, &ctx.device, DType::BF16)?;
+        for dtype in [DType::BF16, DType::F16] {
+            let policy = candle_fsdp::MixedPrecision::compute_in(dtype);
+            let reference = match dtype {
+                DType::BF16 => plain_bf16.clone(),
+                _ => train_plain_mixed(&s.config, &snapshot, &batches, &ctx.device, dtype)?,
+            };
+            for collectives in [false, true] {
+                let name = format!(
+                    "FULL_SHARD, {dtype:?} compute over f32 master shards, reduce f32, {} vs plain candle's {dtype:?} recipe",
+                    if collectives { "collectives run" } else { "shortcuts" }
+                );
+                let config = FsdpConfig::default().mixed_precision(policy).collectives_at_world_one(collectives);
+                let outcome =
+                    attempt(|| compare(&train_fsdp(&ctx, &s.config, config, &snapshot, &batches)?, &reference, rtol));
+                if let Some((l, p, identical)) = sec.check_result(&name, outcome) {
+                    sec.check(
+                        true,
+                        format!(
+                            "{name}: max |loss diff| {l:.3e}, max |param diff| {p:.3e}{}",
+                            if identical { " (bit-identical)" } else { "" }
+                        ),
+                    );
+                }
+            }
+        }
+        let lowered = plain_bf16.losses.iter().zip(&plain.losses).fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+        sec.info(format!(
+            "bf16 recipe vs f32 on the GPU: losses differ by up to {lowered:.3e} (the recipe is in effect)"
+        ));
         if let Some((l, p)) = sec.check_result("MetaModel + wrap_meta on the GPU", meta) {
             sec.check(
                 true,
@@ -1976,11 +2055,11 @@ fn time_fsdp(
     snapshot: &HashMap<String, Tensor>,
     batches: &[(Tensor, Tensor)],
     warmup: usize,
-    collectives_at_world_one: bool,
+    fsdp_config: FsdpConfig,
 ) -> Result<Timed> {
     let dev = &ctx.device;
     let model = Llama::new(config, VarBuilder::from_tensors(snapshot.clone(), DTYPE, dev))?;
-    let fsdp_config = FsdpConfig { sync_module_states: false, collectives_at_world_one, ..FsdpConfig::default() };
+    let fsdp_config = FsdpConfig { sync_module_states: false, ..fsdp_config };
     let fsdp = Fsdp::wrap(model, ctx.comm.clone(), fsdp_config)?;
     let mut optimizer = AdamW::new(fsdp.parameters(), ParamsAdamW { lr: LR, ..ParamsAdamW::default() })?;
     timed_steps(dev, batches, warmup, |inputs, targets| {
@@ -2008,7 +2087,8 @@ fn step_time(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
          run (an event recorded at each use of each buffer), to size what the runtime saves; \
          (b) FSDP world 1 over NCCL, FULL_SHARD, BACKWARD_PRE, no forward prefetch: a gather is a copy of the shard and \
          no collective runs in the step, so (b)/(a) is the runtime's own overhead (copies, frees, hooks, events); \
-         (c) the same with every collective run through NCCL (all-gather, copy-out, reduce-scatter, as on several GPUs)",
+         (c) the same with every collective run through NCCL (all-gather, copy-out, reduce-scatter, as on several GPUs); \
+         (d) as (c) with mixed precision: bf16 gathered and computed over f32 master shards, gradients reduced in f32",
     );
     for &size in &settings.models {
         let s = setup(size, args);
@@ -2021,9 +2101,10 @@ fn step_time(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
             let batches = (0..settings.warmup + per_round)
                 .map(|_| task.batch(&mut rng, s.batch, s.seq_len, &Device::Cpu))
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            let (a, a2, a3, b, c) = on_gpu(settings.timeout, |ctx| {
+            let (a, a2, a3, b, c, d) = on_gpu(settings.timeout, |ctx| {
                 let fresh = Device::new_cuda(0)?;
-                let (mut a, mut a2, mut a3, mut b, mut c) = (None, None, None, None, None);
+                let (mut a, mut a2, mut a3, mut b, mut c, mut d) = (None, None, None, None, None, None);
+                let run_all = FsdpConfig::default().collectives_at_world_one(true);
                 for round in 1..=settings.rounds {
                     eprintln!("  {} round {round}/{}: (a) plain, fresh device", s.name, settings.rounds);
                     Timed::merge(&mut a, time_plain(&s.config, &snapshot, &batches, settings.warmup, &fresh)?);
@@ -2042,12 +2123,22 @@ fn step_time(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
                     unsafe { cuda.disable_event_tracking() };
                     Timed::merge(&mut a3, tracked?);
                     eprintln!("  {} round {round}/{}: (b) FSDP world 1", s.name, settings.rounds);
-                    Timed::merge(&mut b, time_fsdp(&ctx, &s.config, &snapshot, &batches, settings.warmup, false)?);
+                    let plain_config = FsdpConfig::default();
+                    Timed::merge(
+                        &mut b,
+                        time_fsdp(&ctx, &s.config, &snapshot, &batches, settings.warmup, plain_config)?,
+                    );
                     eprintln!("  {} round {round}/{}: (c) FSDP world 1, collectives run", s.name, settings.rounds);
-                    Timed::merge(&mut c, time_fsdp(&ctx, &s.config, &snapshot, &batches, settings.warmup, true)?);
+                    Timed::merge(&mut c, time_fsdp(&ctx, &s.config, &snapshot, &batches, settings.warmup, run_all)?);
+                    eprintln!(
+                        "  {} round {round}/{}: (d) FSDP world 1, collectives run, bf16",
+                        s.name, settings.rounds
+                    );
+                    let bf16 = run_all.mixed_precision(candle_fsdp::MixedPrecision::compute_in(DType::BF16));
+                    Timed::merge(&mut d, time_fsdp(&ctx, &s.config, &snapshot, &batches, settings.warmup, bf16)?);
                 }
                 let done = |t: Option<Timed>| t.ok_or_else(|| anyhow!("no round ran"));
-                Ok((done(a)?, done(a2)?, done(a3)?, done(b)?, done(c)?))
+                Ok((done(a)?, done(a2)?, done(a3)?, done(b)?, done(c)?, done(d)?))
             })?;
             let tokens = (s.batch * s.seq_len) as f64;
             let min = |t: &Timed| t.times.iter().copied().fold(f64::INFINITY, f64::min);
@@ -2062,6 +2153,7 @@ fn step_time(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
                 ("(a'') the same, cudarc event tracking on", &a3),
                 ("(b)  FSDP world 1 (NCCL), FULL_SHARD", &b),
                 ("(c)  FSDP world 1, FULL_SHARD, collectives run", &c),
+                ("(d)  as (c), bf16 compute over f32 master shards", &d),
             ] {
                 sec.info(format!(
                     "  {name:<50} {:>7.2} ms {:>7.2} ms {:>9.3} {:>9.3} {:>12.0} {:>14}",
@@ -2092,10 +2184,17 @@ fn step_time(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
                 same(&b) && same(&c),
                 format!("{}: FSDP (b, c) and plain candle computed the same losses", s.name),
             );
+            sec.check(
+                (d.first_loss - a.first_loss).abs() <= 1e-2 * a.first_loss.abs() && d.last_loss.is_finite(),
+                format!(
+                    "{}: bf16 (d) starts at the f32 loss within 1%: {:.5} vs {:.5}, ends at {:.5} (f32 {:.5})",
+                    s.name, d.first_loss, a.first_loss, d.last_loss, a.last_loss
+                ),
+            );
             sec.figure(
                 &format!("step time {} ({} params, {}x{} tokens)", s.name, human_count(numel), s.batch, s.seq_len),
                 format!(
-                    "plain {:.2} ms median / {:.2} min; plain on the NCCL device {:.2} / {:.2} (with cudarc's event tracking {:.2} / {:.2}); FSDP {:.2} / {:.2}; FSDP/plain {:.3} by median, {:.3} by min; FSDP with collectives run {:.2} / {:.2}, /plain {:.3} by median",
+                    "plain {:.2} ms median / {:.2} min; plain on the NCCL device {:.2} / {:.2} (with cudarc's event tracking {:.2} / {:.2}); FSDP {:.2} / {:.2}; FSDP/plain {:.3} by median, {:.3} by min; FSDP with collectives run {:.2} / {:.2}, /plain {:.3} by median; the same in bf16 {:.2} / {:.2}, /f32 FSDP {:.3} by median",
                     base_med,
                     base_min,
                     median(&a2.times),
@@ -2108,7 +2207,10 @@ fn step_time(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
                     min(&b) / base_min,
                     median(&c.times),
                     min(&c),
-                    median(&c.times) / base_med
+                    median(&c.times) / base_med,
+                    median(&d.times),
+                    min(&d),
+                    median(&d.times) / median(&c.times)
                 ),
             );
             Ok(())

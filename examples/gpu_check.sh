@@ -79,7 +79,7 @@ if "$python" -c 'import torch' 2>/dev/null; then
     timeout 120 "$python" "$here/fsdp2_reference.py" --model "$model" --steps 6 --warmup 2 --rounds 1 \
       > "$out/fsdp2_$model.txt" 2>&1
     echo "== PyTorch FSDP2, $model model: exit $?"
-    tail -6 "$out/fsdp2_$model.txt" | cut -c1-300
+    tail -7 "$out/fsdp2_$model.txt" | cut -c1-400
   done
 else
   echo "== PyTorch FSDP2: python3 has no torch; skipped"

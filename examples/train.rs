@@ -194,6 +194,8 @@ struct RankReport {
     /// AdamW keeps two moments the size of every parameter it steps.
     optimizer_bytes: usize,
     gathered_peak: usize,
+    /// Steps skipped because the f16 gradients overflowed.
+    skipped_steps: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -256,11 +258,12 @@ fn main() -> anyhow::Result<()> {
         }
     };
     say(format!(
-        "fsdp:  world size {world} ({how}; {} cores, {candle_threads} candle thread(s) per op), {}, backward prefetch {}, forward prefetch {}",
+        "fsdp:  world size {world} ({how}; {} cores, {candle_threads} candle thread(s) per op), {}, backward prefetch {}, forward prefetch {}, precision {}",
         common::cores(),
         args.fsdp.strategy,
         args.fsdp.backward_prefetch,
-        if args.fsdp.forward_prefetch { "on" } else { "off" }
+        if args.fsdp.forward_prefetch { "on" } else { "off" },
+        args.fsdp.precision
     ));
     let schedule = if args.warmup_steps > 0 || args.min_lr.is_some() {
         format!(
@@ -324,6 +327,9 @@ fn main() -> anyhow::Result<()> {
         (world * batch * seq_len * args.grad_accum as usize) as f64 / (step_median / 1e3)
     );
 
+    if reports[0].skipped_steps > 0 {
+        println!("f16: {} step(s) skipped because the gradients overflowed", reports[0].skipped_steps);
+    }
     print_memory(&reports, full_bytes, plan.memory.gathered_peak);
 
     // A resumed run starts where the loss has fallen already: it must stay below knowing nothing.
@@ -396,6 +402,9 @@ fn train_rank(
         _ => None,
     };
     let micro_batches = args.grad_accum as usize;
+    // f16's loss scale starts afresh on a resume (it settles within a few steps).
+    let mut scaler = args.fsdp.precision.grad_scaler()?;
+    let mut skipped_steps = 0;
     let mut losses = Vec::with_capacity(steps);
     let mut step_times = Vec::with_capacity(steps);
     let mut grad_bytes = 0;
@@ -416,16 +425,41 @@ fn train_rank(
             fsdp.set_requires_gradient_sync(last);
             let logits = fsdp.forward(|model| model.forward(&inputs))?;
             let loss = (common::next_token_loss(&logits, &targets)? / micro_batches as f64)?;
-            let micro_grads = fsdp.backward(&loss)?;
+            let micro_grads = match &scaler {
+                Some(scaler) => fsdp.backward(&scaler.scale_loss(&loss)?)?,
+                None => fsdp.backward(&loss)?,
+            };
             step_loss += loss.to_scalar::<f32>()? as f64;
             grads = last.then_some(micro_grads);
         }
         let mut grads = grads.expect("the last micro-batch reduces the gradients");
-        let grad_norm = match args.max_grad_norm {
-            Some(max) => Some(fsdp.clip_grad_norm(&mut grads, max, 2.0)?),
-            None => None,
+        // The scaled gradients are divided before the norm is taken; a step whose
+        // gradients overflowed on any rank is skipped on every rank.
+        let finite = match &mut scaler {
+            Some(scaler) => scaler.unscale(&fsdp, &mut grads)?,
+            None => true,
         };
-        optimizer.step(&grads)?;
+        let grad_norm = match args.max_grad_norm {
+            Some(max) if finite => Some(fsdp.clip_grad_norm(&mut grads, max, 2.0)?),
+            _ => None,
+        };
+        match &mut scaler {
+            Some(scaler) => {
+                let outcome = scaler.step(&fsdp, &mut optimizer, &mut grads)?;
+                if !outcome.stepped {
+                    skipped_steps += 1;
+                    if ctx.rank == 0 {
+                        let scale = outcome.next_scale;
+                        progress.suspend(|| {
+                            println!(
+                                "step {step:>4}: gradients overflowed in f16, step skipped, loss scale now {scale}"
+                            )
+                        });
+                    }
+                }
+            }
+            None => optimizer.step(&grads)?,
+        }
         let step_time = started.elapsed();
         step_times.push(step_time);
         grad_bytes = common::tensor_bytes(shards.iter().filter_map(|v| grads.get(v.as_tensor())));
@@ -443,6 +477,7 @@ fn train_rank(
                 "step_ms": ms(step_time),
                 "tokens_per_s": tokens / step_time.as_secs_f64(),
                 "grad_norm": grad_norm,
+                "loss_scale": scaler.as_ref().map(|s| s.scale()),
             });
             writeln!(file, "{line}").map_err(|e| candle_fsdp::Error::Rank {
                 rank: 0,
@@ -488,6 +523,7 @@ fn train_rank(
         grad_bytes,
         optimizer_bytes: 2 * shard_bytes,
         gathered_peak: fsdp.memory().gathered_peak,
+        skipped_steps,
     })
 }
 
@@ -556,6 +592,7 @@ fn gather_reports(ctx: &RankContext, mine: RankReport) -> anyhow::Result<Vec<Ran
             grad_bytes: f[2] as usize,
             optimizer_bytes: f[3] as usize,
             gathered_peak: f[4] as usize,
+            skipped_steps: mine.skipped_steps,
         })
         .collect())
 }

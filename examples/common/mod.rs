@@ -249,6 +249,47 @@ pub struct FsdpArgs {
     /// Gather the next unit of the static forward order when a unit's forward starts.
     #[arg(long)]
     pub forward_prefetch: bool,
+
+    /// What the units compute in: `f32`, or `bf16` / `f16` over f32 master weights with
+    /// gradients reduced in f32 (`f16` with dynamic loss scaling).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
+}
+
+/// The mixed-precision recipes the examples offer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    pub fn policy(self) -> candle_fsdp::MixedPrecision {
+        match self {
+            Self::F32 => candle_fsdp::MixedPrecision::default(),
+            Self::Bf16 => candle_fsdp::MixedPrecision::compute_in(DType::BF16),
+            Self::F16 => candle_fsdp::MixedPrecision::compute_in(DType::F16),
+        }
+    }
+
+    /// f16's range needs the loss scaled; the others need no scaler.
+    pub fn grad_scaler(self) -> candle_fsdp::Result<Option<candle_fsdp::ShardedGradScaler>> {
+        match self {
+            Self::F16 => Ok(Some(candle_fsdp::ShardedGradScaler::new(Default::default())?)),
+            Self::F32 | Self::Bf16 => Ok(None),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16 (f32 master weights and reductions)",
+            Self::F16 => "f16 (f32 master weights and reductions, loss scaling)",
+        })
+    }
 }
 
 impl FsdpArgs {
@@ -258,5 +299,6 @@ impl FsdpArgs {
             .strategy(self.strategy)
             .backward_prefetch(self.backward_prefetch)
             .forward_prefetch(self.forward_prefetch)
+            .mixed_precision(self.precision.policy())
     }
 }
