@@ -30,7 +30,7 @@ use candle_fsdp::models::llama::{Llama, LlamaConfig};
 use candle_fsdp::{launch, Bytes, Fsdp, FsdpConfig, LaunchOptions, ShardingStrategy};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::{Parser, ValueEnum};
-use common::{median, ms, BigramTask, Rng, DTYPE};
+use common::{median, ms, BigramTask, Precision, Rng, DTYPE};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -69,6 +69,11 @@ struct Args {
     /// candle's own intra-op parallelism, and (c)'s two ranks share the same threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
     candle_threads: u64,
+
+    /// Also time (c) with these mixed-precision recipes (e.g. `bf16,f16`), in the same
+    /// rounds, against (c) in f32.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    precisions: Vec<Precision>,
 
     /// Also print every measured step time of every run.
     #[arg(long)]
@@ -193,15 +198,21 @@ fn main() -> anyhow::Result<()> {
     let (mut plain, mut one, mut two): (Option<RankRun>, Option<Vec<RankRun>>, Option<Vec<RankRun>>) =
         (None, None, None);
     let mut half = None;
+    let mut mixed: Vec<Option<Vec<RankRun>>> = vec![None; args.precisions.len()];
     for round in 1..=rounds {
         eprintln!("round {round}/{rounds}: (a) plain candle ...");
         merge(&mut plain, on_thread(|| run_plain(&setup.config, &snapshot, &batches, warmup))?);
         eprintln!("round {round}/{rounds}: (a/2) plain candle, half batch ...");
         merge(&mut half, on_thread(|| run_plain(&setup.config, &snapshot, &half_batches, warmup))?);
         eprintln!("round {round}/{rounds}: (b) FSDP, world size 1 ...");
-        merge_ranks(&mut one, run_fsdp(1, args.strategy, &setup.config, &snapshot, &batches, warmup)?);
+        let f32 = Precision::F32;
+        merge_ranks(&mut one, run_fsdp(1, args.strategy, f32, &setup.config, &snapshot, &batches, warmup)?);
         eprintln!("round {round}/{rounds}: (c) FSDP, world size 2 ...");
-        merge_ranks(&mut two, run_fsdp(2, args.strategy, &setup.config, &snapshot, &batches, warmup)?);
+        merge_ranks(&mut two, run_fsdp(2, args.strategy, f32, &setup.config, &snapshot, &batches, warmup)?);
+        for (runs, &precision) in mixed.iter_mut().zip(&args.precisions) {
+            eprintln!("round {round}/{rounds}: (c) FSDP, world size 2, {precision} ...");
+            merge_ranks(runs, run_fsdp(2, args.strategy, precision, &setup.config, &snapshot, &batches, warmup)?);
+        }
     }
     let (plain, one, two) = (plain.expect("a round"), one.expect("a round"), two.expect("a round"));
     let half = half.expect("a round");
@@ -249,6 +260,23 @@ fn main() -> anyhow::Result<()> {
         median_ms(&tc) / median_ms(&half.times),
         min_ms(&tc) / min_ms(&half.times)
     );
+
+    for (runs, precision) in mixed.iter().zip(&args.precisions) {
+        let runs = runs.as_ref().expect("a round");
+        let tm = world_times(runs);
+        println!(
+            "  (c) in {precision}: {:.1} ms median, {:.1} ms min; x (c) in f32 {:.3} by median, {:.3} by min; gathered peak {} \
+             (f32: {}); loss first / last {:.5} / {:.5}",
+            median_ms(&tm),
+            min_ms(&tm),
+            median_ms(&tm) / median_ms(&tc),
+            min_ms(&tm) / min_ms(&tc),
+            Bytes(runs[0].gathered_peak),
+            Bytes(two[0].gathered_peak),
+            runs[0].first_loss,
+            runs[0].last_loss
+        );
+    }
 
     println!(
         "\nmodel-state memory per rank (bytes of the actual tensors; AdamW state = its 2 moments per stepped element):"
@@ -364,6 +392,7 @@ fn run_plain(
 fn run_fsdp(
     world: usize,
     strategy: ShardingStrategy,
+    precision: Precision,
     config: &LlamaConfig,
     snapshot: &HashMap<String, Tensor>,
     batches: &[(Tensor, Tensor)],
@@ -371,8 +400,12 @@ fn run_fsdp(
 ) -> anyhow::Result<Vec<RankRun>> {
     let runs = launch(LaunchOptions::new(world), |ctx| {
         let model = Llama::new(config, VarBuilder::from_tensors(snapshot.clone(), DTYPE, &Device::Cpu))?;
-        let fsdp_config = FsdpConfig { sync_module_states: false, ..FsdpConfig::default().strategy(strategy) };
+        let fsdp_config = FsdpConfig {
+            sync_module_states: false,
+            ..FsdpConfig::default().strategy(strategy).mixed_precision(precision.policy())
+        };
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), fsdp_config)?;
+        let mut scaler = precision.grad_scaler()?;
         let shards = fsdp.parameters();
         let mut optimizer = AdamW::new(shards.clone(), ParamsAdamW { lr: LR, ..ParamsAdamW::default() })?;
         let (mut times, mut losses, mut grad_bytes) = (Vec::new(), Vec::new(), 0);
@@ -384,8 +417,18 @@ fn run_fsdp(
             let started = Instant::now();
             let logits = fsdp.forward(|model| model.forward(&inputs))?;
             let loss = common::next_token_loss(&logits, &targets)?;
-            let grads = fsdp.backward(&loss)?;
-            optimizer.step(&grads)?;
+            let grads = match &mut scaler {
+                Some(scaler) => {
+                    let mut grads = fsdp.backward(&scaler.scale_loss(&loss)?)?;
+                    scaler.step(&fsdp, &mut optimizer, &mut grads)?;
+                    grads
+                }
+                None => {
+                    let grads = fsdp.backward(&loss)?;
+                    optimizer.step(&grads)?;
+                    grads
+                }
+            };
             let elapsed = started.elapsed();
             if step >= warmup {
                 times.push(elapsed);
