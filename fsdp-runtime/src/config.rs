@@ -19,8 +19,11 @@ pub enum ShardingStrategy {
 }
 
 impl ShardingStrategy {
+    /// Every strategy: the names [`FromStr`] accepts, in the order its error lists them.
     pub const ALL: [ShardingStrategy; 3] = [Self::FullShard, Self::ShardGradOp, Self::NoShard];
 
+    /// The spelling on command lines and in messages (`full-shard`, `shard-grad-op`,
+    /// `no-shard`), which `Display` writes and [`FromStr`] reads.
     pub fn name(self) -> &'static str {
         match self {
             Self::FullShard => "full-shard",
@@ -47,8 +50,11 @@ pub enum BackwardPrefetch {
 }
 
 impl BackwardPrefetch {
+    /// Every mode: the names [`FromStr`] accepts, in the order its error lists them.
     pub const ALL: [BackwardPrefetch; 3] = [Self::None, Self::Pre, Self::Post];
 
+    /// The spelling on command lines and in messages (`none`, `backward-pre`,
+    /// `backward-post`), which `Display` writes and [`FromStr`] reads.
     pub fn name(self) -> &'static str {
         match self {
             Self::None => "none",
@@ -136,6 +142,7 @@ impl MixedPrecision {
         }
     }
 
+    /// Sets `reduce_dtype` to `dtype`.
     pub fn reduce_dtype(mut self, dtype: DType) -> Self {
         self.reduce_dtype = Some(dtype);
         self
@@ -160,17 +167,21 @@ impl MixedPrecision {
 /// The options of [`crate::Fsdp::wrap`].
 #[derive(Clone, Copy, Debug)]
 pub struct FsdpConfig {
+    /// How parameters are split over the ranks; default [`ShardingStrategy::FullShard`].
     pub strategy: ShardingStrategy,
+    /// Which unit the backward pass gathers ahead; default [`BackwardPrefetch::Pre`].
     pub backward_prefetch: BackwardPrefetch,
     /// Gather the next unit of the static forward order when a unit's forward starts.
     pub forward_prefetch: bool,
     /// At most this many units gathered ahead of use at once; further prefetches wait
     /// for the unit's own turn.
     pub max_prefetch_in_flight: usize,
+    /// What a forward out of the static unit order does; default [`OrderCheck::Warn`].
     pub order_check: OrderCheck,
     /// Broadcast rank 0's parameters and buffers at wrap time, so ranks that built their
     /// models differently still start from the same state.
     pub sync_module_states: bool,
+    /// The dtypes units compute and reduce in; the default keeps the model's dtype.
     pub mixed_precision: MixedPrecision,
     /// Run every collective even over a group of one rank, where it is skipped otherwise
     /// (a gather is then a copy of the shard, a reduction the gradient itself): one GPU
@@ -196,26 +207,31 @@ impl Default for FsdpConfig {
 }
 
 impl FsdpConfig {
+    /// Sets the `strategy` field.
     pub fn strategy(mut self, strategy: ShardingStrategy) -> Self {
         self.strategy = strategy;
         self
     }
 
+    /// Sets the `backward_prefetch` field.
     pub fn backward_prefetch(mut self, mode: BackwardPrefetch) -> Self {
         self.backward_prefetch = mode;
         self
     }
 
+    /// Sets the `forward_prefetch` field.
     pub fn forward_prefetch(mut self, on: bool) -> Self {
         self.forward_prefetch = on;
         self
     }
 
+    /// Sets the `order_check` field.
     pub fn order_check(mut self, check: OrderCheck) -> Self {
         self.order_check = check;
         self
     }
 
+    /// Sets the `mixed_precision` field.
     pub fn mixed_precision(mut self, policy: MixedPrecision) -> Self {
         self.mixed_precision = policy;
         self

@@ -18,11 +18,13 @@ const INDEX_FILE: &str = "model.safetensors.index.json";
 /// `model.safetensors.index.json`, as Hugging Face writes and reads it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HfIndex {
+    /// The index's `metadata` object.
     pub metadata: HfIndexMetadata,
     /// FQN to the file that holds it.
     pub weight_map: BTreeMap<String, String>,
 }
 
+/// The `metadata` object of `model.safetensors.index.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HfIndexMetadata {
     /// Bytes of tensor data over all files.

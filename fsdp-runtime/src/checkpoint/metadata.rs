@@ -26,10 +26,13 @@ pub struct Progress {
 pub struct CheckpointMetadata {
     /// Always `candle-fsdp-sharded`.
     pub format: String,
+    /// The format's version (currently 1); a load refuses any other.
     pub version: u32,
     /// The world size and strategy the checkpoint was written with.
     pub world_size: usize,
+    /// The [`crate::ShardingStrategy`]'s name (e.g. `full-shard`).
     pub strategy: String,
+    /// Where training stood at the save.
     pub progress: Progress,
     /// Every file of the checkpoint with its size in bytes: a missing or truncated file
     /// is found before anything is read.
@@ -41,18 +44,24 @@ pub struct CheckpointMetadata {
     pub optimizer: Option<OptimizerEntry>,
 }
 
+/// Whether a checkpointed tensor is a trained parameter or a buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TensorKind {
+    /// A trained parameter, stored as the pieces of the ranks' shards.
     Parameter,
+    /// A buffer (not trained), stored whole in rank 0's file.
     Buffer,
 }
 
 /// One FQN: its full shape and dtype, and the pieces of its flattened elements.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TensorEntry {
+    /// Parameter or buffer.
     pub kind: TensorKind,
+    /// The dtype the elements are stored in.
     pub dtype: safetensors::Dtype,
+    /// The full (unsharded) shape.
     pub shape: Vec<usize>,
     /// Disjoint ranges of the flattened value that together cover it.
     pub pieces: Vec<Piece>,
@@ -62,14 +71,21 @@ pub struct TensorEntry {
 /// under the FQN (the parameter) or under `optimizer/{slot}/{fqn}` (an optimizer slot).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Piece {
+    /// The file's name in the checkpoint directory (`rank-00000.safetensors`, ...).
     pub file: String,
+    /// The first element's index in the flattened value.
     pub start: usize,
+    /// The number of elements.
     pub len: usize,
 }
 
+/// The optimizer's part of the metadata (see [`crate::optim::OptimizerStateDict`]).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct OptimizerEntry {
+    /// State shared by all variables (the step count, the learning rate), by name.
     pub scalars: BTreeMap<String, f64>,
+    /// Per parameter FQN, the names of its optimizer slots (`exp_avg`, ...), each stored
+    /// in pieces like the parameter.
     pub slots: BTreeMap<String, Vec<String>>,
 }
 

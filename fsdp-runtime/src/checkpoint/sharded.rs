@@ -32,6 +32,8 @@ pub struct Checkpointer {
 }
 
 impl Checkpointer {
+    /// A checkpointer saving under `dir`, keeping every checkpoint (see
+    /// [`Checkpointer::keep_last`]).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self { dir: dir.into(), keep_last: None }
     }
@@ -46,6 +48,7 @@ impl Checkpointer {
         self
     }
 
+    /// The directory that holds the `step-<step>/` checkpoints.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
