@@ -13,6 +13,7 @@ use std::sync::Arc;
 /// How a reduction combines the ranks' contributions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReduceOp {
+    /// The element-wise sum.
     Sum,
     /// The sum divided by the group size.
     Avg,
@@ -21,10 +22,18 @@ pub enum ReduceOp {
 /// The kind of a collective, for matching calls across ranks and for messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpKind {
+    /// Every rank receives all ranks' inputs, concatenated in rank order.
     AllGather,
+    /// Every rank receives its chunk of the reduced inputs.
     ReduceScatter(ReduceOp),
+    /// Every rank receives the whole reduced input.
     AllReduce(ReduceOp),
-    Broadcast { root: usize },
+    /// Every rank receives the input of rank `root`.
+    Broadcast {
+        /// The sending rank's position in the group.
+        root: usize,
+    },
+    /// No data: every rank waits until all have arrived.
     Barrier,
 }
 
@@ -51,10 +60,13 @@ pub trait Pending: Send {
 pub struct Work(Box<dyn Pending>);
 
 impl Work {
+    /// Wraps a backend's pending collective.
     pub fn new(pending: impl Pending + 'static) -> Self {
         Work(Box::new(pending))
     }
 
+    /// Waits for the collective to complete and returns this rank's result (see
+    /// [`Pending::wait`]).
     pub fn wait(self) -> Result<Tensor> {
         self.0.wait()
     }
@@ -157,9 +169,12 @@ pub trait Collectives: Send + Sync {
     /// Reduces every rank's `input` (length divisible by the group size) and returns this
     /// rank's contiguous chunk of the result.
     fn reduce_scatter(&self, input: &Tensor, op: ReduceOp, label: &str) -> Result<Work>;
+    /// Reduces every rank's `input` (all the same length); every rank receives the whole
+    /// result.
     fn all_reduce(&self, input: &Tensor, op: ReduceOp, label: &str) -> Result<Work>;
     /// Every rank receives `root`'s `input`.
     fn broadcast(&self, input: &Tensor, root: usize, label: &str) -> Result<Work>;
+    /// Returns once every rank of the group has called it; fails after the timeout.
     fn barrier(&self, label: &str) -> Result<()>;
 
     /// The sub-group of the listed global ranks. Every listed rank must make the same

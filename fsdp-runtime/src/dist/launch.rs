@@ -19,6 +19,7 @@ use std::time::Duration;
 /// How to start the ranks.
 #[derive(Clone, Copy, Debug)]
 pub struct LaunchOptions {
+    /// How many ranks to start, one thread each.
     pub world_size: usize,
     /// The longest any collective waits for its peers.
     pub timeout: Duration,
@@ -28,10 +29,12 @@ pub struct LaunchOptions {
 }
 
 impl LaunchOptions {
+    /// `world_size` ranks with a 60 s collective timeout and a 256 MiB stack per rank.
     pub fn new(world_size: usize) -> Self {
         Self { world_size, timeout: Duration::from_secs(60), stack_size: 256 << 20 }
     }
 
+    /// Sets the longest any collective waits for its peers.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -41,8 +44,11 @@ impl LaunchOptions {
 /// What a rank's closure receives.
 #[derive(Clone)]
 pub struct RankContext {
+    /// This rank, in `0..world_size`.
     pub rank: usize,
+    /// The number of ranks.
     pub world_size: usize,
+    /// This rank's communicator over all ranks, for [`crate::Fsdp::wrap`].
     pub comm: Arc<dyn Collectives>,
     /// Where this rank's tensors live: the CPU for thread ranks, its GPU under NCCL.
     pub device: Device,

@@ -39,6 +39,9 @@ impl ProcessGroup {
         Self::join(DistEnv::from_env()?, backend, timeout)
     }
 
+    /// Joins the job `env` describes: meets the other processes at the store (rank 0
+    /// serves it) and connects the `backend`'s communicator. `timeout` bounds the rendezvous
+    /// and every collective.
     pub fn join(env: DistEnv, backend: Backend, timeout: Duration) -> Result<Self> {
         let rank = env.rank;
         let device = match backend {
@@ -65,6 +68,7 @@ impl ProcessGroup {
         self.context.clone()
     }
 
+    /// The launch environment this process joined with.
     pub fn env(&self) -> &DistEnv {
         &self.rendezvous.env
     }

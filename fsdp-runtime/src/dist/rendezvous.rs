@@ -18,12 +18,18 @@ use std::time::{Duration, Instant};
 /// The torchrun environment contract.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DistEnv {
+    /// This process's rank in the job (`RANK`).
     pub rank: usize,
+    /// The number of processes in the job (`WORLD_SIZE`).
     pub world_size: usize,
     /// The rank among the processes of this node (selects the GPU).
     pub local_rank: usize,
+    /// The number of processes on this node (`LOCAL_WORLD_SIZE`; the world size when
+    /// not set).
     pub local_world_size: usize,
+    /// The host of rank 0's store (`MASTER_ADDR`).
     pub master_addr: String,
+    /// The port of rank 0's store (`MASTER_PORT`).
     pub master_port: u16,
 }
 
@@ -160,7 +166,9 @@ mod key {
 /// A joined process group: the environment, a client of the store, and on rank 0 the store
 /// itself.
 pub struct Rendezvous {
+    /// The environment the process joined with.
     pub env: DistEnv,
+    /// This process's client of the job's store.
     pub store: Store,
     /// Rank 0's server; dropping it stops the store, so rank 0 keeps it to [`Rendezvous::finish`].
     server: Option<StoreServer>,

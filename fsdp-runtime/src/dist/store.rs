@@ -348,6 +348,8 @@ impl Store {
         }
     }
 
+    /// Stores `value` under `key`, replacing any previous value, and wakes the clients
+    /// waiting for it.
     pub fn set(&self, key: &str, value: &[u8]) -> Result<()> {
         let mut request = vec![op::SET];
         put_str(&mut request, key);
@@ -440,10 +442,12 @@ impl Store {
         Err(self.error(format!("barrier `{name}`: only {here} of {world_size} ranks arrived within {timeout:?}")))
     }
 
+    /// The rank this client was connected with (for messages).
     pub fn rank(&self) -> usize {
         self.inner.rank
     }
 
+    /// The store's address, as this client was given it.
     pub fn addr(&self) -> &str {
         &self.inner.addr
     }

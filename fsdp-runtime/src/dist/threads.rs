@@ -70,6 +70,7 @@ impl ThreadWorld {
         Ok(Self { shared: Arc::new(Shared { size, timeout, state: Mutex::default(), changed: Condvar::new() }) })
     }
 
+    /// The number of ranks in the world.
     pub fn size(&self) -> usize {
         self.shared.size
     }
