@@ -34,6 +34,7 @@ mod common;
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
 use candle_fsdp::checkpoint::{self, Checkpointer, ExportOptions, Progress};
+use candle_fsdp::data::{TextCorpus, TextTokenizer, WindowSampler};
 use candle_fsdp::dist::DistEnv;
 use candle_fsdp::dist::ReduceOp;
 use candle_fsdp::model::Role;
@@ -144,6 +145,75 @@ struct Args {
     /// After training, write the model in the Hugging Face layout (`model.safetensors`) here.
     #[arg(long)]
     export: Option<PathBuf>,
+
+    /// Train on this UTF-8 text (a file, or a folder whose files are read in name order)
+    /// instead of the synthetic stream.
+    #[arg(long)]
+    data: Option<PathBuf>,
+
+    /// A Hugging Face `tokenizer.json` for `--data` (the vocabulary follows it); default:
+    /// bytes, a vocabulary of 256.
+    #[arg(long, requires = "data")]
+    tokenizer: Option<PathBuf>,
+
+    /// The share of `--data`'s tokens, from its end, held out for the evaluation loss.
+    #[arg(long, default_value_t = 0.05)]
+    eval_fraction: f64,
+
+    /// Compute the evaluation loss every this many steps (and after the last); 0: never.
+    #[arg(long, default_value_t = 20)]
+    eval_every: u64,
+
+    /// Batches of `--batch-size` windows each rank evaluates each time.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+    eval_batches: u64,
+}
+
+/// What the model trains on.
+enum Data {
+    /// The synthetic successor stream.
+    Synthetic(BigramTask),
+    /// Windows of a tokenized text, and its held-out tail.
+    Text { train: WindowSampler, eval: Option<WindowSampler>, fingerprint: String },
+}
+
+impl Data {
+    fn load(args: &Args) -> anyhow::Result<(Self, usize, String)> {
+        let Some(path) = &args.data else {
+            let task = BigramTask::new(VOCAB, NOISE, args.seed);
+            let about = format!(
+                "successor rule with {:.0}% noise; loss of a model that knows nothing ln({VOCAB}) = {:.3}, of the ideal \
+                 model {:.3}",
+                NOISE * 100.0,
+                (VOCAB as f64).ln(),
+                task.entropy()
+            );
+            return Ok((Self::Synthetic(task), VOCAB, about));
+        };
+        let tokenizer = match &args.tokenizer {
+            Some(file) => TextTokenizer::from_file(file)?,
+            None => TextTokenizer::Bytes,
+        };
+        let corpus = TextCorpus::load(path, &tokenizer, args.eval_fraction)?;
+        let seq_len = args.seq_len as usize;
+        let train = WindowSampler::new(corpus.train.clone(), seq_len, Some(args.seed))?;
+        let eval =
+            (!corpus.eval.is_empty()).then(|| WindowSampler::new(corpus.eval.clone(), seq_len, None)).transpose()?;
+        let about = format!(
+            "{} ({} file(s)), {}: {} training tokens ({} windows of {}), {} held out; knowing nothing: ln({}) = {:.3}",
+            path.display(),
+            corpus.files.len(),
+            tokenizer.describe(),
+            corpus.train.len(),
+            train.windows(),
+            seq_len + 1,
+            corpus.eval.len(),
+            tokenizer.vocab_size(),
+            (tokenizer.vocab_size() as f64).ln()
+        );
+        let fingerprint = corpus.fingerprint();
+        Ok((Self::Text { train, eval, fingerprint }, tokenizer.vocab_size(), about))
+    }
 }
 
 /// How the ranks of this run are started.
@@ -162,9 +232,9 @@ const VOCAB: usize = 128;
 /// Probability that a token is followed by a random token instead of its successor.
 const NOISE: f64 = 0.1;
 
-fn model_config(seq_len: usize) -> LlamaConfig {
+fn model_config(vocab_size: usize, seq_len: usize) -> LlamaConfig {
     LlamaConfig {
-        vocab_size: VOCAB,
+        vocab_size,
         hidden_size: 128,
         intermediate_size: 344,
         num_hidden_layers: 4,
@@ -228,8 +298,8 @@ fn main() -> anyhow::Result<()> {
         _ => (args.fsdp.world_size, true),
     };
     let (steps, batch, seq_len) = (args.steps as usize, args.batch_size as usize, args.seq_len as usize);
-    let config = model_config(seq_len);
-    let task = BigramTask::new(VOCAB, NOISE, args.seed);
+    let (data, vocab, about_data) = Data::load(&args)?;
+    let config = model_config(vocab, seq_len);
 
     // The plan needs the shapes only: a model built without values.
     let layout = MetaModel::build(DTYPE, &Device::Cpu, |vb| Llama::new(&config, vb))?.layout()?;
@@ -281,15 +351,10 @@ fn main() -> anyhow::Result<()> {
          ({} tokens per step globally)",
         world * micro * batch * seq_len
     ));
-    say(format!(
-        "data:  successor rule with {:.0}% noise; loss of a model that knows nothing ln({VOCAB}) = {:.3}, of the ideal model {:.3}\n",
-        NOISE * 100.0,
-        (VOCAB as f64).ln(),
-        task.entropy()
-    ));
+    say(format!("data:  {about_data}\n"));
 
     let started = Instant::now();
-    let train = |ctx: RankContext| train_rank(ctx, &args, &config, &task);
+    let train = |ctx: RankContext| train_rank(ctx, &args, &config, &data);
     let options = LaunchOptions::new(world).timeout(timeout);
     let reports = match ranks {
         Ranks::CpuThreads => launch(options, train).context("training failed")?,
@@ -333,15 +398,17 @@ fn main() -> anyhow::Result<()> {
     print_memory(&reports, full_bytes, plan.memory.gathered_peak);
 
     // A resumed run starts where the loss has fallen already: it must stay below knowing nothing.
-    let baseline = if resumed_at > 0 { (VOCAB as f64).ln() } else { start };
+    let baseline = if resumed_at > 0 { (vocab as f64).ln() } else { start };
     if losses.len() >= 10 || resumed_at > 0 {
         if tail_mean < baseline - 0.5 {
             println!(
-                "\nok: the loss is {:.3} nats below {} ({baseline:.3}), towards the ideal {:.3} \
-                 (a single batch's loss scatters around it)",
+                "\nok: the loss is {:.3} nats below {} ({baseline:.3}){} (a single batch's loss scatters around it)",
                 baseline - tail_mean,
-                if resumed_at > 0 { format!("ln({VOCAB}), knowing nothing") } else { "its start".to_string() },
-                task.entropy()
+                if resumed_at > 0 { format!("ln({vocab}), knowing nothing") } else { "its start".to_string() },
+                match &data {
+                    Data::Synthetic(task) => format!(", towards the ideal {:.3}", task.entropy()),
+                    Data::Text { .. } => String::new(),
+                }
             );
         } else {
             bail!("the loss did not fall clearly: {baseline:.4} at the start, {tail_mean:.4} over the last steps");
@@ -351,12 +418,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Trains one rank.
-fn train_rank(
-    ctx: RankContext,
-    args: &Args,
-    config: &LlamaConfig,
-    task: &BigramTask,
-) -> candle_fsdp::Result<RankReport> {
+fn train_rank(ctx: RankContext, args: &Args, config: &LlamaConfig, data: &Data) -> candle_fsdp::Result<RankReport> {
     let device = ctx.device.clone();
     let (steps, batch, seq_len) = (args.steps as usize, args.batch_size as usize, args.seq_len as usize);
     // Every rank draws its shards from the seed: the same model at any world size.
@@ -375,9 +437,10 @@ fn train_rank(
         min_lr: args.min_lr.unwrap_or(args.lr / 10.0),
     });
     let resumed_at = match (&checkpointer, args.resume) {
-        (Some(checkpointer), true) => resume(&fsdp, &mut optimizer, checkpointer, args.seed, schedule)?,
-        _ => 0,
+        (Some(checkpointer), true) => resume(&fsdp, &mut optimizer, checkpointer, args.seed, schedule, data)?,
+        _ => (0, 0),
     };
+    let (resumed_at, mut data_position) = resumed_at;
 
     let progress = if ctx.rank == 0 {
         let bar = ProgressBar::new(steps as u64);
@@ -406,6 +469,7 @@ fn train_rank(
     let mut scaler = args.fsdp.precision.grad_scaler()?;
     let mut skipped_steps = 0;
     let mut losses = Vec::with_capacity(steps);
+    let mut eval_losses = Vec::new();
     let mut step_times = Vec::with_capacity(steps);
     let mut grad_bytes = 0;
     for step in resumed_at + 1..=steps {
@@ -419,8 +483,15 @@ fn train_rank(
         for micro in 0..micro_batches {
             // The batch depends on the seed, the step, the micro-batch and the rank only, so
             // a resumed run draws what the uninterrupted run would have.
-            let stream = ((step as u64) << 24) | ((micro as u64) << 16) | ctx.rank as u64;
-            let (inputs, targets) = task.batch(&mut Rng::stream(args.seed, stream), batch, seq_len, &device)?;
+            let (inputs, targets) = match data {
+                Data::Synthetic(task) => {
+                    let stream = ((step as u64) << 24) | ((micro as u64) << 16) | ctx.rank as u64;
+                    task.batch(&mut Rng::stream(args.seed, stream), batch, seq_len, &device)?
+                }
+                Data::Text { train, .. } => train.rank_batch(data_position, ctx.rank, batch, &device)?,
+            };
+            // The step reads `world · batch` windows per micro-batch, whatever the world size.
+            data_position += (ctx.world_size * batch) as u64;
             let last = micro + 1 == micro_batches;
             fsdp.set_requires_gradient_sync(last);
             let logits = fsdp.forward(|model| model.forward(&inputs))?;
@@ -468,6 +539,16 @@ fn train_rank(
         let global = ctx.comm.all_reduce(&mine, ReduceOp::Avg, "loss")?.wait()?;
         let global = global.to_vec1::<f32>()?[0] as f64;
         losses.push(global);
+        let eval_loss = match data {
+            Data::Text { eval: Some(eval), .. }
+                if args.eval_every > 0 && (step % args.eval_every as usize == 0 || step == steps) =>
+            {
+                let loss = evaluate(&fsdp, &ctx, eval, args.eval_batches as usize, batch)?;
+                eval_losses.push((step, loss));
+                Some(loss)
+            }
+            _ => None,
+        };
         if let Some(file) = &mut metrics {
             let tokens = (ctx.world_size * batch * seq_len * micro_batches) as f64;
             let line = serde_json::json!({
@@ -478,6 +559,7 @@ fn train_rank(
                 "tokens_per_s": tokens / step_time.as_secs_f64(),
                 "grad_norm": grad_norm,
                 "loss_scale": scaler.as_ref().map(|s| s.scale()),
+                "eval_loss": eval_loss,
             });
             writeln!(file, "{line}").map_err(|e| candle_fsdp::Error::Rank {
                 rank: 0,
@@ -488,12 +570,19 @@ fn train_rank(
         progress.inc(1);
         if ctx.rank == 0 && (step == 1 || step % args.log_every as usize == 0 || step == steps) {
             let norm = grad_norm.map(|n| format!("  grad norm {n:.4}")).unwrap_or_default();
-            progress.suspend(|| println!("step {step:>4}/{steps}  loss {global:.4}{norm}"));
+            let eval = eval_loss.map(|l| format!("  eval loss {l:.4}")).unwrap_or_default();
+            progress.suspend(|| println!("step {step:>4}/{steps}  loss {global:.4}{norm}{eval}"));
         }
         if let Some(checkpointer) = &checkpointer {
             if step % args.save_every as usize == 0 || step == steps {
                 let scheduler = schedule.map(|s| serde_json::to_value(s).expect("plain numbers"));
-                let extras = serde_json::json!({ "seed": args.seed });
+                let extras = match data {
+                    Data::Synthetic(_) => serde_json::json!({ "seed": args.seed }),
+                    Data::Text { fingerprint, .. } => serde_json::json!({
+                        "seed": args.seed,
+                        "data": { "position": data_position, "fingerprint": fingerprint },
+                    }),
+                };
                 let saved = Progress { step: step as u64, scheduler, extras };
                 let path = checkpointer.save(&fsdp, Some(&optimizer), &saved)?;
                 if ctx.rank == 0 {
@@ -527,6 +616,29 @@ fn train_rank(
     })
 }
 
+/// The mean next-token loss over `batches` batches of `batch` held-out windows per rank
+/// (rank `r` reads windows `r, r + world, ...`, from the start of the held-out tail, again
+/// from its start if it has fewer), averaged over the ranks. Every rank runs as many
+/// forwards, so their gathers stay in step.
+fn evaluate(
+    fsdp: &Fsdp<Llama>,
+    ctx: &RankContext,
+    eval: &WindowSampler,
+    batches: usize,
+    batch: usize,
+) -> candle_fsdp::Result<f64> {
+    let mut sum = 0.0;
+    for b in 0..batches {
+        let first = (b * batch * ctx.world_size + ctx.rank) as u64;
+        let (inputs, targets) = eval.batch(first, ctx.world_size as u64, batch, &ctx.device)?;
+        let logits = fsdp.forward_inference(|model| model.forward(&inputs))?;
+        sum += common::next_token_loss(&logits, &targets)?.to_scalar::<f32>()? as f64;
+    }
+    let mine = Tensor::new(&[(sum / batches as f64) as f32], &ctx.device)?;
+    let mean = ctx.comm.all_reduce(&mine, ReduceOp::Avg, "evaluation loss")?.wait()?;
+    Ok(mean.to_vec1::<f32>()?[0] as f64)
+}
+
 /// Loads the newest checkpoint of `checkpointer`, if there is one; returns its step. A
 /// checkpoint trained with another seed or learning-rate schedule is refused: the resumed
 /// run would not be the run it continues.
@@ -536,12 +648,13 @@ fn resume(
     checkpointer: &Checkpointer,
     seed: u64,
     schedule: Option<WarmupCosine>,
-) -> candle_fsdp::Result<usize> {
+    data: &Data,
+) -> candle_fsdp::Result<(usize, u64)> {
     let Some(path) = checkpointer.latest()? else {
         if fsdp.rank() == 0 {
             println!("no checkpoint in {}: starting afresh", checkpointer.dir().display());
         }
-        return Ok(0);
+        return Ok((0, 0));
     };
     let restored = checkpoint::load(fsdp, Some(optimizer), &path)?;
     if restored.extras["seed"] != serde_json::json!(seed) {
@@ -561,15 +674,37 @@ fn resume(
             ),
         });
     }
+    let saved_data = &restored.extras["data"];
+    let data_position = match data {
+        Data::Synthetic(_) if saved_data.is_null() => 0,
+        Data::Text { fingerprint, .. } if saved_data["fingerprint"] == serde_json::json!(fingerprint) => {
+            saved_data["position"].as_u64().unwrap_or(0)
+        }
+        _ => {
+            return Err(candle_fsdp::Error::Rank {
+                rank: fsdp.rank(),
+                message: format!(
+                    "{} was trained on other data ({}), not on this run's",
+                    path.display(),
+                    if saved_data.is_null() {
+                        "the synthetic stream".to_string()
+                    } else {
+                        saved_data["fingerprint"].to_string()
+                    }
+                ),
+            })
+        }
+    };
     if fsdp.rank() == 0 {
         println!(
-            "resumed {} at step {} (saved by {} ranks)",
+            "resumed {} at step {} (saved by {} ranks){}",
             path.display(),
             restored.step,
-            checkpoint::read_metadata(&path)?.world_size
+            checkpoint::read_metadata(&path)?.world_size,
+            if data_position > 0 { format!(", the data at window {data_position}") } else { String::new() }
         );
     }
-    Ok(restored.step as usize)
+    Ok((restored.step as usize, data_position))
 }
 
 /// Every rank's memory figures on every rank, so rank 0 can print the table; the losses and
