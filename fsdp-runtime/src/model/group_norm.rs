@@ -25,6 +25,9 @@ pub fn group_norm(num_groups: usize, num_channels: usize, eps: f64, vb: candle_n
 }
 
 impl GroupNorm {
+    /// A group norm over `num_groups` groups with the given per-channel `weight` and `bias`
+    /// (one element per channel) and `eps` added to the variance. Fails unless `num_groups`
+    /// is positive and divides the channel count.
     pub fn new(weight: Tensor, bias: Tensor, num_groups: usize, eps: f64) -> Result<Self> {
         let num_channels = weight.elem_count();
         if num_groups == 0 || !num_channels.is_multiple_of(num_groups) {
@@ -33,10 +36,12 @@ impl GroupNorm {
         Ok(Self { weight, bias, num_groups, eps })
     }
 
+    /// The per-channel scale, `(num_channels)`.
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
 
+    /// The per-channel shift, `(num_channels)`.
     pub fn bias(&self) -> &Tensor {
         &self.bias
     }

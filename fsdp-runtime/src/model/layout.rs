@@ -15,12 +15,16 @@ use std::collections::HashMap;
 /// One distinct tensor of a model.
 #[derive(Clone, Debug)]
 pub struct ParamInfo {
+    /// The tensor's FQN: the first one a declaration-order walk reaches (others are
+    /// [`Tie`]s).
     pub fqn: String,
     /// Index into the static table's parameter templates.
     pub template: usize,
     /// Index into [`Layout::units`].
     pub unit: usize,
+    /// Trained parameter or buffer (every tensor below a `buffer` field is a buffer).
     pub role: Role,
+    /// The tensor the built model holds.
     pub tensor: Tensor,
 }
 
@@ -31,6 +35,7 @@ pub struct UnitInfo {
     pub fqn: String,
     /// Index into the static table's unit templates.
     pub template: usize,
+    /// Index into [`Layout::units`] of the enclosing unit; `None` for the root.
     pub parent: Option<usize>,
     /// Indices into [`Layout::params`], in flat-parameter order.
     pub params: Vec<usize>,
@@ -52,15 +57,20 @@ impl UnitInfo {
 pub struct Tie {
     /// Index into [`Layout::params`] of the tensor's first FQN.
     pub param: usize,
+    /// The FQN under which the tensor is reached again.
     pub fqn: String,
 }
 
 /// A built model's expanded table.
 #[derive(Clone, Debug)]
 pub struct Layout {
+    /// The model type's static table the layout expands.
     pub table: StaticTable,
+    /// Every distinct tensor, parameters and buffers, in declaration order.
     pub params: Vec<ParamInfo>,
+    /// Every concrete unit, the root first, in declaration order.
     pub units: Vec<UnitInfo>,
+    /// The further FQNs of tensors already in [`Layout::params`].
     pub ties: Vec<Tie>,
     /// Concrete units in the order their forward starts (the root first).
     pub forward_order: Vec<usize>,

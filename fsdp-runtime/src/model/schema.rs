@@ -60,6 +60,7 @@ pub struct FieldSchema {
     pub name: &'static str,
     /// `Some(Buffer)` when the field is marked `buffer`: every tensor below it is a buffer.
     pub role: Option<Role>,
+    /// The schema of the field's type.
     pub node: &'static Node,
 }
 
@@ -114,11 +115,13 @@ pub trait Visitor {
     fn tensor(&mut self, tensor: &Tensor, role: Role);
     /// Everything until the matching [`Visitor::leave_buffer`] is a buffer.
     fn enter_buffer(&mut self) {}
+    /// Leaving the innermost region [`Visitor::enter_buffer`] opened.
     fn leave_buffer(&mut self) {}
 }
 
 /// Replaces tensor leaves during [`Shardable::map_tensors`].
 pub trait TensorMap {
+    /// The tensor to put in place of `tensor`; an error aborts the rebuild.
     fn map(&mut self, tensor: Tensor) -> Result<Tensor>;
 }
 

@@ -37,6 +37,7 @@ impl FqnTemplate {
         self
     }
 
+    /// The segments in order, `{index}` for an element index; empty for the root.
     pub fn segments(&self) -> &[&'static str] {
         &self.segments[..self.len]
     }
@@ -95,9 +96,11 @@ impl PartialEq<&str> for FqnTemplate {
 /// One tensor leaf of the table.
 #[derive(Clone, Copy, Debug)]
 pub struct ParamTemplate {
+    /// Where the tensor sits, with `{index}` for element indices.
     pub fqn: FqnTemplate,
     /// Index of the unit template it belongs to (0: the root unit).
     pub unit: usize,
+    /// Trained parameter or buffer.
     pub role: Role,
 }
 
@@ -163,7 +166,9 @@ const fn nested_unit_count(node: &Node) -> usize {
 /// The flattened table of a model type with `P` tensor templates and `U` unit templates.
 #[derive(Clone, Copy, Debug)]
 pub struct Table<const P: usize, const U: usize> {
+    /// Every tensor template, in flat-parameter (declaration) order.
     pub params: [ParamTemplate; P],
+    /// Every unit template in declaration order, the root (0) first.
     pub units: [UnitTemplate; U],
     /// Unit templates in the order their forward starts (the root first).
     pub forward_order: [usize; U],
@@ -291,10 +296,16 @@ const fn order<const P: usize, const U: usize>(node: &Node, first_unit: usize, c
 /// A model type's table as slices, independent of its sizes.
 #[derive(Clone, Copy, Debug)]
 pub struct StaticTable {
+    /// Every tensor template, in flat-parameter (declaration) order.
     pub params: &'static [ParamTemplate],
+    /// Every unit template in declaration order, the root (0) first.
     pub units: &'static [UnitTemplate],
+    /// Unit templates in the order their forward starts (the root first).
     pub forward_order: &'static [usize],
+    /// Unit templates in the order their forward ends (the root last).
     pub post_forward_order: &'static [usize],
+    /// Unit templates in the order their pre-backward runs: the reverse of
+    /// `post_forward_order`.
     pub backward_order: &'static [usize],
 }
 
@@ -307,6 +318,7 @@ impl StaticTable {
 
 /// A type with a static table: every struct deriving `Shardable` can be a model root.
 pub trait ShardableModel: Shardable {
+    /// The type's flattened table, built at compile time by the derive.
     const TABLE: StaticTable;
 }
 

@@ -57,6 +57,8 @@ pub struct Unit<T> {
 }
 
 impl<T> Unit<T> {
+    /// Marks `inner` as one unit; it is not wrapped until the model is given to
+    /// [`crate::Fsdp::wrap`].
     pub fn new(inner: T) -> Self {
         Self { inner, cell: UnitCell::default() }
     }
@@ -76,6 +78,7 @@ impl<T> Unit<T> {
         outputs.with_tensors(hooked)
     }
 
+    /// The module, without the unit boundary or any hooks installed in it.
     pub fn into_inner(self) -> T {
         self.inner
     }
