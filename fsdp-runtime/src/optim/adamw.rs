@@ -32,6 +32,7 @@ pub struct AdamW {
 }
 
 impl AdamW {
+    /// The hyper-parameters; the learning rate as last set.
     pub fn params(&self) -> &ParamsAdamW {
         &self.params
     }

@@ -12,12 +12,17 @@ use std::collections::BTreeMap;
 /// PyTorch's name for the momentum state.
 const MOMENTUM: &str = "momentum_buffer";
 
+/// The hyper-parameters of [`SgdMomentum`].
 #[derive(Clone, Copy, Debug)]
 pub struct SgdMomentumConfig {
+    /// The learning rate.
     pub lr: f64,
+    /// The momentum factor: the velocity is `momentum * v + g`.
     pub momentum: f64,
 }
 
+/// SGD with momentum, as PyTorch's `torch.optim.SGD(lr, momentum)` without dampening,
+/// Nesterov or weight decay; its momentum buffers are `momentum_buffer` in checkpoints.
 pub struct SgdMomentum {
     vars: Vec<Var>,
     /// The momentum buffer of each variable; `None` until its first gradient.

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 /// names where there is one: `exp_avg`, `exp_avg_sq`, `momentum_buffer`).
 #[derive(Clone, Debug)]
 pub struct VarState {
+    /// The variable the optimizer steps.
     pub var: Var,
     /// Empty while the optimizer holds no state for the variable yet (SGD's momentum
     /// before its first gradient).

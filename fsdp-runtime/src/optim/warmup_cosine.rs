@@ -14,9 +14,13 @@ use serde::{Deserialize, Serialize};
 /// `min_lr`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WarmupCosine {
+    /// The rate at the end of the warm-up.
     pub peak_lr: f64,
+    /// Optimizer steps of linear warm-up from 0 to `peak_lr`.
     pub warmup_steps: usize,
+    /// The step at which the decay reaches `min_lr` (warm-up included).
     pub total_steps: usize,
+    /// The floor the rate decays to and stays at.
     pub min_lr: f64,
 }
 

@@ -22,6 +22,7 @@ impl std::fmt::Debug for GradAccumulator {
 }
 
 impl GradAccumulator {
+    /// An accumulator holding no gradient.
     pub fn new() -> Self {
         Self::default()
     }
@@ -49,6 +50,8 @@ impl GradAccumulator {
         self.get_id(var.id())
     }
 
+    /// The accumulated gradient of the variable whose tensor id is `id`, `None` when it
+    /// received none.
     pub fn get_id(&self, id: TensorId) -> Option<&Tensor> {
         self.index.get(&id).map(|&i| &self.entries[i].1)
     }
@@ -58,10 +61,12 @@ impl GradAccumulator {
         self.entries.iter().map(|(var, grad)| (var, grad))
     }
 
+    /// How many variables have a gradient.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// Whether no variable has a gradient.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

@@ -19,9 +19,11 @@ pub enum PassMode {
 pub struct WorkCounts {
     /// Input-gradient matmuls (`dy·wᵀ`), in either mode.
     pub input_matmuls: usize,
+    /// The FLOPs of those input-gradient matmuls.
     pub input_matmul_flops: u64,
     /// Weight-gradient matmuls (`xᵀ·dy`): in a full backward, or at the weight pass.
     pub weight_matmuls: usize,
+    /// The FLOPs of those weight-gradient matmuls.
     pub weight_matmul_flops: u64,
     /// Bias-gradient reductions (`dy` summed over the batch dimensions).
     pub bias_reductions: usize,
@@ -85,6 +87,7 @@ impl std::fmt::Debug for StageContext {
 }
 
 impl StageContext {
+    /// A context in [`PassMode::Full`] with nothing queued and zero counts.
     pub fn new() -> Self {
         Self::default()
     }
@@ -109,6 +112,7 @@ impl StageContext {
         self.lock().counts
     }
 
+    /// Sets every work counter back to zero.
     pub fn reset_counts(&self) {
         self.lock().counts = WorkCounts::default();
     }

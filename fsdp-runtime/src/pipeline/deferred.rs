@@ -231,6 +231,8 @@ pub struct StageLinear {
 }
 
 impl StageLinear {
+    /// A layer of stage `ctx` over existing parameters: `weight` `(out, in)` and an optional
+    /// `bias` `(out,)`.
     pub fn new(ctx: &StageContext, weight: Tensor, bias: Option<Tensor>) -> Self {
         Self { ctx: ctx.clone(), weight, bias }
     }
@@ -242,14 +244,17 @@ impl StageLinear {
         Ok(Self::new(ctx, linear.weight().clone(), linear.bias().cloned()))
     }
 
+    /// The weight, `(out, in)`.
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
 
+    /// The bias, `(out,)`, if the layer has one.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
 
+    /// The stage context whose pass mode the layer's backward follows.
     pub fn context(&self) -> &StageContext {
         &self.ctx
     }

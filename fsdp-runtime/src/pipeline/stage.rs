@@ -13,7 +13,9 @@ use std::collections::{HashMap, HashSet};
 /// `None` at their position, like PyTorch's placeholders.
 #[derive(Clone, Copy, Debug)]
 pub enum StageInput<'a> {
+    /// A tensor input; it gets a gradient only if it is a variable.
     Tensor(&'a Tensor),
+    /// A value that is not a tensor; always gets `None`.
     NonTensor,
 }
 
