@@ -13,7 +13,9 @@ use std::fmt;
 /// What the plan is computed for: the wrap's [`FsdpConfig`] at a world size.
 #[derive(Clone, Copy, Debug)]
 pub struct PlanConfig {
+    /// The number of ranks the model is sharded over.
     pub world_size: usize,
+    /// The configuration the model is wrapped with (strategy, prefetch, mixed precision).
     pub fsdp: FsdpConfig,
     /// Optimizer state tensors per parameter, each the parameter's size (AdamW: 2, SGD with
     /// momentum: 1, plain SGD: 0).
@@ -26,6 +28,7 @@ impl PlanConfig {
         Self { world_size, fsdp, optimizer_states: 2 }
     }
 
+    /// Sets the number of optimizer state tensors per parameter.
     pub fn optimizer_states(mut self, states: usize) -> Self {
         self.optimizer_states = states;
         self
@@ -35,7 +38,9 @@ impl PlanConfig {
 /// One unit of the plan.
 #[derive(Clone, Debug)]
 pub struct UnitPlan {
+    /// The unit's name: its FQN, or `<root>`.
     pub name: String,
+    /// The FQNs of the unit's tensors (parameters and buffers), in flat-parameter order.
     pub fqns: Vec<String>,
     /// Trained elements (buffers excluded), unpadded.
     pub numel: usize,
@@ -61,7 +66,9 @@ pub struct UnitPlan {
 pub struct RankMemory {
     /// Persistent parameter storage (shards, or full replicas without sharding), buffers included.
     pub params: usize,
+    /// Bytes of this rank's gradient shards, in the parameters' dtype.
     pub grads: usize,
+    /// Bytes of this rank's optimizer state: `optimizer_states` times the parameter shards.
     pub optimizer: usize,
     /// The most gathered (unsharded) parameter bytes alive at once, beyond `params`.
     pub gathered_peak: usize,
@@ -83,12 +90,15 @@ impl RankMemory {
 /// A model's sharding plan.
 #[derive(Clone, Debug)]
 pub struct Plan {
+    /// What the plan was computed for.
     pub config: PlanConfig,
+    /// Every unit, the root first, in the layout's order.
     pub units: Vec<UnitPlan>,
     /// Unit names in pre-forward order.
     pub forward_order: Vec<String>,
     /// `(unit, prefetch target)` in pre-backward order.
     pub backward_prefetch: Vec<(String, Option<String>)>,
+    /// What each rank needs under this configuration.
     pub memory: RankMemory,
     /// What one rank holding the whole model would need (world size 1, no sharding).
     pub unsharded_memory: RankMemory,
@@ -97,6 +107,8 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The plan of the model `layout` describes under `config`; fails with
+    /// [`Error::EmptyWorld`] for a world size of 0.
     pub fn new(layout: &Layout, config: PlanConfig) -> Result<Self> {
         let world = config.world_size;
         if world == 0 {
