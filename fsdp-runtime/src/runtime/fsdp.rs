@@ -424,6 +424,7 @@ impl<M> Fsdp<M> {
         self.named_parameters().into_iter().map(|(_, v)| v).collect()
     }
 
+    /// [`Fsdp::parameters`] with each shard's FQN.
     pub fn named_parameters(&self) -> Vec<(String, Var)> {
         self.state.groups.iter().flat_map(|g| g.params.iter().map(|p| (p.fqn.clone(), p.shard.clone()))).collect()
     }
@@ -443,30 +444,38 @@ impl<M> Fsdp<M> {
         self.state.groups.iter().map(|u| (u.name.clone(), u.params.iter().map(|p| p.fqn.clone()).collect())).collect()
     }
 
+    /// The most recent events on this rank (at most 65,536), oldest first, leaving them in
+    /// place.
     pub fn trace(&self) -> Vec<TraceEvent> {
         self.state.recorders.trace.events()
     }
 
+    /// As [`Fsdp::trace`], and clears the record.
     pub fn take_trace(&self) -> Vec<TraceEvent> {
         self.state.recorders.trace.take()
     }
 
+    /// This rank's gathered parameter bytes, now and at their peak.
     pub fn memory(&self) -> MemoryStats {
         self.state.recorders.memory.stats()
     }
 
+    /// Starts a new [`MemoryStats::gathered_peak`] from the bytes gathered now.
     pub fn reset_memory_peak(&self) {
         self.state.recorders.memory.reset_peak()
     }
 
+    /// This rank's position in the communicator the model was wrapped over.
     pub fn rank(&self) -> usize {
         self.state.comm.rank()
     }
 
+    /// The number of ranks in the communicator the model was wrapped over.
     pub fn world_size(&self) -> usize {
         self.state.comm.size()
     }
 
+    /// The configuration the model was wrapped with.
     pub fn config(&self) -> &FsdpConfig {
         &self.state.config
     }

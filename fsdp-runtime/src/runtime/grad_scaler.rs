@@ -15,11 +15,13 @@ use candle_nn::Optimizer;
 /// How a [`ShardedGradScaler`] moves its scale (PyTorch's defaults).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GradScalerConfig {
+    /// The scale the first step's loss is multiplied by.
     pub init_scale: f64,
     /// The scale is multiplied by this after `growth_interval` good steps in a row.
     pub growth_factor: f64,
     /// The scale is multiplied by this after a step with gradients that are not finite.
     pub backoff_factor: f64,
+    /// How many good steps in a row make the scale grow by `growth_factor`.
     pub growth_interval: usize,
 }
 
@@ -62,6 +64,8 @@ pub struct ShardedGradScaler {
 }
 
 impl ShardedGradScaler {
+    /// A scaler starting at `config.init_scale`. Fails with
+    /// [`Error::GradScalerArgument`] when the configuration cannot work (see there).
     pub fn new(config: GradScalerConfig) -> Result<Self> {
         let valid = config.init_scale > 0.0
             && config.init_scale.is_finite()

@@ -8,9 +8,15 @@ use std::sync::Mutex;
 /// Why a unit's parameters were gathered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UnshardCause {
+    /// For the unit's own forward.
     Forward,
+    /// Ahead of the unit's forward, when an earlier unit's forward started
+    /// ([`crate::FsdpConfig::forward_prefetch`]).
     ForwardPrefetch,
+    /// For the unit's own backward.
     Backward,
+    /// Ahead of the unit's backward, by another unit's backward prefetch
+    /// ([`crate::FsdpConfig::backward_prefetch`]).
     BackwardPrefetch,
     /// [`crate::Fsdp::summon_full_params`].
     Summon,
@@ -23,21 +29,46 @@ impl UnshardCause {
     }
 }
 
+/// One thing the runtime did on a rank, as [`crate::Fsdp::trace`] reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TraceEvent {
     /// The unit's parameters were all-gathered.
-    Unshard { unit: String, cause: UnshardCause },
+    Unshard {
+        /// The unit's name.
+        unit: String,
+        /// Why they were gathered.
+        cause: UnshardCause,
+    },
     /// The unit's gathered parameters were freed.
-    Reshard { unit: String },
+    Reshard {
+        /// The unit's name.
+        unit: String,
+    },
     /// The gradient reached the unit's outputs.
-    PreBackward { unit: String },
+    PreBackward {
+        /// The unit's name.
+        unit: String,
+    },
     /// A backward prefetch decision (made at pre-backward under `BACKWARD_PRE`, at
     /// post-backward under `BACKWARD_POST`): the unit to prefetch, or `None`.
-    BackwardPrefetch { unit: String, target: Option<String> },
+    BackwardPrefetch {
+        /// The unit whose backward made the decision.
+        unit: String,
+        /// The unit to prefetch, or `None` when there is none.
+        target: Option<String>,
+    },
     /// The unit's gradients were reduced (`params` of them had gradients).
-    ReduceGrads { unit: String, params: usize },
+    ReduceGrads {
+        /// The unit's name.
+        unit: String,
+        /// How many of the unit's parameters had gradients.
+        params: usize,
+    },
     /// The unit's backward is complete.
-    PostBackward { unit: String },
+    PostBackward {
+        /// The unit's name.
+        unit: String,
+    },
 }
 
 /// The most recent events, at most [`Trace::CAPACITY`]: a long run that never reads its
