@@ -161,6 +161,7 @@ impl NcclComm {
         Ok(Self { world, communicator, device, stream, compute_done, group, rank, key, barriers: AtomicU64::new(0) })
     }
 
+    /// The GPU this rank drives.
     pub fn device(&self) -> &CudaDevice {
         &self.device
     }
