@@ -7,9 +7,14 @@
 //! how many of the sampled transitions follow the rule the model was trained on (about 90%
 //! for a model that learned it, 1/128 for one that did not).
 //!
+//! A model trained on text (`train --data`) is prompted with `--text` and answers in text,
+//! through the same tokenizer (`--tokenizer`, bytes by default).
+//!
 //! ```text
 //! cargo run --release --example train -- --steps 60 --export model
 //! cargo run --release --example generate -- --model model --max-new-tokens 24
+//! cargo run --release --example train -- --data README.md --seq-len 64 --steps 300 --export text-model
+//! cargo run --release --example generate -- --model text-model --text "FSDP " --max-new-tokens 56
 //! ```
 
 mod common;
@@ -20,6 +25,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::generation::LogitsProcessor;
 use candle_transformers::models::llama as reference;
 use clap::Parser;
+use candle_fsdp::data::TextTokenizer;
 use common::BigramTask;
 use std::path::PathBuf;
 
@@ -33,6 +39,13 @@ struct Args {
     /// The prompt: comma-separated token ids.
     #[arg(long, default_value = "0")]
     prompt: String,
+    /// A text prompt instead, for a model trained on text: encoded with `--tokenizer`, and
+    /// the answer decoded with it.
+    #[arg(long)]
+    text: Option<String>,
+    /// The `tokenizer.json` the model was trained with (`--text`); default: bytes.
+    #[arg(long, requires = "text")]
+    tokenizer: Option<PathBuf>,
     /// Tokens to sample (the prompt and these must fit the model's context).
     #[arg(long, default_value_t = 24)]
     max_new_tokens: usize,
@@ -65,11 +78,19 @@ fn main() -> anyhow::Result<()> {
     let model = reference::Llama::load(vb, &config).context("loading the Llama")?;
     let mut cache = reference::Cache::new(true, DType::F32, &config, &device)?;
 
-    let prompt: Vec<u32> = args
-        .prompt
-        .split(',')
-        .map(|t| t.trim().parse::<u32>().with_context(|| format!("`{t}` is not a token id")))
-        .collect::<anyhow::Result<_>>()?;
+    let tokenizer = match (&args.text, &args.tokenizer) {
+        (Some(_), Some(file)) => Some(TextTokenizer::from_file(file)?),
+        (Some(_), None) => Some(TextTokenizer::Bytes),
+        (None, _) => None,
+    };
+    let prompt: Vec<u32> = match (&args.text, &tokenizer) {
+        (Some(text), Some(tokenizer)) => tokenizer.encode(text)?,
+        _ => args
+            .prompt
+            .split(',')
+            .map(|t| t.trim().parse::<u32>().with_context(|| format!("`{t}` is not a token id")))
+            .collect::<anyhow::Result<_>>()?,
+    };
     ensure!(!prompt.is_empty(), "the prompt is empty");
     ensure!(
         prompt.iter().all(|&t| (t as usize) < config.vocab_size),
@@ -98,6 +119,10 @@ fn main() -> anyhow::Result<()> {
         input = Tensor::new(&[next], &device)?.unsqueeze(0)?;
     }
     let generated = &tokens[prompt.len() - 1..];
+    if let Some(tokenizer) = &tokenizer {
+        println!("{}", tokenizer.decode(&tokens)?);
+        return Ok(());
+    }
     println!("{}", tokens.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" "));
 
     let task = BigramTask::new(config.vocab_size, 0.1, args.seed);
