@@ -31,10 +31,15 @@ use candle_nn::{Embedding, Init, LayerNorm, LayerNormConfig, Linear, VarBuilder}
 /// The hyper-parameters of [`Gpt`] (PyTorch's `ModelArgs`); `Default` gives its defaults.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GptConfig {
+    /// The number of blocks.
     pub n_layers: usize,
+    /// The number of token ids (rows of `tok_embeddings`).
     pub vocab_size: usize,
+    /// The longest sequence the model accepts (rows of `pos_embeddings`).
     pub max_seq_len: usize,
+    /// The model width; a positive multiple of `n_heads`.
     pub dim: usize,
+    /// The number of attention heads.
     pub n_heads: usize,
     /// Causal attention (PyTorch passes `is_causal = use_attn_mask` to its attention).
     pub use_attn_mask: bool,
@@ -76,15 +81,23 @@ impl GptConfig {
 /// Multi-head self-attention with bias-free projections, causal when configured.
 #[derive(Clone, Debug, Shardable)]
 pub struct GptAttention {
+    /// The query projection, `(dim, dim)`.
     pub wq: LinearNoBias,
+    /// The key projection, `(dim, dim)`.
     pub wk: LinearNoBias,
+    /// The value projection, `(dim, dim)`.
     pub wv: LinearNoBias,
+    /// The output projection, `(dim, dim)`.
     pub wo: LinearNoBias,
+    /// The number of heads; each has `dim / n_heads` dimensions.
     pub n_heads: usize,
+    /// Causal attention: a position attends to itself and earlier ones only.
     pub use_attn_mask: bool,
 }
 
 impl GptAttention {
+    /// The projections under `vb` (`wq`, `wk`, `wv`, `wo`), initialised `U(±1/sqrt(dim))`.
+    /// Fails unless `dim` is a positive multiple of `n_heads`.
     pub fn new(config: &GptConfig, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
         let dim = config.dim;
@@ -124,11 +137,14 @@ impl Module for GptAttention {
 /// `w2(gelu(w1(x)))` with the exact (erf) GELU of `nn.GELU()`.
 #[derive(Clone, Debug, Shardable)]
 pub struct GptFeedForward {
+    /// `(hidden_dim, dim)` with bias: the expansion before the GELU.
     pub w1: Linear,
+    /// `(dim, hidden_dim)` with bias: the projection back.
     pub w2: Linear,
 }
 
 impl GptFeedForward {
+    /// `w1` and `w2` under `vb`, with PyTorch's default `nn.Linear` initialisation.
     pub fn new(dim: usize, hidden_dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self { w1: torch_linear(dim, hidden_dim, vb.pp("w1"))?, w2: torch_linear(hidden_dim, dim, vb.pp("w2"))? })
     }
@@ -144,13 +160,18 @@ impl Module for GptFeedForward {
 /// The hidden size of the feed-forward is `4 · dim`.
 #[derive(Clone, Debug, Shardable)]
 pub struct GptBlock {
+    /// The LayerNorm before the attention.
     pub attention_norm: LayerNorm,
+    /// The self-attention.
     pub attention: GptAttention,
+    /// The LayerNorm before the feed-forward.
     pub ffn_norm: LayerNorm,
+    /// The feed-forward.
     pub feed_forward: GptFeedForward,
 }
 
 impl GptBlock {
+    /// One block, its parameters under `vb` with PyTorch's names.
     pub fn new(config: &GptConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             attention_norm: config.norm(vb.pp("attention_norm"))?,
@@ -172,17 +193,24 @@ impl Module for GptBlock {
 #[derive(Debug, Shardable)]
 #[fsdp(forward_order(tok_embeddings, pos_embeddings, layers, norm, output))]
 pub struct Gpt {
+    /// The token embedding, `(vocab_size, dim)`, initialised `N(0, 1)`.
     pub tok_embeddings: Embedding,
+    /// The learned position embedding, `(max_seq_len, dim)`, initialised `N(0, 1)`.
     pub pos_embeddings: Embedding,
+    /// The blocks, each an FSDP unit.
     pub layers: Vec<Unit<GptBlock>>,
+    /// The final LayerNorm, before `output`.
     pub norm: LayerNorm,
     /// `Linear(dim, vocab_size, bias=False)`; tied: its weight is `tok_embeddings.weight`.
     pub output: LinearNoBias,
+    /// The hyper-parameters the model was built with.
     #[fsdp(skip)]
     pub config: GptConfig,
 }
 
 impl Gpt {
+    /// Creates the parameters under `vb` with PyTorch's names (`layers.0.…`). Fails unless
+    /// `dim` is a positive multiple of `n_heads`.
     pub fn new(config: &GptConfig, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
         let embedding = |rows: usize, name: &str| -> Result<Embedding> {

@@ -35,15 +35,26 @@ use std::path::Path;
 /// small model for tests.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlamaConfig {
+    /// The number of token ids (rows of `embed_tokens` and `lm_head`).
     pub vocab_size: usize,
+    /// The model width.
     pub hidden_size: usize,
+    /// The MLP's hidden width.
     pub intermediate_size: usize,
+    /// The number of decoder layers.
     pub num_hidden_layers: usize,
+    /// The number of query heads.
     pub num_attention_heads: usize,
+    /// The number of key/value heads; it divides `num_attention_heads` (fewer: grouped-query
+    /// attention).
     pub num_key_value_heads: usize,
+    /// The longest sequence the model accepts (rows of the rotary tables).
     pub max_position_embeddings: usize,
+    /// The `eps` inside the square root of every RMSNorm.
     pub rms_norm_eps: f64,
+    /// The rotary base θ.
     pub rope_theta: f64,
+    /// The standard deviation of the `N(0, σ)` initialisation of every matrix.
     pub initializer_range: f64,
     /// The attention head dimension, when it is not `hidden_size / num_attention_heads`.
     pub head_dim: Option<usize>,
@@ -59,9 +70,13 @@ pub struct LlamaConfig {
 /// those between interpolated smoothly.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RopeScaling {
+    /// What the low frequencies are divided by.
     pub factor: f64,
+    /// Wavelengths above `original_max_position_embeddings / low_freq_factor` are scaled.
     pub low_freq_factor: f64,
+    /// Wavelengths below `original_max_position_embeddings / high_freq_factor` are kept.
     pub high_freq_factor: f64,
+    /// The context length the frequencies were made for, before scaling.
     pub original_max_position_embeddings: usize,
 }
 
@@ -259,6 +274,8 @@ impl LlamaConfig {
         serde_json::to_string_pretty(&json).expect("a JSON value serializes")
     }
 
+    /// The attention head dimension: `head_dim` when set, else
+    /// `hidden_size / num_attention_heads`.
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
@@ -314,7 +331,9 @@ impl Module for LinearNoBias {
 /// each `(max_position_embeddings, head_dim / 2)`. Not parameters.
 #[derive(Clone, Debug)]
 pub struct RotaryEmbedding {
+    /// `cos(position · θ^(-2j/head_dim))`, `(max_position_embeddings, head_dim / 2)`.
     pub cos: Tensor,
+    /// `sin(position · θ^(-2j/head_dim))`, `(max_position_embeddings, head_dim / 2)`.
     pub sin: Tensor,
 }
 
@@ -352,16 +371,25 @@ impl RotaryEmbedding {
 /// Causal self-attention with rotary embeddings and grouped key/value heads.
 #[derive(Clone, Debug, Shardable)]
 pub struct LlamaAttention {
+    /// `(num_attention_heads · head_dim, hidden_size)`.
     pub q_proj: LinearNoBias,
+    /// `(num_key_value_heads · head_dim, hidden_size)`.
     pub k_proj: LinearNoBias,
+    /// `(num_key_value_heads · head_dim, hidden_size)`.
     pub v_proj: LinearNoBias,
+    /// `(hidden_size, num_attention_heads · head_dim)`.
     pub o_proj: LinearNoBias,
+    /// The number of query heads.
     pub num_heads: usize,
+    /// The number of key/value heads.
     pub num_kv_heads: usize,
+    /// The dimension of each head.
     pub head_dim: usize,
 }
 
 impl LlamaAttention {
+    /// The projections under `vb` (`q_proj`, `k_proj`, `v_proj`, `o_proj`), initialised
+    /// `N(0, initializer_range)`.
     pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
         let hidden = config.hidden_size;
         let head_dim = config.head_dim();
@@ -414,12 +442,17 @@ impl LlamaAttention {
 /// The SiLU-gated MLP: `down_proj(silu(gate_proj(x)) · up_proj(x))`.
 #[derive(Clone, Debug, Shardable)]
 pub struct LlamaMlp {
+    /// `(intermediate_size, hidden_size)`: the gate, through SiLU.
     pub gate_proj: LinearNoBias,
+    /// `(intermediate_size, hidden_size)`: the gated value.
     pub up_proj: LinearNoBias,
+    /// `(hidden_size, intermediate_size)`: the projection back.
     pub down_proj: LinearNoBias,
 }
 
 impl LlamaMlp {
+    /// The projections under `vb` (`gate_proj`, `up_proj`, `down_proj`), initialised
+    /// `N(0, initializer_range)`.
     pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
         let (hidden, inter) = (config.hidden_size, config.intermediate_size);
         Ok(Self {
@@ -445,13 +478,18 @@ impl Module for LlamaMlp {
 #[derive(Clone, Debug, Shardable)]
 #[fsdp(forward_order(input_layernorm, self_attn, post_attention_layernorm, mlp))]
 pub struct LlamaDecoderLayer {
+    /// The self-attention.
     pub self_attn: LlamaAttention,
+    /// The gated MLP.
     pub mlp: LlamaMlp,
+    /// The RMSNorm before the attention.
     pub input_layernorm: RmsNorm,
+    /// The RMSNorm before the MLP.
     pub post_attention_layernorm: RmsNorm,
 }
 
 impl LlamaDecoderLayer {
+    /// One decoder layer, its parameters under `vb` with the Hugging Face names.
     pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             self_attn: LlamaAttention::new(config, vb.pp("self_attn"))?,
@@ -473,16 +511,22 @@ impl LlamaDecoderLayer {
 /// The causal language model (see the module documentation).
 #[derive(Debug, Shardable)]
 pub struct Llama {
+    /// The token embedding, `(vocab_size, hidden_size)` (`model.embed_tokens.weight`).
     #[fsdp(rename = "model.embed_tokens")]
     pub embed_tokens: Embedding,
+    /// The decoder layers, each an FSDP unit (`model.layers.{i}`).
     #[fsdp(rename = "model.layers")]
     pub layers: Vec<Unit<LlamaDecoderLayer>>,
+    /// The final RMSNorm (`model.norm.weight`).
     #[fsdp(rename = "model.norm")]
     pub norm: RmsNorm,
+    /// The output projection, `(vocab_size, hidden_size)`; tied, its weight is the
+    /// embedding's.
     pub lm_head: LinearNoBias,
     /// Position tables, not parameters.
     #[fsdp(skip)]
     pub rotary: RotaryEmbedding,
+    /// The hyper-parameters the model was built with.
     #[fsdp(skip)]
     pub config: LlamaConfig,
 }

@@ -34,11 +34,17 @@ use candle_nn::{Init, LayerNorm, LayerNormConfig, Linear, VarBuilder};
 /// The hyper-parameters of [`Transformer`]; `Default` gives `nn.Transformer`'s defaults.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TransformerConfig {
+    /// The model width `E`; a positive multiple of `nhead`.
     pub d_model: usize,
+    /// The number of attention heads.
     pub nhead: usize,
+    /// The number of encoder layers.
     pub num_encoder_layers: usize,
+    /// The number of decoder layers.
     pub num_decoder_layers: usize,
+    /// The feed-forward's hidden width.
     pub dim_feedforward: usize,
+    /// The `eps` inside the square root of every LayerNorm.
     pub layer_norm_eps: f64,
 }
 
@@ -101,11 +107,16 @@ pub struct MultiheadAttention {
     pub in_proj_weight: Tensor,
     /// `(3·embed_dim)`.
     pub in_proj_bias: Tensor,
+    /// `(embed_dim, embed_dim)` with bias: the projection of the heads' concatenated outputs.
     pub out_proj: Linear,
+    /// The number of heads; each has `embed_dim / num_heads` dimensions.
     pub num_heads: usize,
 }
 
 impl MultiheadAttention {
+    /// Attention of width `embed_dim` over `num_heads` heads, its parameters under `vb` with
+    /// PyTorch's names: xavier-uniform matrices, zero biases. Fails unless `embed_dim` is a
+    /// positive multiple of `num_heads`.
     pub fn new(embed_dim: usize, num_heads: usize, vb: VarBuilder) -> Result<Self> {
         if num_heads == 0 || !embed_dim.is_multiple_of(num_heads) {
             candle_core::bail!(
@@ -122,6 +133,7 @@ impl MultiheadAttention {
         Ok(Self { in_proj_weight, in_proj_bias, out_proj: Linear::new(out_weight, Some(out_bias)), num_heads })
     }
 
+    /// The width `E` (the rows of `out_proj.weight`).
     pub fn embed_dim(&self) -> usize {
         self.out_proj.weight().dim(0).unwrap_or(0)
     }
@@ -184,14 +196,21 @@ impl MultiheadAttention {
 #[derive(Clone, Debug, Shardable)]
 #[fsdp(forward_order(self_attn, norm1, linear1, linear2, norm2))]
 pub struct TransformerEncoderLayer {
+    /// The self-attention.
     pub self_attn: MultiheadAttention,
+    /// `(dim_feedforward, d_model)` with bias: the feed-forward's expansion.
     pub linear1: Linear,
+    /// `(d_model, dim_feedforward)` with bias: the projection back.
     pub linear2: Linear,
+    /// The LayerNorm after the self-attention's residual.
     pub norm1: LayerNorm,
+    /// The LayerNorm after the feed-forward's residual.
     pub norm2: LayerNorm,
 }
 
 impl TransformerEncoderLayer {
+    /// One encoder layer, its parameters under `vb` with PyTorch's names. Fails unless
+    /// `d_model` is a positive multiple of `nhead`.
     pub fn new(config: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
         Ok(Self {
@@ -222,16 +241,25 @@ impl Module for TransformerEncoderLayer {
 #[derive(Clone, Debug, Shardable)]
 #[fsdp(forward_order(self_attn, norm1, multihead_attn, norm2, linear1, linear2, norm3))]
 pub struct TransformerDecoderLayer {
+    /// The self-attention.
     pub self_attn: MultiheadAttention,
+    /// The attention over the encoder's memory.
     pub multihead_attn: MultiheadAttention,
+    /// `(dim_feedforward, d_model)` with bias: the feed-forward's expansion.
     pub linear1: Linear,
+    /// `(d_model, dim_feedforward)` with bias: the projection back.
     pub linear2: Linear,
+    /// The LayerNorm after the self-attention's residual.
     pub norm1: LayerNorm,
+    /// The LayerNorm after the memory attention's residual.
     pub norm2: LayerNorm,
+    /// The LayerNorm after the feed-forward's residual.
     pub norm3: LayerNorm,
 }
 
 impl TransformerDecoderLayer {
+    /// One decoder layer, its parameters under `vb` with PyTorch's names. Fails unless
+    /// `d_model` is a positive multiple of `nhead`.
     pub fn new(config: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
         Ok(Self {
@@ -257,11 +285,14 @@ impl TransformerDecoderLayer {
 /// PyTorch's `nn.TransformerEncoder` with its final norm: each layer an FSDP unit.
 #[derive(Debug, Shardable)]
 pub struct TransformerEncoder {
+    /// The encoder layers, each an FSDP unit.
     pub layers: Vec<Unit<TransformerEncoderLayer>>,
+    /// The LayerNorm after the last layer.
     pub norm: LayerNorm,
 }
 
 impl TransformerEncoder {
+    /// `num_encoder_layers` layers and the final norm, their parameters under `vb`.
     pub fn new(config: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
         let layers = (0..config.num_encoder_layers)
             .map(|i| TransformerEncoderLayer::new(config, vb.pp("layers").pp(i)).map(Unit::new))
@@ -284,11 +315,14 @@ impl Module for TransformerEncoder {
 /// PyTorch's `nn.TransformerDecoder` with its final norm: each layer an FSDP unit.
 #[derive(Debug, Shardable)]
 pub struct TransformerDecoder {
+    /// The decoder layers, each an FSDP unit.
     pub layers: Vec<Unit<TransformerDecoderLayer>>,
+    /// The LayerNorm after the last layer.
     pub norm: LayerNorm,
 }
 
 impl TransformerDecoder {
+    /// `num_decoder_layers` layers and the final norm, their parameters under `vb`.
     pub fn new(config: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
         let layers = (0..config.num_decoder_layers)
             .map(|i| TransformerDecoderLayer::new(config, vb.pp("layers").pp(i)).map(Unit::new))
@@ -310,8 +344,11 @@ impl TransformerDecoder {
 /// PyTorch's `nn.Transformer` (see the module documentation).
 #[derive(Debug, Shardable)]
 pub struct Transformer {
+    /// The encoder stack (FQNs `encoder.…`).
     pub encoder: TransformerEncoder,
+    /// The decoder stack (FQNs `decoder.…`).
     pub decoder: TransformerDecoder,
+    /// The hyper-parameters the model was built with.
     #[fsdp(skip)]
     pub config: TransformerConfig,
 }
