@@ -11,12 +11,12 @@ pub enum UnshardCause {
     /// For the unit's own forward.
     Forward,
     /// Ahead of the unit's forward, when an earlier unit's forward started
-    /// ([`crate::FsdpConfig::forward_prefetch`]).
+    /// ([`FsdpConfig::forward_prefetch`](crate::FsdpConfig#structfield.forward_prefetch)).
     ForwardPrefetch,
     /// For the unit's own backward.
     Backward,
     /// Ahead of the unit's backward, by another unit's backward prefetch
-    /// ([`crate::FsdpConfig::backward_prefetch`]).
+    /// ([`FsdpConfig::backward_prefetch`](crate::FsdpConfig#structfield.backward_prefetch)).
     BackwardPrefetch,
     /// [`crate::Fsdp::summon_full_params`].
     Summon,
