@@ -12,6 +12,8 @@
 //! Inside, `model` knows no ranks, `dist` knows no model, and `runtime` (how one rank runs
 //! a wrapped model) uses both.
 
+#![warn(missing_docs)]
+
 mod backend;
 pub mod checkpoint;
 mod config;
