@@ -85,8 +85,9 @@ struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
     grad_accum: u64,
 
-    /// Write one JSON line per step (step, loss, learning rate, step time, tokens per
-    /// second, gradient norm) to this file (rank 0).
+    /// Write one JSON line per step (step, loss, evaluation loss, learning rate, step time,
+    /// tokens per second, MFU, gradient norm, loss scale, gathered peak and resident
+    /// memory) to this file (rank 0).
     #[arg(long)]
     metrics: Option<PathBuf>,
 
@@ -167,6 +168,15 @@ struct Args {
     /// Batches of `--batch-size` windows each rank evaluates each time.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
     eval_batches: u64,
+
+    /// At the end, draw the training and evaluation losses into this PNG (rank 0).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+
+    /// One rank's peak FLOP/s, in TFLOP/s, for the model FLOPs utilisation (MFU); default:
+    /// measured on f32 matmuls at the start.
+    #[arg(long)]
+    peak_tflops: Option<f64>,
 }
 
 /// What the model trains on.
@@ -266,10 +276,20 @@ struct RankReport {
     gathered_peak: usize,
     /// Steps skipped because the f16 gradients overflowed.
     skipped_steps: usize,
+    /// The evaluation losses, by step.
+    eval_losses: Vec<(usize, f64)>,
+    /// Model FLOPs utilisation by the median step, against `peak_flops` per rank.
+    mfu: f64,
+    peak_flops: f64,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The runtime's warnings (and more with RUST_LOG=candle_fsdp=debug / fsdp_runtime=debug).
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
     let launched = DistEnv::is_set().then(DistEnv::from_env).transpose()?;
     // Ranks in this process share its cores.
     let local_ranks = launched.as_ref().map_or(args.fsdp.world_size, |env| env.local_world_size.max(1));
@@ -392,6 +412,19 @@ fn main() -> anyhow::Result<()> {
         (world * batch * seq_len * args.grad_accum as usize) as f64 / (step_median / 1e3)
     );
 
+    println!(
+        "MFU: {:.2}% by the median step ({:.2e} model FLOPs per token; peak {:.2} TFLOP/s per rank, {})",
+        100.0 * reports[0].mfu,
+        common::llama_flops_per_token(&config, full_numel, seq_len),
+        reports[0].peak_flops / 1e12,
+        if args.peak_tflops.is_some() { "given" } else { "measured on f32 matmuls" }
+    );
+    if let Some(path) = &args.plot {
+        let train: Vec<(usize, f64)> = losses.iter().enumerate().map(|(i, &l)| (resumed_at + i + 1, l)).collect();
+        let title = format!("{} parameters, world size {world}, {}", human_count(full_numel), args.fsdp.precision);
+        common::loss_plot::draw(path, &title, &train, &reports[0].eval_losses)?;
+        println!("plot: {}", path.display());
+    }
     if reports[0].skipped_steps > 0 {
         println!("f16: {} step(s) skipped because the gradients overflowed", reports[0].skipped_steps);
     }
@@ -423,6 +456,7 @@ fn train_rank(ctx: RankContext, args: &Args, config: &LlamaConfig, data: &Data) 
     let (steps, batch, seq_len) = (args.steps as usize, args.batch_size as usize, args.seq_len as usize);
     // Every rank draws its shards from the seed: the same model at any world size.
     let meta = MetaModel::build(DTYPE, &device, |vb| Llama::new(config, vb))?;
+    let model_numel: usize = meta.parameters().iter().map(|(_, shape, _)| shape.elem_count()).sum();
     let fsdp = Fsdp::wrap_meta(meta, ctx.comm.clone(), args.fsdp.fsdp_config(), args.seed)?;
     let shards = fsdp.parameters();
     let shard_numel: usize = shards.iter().map(|v| v.elem_count()).sum();
@@ -447,7 +481,7 @@ fn train_rank(ctx: RankContext, args: &Args, config: &LlamaConfig, data: &Data) 
         bar.set_position(resumed_at.min(steps) as u64);
         bar.set_style(
             ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:40.cyan/blue} {pos}/{len} steps  loss {msg}",
+                "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} steps  loss {msg}",
             )
             .expect("valid template")
             .progress_chars("=> "),
@@ -465,6 +499,17 @@ fn train_rank(ctx: RankContext, args: &Args, config: &LlamaConfig, data: &Data) 
         _ => None,
     };
     let micro_batches = args.grad_accum as usize;
+    // Model FLOPs utilisation: the model's FLOPs per step over what the ranks could do.
+    let peak_flops = match args.peak_tflops {
+        Some(tflops) => tflops * 1e12,
+        None => {
+            let mine = Tensor::new(&[common::measured_peak_flops(&device)? as f32], &device)?;
+            ctx.comm.all_reduce(&mine, ReduceOp::Avg, "measured peak FLOP/s")?.wait()?.to_vec1::<f32>()?[0] as f64
+        }
+    };
+    let step_flops = common::llama_flops_per_token(config, model_numel, seq_len)
+        * (ctx.world_size * micro_batches * batch * seq_len) as f64;
+    let mfu = |step_ms: f64| step_flops / (step_ms / 1e3) / (peak_flops * ctx.world_size as f64);
     // f16's loss scale starts afresh on a resume (it settles within a few steps).
     let mut scaler = args.fsdp.precision.grad_scaler()?;
     let mut skipped_steps = 0;
@@ -560,13 +605,21 @@ fn train_rank(ctx: RankContext, args: &Args, config: &LlamaConfig, data: &Data) 
                 "grad_norm": grad_norm,
                 "loss_scale": scaler.as_ref().map(|s| s.scale()),
                 "eval_loss": eval_loss,
+                "mfu": mfu(ms(step_time)),
+                "gathered_peak_bytes": fsdp.memory().gathered_peak,
+                "resident_bytes": common::resident_bytes(),
             });
             writeln!(file, "{line}").map_err(|e| candle_fsdp::Error::Rank {
                 rank: 0,
                 message: format!("cannot write the metrics file: {e}"),
             })?;
         }
-        progress.set_message(format!("{global:.4}"));
+        let tokens_per_s = (ctx.world_size * batch * seq_len * micro_batches) as f64 / step_time.as_secs_f64();
+        progress.set_message(format!(
+            "{global:.4}  {tokens_per_s:.0} tok/s  MFU {:.1}%  gathered peak {}",
+            100.0 * mfu(ms(step_time)),
+            Bytes(fsdp.memory().gathered_peak)
+        ));
         progress.inc(1);
         if ctx.rank == 0 && (step == 1 || step % args.log_every as usize == 0 || step == steps) {
             let norm = grad_norm.map(|n| format!("  grad norm {n:.4}")).unwrap_or_default();
@@ -602,6 +655,8 @@ fn train_rank(ctx: RankContext, args: &Args, config: &LlamaConfig, data: &Data) 
         }
     }
 
+    let step_median_mfu =
+        if step_times.is_empty() { 0.0 } else { mfu(median(&step_times.iter().map(|&d| ms(d)).collect::<Vec<_>>())) };
     Ok(RankReport {
         rank: ctx.rank,
         resumed_at,
@@ -613,6 +668,9 @@ fn train_rank(ctx: RankContext, args: &Args, config: &LlamaConfig, data: &Data) 
         optimizer_bytes: 2 * shard_bytes,
         gathered_peak: fsdp.memory().gathered_peak,
         skipped_steps,
+        eval_losses,
+        mfu: step_median_mfu,
+        peak_flops,
     })
 }
 
@@ -728,6 +786,9 @@ fn gather_reports(ctx: &RankContext, mine: RankReport) -> anyhow::Result<Vec<Ran
             optimizer_bytes: f[3] as usize,
             gathered_peak: f[4] as usize,
             skipped_steps: mine.skipped_steps,
+            eval_losses: mine.eval_losses.clone(),
+            mfu: mine.mfu,
+            peak_flops: mine.peak_flops,
         })
         .collect())
 }

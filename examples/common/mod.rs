@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod counting_allocator;
+pub mod loss_plot;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_fsdp::models::log_softmax_last_dim;
@@ -156,6 +157,40 @@ pub fn describe_llama(c: &candle_fsdp::models::llama::LlamaConfig, numel: usize)
         Bytes(numel * DTYPE.size_in_bytes()),
         DTYPE
     )
+}
+
+/// Model FLOPs of one trained token of a Llama (forward and backward): `6 N` for the
+/// matmuls of its `N` parameters outside the input embedding (a lookup), plus
+/// `12 · layers · hidden · seq_len` for the attention scores and their weighted sum (PaLM's
+/// count, as model FLOPs utilisation uses it).
+pub fn llama_flops_per_token(c: &candle_fsdp::models::llama::LlamaConfig, numel: usize, seq_len: usize) -> f64 {
+    let matmul_params = numel - c.vocab_size * c.hidden_size;
+    6.0 * matmul_params as f64 + 12.0 * (c.num_hidden_layers * c.hidden_size * seq_len) as f64
+}
+
+/// The FLOP/s one rank's `device` reaches on f32 matmuls (the best of a few 512³
+/// products, after one to warm up): the peak model FLOPs utilisation is measured against.
+pub fn measured_peak_flops(device: &candle_core::Device) -> candle_core::Result<f64> {
+    const N: usize = 512;
+    let a = Tensor::ones((N, N), DType::F32, device)?;
+    let b = Tensor::ones((N, N), DType::F32, device)?;
+    a.matmul(&b)?.sum_all()?.to_scalar::<f32>()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        a.matmul(&b)?.sum_all()?.to_scalar::<f32>()?;
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (N * N * N) as f64 / best)
+}
+
+/// The resident memory of this process (all its ranks), from `/proc/self/status`; `None`
+/// where that is not available.
+pub fn resident_bytes() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// `1234567` as `1.23M`.
