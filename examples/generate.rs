@@ -21,11 +21,11 @@ mod common;
 
 use anyhow::{ensure, Context};
 use candle_core::{DType, Device, Tensor};
+use candle_fsdp::data::TextTokenizer;
 use candle_nn::VarBuilder;
 use candle_transformers::generation::LogitsProcessor;
 use candle_transformers::models::llama as reference;
 use clap::Parser;
-use candle_fsdp::data::TextTokenizer;
 use common::BigramTask;
 use std::path::PathBuf;
 
