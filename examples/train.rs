@@ -360,7 +360,8 @@ fn main() -> anyhow::Result<()> {
             "peak lr {}, {} warm-up steps, cosine to {}",
             args.lr,
             args.warmup_steps,
-            args.min_lr.unwrap_or(args.lr / 10.0)
+            // Rounded to 12 decimals: lr / 10 prints as 0.001, not 0.0010000000000000002.
+            (args.min_lr.unwrap_or(args.lr / 10.0) * 1e12).round() / 1e12
         )
     } else {
         format!("lr {}", args.lr)
