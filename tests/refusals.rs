@@ -260,3 +260,56 @@ fn the_model_is_reachable_only_with_full_parameters() {
         );
     }
 }
+
+/// A rank's closure may use `?` on the caller's own errors (I/O, `anyhow`, the data
+/// path's); the error comes back as it was, naming the rank, and the peers stop at once.
+#[test]
+fn a_rank_closure_brings_in_any_error_with_question_mark_naming_the_rank() {
+    let started = Instant::now();
+    let io = launch(options(2), |ctx| {
+        if ctx.rank == 1 {
+            std::fs::read("/nonexistent/candle-fsdp/file")?;
+        }
+        ctx.comm.barrier("after the read")?;
+        Ok(())
+    })
+    .expect_err("rank 1 failed");
+    assert!(started.elapsed() < FAST, "the peer waited for its timeout");
+    assert!(matches!(&io, Error::InRank { rank: 1, source } if source.is::<std::io::Error>()), "{io:?}");
+    assert!(io.to_string().starts_with("rank 1: "), "{io}");
+
+    let from_anyhow = launch(options(1), |_| {
+        Err(anyhow::anyhow!("the tokenizer is missing"))?;
+        Ok(())
+    })
+    .expect_err("failed");
+    assert_eq!(from_anyhow.to_string(), "rank 0: the tokenizer is missing");
+
+    let data = launch(options(1), |_| {
+        let tokens = candle_fsdp::data::TextTokenizer::Bytes.encode("ab")?;
+        candle_fsdp::data::WindowSampler::new(tokens, 4, None)?;
+        Ok(())
+    })
+    .expect_err("two tokens make no window");
+    assert!(data.to_string().starts_with("rank 0: ") && data.to_string().contains("window"), "{data}");
+
+    // Our own errors pass through `anyhow` and back unchanged.
+    let ours = launch(options(1), |ctx| {
+        let wrapped: anyhow::Error = Error::BackwardWithoutForward { rank: ctx.rank }.into();
+        Err(wrapped)?;
+        Ok(())
+    })
+    .expect_err("failed");
+    assert!(matches!(ours, Error::BackwardWithoutForward { rank: 0 }), "{ours:?}");
+}
+
+/// Thread ranks get their share of the cores unless the environment says otherwise.
+#[test]
+fn launch_gives_each_thread_rank_its_share_of_the_cores() {
+    launch(options(2), |_| Ok(())).unwrap();
+    let threads: usize = std::env::var("RAYON_NUM_THREADS").unwrap().parse().unwrap();
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let expected = std::env::var("CANDLE_NUM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert!(threads == (cores / 2).max(1) || threads == expected, "{threads} threads on {cores} cores");
+    assert_eq!(candle_fsdp::dist::share_cpu_cores(4), threads, "a count in effect stays");
+}

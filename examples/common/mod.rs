@@ -244,18 +244,14 @@ pub fn parse_backward_prefetch(s: &str) -> Result<candle_fsdp::BackwardPrefetch,
 /// The dtype every example trains in.
 pub const DTYPE: DType = DType::F32;
 
-/// Sets how many CPU threads candle uses for one op, process-wide (candle reads
-/// `CANDLE_NUM_THREADS` and `RAYON_NUM_THREADS`); must run before the first candle op.
-///
-/// CPU ranks are threads of this process and share candle's pool: with more candle
-/// threads than cores per rank they oversubscribe the cores (candle's pool spin-waits),
-/// which slows every rank down. The default is therefore `cores / ranks`, at least 1,
-/// unless the environment already sets `CANDLE_NUM_THREADS`. Returns the count in effect.
+/// Sets how many CPU threads candle uses for one op, process-wide: `requested`, or each
+/// of this process's `ranks` its share of the cores ([`candle_fsdp::dist::share_cpu_cores`],
+/// which keeps a count the environment sets). Runs at the start of `main`, before any
+/// other thread exists. Returns the count in effect.
 pub fn configure_candle_threads(requested: Option<usize>, ranks: usize) -> usize {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let from_env = std::env::var("CANDLE_NUM_THREADS").ok().and_then(|s| s.parse::<usize>().ok()).filter(|&n| n > 0);
-    let threads = requested.or(from_env).unwrap_or((cores / ranks.max(1)).max(1));
-    // Called at the start of `main`, before any other thread exists.
+    let Some(threads) = requested else {
+        return candle_fsdp::dist::share_cpu_cores(ranks);
+    };
     std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     threads

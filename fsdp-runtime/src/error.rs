@@ -574,6 +574,22 @@ pub enum Error {
     /// An error of candle itself (a shape mismatch, a device error, ...).
     #[error(transparent)]
     Candle(candle_core::Error),
+
+    // --- the caller's own code ----------------------------------------------------------
+    /// An error of the caller's own code, brought in with `?` (an I/O error, an
+    /// `anyhow::Error`, any boxed error), carried as it is.
+    #[error(transparent)]
+    External(Box<dyn std::error::Error + Send + Sync + 'static>),
+
+    /// A rank's closure under [`crate::launch`] failed with an error of the caller's own
+    /// code ([`Error::External`]): the same error, naming the rank.
+    #[error("rank {rank}: {source}")]
+    InRank {
+        /// The rank whose closure failed.
+        rank: usize,
+        /// The caller's error.
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
 }
 
 /// The library's result type, with [`Error`] as the default error.
@@ -587,6 +603,41 @@ pub fn into_candle(error: Error) -> candle_core::Error {
     match error {
         Error::Candle(inner) => inner,
         typed => candle_core::Error::Io(std::io::Error::other(typed)),
+    }
+}
+
+/// A boxed error: ours unpacked again, any other carried as [`Error::External`].
+impl From<Box<dyn std::error::Error + Send + Sync + 'static>> for Error {
+    fn from(error: Box<dyn std::error::Error + Send + Sync + 'static>) -> Self {
+        match error.downcast::<Error>() {
+            Ok(ours) => *ours,
+            Err(other) => match other.downcast::<candle_core::Error>() {
+                Ok(candle) => Error::from(*candle),
+                Err(other) => Error::External(other),
+            },
+        }
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(error: std::io::Error) -> Self {
+        if error.get_ref().is_some_and(|e| e.is::<Error>()) {
+            let inner = error.into_inner().expect("checked: the io error carries an error");
+            return *inner.downcast::<Error>().expect("checked: the carried error is ours");
+        }
+        Error::External(Box::new(error))
+    }
+}
+
+impl From<anyhow::Error> for Error {
+    fn from(error: anyhow::Error) -> Self {
+        match error.downcast::<Error>() {
+            Ok(ours) => ours,
+            Err(other) => match other.downcast::<candle_core::Error>() {
+                Ok(candle) => Error::from(candle),
+                Err(other) => Error::External(other.into()),
+            },
+        }
     }
 }
 

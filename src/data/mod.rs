@@ -57,3 +57,10 @@ pub enum DataError {
         problem: String,
     },
 }
+
+/// Lets a rank's closure use `?` on the data path's errors.
+impl From<DataError> for crate::Error {
+    fn from(error: DataError) -> Self {
+        crate::Error::External(Box::new(error))
+    }
+}

@@ -2,10 +2,12 @@
 //! them. A rank that returns an error or panics aborts the world, so the others fail fast
 //! with an error naming it rather than waiting out their timeouts.
 //!
-//! candle's CPU kernels share one process-wide thread pool. With ranks as threads, limit it
-//! to the cores per rank (`RAYON_NUM_THREADS` and `CANDLE_NUM_THREADS`, set before the
-//! first tensor operation): measured on 2 cores, a 2-rank step took 139 ms with candle's
-//! default and 46 ms with one thread per rank (`examples/train.rs` sets this).
+//! candle's CPU kernels share one process-wide thread pool, and each op splits its work
+//! over as many threads as `RAYON_NUM_THREADS` says (read at every op). With ranks as
+//! threads, each rank should use its share of the cores: measured on 2 cores, a 2-rank
+//! step took 139 ms with candle's default and 46 ms with one thread per rank.
+//! [`launch`] sets the share itself unless the environment already does
+//! ([`share_cpu_cores`]).
 
 use super::collectives::Collectives;
 use super::threads::ThreadWorld;
@@ -26,12 +28,15 @@ pub struct LaunchOptions {
     /// Stack size of each rank's thread. candle's backward walks the graph recursively,
     /// so deep models need more than the default 2 MiB.
     pub stack_size: usize,
+    /// Give each rank its share of the CPU cores ([`share_cpu_cores`]) before starting
+    /// the ranks, unless `RAYON_NUM_THREADS` or `CANDLE_NUM_THREADS` is set already.
+    pub share_cpu_cores: bool,
 }
 
 impl LaunchOptions {
     /// `world_size` ranks with a 60 s collective timeout and a 256 MiB stack per rank.
     pub fn new(world_size: usize) -> Self {
-        Self { world_size, timeout: Duration::from_secs(60), stack_size: 256 << 20 }
+        Self { world_size, timeout: Duration::from_secs(60), stack_size: 256 << 20, share_cpu_cores: true }
     }
 
     /// Sets the longest any collective waits for its peers.
@@ -54,12 +59,33 @@ pub struct RankContext {
     pub device: Device,
 }
 
+/// Sets how many threads each candle CPU op uses to this process's cores divided by
+/// `ranks` (the ranks running in it), at least 1, unless `RAYON_NUM_THREADS` or
+/// `CANDLE_NUM_THREADS` is set already (then that count stays); returns the count in
+/// effect. More threads than cores per rank oversubscribe the cores, as candle's pool
+/// spin-waits. Call it before other threads read the environment: at the start of `main`
+/// for a process that is one rank, or let [`launch`] call it.
+pub fn share_cpu_cores(ranks: usize) -> usize {
+    let set = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0);
+    if let Some(threads) = set("RAYON_NUM_THREADS").or_else(|| set("CANDLE_NUM_THREADS")) {
+        return threads;
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = (cores / ranks.max(1)).max(1);
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    threads
+}
+
 /// Runs `f` on every rank and returns each rank's own result, in rank order.
 pub fn launch_each<R, F>(options: LaunchOptions, f: F) -> Result<Vec<Result<R>>>
 where
     R: Send,
     F: Fn(RankContext) -> Result<R> + Sync,
 {
+    if options.share_cpu_cores {
+        share_cpu_cores(options.world_size);
+    }
     let world = ThreadWorld::new(options.world_size, options.timeout)?;
     let connect = |rank| {
         let comm: Arc<dyn Collectives> = Arc::new(world.communicator(rank)?);
@@ -90,6 +116,7 @@ where
                     .stack_size(options.stack_size)
                     .spawn_scoped(scope, move || {
                         let outcome = match catch_unwind(AssertUnwindSafe(|| f(connect(rank)?))) {
+                            Ok(Err(Error::External(source))) => Err(Error::InRank { rank, source }),
                             Ok(result) => result,
                             Err(payload) => Err(Error::RankPanicked { rank, message: panic_message(payload) }),
                         };

@@ -20,6 +20,7 @@ mod tcp;
 mod threads;
 
 pub use collectives::{Collectives, OpKind, Pending, ReduceOp, Work};
+pub use launch::share_cpu_cores;
 #[cfg(feature = "cuda")]
 pub use launch::{launch_gpus, launch_gpus_each};
 #[cfg(feature = "cuda")]
