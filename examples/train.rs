@@ -355,6 +355,9 @@ fn main() -> anyhow::Result<()> {
         if args.fsdp.forward_prefetch { "on" } else { "off" },
         args.fsdp.precision
     ));
+    if let Some(group) = args.fsdp.shard_group_size {
+        say(format!("       hybrid sharding: shard groups of {group} ranks, {} replicas", world / group.max(1)));
+    }
     let schedule = if args.warmup_steps > 0 || args.min_lr.is_some() {
         format!(
             "peak lr {}, {} warm-up steps, cosine to {}",

@@ -281,6 +281,12 @@ pub struct FsdpArgs {
     #[arg(long)]
     pub forward_prefetch: bool,
 
+    /// Hybrid sharding: shard within groups of this many consecutive ranks, replicate
+    /// across the groups (HYBRID_SHARD with `full-shard`, its ZeRO-2 variant with
+    /// `shard-grad-op`). Default: one group, the whole world.
+    #[arg(long)]
+    pub shard_group_size: Option<usize>,
+
     /// What the units compute in: `f32`, or `bf16` / `f16` over f32 master weights with
     /// gradients reduced in f32 (`f16` with dynamic loss scaling).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
@@ -326,10 +332,11 @@ impl std::fmt::Display for Precision {
 impl FsdpArgs {
     /// The wrap options these arguments choose.
     pub fn fsdp_config(&self) -> candle_fsdp::FsdpConfig {
-        candle_fsdp::FsdpConfig::default()
+        let config = candle_fsdp::FsdpConfig::default()
             .strategy(self.strategy)
             .backward_prefetch(self.backward_prefetch)
             .forward_prefetch(self.forward_prefetch)
-            .mixed_precision(self.precision.policy())
+            .mixed_precision(self.precision.policy());
+        candle_fsdp::FsdpConfig { shard_group_size: self.shard_group_size, ..config }
     }
 }

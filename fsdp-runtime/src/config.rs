@@ -183,6 +183,12 @@ pub struct FsdpConfig {
     pub sync_module_states: bool,
     /// The dtypes units compute and reduce in; the default keeps the model's dtype.
     pub mixed_precision: MixedPrecision,
+    /// Hybrid sharding (PyTorch's `HYBRID_SHARD`, FSDP2's 2-D mesh): parameters are
+    /// sharded within groups of this many consecutive ranks (a node, say) and replicated
+    /// across the groups; gradients are reduce-scattered within a group, then averaged
+    /// across the replicas by one all-reduce. With `SHARD_GRAD_OP` this is
+    /// `_HYBRID_SHARD_ZERO2`. `None`, or the world size: one group, plain FSDP.
+    pub shard_group_size: Option<usize>,
     /// Run every collective even over a group of one rank, where it is skipped otherwise
     /// (a gather is then a copy of the shard, a reduction the gradient itself): one GPU
     /// then exercises the path of several (all-gather, copy-out, reduce-scatter). Same
@@ -201,6 +207,7 @@ impl Default for FsdpConfig {
             order_check: OrderCheck::Warn,
             sync_module_states: true,
             mixed_precision: MixedPrecision::default(),
+            shard_group_size: None,
             collectives_at_world_one: false,
         }
     }
@@ -234,6 +241,13 @@ impl FsdpConfig {
     /// Sets the `mixed_precision` field.
     pub fn mixed_precision(mut self, policy: MixedPrecision) -> Self {
         self.mixed_precision = policy;
+        self
+    }
+
+    /// Shards within groups of `ranks` consecutive ranks and replicates across them
+    /// ([`FsdpConfig::shard_group_size`]).
+    pub fn hybrid_shard(mut self, ranks: usize) -> Self {
+        self.shard_group_size = Some(ranks);
         self
     }
 

@@ -329,6 +329,20 @@ pub enum Error {
         problem: String,
     },
 
+    /// Hybrid sharding cannot be set up as configured: the shard group size does not
+    /// divide the world, or the strategy shards nothing.
+    #[error("rank {rank}: hybrid sharding over groups of {size} ranks in a world of {world}: {problem}")]
+    BadShardGroup {
+        /// The global rank.
+        rank: usize,
+        /// The world size.
+        world: usize,
+        /// The shard group size asked for.
+        size: usize,
+        /// What is wrong.
+        problem: String,
+    },
+
     /// A sub-group's member list is invalid: the calling rank is not in it, or it names
     /// a rank outside the world.
     #[error("rank {rank}: group {ranks:?}: {problem}")]

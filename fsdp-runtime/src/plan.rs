@@ -102,18 +102,41 @@ pub struct Plan {
     pub memory: RankMemory,
     /// What one rank holding the whole model would need (world size 1, no sharding).
     pub unsharded_memory: RankMemory,
-    /// Bytes each rank sends in one step's collectives (ring algorithms).
+    /// Bytes each rank sends in one step's collectives within its shard group (the whole
+    /// world without hybrid sharding; ring algorithms).
     pub bytes_sent_per_step: usize,
+    /// Bytes each rank sends in one step's all-reduces across the replicas under hybrid
+    /// sharding (0 without).
+    pub bytes_sent_across_groups_per_step: usize,
+}
+
+impl PlanConfig {
+    /// How many ranks a unit is sharded over: the shard group under hybrid sharding, else
+    /// the world. An invalid group size fails as wrapping does.
+    pub fn shard_group_size(&self) -> Result<usize> {
+        let world = self.world_size;
+        match self.fsdp.shard_group_size {
+            None => Ok(world),
+            Some(size) if size > 0 && world.is_multiple_of(size) && self.fsdp.strategy.shards() => Ok(size),
+            Some(size) => Err(Error::BadShardGroup {
+                rank: 0,
+                world,
+                size,
+                problem: "the group size must divide the world, under FULL_SHARD or SHARD_GRAD_OP".into(),
+            }),
+        }
+    }
 }
 
 impl Plan {
     /// The plan of the model `layout` describes under `config`; fails with
     /// [`Error::EmptyWorld`] for a world size of 0.
     pub fn new(layout: &Layout, config: PlanConfig) -> Result<Self> {
-        let world = config.world_size;
-        if world == 0 {
+        if config.world_size == 0 {
             return Err(Error::EmptyWorld);
         }
+        // Parameters split over the shard group; the rest of the world holds replicas.
+        let world = config.shard_group_size()?;
         let shards = config.fsdp.strategy.shards();
         let units: Vec<UnitPlan> = layout
             .units
@@ -168,8 +191,18 @@ impl Plan {
                 (units[u].name.clone(), target)
             })
             .collect();
-        let bytes_sent_per_step = bytes_sent(&units, &config);
-        Ok(Self { config, units, forward_order, backward_prefetch, memory, unsharded_memory, bytes_sent_per_step })
+        let bytes_sent_per_step = bytes_sent(&units, &config, world);
+        let bytes_sent_across_groups_per_step = bytes_sent_across_groups(&units, &config, world);
+        Ok(Self {
+            config,
+            units,
+            forward_order,
+            backward_prefetch,
+            memory,
+            unsharded_memory,
+            bytes_sent_per_step,
+            bytes_sent_across_groups_per_step,
+        })
     }
 }
 
@@ -257,10 +290,9 @@ fn full_shard_gathered_peak(layout: &Layout, units: &[UnitPlan], config: &PlanCo
     forward.chain(backward).max().unwrap_or(0)
 }
 
-/// Per-rank bytes sent by ring collectives: an all-gather or reduce-scatter of `n` bytes
-/// sends `n (w-1)/w`, an all-reduce twice that.
-fn bytes_sent(units: &[UnitPlan], config: &PlanConfig) -> usize {
-    let world = config.world_size;
+/// Per-rank bytes sent by ring collectives within a group of `world` ranks: an
+/// all-gather or reduce-scatter of `n` bytes sends `n (w-1)/w`, an all-reduce twice that.
+fn bytes_sent(units: &[UnitPlan], config: &PlanConfig, world: usize) -> usize {
     let ring = |bytes: usize| bytes * (world - 1) / world;
     let gathered: usize = units.iter().map(|u| u.collective_bytes).sum();
     let reduced: usize = units.iter().map(|u| u.reduce_bytes).sum();
@@ -272,6 +304,14 @@ fn bytes_sent(units: &[UnitPlan], config: &PlanConfig) -> usize {
         ShardingStrategy::ShardGradOp => ring(gathered) + ring(reduced),
         ShardingStrategy::NoShard => 2 * ring(reduced),
     }
+}
+
+/// Per-rank bytes sent by the ring all-reduces across the `world_size / group` replicas
+/// under hybrid sharding: each unit's reduced shard, `2 n (r-1)/r`.
+fn bytes_sent_across_groups(units: &[UnitPlan], config: &PlanConfig, group: usize) -> usize {
+    let replicas = config.world_size / group;
+    let shards: usize = units.iter().map(|u| u.reduce_bytes / group).sum();
+    2 * shards * (replicas - 1) / replicas
 }
 
 /// A byte count that displays in binary units, for humans: `Bytes(1536)` is `1.50 KiB`.
@@ -351,7 +391,17 @@ impl fmt::Display for Plan {
         row(f, "gathered peak", self.memory.gathered_peak, self.unsharded_memory.gathered_peak)?;
         row(f, "unreduced grads", self.memory.unreduced_grads_peak, self.unsharded_memory.unreduced_grads_peak)?;
         row(f, "total peak", self.memory.total_peak(), self.unsharded_memory.total_peak())?;
-        writeln!(f, "\nbytes sent per rank per step: {}", Bytes(self.bytes_sent_per_step))
+        writeln!(f, "\nbytes sent per rank per step: {}", Bytes(self.bytes_sent_per_step))?;
+        if let Some(group) = c.fsdp.shard_group_size.filter(|&g| g < c.world_size) {
+            writeln!(
+                f,
+                "  hybrid sharding: within the shard group of {group} ranks {}, across the {} replicas {}",
+                Bytes(self.bytes_sent_per_step),
+                c.world_size / group,
+                Bytes(self.bytes_sent_across_groups_per_step)
+            )?;
+        }
+        Ok(())
     }
 }
 

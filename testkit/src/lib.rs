@@ -105,13 +105,16 @@ pub enum Fault {
     PanicAt(&'static str),
 }
 
+/// Counts by (operation, size of the group it ran over).
+type Counts = std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<(&'static str, usize), usize>>>;
+
 /// A rank's collectives with a [`Fault`], counting the calls issued of each kind and the
-/// bytes of their inputs.
+/// bytes of their inputs, also over the sub-groups made from it.
 pub struct FaultyCollectives {
     pub inner: std::sync::Arc<dyn candle_fsdp::dist::Collectives>,
     pub fault: Fault,
-    calls: std::sync::Mutex<std::collections::BTreeMap<&'static str, usize>>,
-    bytes: std::sync::Mutex<std::collections::BTreeMap<&'static str, usize>>,
+    calls: Counts,
+    bytes: Counts,
 }
 
 impl FaultyCollectives {
@@ -119,22 +122,29 @@ impl FaultyCollectives {
         Self { inner, fault, calls: Default::default(), bytes: Default::default() }
     }
 
-    /// The bytes of the inputs of every call of `op` issued (what this rank contributed).
+    /// The bytes of the inputs of every call of `op` issued (what this rank contributed),
+    /// over every group.
     pub fn bytes(&self, op: &str) -> usize {
-        self.bytes.lock().unwrap().get(op).copied().unwrap_or(0)
+        self.bytes.lock().unwrap().iter().filter(|((o, _), _)| *o == op).map(|(_, n)| n).sum()
+    }
+
+    /// As [`FaultyCollectives::bytes`], over groups of `size` ranks only.
+    pub fn bytes_in_groups_of(&self, op: &str, size: usize) -> usize {
+        self.bytes.lock().unwrap().get(&(op, size)).copied().unwrap_or(0)
     }
 
     fn count_bytes(&self, op: &'static str, input: &Tensor) {
-        *self.bytes.lock().unwrap().entry(op).or_default() += input.elem_count() * input.dtype().size_in_bytes();
+        let bytes = input.elem_count() * input.dtype().size_in_bytes();
+        *self.bytes.lock().unwrap().entry((op, self.inner.size())).or_default() += bytes;
     }
 
     /// How many calls of `op` ("all_gather", "reduce_scatter", ...) were issued.
     pub fn calls(&self, op: &str) -> usize {
-        self.calls.lock().unwrap().get(op).copied().unwrap_or(0)
+        self.calls.lock().unwrap().iter().filter(|((o, _), _)| *o == op).map(|(_, n)| n).sum()
     }
 
     fn before(&self, op: &'static str, label: &str) {
-        *self.calls.lock().unwrap().entry(op).or_default() += 1;
+        *self.calls.lock().unwrap().entry((op, self.inner.size())).or_default() += 1;
         match self.fault {
             Fault::SlowReduceScatter(delay) if op == "reduce_scatter" => std::thread::sleep(delay),
             Fault::PanicAt(text) if label.contains(text) => {
@@ -192,7 +202,13 @@ impl candle_fsdp::dist::Collectives for FaultyCollectives {
         self.inner.barrier(label)
     }
     fn new_group(&self, global_ranks: &[usize]) -> candle_fsdp::Result<Box<dyn candle_fsdp::dist::Collectives>> {
-        self.inner.new_group(global_ranks)
+        let group = self.inner.new_group(global_ranks)?;
+        Ok(Box::new(FaultyCollectives {
+            inner: group.into(),
+            fault: self.fault,
+            calls: self.calls.clone(),
+            bytes: self.bytes.clone(),
+        }))
     }
     fn abort(&self, reason: &str) {
         self.inner.abort(reason)

@@ -40,7 +40,8 @@ fn device_of<M>(fsdp: &Fsdp<M>) -> Device {
 /// Refuses models with a unit sharded over its own group: its value differs between
 /// groups, and a checkpoint keeps one value per FQN.
 fn check_world_sharded<M>(fsdp: &Fsdp<M>, what: &str) -> Result<()> {
-    match fsdp.groups().iter().find(|g| g.comm.size() != fsdp.world_size()) {
+    // Under hybrid sharding a unit's shard group and its replicas span the world.
+    match fsdp.groups().iter().find(|g| g.comm.size() * g.replica_count() != fsdp.world_size()) {
         None => Ok(()),
         Some(group) => Err(Error::CheckpointUnsupported {
             rank: fsdp.rank(),

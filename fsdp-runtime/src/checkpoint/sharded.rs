@@ -191,7 +191,7 @@ struct RankContents {
 /// The elements of a parameter's flattened value that this rank saves: its shard without
 /// the padding. Without sharding every rank holds everything, and rank 0 saves it.
 fn saved_len(group: &ParamGroup, param: usize, rank: usize) -> usize {
-    if group.shard_world == 1 && rank != 0 {
+    if (group.shard_world == 1 && rank != 0) || group.replica_rank() != 0 {
         return 0;
     }
     group.params[param].spec.real_len(group.shard_rank())

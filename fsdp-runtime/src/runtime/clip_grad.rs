@@ -38,7 +38,7 @@ impl<M> Fsdp<M> {
         let mut named = Vec::new();
         let mut parts = Vec::new();
         for group in self.groups() {
-            if group.replicates() && group.comm.rank() != 0 {
+            if (group.replicates() && group.comm.rank() != 0) || group.replica_rank() != 0 {
                 continue;
             }
             for param in &group.params {

@@ -3,7 +3,7 @@
 use super::autograd::GradSink;
 use super::flat_buffer::{pad, ShardSpec};
 use super::meta_model::{storage_address, MetaModel, MetaParam};
-use super::param_group::ParamGroup;
+use super::param_group::{ParamGroup, UnitComms};
 use super::rank_agreement::check_ranks_agree;
 use super::rank_state::{ForwardMode, RankState, ROOT};
 use super::seeded_init;
@@ -172,11 +172,23 @@ impl<M: ShardableModel> Fsdp<M> {
         if config.communicates_over(comm.size()) {
             check_ranks_agree(comm.as_ref(), &layout)?;
         }
-        let mut unit_comms: Vec<Arc<dyn Collectives>> = vec![comm.clone(); layout.units.len()];
+        let UnitComms { shards, replicas } = hybrid_groups(&comm, &config)?;
+        let mut unit_comms: Vec<Arc<dyn Collectives>> = vec![shards; layout.units.len()];
+        let mut unit_replicas = vec![replicas; layout.units.len()];
         for (name, group) in unit_groups {
             let index = layout.unit_named(&name).ok_or(Error::UnknownUnit { name })?;
             unit_comms[index] = group;
+            unit_replicas[index] = None;
         }
+        // Initial values are made equal over every rank that holds them: the whole world
+        // under hybrid sharding, not only the shard group.
+        let sync_over = |unit: usize| -> &dyn Collectives {
+            if unit_replicas[unit].is_some() {
+                comm.as_ref()
+            } else {
+                unit_comms[unit].as_ref()
+            }
+        };
         let sharded = config.strategy.shards();
         let first_values = FirstValues { config: &config, seeded };
 
@@ -208,7 +220,7 @@ impl<M: ShardableModel> Fsdp<M> {
                         .enumerate()
                         .map(|(i, p)| {
                             let spec = ShardSpec::new(p.tensor.elem_count(), shard_world);
-                            let shard = first_values.shard(p, group.as_ref(), spec, shard_rank)?;
+                            let shard = first_values.shard(p, sync_over(index), spec, shard_rank)?;
                             let gathered = Unallocated {
                                 shape: p.tensor.shape().clone(),
                                 dtype: compute_dtype.unwrap_or(p.tensor.dtype()),
@@ -217,16 +229,17 @@ impl<M: ShardableModel> Fsdp<M> {
                         })
                         .collect::<Result<Vec<_>>>()?;
                     let name = unit.display_name().to_string();
-                    Ok(ParamGroup::new(index, name, params, group, shard_world, &config, index == ROOT))
+                    let comms = UnitComms { shards: group, replicas: unit_replicas[index].clone() };
+                    Ok(ParamGroup::new(index, name, params, comms, &config, index == ROOT))
                 })
                 .collect()
         };
-        let state = RankState::new(comm, config, layout.forward_order.clone(), build_groups)?;
+        let state = RankState::new(comm.clone(), config, layout.forward_order.clone(), build_groups)?;
 
         // The model's layers now hold the gathered nodes and the buffers' first values.
         let mut replacement: HashMap<TensorId, Tensor> = HashMap::new();
         for param in layout.params.iter().filter(|p| p.role == Role::Buffer) {
-            let value = first_values.full(param, unit_comms[param.unit].as_ref())?;
+            let value = first_values.full(param, sync_over(param.unit))?;
             replacement.insert(param.tensor.id(), value);
         }
         for (group, unit) in state.groups.iter().zip(&layout.units) {
@@ -505,6 +518,42 @@ impl<M> Fsdp<M> {
     pub(crate) fn comm(&self) -> &Arc<dyn Collectives> {
         &self.state.comm
     }
+}
+
+/// This rank's shard group and replica group under hybrid sharding
+/// ([`FsdpConfig::shard_group_size`]): groups of `size` consecutive ranks of `world`, and
+/// the ranks at the same position in every group; without it (or with one group), the
+/// world and no replicas. A collective over `world` (one small all-gather of the
+/// members' global ranks, which the groups are named by).
+fn hybrid_groups(world: &Arc<dyn Collectives>, config: &FsdpConfig) -> Result<UnitComms> {
+    let plain = UnitComms { shards: world.clone(), replicas: None };
+    let Some(size) = config.shard_group_size else {
+        return Ok(plain);
+    };
+    let n = world.size();
+    let refuse = |problem: String| Err(Error::BadShardGroup { rank: world.global_rank(), world: n, size, problem });
+    if !config.strategy.shards() {
+        return refuse("NO_SHARD shards nothing; hybrid sharding needs FULL_SHARD or SHARD_GRAD_OP".into());
+    }
+    if size == 0 || !n.is_multiple_of(size) {
+        return refuse(format!("{n} ranks do not split into groups of {size}"));
+    }
+    if size == n {
+        return Ok(plain);
+    }
+    let mine = Tensor::new(&[world.global_rank() as u32], &world.device())?;
+    let globals = world.all_gather(&mine, "the global ranks of the world (hybrid sharding)")?.wait()?;
+    let globals = globals.to_device(&candle_core::Device::Cpu)?.to_vec1::<u32>()?;
+    let global = |rank: usize| globals[rank] as usize;
+    let me = world.rank();
+    let first = me / size * size;
+    let shard_ranks: Vec<usize> = (first..first + size).map(global).collect();
+    let replica_ranks: Vec<usize> = (me % size..n).step_by(size).map(global).collect();
+    // Every rank makes its shard group first, then its replica group: the members of each
+    // meet in the same order.
+    let shards: Arc<dyn Collectives> = world.new_group(&shard_ranks)?.into();
+    let replicas: Arc<dyn Collectives> = world.new_group(&replica_ranks)?.into();
+    Ok(UnitComms { shards, replicas: Some(replicas) })
 }
 
 /// The dtype a unit whose first trained parameter is `first` computes in, when the

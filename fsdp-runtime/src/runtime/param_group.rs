@@ -99,6 +99,14 @@ struct GroupState {
     prefetched: Option<Work>,
 }
 
+/// The ranks a unit talks to: those it is sharded over, and under hybrid sharding those
+/// holding the same shards.
+#[derive(Clone)]
+pub(crate) struct UnitComms {
+    pub shards: Arc<dyn Collectives>,
+    pub replicas: Option<Arc<dyn Collectives>>,
+}
+
 pub(crate) struct ParamGroup {
     pub index: usize,
     pub name: String,
@@ -108,6 +116,9 @@ pub(crate) struct ParamGroup {
     pub comm: Arc<dyn Collectives>,
     /// How many ranks the parameters are split over (1 without sharding).
     pub shard_world: usize,
+    /// Under hybrid sharding, the ranks holding the same shards as this one (one per
+    /// shard group), across which the reduced shard gradients are averaged.
+    pub replicas: Option<Arc<dyn Collectives>>,
     /// Whether gathers and reductions go through the collectives. Not over a group of
     /// one rank, where a gather is a copy of the shard and a reduction the gradient
     /// itself, unless the configuration asks for the collectives anyway.
@@ -128,11 +139,12 @@ impl ParamGroup {
         index: usize,
         name: String,
         params: Vec<ShardedParam>,
-        comm: Arc<dyn Collectives>,
-        shard_world: usize,
+        comms: UnitComms,
         config: &FsdpConfig,
         is_root: bool,
     ) -> Self {
+        let UnitComms { shards: comm, replicas } = comms;
+        let shard_world = if config.strategy.shards() { comm.size() } else { 1 };
         let state = GroupState {
             residency: Residency::Unsharded,
             training: TrainingState::Idle,
@@ -147,6 +159,7 @@ impl ParamGroup {
             communicates: config.communicates_over(comm.size()),
             comm,
             shard_world,
+            replicas,
             reshard_after_forward: strategy == ShardingStrategy::FullShard && !is_root,
             keeps_full_values: !strategy.shards(),
             reduce_dtype: config.mixed_precision.reduce_dtype_for(model_dtype),
@@ -180,6 +193,17 @@ impl ParamGroup {
     /// gradients) whole.
     pub fn replicates(&self) -> bool {
         self.keeps_full_values
+    }
+
+    /// This rank's position among the ranks that hold the same shards (0 without hybrid
+    /// sharding): a shard is saved and counted once, by position 0.
+    pub fn replica_rank(&self) -> usize {
+        self.replicas.as_ref().map_or(0, |r| r.rank())
+    }
+
+    /// How many ranks hold the same shards (1 without hybrid sharding).
+    pub fn replica_count(&self) -> usize {
+        self.replicas.as_ref().map_or(1, |r| r.size())
     }
 
     /// This rank's position among the ranks the parameters are split over (0 without
@@ -509,12 +533,13 @@ impl ParamGroup {
         Ok(())
     }
 
-    /// Averages the gradients (in the reduce dtype) over the ranks (one collective) and
-    /// returns this rank's shard of each, by parameter index, in the shards' dtype.
-    /// Parameters without a gradient get none, as in a plain backward.
+    /// Averages the gradients (in the reduce dtype) over the ranks (one collective, and
+    /// under hybrid sharding a second across the replicas) and returns this rank's shard
+    /// of each, by parameter index, in the shards' dtype. Parameters without a gradient
+    /// get none, as in a plain backward.
     fn reduce(&self, grads: Vec<(usize, Tensor)>) -> Result<Vec<(usize, Tensor)>> {
         let shard_dtype = |i: usize| self.params[i].shard.dtype();
-        if !self.communicates {
+        if !self.communicates && self.replicas.is_none() {
             // Averaging over one rank changes nothing: no packing, no collective.
             return grads.into_iter().map(|(i, grad)| Ok((i, grad.flatten_all()?.to_dtype(shard_dtype(i))?))).collect();
         }
@@ -526,11 +551,19 @@ impl ParamGroup {
         let params: Vec<usize> = grads.iter().map(|(i, _)| *i).collect();
         // The full gradients are in the packed buffer now: not two copies during the call.
         drop(grads);
-        let reduced = if self.keeps_full_values {
+        let mut reduced = if !self.communicates {
+            packed
+        } else if self.keeps_full_values {
             self.comm.all_reduce(&packed, ReduceOp::Avg, &self.label())?.wait()?
         } else {
             self.comm.reduce_scatter(&packed, ReduceOp::Avg, &self.label())?.wait()?
         };
+        if let Some(replicas) = &self.replicas {
+            // Every shard group averaged over equally many ranks: the mean of the means is
+            // the mean over the world.
+            let label = format!("{} across its replicas", self.label());
+            reduced = replicas.all_reduce(&reduced, ReduceOp::Avg, &label)?.wait()?;
+        }
         split_reduced(&self.specs(), &params, &reduced)?
             .into_iter()
             .map(|(i, grad)| Ok((i, grad.to_dtype(shard_dtype(i))?)))
