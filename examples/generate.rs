@@ -61,11 +61,20 @@ struct Args {
     /// The `--seed` the model was trained with: its successor rule is checked.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// `cpu`, or `cuda` (GPU 0; needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let device = Device::Cpu;
+    let device = match args.device.as_str() {
+        "cpu" => Device::Cpu,
+        #[cfg(feature = "cuda")]
+        _ => Device::new_cuda(0)?,
+        #[cfg(not(feature = "cuda"))]
+        other => anyhow::bail!("--device {other}: this binary was built without the `cuda` feature"),
+    };
     let config_path = args.model.join("config.json");
     let text = std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
     let config: reference::LlamaConfig =
