@@ -287,6 +287,11 @@ pub struct FsdpArgs {
     #[arg(long)]
     pub shard_group_size: Option<usize>,
 
+    /// Checkpoint every decoder layer's activations: a layer keeps only its inputs after
+    /// its forward and runs the forward again in backward.
+    #[arg(long)]
+    pub activation_checkpointing: bool,
+
     /// What the units compute in: `f32`, or `bf16` / `f16` over f32 master weights with
     /// gradients reduced in f32 (`f16` with dynamic loss scaling).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
@@ -338,5 +343,6 @@ impl FsdpArgs {
             .forward_prefetch(self.forward_prefetch)
             .mixed_precision(self.precision.policy());
         candle_fsdp::FsdpConfig { shard_group_size: self.shard_group_size, ..config }
+            .activation_checkpointing(self.activation_checkpointing)
     }
 }

@@ -189,6 +189,10 @@ pub struct FsdpConfig {
     /// across the replicas by one all-reduce. With `SHARD_GRAD_OP` this is
     /// `_HYBRID_SHARD_ZERO2`. `None`, or the world size: one group, plain FSDP.
     pub shard_group_size: Option<usize>,
+    /// Checkpoint the activations of every unit that holds no other unit (the root
+    /// excepted): its forward keeps only its inputs, and its backward runs the forward
+    /// again. Such units are called through `Module::forward` or [`crate::Unit::run_fn`].
+    pub activation_checkpointing: bool,
     /// Run every collective even over a group of one rank, where it is skipped otherwise
     /// (a gather is then a copy of the shard, a reduction the gradient itself): one GPU
     /// then exercises the path of several (all-gather, copy-out, reduce-scatter). Same
@@ -208,6 +212,7 @@ impl Default for FsdpConfig {
             sync_module_states: true,
             mixed_precision: MixedPrecision::default(),
             shard_group_size: None,
+            activation_checkpointing: false,
             collectives_at_world_one: false,
         }
     }
@@ -248,6 +253,12 @@ impl FsdpConfig {
     /// ([`FsdpConfig::shard_group_size`]).
     pub fn hybrid_shard(mut self, ranks: usize) -> Self {
         self.shard_group_size = Some(ranks);
+        self
+    }
+
+    /// Sets [`FsdpConfig::activation_checkpointing`].
+    pub fn activation_checkpointing(mut self, on: bool) -> Self {
+        self.activation_checkpointing = on;
         self
     }
 

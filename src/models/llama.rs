@@ -573,8 +573,13 @@ impl Llama {
         }
         let mut x = self.embed_tokens.forward(input_ids)?;
         let mask = causal_mask(seq, x.dtype(), x.device())?;
+        let (cos, sin) = (&self.rotary.cos, &self.rotary.sin);
         for layer in &self.layers {
-            x = layer.run(x, |layer, x| layer.forward(&x, &self.rotary, &mask))?;
+            // Everything the layer reads comes in as an input, so that a checkpointed layer
+            // can run its forward again in backward.
+            x = layer.run_fn((x, mask.clone(), cos.clone(), sin.clone()), |layer, (x, mask, cos, sin)| {
+                layer.forward(&x, &RotaryEmbedding { cos, sin }, &mask)
+            })?;
         }
         self.lm_head.forward(&rms_norm(&self.norm, &x)?)
     }

@@ -335,7 +335,7 @@ impl TransformerDecoder {
         let mut x = tgt.clone();
         for layer in &self.layers {
             // `memory` is an input of every layer (it carries gradients back to the encoder).
-            x = layer.run((x, memory.clone()), |layer, (x, memory)| layer.forward(&x, &memory))?;
+            x = layer.run_fn((x, memory.clone()), |layer, (x, memory)| layer.forward(&x, &memory))?;
         }
         layer_norm(&self.norm, &x)
     }

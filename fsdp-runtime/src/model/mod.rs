@@ -15,6 +15,8 @@ pub(crate) mod schema;
 pub(crate) mod table;
 pub(crate) mod unit;
 
+pub(crate) use unit::Recompute;
+
 pub use layout::{Layout, ParamInfo, Tie, UnitInfo};
 pub use schema::{FieldSchema, Node, Role, StructSchema, TensorMap, VisitOrder, Visitor, INDEX};
 pub use table::{FqnTemplate, ParamTemplate, StaticTable, UnitTemplate, MAX_DEPTH};

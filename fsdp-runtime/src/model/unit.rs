@@ -14,6 +14,10 @@ use crate::error::{into_candle, Error};
 use candle_core::{Module, Result, Tensor};
 use std::sync::{Arc, OnceLock};
 
+/// A unit's forward as a function of its input tensors (in [`Activations`] order) to its
+/// output tensors, which a checkpointed unit runs again in backward.
+pub(crate) type Recompute = Arc<dyn Fn(Vec<Tensor>) -> Result<Vec<Tensor>> + Send + Sync>;
+
 /// What a wrapped unit calls around its forward. The executor implements it; hooks see
 /// only the flat list of tensors in the unit's inputs and outputs, in
 /// [`Activations::for_each_tensor`] order, and return the list to continue with.
@@ -24,6 +28,20 @@ pub(crate) trait UnitHooks: Send + Sync {
     fn pre_forward(&self, unit: usize) -> crate::Result<()>;
     /// After the forward, on the outputs (to hook the unit's pre-backward).
     fn post_forward(&self, unit: usize, outputs: Vec<Tensor>) -> crate::Result<Vec<Tensor>>;
+    /// Whether the unit's activations are checkpointed in this forward (a training
+    /// forward of a unit the configuration checkpoints).
+    fn checkpoints(&self, unit: usize) -> bool;
+    /// The unit's name, for messages.
+    fn unit_name(&self, unit: usize) -> String;
+    /// Joins the outputs of a checkpointed unit's first forward (detached) to its inputs
+    /// so that backward runs `recompute` again; returns the outputs to hand on.
+    fn attach_checkpoint(
+        &self,
+        unit: usize,
+        inputs: Vec<Tensor>,
+        outputs: Vec<Tensor>,
+        recompute: Recompute,
+    ) -> crate::Result<Vec<Tensor>>;
     /// The unit's forward failed with `error`: the error to report, with what the runtime
     /// knows of the cause.
     fn forward_failed(&self, unit: usize, error: candle_core::Error) -> candle_core::Error;
@@ -50,9 +68,12 @@ impl std::fmt::Debug for UnitCell {
 }
 
 /// An FSDP unit wrapping the module `T`.
+///
+/// The module is shared (an `Arc`) so that a checkpointed unit's backward can run its
+/// forward again after the forward call has returned.
 #[derive(Debug)]
 pub struct Unit<T> {
-    inner: T,
+    inner: Arc<T>,
     cell: UnitCell,
 }
 
@@ -60,16 +81,28 @@ impl<T> Unit<T> {
     /// Marks `inner` as one unit; it is not wrapped until the model is given to
     /// [`crate::Fsdp::wrap`].
     pub fn new(inner: T) -> Self {
-        Self { inner, cell: UnitCell::default() }
+        Self { inner: Arc::new(inner), cell: UnitCell::default() }
     }
 
     /// Runs the unit's forward `f` on `inputs`: the way to call a forward with any
     /// signature. Once wrapped, the unit's parameters are gathered before `f` and freed
     /// after it as the strategy says, and the outputs are hooked for the backward.
+    ///
+    /// `f` may borrow anything, so it cannot run again later: a unit whose activations
+    /// are checkpointed ([`crate::FsdpConfig::activation_checkpointing`]) is called
+    /// through [`Unit::run_fn`] or `Module::forward` instead, and fails here.
     pub fn run<I: Activations, R: Activations>(&self, inputs: I, f: impl FnOnce(&T, I) -> Result<R>) -> Result<R> {
         let Some((hooks, index)) = self.cell.0.get() else {
             return f(&self.inner, inputs);
         };
+        if hooks.checkpoints(*index) {
+            candle_core::bail!(
+                "unit `{}` is checkpointed, but its forward was called through Unit::run, whose closure cannot run \
+                 again in backward: call it through Module::forward or Unit::run_fn (a function; pass what it needs \
+                 as inputs)",
+                hooks.unit_name(*index)
+            );
+        }
         let bound = hooks.bind_inputs(*index, inputs.tensors()).map_err(into_candle)?;
         let inputs = inputs.with_tensors(bound)?;
         hooks.pre_forward(*index).map_err(into_candle)?;
@@ -78,15 +111,56 @@ impl<T> Unit<T> {
         outputs.with_tensors(hooked)
     }
 
-    /// The module, without the unit boundary or any hooks installed in it.
-    pub fn into_inner(self) -> T {
-        self.inner
+    /// The module, without the unit boundary or any hooks installed in it; fails while a
+    /// graph of a checkpointed forward still holds it (drop the outputs first).
+    pub fn into_inner(self) -> Result<T> {
+        Arc::try_unwrap(self.inner).map_err(|_| {
+            candle_core::Error::Msg(
+                "the unit's module is still held by the graph of a checkpointed forward: drop its outputs first".into(),
+            )
+        })
     }
 }
 
-impl<T: Module> Module for Unit<T> {
+impl<T: Send + Sync + 'static> Unit<T> {
+    /// As [`Unit::run`], with a forward that can run again: a function (a closure that
+    /// captures nothing), which gets everything it needs through `inputs`. A unit whose
+    /// activations are checkpointed keeps only its inputs after this forward, and its
+    /// backward runs `f` again.
+    pub fn run_fn<I, R>(&self, inputs: I, f: fn(&T, I) -> Result<R>) -> Result<R>
+    where
+        I: Activations + Clone + Send + Sync + 'static,
+        R: Activations + 'static,
+    {
+        let Some((hooks, index)) = self.cell.0.get() else {
+            return f(&self.inner, inputs);
+        };
+        if !hooks.checkpoints(*index) {
+            return self.run(inputs, f);
+        }
+        let bound = hooks.bind_inputs(*index, inputs.tensors()).map_err(into_candle)?;
+        let inputs = inputs.with_tensors(bound)?;
+        hooks.pre_forward(*index).map_err(into_candle)?;
+        let received = inputs.tensors();
+        // The first forward runs on detached inputs: its graph goes when its outputs are
+        // replaced below, and only the inputs and outputs stay.
+        let template = inputs.with_tensors(received.iter().map(Tensor::detach).collect())?;
+        let outputs = f(&self.inner, template.clone()).map_err(|e| hooks.forward_failed(*index, e))?;
+        let values = outputs.tensors().iter().map(Tensor::detach).collect();
+        let inner = self.inner.clone();
+        let recompute: Recompute = Arc::new(move |tensors: Vec<Tensor>| {
+            let inputs = template.clone().with_tensors(tensors)?;
+            Ok(f(&inner, inputs)?.tensors())
+        });
+        let joined = hooks.attach_checkpoint(*index, received, values, recompute).map_err(into_candle)?;
+        let hooked = hooks.post_forward(*index, joined).map_err(into_candle)?;
+        outputs.with_tensors(hooked)
+    }
+}
+
+impl<T: Module + Send + Sync + 'static> Module for Unit<T> {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.run(xs.clone(), |inner, xs| inner.forward(&xs))
+        self.run_fn(xs.clone(), |inner, xs| inner.forward(&xs))
     }
 }
 
@@ -101,6 +175,6 @@ impl<T: Shardable> Shardable for Unit<T> {
 
     /// The rebuilt unit is not wrapped: its cell starts empty.
     fn map_tensors(self, map: &mut dyn TensorMap) -> Result<Self> {
-        Ok(Self::new(self.inner.map_tensors(map)?))
+        Ok(Self::new(self.into_inner()?.map_tensors(map)?))
     }
 }

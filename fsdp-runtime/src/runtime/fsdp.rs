@@ -230,7 +230,11 @@ impl<M: ShardableModel> Fsdp<M> {
                         .collect::<Result<Vec<_>>>()?;
                     let name = unit.display_name().to_string();
                     let comms = UnitComms { shards: group, replicas: unit_replicas[index].clone() };
-                    Ok(ParamGroup::new(index, name, params, comms, &config, index == ROOT))
+                    let mut group = ParamGroup::new(index, name, params, comms, &config, index == ROOT);
+                    // Only units holding no other unit: a recomputed forward runs no hooks.
+                    let leaf = !layout.units.iter().any(|u| u.parent == Some(index));
+                    group.checkpointed = config.activation_checkpointing && index != ROOT && leaf;
+                    Ok(group)
                 })
                 .collect()
         };

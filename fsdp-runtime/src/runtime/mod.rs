@@ -3,6 +3,7 @@
 //! the sharded parameter and its flat-buffer layout, the autograd ops and storage swaps,
 //! and the trace and memory records. Uses `model` and `dist`; neither uses it.
 
+mod activation_checkpoint;
 mod autograd;
 mod clip_grad;
 mod flat_buffer;

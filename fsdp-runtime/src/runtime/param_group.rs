@@ -119,6 +119,9 @@ pub(crate) struct ParamGroup {
     /// Under hybrid sharding, the ranks holding the same shards as this one (one per
     /// shard group), across which the reduced shard gradients are averaged.
     pub replicas: Option<Arc<dyn Collectives>>,
+    /// Whether its training forwards keep only their inputs and its backward runs the
+    /// forward again (activation checkpointing).
+    pub checkpointed: bool,
     /// Whether gathers and reductions go through the collectives. Not over a group of
     /// one rank, where a gather is a copy of the shard and a reduction the gradient
     /// itself, unless the configuration asks for the collectives anyway.
@@ -160,6 +163,7 @@ impl ParamGroup {
             comm,
             shard_world,
             replicas,
+            checkpointed: false,
             reshard_after_forward: strategy == ShardingStrategy::FullShard && !is_root,
             keeps_full_values: !strategy.shards(),
             reduce_dtype: config.mixed_precision.reduce_dtype_for(model_dtype),

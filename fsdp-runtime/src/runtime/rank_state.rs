@@ -9,6 +9,7 @@
 //! makes the same prefetch. A prefetch targets a unit only if that unit's backward is
 //! still to come and no prefetch gathered it already.
 
+use super::activation_checkpoint;
 use super::autograd::{BackwardHook, GradSink, LiveHook};
 use super::param_group::{ParamGroup, Residency, TrainingState};
 use super::trace::{TraceEvent, UnshardCause};
@@ -16,7 +17,7 @@ use super::{backward_prefetch_target, forward_prefetch_target, Recorders};
 use crate::config::{BackwardPrefetch, FsdpConfig, OrderCheck};
 use crate::dist::Collectives;
 use crate::error::{into_candle, Error, Result};
-use crate::model::UnitHooks;
+use crate::model::{Recompute, UnitHooks};
 use crate::pipeline::DeferredGradSink;
 use candle_core::{DType, Tensor, TensorId, Var};
 use std::collections::HashMap;
@@ -479,6 +480,24 @@ impl UnitHooks for RankState {
 
     fn forward_failed(&self, unit: usize, error: candle_core::Error) -> candle_core::Error {
         into_candle(RankState::forward_failed(self, unit, error))
+    }
+
+    fn unit_name(&self, unit: usize) -> String {
+        self.groups[unit].name.clone()
+    }
+
+    fn checkpoints(&self, unit: usize) -> bool {
+        self.groups[unit].checkpointed && self.mode() == ForwardMode::Training
+    }
+
+    fn attach_checkpoint(
+        &self,
+        unit: usize,
+        inputs: Vec<Tensor>,
+        outputs: Vec<Tensor>,
+        recompute: Recompute,
+    ) -> Result<Vec<Tensor>> {
+        activation_checkpoint::attach(self.groups[unit].name.clone(), self.rank(), inputs, outputs, recompute)
     }
 }
 

@@ -1,0 +1,149 @@
+//! What activation checkpointing saves, and what it costs: the main job's Llama trained on
+//! thread ranks at world sizes 1, 2 and 4, with and without
+//! `FsdpConfig::activation_checkpointing`, side by side in one run.
+//!
+//! Memory comes from a counting allocator (the whole process, so all ranks; divided by the
+//! world size): the bytes alive at the end of the forward beyond those before it, less the
+//! gathered parameters FSDP keeps (the root's), are the activations the backward will
+//! need; the peak during the backward beyond the level before the forward is what the
+//! backward adds at most (activations, gathered parameters, gradients). Step time is the
+//! median over the measured steps, forward + backward + AdamW.
+//!
+//! ```text
+//! cargo run --release --example activation_bench
+//! cargo run --release --example activation_bench -- --seq-len 256 --batch-size 4 --steps 4
+//! ```
+
+mod common;
+
+use candle_core::Device;
+use candle_fsdp::models::llama::{Llama, LlamaConfig};
+use candle_fsdp::optim::{AdamW, ParamsAdamW};
+use candle_fsdp::{launch, Bytes, Fsdp, FsdpConfig, LaunchOptions, MetaModel};
+use candle_nn::Optimizer;
+use clap::Parser;
+use common::counting_allocator::{allocated, peak, reset_peak, CountingAllocator};
+use common::{median, ms, BigramTask, Rng, DTYPE};
+use std::time::Instant;
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// Activation memory and step time with and without activation checkpointing.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Sequences per rank and step.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Measured steps per run (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// World sizes to run.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4])]
+    worlds: Vec<usize>,
+}
+
+/// The main job's model (examples/train.rs).
+fn model_config(seq_len: usize) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 128,
+        hidden_size: 128,
+        intermediate_size: 344,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        max_position_embeddings: seq_len,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        initializer_range: 0.02,
+        ..LlamaConfig::default()
+    }
+}
+
+/// Per rank: activations alive at the end of the forward, the backward's peak above the
+/// level before the forward, and the median step time in ms.
+struct Measured {
+    activations: usize,
+    backward_peak: usize,
+    step_ms: f64,
+}
+
+fn measure(args: &Args, world: usize, checkpointing: bool) -> anyhow::Result<Measured> {
+    let config = model_config(args.seq_len);
+    let task = BigramTask::new(config.vocab_size, 0.1, 3);
+    let fsdp_config = FsdpConfig::default().activation_checkpointing(checkpointing);
+    let runs = launch(LaunchOptions::new(world), |ctx| {
+        let meta = MetaModel::build(DTYPE, &Device::Cpu, |vb| Llama::new(&config, vb))?;
+        let fsdp = Fsdp::wrap_meta(meta, ctx.comm.clone(), fsdp_config, 1)?;
+        let mut optimizer = AdamW::new(fsdp.parameters(), ParamsAdamW { lr: 1e-3, ..ParamsAdamW::default() })?;
+        let (mut times, mut activations, mut backward_peak) = (Vec::new(), 0, 0);
+        for step in 0..=args.steps {
+            let mut rng = Rng::stream(7, ((step as u64) << 8) | ctx.rank as u64);
+            let (ids, targets) = task.batch(&mut rng, args.batch_size, args.seq_len, &Device::Cpu)?;
+            // Every rank at the same point before each reading of the (process-wide) counters.
+            ctx.comm.barrier("before the forward")?;
+            let before = reset_peak();
+            ctx.comm.barrier("counters reset")?;
+            let started = Instant::now();
+            let logits = fsdp.forward(|m| m.forward(&ids))?;
+            let loss = common::next_token_loss(&logits, &targets)?;
+            ctx.comm.barrier("after the forward")?;
+            let after_forward = allocated();
+            let kept = fsdp.memory().gathered_bytes;
+            ctx.comm.barrier("forward read")?;
+            let grads = fsdp.backward(&loss)?;
+            ctx.comm.barrier("after the backward")?;
+            let highest = peak();
+            optimizer.step(&grads)?;
+            let elapsed = started.elapsed();
+            if step > 0 {
+                times.push(ms(elapsed));
+                activations = (after_forward.saturating_sub(before) / world).saturating_sub(kept);
+                backward_peak = highest.saturating_sub(before) / world;
+            }
+        }
+        Ok(Measured { activations, backward_peak, step_ms: median(&times) })
+    })?;
+    Ok(runs.into_iter().next().expect("rank 0"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = model_config(args.seq_len);
+    println!(
+        "Llama of the main job ({} layers, hidden {}), {} x {} tokens per rank, FULL_SHARD, f32; {} measured steps",
+        config.num_hidden_layers, config.hidden_size, args.batch_size, args.seq_len, args.steps
+    );
+    println!(
+        "  {:<7} {:>22} {:>22} {:>8} {:>22} {:>22} {:>10}",
+        "world",
+        "activations (plain)",
+        "activations (ckpt)",
+        "ratio",
+        "backward peak (plain)",
+        "backward peak (ckpt)",
+        "step time"
+    );
+    for &world in &args.worlds {
+        let plain = measure(&args, world, false)?;
+        let checkpointed = measure(&args, world, true)?;
+        println!(
+            "  {:<7} {:>22} {:>22} {:>8.3} {:>22} {:>22} {:>9.2}x",
+            world,
+            Bytes(plain.activations).to_string(),
+            Bytes(checkpointed.activations).to_string(),
+            checkpointed.activations as f64 / plain.activations.max(1) as f64,
+            Bytes(plain.backward_peak).to_string(),
+            Bytes(checkpointed.backward_peak).to_string(),
+            checkpointed.step_ms / plain.step_ms
+        );
+    }
+    println!(
+        "  (per rank; activations: bytes alive at the end of the forward less the gathered parameters kept; backward \
+         peak: above the level before the forward; step time: checkpointed / plain, medians)"
+    );
+    Ok(())
+}

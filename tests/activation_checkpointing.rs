@@ -1,0 +1,274 @@
+//! Activation checkpointing (`FsdpConfig::activation_checkpointing`): a checkpointed unit
+//! keeps only its inputs after its forward and runs the forward again in backward.
+//!
+//! The results must be those of the same training without checkpointing, to the bit: on
+//! the seed's `nn.Transformer` (encoder layers called through `Module::forward`, decoder
+//! layers with two inputs through `Unit::run_fn`) and on the Llama model, at world sizes
+//! 1-4 under every strategy and backward prefetch mode. Then what is refused: a
+//! checkpointed unit called through a closure that cannot run again, and a forward that
+//! computes other outputs the second time.
+
+use fsdp_testkit as common;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_fsdp::models::llama::{Llama, LlamaConfig};
+use candle_fsdp::models::transformer::Transformer;
+use candle_fsdp::optim::{SgdMomentum, SgdMomentumConfig};
+use candle_fsdp::{
+    launch, BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, Shardable, ShardableModel, ShardingStrategy, TraceEvent,
+    Unit,
+};
+use candle_nn::{Linear, Optimizer, VarBuilder};
+use common::{build, Snapshot};
+use std::collections::BTreeMap;
+
+const STEPS: usize = 2;
+const OPTIMIZER: SgdMomentumConfig = SgdMomentumConfig { lr: 1e-2, momentum: 0.9 };
+
+struct Trained {
+    losses: Vec<f32>,
+    params: BTreeMap<String, Vec<f32>>,
+    /// Per step, the units whose gathered parameters were freed after their forward and
+    /// gathered again for their backward, in order.
+    unshards: Vec<String>,
+}
+
+/// Trains on `world` ranks; `loss` runs one rank's forward and returns its loss.
+fn train<M: ShardableModel>(
+    snapshot: &Snapshot,
+    world: usize,
+    config: FsdpConfig,
+    construct: impl Fn(VarBuilder) -> candle_core::Result<M> + Sync,
+    loss: impl Fn(&Fsdp<M>, usize) -> candle_fsdp::Result<Tensor> + Sync,
+) -> Vec<Trained> {
+    launch(LaunchOptions::new(world), |ctx| {
+        let (model, _, _) = build(Some(snapshot), DType::F32, &construct)?;
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), config)?;
+        let mut opt = SgdMomentum::new(fsdp.parameters(), OPTIMIZER)?;
+        let mut losses = Vec::new();
+        for _ in 0..STEPS {
+            let l = loss(&fsdp, ctx.rank)?;
+            losses.push(l.to_scalar::<f32>()?);
+            opt.step(&fsdp.backward(&l)?)?;
+        }
+        let unshards = fsdp
+            .take_trace()
+            .into_iter()
+            .filter_map(|e| match e {
+                TraceEvent::Unshard { unit, .. } => Some(unit),
+                _ => None,
+            })
+            .collect();
+        let params = fsdp
+            .full_parameters()?
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.flatten_all()?.to_vec1::<f32>()?)))
+            .collect::<candle_fsdp::Result<_>>()?;
+        Ok(Trained { losses, params, unshards })
+    })
+    .unwrap()
+}
+
+/// Every world size, strategy and prefetch mode, with and without checkpointing: the
+/// same bits.
+fn bit_identical<M: ShardableModel>(
+    name: &str,
+    construct: impl Fn(VarBuilder) -> candle_core::Result<M> + Sync + Copy,
+    loss: impl Fn(&Fsdp<M>, usize) -> candle_fsdp::Result<Tensor> + Sync + Copy,
+) {
+    let (_, _, snapshot) = build(None, DType::F32, construct).unwrap();
+    for world in 1..=4 {
+        for strategy in ShardingStrategy::ALL {
+            for prefetch in BackwardPrefetch::ALL {
+                let config = FsdpConfig::default().strategy(strategy).backward_prefetch(prefetch);
+                let what = format!("{name}, world {world}, {strategy}, {prefetch}");
+                let plain = train(&snapshot, world, config, construct, loss);
+                let checkpointed = train(&snapshot, world, config.activation_checkpointing(true), construct, loss);
+                for (rank, (p, c)) in plain.iter().zip(&checkpointed).enumerate() {
+                    assert_eq!(p.losses, c.losses, "{what}: rank {rank}'s losses");
+                    assert_eq!(p.params.len(), c.params.len());
+                    for (fqn, values) in &p.params {
+                        assert!(values == &c.params[fqn], "{what}: rank {rank}'s `{fqn}` differs");
+                    }
+                    // The same units are gathered, in the same order: the recompute uses
+                    // the parameters its backward gathered, and prefetching is unchanged.
+                    assert_eq!(p.unshards, c.unshards, "{what}: rank {rank}'s gathers");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_seed_transformer_trains_to_the_same_bits_with_every_layer_checkpointed() {
+    const D_MODEL: usize = 16;
+    let config = common::seed_fqns::seed_transformer_config(D_MODEL, 4, 32);
+    let construct = |vb: VarBuilder| Transformer::new(&config, vb);
+    let loss = |fsdp: &Fsdp<Transformer>, rank: usize| {
+        let seed = rank as u64 + 1;
+        let (src, tgt) = (common::randn(seed, &[6, 1, D_MODEL]), common::randn(seed + 100, &[5, 1, D_MODEL]));
+        Ok(fsdp.forward(|m| m.forward(&src, &tgt))?.sqr()?.mean_all()?)
+    };
+    bit_identical("seed transformer", construct, loss);
+}
+
+fn llama_config() -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 40,
+        hidden_size: 16,
+        intermediate_size: 24,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        max_position_embeddings: 8,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        initializer_range: 0.02,
+        ..LlamaConfig::default()
+    }
+}
+
+fn token_ids(seed: u64) -> Tensor {
+    let u = common::rand(seed, &[2, 8]).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    Tensor::from_vec(u.iter().map(|x| (x * 40.0) as u32 % 40).collect::<Vec<_>>(), (2, 8), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn llama_trains_to_the_same_bits_with_every_layer_checkpointed() {
+    let config = llama_config();
+    let construct = |vb: VarBuilder| Llama::new(&config, vb);
+    let loss = |fsdp: &Fsdp<Llama>, rank: usize| {
+        let ids = token_ids(rank as u64 + 7);
+        let logits = fsdp.forward(|m| m.forward(&ids))?;
+        Ok(candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &token_ids(rank as u64 + 70).flatten_all()?)?)
+    };
+    bit_identical("llama", construct, loss);
+}
+
+/// Two linear layers in one unit; `noise` adds a fresh random draw to the output, as an
+/// unseeded dropout would.
+#[derive(Shardable)]
+struct Pair {
+    a: Linear,
+    b: Linear,
+    #[fsdp(skip)]
+    noise: bool,
+}
+
+impl Module for Pair {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.b.forward(&self.a.forward(x)?.tanh()?)?;
+        if self.noise {
+            &y + y.rand_like(0.0, 1e-3)?
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+#[derive(Shardable)]
+struct TwoUnits {
+    first: Unit<Pair>,
+    second: Unit<Pair>,
+    #[fsdp(skip)]
+    through_run: bool,
+}
+
+impl TwoUnits {
+    fn new(noise: bool, through_run: bool, vb: VarBuilder) -> candle_core::Result<Self> {
+        let pair = |vb: VarBuilder| -> candle_core::Result<Pair> {
+            Ok(Pair { a: candle_nn::linear(4, 4, vb.pp("a"))?, b: candle_nn::linear(4, 4, vb.pp("b"))?, noise })
+        };
+        Ok(Self { first: Unit::new(pair(vb.pp("first"))?), second: Unit::new(pair(vb.pp("second"))?), through_run })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = self.first.forward(x)?;
+        if self.through_run {
+            self.second.run(x, |pair, x| pair.forward(&x))
+        } else {
+            self.second.forward(&x)
+        }
+    }
+}
+
+/// The error of one checkpointed training step of `TwoUnits`.
+fn refused(noise: bool, through_run: bool) -> String {
+    let errors = launch(LaunchOptions::new(2), |ctx| {
+        let (model, _, _) = build(None, DType::F32, |vb| TwoUnits::new(noise, through_run, vb))?;
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default().activation_checkpointing(true))?;
+        let x = common::rand(ctx.rank as u64, &[3, 4]);
+        let step = || -> candle_fsdp::Result<()> {
+            let loss = fsdp.forward(|m| m.forward(&x))?.sum_all()?;
+            fsdp.backward(&loss)?;
+            Ok(())
+        };
+        Ok(step().expect_err("refused").to_string())
+    })
+    .unwrap();
+    errors[0].clone()
+}
+
+#[test]
+fn a_forward_that_computes_other_outputs_the_second_time_is_refused() {
+    let error = refused(true, false);
+    assert!(error.contains("not deterministic") && error.contains("unit `second`"), "{error}");
+}
+
+#[test]
+fn a_checkpointed_unit_called_through_a_closure_that_cannot_run_again_is_refused() {
+    let error = refused(false, true);
+    assert!(error.contains("Unit::run_fn") && error.contains("checkpointed"), "{error}");
+}
+
+/// Forwards of [`Counted`] run so far (this test binary's only user of it).
+static COUNTED_FORWARDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A linear layer that counts its forwards.
+#[derive(Shardable)]
+struct Counted {
+    linear: Linear,
+}
+
+impl Module for Counted {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        COUNTED_FORWARDS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.linear.forward(x)?.tanh()
+    }
+}
+
+#[derive(Shardable)]
+struct CountedModel {
+    layers: Vec<Unit<Counted>>,
+}
+
+#[test]
+fn a_checkpointed_unit_runs_its_forward_again_in_backward_and_an_inference_forward_does_not() {
+    let forwards = |config: FsdpConfig, train: bool| {
+        let before = COUNTED_FORWARDS.load(std::sync::atomic::Ordering::SeqCst);
+        launch(LaunchOptions::new(1), |ctx| {
+            let (model, _, _) = build(None, DType::F32, |vb| {
+                let layers = (0..3)
+                    .map(|i| Ok(Unit::new(Counted { linear: candle_nn::linear(4, 4, vb.pp("layers").pp(i))? })))
+                    .collect::<candle_core::Result<_>>()?;
+                Ok(CountedModel { layers })
+            })?;
+            let fsdp = Fsdp::wrap(model, ctx.comm.clone(), config)?;
+            let x = common::rand(3, &[2, 4]);
+            let run = |m: &CountedModel| m.layers.iter().try_fold(x.clone(), |x, l| l.forward(&x));
+            if train {
+                let loss = fsdp.forward(run)?.sum_all()?;
+                fsdp.backward(&loss)?;
+            } else {
+                fsdp.forward_inference(run)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        COUNTED_FORWARDS.load(std::sync::atomic::Ordering::SeqCst) - before
+    };
+    let checkpointing = FsdpConfig::default().activation_checkpointing(true);
+    assert_eq!(forwards(FsdpConfig::default(), true), 3, "three units, one forward each");
+    assert_eq!(forwards(checkpointing, true), 6, "each unit's forward again in its backward");
+    assert_eq!(forwards(checkpointing, false), 3, "no recompute without a backward");
+}
