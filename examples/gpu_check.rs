@@ -1739,6 +1739,7 @@ fn parity(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
         ("FULL_SHARD, no backward prefetch", FsdpConfig::default().backward_prefetch(BackwardPrefetch::None)),
         ("SHARD_GRAD_OP", FsdpConfig::default().strategy(ShardingStrategy::ShardGradOp)),
         ("NO_SHARD", FsdpConfig::default().strategy(ShardingStrategy::NoShard)),
+        ("FULL_SHARD, activation checkpointing", FsdpConfig::default().activation_checkpointing(true)),
     ];
     let configs: Vec<(String, FsdpConfig)> = strategies
         .iter()
@@ -1846,7 +1847,7 @@ fn parity(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
             );
         }
         sec.figure(
-            "parity, 6 FSDP configurations x (shortcuts, collectives run) vs plain candle",
+            "parity, 7 FSDP configurations x (shortcuts, collectives run) vs plain candle",
             format!(
                 "max |loss diff| {:.3e}, max |param diff| {:.3e} after {} steps",
                 worst.0, worst.1, settings.parity_steps
