@@ -284,6 +284,19 @@ struct RankReport {
 }
 
 fn main() -> anyhow::Result<()> {
+    let outcome = run();
+    if let Err(error) = &outcome {
+        // Under torchrun, its "Root Cause" then shows this rank's error.
+        if let Some(env) = DistEnv::is_set().then(DistEnv::from_env).and_then(|env| env.ok()) {
+            if let Err(e) = candle_fsdp::dist::record_error(env.rank, &format!("{error:#}")) {
+                eprintln!("could not write TORCHELASTIC_ERROR_FILE: {e}");
+            }
+        }
+    }
+    outcome
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     // The runtime's warnings (and more with RUST_LOG=candle_fsdp=debug / fsdp_runtime=debug).
     tracing_subscriber::fmt()

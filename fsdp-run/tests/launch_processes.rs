@@ -221,6 +221,7 @@ fn a_rank_without_rank_zero_times_out_naming_the_address() {
         local_world_size: 2,
         master_addr: "127.0.0.1".into(),
         master_port: port,
+        agent_store: None,
     };
     let started = Instant::now();
     let err = Rendezvous::join(env, Duration::from_millis(800)).err().expect("no rank 0").to_string();

@@ -31,6 +31,44 @@ pub struct DistEnv {
     pub master_addr: String,
     /// The port of rank 0's store (`MASTER_PORT`).
     pub master_port: u16,
+    /// Set when torchrun's elastic agent hosts the store at `MASTER_ADDR:MASTER_PORT`
+    /// (`TORCHELASTIC_USE_AGENT_STORE=True`): every rank joins it as a client.
+    pub agent_store: Option<AgentStore>,
+}
+
+/// torchrun's agent store: which run and which attempt of it this process belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentStore {
+    /// `TORCHELASTIC_RUN_ID`.
+    pub run_id: String,
+    /// `TORCHELASTIC_RESTART_COUNT`: 0 for the first attempt, then one more per restart.
+    pub restart_count: u32,
+}
+
+impl AgentStore {
+    /// Reads the agent's variables; `None` unless `TORCHELASTIC_USE_AGENT_STORE` is true.
+    fn from_vars(get: &impl Fn(&str) -> Option<String>, problems: &mut Vec<String>) -> Option<Self> {
+        let on = get("TORCHELASTIC_USE_AGENT_STORE")?;
+        if !matches!(on.trim().to_ascii_lowercase().as_str(), "true" | "1") {
+            return None;
+        }
+        let run_id = get("TORCHELASTIC_RUN_ID").unwrap_or_else(|| "none".to_string());
+        let restart_count = match get("TORCHELASTIC_RESTART_COUNT").map(|v| v.trim().parse::<u32>()) {
+            None => 0,
+            Some(Ok(count)) => count,
+            Some(Err(_)) => {
+                problems.push("TORCHELASTIC_RESTART_COUNT is not a count".into());
+                0
+            }
+        };
+        Some(Self { run_id, restart_count })
+    }
+
+    /// The namespace of this attempt's keys in the agent's store: a restarted attempt never
+    /// reads the keys of the one before.
+    pub fn namespace(&self) -> String {
+        format!("candle-fsdp/{}/attempt_{}", self.run_id, self.restart_count)
+    }
 }
 
 impl DistEnv {
@@ -60,6 +98,7 @@ impl DistEnv {
         let master_addr = required("MASTER_ADDR");
         let master_port = required("MASTER_PORT");
         let local_world_size = launcher_env::lookup(&get, "LOCAL_WORLD_SIZE");
+        let agent_store = AgentStore::from_vars(&get, &mut problems);
 
         let rank = parse::<usize>(&mut problems, "RANK", rank);
         let world_size = parse::<usize>(&mut problems, "WORLD_SIZE", world_size);
@@ -110,7 +149,7 @@ impl DistEnv {
                 Some(master_addr),
                 Some(master_port),
             ) if problems.is_empty() => {
-                Ok(DistEnv { rank, world_size, local_rank, local_world_size, master_addr, master_port })
+                Ok(DistEnv { rank, world_size, local_rank, local_world_size, master_addr, master_port, agent_store })
             }
             _ => Err(Error::LaunchEnv { problems }),
         }
@@ -185,6 +224,13 @@ impl Rendezvous {
     pub fn join(env: DistEnv, timeout: Duration) -> Result<Self> {
         let deadline = Instant::now() + timeout;
         let master = env.master_endpoint();
+        if let Some(agent) = &env.agent_store {
+            // torchrun's agent serves the store: every rank, rank 0 too, is a client.
+            let store = Store::connect_c10d(&master, env.rank, &agent.namespace(), deadline, timeout)?;
+            let rendezvous = Rendezvous { env, store, server: None, broadcasts: Mutex::new(HashMap::new()) };
+            rendezvous.register(deadline, timeout)?;
+            return Ok(rendezvous);
+        }
         let (server, addr) = if env.rank == 0 {
             let listen = listen_address(&env);
             let server = StoreServer::bind(&listen).map_err(|e| match e {
@@ -403,7 +449,8 @@ mod tests {
                 local_rank: 1,
                 local_world_size: 2,
                 master_addr: "10.0.0.1".into(),
-                master_port: 29500
+                master_port: 29500,
+                agent_store: None,
             }
         );
         assert_eq!(env.master_endpoint(), "10.0.0.1:29500");
@@ -460,6 +507,7 @@ mod tests {
             master_addr: "gpu-node07".into(),
             // 20000 + (16 · 4312345 + 3) % 10000
             master_port: 27523,
+            agent_store: None,
         };
         assert_eq!(env, expected);
         // Set torchrun variables win over derived ones.
@@ -568,6 +616,7 @@ mod tests {
                             local_world_size: 3,
                             master_addr: "127.0.0.1".into(),
                             master_port: port,
+                            agent_store: None,
                         };
                         let rdv = Rendezvous::join(env, Duration::from_secs(10)).unwrap();
                         let value = (rank == 1).then_some(&b"from one"[..]);

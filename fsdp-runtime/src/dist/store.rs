@@ -8,7 +8,12 @@
 //! client keeps a pool of connections, so clones used from several threads do not queue
 //! behind each other's waits. Every client read and write has a timeout, and a server that
 //! goes away closes its sockets, so a client gets an error rather than a hang.
+//!
+//! A [`Store`] can also be a client of PyTorch's c10d `TCPStore` (the store torchrun's
+//! agent hosts), through [`Store::connect_c10d`]: the same calls, in another wire format
+//! ([`super::c10d_store`]), with every key inside a namespace of its own.
 
+use super::c10d_store;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -305,9 +310,18 @@ pub struct Store {
 struct Client {
     addr: String,
     rank: usize,
+    protocol: Protocol,
     /// Connections not in use. A call takes one (or opens one) and puts it back after a
     /// clean exchange; a connection that failed is dropped.
     idle: Mutex<Vec<TcpStream>>,
+}
+
+/// Which store the client speaks to.
+enum Protocol {
+    /// A [`StoreServer`].
+    Native,
+    /// PyTorch's c10d `TCPStore`; every key goes under `namespace`.
+    C10d { namespace: String },
 }
 
 /// Why a connection could not be opened.
@@ -326,10 +340,29 @@ impl Store {
 
     /// [`Store::connect`] with a deadline; `timeout` is the whole wait it belongs to, for the message.
     pub(crate) fn connect_by(addr: &str, rank: usize, deadline: Instant, timeout: Duration) -> Result<Self> {
-        let store = Store { inner: Arc::new(Client { addr: addr.to_string(), rank, idle: Mutex::new(Vec::new()) }) };
+        Self::connect_with(Protocol::Native, addr, rank, deadline, timeout)
+    }
+
+    /// Connects to PyTorch's c10d `TCPStore` at `addr` (torchrun's agent store), retrying
+    /// until `deadline`; every key of this client lives under `namespace` (e.g. the run id
+    /// and the restart attempt, so an attempt never reads the keys of the one before).
+    pub(crate) fn connect_c10d(
+        addr: &str,
+        rank: usize,
+        namespace: &str,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let protocol = Protocol::C10d { namespace: namespace.trim_end_matches('/').to_string() + "/" };
+        Self::connect_with(protocol, addr, rank, deadline, timeout)
+    }
+
+    fn connect_with(protocol: Protocol, addr: &str, rank: usize, deadline: Instant, timeout: Duration) -> Result<Self> {
+        let client = Client { addr: addr.to_string(), rank, protocol, idle: Mutex::new(Vec::new()) };
+        let store = Store { inner: Arc::new(client) };
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match open(addr, left.clamp(Duration::from_millis(1), IO_TIMEOUT)) {
+            match store.open(left.clamp(Duration::from_millis(1), IO_TIMEOUT)) {
                 Ok(stream) => {
                     lock(&store.inner.idle).push(stream);
                     return Ok(store);
@@ -351,6 +384,9 @@ impl Store {
     /// Stores `value` under `key`, replacing any previous value, and wakes the clients
     /// waiting for it.
     pub fn set(&self, key: &str, value: &[u8]) -> Result<()> {
+        if let Some(key) = self.c10d_key(key) {
+            return self.c10d_call(&format!("set `{key}`"), |s| c10d_store::set(s, &key, value));
+        }
         let mut request = vec![op::SET];
         put_str(&mut request, key);
         request.extend_from_slice(value);
@@ -374,6 +410,9 @@ impl Store {
     /// Waits until one of `keys` exists (at most `timeout`); returns which one (the first
     /// present in the list order) and its value, or `None` when the time ran out.
     pub fn wait_any(&self, keys: &[&str], timeout: Duration) -> Result<Option<(usize, Vec<u8>)>> {
+        if matches!(self.inner.protocol, Protocol::C10d { .. }) {
+            return self.c10d_wait_any(keys, timeout);
+        }
         let wait = timeout.min(MAX_WAIT);
         let mut request = vec![op::WAIT];
         request.extend_from_slice(&(wait.as_millis() as u64).to_be_bytes());
@@ -398,6 +437,9 @@ impl Store {
 
     /// Adds `delta` to the integer counter at `key` (created at 0) and returns the new value.
     pub fn add(&self, key: &str, delta: i64) -> Result<i64> {
+        if let Some(key) = self.c10d_key(key) {
+            return self.c10d_call(&format!("add to `{key}`"), |s| c10d_store::add(s, &key, delta));
+        }
         let mut request = vec![op::ADD];
         put_str(&mut request, key);
         request.extend_from_slice(&delta.to_be_bytes());
@@ -411,6 +453,9 @@ impl Store {
     /// Stores `value` at `key` unless the key exists; returns the value the key holds
     /// afterwards (`value` when this call created it). Lets ranks claim a name atomically.
     pub fn set_if_absent(&self, key: &str, value: &[u8]) -> Result<Vec<u8>> {
+        if let Some(key) = self.c10d_key(key) {
+            return self.c10d_call(&format!("set `{key}` if absent"), |s| c10d_store::set_if_absent(s, &key, value));
+        }
         let mut request = vec![op::SET_IF_ABSENT];
         put_str(&mut request, key);
         request.extend_from_slice(value);
@@ -457,22 +502,80 @@ impl Store {
         Error::Rendezvous { rank: self.inner.rank, addr: self.inner.addr.clone(), message }
     }
 
+    /// `key` inside this client's namespace, under the c10d protocol (`None` otherwise).
+    fn c10d_key(&self, key: &str) -> Option<String> {
+        match &self.inner.protocol {
+            Protocol::C10d { namespace } => Some(format!("{namespace}{key}")),
+            Protocol::Native => None,
+        }
+    }
+
+    /// A pooled connection, or a new one.
+    fn connection(&self, what: &str) -> Result<TcpStream> {
+        if let Some(stream) = lock(&self.inner.idle).pop() {
+            return Ok(stream);
+        }
+        self.open(IO_TIMEOUT).map_err(|e| match e {
+            OpenError::Unreachable(m) => {
+                self.error(format!("{what}: could not reach the store ({m}); did rank 0 exit?"))
+            }
+            OpenError::NotAStore(m) => self.error(format!("{what}: {m}")),
+        })
+    }
+
+    /// Opens a connection in this client's protocol.
+    fn open(&self, timeout: Duration) -> std::result::Result<TcpStream, OpenError> {
+        match self.inner.protocol {
+            Protocol::Native => open(&self.inner.addr, timeout),
+            Protocol::C10d { .. } => open_c10d(&self.inner.addr, timeout),
+        }
+    }
+
+    /// Runs one c10d exchange on a pooled connection; a connection that failed is dropped.
+    fn c10d_call<T>(&self, what: &str, exchange: impl FnOnce(&mut TcpStream) -> io::Result<T>) -> Result<T> {
+        let mut stream = self.connection(what)?;
+        let result =
+            exchange(&mut stream).map_err(|e| self.error(format!("{what}: {}", describe_io(&e, IO_TIMEOUT))))?;
+        lock(&self.inner.idle).push(stream);
+        Ok(result)
+    }
+
+    /// [`Store::wait_any`] over c10d: polls CHECK (no wait stays pending on the server when
+    /// the time runs out), then reads the first key present.
+    fn c10d_wait_any(&self, keys: &[&str], timeout: Duration) -> Result<Option<(usize, Vec<u8>)>> {
+        let deadline = Instant::now() + timeout.min(MAX_WAIT);
+        let mut pause = Duration::from_millis(1);
+        loop {
+            for (index, key) in keys.iter().enumerate() {
+                let key = self.c10d_key(key).expect("a c10d client");
+                let what = format!("get `{key}`");
+                let present = self.c10d_call(&what, |s| {
+                    if c10d_store::check(s, &key)? {
+                        c10d_store::get(s, &key).map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                })?;
+                if let Some(value) = present {
+                    return Ok(Some((index, value)));
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
     /// Sends `request` and returns the reply (status byte first); a FAILED reply becomes an
     /// error. `wait` is how long the server may legitimately take before answering.
     fn call(&self, what: &str, request: &[u8], wait: Duration) -> Result<Vec<u8>> {
         if request.len() > MAX_FRAME {
             return Err(self.error(format!("{what}: the value is larger than the {MAX_FRAME}-byte limit")));
         }
-        let pooled = lock(&self.inner.idle).pop();
-        let mut stream = match pooled {
-            Some(stream) => stream,
-            None => open(&self.inner.addr, IO_TIMEOUT).map_err(|e| match e {
-                OpenError::Unreachable(m) => {
-                    self.error(format!("{what}: could not reach the store ({m}); did rank 0 exit?"))
-                }
-                OpenError::NotAStore(m) => self.error(format!("{what}: {m}")),
-            })?,
-        };
+        let mut stream = self.connection(what)?;
         let exchange = stream
             .set_read_timeout(Some(wait + IO_TIMEOUT))
             .and_then(|()| write_frame(&mut stream, request))
@@ -522,6 +625,28 @@ fn open(addr: &str, timeout: Duration) -> std::result::Result<TcpStream, OpenErr
                 "the service at {target} is not a candle-fsdp store (is something else using MASTER_PORT?)"
             ))),
         };
+    }
+    Err(OpenError::Unreachable(last))
+}
+
+/// Opens one connection to a c10d `TCPStore` at `addr` and sends its opening. The server
+/// does not answer it, so a wrong service shows only at the first request.
+fn open_c10d(addr: &str, timeout: Duration) -> std::result::Result<TcpStream, OpenError> {
+    let targets: Vec<SocketAddr> =
+        addr.to_socket_addrs().map_err(|e| OpenError::Unreachable(format!("cannot resolve `{addr}`: {e}")))?.collect();
+    let mut last = format!("`{addr}` resolves to no address");
+    for target in targets {
+        let opened = TcpStream::connect_timeout(&target, timeout).and_then(|mut stream| {
+            stream.set_nodelay(true)?;
+            stream.set_write_timeout(Some(IO_TIMEOUT))?;
+            stream.set_read_timeout(Some(IO_TIMEOUT))?;
+            c10d_store::validate(&mut stream)?;
+            Ok(stream)
+        });
+        match opened {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = format!("{target}: {e}"),
+        }
     }
     Err(OpenError::Unreachable(last))
 }
