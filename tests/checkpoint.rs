@@ -679,3 +679,48 @@ fn the_scheduler_state_and_the_callers_extras_come_back_at_another_world_size() 
         assert_eq!((lr_saved, lr), (0.025, 0.0125), "rank {rank}");
     }
 }
+
+/// What a launcher's restart does (torchrun `--max-restarts`): one rank dies mid-run,
+/// between two checkpoints; the whole job runs again with the same code, resumes from the
+/// newest checkpoint, and ends with the parameters of a run that was never interrupted,
+/// bit for bit (same world size).
+#[test]
+fn a_job_restarted_after_a_rank_died_mid_run_ends_where_the_uninterrupted_run_ends() {
+    const STEPS: usize = 9;
+    const SAVE_EVERY: usize = 3;
+    const DIES_AT: usize = 7;
+    let snapshot = snapshot(DIMS);
+    let (world, strategy) = (2, ShardingStrategy::FullShard);
+    let reference = uninterrupted(&snapshot, Opt::AdamW, world, strategy, STEPS);
+    let dir = tempfile::tempdir().unwrap();
+    let checkpointer = Checkpointer::new(dir.path()).keep_last(2);
+    // The job's code, the same in every attempt: resume if a checkpoint exists, train,
+    // save every few steps. `crash` makes rank 1 die at one step of the first attempt.
+    let job = |crash: bool| {
+        launch(options(world), |ctx| {
+            let fsdp = Fsdp::wrap(net(&snapshot, DIMS, DType::F32), ctx.comm.clone(), config(strategy))?;
+            let mut opt = optimizer(Opt::AdamW, &fsdp);
+            let start = match checkpointer.latest()? {
+                Some(path) => checkpoint::load(&fsdp, Some(opt.as_mut()), &path)?.step as usize,
+                None => 0,
+            };
+            for step in start..STEPS {
+                if crash && step == DIES_AT && ctx.rank == 1 {
+                    panic!("rank 1 killed at step {step}");
+                }
+                train(&fsdp, opt.as_mut(), step..step + 1)?;
+                if (step + 1) % SAVE_EVERY == 0 {
+                    let progress = Progress { step: step as u64 + 1, scheduler: None, extras: serde_json::json!({}) };
+                    checkpointer.save(&fsdp, Some(opt.as_ref()), &progress)?;
+                }
+            }
+            Ok((start, full_values(&fsdp)?))
+        })
+    };
+    let first = job(true).err().expect("the first attempt dies");
+    assert!(first.to_string().contains("rank 1 killed at step 7"), "{first}");
+    let second = job(false).unwrap();
+    let (start, values) = &second[0];
+    assert_eq!(*start, 6, "the restart resumes from the last checkpoint before the death");
+    assert_values_close(values, &reference, true, "after the restart");
+}

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 /// An error reading `path`.
 fn io(path: &Path) -> impl Fn(std::io::Error) -> DataError + '_ {
-    move |source| DataError::Io { path: path.to_path_buf(), source }
+    move |error| DataError::Io { path: path.to_path_buf(), error }
 }
 
 /// The tokens of a text corpus.

@@ -25,12 +25,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// A file or folder could not be read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file or folder.
         path: PathBuf,
-        /// What the system said.
-        source: std::io::Error,
+        /// What the system said (shown in the message, so not also a `source`).
+        error: std::io::Error,
     },
     /// A file is not UTF-8 text.
     #[error("{path}: not UTF-8 text (byte {offset} starts an invalid sequence)")]
