@@ -717,7 +717,7 @@ fn a_job_restarted_after_a_rank_died_mid_run_ends_where_the_uninterrupted_run_en
             Ok((start, full_values(&fsdp)?))
         })
     };
-    let first = job(true).err().expect("the first attempt dies");
+    let first = job(true).expect_err("the first attempt dies");
     assert!(first.to_string().contains("rank 1 killed at step 7"), "{first}");
     let second = job(false).unwrap();
     let (start, values) = &second[0];
