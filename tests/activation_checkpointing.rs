@@ -221,8 +221,10 @@ fn a_checkpointed_unit_called_through_a_closure_that_cannot_run_again_is_refused
     assert!(error.contains("Unit::run_fn") && error.contains("checkpointed"), "{error}");
 }
 
-/// Forwards of [`Counted`] run so far (this test binary's only user of it).
+/// Forwards of [`Counted`] run so far.
 static COUNTED_FORWARDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Held by each test that counts, so that tests running in parallel do not mix counts.
+static COUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A linear layer that counts its forwards.
 #[derive(Shardable)]
@@ -244,6 +246,7 @@ struct CountedModel {
 
 #[test]
 fn a_checkpointed_unit_runs_its_forward_again_in_backward_and_an_inference_forward_does_not() {
+    let _counting = COUNTING.lock().unwrap_or_else(|p| p.into_inner());
     let forwards = |config: FsdpConfig, train: bool| {
         let before = COUNTED_FORWARDS.load(std::sync::atomic::Ordering::SeqCst);
         launch(LaunchOptions::new(1), |ctx| {
@@ -271,4 +274,37 @@ fn a_checkpointed_unit_runs_its_forward_again_in_backward_and_an_inference_forwa
     assert_eq!(forwards(FsdpConfig::default(), true), 3, "three units, one forward each");
     assert_eq!(forwards(checkpointing, true), 6, "each unit's forward again in its backward");
     assert_eq!(forwards(checkpointing, false), 3, "no recompute without a backward");
+}
+
+#[test]
+fn units_chosen_by_name_are_checkpointed_and_only_they() {
+    let _counting = COUNTING.lock().unwrap_or_else(|p| p.into_inner());
+    let forwards = |names: &[&str]| {
+        let before = COUNTED_FORWARDS.load(std::sync::atomic::Ordering::SeqCst);
+        let refusals = launch(LaunchOptions::new(1), |ctx| {
+            let (model, _, _) = build(None, DType::F32, |vb| {
+                let layers = (0..3)
+                    .map(|i| Ok(Unit::new(Counted { linear: candle_nn::linear(4, 4, vb.pp("layers").pp(i))? })))
+                    .collect::<candle_core::Result<_>>()?;
+                Ok(CountedModel { layers })
+            })?;
+            let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
+            let refused = [
+                fsdp.checkpoint_units(&["layers.7"]).expect_err("no such unit").to_string(),
+                fsdp.checkpoint_units(&["<root>"]).expect_err("the root").to_string(),
+            ];
+            fsdp.checkpoint_units(names)?;
+            let x = common::rand(3, &[2, 4]);
+            let loss = fsdp.forward(|m| m.layers.iter().try_fold(x.clone(), |x, l| l.forward(&x)))?.sum_all()?;
+            fsdp.backward(&loss)?;
+            Ok(refused)
+        })
+        .unwrap();
+        (COUNTED_FORWARDS.load(std::sync::atomic::Ordering::SeqCst) - before, refusals.into_iter().next().unwrap())
+    };
+    let (one, [unknown, root]) = forwards(&["layers.1"]);
+    assert_eq!(one, 4, "three forwards and one recompute");
+    assert!(unknown.contains("layers.7") && unknown.contains("no unit"), "{unknown}");
+    assert!(root.contains("<root>") && root.contains("not the root"), "{root}");
+    assert_eq!(forwards(&["layers.0", "layers.2"]).0, 5);
 }

@@ -21,6 +21,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, TensorId, Var};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
 
 /// A model whose parameters are sharded over the ranks of a communicator.
@@ -233,7 +234,8 @@ impl<M: ShardableModel> Fsdp<M> {
                     let mut group = ParamGroup::new(index, name, params, comms, &config, index == ROOT);
                     // Only units holding no other unit: a recomputed forward runs no hooks.
                     let leaf = !layout.units.iter().any(|u| u.parent == Some(index));
-                    group.checkpointed = config.activation_checkpointing && index != ROOT && leaf;
+                    group.checkpointable = index != ROOT && leaf;
+                    group.checkpointed.store(config.activation_checkpointing && group.checkpointable, Relaxed);
                     Ok(group)
                 })
                 .collect()
@@ -454,6 +456,32 @@ impl<M> Fsdp<M> {
             out.extend(group.params.iter().map(|p| p.fqn.clone()).zip(group.full_values()?));
         }
         Ok(out)
+    }
+
+    /// Checkpoints the activations of exactly the units named (by [`Fsdp::units`]' names),
+    /// instead of all or none ([`FsdpConfig::activation_checkpointing`]): each keeps only
+    /// its inputs after its forward and runs the forward again in backward. Refused for a
+    /// name that is no unit, the root, or a unit holding other units; between steps only.
+    pub fn checkpoint_units(&self, names: &[&str]) -> Result<()> {
+        self.check_between_steps("Fsdp::checkpoint_units")?;
+        for name in names {
+            let group = self.groups().iter().find(|g| g.name == *name).ok_or_else(|| Error::Unit {
+                rank: self.rank(),
+                unit: name.to_string(),
+                message: "the model has no unit of this name (Fsdp::units lists them)".into(),
+            })?;
+            if !group.checkpointable {
+                return Err(Error::Unit {
+                    rank: self.rank(),
+                    unit: name.to_string(),
+                    message: "only a unit that holds no other unit, and not the root, can be checkpointed".into(),
+                });
+            }
+        }
+        for group in self.groups() {
+            group.checkpointed.store(names.contains(&group.name.as_str()), Relaxed);
+        }
+        Ok(())
     }
 
     /// The units' names and their trained parameters' FQNs, root first.

@@ -121,7 +121,10 @@ pub(crate) struct ParamGroup {
     pub replicas: Option<Arc<dyn Collectives>>,
     /// Whether its training forwards keep only their inputs and its backward runs the
     /// forward again (activation checkpointing).
-    pub checkpointed: bool,
+    pub checkpointed: std::sync::atomic::AtomicBool,
+    /// Whether it can be checkpointed: not the root, and holding no other unit (a
+    /// recomputed forward runs no hooks).
+    pub checkpointable: bool,
     /// Whether gathers and reductions go through the collectives. Not over a group of
     /// one rank, where a gather is a copy of the shard and a reduction the gradient
     /// itself, unless the configuration asks for the collectives anyway.
@@ -163,7 +166,8 @@ impl ParamGroup {
             comm,
             shard_world,
             replicas,
-            checkpointed: false,
+            checkpointed: std::sync::atomic::AtomicBool::new(false),
+            checkpointable: false,
             reshard_after_forward: strategy == ShardingStrategy::FullShard && !is_root,
             keeps_full_values: !strategy.shards(),
             reduce_dtype: config.mixed_precision.reduce_dtype_for(model_dtype),

@@ -487,7 +487,7 @@ impl UnitHooks for RankState {
     }
 
     fn checkpoints(&self, unit: usize) -> bool {
-        self.groups[unit].checkpointed && self.mode() == ForwardMode::Training
+        self.groups[unit].checkpointed.load(Ordering::Relaxed) && self.mode() == ForwardMode::Training
     }
 
     fn attach_checkpoint(
