@@ -17,7 +17,7 @@
 mod common;
 
 use candle_core::Device;
-use candle_fsdp::models::llama::{Llama, LlamaConfig};
+use candle_fsdp::models::llama::Llama;
 use candle_fsdp::optim::{AdamW, ParamsAdamW};
 use candle_fsdp::{launch, Bytes, Fsdp, FsdpConfig, LaunchOptions, MetaModel};
 use candle_nn::Optimizer;
@@ -46,23 +46,6 @@ struct Args {
     worlds: Vec<usize>,
 }
 
-/// The main job's model (examples/train.rs).
-fn model_config(seq_len: usize) -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 128,
-        hidden_size: 128,
-        intermediate_size: 344,
-        num_hidden_layers: 4,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        max_position_embeddings: seq_len,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        initializer_range: 0.02,
-        ..LlamaConfig::default()
-    }
-}
-
 /// Per rank: activations alive at the end of the forward, the backward's peak above the
 /// level before the forward, and the median step time in ms.
 struct Measured {
@@ -72,7 +55,7 @@ struct Measured {
 }
 
 fn measure(args: &Args, world: usize, checkpointing: bool) -> anyhow::Result<Measured> {
-    let config = model_config(args.seq_len);
+    let config = common::main_job_llama(128, args.seq_len);
     let task = BigramTask::new(config.vocab_size, 0.1, 3);
     let fsdp_config = FsdpConfig::default().activation_checkpointing(checkpointing);
     let runs = launch(LaunchOptions::new(world), |ctx| {
@@ -112,7 +95,7 @@ fn measure(args: &Args, world: usize, checkpointing: bool) -> anyhow::Result<Mea
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let config = model_config(args.seq_len);
+    let config = common::main_job_llama(128, args.seq_len);
     println!(
         "Llama of the main job ({} layers, hidden {}), {} x {} tokens per rank, FULL_SHARD, f32; {} measured steps",
         config.num_hidden_layers, config.hidden_size, args.batch_size, args.seq_len, args.steps

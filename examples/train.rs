@@ -242,22 +242,6 @@ const VOCAB: usize = 128;
 /// Probability that a token is followed by a random token instead of its successor.
 const NOISE: f64 = 0.1;
 
-fn model_config(vocab_size: usize, seq_len: usize) -> LlamaConfig {
-    LlamaConfig {
-        vocab_size,
-        hidden_size: 128,
-        intermediate_size: 344,
-        num_hidden_layers: 4,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        max_position_embeddings: seq_len,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        initializer_range: 0.02,
-        ..LlamaConfig::default()
-    }
-}
-
 /// What a rank hands back after training.
 struct RankReport {
     rank: usize,
@@ -332,7 +316,7 @@ fn run() -> anyhow::Result<()> {
     };
     let (steps, batch, seq_len) = (args.steps as usize, args.batch_size as usize, args.seq_len as usize);
     let (data, vocab, about_data) = Data::load(&args)?;
-    let config = model_config(vocab, seq_len);
+    let config = common::main_job_llama(vocab, seq_len);
 
     // The plan needs the shapes only: a model built without values.
     let layout = MetaModel::build(DTYPE, &Device::Cpu, |vb| Llama::new(&config, vb))?.layout()?;

@@ -244,18 +244,23 @@ struct CountedModel {
     layers: Vec<Unit<Counted>>,
 }
 
+impl CountedModel {
+    /// Three units of one counted layer each.
+    fn new(vb: VarBuilder) -> candle_core::Result<Self> {
+        let layers = (0..3)
+            .map(|i| Ok(Unit::new(Counted { linear: candle_nn::linear(4, 4, vb.pp("layers").pp(i))? })))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self { layers })
+    }
+}
+
 #[test]
 fn a_checkpointed_unit_runs_its_forward_again_in_backward_and_an_inference_forward_does_not() {
     let _counting = COUNTING.lock().unwrap_or_else(|p| p.into_inner());
     let forwards = |config: FsdpConfig, train: bool| {
         let before = COUNTED_FORWARDS.load(std::sync::atomic::Ordering::SeqCst);
         launch(LaunchOptions::new(1), |ctx| {
-            let (model, _, _) = build(None, DType::F32, |vb| {
-                let layers = (0..3)
-                    .map(|i| Ok(Unit::new(Counted { linear: candle_nn::linear(4, 4, vb.pp("layers").pp(i))? })))
-                    .collect::<candle_core::Result<_>>()?;
-                Ok(CountedModel { layers })
-            })?;
+            let (model, _, _) = build(None, DType::F32, CountedModel::new)?;
             let fsdp = Fsdp::wrap(model, ctx.comm.clone(), config)?;
             let x = common::rand(3, &[2, 4]);
             let run = |m: &CountedModel| m.layers.iter().try_fold(x.clone(), |x, l| l.forward(&x));
@@ -282,12 +287,7 @@ fn units_chosen_by_name_are_checkpointed_and_only_they() {
     let forwards = |names: &[&str]| {
         let before = COUNTED_FORWARDS.load(std::sync::atomic::Ordering::SeqCst);
         let refusals = launch(LaunchOptions::new(1), |ctx| {
-            let (model, _, _) = build(None, DType::F32, |vb| {
-                let layers = (0..3)
-                    .map(|i| Ok(Unit::new(Counted { linear: candle_nn::linear(4, 4, vb.pp("layers").pp(i))? })))
-                    .collect::<candle_core::Result<_>>()?;
-                Ok(CountedModel { layers })
-            })?;
+            let (model, _, _) = build(None, DType::F32, CountedModel::new)?;
             let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
             let refused = [
                 fsdp.checkpoint_units(&["layers.7"]).expect_err("no such unit").to_string(),
