@@ -7,7 +7,9 @@
 //! gathered parameters FSDP keeps (the root's), are the activations the backward will
 //! need; the peak during the backward beyond the level before the forward is what the
 //! backward adds at most (activations, gathered parameters, gradients). Step time is the
-//! median over the measured steps, forward + backward + AdamW.
+//! median over the measured steps, forward + backward + AdamW. Next to them, the plan's
+//! prediction: a step profiled with one sequence per rank (`Fsdp::activation_profile`),
+//! scaled to the batch by `Plan::with_activations`.
 //!
 //! ```text
 //! cargo run --release --example activation_bench
@@ -19,7 +21,7 @@ mod common;
 use candle_core::Device;
 use candle_fsdp::models::llama::Llama;
 use candle_fsdp::optim::{AdamW, ParamsAdamW};
-use candle_fsdp::{launch, Bytes, Fsdp, FsdpConfig, LaunchOptions, MetaModel};
+use candle_fsdp::{launch, Bytes, Fsdp, FsdpConfig, LaunchOptions, MetaModel, Plan, PlanConfig};
 use candle_nn::Optimizer;
 use clap::Parser;
 use common::counting_allocator::{allocated, peak, reset_peak, CountingAllocator};
@@ -49,6 +51,8 @@ struct Args {
 /// Per rank: activations alive at the end of the forward, the backward's peak above the
 /// level before the forward, and the median step time in ms.
 struct Measured {
+    /// The plan's prediction from a profiled step with one sequence per rank.
+    predicted: usize,
     activations: usize,
     backward_peak: usize,
     step_ms: f64,
@@ -62,6 +66,16 @@ fn measure(args: &Args, world: usize, checkpointing: bool) -> anyhow::Result<Mea
         let meta = MetaModel::build(DTYPE, &Device::Cpu, |vb| Llama::new(&config, vb))?;
         let fsdp = Fsdp::wrap_meta(meta, ctx.comm.clone(), fsdp_config, 1)?;
         let mut optimizer = AdamW::new(fsdp.parameters(), ParamsAdamW { lr: 1e-3, ..ParamsAdamW::default() })?;
+        // The plan's prediction: one profiled step with one sequence per rank, scaled.
+        fsdp.set_activation_profiling(true);
+        let (ids, targets) = task.batch(&mut Rng::stream(5, ctx.rank as u64), 1, args.seq_len, &Device::Cpu)?;
+        let loss = common::next_token_loss(&fsdp.forward(|m| m.forward(&ids))?, &targets)?;
+        drop(fsdp.backward(&loss)?);
+        fsdp.set_activation_profiling(false);
+        let profile = fsdp.activation_profile().expect("a profiled step");
+        let layout = MetaModel::build(DTYPE, &Device::Cpu, |vb| Llama::new(&config, vb))?.layout()?;
+        let plan = Plan::new(&layout, PlanConfig::new(world, fsdp_config))?;
+        let predicted = plan.with_activations(&profile, args.batch_size as f64).activation_bytes();
         let (mut times, mut activations, mut backward_peak) = (Vec::new(), 0, 0);
         for step in 0..=args.steps {
             let mut rng = Rng::stream(7, ((step as u64) << 8) | ctx.rank as u64);
@@ -88,7 +102,7 @@ fn measure(args: &Args, world: usize, checkpointing: bool) -> anyhow::Result<Mea
                 backward_peak = highest.saturating_sub(before) / world;
             }
         }
-        Ok(Measured { activations, backward_peak, step_ms: median(&times) })
+        Ok(Measured { predicted, activations, backward_peak, step_ms: median(&times) })
     })?;
     Ok(runs.into_iter().next().expect("rank 0"))
 }
@@ -110,6 +124,7 @@ fn main() -> anyhow::Result<()> {
         "backward peak (ckpt)",
         "step time"
     );
+    let mut predictions = Vec::new();
     for &world in &args.worlds {
         let plain = measure(&args, world, false)?;
         let checkpointed = measure(&args, world, true)?;
@@ -123,10 +138,19 @@ fn main() -> anyhow::Result<()> {
             Bytes(checkpointed.backward_peak).to_string(),
             checkpointed.step_ms / plain.step_ms
         );
+        predictions.push((world, plain, checkpointed));
     }
     println!(
         "  (per rank; activations: bytes alive at the end of the forward less the gathered parameters kept; backward \
          peak: above the level before the forward; step time: checkpointed / plain, medians)"
     );
+    println!("the plan's prediction (a step profiled with 1 sequence per rank, x {}):", args.batch_size);
+    for (world, plain, checkpointed) in &predictions {
+        let row = |m: &Measured| {
+            let ratio = m.predicted as f64 / m.activations.max(1) as f64;
+            format!("{} predicted, {} measured ({ratio:.3})", Bytes(m.predicted), Bytes(m.activations))
+        };
+        println!("  world {world}: plain {}; checkpointed {}", row(plain), row(checkpointed));
+    }
     Ok(())
 }

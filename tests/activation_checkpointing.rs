@@ -308,3 +308,62 @@ fn units_chosen_by_name_are_checkpointed_and_only_they() {
     assert!(root.contains("<root>") && root.contains("not the root"), "{root}");
     assert_eq!(forwards(&["layers.0", "layers.2"]).0, 5);
 }
+
+/// Two layers with a tanh between, as one unit.
+#[derive(Shardable)]
+struct Mlp {
+    a: Linear,
+    b: Linear,
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.b.forward(&self.a.forward(x)?.tanh()?)
+    }
+}
+
+#[derive(Shardable)]
+struct TwoMlps {
+    layers: Vec<Unit<Mlp>>,
+}
+
+/// The profile of one training step of `TwoMlps` on a `(3, 4)` f32 input.
+fn profile(checkpointing: bool) -> candle_fsdp::ActivationProfile {
+    let profiles = launch(LaunchOptions::new(2), |ctx| {
+        let (model, _, _) = build(None, DType::F32, |vb| {
+            let mlp = |vb: VarBuilder| -> candle_core::Result<Unit<Mlp>> {
+                Ok(Unit::new(Mlp { a: candle_nn::linear(4, 4, vb.pp("a"))?, b: candle_nn::linear(4, 4, vb.pp("b"))? }))
+            };
+            Ok(TwoMlps { layers: vec![mlp(vb.pp("layers.0"))?, mlp(vb.pp("layers.1"))?] })
+        })?;
+        let config = FsdpConfig::default().activation_checkpointing(checkpointing);
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), config)?;
+        assert_eq!(fsdp.activation_profile(), None);
+        fsdp.set_activation_profiling(true);
+        let x = common::rand(ctx.rank as u64, &[3, 4]);
+        let loss = fsdp.forward(|m| m.layers.iter().try_fold(x.clone(), |x, l| l.forward(&x)))?.sum_all()?;
+        fsdp.backward(&loss)?;
+        Ok(fsdp.activation_profile().expect("a profiled step"))
+    })
+    .unwrap();
+    assert_eq!(profiles[0], profiles[1], "every rank keeps as much");
+    profiles[0].clone()
+}
+
+/// Counted by hand from candle's ops, 3 x 4 f32 = 48 bytes each: a unit keeps the two
+/// matmul results, the two bias sums and the tanh (5 x 48), and the hook on its output
+/// (a sum of 48 bytes and a 4-byte zero); the root keeps its own output hook (52). The
+/// weights (and their transposed views) are parameters, not activations.
+#[test]
+fn the_activation_profile_counts_what_each_unit_keeps_by_hand() {
+    let plain = profile(false);
+    let bytes: Vec<(&str, usize)> = plain.units.iter().map(|u| (u.unit.as_str(), u.bytes)).collect();
+    assert_eq!(bytes, [("<root>", 52), ("layers.0", 6 * 48 + 4), ("layers.1", 6 * 48 + 4)]);
+    // Checkpointed, a unit keeps only its output (the checkpoint node, 48) and the hook;
+    // the second, whose input carries a gradient, also its input's tap and the anchor sum
+    // (two 4-byte scalars).
+    let checkpointed = profile(true);
+    let bytes: Vec<usize> = checkpointed.units.iter().map(|u| u.bytes).collect();
+    assert_eq!(bytes, [52, 48 + 48 + 4, 48 + 48 + 4 + 8]);
+    assert!(checkpointed.total() * 2 < plain.total());
+}

@@ -35,8 +35,8 @@ pub use model::table::ShardableModel;
 pub use model::unit::Unit;
 pub use plan::{Bytes, Plan, PlanConfig, RankMemory, UnitPlan};
 pub use runtime::{
-    Fsdp, GradScalerConfig, MemoryStats, MetaModel, ScaledStep, ShardedGradScaler, SummonOptions, TraceEvent,
-    UnshardCause,
+    ActivationProfile, Fsdp, GradScalerConfig, MemoryStats, MetaModel, ScaledStep, ShardedGradScaler, SummonOptions,
+    TraceEvent, UnitActivations, UnshardCause,
 };
 
 /// Layers candle-nn lacks in a form the runtime can shard.

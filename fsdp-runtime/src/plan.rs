@@ -7,7 +7,7 @@
 use crate::config::{BackwardPrefetch, FsdpConfig, ShardingStrategy};
 use crate::error::{Error, Result};
 use crate::model::{Layout, Role};
-use crate::runtime::{backward_prefetch_target, forward_prefetch_target};
+use crate::runtime::{backward_prefetch_target, forward_prefetch_target, ActivationProfile, UnitActivations};
 use std::fmt;
 
 /// What the plan is computed for: the wrap's [`FsdpConfig`] at a world size.
@@ -108,6 +108,9 @@ pub struct Plan {
     /// Bytes each rank sends in one step's all-reduces across the replicas under hybrid
     /// sharding (0 without).
     pub bytes_sent_across_groups_per_step: usize,
+    /// Activations each unit's forward keeps for the backward, per rank, when given
+    /// ([`Plan::with_activations`]); empty otherwise, as the layout alone cannot tell.
+    pub activations: Vec<UnitActivations>,
 }
 
 impl PlanConfig {
@@ -202,7 +205,27 @@ impl Plan {
             unsharded_memory,
             bytes_sent_per_step,
             bytes_sent_across_groups_per_step,
+            activations: Vec::new(),
         })
+    }
+
+    /// The plan with activations predicted from `profile` (what a profiled step kept,
+    /// [`crate::Fsdp::activation_profile`]) scaled by `scale`: activations grow with the
+    /// sequences per rank, so a profile taken with one sequence per rank, scaled by the
+    /// batch, predicts the batch (at the same sequence length, as attention grows faster).
+    pub fn with_activations(mut self, profile: &ActivationProfile, scale: f64) -> Self {
+        self.activations = profile
+            .units
+            .iter()
+            .map(|u| UnitActivations { unit: u.unit.clone(), bytes: (u.bytes as f64 * scale).round() as usize })
+            .collect();
+        self
+    }
+
+    /// The activations all units keep at the end of the forward, per rank (0 unless
+    /// [`Plan::with_activations`] gave them).
+    pub fn activation_bytes(&self) -> usize {
+        self.activations.iter().map(|u| u.bytes).sum()
     }
 }
 
@@ -391,6 +414,13 @@ impl fmt::Display for Plan {
         row(f, "gathered peak", self.memory.gathered_peak, self.unsharded_memory.gathered_peak)?;
         row(f, "unreduced grads", self.memory.unreduced_grads_peak, self.unsharded_memory.unreduced_grads_peak)?;
         row(f, "total peak", self.memory.total_peak(), self.unsharded_memory.total_peak())?;
+        if !self.activations.is_empty() {
+            writeln!(f, "\nactivations kept for the backward, per rank (from a profiled step):")?;
+            for unit in &self.activations {
+                writeln!(f, "  {:<28} {:>12}", unit.unit, Bytes(unit.bytes))?;
+            }
+            writeln!(f, "  {:<28} {:>12}", "all units", Bytes(self.activation_bytes()))?;
+        }
         writeln!(f, "\nbytes sent per rank per step: {}", Bytes(self.bytes_sent_per_step))?;
         if let Some(group) = c.fsdp.shard_group_size.filter(|&g| g < c.world_size) {
             writeln!(

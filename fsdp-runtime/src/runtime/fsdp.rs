@@ -9,7 +9,7 @@ use super::rank_state::{ForwardMode, RankState, ROOT};
 use super::seeded_init;
 use super::sharded_param::ShardedParam;
 use super::storage::Unallocated;
-use super::{MemoryStats, TraceEvent};
+use super::{ActivationProfile, MemoryStats, TraceEvent};
 use crate::config::{FsdpConfig, MixedPrecision};
 use crate::dist::Collectives;
 use crate::error::{Error, Result};
@@ -305,10 +305,26 @@ impl<M> Fsdp<M> {
     /// the mixed-precision policy's `output_dtype`).
     pub fn forward<R: Activations>(&self, f: impl FnOnce(&M) -> candle_core::Result<R>) -> Result<R> {
         self.state.pre_forward(ROOT)?;
+        self.state.start_profile();
         let outputs = f(&self.model).map_err(|e| self.state.forward_failed(ROOT, e))?;
         let hooked = self.state.post_forward(ROOT, outputs.tensors())?;
         let cast = self.state.cast_outputs(hooked)?;
+        self.state.finish_profile(&cast);
         Ok(outputs.with_tensors(cast)?)
+    }
+
+    /// With `true`, every training forward measures what each unit keeps for the
+    /// backward ([`Fsdp::activation_profile`]). It walks the autograd graph at the end of
+    /// every unit: turn it on for a step to plan with, not for a whole run.
+    pub fn set_activation_profiling(&self, on: bool) {
+        self.state.profiling.store(on, Relaxed);
+    }
+
+    /// What the last profiled training forward kept for its backward, unit by unit (the
+    /// root first): the tensors each unit's forward added to the autograd graph, views
+    /// and the gathered parameters left out. `None` before any profiled forward.
+    pub fn activation_profile(&self) -> Option<ActivationProfile> {
+        self.state.last_profile.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// [`Fsdp::forward`] on `inputs`, whose floating-point tensors are cast to the

@@ -4,6 +4,7 @@
 //! and the trace and memory records. Uses `model` and `dist`; neither uses it.
 
 mod activation_checkpoint;
+mod activation_profile;
 mod autograd;
 mod clip_grad;
 mod flat_buffer;
@@ -21,6 +22,7 @@ mod storage;
 mod summon;
 mod trace;
 
+pub use activation_profile::{ActivationProfile, UnitActivations};
 pub(crate) use flat_buffer::pad;
 pub(crate) use fsdp::Buffer;
 pub use fsdp::Fsdp;

@@ -10,7 +10,9 @@
 //! still to come and no prefetch gathered it already.
 
 use super::activation_checkpoint;
+use super::activation_profile::{ActivationProfile, Profiler, UnitActivations};
 use super::autograd::{BackwardHook, GradSink, LiveHook};
+use super::meta_model::storage_address;
 use super::param_group::{ParamGroup, Residency, TrainingState};
 use super::trace::{TraceEvent, UnshardCause};
 use super::{backward_prefetch_target, forward_prefetch_target, Recorders};
@@ -20,7 +22,7 @@ use crate::error::{into_candle, Error, Result};
 use crate::model::{Recompute, UnitHooks};
 use crate::pipeline::DeferredGradSink;
 use candle_core::{DType, Tensor, TensorId, Var};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
@@ -82,6 +84,14 @@ pub(crate) struct RankState {
     /// (unit, parameter) of each gathered node, for gradients computed outside candle's
     /// backward walk (a pipeline stage's deferred weight pass).
     gathered_index: HashMap<TensorId, (usize, usize)>,
+    /// The storages of the gathered parameters, which activation profiles leave out.
+    parameter_storages: HashSet<usize>,
+    /// Whether training forwards measure what each unit keeps ([`ActivationProfile`]).
+    pub profiling: AtomicBool,
+    /// The profile of the training forward running now.
+    profiler: Mutex<Option<Profiler>>,
+    /// The profile of the last profiled training forward.
+    pub last_profile: Mutex<Option<ActivationProfile>>,
     step: Mutex<Step>,
     this: Weak<RankState>,
 }
@@ -105,8 +115,14 @@ impl RankState {
                 .iter()
                 .flat_map(|g| g.params.iter().enumerate().map(move |(p, param)| (param.gathered.id(), (g.index, p))))
                 .collect();
+            let parameter_storages =
+                groups.iter().flat_map(|g| g.params.iter().map(|p| storage_address(&p.gathered))).collect();
             RankState {
                 gathered_index,
+                parameter_storages,
+                profiling: AtomicBool::new(false),
+                profiler: Mutex::new(None),
+                last_profile: Mutex::new(None),
                 comm,
                 config,
                 groups,
@@ -258,6 +274,26 @@ impl RankState {
             .collect::<Result<Vec<_>>>()?;
         self.groups[unit].post_forward(hooked, &self.recorders)?;
         Ok(outputs)
+    }
+
+    /// A training forward of the root starts: with profiling on, its profile starts too.
+    pub fn start_profile(&self) {
+        let on = self.profiling.load(Ordering::Relaxed) && self.mode() == ForwardMode::Training;
+        *self.profiler.lock().unwrap_or_else(|p| p.into_inner()) = on.then(Profiler::default);
+    }
+
+    /// The root's forward ended with `outputs`: the profile of this forward, if one runs,
+    /// becomes the last profile.
+    pub fn finish_profile(&self, outputs: &[Tensor]) {
+        let Some(profiler) = self.profiler.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        let units = profiler
+            .finish(outputs, &self.parameter_storages)
+            .into_iter()
+            .map(|(unit, bytes)| UnitActivations { unit: self.groups[unit].name.clone(), bytes })
+            .collect();
+        *self.last_profile.lock().unwrap_or_else(|p| p.into_inner()) = Some(ActivationProfile { units });
     }
 
     /// The floating-point `inputs` in the policy's `param_dtype`, when it asks for that.
@@ -466,8 +502,12 @@ impl RankState {
 }
 
 impl UnitHooks for RankState {
-    fn bind_inputs(&self, _unit: usize, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
-        RankState::bind_inputs(self, self.cast_inputs(inputs)?)
+    fn bind_inputs(&self, unit: usize, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        let bound = RankState::bind_inputs(self, self.cast_inputs(inputs)?)?;
+        if let Some(profiler) = self.profiler.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            profiler.started(unit, &bound);
+        }
+        Ok(bound)
     }
 
     fn pre_forward(&self, unit: usize) -> Result<()> {
@@ -475,7 +515,11 @@ impl UnitHooks for RankState {
     }
 
     fn post_forward(&self, unit: usize, outputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
-        RankState::post_forward(self, unit, outputs)
+        let hooked = RankState::post_forward(self, unit, outputs)?;
+        if let Some(profiler) = self.profiler.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            profiler.ended(unit, &hooked, &self.parameter_storages);
+        }
+        Ok(hooked)
     }
 
     fn forward_failed(&self, unit: usize, error: candle_core::Error) -> candle_core::Error {
