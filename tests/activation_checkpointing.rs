@@ -367,3 +367,30 @@ fn the_activation_profile_counts_what_each_unit_keeps_by_hand() {
     assert_eq!(bytes, [52, 48 + 48 + 4, 48 + 48 + 4 + 8]);
     assert!(checkpointed.total() * 2 < plain.total());
 }
+
+/// `CountedModel` with its units declared checkpointed on the model.
+#[derive(Shardable)]
+struct DeclaredCheckpoints {
+    #[fsdp(checkpoint)]
+    layers: Vec<Unit<Counted>>,
+}
+
+#[test]
+fn units_declared_checkpointed_on_the_model_run_their_forward_again() {
+    let _counting = COUNTING.lock().unwrap_or_else(|p| p.into_inner());
+    let before = COUNTED_FORWARDS.load(std::sync::atomic::Ordering::SeqCst);
+    launch(LaunchOptions::new(2), |ctx| {
+        let (model, _, _) =
+            build(None, DType::F32, |vb| Ok(DeclaredCheckpoints { layers: CountedModel::new(vb)?.layers }))?;
+        let layout = candle_fsdp::model::Layout::of(&model)?;
+        assert_eq!(layout.units.iter().map(|u| u.checkpoint).collect::<Vec<_>>(), [false, true, true, true]);
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
+        let x = common::rand(3, &[2, 4]);
+        let loss = fsdp.forward(|m| m.layers.iter().try_fold(x.clone(), |x, l| l.forward(&x)))?.sum_all()?;
+        fsdp.backward(&loss)?;
+        Ok(())
+    })
+    .unwrap();
+    let runs = COUNTED_FORWARDS.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert_eq!(runs, 2 * 6, "two ranks, three units, each forward twice");
+}

@@ -72,11 +72,18 @@ fn expand(cont: &Container, krate: &TokenStream) -> TokenStream {
         } else {
             (quote!(), quote!())
         };
+        let (enter_checkpointed, leave_checkpointed) = if field.attrs.checkpoint.is_some() {
+            (quote!(visitor.enter_checkpointed();), quote!(visitor.leave_checkpointed();))
+        } else {
+            (quote!(), quote!())
+        };
         quote! {
             #index => {
                 visitor.enter(#name);
                 #enter_buffer
+                #enter_checkpointed
                 #visit(&self.#member, visitor, order);
+                #leave_checkpointed
                 #leave_buffer
                 visitor.leave();
             }
@@ -109,9 +116,23 @@ fn expand(cont: &Container, krate: &TokenStream) -> TokenStream {
         Style::Named | Style::Tuple => quote!(Self { #(#rebuilt),* }),
     };
 
+    // A `checkpoint` field must hold a unit, or the attribute would do nothing: checked at
+    // compile time (the derive takes no generic parameters), reported at the attribute.
+    let checkpoint_checks = fields.iter().filter_map(|field| {
+        let span = field.attrs.checkpoint?;
+        let ty = field.ty;
+        Some(quote_spanned! {span=>
+            const _: () = ::core::assert!(
+                #krate::__private::holds_unit(&<#ty as #krate::__private::Shardable>::NODE),
+                "`#[fsdp(checkpoint)]` is on a field that holds no `Unit`: only units checkpoint their activations"
+            );
+        })
+    });
     let table =
         shardable_model(krate, ident, &cont.original.generics, quote!(&<#ident as #krate::__private::Shardable>::NODE));
     quote! {
+        #(#checkpoint_checks)*
+
         #[automatically_derived]
         impl #krate::__private::Shardable for #ident {
             const NODE: #krate::__private::Node = #krate::__private::Node::Struct(&#krate::__private::StructSchema {

@@ -49,7 +49,9 @@ pub mod layers {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::model::activations::Activations;
-    pub use crate::model::schema::{FieldSchema, Node, Role, Shardable, StructSchema, TensorMap, VisitOrder, Visitor};
+    pub use crate::model::schema::{
+        holds_unit, FieldSchema, Node, Role, Shardable, StructSchema, TensorMap, VisitOrder, Visitor,
+    };
     pub use crate::model::table::{param_count, unit_count, ShardableModel, StaticTable, Table};
     pub use candle_core::Tensor;
     pub type CandleResult<T> = candle_core::Result<T>;

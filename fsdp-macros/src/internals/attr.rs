@@ -2,10 +2,11 @@
 //!
 //! Container: `rename = "prefix"` (a prefix for every field's name), `buffer` (every
 //! tensor is a buffer), `forward_order(a, b, ...)`, `crate = "path"`.
-//! Field: `rename = "name"` (may hold several dot-separated segments), `skip`, `buffer`.
+//! Field: `rename = "name"` (may hold several dot-separated segments), `skip`, `buffer`,
+//! `checkpoint` (the units below it that hold no other unit checkpoint their activations).
 //! `#[derive(Activations)]` container: `crate = "path"` only.
 
-use super::symbol::{Symbol, BUFFER, CRATE, FORWARD_ORDER, FSDP, RENAME, SKIP};
+use super::symbol::{Symbol, BUFFER, CHECKPOINT, CRATE, FORWARD_ORDER, FSDP, RENAME, SKIP};
 use super::Ctxt;
 use proc_macro2::{Span, TokenStream};
 use quote::quote;
@@ -52,6 +53,8 @@ pub struct Field {
     pub rename: Option<Name>,
     pub skip: bool,
     pub buffer: bool,
+    /// Where `checkpoint` was written, when it was.
+    pub checkpoint: Option<Span>,
 }
 
 impl Container {
@@ -137,6 +140,7 @@ impl Field {
         let mut rename = Once::new(RENAME);
         let mut skip = Once::new(SKIP);
         let mut buffer = Once::new(BUFFER);
+        let mut checkpoint = Once::new(CHECKPOINT);
         for_each_fsdp_meta(cx, &field.attrs, |meta| {
             if meta.path == RENAME {
                 if let Some(name) = parse_name(cx, &meta)? {
@@ -146,6 +150,8 @@ impl Field {
                 skip.set(cx, &meta, ());
             } else if meta.path == BUFFER {
                 buffer.set(cx, &meta, ());
+            } else if meta.path == CHECKPOINT {
+                checkpoint.set(cx, &meta, meta.path.span());
             } else if meta.path == FORWARD_ORDER || meta.path == CRATE {
                 let name = meta.path.get_ident().map(|i| i.to_string()).unwrap_or_default();
                 cx.error_spanned_by(&meta.path, format!("`{name}` is a container attribute; put it on the struct"));
@@ -158,11 +164,16 @@ impl Field {
                     let _: proc_macro2::TokenStream = _content.parse()?;
                 }
             } else {
-                unknown(cx, &meta, &[RENAME, SKIP, BUFFER]);
+                unknown(cx, &meta, &[RENAME, SKIP, BUFFER, CHECKPOINT]);
             }
             Ok(())
         });
-        Field { rename: rename.value, skip: skip.value.is_some(), buffer: buffer.value.is_some() }
+        Field {
+            rename: rename.value,
+            skip: skip.value.is_some(),
+            buffer: buffer.value.is_some(),
+            checkpoint: checkpoint.value,
+        }
     }
 }
 

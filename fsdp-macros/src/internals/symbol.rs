@@ -11,6 +11,7 @@ pub const FSDP: Symbol = Symbol("fsdp");
 pub const RENAME: Symbol = Symbol("rename");
 pub const SKIP: Symbol = Symbol("skip");
 pub const BUFFER: Symbol = Symbol("buffer");
+pub const CHECKPOINT: Symbol = Symbol("checkpoint");
 pub const FORWARD_ORDER: Symbol = Symbol("forward_order");
 pub const CRATE: Symbol = Symbol("crate");
 

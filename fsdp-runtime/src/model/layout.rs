@@ -39,6 +39,8 @@ pub struct UnitInfo {
     pub parent: Option<usize>,
     /// Indices into [`Layout::params`], in flat-parameter order.
     pub params: Vec<usize>,
+    /// Declared `#[fsdp(checkpoint)]` on the model: the unit checkpoints its activations.
+    pub checkpoint: bool,
 }
 
 impl UnitInfo {
@@ -187,6 +189,8 @@ struct Collector {
     template_path: Vec<&'static str>,
     unit_stack: Vec<usize>,
     buffer_depth: usize,
+    /// How many `#[fsdp(checkpoint)]` fields enclose the current position.
+    checkpoint_depth: usize,
     params: Vec<ParamInfo>,
     units: Vec<UnitInfo>,
     ties: Vec<Tie>,
@@ -209,7 +213,14 @@ impl Collector {
             unit_stack: vec![0],
             buffer_depth: 0,
             params: Vec::new(),
-            units: vec![UnitInfo { fqn: String::new(), template: 0, parent: None, params: Vec::new() }],
+            units: vec![UnitInfo {
+                fqn: String::new(),
+                template: 0,
+                parent: None,
+                params: Vec::new(),
+                checkpoint: false,
+            }],
+            checkpoint_depth: 0,
             ties: Vec::new(),
             by_tensor: HashMap::new(),
             by_cell: HashMap::new(),
@@ -261,7 +272,8 @@ impl Visitor for Collector {
         if self.units[self.current_unit()].fqn == fqn {
             self.fail(Error::UnitInUnit { fqn: fqn.clone() });
         }
-        self.units.push(UnitInfo { fqn, template, parent, params: Vec::new() });
+        let checkpoint = self.checkpoint_depth > 0;
+        self.units.push(UnitInfo { fqn, template, parent, params: Vec::new(), checkpoint });
         self.unit_stack.push(self.units.len() - 1);
     }
 
@@ -275,6 +287,14 @@ impl Visitor for Collector {
 
     fn leave_buffer(&mut self) {
         self.buffer_depth -= 1;
+    }
+
+    fn enter_checkpointed(&mut self) {
+        self.checkpoint_depth += 1;
+    }
+
+    fn leave_checkpointed(&mut self) {
+        self.checkpoint_depth -= 1;
     }
 
     fn tensor(&mut self, tensor: &Tensor, role: Role) {

@@ -117,6 +117,30 @@ pub trait Visitor {
     fn enter_buffer(&mut self) {}
     /// Leaving the innermost region [`Visitor::enter_buffer`] opened.
     fn leave_buffer(&mut self) {}
+    /// Every unit until the matching [`Visitor::leave_checkpointed`] is declared
+    /// checkpointed (`#[fsdp(checkpoint)]` on the field above it).
+    fn enter_checkpointed(&mut self) {}
+    /// Leaving the innermost region [`Visitor::enter_checkpointed`] opened.
+    fn leave_checkpointed(&mut self) {}
+}
+
+/// Whether `node` holds an FSDP unit anywhere below it (what `#[fsdp(checkpoint)]` needs).
+pub const fn holds_unit(node: &Node) -> bool {
+    match node {
+        Node::Tensor(_) => false,
+        Node::Unit(_) => true,
+        Node::Repeated(inner) | Node::Array(_, inner) | Node::Optional(inner) => holds_unit(inner),
+        Node::Struct(schema) => {
+            let mut i = 0;
+            while i < schema.fields.len() {
+                if holds_unit(schema.fields[i].node) {
+                    return true;
+                }
+                i += 1;
+            }
+            false
+        }
+    }
 }
 
 /// Replaces tensor leaves during [`Shardable::map_tensors`].

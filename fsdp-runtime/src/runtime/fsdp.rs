@@ -235,7 +235,10 @@ impl<M: ShardableModel> Fsdp<M> {
                     // Only units holding no other unit: a recomputed forward runs no hooks.
                     let leaf = !layout.units.iter().any(|u| u.parent == Some(index));
                     group.checkpointable = index != ROOT && leaf;
-                    group.checkpointed.store(config.activation_checkpointing && group.checkpointable, Relaxed);
+                    // As with the configuration, a declared field checkpoints the units below
+                    // it that hold no other unit.
+                    let checkpointed = (config.activation_checkpointing || unit.checkpoint) && group.checkpointable;
+                    group.checkpointed.store(checkpointed, Relaxed);
                     Ok(group)
                 })
                 .collect()
