@@ -471,11 +471,11 @@ fn train_rank(ctx: RankContext, args: &Args, config: &LlamaConfig, data: &Data) 
         total_steps: steps,
         min_lr: args.min_lr.unwrap_or(args.lr / 10.0),
     });
-    let resumed_at = match (&checkpointer, args.resume) {
+    let resumed = match (&checkpointer, args.resume) {
         (Some(checkpointer), true) => resume(&fsdp, &mut optimizer, checkpointer, args.seed, schedule, data)?,
-        _ => (0, 0),
+        _ => ResumePoint::default(),
     };
-    let (resumed_at, mut data_position) = resumed_at;
+    let (resumed_at, mut data_position) = (resumed.step, resumed.data_position);
 
     let progress = if ctx.rank == 0 {
         let bar = ProgressBar::new(steps as u64);
@@ -511,8 +511,12 @@ fn train_rank(ctx: RankContext, args: &Args, config: &LlamaConfig, data: &Data) 
     let step_flops = common::llama_flops_per_token(config, model_numel, seq_len)
         * (ctx.world_size * micro_batches * batch * seq_len) as f64;
     let mfu = |step_ms: f64| step_flops / (step_ms / 1e3) / (peak_flops * ctx.world_size as f64);
-    // f16's loss scale starts afresh on a resume (it settles within a few steps).
+    // f16's loss scale continues from the checkpoint, so a resumed run scales as the
+    // uninterrupted one would.
     let mut scaler = args.fsdp.precision.grad_scaler()?;
+    if let (Some(scaler), Some(state)) = (&mut scaler, resumed.loss_scale) {
+        scaler.restore(state)?;
+    }
     let mut skipped_steps = 0;
     let mut losses = Vec::with_capacity(steps);
     let mut eval_losses = Vec::new();
@@ -630,13 +634,17 @@ fn train_rank(ctx: RankContext, args: &Args, config: &LlamaConfig, data: &Data) 
         if let Some(checkpointer) = &checkpointer {
             if step % args.save_every as usize == 0 || step == steps {
                 let scheduler = schedule.map(|s| serde_json::to_value(s).expect("plain numbers"));
-                let extras = match data {
+                let mut extras = match data {
                     Data::Synthetic(_) => serde_json::json!({ "seed": args.seed }),
                     Data::Text { fingerprint, .. } => serde_json::json!({
                         "seed": args.seed,
                         "data": { "position": data_position, "fingerprint": fingerprint },
                     }),
                 };
+                if let Some(scaler) = &scaler {
+                    let (scale, good_steps) = scaler.state();
+                    extras["loss_scale"] = serde_json::json!({ "scale": scale, "good_steps": good_steps });
+                }
                 let saved = Progress { step: step as u64, scheduler, extras };
                 let path = checkpointer.save(&fsdp, Some(&optimizer), &saved)?;
                 if ctx.rank == 0 {
@@ -701,6 +709,14 @@ fn evaluate(
 /// Loads the newest checkpoint of `checkpointer`, if there is one; returns its step. A
 /// checkpoint trained with another seed or learning-rate schedule is refused: the resumed
 /// run would not be the run it continues.
+/// Where a resumed run continues: the step, the data's position, f16's loss scale.
+#[derive(Default)]
+struct ResumePoint {
+    step: usize,
+    data_position: u64,
+    loss_scale: Option<(f64, usize)>,
+}
+
 fn resume(
     fsdp: &Fsdp<Llama>,
     optimizer: &mut AdamW,
@@ -708,12 +724,12 @@ fn resume(
     seed: u64,
     schedule: Option<WarmupCosine>,
     data: &Data,
-) -> candle_fsdp::Result<(usize, u64)> {
+) -> candle_fsdp::Result<ResumePoint> {
     let Some(path) = checkpointer.latest()? else {
         if fsdp.rank() == 0 {
             println!("no checkpoint in {}: starting afresh", checkpointer.dir().display());
         }
-        return Ok((0, 0));
+        return Ok(ResumePoint::default());
     };
     let restored = checkpoint::load(fsdp, Some(optimizer), &path)?;
     if restored.extras["seed"] != serde_json::json!(seed) {
@@ -763,7 +779,9 @@ fn resume(
             if data_position > 0 { format!(", the data at window {data_position}") } else { String::new() }
         );
     }
-    Ok((restored.step as usize, data_position))
+    let saved_scale = &restored.extras["loss_scale"];
+    let loss_scale = saved_scale["scale"].as_f64().zip(saved_scale["good_steps"].as_u64().map(|g| g as usize));
+    Ok(ResumePoint { step: restored.step as usize, data_position, loss_scale })
 }
 
 /// Every rank's memory figures on every rank, so rank 0 can print the table; the losses and

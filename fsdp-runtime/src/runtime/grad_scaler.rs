@@ -84,6 +84,25 @@ impl ShardedGradScaler {
         self.scale
     }
 
+    /// What a checkpoint keeps to resume the same scaling: the scale and the good steps
+    /// since it last changed.
+    pub fn state(&self) -> (f64, usize) {
+        (self.scale, self.good_steps)
+    }
+
+    /// Continues from a saved [`ShardedGradScaler::state`].
+    pub fn restore(&mut self, (scale, good_steps): (f64, usize)) -> Result<()> {
+        if !(scale > 0.0 && scale.is_finite()) || good_steps >= self.config.growth_interval {
+            return Err(Error::GradScalerArgument {
+                config: format!("a saved state of scale {scale} after {good_steps} good steps"),
+            });
+        }
+        self.scale = scale;
+        self.good_steps = good_steps;
+        self.state = ScalerState::Scaled;
+        Ok(())
+    }
+
     /// `loss` times the scale, to backpropagate instead of `loss`.
     pub fn scale_loss(&self, loss: &Tensor) -> Result<Tensor> {
         Ok((loss * self.scale)?)
@@ -164,6 +183,23 @@ mod tests {
         }
         // Two good steps, an overflow (halved, the count restarts), three good steps (doubled).
         assert_eq!(scales, [8.0, 8.0, 4.0, 4.0, 4.0, 8.0, 8.0]);
+    }
+
+    #[test]
+    fn a_restored_state_continues_the_same_schedule() {
+        let config = GradScalerConfig { init_scale: 8.0, growth_factor: 2.0, backoff_factor: 0.5, growth_interval: 3 };
+        let mut first = ShardedGradScaler::new(config).unwrap();
+        for finite in [true, false, true, true] {
+            first.update(finite);
+        }
+        let mut resumed = ShardedGradScaler::new(config).unwrap();
+        resumed.restore(first.state()).unwrap();
+        for finite in [true, true, true, false, true] {
+            first.update(finite);
+            resumed.update(finite);
+            assert_eq!(first.state(), resumed.state());
+        }
+        assert!(resumed.restore((f64::NAN, 0)).is_err() && resumed.restore((4.0, 3)).is_err());
     }
 
     #[test]
