@@ -394,3 +394,24 @@ fn units_declared_checkpointed_on_the_model_run_their_forward_again() {
     let runs = COUNTED_FORWARDS.load(std::sync::atomic::Ordering::SeqCst) - before;
     assert_eq!(runs, 2 * 6, "two ranks, three units, each forward twice");
 }
+
+/// Nested units: an outer unit's share leaves out what the unit inside it keeps. Counted by
+/// hand for `NestedWrappedModule` on a `(4, 8)` input (Linear layers without activations;
+/// a linear keeps its matmul and its bias sum, each unit its output hook and a 4-byte
+/// zero): the root 8→4 and 4→8 layers (2 x 64 + 2 x 128) and its hook (128 + 4); `module.1.0`
+/// 4→16 (2 x 256) and its hook (256 + 4); `module.1` its own 16→16 layer (2 x 256) and
+/// hook (256 + 4); `module.2` 16→4 (2 x 64) and hook (64 + 4).
+#[test]
+fn the_activation_profile_of_nested_units_counts_each_tensor_once() {
+    let profiles = launch(LaunchOptions::new(1), |ctx| {
+        let (model, _, _) = build(None, DType::F32, fsdp_testkit::fsdp_test_models::NestedWrappedModule::new)?;
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
+        fsdp.set_activation_profiling(true);
+        let x = common::rand(1, &[4, 8]);
+        fsdp.backward(&fsdp.forward(|m| m.forward(&x))?.sum_all()?)?;
+        Ok(fsdp.activation_profile().expect("a profiled step"))
+    })
+    .unwrap();
+    let bytes: Vec<(&str, usize)> = profiles[0].units.iter().map(|u| (u.unit.as_str(), u.bytes)).collect();
+    assert_eq!(bytes, [("<root>", 2 * 64 + 2 * 128 + 132), ("module.1.0", 772), ("module.1", 772), ("module.2", 196)]);
+}

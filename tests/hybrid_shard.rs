@@ -150,7 +150,11 @@ fn always_wrap_nested_module_matches_one_process_in_every_layout_strategy_and_pr
 }
 
 /// Bytes one rank sent in one step, from the inputs of its collectives: ring all-gathers
-/// and reduce-scatters within the shard group, ring all-reduces across the replicas.
+/// and reduce-scatters within the shard group, ring all-reduces across the replicas. The
+/// inputs themselves are first checked against what FSDP must move, from the parameter
+/// sizes: every unit's shard (each parameter padded to a multiple of the group, f32)
+/// gathered in forward, and again in backward under FULL_SHARD except the root's; the
+/// unit's padded gradients reduce-scattered; the reduced shard all-reduced.
 fn sent_in_one_step(world: usize, group: usize, strategy: ShardingStrategy) -> (usize, usize) {
     let (_, _, snapshot) = build(None, DType::F32, NestedWrappedModule::new).unwrap();
     let ranks = launch(LaunchOptions::new(world), |ctx| {
@@ -163,6 +167,16 @@ fn sent_in_one_step(world: usize, group: usize, strategy: ShardingStrategy) -> (
         fsdp.backward(&fsdp.forward(|m| m.forward(&x))?.sum_all()?)?;
         let after = [comm.bytes("all_gather"), comm.bytes("reduce_scatter"), comm.bytes("all_reduce")];
         let [gathered, scattered, reduced] = [0, 1, 2].map(|i| after[i] - before[i]);
+        let shard_bytes: Vec<usize> = fsdp
+            .units()
+            .iter()
+            .map(|(_, fqns)| fqns.iter().map(|f| snapshot.0[f].elem_count().div_ceil(group) * 4).sum())
+            .collect();
+        let all: usize = shard_bytes.iter().sum();
+        let regathered = if strategy == ShardingStrategy::FullShard { all - shard_bytes[0] } else { 0 };
+        assert_eq!(gathered, all + regathered, "all-gather inputs");
+        assert_eq!(scattered, all * group, "reduce-scatter inputs");
+        assert_eq!(reduced, all, "all-reduce inputs across the replicas");
         let replicas = world / group;
         let within = gathered * (group - 1) + scattered * (group - 1) / group;
         Ok((within, 2 * reduced * (replicas - 1) / replicas))

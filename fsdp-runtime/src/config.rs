@@ -148,14 +148,23 @@ impl MixedPrecision {
         self
     }
 
-    /// The dtype a unit whose parameters are `model` computes in.
+    /// The dtype a unit whose parameters are `model` computes in (integer parameters are
+    /// never cast: wrapping refuses a policy for them).
     pub fn param_dtype_for(&self, model: DType) -> DType {
-        self.param_dtype.unwrap_or(model)
+        if model.is_float() {
+            self.param_dtype.unwrap_or(model)
+        } else {
+            model
+        }
     }
 
     /// The dtype a unit whose parameters are `model` reduces its gradients in.
     pub fn reduce_dtype_for(&self, model: DType) -> DType {
-        self.reduce_dtype.unwrap_or(self.param_dtype_for(model))
+        if model.is_float() {
+            self.reduce_dtype.unwrap_or(self.param_dtype_for(model))
+        } else {
+            model
+        }
     }
 
     /// Whether any dtype differs from the model's.

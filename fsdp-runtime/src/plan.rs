@@ -166,9 +166,8 @@ impl Plan {
                         Role::Parameter => {
                             let policy = &config.fsdp.mixed_precision;
                             let dtype = param.tensor.dtype();
-                            let compute = if dtype.is_float() { policy.param_dtype_for(dtype) } else { dtype };
-                            let reduce = if dtype.is_float() { policy.reduce_dtype_for(dtype) } else { dtype };
-                            let (compute, reduce) = (compute.size_in_bytes(), reduce.size_in_bytes());
+                            let compute = policy.param_dtype_for(dtype).size_in_bytes();
+                            let reduce = policy.reduce_dtype_for(dtype).size_in_bytes();
                             plan.numel += numel;
                             let shard = if shards { numel.div_ceil(world) } else { numel };
                             let moved = if shards { shard * world } else { numel };

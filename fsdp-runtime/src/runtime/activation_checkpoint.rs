@@ -2,10 +2,10 @@
 //! and its backward runs the forward again and backpropagates through that.
 //!
 //! After the first forward only the unit's inputs and outputs are kept. The outputs are
-//! joined to the inputs by [`Recompute`] nodes: output 0 is a [`CheckpointNode`] over an
-//! anchor scalar built from every tracked input, each further output an [`OutputTap`] of
-//! output 0. In backward, the taps (which candle reaches first) hand their gradients to the
-//! shared [`Checkpoint`]; the checkpoint node then re-runs the forward on copies of the
+//! [`CheckpointOutput`] nodes: output 0 over an anchor scalar built from every tracked
+//! input, each further output over output 0. In backward, the further outputs (which
+//! candle reaches first) hand their gradients to the shared [`Checkpoint`]; output 0 then
+//! re-runs the forward ([`Recompute`]) on copies of the
 //! inputs with the unit's parameters gathered (its pre-backward gathered them), checks
 //! that it computes the outputs it computed the first time, backpropagates the outputs'
 //! gradients through the new graph (the parameters' gradients go to the unit as in any
@@ -101,64 +101,47 @@ fn count_differing(a: &Tensor, b: &Tensor) -> candle_core::Result<usize> {
     if a.shape() != b.shape() || a.dtype() != b.dtype() {
         return Ok(a.elem_count().max(b.elem_count()).max(1));
     }
-    let count = |t: Tensor| -> candle_core::Result<i64> { t.to_dtype(DType::I64)?.sum_all()?.to_scalar::<i64>() };
-    let differing = count(a.ne(b)?)?;
-    let both_nan = if a.dtype().is_float() { count((a.ne(a)? * b.ne(b)?)?)? } else { 0 };
-    Ok((differing - both_nan) as usize)
+    let mut differing = a.ne(b)?.to_dtype(DType::I64)?;
+    if a.dtype().is_float() {
+        let both_nan = (a.ne(a)? * b.ne(b)?)?.to_dtype(DType::I64)?;
+        differing = (differing - both_nan)?;
+    }
+    // One read back per output: on a GPU, one synchronisation.
+    Ok(differing.sum_all()?.to_scalar::<i64>()? as usize)
 }
 
-/// Output 0 of a checkpointed unit, over the anchor of its inputs. See the module docs.
-struct CheckpointNode {
-    shared: Arc<Checkpoint>,
-    value: BuiltValue,
-}
-
-impl CustomOp1 for CheckpointNode {
-    fn name(&self) -> &'static str {
-        "fsdp-checkpoint"
-    }
-
-    fn cpu_fwd(&self, _anchor: &CpuStorage, _layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.value.take()
-    }
-
-    fn cuda_fwd(&self, _anchor: &CudaStorage, _layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        self.value.take()
-    }
-
-    fn bwd(&self, anchor: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).outputs[0] = Some((res.detach(), grad.clone()));
-        self.shared.backward()?;
-        // The inputs' gradients go through their taps; the anchor itself carries none.
-        Ok(Some(anchor.zeros_like()?))
-    }
-}
-
-/// Output `k` (≥ 1) of a checkpointed unit, hanging from output 0 so that candle reaches
-/// it, and hands its gradient over, before the checkpoint node.
-struct OutputTap {
+/// Output `k` of a checkpointed unit. Output 0 hangs from the anchor of the unit's
+/// inputs, every further output from output 0, so that candle reaches the further ones
+/// (and they hand over their gradients) before output 0, whose backward then runs the
+/// recompute. See the module docs.
+struct CheckpointOutput {
     shared: Arc<Checkpoint>,
     k: usize,
     value: BuiltValue,
 }
 
-impl CustomOp1 for OutputTap {
+impl CustomOp1 for CheckpointOutput {
     fn name(&self) -> &'static str {
         "fsdp-checkpoint-output"
     }
 
-    fn cpu_fwd(&self, _first: &CpuStorage, _layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, _from: &CpuStorage, _layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         self.value.take()
     }
 
-    fn cuda_fwd(&self, _first: &CudaStorage, _layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(&self, _from: &CudaStorage, _layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         self.value.take()
     }
 
-    fn bwd(&self, first: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, from: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).outputs[self.k] =
             Some((res.detach(), grad.clone()));
-        Ok(Some(first.zeros_like()?))
+        if self.k == 0 {
+            self.shared.backward()?;
+        }
+        // The inputs' gradients go through their taps: what this node hangs from (the
+        // anchor, or output 0) gets none.
+        Ok(Some(from.zeros_like()?))
     }
 }
 
@@ -244,12 +227,15 @@ pub(crate) fn attach(
             anchor = (anchor + input.apply_op1(InputTap { shared: shared.clone(), j })?)?;
         }
     }
-    let node = anchor
-        .apply_op1(CheckpointNode { shared: shared.clone(), value: BuiltValue::new("checkpoint", first.clone()) })?;
+    let output = |k: usize, value: &Tensor| CheckpointOutput {
+        shared: shared.clone(),
+        k,
+        value: BuiltValue::new("checkpoint output", value.clone()),
+    };
+    let node = anchor.apply_op1(output(0, first))?;
     let mut joined = vec![node.clone()];
-    for (k, output) in outputs.iter().enumerate().skip(1) {
-        let tap = OutputTap { shared: shared.clone(), k, value: BuiltValue::new("checkpoint output", output.clone()) };
-        joined.push(node.apply_op1(tap)?);
+    for (k, value) in outputs.iter().enumerate().skip(1) {
+        joined.push(node.apply_op1(output(k, value))?);
     }
     Ok(joined)
 }

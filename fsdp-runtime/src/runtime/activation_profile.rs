@@ -4,9 +4,9 @@
 //! ([`crate::Fsdp::set_activation_profiling`]).
 //!
 //! A unit's share is the graph reachable from its outputs (hooked, as the step keeps
-//! them) less the graph reachable from its inputs, less the gathered parameters (which
-//! FSDP accounts for separately); each storage counts once however many views share it.
-//! The root's share is what no unit owns.
+//! them) less the graph reachable from its inputs, less what the units inside it own, less
+//! the gathered parameters (which FSDP accounts for separately); each storage counts once
+//! however many views share it. The root's share is what no unit owns.
 
 use super::meta_model::storage_address;
 use candle_core::Tensor;
@@ -77,8 +77,12 @@ impl Profiler {
         let position = self.inputs.iter().rposition(|(u, _)| *u == unit);
         let inputs = position.map(|p| self.inputs.remove(p).1).unwrap_or_default();
         let before = reachable(&inputs, parameters);
-        let mine: HashMap<usize, usize> =
-            reachable(outputs, parameters).into_iter().filter(|(storage, _)| !before.contains_key(storage)).collect();
+        // Units that ended before this one are inside it or before it: theirs stays theirs.
+        let owned = |storage: &usize| self.owned.iter().any(|(_, storages, _)| storages.contains(storage));
+        let mine: HashMap<usize, usize> = reachable(outputs, parameters)
+            .into_iter()
+            .filter(|(storage, _)| !before.contains_key(storage) && !owned(storage))
+            .collect();
         let bytes = mine.values().sum();
         self.owned.push((unit, mine.into_keys().collect(), bytes));
     }

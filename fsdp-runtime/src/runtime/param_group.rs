@@ -541,20 +541,16 @@ impl ParamGroup {
         Ok(())
     }
 
-    /// Averages the gradients (in the reduce dtype) over the ranks (one collective, and
-    /// under hybrid sharding a second across the replicas) and returns this rank's shard
-    /// of each, by parameter index, in the shards' dtype. Parameters without a gradient
-    /// get none, as in a plain backward.
+    /// Averages the gradients (in the reduce dtype, as `post_backward` hands them over)
+    /// over the ranks (one collective, and under hybrid sharding a second across the
+    /// replicas) and returns this rank's shard of each, by parameter index, in the shards'
+    /// dtype. Parameters without a gradient get none, as in a plain backward.
     fn reduce(&self, grads: Vec<(usize, Tensor)>) -> Result<Vec<(usize, Tensor)>> {
         let shard_dtype = |i: usize| self.params[i].shard.dtype();
         if !self.communicates && self.replicas.is_none() {
             // Averaging over one rank changes nothing: no packing, no collective.
             return grads.into_iter().map(|(i, grad)| Ok((i, grad.flatten_all()?.to_dtype(shard_dtype(i))?))).collect();
         }
-        let grads = grads
-            .into_iter()
-            .map(|(i, grad)| Ok((i, grad.to_dtype(self.reduce_dtype)?)))
-            .collect::<Result<Vec<_>>>()?;
         let packed = pack_for_reduce_scatter(&self.specs(), &grads, self.shard_world)?;
         let params: Vec<usize> = grads.iter().map(|(i, _)| *i).collect();
         // The full gradients are in the packed buffer now: not two copies during the call.

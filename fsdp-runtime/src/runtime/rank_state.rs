@@ -504,8 +504,10 @@ impl RankState {
 impl UnitHooks for RankState {
     fn bind_inputs(&self, unit: usize, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
         let bound = RankState::bind_inputs(self, self.cast_inputs(inputs)?)?;
-        if let Some(profiler) = self.profiler.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            profiler.started(unit, &bound);
+        if self.profiling.load(Ordering::Relaxed) {
+            if let Some(profiler) = self.profiler.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                profiler.started(unit, &bound);
+            }
         }
         Ok(bound)
     }
@@ -516,8 +518,10 @@ impl UnitHooks for RankState {
 
     fn post_forward(&self, unit: usize, outputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
         let hooked = RankState::post_forward(self, unit, outputs)?;
-        if let Some(profiler) = self.profiler.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            profiler.ended(unit, &hooked, &self.parameter_storages);
+        if self.profiling.load(Ordering::Relaxed) {
+            if let Some(profiler) = self.profiler.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                profiler.ended(unit, &hooked, &self.parameter_storages);
+            }
         }
         Ok(hooked)
     }
