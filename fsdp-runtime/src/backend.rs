@@ -13,6 +13,11 @@ pub(crate) trait OnBackend: BackendStorage<Device: BackendDevice<Storage = Self>
     const SMALLEST: usize;
 
     fn pick(storage: &Storage) -> Option<&Self>;
+
+    /// The storage of a released tensor (see [`crate::runtime::storage`]): candle's
+    /// `F8E8M0`, a storage type no tensor of the runtime has and for which candle has no
+    /// arithmetic, holding as few bytes as the backend allocates.
+    fn released(device: &Self::Device) -> Result<Self>;
 }
 
 impl OnBackend for CpuStorage {
@@ -24,6 +29,10 @@ impl OnBackend for CpuStorage {
             _ => None,
         }
     }
+
+    fn released(_device: &Self::Device) -> Result<Self> {
+        Ok(CpuStorage::F8E8M0(Vec::new()))
+    }
 }
 
 impl OnBackend for CudaStorage {
@@ -34,6 +43,17 @@ impl OnBackend for CudaStorage {
             Storage::Cuda(cuda) => Some(cuda),
             _ => None,
         }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn released(device: &Self::Device) -> Result<Self> {
+        let slice = candle_core::cuda_backend::CudaStorageSlice::F8E8M0(device.alloc_zeros::<u8>(Self::SMALLEST)?);
+        Ok(CudaStorage { slice, device: device.clone() })
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn released(device: &Self::Device) -> Result<Self> {
+        device.zeros_impl(&Shape::from(Self::SMALLEST), candle_core::DType::F8E8M0)
     }
 }
 

@@ -78,8 +78,9 @@ fn shard_of(
 /// flattened elements.
 fn restore_buffer(buffer: &Buffer, flat: Tensor) -> Result<()> {
     let numel = buffer.tensor.elem_count();
-    let flat = flat.to_dtype(buffer.tensor.dtype())?.contiguous()?;
-    buffer.tensor.inplace_op1(&Fill { source: flat, ranges: vec![(0, numel)] })?;
+    let dtype = buffer.tensor.dtype();
+    let flat = flat.to_dtype(dtype)?.contiguous()?;
+    buffer.tensor.inplace_op1(&Fill { source: flat, ranges: vec![(0, numel)], dtype })?;
     Ok(())
 }
 

@@ -33,9 +33,22 @@ use std::sync::{Arc, Weak};
 /// the ranks.
 ///
 /// The wrapped model is reachable only where its parameters are gathered: inside
-/// [`Fsdp::forward`], [`Fsdp::forward_inference`] and [`Fsdp::summon_full_params`]; a
-/// released parameter keeps its shape over freed storage, which no safe call may read.
+/// [`Fsdp::forward`], [`Fsdp::forward_inference`] and [`Fsdp::summon_full_params`].
 /// [`Fsdp::into_inner`] hands back a plain model with the full trained parameters.
+///
+/// # Parameters kept past their scope
+///
+/// A layer's parameter tensor is the unit's gathered parameter: a clone or a view of it
+/// taken inside one of those closures (returned, stored on the side, kept in a layer's
+/// cache) shares its storage, which is released with the unit. Using such a tensor then
+/// is an error, never a read of freed memory: every candle operation on it fails with a
+/// dtype error naming `F8E8M0`, the storage type of a released tensor (as PyTorch FSDP
+/// fails on a freed parameter's zero-sized storage). While the unit is gathered again the
+/// tensor shows the current values; without sharding (`NO_SHARD`) the values stay in
+/// memory and a kept tensor keeps the values of its last gather. To keep values, copy
+/// them inside the closure (`Tensor::copy`), or use [`Fsdp::full_parameters`] or
+/// [`Fsdp::into_inner`]. What a forward returns is the caller's either way: an output
+/// that is a parameter or a view of one is copied before the unit is released.
 pub struct Fsdp<M> {
     pub(super) model: M,
     pub(super) state: Arc<RankState>,
@@ -409,7 +422,8 @@ impl<M> Fsdp<M> {
     /// at the end, also when `f` fails or panics. candle has no grad mode, so the
     /// operations are still recorded while `f` runs; the record is dropped with the
     /// detached outputs. It may run between a training forward and its backward, which
-    /// then gathers again what it needs.
+    /// then gathers again what it needs. The outputs are the caller's: one that is a
+    /// parameter (or a view of one) is copied before its unit is released.
     pub fn forward_inference<R: Activations>(&self, f: impl FnOnce(&M) -> candle_core::Result<R>) -> Result<R> {
         let pending = self.state.training_step_pending();
         self.state.enter_mode(ForwardMode::Inference, "Fsdp::forward_inference")?;

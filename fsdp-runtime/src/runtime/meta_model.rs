@@ -8,7 +8,7 @@
 //! `Init` hint candle-nn's layers pass: Kaiming for a linear weight, a uniform bound for
 //! its bias, ones for a norm), from which wrapping draws the values.
 
-use super::storage::Unallocated;
+use super::storage::{released, Unallocated};
 use crate::dist::launch::panic_message;
 use crate::error::{Error, Result};
 use crate::model::{Layout, ShardableModel};
@@ -103,8 +103,8 @@ impl SimpleBackend for MetaBackend {
             }
             return Ok(tensor.clone());
         }
-        let tensor =
-            Tensor::zeros((), dtype, &Device::Cpu)?.apply_op1_no_bwd(&Unallocated { shape: shape.clone(), dtype })?;
+        let unallocated = Unallocated { shape: shape.clone(), dtype };
+        let tensor = released(Tensor::zeros((), dtype, &Device::Cpu)?.apply_op1_no_bwd(&unallocated)?)?;
         let param = MetaParam { name: name.to_string(), shape, init, dtype, device: dev.clone() };
         made.push((param, tensor.clone()));
         Ok(tensor)

@@ -516,8 +516,8 @@ impl ParamGroup {
         }
         if !self.gathers_by_collective() {
             for param in &self.params {
-                let fill =
-                    Fill { source: param.shard.to_dtype(param.gathered.dtype())?, ranges: vec![(0, param.spec.numel)] };
+                let dtype = param.gathered.dtype();
+                let fill = Fill { source: param.shard.to_dtype(dtype)?, ranges: vec![(0, param.spec.numel)], dtype };
                 param.gathered.inplace_op1(&fill)?;
             }
             return Ok(None);
@@ -529,7 +529,7 @@ impl ParamGroup {
     fn fill_gathered(&self, work: Work) -> Result<()> {
         let full = work.wait()?;
         for (param, ranges) in self.params.iter().zip(gathered_ranges(&self.specs(), self.shard_world)) {
-            param.gathered.inplace_op1(&Fill { source: full.clone(), ranges })?;
+            param.gathered.inplace_op1(&Fill { source: full.clone(), ranges, dtype: param.gathered.dtype() })?;
         }
         Ok(())
     }

@@ -254,8 +254,10 @@ impl RankState {
             }
         }
         if mode == ForwardMode::Inference {
+            // Copied before the release when they are (views of) the unit's parameters.
+            let outputs = outputs.iter().map(|t| self.detached_output(t)).collect::<Result<Vec<_>>>()?;
             self.groups[unit].post_forward(false, &self.recorders)?;
-            return Ok(outputs.iter().map(Tensor::detach).collect());
+            return Ok(outputs);
         }
         let mut hooked = false;
         let generation = self.generation.load(Ordering::Relaxed);
@@ -274,6 +276,17 @@ impl RankState {
             .collect::<Result<Vec<_>>>()?;
         self.groups[unit].post_forward(hooked, &self.recorders)?;
         Ok(outputs)
+    }
+
+    /// An inference output, detached, in storage of its own when it shares a gathered
+    /// parameter's (a layer that returns its weight or a view of it): the caller keeps it
+    /// after the unit is released.
+    fn detached_output(&self, output: &Tensor) -> Result<Tensor> {
+        if self.parameter_storages.contains(&storage_address(output)) {
+            Ok(output.detach().copy()?)
+        } else {
+            Ok(output.detach())
+        }
     }
 
     /// A training forward of the root starts: with profiling on, its profile starts too.

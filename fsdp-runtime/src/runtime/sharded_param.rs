@@ -4,7 +4,7 @@
 
 use super::autograd::{GatheredParam, GradSink};
 use super::flat_buffer::ShardSpec;
-use super::storage::Unallocated;
+use super::storage::{released, Unallocated};
 use candle_core::{Result, Shape, Tensor, Var};
 use std::sync::Weak;
 
@@ -35,7 +35,7 @@ impl ShardedParam {
         let shard = Var::from_tensor(shard)?;
         let shape = gathered.shape.clone();
         let op = GatheredParam { sink, unit, param, released: gathered };
-        let gathered = shard.as_tensor().apply_op1(op)?;
+        let gathered = released(shard.as_tensor().apply_op1(op)?)?;
         Ok(Self { fqn, shape, spec, shard, gathered })
     }
 

@@ -1,5 +1,13 @@
 //! In-place storage swaps that release and restore a gathered parameter's memory while
 //! every tensor and graph node referring to it stays valid: [`Free`] and [`Fill`].
+//!
+//! A released tensor keeps its shape and dtype, but its storage is candle's `F8E8M0`
+//! with no data ([`OnBackend::released`]). Whoever kept the tensor (a clone or a view
+//! taken inside a closure, a graph node) shares that storage, and candle checks a
+//! storage's own type before it touches the data: every operation on a released tensor
+//! fails with a dtype error (`unsupported dtype F8E8M0`, `dtype mismatch ... F8E8M0`)
+//! instead of reading past the end of an emptied buffer. `tests/released_params.rs`
+//! runs candle's operations on released parameters to hold candle to that.
 
 use crate::backend::OnBackend;
 use candle_core::backend::{BackendDevice, BackendStorage};
@@ -7,14 +15,8 @@ use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::Storage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, InplaceOp1, Layout, Result, Shape, Tensor};
 
-/// The storage of a released tensor: as few elements as the backend allocates (none on
-/// CPU, one on CUDA, which refuses zero-byte allocations).
-pub(crate) fn released<S: OnBackend>(device: &S::Device, dtype: DType) -> Result<S> {
-    device.zeros_impl(&Shape::from(S::SMALLEST), dtype)
-}
-
-/// Releases a tensor's storage in place. Reading the tensor before a [`Fill`] fails on
-/// CPU. cudarc frees the old buffer in stream order, after the kernels that read it.
+/// Releases a tensor's storage in place (see the module docs). cudarc frees the old
+/// buffer in stream order, after the kernels that read it.
 pub(crate) struct Free;
 
 impl InplaceOp1 for Free {
@@ -23,22 +25,30 @@ impl InplaceOp1 for Free {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, _layout: &Layout) -> Result<()> {
-        *storage = released(storage.device(), storage.dtype())?;
+        *storage = CpuStorage::released(storage.device())?;
         Ok(())
     }
 
     fn cuda_fwd(&self, storage: &mut CudaStorage, _layout: &Layout) -> Result<()> {
-        *storage = released(storage.device(), storage.dtype())?;
+        *storage = CudaStorage::released(storage.device())?;
         Ok(())
     }
 }
 
-/// A tensor of `shape` and `dtype` that starts out released (applied to any tensor on the
+/// A tensor of `shape` and `dtype` that holds no values (applied to any tensor on the
 /// wanted device): the placeholder of a parameter that has no values yet, or the gathered
-/// node of a shard, which may be in another dtype than the shard (mixed precision).
+/// node of a shard, which may be in another dtype than the shard (mixed precision). The
+/// op's output is an empty storage of `dtype`, which gives the tensor its dtype;
+/// [`released`] turns it into a released tensor before anyone else sees it.
 pub(crate) struct Unallocated {
     pub shape: Shape,
     pub dtype: DType,
+}
+
+impl Unallocated {
+    fn empty<S: OnBackend>(&self, like: &S) -> Result<(S, Shape)> {
+        Ok((like.device().zeros_impl(&Shape::from(S::SMALLEST), self.dtype)?, self.shape.clone()))
+    }
 }
 
 impl CustomOp1 for Unallocated {
@@ -47,12 +57,18 @@ impl CustomOp1 for Unallocated {
     }
 
     fn cpu_fwd(&self, like: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((released(like.device(), self.dtype)?, self.shape.clone()))
+        self.empty(like)
     }
 
     fn cuda_fwd(&self, like: &CudaStorage, _layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        Ok((released(like.device(), self.dtype)?, self.shape.clone()))
+        self.empty(like)
     }
+}
+
+/// `tensor`, just made by [`Unallocated`], released.
+pub(crate) fn released(tensor: Tensor) -> Result<Tensor> {
+    tensor.inplace_op1(&Free)?;
+    Ok(tensor)
 }
 
 /// Puts data back into a tensor's storage in place: the concatenation of element ranges
@@ -62,6 +78,8 @@ impl CustomOp1 for Unallocated {
 pub(crate) struct Fill {
     pub source: Tensor,
     pub ranges: Vec<(usize, usize)>,
+    /// The filled tensor's dtype (its storage, released, has none to compare with).
+    pub dtype: DType,
 }
 
 impl Fill {
@@ -70,14 +88,13 @@ impl Fill {
         let (Some(source), true) = (S::pick(&source), source_layout.is_contiguous()) else {
             candle_core::bail!("fill: the source must be a contiguous tensor on the parameter's device");
         };
-        if source.dtype() != storage.dtype() {
-            candle_core::bail!("fill: {:?} data into a {:?} tensor", source.dtype(), storage.dtype());
+        if source.dtype() != self.dtype {
+            candle_core::bail!("fill: {:?} data into a {:?} tensor", source.dtype(), self.dtype);
         }
         let base = source_layout.start_offset();
         let total: usize = self.ranges.iter().map(|(_, len)| len).sum();
         // Every element is written by the copies below before anyone reads it.
-        let mut filled =
-            unsafe { storage.device().alloc_uninit(&Shape::from(total.max(S::SMALLEST)), storage.dtype())? };
+        let mut filled = unsafe { storage.device().alloc_uninit(&Shape::from(total.max(S::SMALLEST)), self.dtype)? };
         let mut written = 0;
         for run in strided_runs(&self.ranges) {
             source.copy2d(&mut filled, run.count, run.len, run.stride, run.len, base + run.start, written)?;
@@ -154,11 +171,18 @@ mod tests {
     fn fill_concatenates_the_ranges() -> Result<()> {
         let source = Tensor::arange(0f32, 40., &candle_core::Device::Cpu)?;
         let target = Tensor::zeros(10, candle_core::DType::F32, &candle_core::Device::Cpu)?;
-        target.inplace_op1(&Fill { source, ranges: vec![(0, 3), (10, 3), (20, 3), (35, 1)] })?;
+        let ranges = vec![(0, 3), (10, 3), (20, 3), (35, 1)];
+        target.inplace_op1(&Fill { source: source.clone(), ranges: ranges.clone(), dtype: DType::F32 })?;
         assert_eq!(target.to_vec1::<f32>()?, [0., 1., 2., 10., 11., 12., 20., 21., 22., 35.]);
         target.inplace_op1(&Free)?;
-        let (storage, _) = target.storage_and_layout();
-        assert!(matches!(&*storage, Storage::Cpu(cpu) if cpu.as_slice::<f32>()?.is_empty()));
+        {
+            let (storage, _) = target.storage_and_layout();
+            assert!(matches!(&*storage, Storage::Cpu(CpuStorage::F8E8M0(bytes)) if bytes.is_empty()));
+        }
+        assert_eq!(target.dtype(), DType::F32, "a released tensor keeps its dtype");
+        assert!(target.to_vec1::<f32>().is_err(), "reading a released tensor is an error");
+        let wrong = Fill { source, ranges, dtype: DType::F16 };
+        assert!(target.inplace_op1(&wrong).is_err(), "f32 data into an f16 tensor is refused");
         Ok(())
     }
 }

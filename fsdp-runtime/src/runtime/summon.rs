@@ -25,7 +25,8 @@ impl<M> Fsdp<M> {
     /// and its backward. What `f` computes is for reading only: no gradient of it reaches
     /// the shards, and changes to the full values are not written back (see
     /// [`Fsdp::summon_full_params_with`]). The units are freed again afterwards, also
-    /// when `f` panics.
+    /// when `f` panics: a parameter tensor `f` returns or keeps is released with them
+    /// (see [`Fsdp`]'s docs; copy what should outlive the call).
     pub fn summon_full_params<R>(&self, f: impl FnOnce(&M) -> R) -> Result<R> {
         let ran = self.summon_full_params_with(SummonOptions::default(), f)?;
         Ok(ran.expect("without rank0_only every rank runs the closure"))
@@ -43,7 +44,8 @@ impl<M> Fsdp<M> {
     /// beside the shards. A collective, refused between a forward and its backward, as
     /// [`Fsdp::summon_full_params`]; `writeback` copies edits to the values `f` was given
     /// back into the shards. Returns `f`'s results in unit order (empty on ranks that do
-    /// not run it).
+    /// not run it). The tensors `f` is given are the unit's gathered parameters, released
+    /// when `f` returns, as in [`Fsdp::summon_full_params`].
     pub fn summon_units<R>(
         &self,
         options: SummonOptions,
