@@ -164,6 +164,7 @@ fn settings_the_model_does_not_compute_are_refused_by_key() {
         (r#", "attention_bias": true"#, "`attention_bias`"),
         (r#", "mlp_bias": true"#, "`mlp_bias`"),
         (r#", "sliding_window": 4096"#, "`sliding_window`"),
+        (r#", "unknown_setting": 1"#, "`unknown_setting`"),
         (r#", "rope_scaling": {"type": "linear", "factor": 2.0}"#, "`rope_scaling` of type `linear`"),
         (r#", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}"#, "`rope_scaling` of type `yarn`"),
         (r#", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#, "`rope_scaling.low_freq_factor`"),
@@ -181,4 +182,152 @@ fn settings_the_model_does_not_compute_are_refused_by_key() {
     // Settings that change no arithmetic pass, and defaults follow Hugging Face.
     let plain = LlamaConfig::from_hf_json(&config_json(r#", "attention_bias": false, "rope_scaling": null"#)).unwrap();
     assert_eq!((plain.num_key_value_heads, plain.rope_scaling, plain.tie_word_embeddings), (2, None, false));
+}
+
+/// The golden models transformers wrote (`tests/golden/hf_llama/make_golden.py`):
+/// (folder, `rope_theta`, whether the llama3 scaling is on, whether the head is tied).
+const GOLDEN: [(&str, f64, bool, bool); 4] = [
+    ("v4-llama31-scaled-untied", 500000.0, true, false),
+    ("v4-theta-tied", 500000.0, false, true),
+    ("v5-llama32-scaled-tied", 500000.0, true, true),
+    ("v5-theta-untied", 500000.0, false, false),
+];
+
+fn golden_dir(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/hf_llama").join(name)
+}
+
+/// The golden's input ids and the logits transformers computed for them.
+fn golden_logits(dir: &Path) -> (Tensor, Tensor) {
+    let file = candle_core::safetensors::load(dir.join("logits.safetensors"), &Device::Cpu).unwrap();
+    (file["input_ids"].to_dtype(DType::U32).unwrap(), file["logits"].clone())
+}
+
+/// A plain (unwrapped) model of `config` with the golden's weights.
+fn golden_model(config: &LlamaConfig, dir: &Path) -> Llama {
+    let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    Llama::new(config, VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu)).unwrap()
+}
+
+fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Logits within 1e-4 of transformers' (which are up to about 5).
+const LOGIT_TOLERANCE: f32 = 1e-4;
+
+#[test]
+fn configs_of_both_transformers_layouts_give_transformers_logits() {
+    for (name, theta, scaled, tied) in GOLDEN {
+        let dir = golden_dir(name);
+        let config = LlamaConfig::from_hf_file(&dir.join("config.json")).unwrap();
+        assert_eq!(
+            (config.rope_theta, config.rope_scaling.is_some(), config.tie_word_embeddings),
+            (theta, scaled, tied),
+            "{name}"
+        );
+        let (input, expected) = golden_logits(&dir);
+        let plain = golden_model(&config, &dir).forward(&input).unwrap();
+        let diff = max_difference(&plain, &expected);
+        eprintln!("{name}: max logit difference from transformers {diff:.2e}");
+        assert!(diff <= LOGIT_TOLERANCE, "{name}: logits differ from transformers' by {diff}");
+
+        // The same checkpoint loaded into a sharded model over 2 ranks.
+        let sharded = launch(LaunchOptions::new(2), |ctx| {
+            let var_map = VarMap::new();
+            let model = Llama::new(&config, VarBuilder::from_varmap(&var_map, DType::F32, &Device::Cpu))?;
+            let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
+            checkpoint::load_pretrained(&fsdp, &dir)?;
+            fsdp.forward_inference(|m| m.forward(&input))
+        })
+        .unwrap();
+        for logits in sharded {
+            let diff = max_difference(&logits, &expected);
+            assert!(diff <= LOGIT_TOLERANCE, "{name}, sharded: logits differ from transformers' by {diff}");
+        }
+
+        // The rotary settings matter at these sizes: read as the plain rotary embedding
+        // (what an ignored `rope_parameters` gives), the logits are far off.
+        let misread = LlamaConfig { rope_theta: 10_000.0, rope_scaling: None, ..config.clone() };
+        let diff = max_difference(&golden_model(&misread, &dir).forward(&input).unwrap(), &expected);
+        eprintln!("{name}: misread rotary embedding moves the logits by {diff:.2e}");
+        assert!(diff > 100.0 * LOGIT_TOLERANCE, "{name}: a misread rotary embedding moves the logits only by {diff}");
+    }
+}
+
+#[test]
+fn an_export_of_a_transformers_5_checkpoint_reads_back_as_the_same_model() {
+    for (name, ..) in GOLDEN {
+        let dir = golden_dir(name);
+        let config = LlamaConfig::from_hf_file(&dir.join("config.json")).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        launch(LaunchOptions::new(2), |ctx| {
+            let var_map = VarMap::new();
+            let model = Llama::new(&config, VarBuilder::from_varmap(&var_map, DType::F32, &Device::Cpu))?;
+            let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
+            checkpoint::load_pretrained(&fsdp, &dir)?;
+            checkpoint::export_hf(&fsdp, out.path(), &ExportOptions::default())?;
+            Ok(())
+        })
+        .unwrap();
+        std::fs::write(out.path().join("config.json"), config.to_hf_json()).unwrap();
+        // Both layouts are written and agree; each reader finds the same model.
+        let written: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap()).unwrap();
+        assert_eq!(written["rope_theta"], written["rope_parameters"]["rope_theta"], "{name}");
+        let again = LlamaConfig::from_hf_file(&out.path().join("config.json")).unwrap();
+        assert_eq!(again, config, "{name}");
+        let (input, expected) = golden_logits(&dir);
+        let diff = max_difference(&golden_model(&again, out.path()).forward(&input).unwrap(), &expected);
+        assert!(diff <= LOGIT_TOLERANCE, "{name}, exported: logits differ from transformers' by {diff}");
+        // candle-transformers, which reads only the top-level keys, computes the same.
+        let theirs = reference_logits(out.path(), &input);
+        let ours_last = expected.i((.., expected.dim(1).unwrap() - 1, ..)).unwrap();
+        let diff = max_difference(&theirs, &ours_last);
+        assert!(diff <= LOGIT_TOLERANCE, "{name}: candle-transformers' logits differ from transformers' by {diff}");
+    }
+}
+
+#[test]
+fn the_transformers_5_layout_is_read_by_allow_list() {
+    let v5 = std::fs::read_to_string(golden_dir("v5-llama32-scaled-tied").join("config.json")).unwrap();
+    let with = |from: &str, to: &str| {
+        assert!(v5.contains(from), "the golden config holds {from}");
+        v5.replacen(from, to, 1)
+    };
+    let cases = [
+        (with(r#""rope_type": "llama3""#, r#""rope_type": "linear""#), "`rope_parameters` of type `linear`"),
+        (with(r#""rope_type": "llama3""#, r#""rope_type": "yarn""#), "`rope_parameters` of type `yarn`"),
+        (with(r#""factor": 8.0,"#, ""), "`rope_parameters.factor` is missing"),
+        (with(r#""factor": 8.0,"#, r#""factor": 8.0, "mscale": 1.0,"#), "`rope_parameters.mscale`"),
+        // Both layouts, disagreeing.
+        (with(r#""rms_norm_eps""#, r#""rope_theta": 10000.0, "rms_norm_eps""#), "`rope_theta` is 10000"),
+        (
+            with(
+                r#""rms_norm_eps""#,
+                r#""rope_scaling": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}, "rms_norm_eps""#,
+            ),
+            "`rope_scaling` and `rope_parameters` describe different",
+        ),
+        // Keys the reader does not know, and settings it does not compute.
+        (
+            with(r#""use_cache": true"#, r#""use_cache": true, "quantization_config": {"bits": 4}"#),
+            "`quantization_config`",
+        ),
+        (with(r#""use_cache": true"#, r#""use_cache": true, "auto_map": {}"#), "`auto_map`"),
+        (with(r#""attention_dropout": 0.0"#, r#""attention_dropout": 0.1"#), "`attention_dropout` is 0.1"),
+        (with(r#""pretraining_tp": 1"#, r#""pretraining_tp": 2"#), "`pretraining_tp` is 2"),
+        (with(r#""LlamaForCausalLM""#, r#""LlamaForSequenceClassification""#), "`architectures`"),
+        (
+            with(r#""use_cache": true"#, r#""use_cache": true, "is_encoder_decoder": true"#),
+            "`is_encoder_decoder` is true",
+        ),
+    ];
+    for (text, needle) in cases {
+        let error = LlamaConfig::from_hf_json(&text).unwrap_err().to_string();
+        assert!(error.contains(needle), "the error `{error}` does not name {needle}");
+    }
+    // Both layouts agreeing, and settings written out at their defaults, pass.
+    let agreeing = with(r#""rms_norm_eps""#, r#""rope_theta": 500000.0, "is_decoder": false, "rms_norm_eps""#);
+    assert_eq!(LlamaConfig::from_hf_json(&agreeing).unwrap(), LlamaConfig::from_hf_json(&v5).unwrap());
 }

@@ -24,11 +24,11 @@
 //! Initialisation follows Hugging Face: `N(0, initializer_range)` for every matrix, norm
 //! weights 1.
 
+use super::hf_config::{HfConfig, HfObject};
 use super::{affine, rms_norm, softmax_last_dim};
 use crate::{Shardable, Unit};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Init, RmsNorm, VarBuilder};
-use serde::Deserialize;
 use std::path::Path;
 
 /// The hyper-parameters of [`Llama`] (Hugging Face `LlamaConfig` names); `Default` is a
@@ -96,6 +96,63 @@ impl RopeScaling {
     }
 }
 
+/// The rotary base and scaling from either layout: transformers 5's `rope_parameters`,
+/// or the top-level `rope_theta` and `rope_scaling` of 4.x. Where both are given they
+/// must agree.
+fn read_rope(hf: &mut HfConfig) -> Result<(f64, Option<RopeScaling>)> {
+    let flat_theta = hf.f64("rope_theta")?;
+    let flat_scaling = match hf.object("rope_scaling")? {
+        Some(keys) => Some(read_scaling(hf, HfObject::new("rope_scaling", keys))?),
+        None => None,
+    };
+    let Some(nested) = hf.object("rope_parameters")? else {
+        let (inner_theta, scaling) = flat_scaling.unwrap_or((None, None));
+        return Ok((flat_theta.or(inner_theta).unwrap_or(10_000.0), scaling));
+    };
+    let (theta, scaling) = read_scaling(hf, HfObject::new("rope_parameters", nested))?;
+    let theta = theta.or(flat_theta).unwrap_or(10_000.0);
+    if let Some(flat) = flat_theta.filter(|&flat| flat != theta) {
+        return hf.refuse(format!("`rope_theta` is {flat} but `rope_parameters.rope_theta` is {theta}"));
+    }
+    if let Some((flat_inner_theta, flat)) = flat_scaling {
+        if flat != scaling || flat_inner_theta.is_some_and(|t| t != theta) {
+            return hf.refuse("`rope_scaling` and `rope_parameters` describe different rotary embeddings".into());
+        }
+    }
+    Ok((theta, scaling))
+}
+
+/// One rotary description (`rope_scaling`, or `rope_parameters` with its `rope_theta`):
+/// the base it gives, if any, and the scaling, `None` for the plain one.
+fn read_scaling(hf: &HfConfig, mut keys: HfObject) -> Result<(Option<f64>, Option<RopeScaling>)> {
+    let theta = match keys.take("rope_theta") {
+        Some(value) => Some(value.as_f64().ok_or_else(|| {
+            candle_core::Error::Msg(format!("`{}.rope_theta` is {value}, not a number", keys.parent()))
+        })?),
+        None => None,
+    };
+    // transformers writes `rope_type`; older configs `type`.
+    let kind = match keys.string("rope_type")? {
+        Some(kind) => Some(kind),
+        None => keys.string("type")?,
+    };
+    let scaling = match kind.as_deref() {
+        Some("default") => None,
+        Some("llama3") => Some(RopeScaling {
+            factor: keys.required_f64("factor")?,
+            low_freq_factor: keys.required_f64("low_freq_factor")?,
+            high_freq_factor: keys.required_f64("high_freq_factor")?,
+            original_max_position_embeddings: keys.required_f64("original_max_position_embeddings")? as usize,
+        }),
+        Some(other) => {
+            return hf.refuse(format!("`{}` of type `{other}` (only `default` and `llama3`)", keys.parent()))
+        }
+        None => return hf.refuse(format!("`{}` without a `rope_type`", keys.parent())),
+    };
+    keys.finish()?;
+    Ok((theta, scaling))
+}
+
 impl Default for LlamaConfig {
     fn default() -> Self {
         Self {
@@ -116,50 +173,6 @@ impl Default for LlamaConfig {
     }
 }
 
-/// The fields of a Hugging Face Llama `config.json` that decide the arithmetic; unknown
-/// keys (token ids, dtype, versions) do not.
-#[derive(Deserialize)]
-struct HfLlamaConfig {
-    model_type: Option<String>,
-    vocab_size: usize,
-    hidden_size: usize,
-    intermediate_size: usize,
-    num_hidden_layers: usize,
-    num_attention_heads: usize,
-    num_key_value_heads: Option<usize>,
-    #[serde(default = "hf_default_positions")]
-    max_position_embeddings: usize,
-    #[serde(default = "hf_default_eps")]
-    rms_norm_eps: f64,
-    #[serde(default = "hf_default_theta")]
-    rope_theta: f64,
-    #[serde(default = "hf_default_init")]
-    initializer_range: f64,
-    head_dim: Option<usize>,
-    #[serde(default)]
-    tie_word_embeddings: bool,
-    rope_scaling: Option<serde_json::Map<String, serde_json::Value>>,
-    hidden_act: Option<String>,
-    #[serde(default)]
-    attention_bias: bool,
-    #[serde(default)]
-    mlp_bias: bool,
-    sliding_window: Option<serde_json::Value>,
-}
-
-fn hf_default_positions() -> usize {
-    2048
-}
-fn hf_default_eps() -> f64 {
-    1e-6
-}
-fn hf_default_theta() -> f64 {
-    10_000.0
-}
-fn hf_default_init() -> f64 {
-    0.02
-}
-
 impl LlamaConfig {
     /// Reads a Hugging Face Llama `config.json` (see [`LlamaConfig::from_hf_json`]).
     pub fn from_hf_file(path: &Path) -> Result<Self> {
@@ -168,71 +181,58 @@ impl LlamaConfig {
         Self::from_hf_json(&text).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))
     }
 
-    /// Parses a Hugging Face Llama `config.json`. A setting this model does not compute is
-    /// refused by its key, never loaded into different arithmetic: `attention_bias` or
-    /// `mlp_bias` true, a `hidden_act` other than `silu`, a `rope_scaling` other than
-    /// `llama3` (or `default`), a `sliding_window`, a `model_type` other than `llama`.
+    /// Parses a Hugging Face Llama `config.json`, written by transformers 4 (top-level
+    /// `rope_theta` and `rope_scaling`) or 5 (both inside `rope_parameters`). It is read
+    /// by allow-list: a setting this model does not compute is refused by its key, never
+    /// loaded into different arithmetic (`attention_bias` or `mlp_bias` true, a
+    /// `hidden_act` other than `silu`, a rotary scaling other than `llama3`, the two
+    /// rotary layouts disagreeing, a `sliding_window`, a `model_type` other than `llama`),
+    /// and so is a key the reader does not know.
     pub fn from_hf_json(text: &str) -> Result<Self> {
-        let hf: HfLlamaConfig =
-            serde_json::from_str(text).map_err(|e| candle_core::Error::Msg(format!("not a Llama config.json: {e}")))?;
-        let refuse = |what: String| -> Result<Self> {
-            candle_core::bail!("{what}: this Llama model does not implement it, so the checkpoint is refused")
-        };
-        if let Some(kind) = hf.model_type.as_deref().filter(|&k| k != "llama") {
-            return refuse(format!("`model_type` is `{kind}`"));
+        let mut hf = HfConfig::parse(text, "Llama")?;
+        if let Some(kind) = hf.string("model_type")?.filter(|k| k != "llama") {
+            return hf.refuse(format!("`model_type` is `{kind}`"));
         }
-        if let Some(act) = hf.hidden_act.as_deref().filter(|&a| a != "silu") {
-            return refuse(format!("`hidden_act` is `{act}` (only `silu`)"));
-        }
-        if hf.attention_bias {
-            return refuse("`attention_bias` is true".into());
-        }
-        if hf.mlp_bias {
-            return refuse("`mlp_bias` is true".into());
-        }
-        if hf.sliding_window.as_ref().is_some_and(|w| !w.is_null()) {
-            return refuse("`sliding_window` is set".into());
-        }
-        let rope_scaling = match &hf.rope_scaling {
-            None => None,
-            Some(scaling) => {
-                // Hugging Face writes `rope_type`; older configs `type`.
-                let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|v| v.as_str());
-                match kind {
-                    Some("default") => None,
-                    Some("llama3") => {
-                        let number = |key: &str| -> Result<f64> {
-                            scaling.get(key).and_then(|v| v.as_f64()).ok_or_else(|| {
-                                candle_core::Error::Msg(format!("`rope_scaling.{key}` is missing or not a number"))
-                            })
-                        };
-                        Some(RopeScaling {
-                            factor: number("factor")?,
-                            low_freq_factor: number("low_freq_factor")?,
-                            high_freq_factor: number("high_freq_factor")?,
-                            original_max_position_embeddings: number("original_max_position_embeddings")? as usize,
-                        })
-                    }
-                    Some(other) => return refuse(format!("`rope_scaling` of type `{other}` (only `llama3`)")),
-                    None => return refuse("`rope_scaling` without a `rope_type`".into()),
-                }
+        if let Some(architectures) = hf.take("architectures") {
+            if architectures != serde_json::json!(["LlamaForCausalLM"]) {
+                return hf.refuse(format!("`architectures` is {architectures} (only [\"LlamaForCausalLM\"])"));
             }
-        };
+        }
+        if let Some(act) = hf.string("hidden_act")?.filter(|a| a != "silu") {
+            return hf.refuse(format!("`hidden_act` is `{act}` (only `silu`)"));
+        }
+        if hf.bool("attention_bias")? == Some(true) {
+            return hf.refuse("`attention_bias` is true".into());
+        }
+        if hf.bool("mlp_bias")? == Some(true) {
+            return hf.refuse("`mlp_bias` is true".into());
+        }
+        if let Some(p) = hf.f64("attention_dropout")?.filter(|&p| p != 0.0) {
+            return hf.refuse(format!("`attention_dropout` is {p} (the model has no dropout)"));
+        }
+        if hf.take("sliding_window").is_some() {
+            return hf.refuse("`sliding_window` is set".into());
+        }
+        hf.only("pretraining_tp", 1.into())?;
+        hf.only("rope_interleaved", false.into())?;
+        let (rope_theta, rope_scaling) = read_rope(&mut hf)?;
+        let num_attention_heads = hf.required_usize("num_attention_heads")?;
         let config = Self {
-            vocab_size: hf.vocab_size,
-            hidden_size: hf.hidden_size,
-            intermediate_size: hf.intermediate_size,
-            num_hidden_layers: hf.num_hidden_layers,
-            num_attention_heads: hf.num_attention_heads,
-            num_key_value_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
-            max_position_embeddings: hf.max_position_embeddings,
-            rms_norm_eps: hf.rms_norm_eps,
-            rope_theta: hf.rope_theta,
-            initializer_range: hf.initializer_range,
-            head_dim: hf.head_dim,
-            tie_word_embeddings: hf.tie_word_embeddings,
+            vocab_size: hf.required_usize("vocab_size")?,
+            hidden_size: hf.required_usize("hidden_size")?,
+            intermediate_size: hf.required_usize("intermediate_size")?,
+            num_hidden_layers: hf.required_usize("num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads: hf.usize("num_key_value_heads")?.unwrap_or(num_attention_heads),
+            max_position_embeddings: hf.usize("max_position_embeddings")?.unwrap_or(2048),
+            rms_norm_eps: hf.f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta,
+            initializer_range: hf.f64("initializer_range")?.unwrap_or(0.02),
+            head_dim: hf.usize("head_dim")?,
+            tie_word_embeddings: hf.bool("tie_word_embeddings")?.unwrap_or(false),
             rope_scaling,
         };
+        hf.finish()?;
         config.validate()?;
         Ok(config)
     }
@@ -262,15 +262,22 @@ impl LlamaConfig {
         if let Some(head_dim) = self.head_dim {
             json["head_dim"] = head_dim.into();
         }
+        // Both rotary layouts, which agree: transformers 4 (and candle-transformers) read
+        // the top-level keys, transformers 5 `rope_parameters`.
+        let mut rope = serde_json::json!({ "rope_type": "default", "rope_theta": self.rope_theta });
         if let Some(s) = &self.rope_scaling {
-            json["rope_scaling"] = serde_json::json!({
+            let scaling = serde_json::json!({
                 "rope_type": "llama3",
                 "factor": s.factor,
                 "low_freq_factor": s.low_freq_factor,
                 "high_freq_factor": s.high_freq_factor,
                 "original_max_position_embeddings": s.original_max_position_embeddings,
             });
+            rope = scaling.clone();
+            rope["rope_theta"] = self.rope_theta.into();
+            json["rope_scaling"] = scaling;
         }
+        json["rope_parameters"] = rope;
         serde_json::to_string_pretty(&json).expect("a JSON value serializes")
     }
 

@@ -21,6 +21,7 @@
 //! differentiable primitives, and the models use them instead.
 
 pub mod gpt;
+mod hf_config;
 pub mod llama;
 pub mod transformer;
 
