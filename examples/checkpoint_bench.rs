@@ -1,11 +1,12 @@
 //! Benchmarks checkpoints on CPU ranks (threads of this process), in one run: a sharded
-//! save (parameters and AdamW state), its load, a Hugging Face export, and a pretrained
+//! save (parameters and AdamW state), its load with and without checking the files'
+//! checksums, a Hugging Face export, and a pretrained
 //! load of that export, each next to a plain write (or read) of the same bytes by every
 //! rank at once in the same run, and each with the extra peak resident memory it took.
 //!
 //! The peak is counted by this program's allocator: the most bytes allocated at once during
 //! the operation over the bytes allocated before it (resident-memory figures would count
-//! the page cache behind memory-mapped files, and miss memory the heap reuses). The ranks
+//! the page cache, and miss memory the heap reuses). The ranks
 //! are threads of one process, so the figure is the sum over ranks, and the per-rank
 //! figure is that sum divided by the world size. It is compared with the goal of at most
 //! one unit's full size beyond the shards per rank.
@@ -19,7 +20,7 @@ mod common;
 
 use anyhow::{ensure, Context};
 use candle_core::Device;
-use candle_fsdp::checkpoint::{self, Checkpointer, ExportOptions, Progress};
+use candle_fsdp::checkpoint::{self, Checkpointer, ExportOptions, LoadOptions, Progress};
 use candle_fsdp::dist::Collectives;
 use candle_fsdp::model::Layout;
 use candle_fsdp::models::llama::{Llama, LlamaConfig};
@@ -211,14 +212,17 @@ fn main() -> anyhow::Result<()> {
                 },
                 &mut |bytes| plain_write(&plain_file, bytes),
             )?;
-            row(
-                "sharded load",
-                &mut || {
-                    checkpoint::load(&fsdp, Some(&mut optimizer), &saved.borrow())?;
-                    Ok(std::fs::metadata(plain_file.as_path())?.len() as usize)
-                },
-                &mut |_| plain_read(&plain_file).map(|_| ()),
-            )?;
+            for (name, verify_checksums) in [("sharded load", true), ("sharded load, checksums not checked", false)] {
+                let options = LoadOptions { verify_checksums, ..LoadOptions::default() };
+                row(
+                    name,
+                    &mut || {
+                        checkpoint::load_with(&fsdp, Some(&mut optimizer), &saved.borrow(), &options)?;
+                        Ok(std::fs::metadata(plain_file.as_path())?.len() as usize)
+                    },
+                    &mut |_| plain_read(&plain_file).map(|_| ()),
+                )?;
+            }
             row(
                 "Hugging Face export (rank 0 writes)",
                 &mut || {
@@ -297,6 +301,15 @@ fn main() -> anyhow::Result<()> {
         Bytes(worst_per_rank),
         if worst_per_rank <= largest_unit { "met" } else { "NOT met" }
     );
-    ensure!(rows.len() == 4, "every operation ran");
+    let slowest = |name: &str| {
+        let row = rows.iter().find(|r| r.name == name).expect("ran");
+        row.ranks.iter().map(|t| t.seconds).fold(0.0, f64::max)
+    };
+    let (checked, unchecked) = (slowest("sharded load"), slowest("sharded load, checksums not checked"));
+    println!(
+        "checksums: the load that checks every file's CRC32C took {:+.1}% over the one that does not (goal: at most +10%)",
+        100.0 * (checked / unchecked - 1.0)
+    );
+    ensure!(rows.len() == 5, "every operation ran");
     Ok(())
 }

@@ -8,7 +8,7 @@
 //! ```
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_fsdp::checkpoint::{self, Checkpointer, ExportOptions, Progress};
+use candle_fsdp::checkpoint::{self, Checkpointer, ExportOptions, LoadOptions, Progress};
 use candle_fsdp::dist::DistEnv;
 use candle_fsdp::optim::{AdamW, ParamsAdamW};
 use candle_fsdp::{
@@ -130,10 +130,10 @@ fn save_resume_export(fsdp: &Fsdp<Model>, optimizer: &mut AdamW, dir: &Path) -> 
     let checkpointer = Checkpointer::new(dir.join("ckpt")).keep_last(2);
     // every rank, between steps: its shards of the parameters and of the optimizer state
     checkpointer.save(fsdp, Some(&*optimizer), &Progress { step, scheduler: None, extras: json!({}) })?;
-    // any number of ranks, any strategy: each reads the ranges its new shards cover
-    if let Some(ckpt) = checkpointer.latest()? {
-        let progress = checkpoint::load(fsdp, Some(optimizer), &ckpt)?;
-        assert_eq!(progress.step, step);
+    // any number of ranks, any strategy: each reads the ranges its new shards cover, every
+    // file checked against its checksum; a damaged newest checkpoint is passed over, said
+    if let Some(resumed) = checkpointer.load_latest(fsdp, Some(optimizer), &LoadOptions::default())? {
+        assert_eq!(resumed.progress.step, step);
     }
     // the full model in the Hugging Face layout, one unit gathered at a time, rank 0 writes
     checkpoint::export_hf(fsdp, &dir.join("model"), &ExportOptions::default())?;

@@ -283,15 +283,17 @@ fn load_each(world: usize, path: &Path, build: impl Fn() -> Net + Sync) -> Vec<c
     .unwrap()
 }
 
-/// Every rank failed, and rank 0's message contains each of `needles`.
+/// Every rank failed, and one rank's own message (the rank that found the problem; the
+/// others name it) contains each of `needles`.
 fn assert_all_fail(results: &[candle_fsdp::Result<()>], needles: &[&str]) {
     for (rank, result) in results.iter().enumerate() {
         assert!(result.is_err(), "rank {rank} loaded a bad checkpoint");
     }
-    let message = results[0].as_ref().unwrap_err().to_string();
-    for needle in needles {
-        assert!(message.contains(needle), "`{needle}` is not in: {message}");
-    }
+    let messages: Vec<String> = results.iter().map(|r| r.as_ref().unwrap_err().to_string()).collect();
+    assert!(
+        messages.iter().any(|m| needles.iter().all(|n| m.contains(n))),
+        "no rank's error holds all of {needles:?}: {messages:#?}"
+    );
 }
 
 #[test]
@@ -339,7 +341,7 @@ fn damaged_and_incomplete_checkpoints_are_refused_naming_the_file() {
             bytes[8..16].copy_from_slice(b"garbage!");
             std::fs::write(&file, bytes).unwrap();
         },
-        &["rank-00000.safetensors", "not a readable safetensors file"],
+        &["rank-00000.safetensors", "not a readable safetensors header"],
     );
     // A rank file missing.
     damage(
@@ -371,7 +373,7 @@ fn the_metadata_of_another_model_is_refused() {
         .clone();
     std::fs::copy(other_path.join("metadata.json"), path.join("metadata.json")).unwrap();
     let results = load_each(2, &path, || other_net(DIMS));
-    assert_all_fail(&results, &["rank-0000", "bytes, but the metadata records"]);
+    assert_all_fail(&results, &["rank-0000", "not this checkpoint's file"]);
 }
 
 /// An optimizer whose state cannot be exported on one rank: a rank failing mid-save.
@@ -513,8 +515,9 @@ fn a_large_export_is_split_with_a_hugging_face_index() {
     let snapshot = snapshot(DIMS);
     let dir = tempfile::tempdir().unwrap();
     // Every tensor is at most 7 * 7 * 4 = 196 bytes; 200 bytes per file splits the model.
-    let split = ExportOptions { max_file_bytes: 200, dtype: None };
-    let (fsdp_out, files) = train_and_export(&snapshot, dir.path(), 2, &split);
+    let split = ExportOptions { max_file_bytes: 200, ..ExportOptions::default() };
+    let (fsdp_out, mut files) = train_and_export(&snapshot, dir.path(), 2, &split);
+    assert_eq!(files.pop(), Some(dir.path().join("model.safetensors.index.json")));
     assert!(files.len() > 2, "{files:?}");
     let count = files.len();
     for (i, file) in files.iter().enumerate() {
@@ -577,7 +580,7 @@ fn pretrained_weights_load_at_any_world_size_from_one_file_or_an_index() {
     let snapshot = snapshot(DIMS);
     let (single, split) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (expected, _) = train_and_export(&snapshot, single.path(), 2, &ExportOptions::default());
-    train_and_export(&snapshot, split.path(), 2, &ExportOptions { max_file_bytes: 200, dtype: None });
+    train_and_export(&snapshot, split.path(), 2, &ExportOptions { max_file_bytes: 200, ..ExportOptions::default() });
     for (world, strategy) in
         [(1, ShardingStrategy::NoShard), (3, ShardingStrategy::FullShard), (4, ShardingStrategy::ShardGradOp)]
     {
@@ -628,9 +631,14 @@ fn pretrained_weights_that_do_not_fit_are_refused_naming_file_and_fqn() {
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(truncated.path().join("model.safetensors"), &bytes[..bytes.len() - 4]).unwrap();
     let message = pretrained_output(truncated.path(), 2, ShardingStrategy::FullShard).unwrap_err().to_string();
-    assert!(message.contains("model.safetensors") && message.contains("not a readable safetensors file"), "{message}");
+    assert!(message.contains("model.safetensors") && message.contains("truncated"), "{message}");
     let split = tempfile::tempdir().unwrap();
-    let (_, files) = train_and_export(&snapshot, split.path(), 2, &ExportOptions { max_file_bytes: 200, dtype: None });
+    let (_, files) = train_and_export(
+        &snapshot,
+        split.path(),
+        2,
+        &ExportOptions { max_file_bytes: 200, ..ExportOptions::default() },
+    );
     std::fs::remove_file(&files[1]).unwrap();
     let gone = files[1].file_name().unwrap().to_str().unwrap();
     let message = pretrained_output(split.path(), 2, ShardingStrategy::FullShard).unwrap_err().to_string();
@@ -723,4 +731,306 @@ fn a_job_restarted_after_a_rank_died_mid_run_ends_where_the_uninterrupted_run_en
     let (start, values) = &second[0];
     assert_eq!(*start, 6, "the restart resumes from the last checkpoint before the death");
     assert_values_close(values, &reference, true, "after the restart");
+}
+
+/// Where tensor `key`'s bytes lie in the safetensors file `path`.
+fn tensor_bytes_at(path: &Path, key: &str) -> std::ops::Range<usize> {
+    let bytes = std::fs::read(path).unwrap();
+    let (n, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let (start, end) = header.info(key).unwrap().data_offsets;
+    8 + n + start..8 + n + end
+}
+
+/// Rewrites `file` of checkpoint `dir` with `edit`, and records its new size and
+/// checksum in the metadata, as a save that wrote those bytes would have.
+fn rewrite_consistently(dir: &Path, file: &str, edit: impl FnOnce(&mut Vec<u8>)) {
+    let path = dir.join(file);
+    let mut bytes = std::fs::read(&path).unwrap();
+    edit(&mut bytes);
+    std::fs::write(&path, &bytes).unwrap();
+    let metadata_path = dir.join("metadata.json");
+    let mut metadata: serde_json::Value = serde_json::from_slice(&std::fs::read(&metadata_path).unwrap()).unwrap();
+    metadata["files"][file] = serde_json::json!({ "bytes": bytes.len(), "crc32c": crc32c::crc32c(&bytes) });
+    std::fs::write(&metadata_path, serde_json::to_vec(&metadata).unwrap()).unwrap();
+}
+
+#[test]
+fn files_that_are_not_the_checkpoints_own_are_refused_before_any_value_is_set() {
+    let snapshot = snapshot(DIMS);
+    // Two checkpoints of one run, steps 1 and 2, at 2 ranks.
+    let saved = tempfile::tempdir().unwrap();
+    launch(options(2), |ctx| {
+        let fsdp = Fsdp::wrap(net(&snapshot, DIMS, DType::F32), ctx.comm.clone(), FsdpConfig::default())?;
+        let mut opt = optimizer(Opt::AdamW, &fsdp);
+        let checkpointer = Checkpointer::new(saved.path());
+        for step in 1..=2 {
+            train(&fsdp, opt.as_mut(), step - 1..step)?;
+            checkpointer.save(&fsdp, Some(opt.as_ref()), &Progress { step: step as u64, ..Progress::default() })?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let step2 = saved.path().join("step-00000002");
+    let damage = |how: &dyn Fn(&Path), needles: &[&str]| {
+        let copy = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(&step2).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+        }
+        how(copy.path());
+        // Loaded at the same world size (each rank reads its own file) and at another.
+        for world in [2, 3] {
+            assert_all_fail(&load_each(world, copy.path(), || other_net(DIMS)), needles);
+        }
+    };
+    let (rank0, rank1) = ("rank-00000.safetensors", "rank-00001.safetensors");
+    // The two rank files swapped.
+    damage(
+        &|p| {
+            std::fs::rename(p.join(rank0), p.join("swap")).unwrap();
+            std::fs::rename(p.join(rank1), p.join(rank0)).unwrap();
+            std::fs::rename(p.join("swap"), p.join(rank1)).unwrap();
+        },
+        &["rank-0000", "not this checkpoint's file"],
+    );
+    // Rank 1's file replaced by its file of step 1 (the same size).
+    damage(
+        &|p| {
+            std::fs::copy(saved.path().join("step-00000001").join(rank1), p.join(rank1)).unwrap();
+        },
+        &["rank-00001.safetensors", "step 1 where this checkpoint has 2"],
+    );
+    // Two pieces' files swapped in the metadata (with their lengths, which the files
+    // would give away otherwise): each file's piece is placed where the other's starts.
+    damage(
+        &|p| {
+            let path = p.join("metadata.json");
+            let mut metadata: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            let pieces = &mut metadata["tensors"]["blocks.0.fc.weight"]["pieces"];
+            for key in ["file", "len"] {
+                let first = pieces[0][key].clone();
+                pieces[0][key] = pieces[1][key].clone();
+                pieces[1][key] = first;
+            }
+            pieces[1]["start"] = pieces[0]["len"].clone();
+            std::fs::write(&path, serde_json::to_vec(&metadata).unwrap()).unwrap();
+        },
+        &["blocks.0.fc.weight", "places this file's piece at element"],
+    );
+    // A byte flipped inside a parameter, and inside an optimizer moment.
+    for key in ["blocks.1.fc.weight", "optimizer/exp_avg_sq/head.weight"] {
+        damage(
+            &|p| {
+                let path = p.join(rank1);
+                let at = tensor_bytes_at(&path, key).start + 1;
+                let mut bytes = std::fs::read(&path).unwrap();
+                bytes[at] ^= 0x10;
+                std::fs::write(&path, bytes).unwrap();
+            },
+            &["rank-00001.safetensors", "CRC32C", "damaged"],
+        );
+    }
+    // A NaN in a parameter, with a checksum that matches it: refused unless asked for.
+    let with_nan = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&step2).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), with_nan.path().join(entry.file_name())).unwrap();
+    }
+    rewrite_consistently(with_nan.path(), rank0, |bytes| {
+        let at = tensor_bytes_at(&with_nan.path().join(rank0), "input.weight").start;
+        bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    });
+    assert_all_fail(&load_each(2, with_nan.path(), || other_net(DIMS)), &["input.weight", "NaN"]);
+    let allowed = launch(options(2), |ctx| {
+        let fsdp = Fsdp::wrap(other_net(DIMS), ctx.comm.clone(), FsdpConfig::default())?;
+        let options = checkpoint::LoadOptions { allow_non_finite: true, ..checkpoint::LoadOptions::default() };
+        checkpoint::load_with(&fsdp, None, with_nan.path(), &options)?;
+        let values = fsdp.full_parameters()?;
+        Ok(values.into_iter().find(|(fqn, _)| fqn == "input.weight").unwrap().1)
+    })
+    .unwrap();
+    assert!(allowed[0].flatten_all().unwrap().to_vec1::<f32>().unwrap()[0].is_nan());
+
+    // Nothing was set by a refused load: the model keeps the values it was built with.
+    let results = launch_each(options(2), |ctx| {
+        let fsdp = Fsdp::wrap(net(&snapshot, DIMS, DType::F32), ctx.comm.clone(), FsdpConfig::default())?;
+        let before = fsdp.full_parameters()?;
+        assert!(checkpoint::load(&fsdp, None, with_nan.path()).is_err());
+        let after = fsdp.full_parameters()?;
+        for ((fqn, a), (_, b)) in before.iter().zip(&after) {
+            common::assert_close(b, a, 0.0, 0.0, &format!("`{fqn}` after a refused load"));
+        }
+        Ok(())
+    })
+    .unwrap();
+    results.into_iter().for_each(|r| r.unwrap());
+}
+
+#[test]
+fn a_restart_passes_over_a_damaged_newest_checkpoint_and_a_diverged_run_saves_nothing() {
+    let snapshot = snapshot(DIMS);
+    let dir = tempfile::tempdir().unwrap();
+    let checkpointer = Checkpointer::new(dir.path()).keep_last(1);
+    // Step 1 saved; step 2's parameters turn NaN (a diverged run): its save is refused on
+    // every rank, and with --keep-last 1 step 1 stays.
+    let results = launch_each(options(2), |ctx| {
+        let fsdp = Fsdp::wrap(net(&snapshot, DIMS, DType::F32), ctx.comm.clone(), FsdpConfig::default())?;
+        let mut opt = optimizer(Opt::AdamW, &fsdp);
+        train(&fsdp, opt.as_mut(), 0..1)?;
+        checkpointer.save(&fsdp, Some(opt.as_ref()), &Progress { step: 1, ..Progress::default() })?;
+        let shard = &fsdp.parameters()[0];
+        shard.set(&(shard.as_tensor() * f64::NAN)?)?;
+        checkpointer.save(&fsdp, Some(opt.as_ref()), &Progress { step: 2, ..Progress::default() }).map(drop)
+    })
+    .unwrap();
+    let own = results[0].as_ref().unwrap_err().to_string();
+    assert!(own.contains("NaN or infinite values at step 2") && own.contains("no checkpoint is written"), "{own}");
+    assert!(results[1].is_err());
+    assert_eq!(checkpointer.checkpoints().unwrap().iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1]);
+    drop(checkpointer);
+
+    // A newer checkpoint, then damaged: the restart says so and resumes at step 1.
+    let second = Checkpointer::new(dir.path());
+    launch(options(2), |ctx| {
+        let fsdp = Fsdp::wrap(net(&snapshot, DIMS, DType::F32), ctx.comm.clone(), FsdpConfig::default())?;
+        let opt = optimizer(Opt::AdamW, &fsdp);
+        second.save(&fsdp, Some(opt.as_ref()), &Progress { step: 5, ..Progress::default() }).map(drop)
+    })
+    .unwrap();
+    drop(second);
+    let newest = dir.path().join("step-00000005").join("rank-00001.safetensors");
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let at = bytes.len() - 3;
+    bytes[at] ^= 1;
+    std::fs::write(&newest, bytes).unwrap();
+    for fall_back in [true, false] {
+        let results = launch_each(options(2), |ctx| {
+            let fsdp = Fsdp::wrap(other_net(DIMS), ctx.comm.clone(), FsdpConfig::default())?;
+            let mut opt = optimizer(Opt::AdamW, &fsdp);
+            let options = checkpoint::LoadOptions { fall_back, ..checkpoint::LoadOptions::default() };
+            Checkpointer::new(dir.path()).load_latest(&fsdp, Some(opt.as_mut()), &options)
+        })
+        .unwrap();
+        for (rank, result) in results.into_iter().enumerate() {
+            match (fall_back, result) {
+                (true, Ok(Some(resumed))) => {
+                    assert_eq!(resumed.progress.step, 1);
+                    assert_eq!(resumed.skipped.len(), 1);
+                    // Rank 1 read the damaged file; rank 0 names rank 1.
+                    let why = &resumed.skipped[0].1;
+                    assert!(why.contains(if rank == 1 { "CRC32C" } else { "rank(s) [1]" }), "{why}");
+                }
+                (false, Err(_)) => {}
+                (fall_back, other) => panic!("fall_back {fall_back}: {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn leftovers_of_cut_short_saves_and_prunes_are_never_listed_and_are_cleaned() {
+    let snapshot = snapshot(DIMS);
+    let dir = tempfile::tempdir().unwrap();
+    let path = save_one(&snapshot, dir.path(), 2, 1);
+    // A prune cut short after its rename, and a save cut short: neither is listed.
+    let pruning = dir.path().join(".step-00000001.pruning");
+    std::fs::create_dir(&pruning).unwrap();
+    std::fs::copy(path.join("metadata.json"), pruning.join("metadata.json")).unwrap();
+    let partial = dir.path().join(".step-00000007.partial");
+    std::fs::create_dir(&partial).unwrap();
+    std::fs::write(partial.join("rank-00000.safetensors"), b"half").unwrap();
+    let checkpointer = Checkpointer::new(dir.path()).keep_last(1);
+    assert_eq!(checkpointer.checkpoints().unwrap(), vec![(1, path.clone())]);
+    // The next save removes them, and prunes step 1 by renaming it first.
+    launch(options(2), |ctx| {
+        let fsdp = Fsdp::wrap(net(&snapshot, DIMS, DType::F32), ctx.comm.clone(), FsdpConfig::default())?;
+        checkpointer.save(&fsdp, None, &Progress { step: 2, ..Progress::default() }).map(drop)
+    })
+    .unwrap();
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, [".lock", "step-00000002"]);
+}
+
+#[test]
+fn a_save_directory_belongs_to_one_job_at_a_time() {
+    let snapshot = snapshot(DIMS);
+    let dir = tempfile::tempdir().unwrap();
+    let prepare = |checkpointer: &Checkpointer| {
+        launch(options(1), |ctx| {
+            let fsdp = Fsdp::wrap(net(&snapshot, DIMS, DType::F32), ctx.comm.clone(), FsdpConfig::default())?;
+            checkpointer.prepare(&fsdp)
+        })
+    };
+    let first = Checkpointer::new(dir.path());
+    prepare(&first).unwrap();
+    let second = Checkpointer::new(dir.path());
+    let error = prepare(&second).unwrap_err().to_string();
+    assert!(error.contains("another job saves into this directory") && error.contains("process"), "{error}");
+    // The lock goes with the first job's checkpointer.
+    drop(first);
+    prepare(&second).unwrap();
+    // A file where the directory should be is found before any step.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    assert!(prepare(&Checkpointer::new(&file)).is_err());
+}
+
+#[test]
+fn an_export_cut_short_at_any_file_leaves_the_earlier_export_whole() {
+    let snapshot = snapshot(DIMS);
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("model");
+    let split = ExportOptions {
+        max_file_bytes: 200,
+        files: vec![("config.json".into(), b"{\"first\": true}".to_vec())],
+        ..ExportOptions::default()
+    };
+    let (_, files) = train_and_export(&snapshot, &export, 2, &split);
+    let read_all = |dir: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut all: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
+            .collect();
+        all.sort();
+        all
+    };
+    let first = read_all(&export);
+    assert_eq!(first.len(), files.len(), "weights, index and config.json: {files:?}");
+    // Rank 0, the writer, dies while gathering each unit in turn, and once while writing
+    // the last file: the first export is there as it was, nothing else under its name.
+    let later = ExportOptions { files: vec![("config.json".into(), b"{\"first\": false}".to_vec())], ..split.clone() };
+    for unit in ["<root>", "blocks.0", "blocks.1"] {
+        let label: &'static str = Box::leak(format!("full parameters of unit `{unit}`").into_boxed_str());
+        let results = launch_each(options(2), |ctx| {
+            let comm: Arc<dyn candle_fsdp::dist::Collectives> = if ctx.rank == 0 {
+                Arc::new(FaultyCollectives::new(ctx.comm.clone(), Fault::PanicAt(label)))
+            } else {
+                ctx.comm.clone()
+            };
+            let fsdp = Fsdp::wrap(net(&snapshot, DIMS, DType::F32), comm, FsdpConfig::default())?;
+            checkpoint::export_hf(&fsdp, &export, &later).map(drop)
+        })
+        .unwrap();
+        assert!(results.iter().all(|r| r.is_err()), "{unit}");
+        assert_eq!(read_all(&export), first, "the export after one cut short at unit {unit}");
+    }
+    // A folder holding other files is refused before anything is gathered.
+    std::fs::write(export.join("notes.txt"), b"mine").unwrap();
+    let error = launch(options(2), |ctx| {
+        let fsdp = Fsdp::wrap(net(&snapshot, DIMS, DType::F32), ctx.comm.clone(), FsdpConfig::default())?;
+        checkpoint::export_hf(&fsdp, &export, &later).map(drop)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("notes.txt") && error.contains("would be lost"), "{error}");
+    std::fs::remove_file(export.join("notes.txt")).unwrap();
+    // A complete export replaces the earlier one whole, leaving nothing beside it.
+    train_and_export(&snapshot, &export, 2, &later);
+    assert_eq!(std::fs::read(export.join("config.json")).unwrap(), b"{\"first\": false}");
+    let beside: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(beside, ["model"]);
 }

@@ -70,7 +70,10 @@ fn train_and_export(dir: &Path, input: &Tensor) -> Tensor {
             let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
             optimizer.step(&fsdp.backward(&loss)?)?;
         }
-        checkpoint::export_hf(&fsdp, dir, &ExportOptions::default())?;
+        // The config.json the model was read from is part of the export.
+        let config_json = std::fs::read(dir.join("config.json"))?;
+        let options = ExportOptions { files: vec![("config.json".into(), config_json)], ..ExportOptions::default() };
+        checkpoint::export_hf(&fsdp, dir, &options)?;
         fsdp.forward_inference(|m| m.forward(input))
     })
     .expect("train and export");
@@ -266,11 +269,11 @@ fn an_export_of_a_transformers_5_checkpoint_reads_back_as_the_same_model() {
             let model = Llama::new(&config, VarBuilder::from_varmap(&var_map, DType::F32, &Device::Cpu))?;
             let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
             checkpoint::load_pretrained(&fsdp, &dir)?;
-            checkpoint::export_hf(&fsdp, out.path(), &ExportOptions::default())?;
+            let files = vec![("config.json".into(), config.to_hf_json().into_bytes())];
+            checkpoint::export_hf(&fsdp, out.path(), &ExportOptions { files, ..ExportOptions::default() })?;
             Ok(())
         })
         .unwrap();
-        std::fs::write(out.path().join("config.json"), config.to_hf_json()).unwrap();
         // Both layouts are written and agree; each reader finds the same model.
         let written: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap()).unwrap();

@@ -2,8 +2,8 @@
 //! `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`
 //! (`metadata.total_size`, `weight_map`), under the model's FQNs.
 
-use super::commit::{all_ranks_ok, io_error, read_json, write_json};
-use super::tensor_files::{MappedFile, PlannedTensor, StreamingWriter};
+use super::commit::{all_ranks_ok, io_error, read_json, sync, write_json};
+use super::tensor_files::{PlannedTensor, StreamingWriter, TensorFile};
 use super::{capped, check_world_sharded, device_of, restore_buffer, shard_of};
 use crate::error::{Error, Result};
 use crate::Fsdp;
@@ -15,8 +15,10 @@ use std::path::{Path, PathBuf};
 const SINGLE_FILE: &str = "model.safetensors";
 const INDEX_FILE: &str = "model.safetensors.index.json";
 
-/// `model.safetensors.index.json`, as Hugging Face writes and reads it.
+/// `model.safetensors.index.json`, as Hugging Face writes and reads it. Read by
+/// allow-list: a key not below is refused by name.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HfIndex {
     /// The index's `metadata` object.
     pub metadata: HfIndexMetadata,
@@ -24,11 +26,19 @@ pub struct HfIndex {
     pub weight_map: BTreeMap<String, String>,
 }
 
-/// The `metadata` object of `model.safetensors.index.json`.
+/// The `metadata` object of `model.safetensors.index.json`; every figure given is checked
+/// against the files when they are loaded.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HfIndexMetadata {
     /// Bytes of tensor data over all files.
     pub total_size: u64,
+    /// Elements over all tensors (transformers 5 writes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_parameters: Option<u64>,
+    /// Each file's size in bytes (written by [`export_hf`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub file_sizes: BTreeMap<String, u64>,
 }
 
 /// How [`export_hf`] writes.
@@ -40,13 +50,74 @@ pub struct ExportOptions {
     pub max_file_bytes: u64,
     /// The dtype floating-point tensors are written in (`None`: as trained).
     pub dtype: Option<DType>,
+    /// Other files of the export, by name (a `config.json`, a tokenizer), written beside
+    /// the weights and made visible with them.
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 impl Default for ExportOptions {
-    /// One file up to 5 GB, Hugging Face's default, in the trained dtype.
+    /// One file up to 5 GB, Hugging Face's default, in the trained dtype, no other files.
     fn default() -> Self {
-        Self { max_file_bytes: 5_000_000_000, dtype: None }
+        Self { max_file_bytes: 5_000_000_000, dtype: None, files: Vec::new() }
     }
+}
+
+/// Whether `name` is a file an export writes (the weights, the index) or one of
+/// `options.files`.
+fn is_export_file(name: &str, options: &ExportOptions) -> bool {
+    name == SINGLE_FILE
+        || name == INDEX_FILE
+        || (name.starts_with("model-") && name.contains("-of-") && name.ends_with(".safetensors"))
+        || options.files.iter().any(|(n, _)| n == name)
+}
+
+/// Checks that an export can go to `dir`, before anything is gathered or trained: `dir`
+/// is a new path or an earlier export (nothing in it but what an export writes, which
+/// the new one replaces whole), and its parent folder exists or can be made.
+pub fn check_export_dir(dir: &Path, options: &ExportOptions) -> Result<()> {
+    let fail = |problem: String| Error::CheckpointFile { rank: 0, path: dir.into(), problem };
+    if dir.file_name().is_none() {
+        return Err(fail("an export needs a folder of its own, with a name".into()));
+    }
+    if let Some((name, _)) = options.files.iter().find(|(n, _)| n.contains('/') || n.is_empty()) {
+        return Err(fail(format!("`{name}` is not a file name")));
+    }
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let parent = export_parent(dir);
+            std::fs::create_dir_all(&parent).map_err(io_error(0, &parent))?;
+            Ok(())
+        }
+        Err(e) => Err(io_error(0, dir)(e)),
+        Ok(meta) if !meta.is_dir() => Err(fail("exists and is not a folder".into())),
+        Ok(_) => {
+            for entry in std::fs::read_dir(dir).map_err(io_error(0, dir))? {
+                let name = entry.map_err(io_error(0, dir))?.file_name();
+                let name = name.to_string_lossy();
+                if !is_export_file(&name, options) {
+                    return Err(fail(format!(
+                        "holds `{name}`, which is no part of an export and would be lost when the export \
+                         replaces the folder: export into a new or an export's folder"
+                    )));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The folder `dir` is in.
+fn export_parent(dir: &Path) -> PathBuf {
+    match dir.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// A sibling of `dir` named `.{dir's name}.{what}`.
+fn beside(dir: &Path, what: &str) -> PathBuf {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    export_parent(dir).join(format!(".{name}.{what}"))
 }
 
 /// One tensor of the export, in the order it is gathered and written.
@@ -60,18 +131,25 @@ struct Exported {
 /// parameter under its first FQN only, as Hugging Face saves tied weights) into `dir` in
 /// the Hugging Face layout; returns the files written. A collective: every rank calls it
 /// between steps; units are gathered one at a time, so no rank holds more than one
-/// unit's full values beyond its shards, and rank 0 streams them to disk. Each file
-/// appears under its name only once complete; files of an earlier export in `dir` that
-/// this one does not write are removed.
+/// unit's full values beyond its shards, and rank 0 streams them to disk, with
+/// `options.files`. The export is whole or absent: everything is written and synced in a
+/// folder beside `dir` (`.{name}.partial`), which then takes `dir`'s place in one rename
+/// (an earlier export there is replaced only then); an export cut short leaves nothing
+/// under `dir`'s name. `dir` must be new or an earlier export ([`check_export_dir`]).
 pub fn export_hf<M>(fsdp: &Fsdp<M>, dir: &Path, options: &ExportOptions) -> Result<Vec<PathBuf>> {
     let rank = fsdp.rank();
     let comm = fsdp.comm().as_ref();
     let device = device_of(fsdp);
+    let staging = beside(dir, "partial");
     let prepared = (|| {
         fsdp.check_between_steps("checkpoint::export_hf")?;
         check_world_sharded(fsdp, "an export")?;
         if rank == 0 {
-            std::fs::create_dir_all(dir).map_err(io_error(0, dir))?;
+            check_export_dir(dir, options)?;
+            if staging.exists() {
+                std::fs::remove_dir_all(&staging).map_err(io_error(0, &staging))?;
+            }
+            std::fs::create_dir(&staging).map_err(io_error(0, &staging))?;
         }
         Ok(())
     })();
@@ -85,7 +163,8 @@ pub fn export_hf<M>(fsdp: &Fsdp<M>, dir: &Path, options: &ExportOptions) -> Resu
         })
     };
     let cast_all = |pieces: &[Tensor]| pieces.iter().map(cast).collect::<Result<Vec<_>>>();
-    let mut writer = FileSequence { dir, names: &names, exported: &exported, next: 0, open: None, done: Vec::new() };
+    let mut writer =
+        FileSequence { dir: &staging, names: &names, exported: &exported, next: 0, open: None, done: Vec::new() };
     // Rank 0 keeps gathering after a write error, so its peers are not left waiting in a
     // collective; the error is reported at the end.
     let mut write_error: Option<Error> = None;
@@ -107,15 +186,45 @@ pub fn export_hf<M>(fsdp: &Fsdp<M>, dir: &Path, options: &ExportOptions) -> Resu
         }
     }
     let finished = if rank != 0 {
-        Ok(Vec::new())
+        Ok(())
     } else {
-        match write_error {
+        let written = match write_error {
             Some(e) => Err(e),
-            None => writer.finish(&exported),
+            None => writer.finish(&exported, options).and_then(|()| put_in_place(&staging, dir)),
+        };
+        if written.is_err() {
+            // Nothing half written stays; the earlier export, if any, is untouched.
+            let _ = std::fs::remove_dir_all(&staging);
         }
+        written
     };
     all_ranks_ok(comm, &device, finished, "export (writing)", true)?;
-    Ok(names.iter().map(|n| dir.join(n)).collect())
+    let mut files: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
+    if names.len() > 1 {
+        files.push(dir.join(INDEX_FILE));
+    }
+    files.extend(options.files.iter().map(|(n, _)| dir.join(n)));
+    Ok(files)
+}
+
+/// Makes the complete, synced `staging` folder the export `dir`: an earlier export is
+/// moved aside first and removed once the new one is in place.
+fn put_in_place(staging: &Path, dir: &Path) -> Result<()> {
+    let parent = export_parent(dir);
+    let replaced = beside(dir, "replaced");
+    if replaced.exists() {
+        std::fs::remove_dir_all(&replaced).map_err(io_error(0, &replaced))?;
+    }
+    let had_old = dir.exists();
+    if had_old {
+        std::fs::rename(dir, &replaced).map_err(io_error(0, dir))?;
+    }
+    std::fs::rename(staging, dir).map_err(io_error(0, dir))?;
+    sync(&parent).map_err(io_error(0, &parent))?;
+    if had_old {
+        std::fs::remove_dir_all(&replaced).map_err(io_error(0, &replaced))?;
+    }
+    Ok(())
 }
 
 /// The tensors in unit order (a unit's parameters, then its buffers) and the files they
@@ -184,38 +293,73 @@ impl FileSequence<'_> {
         Ok(())
     }
 
-    /// Writes the index (several files), removes what an earlier export left.
-    fn finish(self, exported: &[Exported]) -> Result<Vec<PathBuf>> {
+    /// Writes the index (several files) and `options.files` into the folder, and syncs it.
+    fn finish(self, exported: &[Exported], options: &ExportOptions) -> Result<()> {
         debug_assert!(self.open.is_none() && self.next == exported.len());
-        let index_path = self.dir.join(INDEX_FILE);
         if self.names.len() > 1 {
             let weight_map = exported
                 .iter()
                 .map(|e| (e.planned.name.clone(), self.names[e.file].clone()))
                 .collect::<BTreeMap<_, _>>();
             let total_size = exported.iter().map(|e| e.planned.bytes() as u64).sum();
-            write_json(0, &index_path, &HfIndex { metadata: HfIndexMetadata { total_size }, weight_map })?;
-        }
-        let single = self.names.len() == 1;
-        let stale = |name: &str| {
-            let export_file = name == SINGLE_FILE
-                || (name.starts_with("model-") && name.contains("-of-") && name.ends_with(".safetensors"));
-            (export_file && !self.names.iter().any(|n| n == name)) || (name == INDEX_FILE && single)
-        };
-        let entries = std::fs::read_dir(self.dir).map_err(io_error(0, self.dir))?;
-        for entry in entries {
-            let path = entry.map_err(io_error(0, self.dir))?.path();
-            if path.file_name().and_then(|n| n.to_str()).is_some_and(stale) {
-                std::fs::remove_file(&path).map_err(io_error(0, &path))?;
+            let total_parameters = exported.iter().map(|e| e.planned.shape.iter().product::<usize>() as u64).sum();
+            let mut file_sizes = BTreeMap::new();
+            for path in &self.done {
+                let bytes = std::fs::metadata(path).map_err(io_error(0, path))?.len();
+                let name = path.file_name().expect("a file").to_string_lossy().into_owned();
+                file_sizes.insert(name, bytes);
             }
+            let metadata = HfIndexMetadata { total_size, total_parameters: Some(total_parameters), file_sizes };
+            write_json(0, &self.dir.join(INDEX_FILE), &HfIndex { metadata, weight_map })?;
         }
-        Ok(self.done)
+        for (name, bytes) in &options.files {
+            let path = self.dir.join(name);
+            std::fs::write(&path, bytes).map_err(io_error(0, &path))?;
+            sync(&path).map_err(io_error(0, &path))?;
+        }
+        sync(self.dir).map_err(io_error(0, self.dir))
     }
+}
+
+/// The sizes an index records against the files: each file's length, the bytes and the
+/// elements of all tensors.
+fn check_index_figures(index: &HfIndex, index_path: &Path, files: &[TensorFile], rank: usize) -> Result<()> {
+    let fail = |problem: String| Error::CheckpointFile { rank, path: index_path.into(), problem };
+    for (name, &bytes) in &index.metadata.file_sizes {
+        let path = index_path.with_file_name(name);
+        let found = std::fs::metadata(&path).map_err(io_error(rank, &path))?.len();
+        if found != bytes {
+            return Err(Error::CheckpointFile {
+                rank,
+                path,
+                problem: format!("{found} bytes, but the index records {bytes}: truncated or replaced"),
+            });
+        }
+    }
+    let (mut total_size, mut total_parameters) = (0u64, 0u64);
+    for file in files {
+        for name in file.names() {
+            let (dtype, shape) = file.info(&name)?;
+            let numel = shape.iter().product::<usize>() as u64;
+            total_parameters += numel;
+            total_size += numel * dtype.size_in_bytes() as u64;
+        }
+    }
+    if index.metadata.total_size != total_size {
+        return Err(fail(format!(
+            "records {} bytes of tensors, the files hold {total_size}",
+            index.metadata.total_size
+        )));
+    }
+    if let Some(recorded) = index.metadata.total_parameters.filter(|&n| n != total_parameters) {
+        return Err(fail(format!("records {recorded} elements, the files hold {total_parameters}")));
+    }
+    Ok(())
 }
 
 /// Where each FQN of a Hugging Face checkpoint is: the files of an index, or one file.
 struct HfCheckpoint {
-    files: Vec<MappedFile>,
+    files: Vec<TensorFile>,
     /// FQN to index into `files`.
     routing: BTreeMap<String, usize>,
 }
@@ -247,7 +391,8 @@ impl HfCheckpoint {
         let mut names: Vec<&String> = index.weight_map.values().collect();
         names.sort();
         names.dedup();
-        let files = names.iter().map(|n| MappedFile::open(&base.join(n), rank)).collect::<Result<Vec<_>>>()?;
+        let files = names.iter().map(|n| TensorFile::open(&base.join(n), rank)).collect::<Result<Vec<_>>>()?;
+        check_index_figures(&index, &index_path, &files, rank)?;
         let mut routing = BTreeMap::new();
         for (fqn, file) in &index.weight_map {
             let at = names.iter().position(|n| *n == file).expect("listed above");
@@ -268,29 +413,50 @@ impl HfCheckpoint {
     }
 
     fn single(path: &Path, rank: usize) -> Result<Self> {
-        let file = MappedFile::open(path, rank)?;
+        let file = TensorFile::open(path, rank)?;
         let routing = file.names().into_iter().map(|n| (n, 0)).collect();
         Ok(Self { files: vec![file], routing })
     }
 
-    fn file(&self, fqn: &str) -> &MappedFile {
+    fn file(&self, fqn: &str) -> &TensorFile {
         &self.files[self.routing[fqn]]
     }
 }
 
 /// Sets a wrapped model's values from a Hugging Face checkpoint (`path`: a directory
 /// holding `model.safetensors.index.json` or `model.safetensors`, an index file, or one
-/// `.safetensors` file): each rank reads from the memory-mapped files only the ranges of its
+/// `.safetensors` file): each rank reads from the files only the ranges of its
 /// own shards (and the buffers), converting floating-point dtypes to the model's. Every
 /// FQN of the model must be in the checkpoint with its shape, and nothing else (a tied
 /// parameter's second FQN may be absent); the whole checkpoint is checked before any
 /// value changes. A collective: every rank calls it; when one fails, all fail.
 pub fn load_pretrained<M>(fsdp: &Fsdp<M>, path: &Path) -> Result<()> {
-    let loaded = load_pretrained_on_rank(fsdp, path);
-    all_ranks_ok(fsdp.comm().as_ref(), &device_of(fsdp), loaded, "loading pretrained weights", false)
+    let (comm, device) = (fsdp.comm().as_ref(), device_of(fsdp));
+    let checked = check_pretrained(fsdp, path);
+    // Every rank has checked the checkpoint against its model before any rank sets a
+    // value; then each reads and sets one tensor at a time.
+    let checkpoint = all_ranks_ok(comm, &device, checked, "loading pretrained weights (checking)", false)?;
+    let set = (|| {
+        for group in fsdp.groups() {
+            for (i, param) in group.params.iter().enumerate() {
+                let file = checkpoint.file(&param.fqn);
+                let read = |start, len, dtype| file.read_range(&param.fqn, start, len, dtype, &device);
+                param.shard.set(&shard_of(group, i, read)?)?;
+            }
+        }
+        for buffer in fsdp.buffers() {
+            let numel = buffer.tensor.elem_count();
+            let file = checkpoint.file(&buffer.fqn);
+            restore_buffer(buffer, file.read_range(&buffer.fqn, 0, numel, buffer.tensor.dtype(), &device)?)?;
+        }
+        Ok(())
+    })();
+    all_ranks_ok(comm, &device, set, "loading pretrained weights", false)
 }
 
-fn load_pretrained_on_rank<M>(fsdp: &Fsdp<M>, path: &Path) -> Result<()> {
+/// The checkpoint, opened (every file's header read and its length checked) and checked
+/// against the model: every FQN there with its shape, nothing else.
+fn check_pretrained<M>(fsdp: &Fsdp<M>, path: &Path) -> Result<HfCheckpoint> {
     let rank = fsdp.rank();
     fsdp.check_between_steps("checkpoint::load_pretrained")?;
     check_world_sharded(fsdp, "loading pretrained weights")?;
@@ -327,20 +493,5 @@ fn load_pretrained_on_rank<M>(fsdp: &Fsdp<M>, path: &Path) -> Result<()> {
     if !problems.is_empty() {
         return Err(Error::CheckpointMismatch { rank, path: path.into(), problems: capped(problems) });
     }
-
-    let device = device_of(fsdp);
-    for group in fsdp.groups() {
-        for (i, param) in group.params.iter().enumerate() {
-            let file = checkpoint.file(&param.fqn);
-            let shard =
-                shard_of(group, i, |start, len, dtype| file.read_range(&param.fqn, start, len, dtype, &device))?;
-            param.shard.set(&shard)?;
-        }
-    }
-    for buffer in fsdp.buffers() {
-        let numel = buffer.tensor.elem_count();
-        let flat = checkpoint.file(&buffer.fqn).read_range(&buffer.fqn, 0, numel, buffer.tensor.dtype(), &device)?;
-        restore_buffer(buffer, flat)?;
-    }
-    Ok(())
+    Ok(checkpoint)
 }

@@ -6,12 +6,26 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 pub(crate) const FORMAT: &str = "candle-fsdp-sharded";
-pub(crate) const VERSION: u32 = 1;
+/// 2: files recorded with their checksums, rank files carrying the checkpoint's identity.
+pub(crate) const VERSION: u32 = 2;
 pub(crate) const METADATA_FILE: &str = "metadata.json";
+
+/// The keys of a rank file's safetensors header metadata: which checkpoint, step, rank
+/// and world size wrote it, and where each of its pieces starts in its value.
+pub(crate) mod header {
+    pub const FORMAT: &str = "format";
+    pub const CHECKPOINT: &str = "checkpoint_id";
+    pub const STEP: &str = "step";
+    pub const RANK: &str = "rank";
+    pub const WORLD_SIZE: &str = "world_size";
+    /// A JSON object: tensor key to the first element of the value it holds.
+    pub const STARTS: &str = "starts";
+}
 
 /// Where training stood when a checkpoint was saved: what a resumed run needs beside the
 /// weights and the optimizer.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Progress {
     /// Optimizer steps taken.
     pub step: u64,
@@ -23,25 +37,39 @@ pub struct Progress {
 
 /// The content of `metadata.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CheckpointMetadata {
     /// Always `candle-fsdp-sharded`.
     pub format: String,
-    /// The format's version (currently 1); a load refuses any other.
+    /// The format's version (currently 2); a load refuses any other.
     pub version: u32,
+    /// Drawn by rank 0 for this save and written into every rank file's header, so that
+    /// a file of another checkpoint is recognised.
+    pub checkpoint_id: String,
     /// The world size and strategy the checkpoint was written with.
     pub world_size: usize,
     /// The [`crate::ShardingStrategy`]'s name (e.g. `full-shard`).
     pub strategy: String,
     /// Where training stood at the save.
     pub progress: Progress,
-    /// Every file of the checkpoint with its size in bytes: a missing or truncated file
-    /// is found before anything is read.
-    pub files: BTreeMap<String, u64>,
+    /// Every file of the checkpoint with its size and checksum: a missing, truncated,
+    /// damaged or replaced file is found before any of its values is used.
+    pub files: BTreeMap<String, FileEntry>,
     /// Every parameter and buffer, by FQN.
     pub tensors: BTreeMap<String, TensorEntry>,
     /// The optimizer's state, if one was saved: its scalars, and per FQN the names of its
     /// per-parameter slots, stored beside the parameter's pieces.
     pub optimizer: Option<OptimizerEntry>,
+}
+
+/// One file of a checkpoint as it was written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// The CRC32C of its bytes.
+    pub crc32c: u32,
 }
 
 /// Whether a checkpointed tensor is a trained parameter or a buffer.
@@ -56,6 +84,7 @@ pub enum TensorKind {
 
 /// One FQN: its full shape and dtype, and the pieces of its flattened elements.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TensorEntry {
     /// Parameter or buffer.
     pub kind: TensorKind,
@@ -70,6 +99,7 @@ pub struct TensorEntry {
 /// Elements `[start, start + len)` of a flattened value, stored in `file` as a 1-D tensor
 /// under the FQN (the parameter) or under `optimizer/{slot}/{fqn}` (an optimizer slot).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Piece {
     /// The file's name in the checkpoint directory (`rank-00000.safetensors`, ...).
     pub file: String,
@@ -81,6 +111,7 @@ pub struct Piece {
 
 /// The optimizer's part of the metadata (see [`crate::optim::OptimizerStateDict`]).
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OptimizerEntry {
     /// State shared by all variables (the step count, the learning rate), by name.
     pub scalars: BTreeMap<String, f64>,
@@ -97,4 +128,9 @@ pub(crate) fn slot_key(slot: &str, fqn: &str) -> String {
 /// The file rank `rank` writes.
 pub(crate) fn rank_file(rank: usize) -> String {
     format!("rank-{rank:05}.safetensors")
+}
+
+/// The rank that writes file `name`, if it is a rank file.
+pub(crate) fn rank_of_file(name: &str) -> Option<usize> {
+    name.strip_prefix("rank-")?.strip_suffix(".safetensors")?.parse().ok()
 }

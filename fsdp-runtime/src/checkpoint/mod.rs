@@ -11,7 +11,7 @@
 //!   `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`), gathered one
 //!   unit at a time and written by rank 0.
 //! - [`load_pretrained`]: a wrapped model's values from such a checkpoint, each rank
-//!   reading only the ranges of its shards from the memory-mapped files.
+//!   reading only the ranges of its shards from the files.
 //!
 //! Uses `runtime` (the units and their shards) and `dist` (the agreement between ranks).
 
@@ -21,9 +21,9 @@ mod metadata;
 mod sharded;
 mod tensor_files;
 
-pub use hf::{export_hf, load_pretrained, ExportOptions, HfIndex, HfIndexMetadata};
-pub use metadata::{CheckpointMetadata, OptimizerEntry, Piece, Progress, TensorEntry, TensorKind};
-pub use sharded::{load, read_metadata, Checkpointer};
+pub use hf::{check_export_dir, export_hf, load_pretrained, ExportOptions, HfIndex, HfIndexMetadata};
+pub use metadata::{CheckpointMetadata, FileEntry, OptimizerEntry, Piece, Progress, TensorEntry, TensorKind};
+pub use sharded::{load, load_with, read_metadata, Checkpointer, LoadOptions, Resumed};
 
 use crate::error::{Error, Result};
 use crate::runtime::{pad, Buffer, Fill, ParamGroup};
@@ -82,6 +82,13 @@ fn restore_buffer(buffer: &Buffer, flat: Tensor) -> Result<()> {
     let flat = flat.to_dtype(dtype)?.contiguous()?;
     buffer.tensor.inplace_op1(&Fill { source: flat, ranges: vec![(0, numel)], dtype })?;
     Ok(())
+}
+
+/// Whether every element of a floating-point tensor is finite: `x · 0` is 0 for a finite
+/// `x` and NaN otherwise, and a sum of zeros never overflows.
+fn all_finite(tensor: &Tensor) -> Result<bool> {
+    let zeros = tensor.to_dtype(DType::F32)?.affine(0.0, 0.0)?;
+    Ok(zeros.sum_all()?.to_scalar::<f32>()?.is_finite())
 }
 
 /// At most this many problems are listed in one error; the rest are counted.
