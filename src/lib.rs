@@ -55,6 +55,8 @@ extern crate self as candle_fsdp;
 
 pub use fsdp_macros::{Activations, Shardable};
 pub use fsdp_runtime::*;
+/// Fused forward-and-backward training ops for any candle model (crate `fused-ops`).
+pub use fused_ops as ops;
 pub mod data;
 pub mod models;
 

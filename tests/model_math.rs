@@ -11,6 +11,7 @@
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_fsdp::models::llama::{Llama, LlamaConfig};
 use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
+use candle_fsdp::models::Kernels;
 use candle_nn::{VarBuilder, VarMap};
 use fsdp_testkit::fsdp_test_models::{NestedWrappedModule, TransformerWithSharedParams};
 
@@ -282,13 +283,34 @@ fn transformer_with_shared_params_matches_the_pytorch_definition() {
 
 #[test]
 fn llama_matches_the_hugging_face_definition() {
-    let config = LlamaConfig { initializer_range: 0.3, ..LlamaConfig::default() };
+    for kernels in [Kernels::Fused, Kernels::Composed] {
+        llama_matches_the_hugging_face_definition_on(kernels);
+    }
+}
+
+fn llama_matches_the_hugging_face_definition_on(kernels: Kernels) {
+    let config = LlamaConfig { initializer_range: 0.3, kernels, ..LlamaConfig::default() };
     let varmap = VarMap::new();
     let model = Llama::new(&config, f64_builder(&varmap)).unwrap();
     randomize(&varmap);
     let ids = [[3u32, 17, 99, 5, 64, 2, 127], [0, 1, 2, 3, 4, 5, 6]];
     let logits = model.forward(&Tensor::new(&ids, &Device::Cpu).unwrap()).unwrap();
     assert_eq!(logits.dims(), [2, 7, 128]);
+    // The loss: the mean next-token cross-entropy of those logits.
+    let targets = Tensor::new(&[[17u32, 99, 5, 64, 2, 127, 0], [1, 2, 3, 4, 5, 6, 7]], &Device::Cpu).unwrap();
+    let loss = model.loss(&Tensor::new(&ids, &Device::Cpu).unwrap(), &targets).unwrap().to_scalar::<f64>().unwrap();
+    let rows = logits.reshape((14, 128)).unwrap().to_vec2::<f64>().unwrap();
+    let picked = targets.flatten_all().unwrap().to_vec1::<u32>().unwrap();
+    let expected_loss = rows
+        .iter()
+        .zip(&picked)
+        .map(|(row, &t)| {
+            let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln() - row[t as usize]
+        })
+        .sum::<f64>()
+        / 14.0;
+    assert!((loss - expected_loss).abs() < 1e-10, "{kernels:?}: loss {loss}, by hand {expected_loss}");
 
     let head_dim = config.hidden_size / config.num_attention_heads;
     let group = config.num_attention_heads / config.num_key_value_heads;
@@ -337,7 +359,7 @@ fn llama_matches_the_hugging_face_definition() {
         let x = rms_norm(&x, &values(&varmap, "model.norm.weight"), eps);
         let expected = linear(&x, &w("lm_head.weight"), None);
         let actual = logits.get(b).unwrap().to_vec2::<f64>().unwrap();
-        assert_close(&actual, &expected, 1e-10, &format!("sequence {b}"));
+        assert_close(&actual, &expected, 1e-10, &format!("{kernels:?}: sequence {b}"));
     }
 }
 
@@ -414,16 +436,22 @@ fn transformer_with_shared_params_gradients() {
 
 #[test]
 fn llama_gradients() {
-    let config = LlamaConfig { initializer_range: 0.3, num_hidden_layers: 2, ..LlamaConfig::default() };
-    let varmap = VarMap::new();
-    let model = Llama::new(&config, f64_builder(&varmap)).unwrap();
-    randomize(&varmap);
-    // Every token id appears, so every embedding row has a gradient somewhere; the sampled
-    // rows (0, middle, last) are among them.
-    let ids: Vec<u32> = (0..128).collect();
-    let ids = Tensor::from_vec(ids, (4, 32), &Device::Cpu).unwrap();
-    let r = Tensor::randn(0f64, 1.0, (4, 32, 128), &Device::Cpu).unwrap();
-    check_gradients(&varmap, &[], || projection(&model.forward(&ids).unwrap(), &r));
+    for kernels in [Kernels::Fused, Kernels::Composed] {
+        let config = LlamaConfig { initializer_range: 0.3, num_hidden_layers: 2, kernels, ..LlamaConfig::default() };
+        let varmap = VarMap::new();
+        let model = Llama::new(&config, f64_builder(&varmap)).unwrap();
+        randomize(&varmap);
+        // Every token id appears, so every embedding row has a gradient somewhere; the sampled
+        // rows (0, middle, last) are among them.
+        let ids: Vec<u32> = (0..128).collect();
+        let ids = Tensor::from_vec(ids, (4, 32), &Device::Cpu).unwrap();
+        let r = Tensor::randn(0f64, 1.0, (4, 32, 128), &Device::Cpu).unwrap();
+        check_gradients(&varmap, &[], || projection(&model.forward(&ids).unwrap(), &r));
+        // The fused loss (the projection and cross-entropy as one op) too.
+        let targets =
+            ids.affine(1.0, 1.0).unwrap().broadcast_minimum(&Tensor::new(127u32, &Device::Cpu).unwrap()).unwrap();
+        check_gradients(&varmap, &[], || model.loss(&ids, &targets).unwrap());
+    }
 }
 
 #[test]

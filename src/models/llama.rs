@@ -25,7 +25,7 @@
 //! weights 1.
 
 use super::hf_config::{HfConfig, HfObject};
-use super::{affine, rms_norm, softmax_last_dim};
+use super::{affine, rms_norm, softmax_last_dim, Kernels};
 use crate::{Shardable, Unit};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Init, RmsNorm, VarBuilder};
@@ -62,6 +62,8 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     /// Llama 3.1's rotary frequency scaling.
     pub rope_scaling: Option<RopeScaling>,
+    /// The kernels the forward runs on (not part of a Hugging Face config).
+    pub kernels: Kernels,
 }
 
 /// Llama 3.1's rotary scaling (Hugging Face `rope_type: "llama3"`): frequencies whose
@@ -169,6 +171,7 @@ impl Default for LlamaConfig {
             head_dim: None,
             tie_word_embeddings: false,
             rope_scaling: None,
+            kernels: Kernels::Fused,
         }
     }
 }
@@ -231,6 +234,7 @@ impl LlamaConfig {
             head_dim: hf.usize("head_dim")?,
             tie_word_embeddings: hf.bool("tie_word_embeddings")?.unwrap_or(false),
             rope_scaling,
+            kernels: Kernels::default(),
         };
         hf.finish()?;
         config.validate()?;
@@ -366,12 +370,24 @@ impl RotaryEmbedding {
     }
 
     /// Rotates `x` `(batch, heads, seq, head_dim)` for positions `0..seq`:
-    /// `x·cos + rotate_half(x)·sin` with the half-split convention of Hugging Face Llama.
+    /// `x·cos + rotate_half(x)·sin` with the half-split convention of Hugging Face Llama,
+    /// from candle's differentiable primitives (candle-nn's `rope` is forward-only).
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        // `rope_slow` is built from differentiable ops; the fused `rope` is forward-only.
-        // The tables follow the activations' dtype, which mixed precision may lower.
-        let (cos, sin) = (self.cos.to_dtype(x.dtype())?, self.sin.to_dtype(x.dtype())?);
+        let (cos, sin) = self.tables(x.dim(2)?, x.dtype())?;
         candle_nn::rotary_emb::rope_slow(&x.contiguous()?, &cos, &sin)
+    }
+
+    /// The same rotation of `x` `(batch, seq, heads, head_dim)` by the fused op.
+    pub fn apply_fused(&self, x: &Tensor) -> Result<Tensor> {
+        let (cos, sin) = self.tables(x.dim(1)?, x.dtype())?;
+        crate::ops::rope(x, &cos, &sin)
+    }
+
+    /// The tables' first `seq` rows in `dtype`: they follow the activations' dtype, which
+    /// mixed precision may lower.
+    fn tables(&self, seq: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let table = |t: &Tensor| t.narrow(0, 0, seq)?.to_dtype(dtype);
+        Ok((table(&self.cos)?, table(&self.sin)?))
     }
 }
 
@@ -392,6 +408,9 @@ pub struct LlamaAttention {
     pub num_kv_heads: usize,
     /// The dimension of each head.
     pub head_dim: usize,
+    /// The kernels the forward runs on.
+    #[fsdp(skip)]
+    pub kernels: Kernels,
 }
 
 impl LlamaAttention {
@@ -410,11 +429,33 @@ impl LlamaAttention {
             num_heads: config.num_attention_heads,
             num_kv_heads: config.num_key_value_heads,
             head_dim,
+            kernels: config.kernels,
         })
     }
 
-    /// `x` `(batch, seq, hidden)`; `mask` `(seq, seq)` is added to the attention scores.
+    /// `x` `(batch, seq, hidden)`, causal. The composed kernels add `mask` `(seq, seq)` to
+    /// the attention scores; the fused attention is causal by construction and ignores it.
     pub fn forward(&self, x: &Tensor, rotary: &RotaryEmbedding, mask: &Tensor) -> Result<Tensor> {
+        match self.kernels {
+            Kernels::Fused => self.forward_fused(x, rotary),
+            Kernels::Composed => self.forward_composed(x, rotary, mask),
+        }
+    }
+
+    /// Projections, rotations and attention on `(batch, seq, heads, head_dim)`: no
+    /// transposes.
+    fn forward_fused(&self, x: &Tensor, rotary: &RotaryEmbedding) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let heads =
+            |proj: &LinearNoBias, n: usize| crate::ops::linear(x, &proj.weight)?.reshape((b, s, n, self.head_dim));
+        let q = rotary.apply_fused(&heads(&self.q_proj, self.num_heads)?)?;
+        let k = rotary.apply_fused(&heads(&self.k_proj, self.num_kv_heads)?)?;
+        let v = heads(&self.v_proj, self.num_kv_heads)?;
+        let out = crate::ops::causal_attention(&q, &k, &v, 1.0 / (self.head_dim as f64).sqrt())?;
+        crate::ops::linear(&out.reshape((b, s, self.num_heads * self.head_dim))?, &self.o_proj.weight)
+    }
+
+    fn forward_composed(&self, x: &Tensor, rotary: &RotaryEmbedding, mask: &Tensor) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let split = |t: Tensor, heads: usize| -> Result<Tensor> {
             t.reshape((b, s, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
@@ -422,8 +463,7 @@ impl LlamaAttention {
         let q = rotary.apply(&split(self.q_proj.forward(x)?, self.num_heads)?)?;
         let k = rotary.apply(&split(self.k_proj.forward(x)?, self.num_kv_heads)?)?;
         let v = split(self.v_proj.forward(x)?, self.num_kv_heads)?;
-        let k = self.repeat_kv(k)?;
-        let v = self.repeat_kv(v)?;
+        let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
         // Softmax in at least f32 (Hugging Face computes it in f32 for half-precision
@@ -455,6 +495,9 @@ pub struct LlamaMlp {
     pub up_proj: LinearNoBias,
     /// `(hidden_size, intermediate_size)`: the projection back.
     pub down_proj: LinearNoBias,
+    /// The kernels the forward runs on.
+    #[fsdp(skip)]
+    pub kernels: Kernels,
 }
 
 impl LlamaMlp {
@@ -466,14 +509,24 @@ impl LlamaMlp {
             gate_proj: config.linear(hidden, inter, vb.pp("gate_proj"))?,
             up_proj: config.linear(hidden, inter, vb.pp("up_proj"))?,
             down_proj: config.linear(inter, hidden, vb.pp("down_proj"))?,
+            kernels: config.kernels,
         })
     }
 }
 
 impl Module for LlamaMlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        match self.kernels {
+            Kernels::Fused => {
+                let (gate, up) =
+                    (crate::ops::linear(x, &self.gate_proj.weight)?, crate::ops::linear(x, &self.up_proj.weight)?);
+                crate::ops::linear(&crate::ops::swiglu(&gate, &up)?, &self.down_proj.weight)
+            }
+            Kernels::Composed => {
+                let gate = self.gate_proj.forward(x)?.silu()?;
+                self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+            }
+        }
     }
 }
 
@@ -493,6 +546,9 @@ pub struct LlamaDecoderLayer {
     pub input_layernorm: RmsNorm,
     /// The RMSNorm before the MLP.
     pub post_attention_layernorm: RmsNorm,
+    /// The kernels the norms run on.
+    #[fsdp(skip)]
+    pub kernels: Kernels,
 }
 
 impl LlamaDecoderLayer {
@@ -503,14 +559,15 @@ impl LlamaDecoderLayer {
             mlp: LlamaMlp::new(config, vb.pp("mlp"))?,
             input_layernorm: config.norm(vb.pp("input_layernorm"))?,
             post_attention_layernorm: config.norm(vb.pp("post_attention_layernorm"))?,
+            kernels: config.kernels,
         })
     }
 
     /// `x` `(batch, seq, hidden)` to `(batch, seq, hidden)`.
     pub fn forward(&self, x: &Tensor, rotary: &RotaryEmbedding, mask: &Tensor) -> Result<Tensor> {
-        let h = self.self_attn.forward(&rms_norm(&self.input_layernorm, x)?, rotary, mask)?;
+        let h = self.self_attn.forward(&norm(self.kernels, &self.input_layernorm, x)?, rotary, mask)?;
         let x = (x + h)?;
-        let h = self.mlp.forward(&rms_norm(&self.post_attention_layernorm, &x)?)?;
+        let h = self.mlp.forward(&norm(self.kernels, &self.post_attention_layernorm, &x)?)?;
         x + h
     }
 }
@@ -571,6 +628,29 @@ impl Llama {
 
     /// `input_ids` `(batch, seq)` (u32) to logits `(batch, seq, vocab_size)`.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let x = self.hidden_states(input_ids)?;
+        self.lm_head.forward(&norm(self.config.kernels, &self.norm, &x)?)
+    }
+
+    /// The mean next-token cross-entropy of `input_ids` `(batch, seq)` against `targets`
+    /// `(batch, seq)` (u32): the loss of [`Llama::forward`]'s logits. With the fused
+    /// kernels the output projection and the loss are one op, so the
+    /// `batch · seq × vocab_size` logits never exist whole.
+    pub fn loss(&self, input_ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let x = norm(self.config.kernels, &self.norm, &self.hidden_states(input_ids)?)?;
+        let (b, s, hidden) = x.dims3()?;
+        let (x, targets) = (x.reshape((b * s, hidden))?, targets.reshape(b * s)?);
+        match self.config.kernels {
+            Kernels::Fused => crate::ops::linear_cross_entropy(&x, &self.lm_head.weight, &targets),
+            Kernels::Composed => {
+                let log_probs = super::log_softmax_last_dim(&self.lm_head.forward(&x)?)?;
+                log_probs.gather(&targets.unsqueeze(1)?, 1)?.mean_all()?.neg()
+            }
+        }
+    }
+
+    /// The last decoder layer's output, `(batch, seq, hidden_size)`.
+    fn hidden_states(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (_, seq) = input_ids.dims2()?;
         if seq > self.config.max_position_embeddings {
             candle_core::bail!(
@@ -579,7 +659,11 @@ impl Llama {
             )
         }
         let mut x = self.embed_tokens.forward(input_ids)?;
-        let mask = causal_mask(seq, x.dtype(), x.device())?;
+        // The fused attention is causal by construction: no mask to build.
+        let mask = match self.config.kernels {
+            Kernels::Fused => Tensor::zeros((), x.dtype(), x.device())?,
+            Kernels::Composed => causal_mask(seq, x.dtype(), x.device())?,
+        };
         let (cos, sin) = (&self.rotary.cos, &self.rotary.sin);
         for layer in &self.layers {
             // Everything the layer reads comes in as an input, so that a checkpointed layer
@@ -588,7 +672,15 @@ impl Llama {
                 layer.forward(&x, &RotaryEmbedding { cos, sin }, &mask)
             })?;
         }
-        self.lm_head.forward(&rms_norm(&self.norm, &x)?)
+        Ok(x)
+    }
+}
+
+/// An RMSNorm on the kernels asked for.
+fn norm(kernels: Kernels, norm: &RmsNorm, x: &Tensor) -> Result<Tensor> {
+    match kernels {
+        Kernels::Fused => crate::ops::rms_norm(x, norm.weight(), norm.eps()),
+        Kernels::Composed => rms_norm(norm, x),
     }
 }
 

@@ -20,6 +20,19 @@
 //! ([`layer_norm`], [`rms_norm`], [`softmax_last_dim`]) compute the same functions from
 //! differentiable primitives, and the models use them instead.
 
+/// Which kernels a model's forward runs on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kernels {
+    /// The fused ops of [`crate::ops`]: RMSNorm, RoPE, SwiGLU, causal attention and the
+    /// cross-entropy each one pass forward and one backward, attention without `S × S`
+    /// scores.
+    #[default]
+    Fused,
+    /// Chains of candle's differentiable primitives: the reference the fused ops are
+    /// tested against.
+    Composed,
+}
+
 pub mod gpt;
 mod hf_config;
 pub mod llama;

@@ -1,10 +1,13 @@
 //! [`AdamW`]: candle-nn's `AdamW` update, operation for operation (so bit for bit on the
-//! same inputs), with its moments and step count open to checkpoints.
+//! same inputs), with its moments and step count open to checkpoints. f32 and f64
+//! variables are updated in place by the fused update (a pass per moment and one for the
+//! parameter, no temporaries); others through candle's tensor ops, a chunk at a time.
 
 use super::state::{check_slot, positions, OptimizerState, OptimizerStateDict, VarState};
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW};
+use fused_ops::{adamw_update, AdamWStep};
 use std::collections::BTreeMap;
 
 /// Elements updated at once: bounds the step's temporaries (about eight arrays of this
@@ -76,6 +79,11 @@ impl Optimizer for AdamW {
             let Some(g) = grads.get(theta) else {
                 continue;
             };
+            if matches!(theta.dtype(), DType::F32 | DType::F64) && theta.is_contiguous() {
+                let step = AdamWStep { lr, beta1, beta2, eps, weight_decay, scale_m, scale_v };
+                adamw_update(theta.as_tensor(), m.as_tensor(), v.as_tensor(), &g.contiguous()?, &step)?;
+                continue;
+            }
             // Elementwise, so a chunk at a time gives the same bits with temporaries of a
             // chunk's size, not of the variable's.
             let flat = |t: &Tensor| t.flatten_all();
