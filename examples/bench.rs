@@ -27,8 +27,10 @@ use anyhow::{ensure, Context};
 use candle_core::{Device, Tensor};
 use candle_fsdp::dist::ReduceOp;
 use candle_fsdp::models::llama::{Llama, LlamaConfig};
+use candle_fsdp::models::Kernels;
+use candle_fsdp::optim::{AdamW, ParamsAdamW};
 use candle_fsdp::{launch, Bytes, Fsdp, FsdpConfig, LaunchOptions, ShardingStrategy};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
 use clap::{Parser, ValueEnum};
 use common::{median, ms, BigramTask, Precision, Rng, DTYPE};
 use std::collections::HashMap;
@@ -78,6 +80,17 @@ struct Args {
     /// Also print every measured step time of every run.
     #[arg(long)]
     verbose: bool,
+
+    /// The kernels the model runs on: `fused` (candle_fsdp::ops) or `composed` (chains
+    /// of candle's primitives).
+    #[arg(long, value_enum, default_value_t = KernelsArg::Fused)]
+    kernels: KernelsArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum KernelsArg {
+    Fused,
+    Composed,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -161,7 +174,11 @@ impl RankRun {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let threads = common::configure_candle_threads(Some(args.candle_threads as usize), 1);
-    let setup = args.model.setup();
+    let mut setup = args.model.setup();
+    setup.config.kernels = match args.kernels {
+        KernelsArg::Fused => Kernels::Fused,
+        KernelsArg::Composed => Kernels::Composed,
+    };
     let (warmup, rounds) = (args.warmup as usize, args.rounds as usize);
     let per_round = (args.steps as usize).div_ceil(rounds);
     let steps = per_round * rounds;
@@ -375,7 +392,7 @@ fn run_plain(
     let (mut times, mut losses, mut grad_bytes) = (Vec::new(), Vec::new(), 0);
     for (step, (inputs, targets)) in batches.iter().enumerate() {
         let started = Instant::now();
-        let loss = common::next_token_loss(&model.forward(inputs)?, targets)?;
+        let loss = model.loss(inputs, targets)?;
         let grads = loss.backward()?;
         optimizer.step(&grads)?;
         let elapsed = started.elapsed();
@@ -415,8 +432,7 @@ fn run_fsdp(
             let targets = targets.narrow(0, ctx.rank * rows, rows)?;
             ctx.comm.barrier("step start")?;
             let started = Instant::now();
-            let logits = fsdp.forward(|model| model.forward(&inputs))?;
-            let loss = common::next_token_loss(&logits, &targets)?;
+            let loss = fsdp.forward(|model| model.loss(&inputs, &targets))?;
             let grads = match &mut scaler {
                 Some(scaler) => {
                     let mut grads = fsdp.backward(&scaler.scale_loss(&loss)?)?;

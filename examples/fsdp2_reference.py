@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""PyTorch FSDP2 reference for the step-time section of examples/gpu_check.rs.
+"""PyTorch FSDP2 reference for the step times of examples/gpu_check.rs (on a GPU) and
+examples/bench.rs (on the CPU).
 
 Trains the Llama of src/models/llama.rs (token embedding, pre-norm decoder layers with
 RMSNorm, causal self-attention with rotary embeddings in the Hugging Face "rotate half"
 convention and grouped key/value heads, a SiLU-gated MLP, a final RMSNorm and an untied
-lm_head, no biases, N(0, 0.02) initialisation) with AdamW in f32 on one GPU, two ways in
-one run, taking turns in rounds:
+lm_head, no biases, N(0, 0.02) initialisation) with AdamW in f32 on one GPU (or the CPU,
+with --device cpu), two ways in one run, taking turns in rounds:
 
   (a) plain PyTorch, no FSDP;
-  (b) FSDP2 at world size 1 over NCCL: every decoder layer `fully_shard`ed, then the root
-      (reshard_after_forward=True, the FULL_SHARD equivalent).
+  (b) FSDP2 at world size 1 over NCCL (gloo on the CPU): every decoder layer
+      `fully_shard`ed, then the root (reshard_after_forward=True, the FULL_SHARD
+      equivalent).
 
 Same model configurations, batch, sequence length, dtype (f32, TF32 off), optimizer
 (AdamW lr 1e-3, betas 0.9/0.999, eps 1e-8, weight decay 0.01: candle-nn's defaults) and
@@ -23,6 +25,7 @@ Usage (on the GPU machine; MASTER_ADDR/MASTER_PORT are set here when absent):
     python3 examples/fsdp2_reference.py --model small|medium|large|all
     python3 examples/fsdp2_reference.py --model all --steps 20 --warmup 3 --rounds 2
     python3 examples/fsdp2_reference.py --model large --attention sdpa   # fused attention
+    python3 examples/fsdp2_reference.py --device cpu --threads 1 --model train  # bench.rs's CPU
 
 --attention math (the default) computes attention as candle does (matmul, mask, softmax
 in f32, matmul); sdpa uses torch's scaled_dot_product_attention (flash/efficient kernels).
@@ -50,6 +53,8 @@ except ImportError:  # torch < 2.6
 # (vocab, hidden, intermediate, layers, heads, kv_heads, batch, seq_len), as gpu_check.
 SMALL = (512, 128, 344, 4, 4, 2, 16, 64)
 MEDIUM = (1024, 256, 688, 6, 8, 4, 16, 128)
+# The main job's model and batch (examples/train.rs: one rank's 8 sequences of 32 tokens).
+TRAIN = (128, 128, 344, 4, 4, 2, 8, 32)
 LR = 1e-3
 
 
@@ -182,17 +187,31 @@ class Llama(nn.Module):
 def configs(args):
     large = (args.large_vocab, args.large_hidden, args.large_intermediate, args.large_layers,
              args.large_heads, args.large_kv_heads, args.large_batch, args.large_seq)
-    table = {"small": SMALL, "medium": MEDIUM, "large": large}
+    table = {"small": SMALL, "medium": MEDIUM, "large": large, "train": TRAIN}
     names = ["small", "medium", "large"] if args.model == "all" else [args.model]
     return [Config(n, *table[n]) for n in names]
 
 
-def train(model, batches, warmup):
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_bytes(device):
+    """The peak allocated on the GPU; on the CPU, the process's peak resident size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def train(model, batches, warmup, device):
     """Times each step after `warmup`; returns (ms per measured step, first loss, last
     loss, peak allocated bytes)."""
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for n, (inputs, targets) in enumerate(batches):
         started = time.perf_counter()
@@ -201,12 +220,12 @@ def train(model, batches, warmup):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        synchronize(device)
         elapsed = (time.perf_counter() - started) * 1e3
         if n >= warmup:
             times.append(elapsed)
         losses.append(loss.item())
-    return times, losses[0], losses[-1], torch.cuda.max_memory_allocated()
+    return times, losses[0], losses[-1], peak_bytes(device)
 
 
 def run_model(c, args, device):
@@ -237,9 +256,10 @@ def run_model(c, args, device):
                 for layer in model.layers:
                     fully_shard(layer, reshard_after_forward=True, mp_policy=mp)
                 fully_shard(model, reshard_after_forward=True, mp_policy=mp)
-            result = train(model, batches, args.warmup)
+            result = train(model, batches, args.warmup, device)
             del model
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             if runs[kind] is None:
                 runs[kind] = list(result)
             else:
@@ -249,7 +269,8 @@ def run_model(c, args, device):
     (pt, pf, pl, pm), (ft, ff, fl, fm), (bt, bf, bl, bm) = runs["plain"], runs["fsdp2"], runs["fsdp2_bf16"]
     base_med, base_min = statistics.median(pt), min(pt)
     print(f"  {'run':<50} {'median':>10} {'min':>10} {'x (a) med':>9} {'x (a) min':>9} {'tokens/s':>12} {'peak alloc':>12}")
-    for name, times, peak in (("(a)  plain PyTorch", pt, pm), ("(b)  FSDP2 world 1 (NCCL), reshard_after_forward", ft, fm),
+    backend = "NCCL" if device.type == "cuda" else "gloo"
+    for name, times, peak in (("(a)  plain PyTorch", pt, pm), (f"(b)  FSDP2 world 1 ({backend}), reshard_after_forward", ft, fm),
                               ("(c)  as (b), bf16 params, f32 reduce", bt, bm)):
         med, least = statistics.median(times), min(times)
         print(f"  {name:<50} {med:>7.2f} ms {least:>7.2f} ms {med / base_med:>9.3f} {least / base_min:>9.3f} "
@@ -264,7 +285,9 @@ def run_model(c, args, device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["small", "medium", "large", "all"], default="all")
+    parser.add_argument("--model", choices=["small", "medium", "large", "train", "all"], default="all")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads PyTorch uses (torch.set_num_threads)")
     parser.add_argument("--steps", type=int, default=20, help="measured steps per run, in total over the rounds")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up steps per run and round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds: the runs take turns (plain, FSDP2, plain, ...)")
@@ -281,28 +304,35 @@ def main():
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
         parser.error("--steps and --rounds must be at least 1, --warmup at least 0")
 
-    if not torch.cuda.is_available():
-        sys.exit("fsdp2_reference: no CUDA device")
     for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517"), ("RANK", "0"),
                        ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(key, value)
-    torch.cuda.set_device(0)
-    device = torch.device("cuda", 0)
-    # f32 as in candle (whose f32 GEMMs do not use TF32 by default).
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    try:
-        dist.init_process_group("nccl", rank=0, world_size=1, device_id=device)
-    except TypeError:  # older torch without device_id
-        dist.init_process_group("nccl", rank=0, world_size=1)
-
     print("PyTorch FSDP2 reference (examples/fsdp2_reference.py)")
     print(f"command: {' '.join([sys.executable] + sys.argv)}")
-    nccl = torch.cuda.nccl.version()
-    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, NCCL {'.'.join(map(str, nccl)) if isinstance(nccl, tuple) else nccl}, "
-          f"GPU {torch.cuda.get_device_name(0)}, TF32 off, f32; step = forward + cross-entropy + backward + AdamW step "
-          f"(lr {LR}, weight decay 0.01) + zero_grad, then torch.cuda.synchronize()")
+    if args.device == "cpu":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} thread(s), f32; step = forward + "
+              f"cross-entropy + backward + AdamW step (lr {LR}, weight decay 0.01) + zero_grad")
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("fsdp2_reference: no CUDA device")
+        torch.cuda.set_device(0)
+        device = torch.device("cuda", 0)
+        # f32 as in candle (whose f32 GEMMs do not use TF32 by default).
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        try:
+            dist.init_process_group("nccl", rank=0, world_size=1, device_id=device)
+        except TypeError:  # older torch without device_id
+            dist.init_process_group("nccl", rank=0, world_size=1)
+        nccl = torch.cuda.nccl.version()
+        print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, NCCL {'.'.join(map(str, nccl)) if isinstance(nccl, tuple) else nccl}, "
+              f"GPU {torch.cuda.get_device_name(0)}, TF32 off, f32; step = forward + cross-entropy + backward + AdamW step "
+              f"(lr {LR}, weight decay 0.01) + zero_grad, then torch.cuda.synchronize()")
     try:
         for c in configs(args):
             run_model(c, args, device)

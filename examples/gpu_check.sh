@@ -9,7 +9,7 @@
 # 2. Runs the sections that can hang (environment, kernels, NCCL collectives, stream
 #    ordering) under a short deadline first, so a hang costs minutes, not the whole run;
 #    stops there if they fail.
-# 3. Runs the rest (memory, parity, prefetch sequences, step time), then PyTorch FSDP2 on
+# 3. Runs the rest (memory, parity, prefetch sequences, step time, fused ops), then PyTorch FSDP2 on
 #    the same models when python3 has torch.
 # 4. Prints a compact summary. Full logs go to $OUT (or a temporary folder).
 set -u
@@ -70,7 +70,7 @@ if ! run_sections first 1,2,3,4 "$first_deadline"; then
   echo "sections 1-4 did not pass: the rest is not run (full log: $out/gpu_check_first.txt)"
   exit 1
 fi
-run_sections rest 5,6,7,8 "$rest_deadline"
+run_sections rest 5,6,7,8,9 "$rest_deadline"
 rest=$?
 
 # --- PyTorch FSDP2 on the same models ---------------------------------------------------
