@@ -1,6 +1,8 @@
 //! What activation checkpointing saves, and what it costs: the main job's Llama trained on
 //! thread ranks at world sizes 1, 2 and 4, with and without
-//! `FsdpConfig::activation_checkpointing`, side by side in one run.
+//! `FsdpConfig::activation_checkpointing`, side by side in one run; and what the fused
+//! kernels save over the composed ones (`--kernels`), whose attention keeps the scores and
+//! their softmax for the backward.
 //!
 //! Memory comes from a counting allocator (the whole process, so all ranks; divided by the
 //! world size): the bytes alive at the end of the forward beyond those before it, less the
@@ -14,12 +16,14 @@
 //! ```text
 //! cargo run --release --example activation_bench
 //! cargo run --release --example activation_bench -- --seq-len 256 --batch-size 4 --steps 4
+//! cargo run --release --example activation_bench -- --kernels --seq-len 2048 --batch-size 1 --worlds 1
 //! ```
 
 mod common;
 
 use candle_core::Device;
-use candle_fsdp::models::llama::Llama;
+use candle_fsdp::models::llama::{Llama, LlamaConfig};
+use candle_fsdp::models::Kernels;
 use candle_fsdp::optim::{AdamW, ParamsAdamW};
 use candle_fsdp::{launch, Bytes, Fsdp, FsdpConfig, LaunchOptions, MetaModel, Plan, PlanConfig};
 use candle_nn::Optimizer;
@@ -46,6 +50,9 @@ struct Args {
     /// World sizes to run.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4])]
     worlds: Vec<usize>,
+    /// Compare the fused kernels with the composed ones instead (no checkpointing).
+    #[arg(long)]
+    kernels: bool,
 }
 
 /// Per rank: activations alive at the end of the forward, the backward's peak above the
@@ -58,8 +65,8 @@ struct Measured {
     step_ms: f64,
 }
 
-fn measure(args: &Args, world: usize, checkpointing: bool) -> anyhow::Result<Measured> {
-    let config = common::main_job_llama(128, args.seq_len);
+fn measure(args: &Args, world: usize, checkpointing: bool, kernels: Kernels) -> anyhow::Result<Measured> {
+    let config = LlamaConfig { kernels, ..common::main_job_llama(128, args.seq_len) };
     let task = BigramTask::new(config.vocab_size, 0.1, 3);
     let fsdp_config = FsdpConfig::default().activation_checkpointing(checkpointing);
     let runs = launch(LaunchOptions::new(world), |ctx| {
@@ -69,7 +76,7 @@ fn measure(args: &Args, world: usize, checkpointing: bool) -> anyhow::Result<Mea
         // The plan's prediction: one profiled step with one sequence per rank, scaled.
         fsdp.set_activation_profiling(true);
         let (ids, targets) = task.batch(&mut Rng::stream(5, ctx.rank as u64), 1, args.seq_len, &Device::Cpu)?;
-        let loss = common::next_token_loss(&fsdp.forward(|m| m.forward(&ids))?, &targets)?;
+        let loss = fsdp.forward(|m| m.loss(&ids, &targets))?;
         drop(fsdp.backward(&loss)?);
         fsdp.set_activation_profiling(false);
         let profile = fsdp.activation_profile().expect("a profiled step");
@@ -85,8 +92,7 @@ fn measure(args: &Args, world: usize, checkpointing: bool) -> anyhow::Result<Mea
             let before = reset_peak();
             ctx.comm.barrier("counters reset")?;
             let started = Instant::now();
-            let logits = fsdp.forward(|m| m.forward(&ids))?;
-            let loss = common::next_token_loss(&logits, &targets)?;
+            let loss = fsdp.forward(|m| m.loss(&ids, &targets))?;
             ctx.comm.barrier("after the forward")?;
             let after_forward = allocated();
             let kept = fsdp.memory().gathered_bytes;
@@ -114,6 +120,9 @@ fn main() -> anyhow::Result<()> {
         "Llama of the main job ({} layers, hidden {}), {} x {} tokens per rank, FULL_SHARD, f32; {} measured steps",
         config.num_hidden_layers, config.hidden_size, args.batch_size, args.seq_len, args.steps
     );
+    if args.kernels {
+        return compare_kernels(&args);
+    }
     println!(
         "  {:<7} {:>22} {:>22} {:>8} {:>22} {:>22} {:>10}",
         "world",
@@ -126,8 +135,8 @@ fn main() -> anyhow::Result<()> {
     );
     let mut predictions = Vec::new();
     for &world in &args.worlds {
-        let plain = measure(&args, world, false)?;
-        let checkpointed = measure(&args, world, true)?;
+        let plain = measure(&args, world, false, Kernels::Fused)?;
+        let checkpointed = measure(&args, world, true, Kernels::Fused)?;
         println!(
             "  {:<7} {:>22} {:>22} {:>8.3} {:>22} {:>22} {:>9.2}x",
             world,
@@ -152,5 +161,38 @@ fn main() -> anyhow::Result<()> {
         };
         println!("  world {world}: plain {}; checkpointed {}", row(plain), row(checkpointed));
     }
+    Ok(())
+}
+
+/// Activations and step time on the composed kernels against the fused ones.
+fn compare_kernels(args: &Args) -> anyhow::Result<()> {
+    println!(
+        "  {:<7} {:>22} {:>22} {:>8} {:>24} {:>22} {:>10}",
+        "world",
+        "activations (composed)",
+        "activations (fused)",
+        "ratio",
+        "backward peak (composed)",
+        "backward peak (fused)",
+        "step time"
+    );
+    for &world in &args.worlds {
+        let composed = measure(args, world, false, Kernels::Composed)?;
+        let fused = measure(args, world, false, Kernels::Fused)?;
+        println!(
+            "  {:<7} {:>22} {:>22} {:>8.3} {:>24} {:>22} {:>9.2}x",
+            world,
+            Bytes(composed.activations).to_string(),
+            Bytes(fused.activations).to_string(),
+            fused.activations as f64 / composed.activations.max(1) as f64,
+            Bytes(composed.backward_peak).to_string(),
+            Bytes(fused.backward_peak).to_string(),
+            fused.step_ms / composed.step_ms
+        );
+    }
+    println!(
+        "  (per rank; activations: bytes alive at the end of the forward less the gathered parameters kept; backward \
+         peak: above the level before the forward; step time: fused / composed, medians)"
+    );
     Ok(())
 }

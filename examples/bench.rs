@@ -43,8 +43,9 @@ use std::time::{Duration, Instant};
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Model size: `small` (hidden 128, 4 layers, vocab 512; global batch 16 x 64 tokens) or
-    /// `medium` (hidden 256, 6 layers, vocab 1024; global batch 16 x 128 tokens).
+    /// Model size: `small` (hidden 128, 4 layers, vocab 512; global batch 16 x 64 tokens),
+    /// `medium` (hidden 256, 6 layers, vocab 1024; global batch 16 x 128 tokens) or `train`
+    /// (the main job's: hidden 128, 4 layers, vocab 128; 8 x 32 tokens).
     #[arg(long, value_enum, default_value_t = ModelSize::Small)]
     model: ModelSize,
 
@@ -97,6 +98,8 @@ enum KernelsArg {
 enum ModelSize {
     Small,
     Medium,
+    /// The main job's model and one rank's batch (8 x 32 tokens).
+    Train,
 }
 
 /// The model and the global batch of a size.
@@ -111,6 +114,7 @@ impl ModelSize {
         let (vocab, hidden, intermediate, layers, heads, kv_heads, batch, seq_len) = match self {
             Self::Small => (512, 128, 344, 4, 4, 2, 16, 64),
             Self::Medium => (1024, 256, 688, 6, 8, 4, 16, 128),
+            Self::Train => (128, 128, 344, 4, 4, 2, 8, 32),
         };
         Setup {
             config: LlamaConfig {

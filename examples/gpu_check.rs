@@ -50,6 +50,7 @@ use candle_fsdp::dist::{ReduceOp, Work};
 use candle_fsdp::model::Layout;
 use candle_fsdp::models::llama::{Llama, LlamaConfig};
 use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
+use candle_fsdp::models::Kernels;
 use candle_fsdp::{
     launch, BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, MetaModel, Plan, PlanConfig, RankContext, Shardable,
     ShardingStrategy, TraceEvent, Unit, UnshardCause,
@@ -759,7 +760,9 @@ fn main() {
         run_section(8, "step time: plain candle vs FSDP world 1 (NCCL), f32", |sec| step_time(sec, a, s));
     }
     if wanted(9) {
-        run_section(9, "fused ops: CUDA kernels against the CPU; released parameters on the GPU", fused_ops);
+        run_section(9, "fused ops: CUDA kernels against the CPU, their step time; released parameters", |sec| {
+            fused_ops(sec, a, s)
+        });
     }
     let all = print_summary(started);
     std::process::exit(if all { 0 } else { 1 });
@@ -2047,7 +2050,7 @@ fn time_plain(
     let (model, var_map) = plain_llama(config, snapshot, dev)?;
     let mut optimizer = AdamW::new(var_map.all_vars(), ParamsAdamW { lr: LR, ..ParamsAdamW::default() })?;
     timed_steps(dev, batches, warmup, |inputs, targets| {
-        let loss = common::next_token_loss(&model.forward(inputs)?, targets)?;
+        let loss = model.loss(inputs, targets)?;
         optimizer.step(&loss.backward()?)?;
         Ok(loss)
     })
@@ -2067,8 +2070,7 @@ fn time_fsdp(
     let fsdp = Fsdp::wrap(model, ctx.comm.clone(), fsdp_config)?;
     let mut optimizer = AdamW::new(fsdp.parameters(), ParamsAdamW { lr: LR, ..ParamsAdamW::default() })?;
     timed_steps(dev, batches, warmup, |inputs, targets| {
-        let logits = fsdp.forward(|m| m.forward(inputs))?;
-        let loss = common::next_token_loss(&logits, targets)?;
+        let loss = fsdp.forward(|m| m.loss(inputs, targets))?;
         optimizer.step(&fsdp.backward(&loss)?)?;
         Ok(loss)
     })
@@ -2250,7 +2252,7 @@ fn forward_and_grads(
 
 type FusedOp = Box<dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>>;
 
-fn fused_ops(sec: &Section) -> Result<()> {
+fn fused_ops(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
     use candle_fsdp::ops;
     let dev = Device::new_cuda(0)?;
     let mut rng = Rng::new(77);
@@ -2357,6 +2359,31 @@ fn fused_ops(sec: &Section) -> Result<()> {
     if let Some(tries) = sec.check_result("released parameter on the GPU", outcome) {
         for (what, refused) in tries {
             sec.check(refused, format!("a released CUDA parameter: {what} is refused"));
+        }
+    }
+    // A training step of plain candle on the composed kernels and on the fused ones.
+    for &size in &settings.models {
+        let s = setup(size, args);
+        let outcome = (|| -> Result<(f64, f64)> {
+            let (snapshot, numel) = llama_snapshot(&s.config)?;
+            sec.info(describe(&s, numel));
+            let task = BigramTask::new(s.config.vocab_size, 0.1, 7);
+            let mut rng = Rng::new(11);
+            let batches = (0..settings.warmup + settings.steps)
+                .map(|_| task.batch(&mut rng, s.batch, s.seq_len, &Device::Cpu))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let run = |kernels| -> Result<Timed> {
+                let config = LlamaConfig { kernels, ..s.config.clone() };
+                time_plain(&config, &snapshot, &batches, settings.warmup, &dev)
+            };
+            let (composed, fused) = (run(Kernels::Composed)?, run(Kernels::Fused)?);
+            Ok((median(&composed.times), median(&fused.times)))
+        })();
+        if let Some((composed, fused)) = sec.check_result(format!("{} step time", s.name), outcome) {
+            sec.figure(
+                &format!("step time {} plain candle, f32", s.name),
+                format!("composed {composed:.2} ms, fused {fused:.2} ms: fused / composed {:.3}", fused / composed),
+            );
         }
     }
     Ok(())

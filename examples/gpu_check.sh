@@ -81,6 +81,11 @@ if "$python" -c 'import torch' 2>/dev/null; then
     echo "== PyTorch FSDP2, $model model: exit $?"
     tail -7 "$out/fsdp2_$model.txt" | cut -c1-400
   done
+  # The fused kernels' comparison: PyTorch with its fused attention (SDPA).
+  timeout 180 "$python" "$here/fsdp2_reference.py" --model large --attention sdpa --steps 6 --warmup 2 --rounds 1 \
+    > "$out/fsdp2_large_sdpa.txt" 2>&1
+  echo "== PyTorch FSDP2 (SDPA), large model: exit $?"
+  tail -7 "$out/fsdp2_large_sdpa.txt" | cut -c1-400
 else
   echo "== PyTorch FSDP2: python3 has no torch; skipped"
 fi

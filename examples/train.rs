@@ -39,6 +39,7 @@ use candle_fsdp::dist::DistEnv;
 use candle_fsdp::dist::ReduceOp;
 use candle_fsdp::model::Role;
 use candle_fsdp::models::llama::{Llama, LlamaConfig};
+use candle_fsdp::models::Kernels;
 use candle_fsdp::optim::{AdamW, ParamsAdamW, WarmupCosine};
 use candle_fsdp::{launch, Bytes, Fsdp, LaunchOptions, MetaModel, Plan, PlanConfig, RankContext};
 use candle_fsdp::{Backend, ProcessGroup};
@@ -173,6 +174,12 @@ struct Args {
     #[arg(long)]
     plot: Option<PathBuf>,
 
+    /// The kernels the model runs on: `fused` (candle_fsdp::ops: one pass forward and one
+    /// backward per op, attention without S x S scores) or `composed` (chains of candle's
+    /// primitives, the reference).
+    #[arg(long, value_enum, default_value_t = KernelsArg::Fused)]
+    kernels: KernelsArg,
+
     /// What a step whose loss or gradient norm is NaN or infinite does: `stop` the run
     /// (before its update: the parameters and the checkpoints stay as they were), or
     /// `skip` its update and go on.
@@ -183,6 +190,13 @@ struct Args {
     /// measured on f32 matmuls at the start.
     #[arg(long)]
     peak_tflops: Option<f64>,
+}
+
+/// `--kernels`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum KernelsArg {
+    Fused,
+    Composed,
 }
 
 /// What a step with a NaN or infinite loss or gradient norm does.
@@ -366,7 +380,11 @@ fn run() -> anyhow::Result<()> {
     };
     let (steps, batch, seq_len) = (args.steps as usize, args.batch_size as usize, args.seq_len as usize);
     let (data, vocab, about_data) = Data::load(&args)?;
-    let config = common::main_job_llama(vocab, seq_len);
+    let kernels = match args.kernels {
+        KernelsArg::Fused => Kernels::Fused,
+        KernelsArg::Composed => Kernels::Composed,
+    };
+    let config = LlamaConfig { kernels, ..common::main_job_llama(vocab, seq_len) };
     check_outputs(&args, &config)?;
 
     // The plan needs the shapes only: a model built without values.
@@ -593,8 +611,7 @@ fn train_rank(ctx: RankContext, args: &Args, config: &LlamaConfig, data: &Data) 
             data_position += (ctx.world_size * batch) as u64;
             let last = micro + 1 == micro_batches;
             fsdp.set_requires_gradient_sync(last);
-            let logits = fsdp.forward(|model| model.forward(&inputs))?;
-            let loss = (common::next_token_loss(&logits, &targets)? / micro_batches as f64)?;
+            let loss = (fsdp.forward(|model| model.loss(&inputs, &targets))? / micro_batches as f64)?;
             let micro_grads = match &scaler {
                 Some(scaler) => fsdp.backward(&scaler.scale_loss(&loss)?)?,
                 None => fsdp.backward(&loss)?,
@@ -772,8 +789,7 @@ fn evaluate(
     for b in 0..batches {
         let first = (b * batch * ctx.world_size + ctx.rank) as u64;
         let (inputs, targets) = eval.batch(first, ctx.world_size as u64, batch, &ctx.device)?;
-        let logits = fsdp.forward_inference(|model| model.forward(&inputs))?;
-        sum += common::next_token_loss(&logits, &targets)?.to_scalar::<f32>()? as f64;
+        sum += fsdp.forward_inference(|model| model.loss(&inputs, &targets))?.to_scalar::<f32>()? as f64;
     }
     let mine = Tensor::new(&[(sum / batches as f64) as f32], &ctx.device)?;
     let mean = ctx.comm.all_reduce(&mine, ReduceOp::Avg, "evaluation loss")?.wait()?;
