@@ -51,7 +51,8 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     // Adding and subtracting 1.5 · 2^23 rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-86.0, 88.376_26);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let rounded = x * LOG2E + ROUND;
+    let n = rounded - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -60,7 +61,10 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e_r = p * r * r + r + 1.0;
-    e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // `n` as an integer is the low bits of `rounded`: integer arithmetic on the bits
+    // vectorizes, where a float-to-int cast (saturating, NaN to 0) runs lane by lane.
+    let n_bits = rounded.to_bits().wrapping_sub(ROUND.to_bits());
+    e_r * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// Lanes of the partial sums in [`sum_of`] and [`max_of`]: independent accumulators let
@@ -293,4 +297,32 @@ pub(crate) fn matmul<A: Accum>(
 /// The dtypes the CPU kernels take.
 pub(crate) fn is_float(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::F64 | DType::F16 | DType::BF16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_f32_is_within_two_ulp_of_exp_and_stays_normal() {
+        let (mut worst, mut worst_at) = (0.0f64, 0.0);
+        for i in -1_720_000..=1_767_000 {
+            let x = i as f32 * 5e-5;
+            let exact = (x as f64).exp();
+            let error = ((exp_f32(x) as f64 - exact) / exact).abs();
+            if error > worst {
+                (worst, worst_at) = (error, x);
+            }
+        }
+        // two units in the last place of an f32 in [1, 2)
+        assert!(worst <= 2.0 * f32::EPSILON as f64, "largest relative error {worst:e}, at {worst_at}");
+        for x in [f32::NEG_INFINITY, -1e30, -87.0, -100.0] {
+            assert!(exp_f32(x).is_normal() && exp_f32(x) < 3e-37, "exp({x}) = {:e}", exp_f32(x));
+        }
+        for x in [f32::INFINITY, 1e30, 88.5] {
+            assert!(exp_f32(x).is_finite() && exp_f32(x) > 2.4e38, "exp({x}) = {:e}", exp_f32(x));
+        }
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert_eq!(exp_f32(0.0), 1.0);
+    }
 }
