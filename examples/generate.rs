@@ -13,7 +13,7 @@
 //! ```text
 //! cargo run --release --example train -- --steps 60 --export model
 //! cargo run --release --example generate -- --model model --max-new-tokens 24
-//! cargo run --release --example train -- --data README.md --seq-len 64 --steps 300 --export text-model
+//! cargo run --release --example train -- --data docs/guide.md --seq-len 64 --steps 300 --export text-model
 //! cargo run --release --example generate -- --model text-model --text "FSDP " --max-new-tokens 56
 //! ```
 

@@ -1,7 +1,7 @@
-//! The README's code, whole and compiled: a small model declared for FSDP, trained on 2 CPU
+//! The documentation's code, whole and compiled: a small model declared for FSDP, trained on 2 CPU
 //! ranks (threads), checkpointed, resumed and exported; run as one process per rank when
 //! started by `fsdp-run`, `srun` or `mpirun`. `tests/readme.rs` checks that every
-//! Rust block of the README appears in this file, line for line.
+//! Rust block of the README and of docs/ appears in this file, line for line.
 //!
 //! ```text
 //! cargo run --release --example quickstart

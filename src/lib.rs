@@ -61,7 +61,7 @@ pub mod data;
 pub mod models;
 
 /// The README's example whole, `examples/quickstart.rs`, compiled and run as a doc test
-/// (the README shows it in pieces; `tests/readme.rs` finds each of their lines in it).
+/// (the README and docs/ show it in pieces; `tests/readme.rs` finds each of their lines in it).
 #[cfg(doctest)]
 #[doc = concat!("```rust\n", include_str!("../examples/quickstart.rs"), "\n```")]
 pub struct ReadmeExample;

@@ -1,6 +1,7 @@
-//! The README's Rust blocks are code that compiles: every line of each block (trimmed,
-//! blank lines left out) appears, in order, in `examples/quickstart.rs` (a whole program
-//! the build compiles) or, for the block about candle-transformers, `tests/hf_llama.rs`.
+//! The Rust blocks of the README and of `docs/` are code that compiles: every line of each
+//! block (trimmed, blank lines left out) appears, in order, in `examples/quickstart.rs` (a
+//! whole program the build compiles) or, for the block about candle-transformers,
+//! `tests/hf_llama.rs`.
 
 fn code_lines(text: &str) -> Vec<&str> {
     text.lines().map(str::trim).filter(|l| !l.is_empty()).collect()
@@ -35,24 +36,46 @@ fn contains_in_order(source: &[&str], block: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The README and every Markdown file of `docs/`, by path.
+fn documentation(root: &str) -> Vec<(String, String)> {
+    let mut paths = vec![format!("{root}/README.md")];
+    let mut docs: Vec<String> = std::fs::read_dir(format!("{root}/docs"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "md"))
+        .map(|path| path.display().to_string())
+        .collect();
+    docs.sort();
+    paths.extend(docs);
+    paths
+        .into_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(&path).unwrap();
+            (path, text)
+        })
+        .collect()
+}
+
 #[test]
-fn every_readme_rust_line_is_in_compiled_code_in_order() {
+fn every_documented_rust_line_is_in_compiled_code_in_order() {
     let root = env!("CARGO_MANIFEST_DIR");
     let read = |path: &str| std::fs::read_to_string(format!("{root}/{path}")).unwrap();
-    let readme = read("README.md");
     let sources =
         [("examples/quickstart.rs", read("examples/quickstart.rs")), ("tests/hf_llama.rs", read("tests/hf_llama.rs"))];
-    let blocks = rust_blocks(&readme);
-    assert!(blocks.len() >= 4, "the README has {} Rust blocks", blocks.len());
-    for (n, block) in blocks.iter().enumerate() {
-        let misses: Vec<String> = sources
-            .iter()
-            .filter_map(|(path, text)| {
-                contains_in_order(&code_lines(text), block).err().map(|l| format!("{path}: `{l}`"))
-            })
-            .collect();
-        assert!(misses.len() < sources.len(), "README Rust block {} is in no compiled file: {misses:?}", n + 1);
+    let mut checked = 0;
+    for (doc, markdown) in documentation(root) {
+        for (n, block) in rust_blocks(&markdown).iter().enumerate() {
+            let misses: Vec<String> = sources
+                .iter()
+                .filter_map(|(path, text)| {
+                    contains_in_order(&code_lines(text), block).err().map(|l| format!("{path}: `{l}`"))
+                })
+                .collect();
+            assert!(misses.len() < sources.len(), "{doc}: Rust block {} is in no compiled file: {misses:?}", n + 1);
+            checked += 1;
+        }
     }
+    assert!(checked >= 5, "only {checked} Rust blocks in the README and docs/");
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //! (`TCPStoreBackend.hpp`: a query-type byte, little-endian integers, `u64`-length-prefixed
 //! keys and values; VALIDATE first, unanswered; SET unanswered; GET on a missing key closes
 //! the connection, as PyTorch's legacy server does), so the client is checked against the
-//! protocol, not against itself. PyTorch is too heavy for CI; the README records a run
+//! protocol, not against itself. PyTorch is too heavy for CI; docs/launching.md records a run
 //! under the real torchrun.
 
 use candle_core::{Device, Tensor};

@@ -75,7 +75,7 @@ impl DistEnv {
     /// Reads `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE` (optional: the world
     /// size when not given), `MASTER_ADDR` and `MASTER_PORT` from the environment; each one
     /// not set is taken from SLURM's, Open MPI's or PMI's own variables (see
-    /// the README's launch section for the table), so `srun` and `mpirun` need no
+    /// docs/launching.md for the table), so `srun` and `mpirun` need no
     /// wrapper.
     pub fn from_env() -> Result<Self> {
         Self::from_vars(|name| std::env::var(name).ok())
