@@ -22,7 +22,7 @@
 //!    with the world-1 shortcuts and with every collective run (`collectives_at_world_one`:
 //!    all-gather, copy-out, reduce-scatter through NCCL, as on several GPUs); and a model
 //!    built without values, whose GPU shards must hold a CPU rank's draw.
-//! 7. The seed's backward-prefetch sequences (tests/backward_prefetch.rs) on the GPU.
+//! 7. The PyTorch test's backward-prefetch sequences (tests/backward_prefetch.rs) on the GPU.
 //! 8. Step time: plain candle against FSDP world 1 (shortcuts, and every collective run)
 //!    for the bench's small and medium Llama and a larger one, side by side in one run.
 //!
@@ -38,7 +38,7 @@
 mod common;
 
 #[allow(dead_code)]
-use fsdp_testkit::seed_fqns;
+use fsdp_testkit::prefetch_test_fqns;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::cuda::cudarc::driver::{result as cu_result, sys as cu_sys, CudaContext};
@@ -754,7 +754,7 @@ fn main() {
         run_section(6, "parity: FSDP world 1 (NCCL) vs plain candle, small Llama, AdamW", |sec| parity(sec, a, s));
     }
     if wanted(7) {
-        run_section(7, "backward prefetch sequences on the GPU (seed check)", |sec| prefetch_sequences(sec, s));
+        run_section(7, "backward prefetch sequences on the GPU (PyTorch test check)", |sec| prefetch_sequences(sec, s));
     }
     if wanted(8) {
         run_section(8, "step time: plain candle vs FSDP world 1 (NCCL), f32", |sec| step_time(sec, a, s));
@@ -1869,7 +1869,7 @@ fn parity(sec: &Section, args: &Args, settings: &Settings) -> Result<()> {
 const NUM_ITERS: usize = 2;
 fn prefetch_sequences(sec: &Section, settings: &Settings) -> Result<()> {
     let d_model = 64;
-    let config: TransformerConfig = seed_fqns::seed_transformer_config(d_model, 8, 128);
+    let config: TransformerConfig = prefetch_test_fqns::prefetch_test_transformer_config(d_model, 8, 128);
     let var_map = VarMap::new();
     let _model = Transformer::new(&config, VarBuilder::from_varmap(&var_map, DType::F32, &Device::Cpu))?;
     let snapshot = common::snapshot(&var_map)?;
@@ -1877,8 +1877,8 @@ fn prefetch_sequences(sec: &Section, settings: &Settings) -> Result<()> {
     let src = randn_cpu(&mut rng, &[10, 1, d_model])?;
     let tgt = randn_cpu(&mut rng, &[20, 1, d_model])?;
     sec.info(
-        "the seed's nn.Transformer (6 encoder + 6 decoder layers, each a unit; d_model 64, feed-forward 128 here), \
-         SGD lr 1e-2 on model(src, tgt).sum(), two iterations; the seed expects 13 prefetch decisions per iteration under \
+        "the PyTorch test's nn.Transformer (6 encoder + 6 decoder layers, each a unit; d_model 64, feed-forward 128 here), \
+         SGD lr 1e-2 on model(src, tgt).sum(), two iterations; PyTorch's test expects 13 prefetch decisions per iteration under \
          BACKWARD_PRE (decoder.layers.5 .. 0, encoder.layers.5 .. 0, None) and under BACKWARD_POST (decoder.layers.4 .. 0, \
          encoder.layers.5 .. 0, None, None), none without backward prefetch",
     );
@@ -1910,7 +1910,7 @@ fn prefetch_sequences(sec: &Section, settings: &Settings) -> Result<()> {
                             .collect(),
                     );
                 }
-                // The FQN lists of the units, for the seed's comparison.
+                // The FQN lists of the units, for the PyTorch test's comparison.
                 let units = fsdp.units();
                 Ok(per_iteration
                     .into_iter()
@@ -1930,7 +1930,7 @@ fn prefetch_sequences(sec: &Section, settings: &Settings) -> Result<()> {
             };
             for (iteration, entries) in recorded.iter().enumerate() {
                 let expected: Vec<Option<String>> = (0..expected_len)
-                    .map(|k| seed_fqns::expected_prefetch_entry(k, begin).map(|f| f.join(",")))
+                    .map(|k| prefetch_test_fqns::expected_prefetch_entry(k, begin).map(|f| f.join(",")))
                     .collect();
                 let short = |e: &Option<String>| match e {
                     None => "None".to_string(),
@@ -1947,7 +1947,7 @@ fn prefetch_sequences(sec: &Section, settings: &Settings) -> Result<()> {
                         entries.len(),
                         match first_bad {
                             Some(k) => format!(
-                                ", entry {k} is {} but the seed expects {}",
+                                ", entry {k} is {} but PyTorch's test expects {}",
                                 short(&entries[k]),
                                 short(&expected[k])
                             ),

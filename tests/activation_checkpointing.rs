@@ -2,7 +2,7 @@
 //! keeps only its inputs after its forward and runs the forward again in backward.
 //!
 //! The results must be those of the same training without checkpointing, to the bit: on
-//! the seed's `nn.Transformer` (encoder layers called through `Module::forward`, decoder
+//! the PyTorch test's `nn.Transformer` (encoder layers called through `Module::forward`, decoder
 //! layers with two inputs through `Unit::run_fn`) and on the Llama model, at world sizes
 //! 1-4 under every strategy and backward prefetch mode. Then what is refused: a
 //! checkpointed unit called through a closure that cannot run again, and a forward that
@@ -100,16 +100,16 @@ fn bit_identical<M: ShardableModel>(
 }
 
 #[test]
-fn the_seed_transformer_trains_to_the_same_bits_with_every_layer_checkpointed() {
+fn the_prefetch_test_transformer_trains_to_the_same_bits_with_every_layer_checkpointed() {
     const D_MODEL: usize = 16;
-    let config = common::seed_fqns::seed_transformer_config(D_MODEL, 4, 32);
+    let config = common::prefetch_test_fqns::prefetch_test_transformer_config(D_MODEL, 4, 32);
     let construct = |vb: VarBuilder| Transformer::new(&config, vb);
     let loss = |fsdp: &Fsdp<Transformer>, rank: usize| {
         let seed = rank as u64 + 1;
         let (src, tgt) = (common::randn(seed, &[6, 1, D_MODEL]), common::randn(seed + 100, &[5, 1, D_MODEL]));
         Ok(fsdp.forward(|m| m.forward(&src, &tgt))?.sqr()?.mean_all()?)
     };
-    bit_identical("seed transformer", construct, loss);
+    bit_identical("PyTorch test transformer", construct, loss);
 }
 
 fn llama_config() -> LlamaConfig {

@@ -1,13 +1,13 @@
 //! Autograd behaviour under FSDP: the port of PyTorch's FSDP2 autograd tests
-//! (`test_fully_shard_autograd.py`, spec §2) and of the FSDP1 tests on hooks, no-grad,
-//! parameter changes, mixture of experts and delays (spec §3.1, §3.3, §3.4), plus two
-//! cases the seeds imply: a unit run twice in one forward, and gradient accumulation
+//! (`test_fully_shard_autograd.py`) and of the FSDP1 tests on hooks, no-grad,
+//! parameter changes, mixture of experts and delays, plus two
+//! cases PyTorch's tests imply: a unit run twice in one forward, and gradient accumulation
 //! without communication.
 //!
 //! Each test compares against an independent single-process reference built from the same
 //! snapshot (candle's CPU generator cannot be seeded): a plain model on the global batch,
 //! whose gradients are divided by the world size like FSDP's averaging reduction (the
-//! seed's `_reduce_1d_partial_grads`). Tolerances are PyTorch's fp32 defaults (atol 1e-5,
+//! PyTorch test's `_reduce_1d_partial_grads`). Tolerances are PyTorch's fp32 defaults (atol 1e-5,
 //! rtol 1.3e-6); the optimizer-in-backward and delay tests compare bit for bit.
 //!
 //! PyTorch's loops alternate `zero_grad(set_to_none=False)` and `zero_grad(set_to_none=True)`
@@ -81,7 +81,7 @@ fn all_reduce(comm: &dyn Collectives, loss: &Tensor, op: ReduceOp) -> FsdpResult
     Ok(scalar(&total.reshape(())?))
 }
 
-/// The seeds' data parallelism: every rank draws the same global batch `rand(W·2, 24)` for
+/// The PyTorch tests' data parallelism: every rank draws the same global batch `rand(W·2, 24)` for
 /// iteration `iter`; rank `r` trains on rows `[2r, 2r + 2)`, the reference on all of them.
 fn global_input(iter: usize, world: usize) -> Tensor {
     rand(1 + iter as u64, &[world * LOCAL_BATCH, DIM])
@@ -96,7 +96,7 @@ fn nested_input(rank: usize) -> Tensor {
     rand(1 + rank as u64, &[4, 8])
 }
 
-/// A fixed start for a model of `nn.Linear`s (the seed's `torch.manual_seed(42)`): the
+/// A fixed start for a model of `nn.Linear`s (the PyTorch test's `torch.manual_seed(42)`): the
 /// snapshot of `ctor`'s model with every parameter redrawn from PyTorch's `nn.Linear`
 /// distribution `U(±1/sqrt(fan_in))` by the seeded [`rand`], in FQN order.
 fn seeded_linear_snapshot<M>(ctor: impl FnOnce(VarBuilder) -> candle_core::Result<M>, seed: u64) -> Snapshot {
@@ -129,7 +129,7 @@ fn vars_by_name(var_map: &VarMap) -> HashMap<String, Var> {
     var_map.data().lock().unwrap().iter().map(|(name, var)| (name.clone(), var.clone())).collect()
 }
 
-/// The reference's gradients divided by the world size (the seed's
+/// The reference's gradients divided by the world size (the PyTorch test's
 /// `_reduce_1d_partial_grads`): what FSDP's averaging reduction gives for a loss summed
 /// over each rank's part of the global batch.
 fn averaged(grads: &GradStore, vars: &HashMap<String, Var>, world: usize) -> GradStore {
@@ -164,7 +164,7 @@ fn shard_of(full: &Tensor, (rank, world): (usize, usize)) -> Tensor {
     padded.narrow(0, rank * len, len).unwrap()
 }
 
-/// The seed's `check_sharded_parity` for the values: every shard equals the slice of the
+/// The PyTorch test's `check_sharded_parity` for the values: every shard equals the slice of the
 /// reference parameter.
 fn check_shards<M>(what: &str, fsdp: &Fsdp<M>, reference: &HashMap<String, Var>, position: (usize, usize)) {
     let shards = fsdp.named_parameters();
@@ -181,7 +181,7 @@ fn check_shards<M>(what: &str, fsdp: &Fsdp<M>, reference: &HashMap<String, Var>,
     }
 }
 
-/// The seed's `check_sharded_parity` for the gradients: a parameter without a reference
+/// The PyTorch test's `check_sharded_parity` for the gradients: a parameter without a reference
 /// gradient has none under FSDP, and otherwise its shard gradient is the slice of the
 /// (averaged) reference gradient.
 fn check_grads<M>(
@@ -368,7 +368,7 @@ fn unused_forward_output(world: usize, strategy: ShardingStrategy) {
                 F32_RTOL,
                 &format!("{what}: loss summed over ranks"),
             );
-            // What the seed's alternating `zero_grad` guarded: once `out2` is unused, `lin2`
+            // What the PyTorch test's alternating `zero_grad` guarded: once `out2` is unused, `lin2`
             // has no gradient (None), under FSDP as in the reference, and Adam skips it.
             check_grads(&what, &fsdp, &grads, &ref_vars, &ref_grads, position);
             for (fqn, shard) in fsdp.named_parameters() {
@@ -477,13 +477,13 @@ fn unused_forward_module_world_3() {
 // ---------------------------------------------------------------------------------------
 // 3. Activations in containers (`test_nontensor_activations`)
 
-/// The seed's loop of test 2 on `Sequential(ToContainerType, Module, Module, Module,
+/// The PyTorch test's loop of test 2 on `Sequential(ToContainerType, Module, Module, Module,
 /// FromContainerType)` with the activation carried in a `C`.
 fn nontensor_activations<C: ActivationContainer>(container: &str, strategy: ShardingStrategy) {
     let world = 2;
     let what = format!("activations in a {container} on {world} ranks, {}", strategy.name());
     let ctor = |vb: VarBuilder| NontensorActivations::new(DIM, vb);
-    // A fixed start, as the seed's `manual_seed(42)`. Three ReLU blocks leave some gradient
+    // A fixed start, as the PyTorch test's `manual_seed(42)`. Three ReLU blocks leave some gradient
     // entries nearly cancelled (|g| ~ 1e-7..1e-10, computed by FSDP on the local batch and
     // by the reference on the global one with relative rounding differences up to 1e-3);
     // Adam normalises each entry, so such a difference moves a parameter by up to about
@@ -639,7 +639,7 @@ fn post_accumulate_grad_hook_runs_once_per_parameter() {
 // ---------------------------------------------------------------------------------------
 // 5. Optimizer in backward (`test_post_acc_grad_hook_optim_parity`)
 
-/// The seed's `Transformer(ModelArgs(dropout_p=0.0))` with each layer and the root a unit,
+/// The PyTorch test's `Transformer(ModelArgs(dropout_p=0.0))` with each layer and the root a unit,
 /// trained twice from the same values: with one AdamW and one StepLR per parameter stepped
 /// inside its post-accumulate-grad hook, and normally with one AdamW over all parameters.
 /// Losses and parameters must agree bit for bit.
@@ -729,7 +729,7 @@ fn step_lr_decays_every_step_size_epochs() {
 // ---------------------------------------------------------------------------------------
 // 6. Parameter change after init (`TestParamInit.test_param_change_after_init`)
 
-/// Edits the first parameter's shard in place (the seed's `normal_` on `next(parameters())`,
+/// Edits the first parameter's shard in place (the PyTorch test's `normal_` on `next(parameters())`,
 /// here `embed_tokens.weight`, tied to `output_proj.weight`) right after wrapping, and again
 /// after an inference forward: each next forward must use the edit, giving what the plain
 /// model gives with the edited full parameter.
@@ -912,7 +912,7 @@ fn second_backward_through_a_finished_step_is_refused() {
     }
 }
 
-/// One pre-backward hook per output tensor of every unit's forward (the seed's
+/// One pre-backward hook per output tensor of every unit's forward (the PyTorch test's
 /// `len(output._backward_hooks) == 1` for the root), kept through backward while the
 /// outputs live, gone with them.
 #[test]
@@ -958,7 +958,7 @@ fn training_forward_attaches_one_hook_per_unit_output() {
 // 8. Mixture of experts (`test_mixture_of_experts`)
 
 /// Rank `r`'s starting values: the shared snapshot with the expert of the `r`-th of
-/// `experts` (the seed's `manual_seed(42 + rank)` for the expert, `manual_seed(0)` else).
+/// `experts` (the PyTorch test's `manual_seed(42 + rank)` for the expert, `manual_seed(0)` else).
 fn moe_snapshot(shared: &Snapshot, experts: &Snapshot) -> Snapshot {
     let mut values = shared.0.clone();
     for (name, value) in &experts.0 {
@@ -975,7 +975,7 @@ struct MoeRun {
     params: BTreeMap<String, Tensor>,
 }
 
-/// The seed's `DummyDDP` reference, simulated in one process: each rank's plain model
+/// The PyTorch test's `DummyDDP` reference, simulated in one process: each rank's plain model
 /// runs on the rank's own input; the non-expert gradients are averaged over the ranks by
 /// hand, the expert's stay local.
 fn moe_reference(snapshots: &[Snapshot], steps: usize) -> Vec<MoeRun> {
@@ -1037,7 +1037,7 @@ fn mixture_of_experts(world: usize, strategy: ShardingStrategy) {
     let reference = moe_reference(&snapshots, steps);
     let runs = launch(options(world), |ctx| {
         let (model, _, _) = build(Some(&snapshots[ctx.rank]), DType::F32, MixtureOfExperts::new)?;
-        // The seed's `FSDP(expert, new_group([rank]))`: whole, local, never reduced.
+        // The PyTorch test's `FSDP(expert, new_group([rank]))`: whole, local, never reduced.
         let expert_group: Arc<dyn Collectives> = Arc::from(ctx.comm.new_group(&[ctx.rank])?);
         let groups = vec![(MixtureOfExperts::EXPERT_UNIT.to_string(), expert_group)];
         let fsdp = Fsdp::wrap_with_groups(model, ctx.comm.clone(), config(strategy), groups)?;
@@ -1157,7 +1157,7 @@ fn delayed_reduce_scatter_and_optimizer_step_change_nothing() {
 // ---------------------------------------------------------------------------------------
 // 10. One unit run twice in one forward (student/teacher)
 
-/// The older seed's `test_student_teacher_multiple_forwards`: units on the teacher, the
+/// PyTorch's older `test_student_teacher_multiple_forwards`: units on the teacher, the
 /// student and a shared head (the root holds nothing); the forward runs the head twice.
 #[derive(Debug, Shardable)]
 struct StudentTeacher {

@@ -1,12 +1,12 @@
-//! Port of PyTorch's `test_fsdp_backward_prefetch.py` (spec §1): which unit each backward
+//! Port of PyTorch's `test_fsdp_backward_prefetch.py`: which unit each backward
 //! prefetch targets, under no prefetch, `BACKWARD_PRE` and `BACKWARD_POST`.
 //!
-//! The seed's model is `nn.Transformer(d_model=1024, nhead=8)` with 6 encoder and 6
+//! The PyTorch test's model is `nn.Transformer(d_model=1024, nhead=8)` with 6 encoder and 6
 //! decoder layers, each layer a unit and the root holding the two final norms; world size
 //! 2, two iterations of SGD(lr 1e-2) on `model(src, tgt).sum()`. Here d_model is 64 and
-//! dim_feedforward 128 for CPU speed; the structure (layers, units, orders) is the seed's.
+//! dim_feedforward 128 for CPU speed; the structure (layers, units, orders) is the PyTorch test's.
 //!
-//! The seed records, at every prefetch decision made in the configured mode, the FQNs of
+//! PyTorch's test records, at every prefetch decision made in the configured mode, the FQNs of
 //! the unit returned (or None); per iteration it expects 13 entries under both modes.
 
 use candle_core::{DType, Tensor};
@@ -14,7 +14,7 @@ use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
 use candle_fsdp::{launch, BackwardPrefetch, Fsdp, FsdpConfig, LaunchOptions, TraceEvent};
 use candle_nn::{Optimizer, SGD};
 
-use common::seed_fqns::expected_prefetch_entry;
+use common::prefetch_test_fqns::expected_prefetch_entry;
 use fsdp_testkit as common;
 
 const NUM_ITERS: usize = 2;
@@ -25,10 +25,10 @@ const ENCODER_BEGIN_INDEX_FOR_POST: usize = 5;
 const D_MODEL: usize = 64;
 
 fn config() -> TransformerConfig {
-    common::seed_fqns::seed_transformer_config(D_MODEL, 8, 128)
+    common::prefetch_test_fqns::prefetch_test_transformer_config(D_MODEL, 8, 128)
 }
 
-/// Trains as the seed does and returns, per rank and iteration, the recorded prefetch
+/// Trains as the PyTorch test does and returns, per rank and iteration, the recorded prefetch
 /// targets as FQN lists.
 fn recorded_prefetches(mode: BackwardPrefetch) -> Vec<Vec<Vec<Option<Vec<String>>>>> {
     let (_, _, snapshot) = common::build(None, DType::F32, |vb| Transformer::new(&config(), vb)).unwrap();

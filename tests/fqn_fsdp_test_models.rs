@@ -1,4 +1,4 @@
-//! FQNs, units and orders of the PyTorch FSDP test models (spec §3.1), tied parameters, and
+//! FQNs, units and orders of the PyTorch FSDP test models (`fsdp_test_models`), tied parameters, and
 //! the refusal of a tie across units. Expected values are written out literally.
 
 use candle_core::{DType, Device, Module, Tensor};
@@ -138,7 +138,7 @@ fn transformer_with_shared_params_ties_output_proj_to_the_embedding() {
             "transformer.decoder.layers.1",
         ]
     );
-    // spec §3.1: the root holds embed (tied to output_proj), the encoder/decoder norms and bn.
+    // As in PyTorch's test: the root holds embed (tied to output_proj), the encoder/decoder norms and bn.
     assert_eq!(
         layout.unit_fqns(0),
         [

@@ -1,7 +1,7 @@
 //! The FQN table, units and orders of the `nn.Transformer` port, against the values of
-//! PyTorch's `test_fsdp_backward_prefetch.py` (spec §1.1, §1.3).
+//! PyTorch's `test_fsdp_backward_prefetch.py`.
 //!
-//! The seed builds `nn.Transformer(d_model=1024, nhead=8)` with 6 + 6 layers and
+//! PyTorch's test builds `nn.Transformer(d_model=1024, nhead=8)` with 6 + 6 layers and
 //! dim_feedforward 2048; here d_model is 16 and dim_feedforward 32 for CPU speed. Names,
 //! units and orders do not depend on those sizes.
 //!
@@ -13,14 +13,14 @@ use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
 use candle_fsdp::{FsdpConfig, Plan, PlanConfig, ShardableModel};
 use candle_nn::{VarBuilder, VarMap};
 
-use common::seed_fqns::{layer_fqns, DECODER_PARAM_FQNS, ENCODER_PARAM_FQNS, ROOT_PARAM_FQNS};
+use common::prefetch_test_fqns::{layer_fqns, DECODER_PARAM_FQNS, ENCODER_PARAM_FQNS, ROOT_PARAM_FQNS};
 use fsdp_testkit as common;
 
 const D_MODEL: usize = 16;
 const DIM_FEEDFORWARD: usize = 32;
 
 fn config() -> TransformerConfig {
-    common::seed_fqns::seed_transformer_config(D_MODEL, 8, DIM_FEEDFORWARD)
+    common::prefetch_test_fqns::prefetch_test_transformer_config(D_MODEL, 8, DIM_FEEDFORWARD)
 }
 
 fn build() -> (Transformer, VarMap) {
@@ -111,7 +111,7 @@ fn parameter_shapes_are_pytorch_shapes() {
     let shape = |fqn: &str| -> Vec<usize> {
         layout.params.iter().find(|p| p.fqn == fqn).unwrap_or_else(|| panic!("{fqn}")).tensor.dims().to_vec()
     };
-    // spec §1.1 with d_model 16 and dim_feedforward 32.
+    // The test's model with d_model 16 and dim_feedforward 32.
     assert_eq!(shape("encoder.layers.0.self_attn.in_proj_weight"), [48, 16]);
     assert_eq!(shape("encoder.layers.0.self_attn.in_proj_bias"), [48]);
     assert_eq!(shape("encoder.layers.0.self_attn.out_proj.weight"), [16, 16]);
@@ -171,7 +171,7 @@ fn forward_and_post_forward_orders() {
     );
 }
 
-/// spec §1.3/§1.5, BACKWARD_PRE: the pre-backward hooks run root, dec5..dec0, enc5..enc0,
+/// `test_fsdp_backward_prefetch.py`, BACKWARD_PRE: the pre-backward hooks run root, dec5..dec0, enc5..enc0,
 /// and each prefetches the unit that ended its forward just before it.
 #[test]
 fn backward_pre_prefetch_targets_match_the_spec() {
@@ -219,7 +219,7 @@ fn backward_pre_prefetch_targets_match_the_spec() {
     let targets: Vec<Option<&str>> = plan.backward_prefetch.iter().map(|(_, t)| t.as_deref()).collect();
     assert_eq!(targets, expected_targets);
 
-    // The seed's check rule with ENCODER_BEGIN_INDEX_FOR_PRE = 6: entry k is the decoder
+    // The PyTorch test's check rule with ENCODER_BEGIN_INDEX_FOR_PRE = 6: entry k is the decoder
     // FQNs of layer 5 - k for k < 6, the encoder FQNs of layer 11 - k for 6 <= k <= 11,
     // and None after.
     for (k, target) in targets.iter().enumerate() {
@@ -237,7 +237,7 @@ fn backward_pre_prefetch_targets_match_the_spec() {
 fn forward_pass_gives_tgt_shaped_output() {
     let (model, _) = build();
     let device = Device::Cpu;
-    // The seed's input shapes (sequence x batch x d_model) with d_model 16.
+    // The PyTorch test's input shapes (sequence x batch x d_model) with d_model 16.
     let src = Tensor::randn(0f32, 1.0, (10, 1, D_MODEL), &device).unwrap();
     let tgt = Tensor::randn(0f32, 1.0, (20, 1, D_MODEL), &device).unwrap();
     let out = model.forward(&src, &tgt).expect("forward");

@@ -1,5 +1,5 @@
 //! Gathered-parameter memory per rank, measured by the runtime's accounting, against the
-//! plan computed from the model before wrapping (spec §1.4: under `BACKWARD_PRE` the peak
+//! plan computed from the model before wrapping (PyTorch FSDP1's rule: under `BACKWARD_PRE` the peak
 //! holds the current and the next unit; under `BACKWARD_POST` and without prefetch only
 //! one unit besides the root).
 
@@ -13,7 +13,7 @@ use fsdp_testkit as common;
 const D_MODEL: usize = 32;
 
 fn config() -> TransformerConfig {
-    common::seed_fqns::seed_transformer_config(D_MODEL, 4, 64)
+    common::prefetch_test_fqns::prefetch_test_transformer_config(D_MODEL, 4, 64)
 }
 
 struct Measured {

@@ -83,7 +83,7 @@ fn each_layer_draws_from_the_initialiser_candle_nn_would_use() {
     let config = TransformerConfig {
         num_encoder_layers: 2,
         num_decoder_layers: 2,
-        ..common::seed_fqns::seed_transformer_config(64, 2, 256)
+        ..common::prefetch_test_fqns::prefetch_test_transformer_config(64, 2, 256)
     };
     let (model, _, _) = common::build(None, DType::F32, |vb| Transformer::new(&config, vb)).unwrap();
     let candle_nn_values = values(&model);

@@ -1,5 +1,5 @@
 //! Parity with a single-process reference: the port of PyTorch's `TestParityWithDDP`
-//! (`test/distributed/fsdp/test_fsdp_core.py`, spec §3.2-3.3).
+//! (`test/distributed/fsdp/test_fsdp_core.py`).
 //!
 //! For each model and world size, one `#[test]` trains the model under FSDP for every
 //! configuration (sharding strategy × backward prefetch × forward prefetch, 18 in all) and

@@ -1,6 +1,6 @@
 //! The pipeline stage backward (`stage_backward`, `stage_backward_input`,
 //! `stage_backward_weight`): the port of PyTorch's `test/distributed/pipelining/test_backward.py`
-//! (spec §4.2) with its sizes (`d_hid` 512, batch 256), against plain candle references
+//! with its sizes (`d_hid` 512, batch 256), against plain candle references
 //! (`candle_nn::Linear` / plain matmuls through `Tensor::backward()`), built from the same
 //! values as separate `Var`s. Tolerances are PyTorch's fp32 defaults; measured, every
 //! comparison here is in fact bit-identical (the deferred ops compute the same products, in

@@ -1,4 +1,4 @@
-//! The pipeline stage backward on FSDP units (spec §4 on a sharded stage): the input pass
+//! The pipeline stage backward on FSDP units (on a sharded stage): the input pass
 //! computes the input gradients and no weight gradient, frees the gathered parameters,
 //! and reduces nothing for units whose weight gradients it deferred; the weight pass
 //! computes them and each unit is reduce-scattered as soon as its last gradient arrives.

@@ -7,7 +7,7 @@
 //! dropout off (`eval()` mode or `dropout=0`), where `nn.Transformer` computes exactly what
 //! this port computes.
 //!
-//! Parameter names and their order are those of PyTorch (spec §1.3), so the FQN table of
+//! Parameter names and their order are those of PyTorch's `nn.Transformer`, so the FQN table of
 //! [`Transformer`] is PyTorch's flat-parameter order:
 //!
 //! ```text

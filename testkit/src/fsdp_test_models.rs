@@ -416,7 +416,7 @@ impl Module for MixtureOfExperts {
 // Non-tensor activations (FSDP2 autograd test `test_nontensor_activations`)
 
 /// A container that carries the activation `x` between the units of [`NontensorActivations`],
-/// like the seed's `container_type` (`list`, `namedtuple`, `tuple`, `dict`). The runtime
+/// like the PyTorch test's `container_type` (`list`, `namedtuple`, `tuple`, `dict`). The runtime
 /// finds the tensors inside through [`Activations`].
 pub trait ActivationContainer: Activations {
     /// What `ToContainerType` builds from the input.
@@ -474,7 +474,7 @@ impl ActivationContainer for HashMap<String, Tensor> {
     }
 }
 
-/// The seed's `namedtuple("NT", ["x", "y"])`, packed as `NT(x, ones_like(x))`: a user
+/// The PyTorch test's `namedtuple("NT", ["x", "y"])`, packed as `NT(x, ones_like(x))`: a user
 /// struct with a second tensor that no parameter contributes to (it never requires a
 /// gradient, so no hook is attached to it).
 #[derive(Clone, Debug, Activations)]
@@ -506,7 +506,7 @@ pub struct ToContainerType;
 #[derive(Debug, Default, Shardable)]
 pub struct FromContainerType;
 
-/// The seed's `Module(dim)`: `relu(lin2(relu(lin1(x))))` on the container's `x`, re-packed
+/// The PyTorch test's `Module(dim)`: `relu(lin2(relu(lin1(x))))` on the container's `x`, re-packed
 /// in the same container.
 #[derive(Debug, Shardable)]
 pub struct NontensorBlock {

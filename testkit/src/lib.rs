@@ -1,12 +1,12 @@
 //! What candle-fsdp's tests and examples share, not published: the models of PyTorch's
-//! FSDP test suite ([`fsdp_test_models`]), the FQN lists of the seed documents
-//! ([`seed_fqns`]), reproducible model construction (candle's CPU generator cannot be
+//! FSDP test suite ([`fsdp_test_models`]), the FQN lists of PyTorch's backward-prefetch test
+//! ([`prefetch_test_fqns`]), reproducible model construction (candle's CPU generator cannot be
 //! seeded, so a model is built once and its values copied into every other copy), seeded
 //! inputs, tolerance checks, and a collectives wrapper that injects faults (a slow network,
 //! a rank that dies at a chosen collective).
 
 pub mod fsdp_test_models;
-pub mod seed_fqns;
+pub mod prefetch_test_fqns;
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};

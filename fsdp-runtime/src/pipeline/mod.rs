@@ -1,6 +1,6 @@
 //! Pipeline-stage backward for plain candle: the port of PyTorch's
 //! `torch.distributed.pipelining._backward` (`stage_backward`, `stage_backward_input`,
-//! `stage_backward_weight`; spec §4).
+//! `stage_backward_weight`).
 //!
 //! # Why custom ops
 //!

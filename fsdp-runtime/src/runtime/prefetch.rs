@@ -1,4 +1,4 @@
-//! Which unit a prefetch targets, as PyTorch FSDP1 chooses (spec §1.4); the executor and
+//! Which unit a prefetch targets, as PyTorch FSDP1 chooses (`_get_handle_to_prefetch`); the executor and
 //! the plan both ask here.
 
 /// The unit prefetched in backward when `unit`'s backward starts: the one that ended its

@@ -3,7 +3,7 @@
 //! group unshards, reshards and reduces, and which unit a prefetch targets; it is what the
 //! units' hooks and the autograd ops call into.
 //!
-//! The order of events follows PyTorch FSDP1 (spec §1.4): a unit's pre-backward gathers
+//! The order of events follows PyTorch FSDP1's `_runtime_utils`: a unit's pre-backward gathers
 //! it and, under `BACKWARD_PRE`, prefetches the unit that ended its forward just before
 //! it; its post-backward reduces its gradients, frees it and, under `BACKWARD_POST`,
 //! makes the same prefetch. A prefetch targets a unit only if that unit's backward is

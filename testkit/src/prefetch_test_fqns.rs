@@ -1,7 +1,7 @@
-//! The parameter names of the seed's `nn.Transformer` (spec §1.3), written out literally:
+//! The parameter names of PyTorch's `nn.Transformer` in `test_fsdp_backward_prefetch.py`, written out literally:
 //! the independent reference the FQN and prefetch tests compare against.
 
-/// spec §1.3 `ENCODER_PARAM_FQNS` (12, flat-parameter order).
+/// The test's `ENCODER_PARAM_FQNS` (12, flat-parameter order).
 pub const ENCODER_PARAM_FQNS: [&str; 12] = [
     "encoder.layers.{index}.self_attn.in_proj_weight",
     "encoder.layers.{index}.self_attn.in_proj_bias",
@@ -17,7 +17,7 @@ pub const ENCODER_PARAM_FQNS: [&str; 12] = [
     "encoder.layers.{index}.norm2.bias",
 ];
 
-/// spec §1.3 `DECODER_PARAM_FQNS` (18, flat-parameter order).
+/// The test's `DECODER_PARAM_FQNS` (18, flat-parameter order).
 pub const DECODER_PARAM_FQNS: [&str; 18] = [
     "decoder.layers.{index}.self_attn.in_proj_weight",
     "decoder.layers.{index}.self_attn.in_proj_bias",
@@ -47,10 +47,10 @@ pub fn layer_fqns(templates: &[&str], i: usize) -> Vec<String> {
     templates.iter().map(|t| t.replace("{index}", &i.to_string())).collect()
 }
 
-/// Encoder layers whose prefetch the seed's rule expects after the decoder ones.
+/// Encoder layers whose prefetch the PyTorch test's rule expects after the decoder ones.
 pub const ENCODER_PREFETCH_NUM: usize = 5;
 
-/// The seed's check rule (spec §1.3) for backward-prefetch entry `k` of one iteration
+/// The test's check rule for backward-prefetch entry `k` of one iteration
 /// with encoder begin index `b`: the FQNs of the layer prefetched there, or none.
 pub fn expected_prefetch_entry(k: usize, b: usize) -> Option<Vec<String>> {
     if k < b {
@@ -62,9 +62,9 @@ pub fn expected_prefetch_entry(k: usize, b: usize) -> Option<Vec<String>> {
     }
 }
 
-/// The seed's `nn.Transformer` structure (6 encoder + 6 decoder layers, PyTorch's layer
+/// The PyTorch test's `nn.Transformer` structure (6 encoder + 6 decoder layers, PyTorch's layer
 /// norm eps) at a size small enough for CPU tests.
-pub fn seed_transformer_config(
+pub fn prefetch_test_transformer_config(
     d_model: usize,
     nhead: usize,
     dim_feedforward: usize,
