@@ -1,9 +1,9 @@
-//! Compile-fail tests for the derives: each case in `tests/ui/` holds exactly one mistake,
-//! and its `.stderr` pins the single error the derive reports for it, at the offending
-//! tokens.
+//! Compile-fail tests for the derives: each case in the top-level `ui-tests/` holds exactly
+//! one mistake, and its `.stderr` pins the single error the derive reports for it, at the
+//! offending tokens.
 
 #[test]
 fn ui() {
     let t = trybuild::TestCases::new();
-    t.compile_fail("tests/ui/*.rs");
+    t.compile_fail("ui-tests/*.rs");
 }

@@ -3,7 +3,7 @@
 //! tokens, and not again as "trait not implemented" wherever the type is used. The bodies
 //! never run: the crate does not compile.
 
-use crate::shardable::shardable_model;
+use crate::model_table::shardable_model;
 use proc_macro2::TokenStream;
 use quote::quote;
 use syn::DeriveInput;

@@ -10,6 +10,7 @@
 mod activations;
 mod fallback;
 mod internals;
+mod model_table;
 mod shardable;
 
 use proc_macro::TokenStream;

@@ -14,7 +14,7 @@ pub(crate) trait OnBackend: BackendStorage<Device: BackendDevice<Storage = Self>
 
     fn pick(storage: &Storage) -> Option<&Self>;
 
-    /// The storage of a released tensor (see [`crate::runtime::storage`]): candle's
+    /// The storage of a released tensor (see the runtime's `storage` module): candle's
     /// `F8E8M0`, a storage type no tensor of the runtime has and for which candle has no
     /// arithmetic, holding as few bytes as the backend allocates.
     fn released(device: &Self::Device) -> Result<Self>;

@@ -6,27 +6,13 @@
 //! multiplication by a constant adds a zero, as candle's `affine` does: it turns a `-0`
 //! into `+0`), so the result is the same to the bit.
 
+use crate::adamw_step::AdamWStep;
 use crate::cpu::slice;
 use crate::op_error;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, WithDType};
 
 const OP: &str = "adamw";
-
-/// One step's constants: the hyper-parameters and the bias corrections
-/// `1 / (1 − β^t)` of step `t`.
-#[derive(Clone, Copy, Debug)]
-pub struct AdamWStep {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    /// `1 / (1 − beta1^t)`.
-    pub scale_m: f64,
-    /// `1 / (1 − beta2^t)`.
-    pub scale_v: f64,
-}
 
 /// Updates `theta` and its moments `m` and `v` in place from the gradient `grad`: `m =
 /// β₁m + (1 − β₁)g`, `v = β₂v + (1 − β₂)g²`, then `θ = θ(1 − lr·wd) − lr · m·scale_m /

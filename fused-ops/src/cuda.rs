@@ -5,7 +5,7 @@
 //! Every kernel reads contiguous inputs (the ops' wrappers make them so) and writes
 //! outputs allocated here; a kernel's launch shape follows its comment in the `.cu` file.
 
-use crate::adamw::AdamWStep;
+use crate::adamw_step::AdamWStep;
 use crate::op_error;
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::{

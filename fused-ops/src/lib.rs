@@ -28,6 +28,7 @@
 //! reference it replaces.
 
 mod adamw;
+mod adamw_step;
 mod attention;
 mod cpu;
 mod cross_entropy;
@@ -41,7 +42,8 @@ mod swiglu;
 #[cfg(test)]
 mod testing;
 
-pub use adamw::{adamw_update, AdamWStep};
+pub use adamw::adamw_update;
+pub use adamw_step::AdamWStep;
 pub use attention::causal_attention;
 pub use cross_entropy::{cross_entropy, linear_cross_entropy};
 pub use linear::linear;

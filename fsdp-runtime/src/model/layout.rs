@@ -7,7 +7,7 @@
 
 use super::schema::{Role, Shardable, VisitOrder, Visitor, INDEX};
 use super::table::{ShardableModel, StaticTable};
-use super::unit::UnitCell;
+use super::unit_hooks::UnitCell;
 use crate::error::{Error, Result};
 use candle_core::{Tensor, TensorId};
 use std::collections::HashMap;

@@ -14,15 +14,16 @@ mod layout;
 pub(crate) mod schema;
 pub(crate) mod table;
 pub(crate) mod unit;
+pub(crate) mod unit_hooks;
 
-pub(crate) use unit::Recompute;
+pub(crate) use unit_hooks::Recompute;
 
 pub use layout::{Layout, ParamInfo, Tie, UnitInfo};
 pub use schema::{FieldSchema, Node, Role, StructSchema, TensorMap, VisitOrder, Visitor, INDEX};
 pub use table::{FqnTemplate, ParamTemplate, StaticTable, UnitTemplate, MAX_DEPTH};
-pub use unit::UnitCell;
+pub use unit_hooks::UnitCell;
 
 pub(crate) use activations::Activations;
 pub(crate) use schema::Shardable;
 pub(crate) use table::ShardableModel;
-pub(crate) use unit::UnitHooks;
+pub(crate) use unit_hooks::UnitHooks;

@@ -2,8 +2,8 @@
 //!
 //! A model type is a tree of [`Node`]s built entirely in constants: structs with named
 //! fields, candle-nn layers, raw tensors, `Vec`/`Option`/array containers and [`Unit`]
-//! boundaries. [`super::table`] flattens that tree at compile time into the FQN table,
-//! the unit grouping and the forward/backward orders; [`super::layout`] expands it at run
+//! boundaries. The `table` module flattens that tree at compile time into the FQN table,
+//! the unit grouping and the forward/backward orders; the `layout` module expands it at run
 //! time for one built model (actual `Vec` lengths, `Option` presence).
 //!
 //! The same trait also walks and rebuilds a live model, so the static description and the
@@ -107,7 +107,7 @@ pub trait Visitor {
     /// Leaving the innermost segment entered.
     fn leave(&mut self);
     /// Entering a unit boundary; `cell` is where the unit's runtime is installed.
-    fn enter_unit(&mut self, cell: &super::unit::UnitCell);
+    fn enter_unit(&mut self, cell: &super::unit_hooks::UnitCell);
     /// Leaving the innermost unit.
     fn leave_unit(&mut self);
     /// A tensor leaf at the current path. `role` is the leaf's own role; a `buffer`

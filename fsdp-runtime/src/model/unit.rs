@@ -10,62 +10,10 @@
 
 use super::activations::Activations;
 use super::schema::{Node, Shardable, TensorMap, VisitOrder, Visitor};
-use crate::error::{into_candle, Error};
+use super::unit_hooks::{Recompute, UnitCell};
+use crate::error::into_candle;
 use candle_core::{Module, Result, Tensor};
-use std::sync::{Arc, OnceLock};
-
-/// A unit's forward as a function of its input tensors (in [`Activations`] order) to its
-/// output tensors, which a checkpointed unit runs again in backward.
-pub(crate) type Recompute = Arc<dyn Fn(Vec<Tensor>) -> Result<Vec<Tensor>> + Send + Sync>;
-
-/// What a wrapped unit calls around its forward. The executor implements it; hooks see
-/// only the flat list of tensors in the unit's inputs and outputs, in
-/// [`Activations::for_each_tensor`] order, and return the list to continue with.
-pub(crate) trait UnitHooks: Send + Sync {
-    /// Before the forward, on the inputs (to order the unit's backward).
-    fn bind_inputs(&self, unit: usize, inputs: Vec<Tensor>) -> crate::Result<Vec<Tensor>>;
-    /// Before the forward: the unit's parameters must be gathered.
-    fn pre_forward(&self, unit: usize) -> crate::Result<()>;
-    /// After the forward, on the outputs (to hook the unit's pre-backward).
-    fn post_forward(&self, unit: usize, outputs: Vec<Tensor>) -> crate::Result<Vec<Tensor>>;
-    /// Whether the unit's activations are checkpointed in this forward (a training
-    /// forward of a unit the configuration checkpoints).
-    fn checkpoints(&self, unit: usize) -> bool;
-    /// The unit's name, for messages.
-    fn unit_name(&self, unit: usize) -> String;
-    /// Joins the outputs of a checkpointed unit's first forward (detached) to its inputs
-    /// so that backward runs `recompute` again; returns the outputs to hand on.
-    fn attach_checkpoint(
-        &self,
-        unit: usize,
-        inputs: Vec<Tensor>,
-        outputs: Vec<Tensor>,
-        recompute: Recompute,
-    ) -> crate::Result<Vec<Tensor>>;
-    /// The unit's forward failed with `error`: the error to report, with what the runtime
-    /// knows of the cause.
-    fn forward_failed(&self, unit: usize, error: candle_core::Error) -> candle_core::Error;
-}
-
-/// Where a wrapped unit finds the hooks of its executor and its index there. Empty until
-/// the model is wrapped.
-#[derive(Default)]
-pub struct UnitCell(OnceLock<(Arc<dyn UnitHooks>, usize)>);
-
-impl UnitCell {
-    pub(crate) fn install(&self, hooks: Arc<dyn UnitHooks>, index: usize) -> crate::Result<()> {
-        self.0.set((hooks, index)).map_err(|_| Error::AlreadyWrapped)
-    }
-}
-
-impl std::fmt::Debug for UnitCell {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0.get() {
-            Some((_, index)) => write!(f, "UnitCell(unit {index})"),
-            None => f.write_str("UnitCell(not wrapped)"),
-        }
-    }
-}
+use std::sync::Arc;
 
 /// An FSDP unit wrapping the module `T`.
 ///
@@ -92,7 +40,7 @@ impl<T> Unit<T> {
     /// are checkpointed ([`crate::FsdpConfig::activation_checkpointing`]) is called
     /// through [`Unit::run_fn`] or `Module::forward` instead, and fails here.
     pub fn run<I: Activations, R: Activations>(&self, inputs: I, f: impl FnOnce(&T, I) -> Result<R>) -> Result<R> {
-        let Some((hooks, index)) = self.cell.0.get() else {
+        let Some((hooks, index)) = self.cell.installed() else {
             return f(&self.inner, inputs);
         };
         if hooks.checkpoints(*index) {
@@ -132,7 +80,7 @@ impl<T: Send + Sync + 'static> Unit<T> {
         I: Activations + Clone + Send + Sync + 'static,
         R: Activations + 'static,
     {
-        let Some((hooks, index)) = self.cell.0.get() else {
+        let Some((hooks, index)) = self.cell.installed() else {
             return f(&self.inner, inputs);
         };
         if !hooks.checkpoints(*index) {

@@ -87,13 +87,13 @@ impl Profiler {
         self.owned.push((unit, mine.into_keys().collect(), bytes));
     }
 
-    /// The root's forward ended with `outputs`: the root owns what no unit does. Returns
-    /// the profile, by unit index.
-    pub fn finish(self, outputs: &[Tensor], parameters: &HashSet<usize>) -> Vec<(usize, usize)> {
+    /// The forward of the root (unit `root`) ended with `outputs`: the root owns what no
+    /// unit does. Returns the profile, by unit index.
+    pub fn finish(self, root: usize, outputs: &[Tensor], parameters: &HashSet<usize>) -> Vec<(usize, usize)> {
         let units: HashSet<usize> = self.owned.iter().flat_map(|(_, storages, _)| storages.iter().copied()).collect();
-        let root: usize =
+        let root_bytes: usize =
             reachable(outputs, parameters).into_iter().filter(|(s, _)| !units.contains(s)).map(|(_, b)| b).sum();
-        std::iter::once((super::rank_state::ROOT, root))
+        std::iter::once((root, root_bytes))
             .chain(self.owned.into_iter().map(|(unit, _, bytes)| (unit, bytes)))
             .collect()
     }

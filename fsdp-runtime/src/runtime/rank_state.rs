@@ -302,7 +302,7 @@ impl RankState {
             return;
         };
         let units = profiler
-            .finish(outputs, &self.parameter_storages)
+            .finish(ROOT, outputs, &self.parameter_storages)
             .into_iter()
             .map(|(unit, bytes)| UnitActivations { unit: self.groups[unit].name.clone(), bytes })
             .collect();
