@@ -67,9 +67,9 @@ struct Args {
     #[arg(long, default_value = "full-shard", value_parser = common::parse_strategy)]
     strategy: ShardingStrategy,
 
-    /// CPU threads candle uses per op, process-wide (CANDLE_NUM_THREADS). Default 1:
-    /// (a) and (b) then run on one core and (c) on two, one per rank. With more, (a) uses
-    /// candle's own intra-op parallelism, and (c)'s two ranks share the same threads.
+    /// CPU threads of each run's pool (each rank's, under FSDP). Default 1: (a) and (b)
+    /// then run on one core and (c) on two, one per rank. With more, (a) and (b) use
+    /// candle's intra-op parallelism, and each of (c)'s two ranks gets that many threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
     candle_threads: u64,
 
@@ -177,7 +177,7 @@ impl RankRun {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let threads = common::configure_candle_threads(Some(args.candle_threads as usize), 1);
+    let threads = common::configure_cpu_threads(Some(args.candle_threads as usize), 1);
     let mut setup = args.model.setup();
     setup.config.kernels = match args.kernels {
         KernelsArg::Fused => Kernels::Fused,
@@ -222,17 +222,20 @@ fn main() -> anyhow::Result<()> {
     let mut mixed: Vec<Option<Vec<RankRun>>> = vec![None; args.precisions.len()];
     for round in 1..=rounds {
         eprintln!("round {round}/{rounds}: (a) plain candle ...");
-        merge(&mut plain, on_thread(|| run_plain(&setup.config, &snapshot, &batches, warmup))?);
+        merge(&mut plain, on_pool(threads, || run_plain(&setup.config, &snapshot, &batches, warmup))?);
         eprintln!("round {round}/{rounds}: (a/2) plain candle, half batch ...");
-        merge(&mut half, on_thread(|| run_plain(&setup.config, &snapshot, &half_batches, warmup))?);
+        merge(&mut half, on_pool(threads, || run_plain(&setup.config, &snapshot, &half_batches, warmup))?);
         eprintln!("round {round}/{rounds}: (b) FSDP, world size 1 ...");
         let f32 = Precision::F32;
-        merge_ranks(&mut one, run_fsdp(1, args.strategy, f32, &setup.config, &snapshot, &batches, warmup)?);
+        merge_ranks(&mut one, run_fsdp(1, threads, args.strategy, f32, &setup.config, &snapshot, &batches, warmup)?);
         eprintln!("round {round}/{rounds}: (c) FSDP, world size 2 ...");
-        merge_ranks(&mut two, run_fsdp(2, args.strategy, f32, &setup.config, &snapshot, &batches, warmup)?);
+        merge_ranks(&mut two, run_fsdp(2, threads, args.strategy, f32, &setup.config, &snapshot, &batches, warmup)?);
         for (runs, &precision) in mixed.iter_mut().zip(&args.precisions) {
             eprintln!("round {round}/{rounds}: (c) FSDP, world size 2, {precision} ...");
-            merge_ranks(runs, run_fsdp(2, args.strategy, precision, &setup.config, &snapshot, &batches, warmup)?);
+            merge_ranks(
+                runs,
+                run_fsdp(2, threads, args.strategy, precision, &setup.config, &snapshot, &batches, warmup)?,
+            );
         }
     }
     let (plain, one, two) = (plain.expect("a round"), one.expect("a round"), two.expect("a round"));
@@ -368,15 +371,10 @@ fn merge_ranks(into: &mut Option<Vec<RankRun>>, runs: Vec<RankRun>) {
     }
 }
 
-/// Runs `f` on a fresh thread with the stack the FSDP ranks get, so that (a) and the
-/// ranks of (b) and (c) run under the same conditions (the main thread allocates from
-/// another malloc arena than spawned threads do).
-fn on_thread<R: Send>(f: impl FnOnce() -> anyhow::Result<R> + Send) -> anyhow::Result<R> {
-    let stack = LaunchOptions::new(1).stack_size;
-    std::thread::scope(|scope| {
-        let handle = std::thread::Builder::new().name("plain".into()).stack_size(stack).spawn_scoped(scope, f)?;
-        handle.join().map_err(|_| anyhow::anyhow!("the plain-candle run panicked"))?
-    })
+/// Runs `f` on a CPU pool of `threads` threads, as each FSDP rank runs on its own, so that
+/// (a) and the ranks of (b) and (c) run under the same conditions.
+fn on_pool<R: Send>(threads: usize, f: impl FnOnce() -> anyhow::Result<R> + Send) -> anyhow::Result<R> {
+    candle_fsdp::dist::run_on_cpu_threads(threads, f)?
 }
 
 /// (a): the model trained directly, no FSDP.
@@ -409,9 +407,12 @@ fn run_plain(
     Ok(RankRun::new(times, &losses, common::var_bytes(&vars), grad_bytes, 0))
 }
 
-/// (b) and (c): FSDP over `world` CPU ranks, rank `r` on its slice of every global batch.
+/// (b) and (c): FSDP over `world` CPU ranks of `threads` threads each, rank `r` on its
+/// slice of every global batch.
+#[allow(clippy::too_many_arguments)]
 fn run_fsdp(
     world: usize,
+    threads: usize,
     strategy: ShardingStrategy,
     precision: Precision,
     config: &LlamaConfig,
@@ -419,7 +420,7 @@ fn run_fsdp(
     batches: &[(Tensor, Tensor)],
     warmup: usize,
 ) -> anyhow::Result<Vec<RankRun>> {
-    let runs = launch(LaunchOptions::new(world), |ctx| {
+    let runs = launch(LaunchOptions::new(world).cpu_threads(threads), |ctx| {
         let model = Llama::new(config, VarBuilder::from_tensors(snapshot.clone(), DTYPE, &Device::Cpu))?;
         let fsdp_config = FsdpConfig {
             sync_module_states: false,

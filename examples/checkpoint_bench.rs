@@ -132,7 +132,6 @@ struct Row {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let world = args.world_size;
-    common::configure_candle_threads(None, world);
     let config = LlamaConfig {
         vocab_size: args.vocab,
         hidden_size: args.hidden,

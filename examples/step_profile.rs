@@ -73,7 +73,12 @@ fn fused_linear(a: &[Tensor]) -> candle_core::Result<Tensor> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    common::configure_candle_threads(Some(args.threads), 1);
+    common::configure_cpu_threads(Some(args.threads), 1);
+    // The ops run on a pool of `--threads`, as a rank's do.
+    candle_fsdp::dist::run_on_cpu_threads(args.threads, || profile(&args))?
+}
+
+fn profile(args: &Args) -> anyhow::Result<()> {
     let (vocab, hidden, inter, layers, heads, kv, batch, seq) = match args.model.as_str() {
         "small" => (512, 128, 344, 4, 4, 2, 16, 64),
         _ => (1024, 256, 688, 6, 8, 4, 16, 128),
@@ -108,7 +113,7 @@ fn main() -> anyhow::Result<()> {
     println!("\nstep phases (FSDP world 1, FULL_SHARD), ms:");
     println!("  {:<10} {:>9} {:>9} {:>9} {:>9}", "kernels", "forward", "backward", "AdamW", "step");
     for kernels in [Kernels::Composed, Kernels::Fused] {
-        let phases = launch(LaunchOptions::new(1), |ctx| {
+        let phases = launch(LaunchOptions::new(1).cpu_threads(args.threads), |ctx| {
             let model = Llama::new(&config(kernels), VarBuilder::from_tensors(snapshot.clone(), DTYPE, &ctx.device))?;
             let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
             let mut optimizer = AdamW::new(fsdp.parameters(), ParamsAdamW { lr: 1e-3, ..ParamsAdamW::default() })?;

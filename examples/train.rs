@@ -109,8 +109,8 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
 
-    /// CPU threads candle uses per op, for the whole process (all ranks share them).
-    /// Default: available cores / world size, at least 1 (or CANDLE_NUM_THREADS if set):
+    /// CPU threads of each rank's own pool, which its candle ops split over. Default:
+    /// available cores / ranks in this process, at least 1 (or RAYON_NUM_THREADS if set):
     /// more threads than cores per rank oversubscribe the cores and slow every rank down.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
     candle_threads: Option<u64>,
@@ -354,7 +354,7 @@ fn run() -> anyhow::Result<()> {
     let launched = DistEnv::is_set().then(DistEnv::from_env).transpose()?;
     // Ranks in this process share its cores.
     let local_ranks = launched.as_ref().map_or(args.fsdp.world_size, |env| env.local_world_size.max(1));
-    let candle_threads = common::configure_candle_threads(args.candle_threads.map(|n| n as usize), local_ranks);
+    let candle_threads = common::configure_cpu_threads(args.candle_threads.map(|n| n as usize), local_ranks);
     if launched.is_none() && args.fsdp.world_size > 64 {
         bail!("--world-size {}: this example runs at most 64 ranks as threads", args.fsdp.world_size);
     }
@@ -445,14 +445,21 @@ fn run() -> anyhow::Result<()> {
 
     let started = Instant::now();
     let train = |ctx: RankContext| train_rank(ctx, &args, &config, &data);
-    let options = LaunchOptions::new(world).timeout(timeout);
+    let options = LaunchOptions::new(world).timeout(timeout).cpu_threads(candle_threads);
     let reports = match ranks {
         Ranks::CpuThreads => launch(options, train).context("training failed")?,
         #[cfg(feature = "cuda")]
         Ranks::GpuThreads => candle_fsdp::dist::launch_gpus(options, train).context("training failed")?,
         Ranks::Process(group) => {
             let ctx = group.context();
-            let mine = train(ctx.clone()).context("training failed")?;
+            // A CPU rank runs on a pool of its own threads; a GPU rank stays on the thread
+            // its device is bound to.
+            let mine = if ctx.device.is_cpu() {
+                candle_fsdp::dist::run_on_cpu_threads(candle_threads, || train(ctx.clone()))?
+            } else {
+                train(ctx.clone())
+            };
+            let mine = mine.context("training failed")?;
             let reports = gather_reports(&ctx, mine)?;
             group.finish()?;
             if !printer {

@@ -303,13 +303,19 @@ fn a_rank_closure_brings_in_any_error_with_question_mark_naming_the_rank() {
     assert!(matches!(ours, Error::BackwardWithoutForward { rank: 0 }), "{ours:?}");
 }
 
-/// Thread ranks get their share of the cores unless the environment says otherwise.
+/// Each thread rank runs on a CPU pool of its own: of its share of the cores (or what
+/// the environment says), or of the count asked for.
 #[test]
-fn launch_gives_each_thread_rank_its_share_of_the_cores() {
-    launch(options(2), |_| Ok(())).unwrap();
-    let threads: usize = std::env::var("RAYON_NUM_THREADS").unwrap().parse().unwrap();
+fn launch_runs_each_thread_rank_on_a_pool_of_its_own() {
     let cores = std::thread::available_parallelism().unwrap().get();
-    let expected = std::env::var("CANDLE_NUM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-    assert!(threads == (cores / 2).max(1) || threads == expected, "{threads} threads on {cores} cores");
-    assert_eq!(candle_fsdp::dist::share_cpu_cores(4), threads, "a count in effect stays");
+    let set = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0);
+    let share = set("RAYON_NUM_THREADS").or_else(|| set("CANDLE_NUM_THREADS")).unwrap_or((cores / 2).max(1));
+    assert_eq!(candle_fsdp::dist::cpu_threads_per_rank(2), share);
+    // Inside its pool a rank runs on one of the pool's threads, so an op that needs one
+    // thread runs where it is called.
+    let pool = || Ok((rayon::current_num_threads(), rayon::current_thread_index().is_some()));
+    assert_eq!(launch(options(2), |_| pool()).unwrap(), vec![(share, true); 2]);
+    assert_eq!(launch(options(2).cpu_threads(3), |_| pool()).unwrap(), vec![(3, true); 2]);
+    let outside = candle_fsdp::dist::run_on_cpu_threads(2, rayon::current_num_threads).unwrap();
+    assert_eq!(outside, 2);
 }

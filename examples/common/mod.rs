@@ -261,16 +261,15 @@ pub fn parse_backward_prefetch(s: &str) -> Result<candle_fsdp::BackwardPrefetch,
 /// The dtype every example trains in.
 pub const DTYPE: DType = DType::F32;
 
-/// Sets how many CPU threads candle uses for one op, process-wide: `requested`, or each
-/// of this process's `ranks` its share of the cores ([`candle_fsdp::dist::share_cpu_cores`],
-/// which keeps a count the environment sets). Runs at the start of `main`, before any
-/// other thread exists. Returns the count in effect.
-pub fn configure_candle_threads(requested: Option<usize>, ranks: usize) -> usize {
-    let Some(threads) = requested else {
-        return candle_fsdp::dist::share_cpu_cores(ranks);
-    };
+/// The CPU threads of each rank: `requested`, or each of this process's `ranks` its share
+/// of the cores ([`candle_fsdp::dist::cpu_threads_per_rank`]). Each rank runs on a rayon
+/// pool of that many threads; candle's elementwise kernels split over a process-wide pool
+/// of their own, which candle sizes from `CANDLE_NUM_THREADS` only, so this sets that to
+/// the same count. It must run first in `main`, before any other thread exists: the
+/// environment is not safe to change while another thread may read it.
+pub fn configure_cpu_threads(requested: Option<usize>, ranks: usize) -> usize {
+    let threads = requested.unwrap_or_else(|| candle_fsdp::dist::cpu_threads_per_rank(ranks));
     std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
-    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     threads
 }
 

@@ -99,6 +99,13 @@ fn run(args: Args) -> Result<i32, String> {
     let world_size = args.nproc_per_node * args.nnodes;
     let (program, program_args) = args.command.split_first().expect("clap requires a command");
 
+    // candle sizes its CPU kernels' thread pool from the environment only: unless the
+    // caller chose, each rank gets its share of this node's cores (as torchrun sets
+    // OMP_NUM_THREADS), so that the ranks do not oversubscribe them.
+    let chosen = ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"].iter().any(|name| std::env::var_os(name).is_some());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpu_threads = (!chosen).then(|| (cores / args.nproc_per_node.max(1)).max(1));
+
     let (drained_tx, drained_rx) = mpsc::channel::<()>();
     let mut readers = 0;
     let mut ranks: Vec<Rank> = Vec::new();
@@ -113,6 +120,7 @@ fn run(args: Args) -> Result<i32, String> {
             .env("LOCAL_WORLD_SIZE", args.nproc_per_node.to_string())
             .env("MASTER_ADDR", &args.master_addr)
             .env("MASTER_PORT", master_port.to_string())
+            .envs(cpu_threads.map(|threads| ("CANDLE_NUM_THREADS", threads.to_string())))
             // Only rank 0 reads the terminal: several readers would steal each other's input.
             .stdin(if rank == 0 { Stdio::inherit() } else { Stdio::null() })
             .stdout(Stdio::piped())

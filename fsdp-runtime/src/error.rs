@@ -262,6 +262,15 @@ pub enum Error {
     #[error("a world needs at least one rank")]
     EmptyWorld,
 
+    /// The threads of a rank's CPU pool could not be started.
+    #[error("could not start {threads} CPU thread(s): {message}")]
+    CpuThreads {
+        /// The threads asked for.
+        threads: usize,
+        /// The operating system's reason.
+        message: String,
+    },
+
     /// A rank number is not below the world size.
     #[error("rank {rank} does not exist in a world of {world_size} ranks")]
     NoSuchRank {

@@ -2,12 +2,16 @@
 //! them. A rank that returns an error or panics aborts the world, so the others fail fast
 //! with an error naming it rather than waiting out their timeouts.
 //!
-//! candle's CPU kernels share one process-wide thread pool, and each op splits its work
-//! over as many threads as `RAYON_NUM_THREADS` says (read at every op). With ranks as
-//! threads, each rank should use its share of the cores: measured on 2 cores, a 2-rank
-//! step took 139 ms with candle's default and 46 ms with one thread per rank.
-//! [`launch`] sets the share itself unless the environment already does
-//! ([`share_cpu_cores`]).
+//! The CPU kernels (candle's matmuls and reductions, the fused ops) split their work over
+//! the rayon pool they are called from. Each thread rank runs on a pool of its own, with
+//! its share of the cores: its ops split over its threads and no other rank's, and an op on
+//! a one-thread pool runs where it is called instead of being handed to another thread.
+//! Measured on 2 cores, a 2-rank step of the bench's model took 60 ms with one thread per
+//! rank in the process-wide pool and 34 ms with one pool per rank. candle's elementwise
+//! kernels use a process-wide pool of their own, which candle sizes once from
+//! `CANDLE_NUM_THREADS` (else the physical cores): a program running several ranks sets it
+//! to the per-rank share in its environment (`fsdp-run` does for its children); this
+//! library never changes the environment, which is not safe while other threads run.
 
 use super::collectives::Collectives;
 use super::threads::ThreadWorld;
@@ -28,15 +32,26 @@ pub struct LaunchOptions {
     /// Stack size of each rank's thread. candle's backward walks the graph recursively,
     /// so deep models need more than the default 2 MiB.
     pub stack_size: usize,
-    /// Give each rank its share of the CPU cores ([`share_cpu_cores`]) before starting
-    /// the ranks, unless `RAYON_NUM_THREADS` or `CANDLE_NUM_THREADS` is set already.
-    pub share_cpu_cores: bool,
+    /// The threads of each CPU rank's own pool (see [`run_on_cpu_threads`]); `None`: its
+    /// share of the cores, [`cpu_threads_per_rank`].
+    pub cpu_threads: Option<usize>,
 }
 
+/// The stack of a rank's threads: candle's backward walks the graph recursively, so deep
+/// models need more than the default 2 MiB.
+pub const RANK_STACK_SIZE: usize = 256 << 20;
+
 impl LaunchOptions {
-    /// `world_size` ranks with a 60 s collective timeout and a 256 MiB stack per rank.
+    /// `world_size` ranks with a 60 s collective timeout, a 256 MiB stack per rank and
+    /// each CPU rank's share of the cores.
     pub fn new(world_size: usize) -> Self {
-        Self { world_size, timeout: Duration::from_secs(60), stack_size: 256 << 20, share_cpu_cores: true }
+        Self { world_size, timeout: Duration::from_secs(60), stack_size: RANK_STACK_SIZE, cpu_threads: None }
+    }
+
+    /// Sets the threads of each CPU rank's pool.
+    pub fn cpu_threads(mut self, threads: usize) -> Self {
+        self.cpu_threads = Some(threads);
+        self
     }
 
     /// Sets the longest any collective waits for its peers.
@@ -59,21 +74,42 @@ pub struct RankContext {
     pub device: Device,
 }
 
-/// Sets how many threads each candle CPU op uses to this process's cores divided by
-/// `ranks` (the ranks running in it), at least 1, unless `RAYON_NUM_THREADS` or
-/// `CANDLE_NUM_THREADS` is set already (then that count stays); returns the count in
-/// effect. More threads than cores per rank oversubscribe the cores, as candle's pool
-/// spin-waits. Call it before other threads read the environment: at the start of `main`
-/// for a process that is one rank, or let [`launch`] call it.
-pub fn share_cpu_cores(ranks: usize) -> usize {
+/// How many CPU threads each of `ranks` ranks of this process gets: `RAYON_NUM_THREADS`
+/// (or `CANDLE_NUM_THREADS`) when the environment sets one, else the available cores
+/// divided by `ranks`, at least 1. More threads than cores per rank oversubscribe the
+/// cores, as candle's kernels spin-wait.
+pub fn cpu_threads_per_rank(ranks: usize) -> usize {
     let set = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0);
-    if let Some(threads) = set("RAYON_NUM_THREADS").or_else(|| set("CANDLE_NUM_THREADS")) {
-        return threads;
-    }
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let threads = (cores / ranks.max(1)).max(1);
-    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    set("RAYON_NUM_THREADS").or_else(|| set("CANDLE_NUM_THREADS")).unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        (cores / ranks.max(1)).max(1)
+    })
+}
+
+/// Runs `f` on a CPU thread pool of its own with `threads` threads (stacks of
+/// [`RANK_STACK_SIZE`]), and returns what it returns: candle's CPU kernels called inside
+/// split their work over those threads only. A process that is one rank runs its training
+/// so (with [`cpu_threads_per_rank`] of its node's local ranks); [`launch`] does it for
+/// each thread rank. A panic in `f` resumes in the caller.
+pub fn run_on_cpu_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> Result<R> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .stack_size(RANK_STACK_SIZE)
+        .thread_name(|i| format!("cpu-{i}"))
+        .build()
+        .map_err(|e| Error::CpuThreads { threads, message: e.to_string() })?;
+    Ok(pool.install(f))
+}
+
+/// Sizes the process-wide CPU pool to this process's share of the cores.
+#[deprecated(
+    since = "0.1.0",
+    note = "it set environment variables; run each rank on a pool of its own: `run_on_cpu_threads(cpu_threads_per_rank(ranks), ..)` (`launch` does it for thread ranks)"
+)]
+pub fn share_cpu_cores(ranks: usize) -> usize {
+    let threads = cpu_threads_per_rank(ranks);
+    // Refused once the pool exists; the count asked for is still the rank's share.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).stack_size(RANK_STACK_SIZE).build_global();
     threads
 }
 
@@ -83,22 +119,22 @@ where
     R: Send,
     F: Fn(RankContext) -> Result<R> + Sync,
 {
-    if options.share_cpu_cores {
-        share_cpu_cores(options.world_size);
-    }
+    let threads = options.cpu_threads.unwrap_or_else(|| cpu_threads_per_rank(options.world_size));
     let world = ThreadWorld::new(options.world_size, options.timeout)?;
     let connect = |rank| {
         let comm: Arc<dyn Collectives> = Arc::new(world.communicator(rank)?);
         Ok(RankContext { rank, world_size: options.world_size, comm, device: Device::Cpu })
     };
-    run_rank_threads(options, connect, |reason| world.abort(reason), f)
+    run_rank_threads(options, Some(threads), connect, |reason| world.abort(reason), f)
 }
 
 /// One thread per rank: `connect` makes the rank's context on its own thread (NCCL
 /// communicators are set up by all ranks at once, each on the thread that will use it),
-/// then `f` runs. A failing or panicking rank calls `abort` so its peers fail fast.
+/// then `f` runs, on a pool of `cpu_threads` threads of the rank's own when given (CPU
+/// ranks; a GPU rank stays on its thread, which its device is bound to). A failing or panicking rank calls `abort` so its peers fail fast.
 fn run_rank_threads<R, F>(
     options: LaunchOptions,
+    cpu_threads: Option<usize>,
     connect: impl Fn(usize) -> Result<RankContext> + Sync,
     abort: impl Fn(String) + Sync,
     f: F,
@@ -115,7 +151,12 @@ where
                     .name(format!("rank-{rank}"))
                     .stack_size(options.stack_size)
                     .spawn_scoped(scope, move || {
-                        let outcome = match catch_unwind(AssertUnwindSafe(|| f(connect(rank)?))) {
+                        let run = || f(connect(rank)?);
+                        let run = || match cpu_threads {
+                            Some(threads) => run_on_cpu_threads(threads, run)?,
+                            None => run(),
+                        };
+                        let outcome = match catch_unwind(AssertUnwindSafe(run)) {
                             Ok(Err(Error::External(source))) => Err(Error::InRank { rank, source }),
                             Ok(result) => result,
                             Err(payload) => Err(Error::RankPanicked { rank, message: panic_message(payload) }),
@@ -169,7 +210,7 @@ where
             Arc::new(NcclComm::world(cuda, store, rank, options.world_size, options.timeout)?);
         Ok(RankContext { rank, world_size: options.world_size, comm, device })
     };
-    let outcomes = run_rank_threads(options, connect, |reason| tracing::error!("{reason}"), f);
+    let outcomes = run_rank_threads(options, None, connect, |reason| tracing::error!("{reason}"), f);
     drop(server);
     outcomes
 }

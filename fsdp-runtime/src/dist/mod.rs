@@ -25,7 +25,9 @@ mod threads;
 
 pub use collectives::{Collectives, OpKind, Pending, ReduceOp, Work};
 pub use elastic_error_file::{record_error, write_error_file};
+#[allow(deprecated)]
 pub use launch::share_cpu_cores;
+pub use launch::{cpu_threads_per_rank, run_on_cpu_threads, RANK_STACK_SIZE};
 #[cfg(feature = "cuda")]
 pub use launch::{launch_gpus, launch_gpus_each};
 #[cfg(feature = "cuda")]
