@@ -81,7 +81,7 @@ fn hex(bytes: &[u8]) -> String {
 fn child_command(scenario: &str, timeout_ms: u64) -> Command {
     let mut command = Command::new(std::env::current_exe().expect("test binary path"));
     command
-        .args(["--exact", "child_rank", "--nocapture", "--test-threads", "1"])
+        .args(["--exact", "launch_processes::child_rank", "--nocapture", "--test-threads", "1"])
         .env(SCENARIO, scenario)
         .env(TIMEOUT_MS, timeout_ms.to_string())
         .stdin(Stdio::null())

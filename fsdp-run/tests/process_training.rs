@@ -80,7 +80,7 @@ fn processes_over_tcp_train_like_thread_ranks() {
     let output = Command::new(env!("CARGO_BIN_EXE_fsdp-run"))
         .args(["--nproc-per-node", "2", "--master-port", "0", "--"])
         .arg(std::env::current_exe().unwrap())
-        .args(["--exact", "process_rank_child", "--nocapture", "--test-threads", "1"])
+        .args(["--exact", "process_training::process_rank_child", "--nocapture", "--test-threads", "1"])
         .env(CHILD_DIR, &dir)
         .output()
         .expect("starting fsdp-run");
