@@ -1057,7 +1057,7 @@ fn collectives(sec: &Section, settings: &Settings) -> Result<()> {
         let n = 1000;
         let base: Vec<f32> = (0..n).map(|i| ((i * 7) % 17) as f32 - 8.0).collect();
         let label = "gpu_check";
-        let waited = |w: candle_fsdp::Result<Work>| -> Result<Tensor> { Ok(w?.wait()?) };
+        let waited = |w: candle_fsdp::dist::Result<Work>| -> Result<Tensor> { Ok(w?.wait()?) };
         // The output must equal the input exactly (world size 1).
         let exact = |input: &Tensor, got: Result<Tensor>| -> Result<()> {
             let got = got?;

@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_fsdp::dist::Collectives;
+use candle_fsdp::dist::Error as CommError;
 use candle_fsdp::dist::ReduceOp;
 use candle_fsdp::dist::ThreadWorld;
 use candle_fsdp::{launch, launch_each, Error, LaunchOptions};
@@ -323,7 +324,7 @@ fn rank_that_never_joins_times_out_naming_it() {
     assert!(elapsed >= timeout, "rank 0 gave up after {elapsed:?}, before its timeout of {timeout:?}");
     assert!(outcomes[1].is_ok(), "rank 1 returned early without error");
     match &outcomes[0] {
-        Err(Error::CollectiveTimeout { rank: 0, missing, op, label, timeout: t }) => {
+        Err(Error::Comm(CommError::CollectiveTimeout { rank: 0, missing, op, label, timeout: t })) => {
             assert_eq!(missing, &vec![1], "missing ranks");
             assert_eq!((op.as_str(), label.as_str(), *t), ("all_reduce", "unit `a.b`", timeout));
         }
@@ -340,7 +341,10 @@ fn rank_that_never_joins_times_out_naming_it() {
         Ok(())
     })
     .unwrap_err();
-    assert!(matches!(&error, Error::CollectiveTimeout { rank: 0, missing, .. } if missing == &vec![1]), "{error:?}");
+    assert!(
+        matches!(&error, Error::Comm(CommError::CollectiveTimeout { rank: 0, missing, .. }) if missing == &vec![1]),
+        "{error:?}"
+    );
 }
 
 #[test]
@@ -360,8 +364,10 @@ fn missing_rank_in_a_world_of_three_fails_every_waiting_rank_promptly() {
     for rank in [0, 2] {
         // The first rank to time out aborts the world; the other may see that abort.
         match &outcomes[rank] {
-            Err(Error::CollectiveTimeout { rank: r, missing, .. }) => assert_eq!((*r, missing), (rank, &vec![1])),
-            Err(Error::CollectiveAborted { rank: r, reason, .. }) => {
+            Err(Error::Comm(CommError::CollectiveTimeout { rank: r, missing, .. })) => {
+                assert_eq!((*r, missing), (rank, &vec![1]))
+            }
+            Err(Error::Comm(CommError::CollectiveAborted { rank: r, reason, .. })) => {
                 assert_eq!(*r, rank);
                 assert!(reason.contains("[1] never joined"), "rank {rank}: {reason}");
             }
@@ -369,7 +375,7 @@ fn missing_rank_in_a_world_of_three_fails_every_waiting_rank_promptly() {
         }
     }
     assert!(
-        outcomes.iter().any(|o| matches!(o, Err(Error::CollectiveTimeout { .. }))),
+        outcomes.iter().any(|o| matches!(o, Err(Error::Comm(CommError::CollectiveTimeout { .. })))),
         "at least one rank reports the timeout itself"
     );
 }
@@ -396,7 +402,7 @@ fn panicking_rank_aborts_the_others_promptly() {
     }
     for rank in [0, 2] {
         match &outcomes[rank] {
-            Err(Error::CollectiveAborted { rank: r, op, label, reason }) => {
+            Err(Error::Comm(CommError::CollectiveAborted { rank: r, op, label, reason })) => {
                 assert_eq!((*r, op.as_str(), label.as_str()), (rank, "all_reduce", "unit `x`"));
                 assert!(reason.contains("rank 1"), "rank {rank}: the reason does not name rank 1: {reason}");
             }
@@ -436,8 +442,8 @@ fn assert_mismatch(
         .into_iter()
         .enumerate()
         .map(|(rank, outcome)| match outcome {
-            Err(error @ Error::CollectiveMismatch { .. }) => {
-                let Error::CollectiveMismatch { rank: r, .. } = &error else { unreachable!() };
+            Err(error @ Error::Comm(CommError::CollectiveMismatch { .. })) => {
+                let Error::Comm(CommError::CollectiveMismatch { rank: r, .. }) = &error else { unreachable!() };
                 assert_eq!(*r, rank, "{what}: the error names the wrong rank: {error}");
                 error.to_string()
             }
@@ -455,9 +461,9 @@ fn different_operations_are_a_mismatch_on_both_ranks() {
                 std::thread::sleep(Duration::from_millis(50));
             }
             if rank == 0 {
-                comm.all_gather(&input(rank, 4), "gather")?.wait()
+                Ok(comm.all_gather(&input(rank, 4), "gather")?.wait()?)
             } else {
-                comm.all_reduce(&input(rank, 4), ReduceOp::Sum, "reduce")?.wait()
+                Ok(comm.all_reduce(&input(rank, 4), ReduceOp::Sum, "reduce")?.wait()?)
             }
         });
         for message in &messages {
@@ -473,7 +479,7 @@ fn different_lengths_are_a_mismatch_on_both_ranks() {
             if rank != first {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            comm.all_reduce(&input(rank, 4 + 2 * rank), ReduceOp::Sum, "reduce")?.wait()
+            Ok(comm.all_reduce(&input(rank, 4 + 2 * rank), ReduceOp::Sum, "reduce")?.wait()?)
         });
         for message in &messages {
             assert!(message.contains("of 4 ") && message.contains("of 6 "), "{message}");
@@ -483,14 +489,14 @@ fn different_lengths_are_a_mismatch_on_both_ranks() {
 
 #[test]
 fn world_of_zero_ranks_and_ranks_outside_the_world_are_refused() {
-    assert!(matches!(ThreadWorld::new(0, Duration::from_secs(1)), Err(Error::EmptyWorld)));
-    assert!(matches!(launch(LaunchOptions::new(0), |_| Ok(())), Err(Error::EmptyWorld)));
+    assert!(matches!(ThreadWorld::new(0, Duration::from_secs(1)), Err(CommError::EmptyWorld)));
+    assert!(matches!(launch(LaunchOptions::new(0), |_| Ok(())), Err(Error::Comm(CommError::EmptyWorld))));
     let world = ThreadWorld::new(2, Duration::from_secs(1)).unwrap();
     assert_eq!(world.size(), 2);
     assert!(world.communicator(1).is_ok());
     for rank in [2, 3, 100] {
         match world.communicator(rank) {
-            Err(Error::NoSuchRank { rank: refused, world_size }) => {
+            Err(CommError::NoSuchRank { rank: refused, world_size }) => {
                 assert_eq!((refused, world_size), (rank, 2))
             }
             Err(other) => panic!("rank {rank}: expected NoSuchRank, got {other:?}"),
@@ -505,7 +511,7 @@ fn reduce_scatter_of_indivisible_length_is_refused() {
         let outcomes = launch(options(world), |ctx| {
             let len = world + 1;
             let refused = match ctx.comm.reduce_scatter(&input(ctx.rank, len), ReduceOp::Avg, "odd") {
-                Err(error @ Error::CollectiveArgument { .. }) => error.to_string(),
+                Err(error @ CommError::CollectiveArgument { .. }) => error.to_string(),
                 Err(other) => panic!("rank {}: expected a CollectiveArgument error, got {other:?}", ctx.rank),
                 Ok(_) => panic!("rank {}: {len} elements were accepted for {world} ranks", ctx.rank),
             };

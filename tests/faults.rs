@@ -3,6 +3,7 @@
 //! runs units out of the static order under the strict check.
 
 use candle_core::{DType, Module, Tensor};
+use candle_fsdp::dist::Error as CommError;
 use candle_fsdp::{launch, launch_each, Error, Fsdp, FsdpConfig, LaunchOptions, OrderCheck, Shardable, Unit};
 use candle_nn::Linear;
 use fsdp_testkit::fsdp_test_models::NestedWrappedModule;
@@ -55,7 +56,7 @@ fn a_rank_panicking_mid_step_fails_every_rank_at_once() {
         if ctx.rank == 0 {
             panic!("rank 0 gives up");
         }
-        ctx.comm.barrier("a barrier rank 0 never reaches")
+        Ok(ctx.comm.barrier("a barrier rank 0 never reaches")?)
     })
     .unwrap_err();
     assert!(matches!(cause, Error::RankPanicked { rank: 0, .. }), "{cause}");
@@ -79,7 +80,7 @@ fn a_rank_that_never_joins_times_out_on_the_others() {
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
     assert!(outcomes[1].is_ok());
     match &outcomes[0] {
-        Err(Error::CollectiveTimeout { rank: 0, op, label, missing, .. }) => {
+        Err(Error::Comm(CommError::CollectiveTimeout { rank: 0, op, label, missing, .. })) => {
             assert_eq!(op, "all_gather");
             assert_eq!(label, "unit `<root>`");
             assert_eq!(missing, &vec![1]);
@@ -111,7 +112,7 @@ fn ranks_with_different_models_are_refused_at_wrap() {
         assert!(error.contains("3 units") && error.contains("4 units"), "rank {rank}: {error}");
     }
     let world_of_zero = launch(LaunchOptions::new(0), |_| Ok(()));
-    assert!(matches!(world_of_zero, Err(Error::EmptyWorld)));
+    assert!(matches!(world_of_zero, Err(Error::Comm(CommError::EmptyWorld))));
 }
 
 /// Two units declared `a`, `b` but run `b`, `a`.

@@ -5,6 +5,7 @@
 //! the model only while its parameters are gathered.
 
 use candle_core::{DType, Device, Module, Tensor};
+use candle_fsdp::dist::Error as CommError;
 use candle_fsdp::{launch, launch_each, Error, Fsdp, FsdpConfig, LaunchOptions, Shardable, Unit};
 use candle_nn::{Optimizer, SGD};
 use fsdp_testkit::fsdp_test_models::NestedWrappedModule;
@@ -149,7 +150,7 @@ fn a_loss_that_reaches_no_output_on_one_rank_fails_its_peers_at_once_naming_it()
     assert!(matches!(outcomes[2], Err(Error::LossReachesNoOutput { rank: 2 })), "{:?}", outcomes[2]);
     for rank in [0, 1] {
         match &outcomes[rank] {
-            Err(Error::CollectiveAborted { rank: r, reason, .. }) => {
+            Err(Error::Comm(CommError::CollectiveAborted { rank: r, reason, .. })) => {
                 assert_eq!(*r, rank);
                 assert!(reason.contains("rank 2") && reason.contains("reaches none"), "rank {rank}: {reason}");
             }

@@ -14,9 +14,9 @@ use candle_fsdp::dist::Collectives;
 use candle_fsdp::dist::ReduceOp;
 use candle_fsdp::dist::TcpComm;
 use candle_fsdp::dist::ThreadWorld;
-use candle_fsdp::dist::{Store, StoreServer};
+use candle_fsdp::dist::{Error as CommError, Result as CommResult, Store, StoreServer};
 use candle_fsdp::optim::{SgdMomentum, SgdMomentumConfig};
-use candle_fsdp::{launch, Error, Fsdp, FsdpConfig, LaunchOptions};
+use candle_fsdp::{launch, Fsdp, FsdpConfig, LaunchOptions};
 use candle_nn::Optimizer;
 use fsdp_testkit::fsdp_test_models::NestedWrappedModule;
 use std::collections::BTreeMap;
@@ -50,7 +50,7 @@ fn spawn_ranks<R: Send>(world: usize, f: impl Fn(usize, &str) -> R + Sync) -> Ve
     })
 }
 
-fn connect(rank: usize, world: usize, addr: &str, timeout: Duration) -> candle_fsdp::Result<TcpComm> {
+fn connect(rank: usize, world: usize, addr: &str, timeout: Duration) -> CommResult<TcpComm> {
     let store = Store::connect(addr, rank, TIMEOUT)?;
     TcpComm::connect(&store, rank, world, timeout)
 }
@@ -104,7 +104,7 @@ fn random_input(world: usize, rank: usize, len: usize) -> Tensor {
 }
 
 /// Every operation once (broadcast from every root), on both backends' terms.
-fn all_operations(comm: &dyn Collectives, input: &Tensor) -> candle_fsdp::Result<Vec<Tensor>> {
+fn all_operations(comm: &dyn Collectives, input: &Tensor) -> CommResult<Vec<Tensor>> {
     let mut outputs = vec![
         comm.all_gather(input, "all_gather")?.wait()?,
         comm.reduce_scatter(input, ReduceOp::Sum, "reduce_scatter sum")?.wait()?,
@@ -268,13 +268,13 @@ fn sub_groups_keep_their_messages_apart() {
 // Failures
 
 /// Every rank's error, after ranks `0..world` ran `f`; panics if one succeeded.
-fn errors_of(results: Vec<candle_fsdp::Result<Tensor>>) -> Vec<Error> {
+fn errors_of(results: Vec<CommResult<Tensor>>) -> Vec<CommError> {
     results.into_iter().enumerate().map(|(r, res)| res.err().unwrap_or_else(|| panic!("rank {r} succeeded"))).collect()
 }
 
 #[test]
 fn ranks_calling_different_operations_get_a_mismatch() {
-    type Call = fn(&dyn Collectives, usize) -> candle_fsdp::Result<Tensor>;
+    type Call = fn(&dyn Collectives, usize) -> CommResult<Tensor>;
     let cases: [(&str, Call, Call, &str); 3] = [
         (
             "operation",
@@ -301,7 +301,7 @@ fn ranks_calling_different_operations_get_a_mismatch() {
             on_tcp(2, |rank, comm| if rank == 0 { first(comm.as_ref(), 0) } else { second(comm.as_ref(), 1) });
         for (rank, error) in errors_of(results).into_iter().enumerate() {
             match &error {
-                Error::CollectiveMismatch { rank: r, other, .. } => {
+                CommError::CollectiveMismatch { rank: r, other, .. } => {
                     assert_eq!(*r, rank, "{what}: {error}");
                     assert!(other.starts_with(&format!("rank {}'s", 1 - rank)), "{what}: {error}");
                     if rank == 0 {
@@ -340,12 +340,12 @@ fn a_rank_that_never_calls_is_named_by_the_timeout() {
     let mut timeouts = 0;
     for error in &errors {
         match error {
-            Error::CollectiveTimeout { missing, op, label, .. } => {
+            CommError::CollectiveTimeout { missing, op, label, .. } => {
                 assert_eq!((missing.as_slice(), op.as_str(), label.as_str()), (&[2][..], "all_gather", "unit `x`"));
                 timeouts += 1;
             }
             // The rank that timed out first aborts the other.
-            Error::CollectiveAborted { reason, .. } => {
+            CommError::CollectiveAborted { reason, .. } => {
                 assert!(reason.contains("rank(s) [2] never joined"), "{error}")
             }
             _ => panic!("unexpected error: {error}"),
@@ -363,7 +363,7 @@ fn a_rank_that_never_connects_is_named_by_connect() {
     let elapsed = started.elapsed();
     for (rank, result) in results.into_iter().take(2).enumerate() {
         match result.unwrap() {
-            Err(Error::CollectiveTimeout { rank: r, op, missing, .. }) => {
+            Err(CommError::CollectiveTimeout { rank: r, op, missing, .. }) => {
                 assert_eq!((r, op.as_str(), missing), (rank, "connect", vec![2]))
             }
             Err(error) => panic!("rank {rank}: expected a timeout, got: {error}"),
@@ -400,7 +400,7 @@ fn a_rank_that_drops_its_comm_aborts_the_others_promptly() {
     for (rank, result) in results.into_iter().take(2).enumerate() {
         let (result, at) = result.unwrap();
         match result {
-            Err(error @ Error::CollectiveAborted { .. }) => {
+            Err(error @ CommError::CollectiveAborted { .. }) => {
                 assert!(error.to_string().contains("rank 2 closed its connection"), "rank {rank}: {error}")
             }
             Err(error) => panic!("rank {rank}: expected an abort, got: {error}"),

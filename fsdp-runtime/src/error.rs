@@ -7,10 +7,10 @@
 //! [`into_candle`] packs it, the `From<candle_core::Error>` conversion unpacks it.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 /// The library's error type.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     // --- The model's description -----------------------------------------------------
     /// One tensor is a parameter of two different units: a tie that crosses unit
@@ -258,10 +258,6 @@ pub enum Error {
     },
 
     // --- Ranks and collectives -----------------------------------------------------------
-    /// A world (or a [`crate::Plan`]) of zero ranks was asked for.
-    #[error("a world needs at least one rank")]
-    EmptyWorld,
-
     /// The threads of a rank's CPU pool could not be started.
     #[error("could not start {threads} CPU thread(s): {message}")]
     CpuThreads {
@@ -269,73 +265,6 @@ pub enum Error {
         threads: usize,
         /// The operating system's reason.
         message: String,
-    },
-
-    /// A rank number is not below the world size.
-    #[error("rank {rank} does not exist in a world of {world_size} ranks")]
-    NoSuchRank {
-        /// The rank asked for.
-        rank: usize,
-        /// The number of ranks in the world.
-        world_size: usize,
-    },
-
-    /// Some ranks did not join a collective (or the connection of the TCP mesh) within
-    /// the timeout.
-    #[error("rank {rank}: {op} for {label} timed out after {timeout:?}; rank(s) {missing:?} never joined")]
-    CollectiveTimeout {
-        /// The global rank that waited.
-        rank: usize,
-        /// The operation (e.g. "all_gather").
-        op: String,
-        /// What the operation was for (e.g. "unit `layers.1`").
-        label: String,
-        /// How long the rank waited.
-        timeout: Duration,
-        /// The ranks that never joined.
-        missing: Vec<usize>,
-    },
-
-    /// A collective failed because the world was aborted (a rank gave up, or a
-    /// connection to a peer broke).
-    #[error("rank {rank}: {op} for {label} was aborted: {reason}")]
-    CollectiveAborted {
-        /// The global rank.
-        rank: usize,
-        /// The operation.
-        op: String,
-        /// What the operation was for.
-        label: String,
-        /// Why the world was aborted.
-        reason: String,
-    },
-
-    /// The ranks issued different collectives at the same point (another operation,
-    /// length or dtype).
-    #[error("rank {rank}: {op} for {label} does not match {other}")]
-    CollectiveMismatch {
-        /// The global rank.
-        rank: usize,
-        /// This rank's operation, with its length and dtype.
-        op: String,
-        /// What this rank's operation was for.
-        label: String,
-        /// The other rank's call that it does not match.
-        other: String,
-    },
-
-    /// A collective's arguments cannot work (e.g. a reduce-scatter input that does not
-    /// split evenly over the group, a broadcast root outside the group).
-    #[error("rank {rank}: {op} for {label}: {problem}")]
-    CollectiveArgument {
-        /// The global rank.
-        rank: usize,
-        /// The operation.
-        op: String,
-        /// What the operation was for.
-        label: String,
-        /// What is wrong with the arguments.
-        problem: String,
     },
 
     /// Hybrid sharding cannot be set up as configured: the shard group size does not
@@ -349,18 +278,6 @@ pub enum Error {
         /// The shard group size asked for.
         size: usize,
         /// What is wrong.
-        problem: String,
-    },
-
-    /// A sub-group's member list is invalid: the calling rank is not in it, or it names
-    /// a rank outside the world.
-    #[error("rank {rank}: group {ranks:?}: {problem}")]
-    BadGroup {
-        /// The global rank.
-        rank: usize,
-        /// The group's members, as given.
-        ranks: Vec<usize>,
-        /// What is wrong with them.
         problem: String,
     },
 
@@ -381,40 +298,6 @@ pub enum Error {
         rank: usize,
         /// What went wrong.
         message: String,
-    },
-
-    /// A GPU launch asked for more ranks than there are visible GPUs.
-    #[error("rank {rank}: {wanted} GPU(s) needed, but {visible} are visible")]
-    NotEnoughGpus {
-        /// The rank that checked (0: the launching thread).
-        rank: usize,
-        /// The number of GPUs needed (one per rank).
-        wanted: usize,
-        /// The number of GPUs visible.
-        visible: usize,
-    },
-
-    /// Processes could not meet through the store: binding it, connecting to it, or a
-    /// request to it failed.
-    #[error("rank {rank}: rendezvous at {addr}: {message}")]
-    Rendezvous {
-        /// The global rank.
-        rank: usize,
-        /// The address of the store, as bound or connected to.
-        addr: String,
-        /// What went wrong.
-        message: String,
-    },
-
-    /// The launcher's environment variables are missing or inconsistent.
-    #[error(
-        "the launch environment (torchrun's RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, \
-         MASTER_PORT) is not usable: {}",
-        problems.join("; ")
-    )]
-    LaunchEnv {
-        /// Every missing or invalid variable, one entry each.
-        problems: Vec<String>,
     },
 
     // --- Pipeline stages -----------------------------------------------------------------
@@ -593,6 +476,12 @@ pub enum Error {
         problem: String,
     },
 
+    // --- Ranks meeting and talking ------------------------------------------------------
+    /// An error of the communication layer: a collective that timed out, was aborted or
+    /// did not match its peers', a rendezvous or launch environment that failed.
+    #[error(transparent)]
+    Comm(#[from] fsdp_comm::Error),
+
     // --- candle --------------------------------------------------------------------------
     /// An error of candle itself (a shape mismatch, a device error, ...).
     #[error(transparent)]
@@ -680,16 +569,17 @@ impl From<candle_core::Error> for Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn a_typed_error_survives_a_trip_through_candle() {
-        let original = Error::CollectiveTimeout {
+        let original = Error::Comm(fsdp_comm::Error::CollectiveTimeout {
             rank: 3,
             op: "all_gather".into(),
             label: "unit `layers.1`".into(),
             timeout: Duration::from_secs(2),
             missing: vec![1],
-        };
+        });
         let message = original.to_string();
         let through_candle = into_candle(original);
         assert_eq!(through_candle.to_string(), message, "candle shows the message unchanged");
@@ -699,7 +589,7 @@ mod tests {
             backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
         };
         match Error::from(with_backtrace) {
-            Error::CollectiveTimeout { rank: 3, missing, .. } => assert_eq!(missing, [1]),
+            Error::Comm(fsdp_comm::Error::CollectiveTimeout { rank: 3, missing, .. }) => assert_eq!(missing, [1]),
             other => panic!("lost its kind: {other:?}"),
         }
     }

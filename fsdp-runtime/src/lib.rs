@@ -6,11 +6,11 @@
 //! ranks ([`launch`], [`ProcessGroup`]), plan ([`Plan`]) and observe ([`TraceEvent`],
 //! [`MemoryStats`]). The modules hold what is implemented or called less often: [`model`]
 //! (the schema a hand-written `Shardable` speaks, the FQN tables, the layout of a built
-//! model), [`dist`] (the collectives and their backends, the store and rendezvous),
-//! [`layers`], [`optim`] and [`pipeline`].
+//! model), [`dist`] (the collectives and their backends, the store and rendezvous, from
+//! the `fsdp-comm` crate), [`layers`], [`optim`] and [`pipeline`].
 //!
-//! Inside, `model` knows no ranks, `dist` knows no model, and `runtime` (how one rank runs
-//! a wrapped model) uses both.
+//! Inside, `model` knows no ranks, the communication crate knows no model, and `runtime`
+//! (how one rank runs a wrapped model) uses both.
 
 #![warn(missing_docs)]
 
@@ -19,6 +19,7 @@ pub mod checkpoint;
 mod config;
 pub mod dist;
 mod error;
+mod launch;
 pub mod model;
 pub mod optim;
 pub mod pipeline;
@@ -26,9 +27,9 @@ mod plan;
 mod runtime;
 
 pub use config::{BackwardPrefetch, FsdpConfig, MixedPrecision, OrderCheck, ShardingStrategy};
-pub use dist::launch::{launch, launch_each, LaunchOptions, RankContext};
-pub use dist::process_group::{Backend, ProcessGroup};
 pub use error::{Error, Result};
+pub use fsdp_comm::{Backend, ProcessGroup, RankContext};
+pub use launch::{launch, launch_each, LaunchOptions};
 pub use model::activations::Activations;
 pub use model::schema::Shardable;
 pub use model::table::ShardableModel;

@@ -136,7 +136,7 @@ impl Plan {
     /// [`Error::EmptyWorld`] for a world size of 0.
     pub fn new(layout: &Layout, config: PlanConfig) -> Result<Self> {
         if config.world_size == 0 {
-            return Err(Error::EmptyWorld);
+            return Err(fsdp_comm::Error::EmptyWorld.into());
         }
         // Parameters split over the shard group; the rest of the world holds replicas.
         let world = config.shard_group_size()?;

@@ -168,7 +168,7 @@ impl candle_fsdp::dist::Collectives for FaultyCollectives {
     fn device(&self) -> Device {
         self.inner.device()
     }
-    fn all_gather(&self, input: &Tensor, label: &str) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
+    fn all_gather(&self, input: &Tensor, label: &str) -> candle_fsdp::dist::Result<candle_fsdp::dist::Work> {
         self.before("all_gather", label);
         self.count_bytes("all_gather", input);
         self.inner.all_gather(input, label)
@@ -178,7 +178,7 @@ impl candle_fsdp::dist::Collectives for FaultyCollectives {
         input: &Tensor,
         op: candle_fsdp::dist::ReduceOp,
         label: &str,
-    ) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
+    ) -> candle_fsdp::dist::Result<candle_fsdp::dist::Work> {
         self.before("reduce_scatter", label);
         self.count_bytes("reduce_scatter", input);
         self.inner.reduce_scatter(input, op, label)
@@ -188,20 +188,25 @@ impl candle_fsdp::dist::Collectives for FaultyCollectives {
         input: &Tensor,
         op: candle_fsdp::dist::ReduceOp,
         label: &str,
-    ) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
+    ) -> candle_fsdp::dist::Result<candle_fsdp::dist::Work> {
         self.before("all_reduce", label);
         self.count_bytes("all_reduce", input);
         self.inner.all_reduce(input, op, label)
     }
-    fn broadcast(&self, input: &Tensor, root: usize, label: &str) -> candle_fsdp::Result<candle_fsdp::dist::Work> {
+    fn broadcast(
+        &self,
+        input: &Tensor,
+        root: usize,
+        label: &str,
+    ) -> candle_fsdp::dist::Result<candle_fsdp::dist::Work> {
         self.before("broadcast", label);
         self.inner.broadcast(input, root, label)
     }
-    fn barrier(&self, label: &str) -> candle_fsdp::Result<()> {
+    fn barrier(&self, label: &str) -> candle_fsdp::dist::Result<()> {
         self.before("barrier", label);
         self.inner.barrier(label)
     }
-    fn new_group(&self, global_ranks: &[usize]) -> candle_fsdp::Result<Box<dyn candle_fsdp::dist::Collectives>> {
+    fn new_group(&self, global_ranks: &[usize]) -> candle_fsdp::dist::Result<Box<dyn candle_fsdp::dist::Collectives>> {
         let group = self.inner.new_group(global_ranks)?;
         Ok(Box::new(FaultyCollectives {
             inner: group.into(),

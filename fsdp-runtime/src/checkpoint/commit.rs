@@ -2,9 +2,9 @@
 //! through a stage before the next begins, and files and directories are synced before
 //! the one rename that makes a checkpoint visible.
 
-use crate::dist::Collectives;
 use crate::error::{Error, Result};
 use candle_core::{Device, Tensor};
+use fsdp_comm::Collectives;
 use std::fs::File;
 use std::path::Path;
 

@@ -3,10 +3,10 @@
 //! (PyTorch's `FullyShardedDataParallel.clip_grad_norm_`).
 
 use super::Fsdp;
-use crate::dist::ReduceOp;
 use crate::error::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
+use fsdp_comm::ReduceOp;
 
 /// Added to the norm before dividing, as PyTorch does, so a zero norm scales by nothing.
 const EPS: f64 = 1e-6;

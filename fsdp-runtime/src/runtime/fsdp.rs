@@ -11,7 +11,6 @@ use super::sharded_param::ShardedParam;
 use super::storage::Unallocated;
 use super::{ActivationProfile, MemoryStats, TraceEvent};
 use crate::config::{FsdpConfig, MixedPrecision};
-use crate::dist::Collectives;
 use crate::error::{Error, Result};
 use crate::model::{
     Activations, Layout, ParamInfo, Role, Shardable, ShardableModel, UnitCell, UnitHooks, VisitOrder, Visitor,
@@ -19,6 +18,7 @@ use crate::model::{
 use crate::pipeline::DeferredGradSink;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, TensorId, Var};
+use fsdp_comm::Collectives;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::Relaxed;

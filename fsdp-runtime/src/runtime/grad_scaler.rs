@@ -6,11 +6,11 @@
 //! grows again.
 
 use super::Fsdp;
-use crate::dist::ReduceOp;
 use crate::error::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Optimizer;
+use fsdp_comm::ReduceOp;
 
 /// How a [`ShardedGradScaler`] moves its scale (PyTorch's defaults).
 #[derive(Clone, Copy, Debug, PartialEq)]

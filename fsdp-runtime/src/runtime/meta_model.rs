@@ -9,8 +9,8 @@
 //! its bias, ones for a norm), from which wrapping draws the values.
 
 use super::storage::{released, Unallocated};
-use crate::dist::launch::panic_message;
 use crate::error::{Error, Result};
+use crate::launch::panic_message;
 use crate::model::{Layout, ShardableModel};
 use candle_core::{DType, Device, Shape, Storage, Tensor};
 use candle_nn::var_builder::SimpleBackend;

@@ -10,9 +10,9 @@ use super::storage::{Fill, Free};
 use super::trace::{TraceEvent, UnshardCause};
 use super::Recorders;
 use crate::config::{FsdpConfig, ShardingStrategy};
-use crate::dist::{Collectives, ReduceOp, Work};
 use crate::error::{Error, Result};
 use candle_core::{DType, Shape, Tensor};
+use fsdp_comm::{Collectives, ReduceOp, Work};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Where a group's full parameters are.

@@ -6,10 +6,10 @@
 //! each side has.
 
 use super::seeded_init::fnv1a;
-use crate::dist::Collectives;
 use crate::error::{Error, Result};
 use crate::model::Layout;
 use candle_core::Tensor;
+use fsdp_comm::Collectives;
 
 /// One line per unit and per tensor, in layout order: what must agree across ranks.
 fn describe(layout: &Layout) -> Vec<String> {

@@ -4,12 +4,12 @@
 //! the processes, on one node or several (torchrun not yet: its agent hosts the store).
 
 use super::collectives::Collectives;
-use super::launch::RankContext;
 use super::rendezvous::{DistEnv, Rendezvous};
 use super::tcp::TcpComm;
 #[cfg(feature = "cuda")]
 use crate::error::Error;
 use crate::error::Result;
+use crate::rank_context::RankContext;
 use candle_core::Device;
 use std::sync::Arc;
 use std::time::Duration;

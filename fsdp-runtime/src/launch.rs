@@ -13,10 +13,9 @@
 //! to the per-rank share in its environment (`fsdp-run` does for its children); this
 //! library never changes the environment, which is not safe while other threads run.
 
-use super::collectives::Collectives;
-use super::threads::ThreadWorld;
 use crate::error::{Error, Result};
 use candle_core::Device;
+use fsdp_comm::{Collectives, RankContext, ThreadWorld};
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -59,19 +58,6 @@ impl LaunchOptions {
         self.timeout = timeout;
         self
     }
-}
-
-/// What a rank's closure receives.
-#[derive(Clone)]
-pub struct RankContext {
-    /// This rank, in `0..world_size`.
-    pub rank: usize,
-    /// The number of ranks.
-    pub world_size: usize,
-    /// This rank's communicator over all ranks, for [`crate::Fsdp::wrap`].
-    pub comm: Arc<dyn Collectives>,
-    /// Where this rank's tensors live: the CPU for thread ranks, its GPU under NCCL.
-    pub device: Device,
 }
 
 /// How many CPU threads each of `ranks` ranks of this process gets: `RAYON_NUM_THREADS`
@@ -194,11 +180,10 @@ where
     R: Send,
     F: Fn(RankContext) -> Result<R> + Sync,
 {
-    use super::nccl::{gpu_count, NcclComm};
-    use super::store::{Store, StoreServer};
+    use fsdp_comm::{gpu_count, NcclComm, Store, StoreServer};
     let gpus = gpu_count(0)?;
     if gpus < options.world_size {
-        return Err(Error::NotEnoughGpus { rank: 0, wanted: options.world_size, visible: gpus });
+        return Err(fsdp_comm::Error::NotEnoughGpus { rank: 0, wanted: options.world_size, visible: gpus }.into());
     }
     let server = StoreServer::bind("127.0.0.1:0")?;
     let addr = server.local_addr().to_string();
@@ -242,7 +227,8 @@ fn all_or_cause<R>(outcomes: Vec<Result<R>>) -> Result<Vec<R>> {
         return Ok(outcomes.into_iter().map(|o| o.expect("checked")).collect());
     }
     let mut errors: Vec<Error> = outcomes.into_iter().filter_map(|o| o.err()).collect();
-    let cause = errors.iter().position(|e| !matches!(e, Error::CollectiveAborted { .. })).unwrap_or(0);
+    let cause =
+        errors.iter().position(|e| !matches!(e, Error::Comm(fsdp_comm::Error::CollectiveAborted { .. }))).unwrap_or(0);
     Err(errors.swap_remove(cause))
 }
 

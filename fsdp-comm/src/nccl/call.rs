@@ -1,7 +1,7 @@
 //! One NCCL collective on typed device buffers, and the tensor that adopts its output.
 
 use super::libraries::describe_nccl;
-use crate::dist::ReduceOp;
+use crate::collectives::ReduceOp;
 use candle_core::cuda::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 use candle_core::cuda::cudarc::nccl::{result as nccl, sys, NcclType};
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice};
