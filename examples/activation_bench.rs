@@ -66,7 +66,7 @@ struct Measured {
 }
 
 fn measure(args: &Args, world: usize, checkpointing: bool, kernels: Kernels) -> anyhow::Result<Measured> {
-    let config = LlamaConfig { kernels, ..common::main_job_llama(128, args.seq_len) };
+    let config = LlamaConfig { kernels, ..common::llama_presets::main_job(128, args.seq_len) };
     let task = BigramTask::new(config.vocab_size, 0.1, 3);
     let fsdp_config = FsdpConfig::default().activation_checkpointing(checkpointing);
     let runs = launch(LaunchOptions::new(world), |ctx| {
@@ -115,7 +115,7 @@ fn measure(args: &Args, world: usize, checkpointing: bool, kernels: Kernels) -> 
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let config = common::main_job_llama(128, args.seq_len);
+    let config = common::llama_presets::main_job(128, args.seq_len);
     println!(
         "Llama of the main job ({} layers, hidden {}), {} x {} tokens per rank, FULL_SHARD, f32; {} measured steps",
         config.num_hidden_layers, config.hidden_size, args.batch_size, args.seq_len, args.steps

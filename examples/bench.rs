@@ -32,7 +32,7 @@ use candle_fsdp::optim::{AdamW, ParamsAdamW};
 use candle_fsdp::{launch, Bytes, Fsdp, FsdpConfig, LaunchOptions, ShardingStrategy};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use clap::{Parser, ValueEnum};
-use common::{median, ms, BigramTask, Precision, Rng, DTYPE};
+use common::{llama_presets, median, ms, BigramTask, Precision, Rng, DTYPE};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -111,28 +111,12 @@ struct Setup {
 
 impl ModelSize {
     fn setup(self) -> Setup {
-        let (vocab, hidden, intermediate, layers, heads, kv_heads, batch, seq_len) = match self {
-            Self::Small => (512, 128, 344, 4, 4, 2, 16, 64),
-            Self::Medium => (1024, 256, 688, 6, 8, 4, 16, 128),
-            Self::Train => (128, 128, 344, 4, 4, 2, 8, 32),
+        let (config, batch, seq_len) = match self {
+            Self::Small => (llama_presets::small(), 16, 64),
+            Self::Medium => (llama_presets::medium(), 16, 128),
+            Self::Train => (llama_presets::main_job(128, 32), 8, 32),
         };
-        Setup {
-            config: LlamaConfig {
-                vocab_size: vocab,
-                hidden_size: hidden,
-                intermediate_size: intermediate,
-                num_hidden_layers: layers,
-                num_attention_heads: heads,
-                num_key_value_heads: kv_heads,
-                max_position_embeddings: seq_len,
-                rms_norm_eps: 1e-5,
-                rope_theta: 10_000.0,
-                initializer_range: 0.02,
-                ..LlamaConfig::default()
-            },
-            batch,
-            seq_len,
-        }
+        Setup { config, batch, seq_len }
     }
 }
 

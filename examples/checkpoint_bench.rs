@@ -23,7 +23,7 @@ use candle_core::Device;
 use candle_fsdp::checkpoint::{self, Checkpointer, ExportOptions, LoadOptions, Progress};
 use candle_fsdp::dist::Collectives;
 use candle_fsdp::model::Layout;
-use candle_fsdp::models::llama::{Llama, LlamaConfig};
+use candle_fsdp::models::llama::Llama;
 use candle_fsdp::optim::{AdamW, ParamsAdamW};
 use candle_fsdp::{launch, Bytes, Fsdp, FsdpConfig, LaunchOptions, Plan, PlanConfig};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
@@ -132,16 +132,7 @@ struct Row {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let world = args.world_size;
-    let config = LlamaConfig {
-        vocab_size: args.vocab,
-        hidden_size: args.hidden,
-        intermediate_size: args.intermediate,
-        num_hidden_layers: args.layers,
-        num_attention_heads: 8,
-        num_key_value_heads: 4,
-        max_position_embeddings: 64,
-        ..LlamaConfig::default()
-    };
+    let config = common::llama_presets::llama(args.vocab, args.hidden, args.intermediate, args.layers, (8, 4), 64);
     let temp = tempfile::tempdir()?;
     let dir = args.dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
     std::fs::create_dir_all(&dir)?;

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch FSDP2 reference for the step times of examples/gpu_check.rs (on a GPU) and
+"""PyTorch FSDP2 reference for the step times of examples/gpu_check/ (on a GPU) and
 examples/bench.rs (on the CPU).
 
 Trains the Llama of src/models/llama.rs (token embedding, pre-norm decoder layers with

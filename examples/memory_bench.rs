@@ -23,7 +23,7 @@ mod common;
 
 use anyhow::Context;
 use candle_core::{Device, Tensor};
-use candle_fsdp::models::llama::{Llama, LlamaConfig};
+use candle_fsdp::models::llama::Llama;
 use candle_fsdp::optim::{AdamW, ParamsAdamW};
 use candle_fsdp::{Backend, Fsdp, FsdpConfig, MetaModel, Plan, PlanConfig, ProcessGroup};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
@@ -127,16 +127,14 @@ fn main() -> anyhow::Result<()> {
     }
     let group = ProcessGroup::from_env(Backend::Tcp, Duration::from_secs(600))?;
     let ctx = group.context();
-    let config = LlamaConfig {
-        vocab_size: args.vocab,
-        hidden_size: args.hidden,
-        intermediate_size: args.intermediate,
-        num_hidden_layers: args.layers,
-        num_attention_heads: args.heads,
-        num_key_value_heads: args.heads,
-        max_position_embeddings: args.tokens.max(64),
-        ..LlamaConfig::default()
-    };
+    let config = common::llama_presets::llama(
+        args.vocab,
+        args.hidden,
+        args.intermediate,
+        args.layers,
+        (args.heads, args.heads),
+        args.tokens.max(64),
+    );
     let fsdp_config = FsdpConfig::default();
     let base = allocated();
     let mut figures = Figures::default();

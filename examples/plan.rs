@@ -13,7 +13,7 @@ mod common;
 use anyhow::Context;
 use candle_core::Device;
 use candle_fsdp::model::{Layout, Role, StaticTable};
-use candle_fsdp::models::llama::{Llama, LlamaConfig};
+use candle_fsdp::models::llama::Llama;
 use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
 use candle_fsdp::{Bytes, Plan, PlanConfig, ShardableModel};
 use candle_nn::{VarBuilder, VarMap};
@@ -76,22 +76,6 @@ fn transformer_config() -> TransformerConfig {
     }
 }
 
-fn llama_config() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 32_000,
-        hidden_size: 512,
-        intermediate_size: 1376,
-        num_hidden_layers: 8,
-        num_attention_heads: 8,
-        num_key_value_heads: 4,
-        max_position_embeddings: 2048,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        initializer_range: 0.02,
-        ..LlamaConfig::default()
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let plan_config =
@@ -116,7 +100,7 @@ fn main() -> anyhow::Result<()> {
             ("Transformer", description, Layout::of(&model)?, <Transformer as ShardableModel>::TABLE)
         }
         ModelKind::Llama => {
-            let config = llama_config();
+            let config = common::llama_presets::plan_default();
             let model = Llama::new(&config, vb).context("building the Llama model")?;
             let description = format!(
                 "vocab {}, hidden {}, {} layers, {} heads ({} key/value heads), MLP {}",

@@ -79,22 +79,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn profile(args: &Args) -> anyhow::Result<()> {
-    let (vocab, hidden, inter, layers, heads, kv, batch, seq) = match args.model.as_str() {
-        "small" => (512, 128, 344, 4, 4, 2, 16, 64),
-        _ => (1024, 256, 688, 6, 8, 4, 16, 128),
-    };
-    let config = |kernels| LlamaConfig {
-        vocab_size: vocab,
-        hidden_size: hidden,
-        intermediate_size: inter,
-        num_hidden_layers: layers,
-        num_attention_heads: heads,
-        num_key_value_heads: kv,
-        max_position_embeddings: seq,
-        rms_norm_eps: 1e-5,
-        kernels,
-        ..LlamaConfig::default()
-    };
+    let base = if args.model == "small" { common::llama_presets::small() } else { common::llama_presets::medium() };
+    let (batch, seq) = (16, base.max_position_embeddings);
+    let (vocab, hidden, inter, layers) =
+        (base.vocab_size, base.hidden_size, base.intermediate_size, base.num_hidden_layers);
+    let (heads, kv) = (base.num_attention_heads, base.num_key_value_heads);
+    let config = |kernels| LlamaConfig { kernels, ..base.clone() };
     let head_dim = hidden / heads;
     println!(
         "Llama {args_model}: vocab {vocab}, hidden {hidden}, {layers} layers, {heads}/{kv} heads, MLP {inter}; batch {batch} x {seq} \

@@ -384,7 +384,7 @@ fn run() -> anyhow::Result<()> {
         KernelsArg::Fused => Kernels::Fused,
         KernelsArg::Composed => Kernels::Composed,
     };
-    let config = LlamaConfig { kernels, ..common::main_job_llama(vocab, seq_len) };
+    let config = LlamaConfig { kernels, ..common::llama_presets::main_job(vocab, seq_len) };
     check_outputs(&args, &config)?;
 
     // The plan needs the shapes only: a model built without values.

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod counting_allocator;
+pub mod llama_presets;
 pub mod loss_plot;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -157,23 +158,6 @@ pub fn describe_llama(c: &candle_fsdp::models::llama::LlamaConfig, numel: usize)
         Bytes(numel * DTYPE.size_in_bytes()),
         DTYPE
     )
-}
-
-/// The main job's Llama (`examples/train.rs`): 4 layers of hidden size 128.
-pub fn main_job_llama(vocab_size: usize, seq_len: usize) -> candle_fsdp::models::llama::LlamaConfig {
-    candle_fsdp::models::llama::LlamaConfig {
-        vocab_size,
-        hidden_size: 128,
-        intermediate_size: 344,
-        num_hidden_layers: 4,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        max_position_embeddings: seq_len,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        initializer_range: 0.02,
-        ..Default::default()
-    }
 }
 
 /// Model FLOPs of one trained token of a Llama (forward and backward): `6 N` for the
