@@ -281,7 +281,7 @@ pub enum Error {
         problem: String,
     },
 
-    /// A rank run as a thread by [`crate::launch`] panicked.
+    /// A rank run as a thread by `launch` panicked.
     #[error("rank {rank} panicked: {message}")]
     RankPanicked {
         /// The rank that panicked.
@@ -493,7 +493,7 @@ pub enum Error {
     #[error(transparent)]
     External(Box<dyn std::error::Error + Send + Sync + 'static>),
 
-    /// A rank's closure under [`crate::launch`] failed with an error of the caller's own
+    /// A rank's closure under `launch` failed with an error of the caller's own
     /// code ([`Error::External`]): the same error, naming the rank.
     #[error("rank {rank}: {source}")]
     InRank {

@@ -4,7 +4,7 @@
 
 use super::commit::{all_ranks_ok, io_error, read_json, sync, write_json};
 use super::tensor_files::{PlannedTensor, StreamingWriter, TensorFile};
-use super::{capped, check_world_sharded, device_of, restore_buffer, shard_of};
+use super::{capped, check_world_sharded, device_of};
 use crate::error::{Error, Result};
 use crate::Fsdp;
 use candle_core::{DType, Tensor};
@@ -168,15 +168,14 @@ pub fn export_hf<M>(fsdp: &Fsdp<M>, dir: &Path, options: &ExportOptions) -> Resu
     // Rank 0 keeps gathering after a write error, so its peers are not left waiting in a
     // collective; the error is reported at the end.
     let mut write_error: Option<Error> = None;
-    for group in fsdp.groups() {
+    for unit in fsdp.unit_views() {
         // Written out of the gathered buffer piece by piece: no second copy of the unit.
-        let values = group.full_value_pieces()?;
+        let values = unit.gather_full_values()?;
         if rank != 0 || write_error.is_some() {
             continue;
         }
-        let params = group.params.iter().zip(values).map(|(p, pieces)| Ok((&p.fqn, p.shape.dims(), pieces)));
-        let buffers = fsdp.buffers().iter().filter(|b| b.unit == group.index);
-        let buffers = buffers.map(|b| Ok((&b.fqn, b.tensor.dims(), vec![b.tensor.flatten_all()?])));
+        let params = unit.params().zip(values).map(|(p, pieces)| Ok((p.fqn(), p.shape(), pieces)));
+        let buffers = unit.buffers().map(|b| Ok((b.fqn(), b.shape(), vec![b.values().flatten_all()?])));
         for tensor in params.chain(buffers) {
             let written = tensor.and_then(|(fqn, shape, pieces)| writer.write(fqn, shape, &cast_all(&pieces)?));
             if let Err(e) = written {
@@ -235,14 +234,14 @@ fn plan_files<M>(fsdp: &Fsdp<M>, options: &ExportOptions) -> (Vec<Exported>, Vec
         _ => dtype,
     };
     let mut planned = Vec::new();
-    for group in fsdp.groups() {
-        for param in &group.params {
-            let dtype = exported_dtype(param.shard.dtype());
-            planned.push(PlannedTensor { name: param.fqn.clone(), dtype, shape: param.shape.dims().to_vec() });
+    for unit in fsdp.unit_views() {
+        for param in unit.params() {
+            let dtype = exported_dtype(param.dtype());
+            planned.push(PlannedTensor { name: param.fqn().to_string(), dtype, shape: param.shape().to_vec() });
         }
-        for buffer in fsdp.buffers().iter().filter(|b| b.unit == group.index) {
-            let dtype = exported_dtype(buffer.tensor.dtype());
-            planned.push(PlannedTensor { name: buffer.fqn.clone(), dtype, shape: buffer.tensor.dims().to_vec() });
+        for buffer in unit.buffers() {
+            let dtype = exported_dtype(buffer.dtype());
+            planned.push(PlannedTensor { name: buffer.fqn().to_string(), dtype, shape: buffer.shape().to_vec() });
         }
     }
     let mut exported = Vec::with_capacity(planned.len());
@@ -437,17 +436,13 @@ pub fn load_pretrained<M>(fsdp: &Fsdp<M>, path: &Path) -> Result<()> {
     // value; then each reads and sets one tensor at a time.
     let checkpoint = all_ranks_ok(comm, &device, checked, "loading pretrained weights (checking)", false)?;
     let set = (|| {
-        for group in fsdp.groups() {
-            for (i, param) in group.params.iter().enumerate() {
-                let file = checkpoint.file(&param.fqn);
-                let read = |start, len, dtype| file.read_range(&param.fqn, start, len, dtype, &device);
-                param.shard.set(&shard_of(group, i, read)?)?;
-            }
+        for param in fsdp.unit_views().flat_map(|unit| unit.params()) {
+            let file = checkpoint.file(param.fqn());
+            param.fill(|start, len, dtype| file.read_range(param.fqn(), start, len, dtype, &device))?;
         }
-        for buffer in fsdp.buffers() {
-            let numel = buffer.tensor.elem_count();
-            let file = checkpoint.file(&buffer.fqn);
-            restore_buffer(buffer, file.read_range(&buffer.fqn, 0, numel, buffer.tensor.dtype(), &device)?)?;
+        for buffer in fsdp.buffer_views() {
+            let (numel, file) = (buffer.values().elem_count(), checkpoint.file(buffer.fqn()));
+            buffer.fill(file.read_range(buffer.fqn(), 0, numel, buffer.dtype(), &device)?)?;
         }
         Ok(())
     })();
@@ -463,10 +458,8 @@ fn check_pretrained<M>(fsdp: &Fsdp<M>, path: &Path) -> Result<HfCheckpoint> {
     let checkpoint = HfCheckpoint::open(path, rank)?;
 
     let mut expected: Vec<(&str, DType, &[usize])> = Vec::new();
-    for group in fsdp.groups() {
-        expected.extend(group.params.iter().map(|p| (p.fqn.as_str(), p.shard.dtype(), p.shape.dims())));
-    }
-    expected.extend(fsdp.buffers().iter().map(|b| (b.fqn.as_str(), b.tensor.dtype(), b.tensor.dims())));
+    expected.extend(fsdp.unit_views().flat_map(|unit| unit.params()).map(|p| (p.fqn(), p.dtype(), p.shape())));
+    expected.extend(fsdp.buffer_views().map(|b| (b.fqn(), b.dtype(), b.shape())));
     let mut problems = Vec::new();
     for &(fqn, dtype, shape) in &expected {
         if !checkpoint.routing.contains_key(fqn) {

@@ -16,10 +16,10 @@ use super::metadata::{
     TensorEntry, TensorKind, FORMAT, METADATA_FILE, VERSION,
 };
 use super::tensor_files::{file_checksum, TensorFile};
-use super::{all_finite, capped, check_world_sharded, device_of, restore_buffer, shard_of};
+use super::{all_finite, capped, check_world_sharded, device_of};
 use crate::error::{Error, Result};
 use crate::optim::{OptimizerState, OptimizerStateDict, VarState};
-use crate::runtime::ParamGroup;
+use crate::runtime::ParamView;
 use crate::Fsdp;
 use candle_core::{DType, Device, Tensor, TensorId};
 use std::collections::{BTreeMap, HashMap};
@@ -384,32 +384,20 @@ struct RankContents {
     optimizer: Option<OptimizerEntry>,
 }
 
-/// The elements of a parameter's flattened value that this rank saves: its shard without
-/// the padding. Without sharding every rank holds everything, and rank 0 saves it.
-fn saved_len(group: &ParamGroup, param: usize, rank: usize) -> usize {
-    if (group.shard_world == 1 && rank != 0) || group.replica_rank() != 0 {
-        return 0;
-    }
-    group.params[param].spec.real_len(group.shard_rank())
-}
-
 impl RankContents {
     fn collect<M>(fsdp: &Fsdp<M>, optimizer: Option<&dyn OptimizerState>) -> Result<Self> {
         let rank = fsdp.rank();
         let mut tensors = Vec::new();
         let mut owner: HashMap<TensorId, (&str, usize, usize)> = HashMap::new();
-        for group in fsdp.groups() {
-            for (i, param) in group.params.iter().enumerate() {
-                let len = saved_len(group, i, rank);
-                let start = group.shard_rank() * param.spec.shard_len;
-                owner.insert(param.shard.id(), (&param.fqn, start, len));
-                if len > 0 {
-                    tensors.push((param.fqn.clone(), start, param.shard.as_tensor().narrow(0, 0, len)?));
-                }
+        for param in fsdp.unit_views().flat_map(|unit| unit.params()) {
+            let (len, start) = (param.saved_len(rank), param.range().start);
+            owner.insert(param.var_id(), (param.fqn(), start, len));
+            if len > 0 {
+                tensors.push((param.fqn().to_string(), start, param.values()?));
             }
         }
         if rank == 0 {
-            tensors.extend(fsdp.buffers().iter().map(|b| (b.fqn.clone(), 0, b.tensor.clone())));
+            tensors.extend(fsdp.buffer_views().map(|b| (b.fqn().to_string(), 0, b.values().clone())));
         }
         let optimizer = match optimizer {
             None => None,
@@ -489,31 +477,28 @@ impl RankContents {
 /// Every parameter and buffer with the pieces the ranks saved.
 fn tensor_entries<M>(fsdp: &Fsdp<M>) -> BTreeMap<String, TensorEntry> {
     let mut entries = BTreeMap::new();
-    for group in fsdp.groups() {
-        for param in &group.params {
-            let shard_len = param.spec.shard_len;
-            let pieces = (0..group.shard_world)
-                .map(|r| Piece { file: rank_file(r), start: r * shard_len, len: param.spec.real_len(r) })
-                .filter(|piece| piece.len > 0)
-                .collect();
-            let entry = TensorEntry {
-                kind: TensorKind::Parameter,
-                dtype: param.shard.dtype().into(),
-                shape: param.shape.dims().to_vec(),
-                pieces,
-            };
-            entries.insert(param.fqn.clone(), entry);
-        }
+    for param in fsdp.unit_views().flat_map(|unit| unit.params()) {
+        let pieces = param
+            .pieces()
+            .map(|(r, range)| Piece { file: rank_file(r), start: range.start, len: range.len() })
+            .collect();
+        let entry = TensorEntry {
+            kind: TensorKind::Parameter,
+            dtype: param.dtype().into(),
+            shape: param.shape().to_vec(),
+            pieces,
+        };
+        entries.insert(param.fqn().to_string(), entry);
     }
-    for buffer in fsdp.buffers() {
-        let numel = buffer.tensor.elem_count();
+    for buffer in fsdp.buffer_views() {
+        let numel = buffer.values().elem_count();
         let entry = TensorEntry {
             kind: TensorKind::Buffer,
-            dtype: buffer.tensor.dtype().into(),
-            shape: buffer.tensor.dims().to_vec(),
+            dtype: buffer.dtype().into(),
+            shape: buffer.shape().to_vec(),
             pieces: vec![Piece { file: rank_file(0), start: 0, len: numel }],
         };
-        entries.insert(buffer.fqn.clone(), entry);
+        entries.insert(buffer.fqn().to_string(), entry);
     }
     entries
 }
@@ -612,20 +597,18 @@ fn read_checked<M>(fsdp: &Fsdp<M>, with_optimizer: bool, dir: &Path, options: &L
     // What this rank reads: its shard's range of every parameter (and of its optimizer
     // slots, cut as it is) and every buffer whole.
     let mut wanted = Wanted::default();
-    for group in fsdp.groups() {
-        for param in &group.params {
-            let entry = &metadata.tensors[&param.fqn];
-            let range = param.spec.real_range(group.shard_rank());
-            wanted.add(&param.fqn, entry, range.clone());
-            if let Some(saved) = saved_optimizer {
-                for slot in saved.slots.get(&param.fqn).into_iter().flatten() {
-                    wanted.add(&slot_key(slot, &param.fqn), entry, range.clone());
-                }
+    for param in fsdp.unit_views().flat_map(|unit| unit.params()) {
+        let entry = &metadata.tensors[param.fqn()];
+        let range = param.range();
+        wanted.add(param.fqn(), entry, range.clone());
+        if let Some(saved) = saved_optimizer {
+            for slot in saved.slots.get(param.fqn()).into_iter().flatten() {
+                wanted.add(&slot_key(slot, param.fqn()), entry, range.clone());
             }
         }
     }
-    for buffer in fsdp.buffers() {
-        wanted.add(&buffer.fqn, &metadata.tensors[&buffer.fqn], 0..buffer.tensor.elem_count());
+    for buffer in fsdp.buffer_views() {
+        wanted.add(buffer.fqn(), &metadata.tensors[buffer.fqn()], 0..buffer.values().elem_count());
     }
     for (key, entry) in &wanted.entries {
         check_coverage(rank, &metadata_path, key, entry)?;
@@ -638,15 +621,11 @@ fn read_checked<M>(fsdp: &Fsdp<M>, with_optimizer: bool, dir: &Path, options: &L
 /// tensor at a time: no more than one tensor's new values are held beside the old ones.
 fn apply<M>(fsdp: &Fsdp<M>, optimizer: Option<&mut dyn OptimizerState>, checked: Checked) -> Result<Progress> {
     let Checked { metadata, metadata_path, sources } = checked;
-    for group in fsdp.groups() {
-        for (i, param) in group.params.iter().enumerate() {
-            let shard = shard_of(group, i, |start, len, dtype| sources.range(&param.fqn, start, len, dtype))?;
-            param.shard.set(&shard)?;
-        }
+    for param in fsdp.unit_views().flat_map(|unit| unit.params()) {
+        param.fill(|start, len, dtype| sources.range(param.fqn(), start, len, dtype))?;
     }
-    for buffer in fsdp.buffers() {
-        let flat = sources.range(&buffer.fqn, 0, buffer.tensor.elem_count(), buffer.tensor.dtype())?;
-        restore_buffer(buffer, flat)?;
+    for buffer in fsdp.buffer_views() {
+        buffer.fill(sources.range(buffer.fqn(), 0, buffer.values().elem_count(), buffer.dtype())?)?;
     }
     if let (Some(optimizer), Some(saved)) = (optimizer, &metadata.optimizer) {
         load_optimizer(fsdp, optimizer, saved, &sources, &metadata_path)?;
@@ -889,14 +868,11 @@ fn load_optimizer<M>(
     metadata_path: &Path,
 ) -> Result<()> {
     let rank = fsdp.rank();
-    let by_var: HashMap<TensorId, (&ParamGroup, usize)> = fsdp
-        .groups()
-        .iter()
-        .flat_map(|g| g.params.iter().enumerate().map(move |(i, p)| (p.shard.id(), (g, i))))
-        .collect();
+    let by_var: HashMap<TensorId, ParamView> =
+        fsdp.unit_views().flat_map(|unit| unit.params()).map(|param| (param.var_id(), param)).collect();
     let vars: Vec<_> = optimizer.export_state()?.vars.into_iter().map(|v| v.var).collect();
     for var in vars {
-        let Some(&(group, i)) = by_var.get(&var.id()) else {
+        let Some(param) = by_var.get(&var.id()) else {
             return Err(Error::Rank {
                 rank,
                 message: format!(
@@ -905,7 +881,7 @@ fn load_optimizer<M>(
                 ),
             });
         };
-        let fqn = &group.params[i].fqn;
+        let fqn = param.fqn();
         let names = saved.slots.get(fqn).ok_or_else(|| Error::CheckpointMismatch {
             rank,
             path: metadata_path.into(),
@@ -915,14 +891,14 @@ fn load_optimizer<M>(
         for name in names {
             let key = slot_key(name, fqn);
             // A slot is cut as its parameter is.
-            let slot = shard_of(group, i, |start, len, dtype| sources.range(&key, start, len, dtype))?;
+            let slot = param.cut(|start, len, dtype| sources.range(&key, start, len, dtype))?;
             slots.insert(name.clone(), slot);
         }
         let state = OptimizerStateDict { vars: vec![VarState { var, slots }], scalars: saved.scalars.clone() };
         optimizer.import_state(state).map_err(|e| Error::CheckpointTensor {
             rank,
             path: metadata_path.into(),
-            fqn: fqn.clone(),
+            fqn: fqn.to_string(),
             problem: format!("the optimizer refused its saved state: {e}"),
         })?;
     }
@@ -932,13 +908,11 @@ fn load_optimizer<M>(
 /// Lists every way the model and the checkpoint disagree.
 fn check_fits<M>(fsdp: &Fsdp<M>, metadata: &CheckpointMetadata, path: &Path) -> Result<()> {
     let mut model: BTreeMap<&str, (TensorKind, DType, &[usize])> = BTreeMap::new();
-    for group in fsdp.groups() {
-        for param in &group.params {
-            model.insert(&param.fqn, (TensorKind::Parameter, param.shard.dtype(), param.shape.dims()));
-        }
+    for param in fsdp.unit_views().flat_map(|unit| unit.params()) {
+        model.insert(param.fqn(), (TensorKind::Parameter, param.dtype(), param.shape()));
     }
-    for buffer in fsdp.buffers() {
-        model.insert(&buffer.fqn, (TensorKind::Buffer, buffer.tensor.dtype(), buffer.tensor.dims()));
+    for buffer in fsdp.buffer_views() {
+        model.insert(buffer.fqn(), (TensorKind::Buffer, buffer.dtype(), buffer.shape()));
     }
     let mut problems = Vec::new();
     for (fqn, (kind, dtype, shape)) in &model {

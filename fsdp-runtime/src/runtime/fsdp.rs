@@ -7,6 +7,7 @@ use super::param_group::{ParamGroup, UnitComms};
 use super::rank_agreement::check_ranks_agree;
 use super::rank_state::{ForwardMode, RankState, ROOT};
 use super::seeded_init;
+use super::shard_view::{Buffer, BufferView, UnitView};
 use super::sharded_param::ShardedParam;
 use super::storage::Unallocated;
 use super::{ActivationProfile, MemoryStats, TraceEvent};
@@ -54,15 +55,6 @@ pub struct Fsdp<M> {
     pub(super) state: Arc<RankState>,
     buffers: Vec<Buffer>,
     ties: Vec<Tie>,
-}
-
-/// A tensor of the wrapped model that is not trained (a running statistic): every rank
-/// holds it whole; checkpoints save and restore it.
-pub(crate) struct Buffer {
-    pub fqn: String,
-    pub unit: usize,
-    /// The tensor the model's layers hold.
-    pub tensor: Tensor,
 }
 
 /// A second FQN under which the model reaches a trained parameter.
@@ -571,8 +563,14 @@ impl<M> Fsdp<M> {
         &self.state.groups
     }
 
-    pub(crate) fn buffers(&self) -> &[Buffer] {
-        &self.buffers
+    /// The units as checkpointing sees them, in unit order.
+    pub(crate) fn unit_views(&self) -> impl Iterator<Item = UnitView<'_>> {
+        self.state.groups.iter().map(|group| UnitView::new(group, &self.buffers))
+    }
+
+    /// Every buffer, as checkpointing sees it.
+    pub(crate) fn buffer_views(&self) -> impl Iterator<Item = BufferView<'_>> {
+        self.buffers.iter().map(BufferView::new)
     }
 
     pub(crate) fn ties(&self) -> &[Tie] {

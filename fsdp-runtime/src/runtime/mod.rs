@@ -17,21 +17,19 @@ mod prefetch;
 mod rank_agreement;
 mod rank_state;
 mod seeded_init;
+mod shard_view;
 mod sharded_param;
 mod storage;
 mod summon;
 mod trace;
 
 pub use activation_profile::{ActivationProfile, UnitActivations};
-pub(crate) use flat_buffer::pad;
-pub(crate) use fsdp::Buffer;
 pub use fsdp::Fsdp;
 pub use grad_scaler::{GradScalerConfig, ScaledStep, ShardedGradScaler};
 pub use memory::MemoryStats;
 pub use meta_model::MetaModel;
-pub(crate) use param_group::ParamGroup;
 pub(crate) use prefetch::{backward_prefetch_target, forward_prefetch_target};
-pub(crate) use storage::Fill;
+pub(crate) use shard_view::ParamView;
 pub use summon::SummonOptions;
 pub use trace::{TraceEvent, UnshardCause};
 
