@@ -19,7 +19,8 @@ const DIM: usize = 16;
 const BATCH: usize = 8;
 const WORLD: usize = 2;
 
-/// Two units and a root layer, every layer a `StageLinear`.
+/// Two units and a root layer, every layer a `StageLinear`; `net2` runs twice, so the
+/// input pass defers its weight's work twice and the weight pass sums both uses.
 #[derive(Shardable)]
 struct StageMlp {
     net1: Unit<StageLinear>,
@@ -39,6 +40,7 @@ impl StageMlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = self.net1.forward(x)?.relu()?;
         let x = self.net2.forward(&x)?.relu()?;
+        let x = self.net2.forward(&x)?.relu()?;
         self.head.forward(&x)
     }
 }
@@ -52,6 +54,7 @@ fn reference_forward(values: &HashMap<String, Var>, x: &Tensor) -> Result<Tensor
         )
     };
     let x = linear("net1").forward(x)?.relu()?;
+    let x = linear("net2").forward(&x)?.relu()?;
     let x = linear("net2").forward(&x)?.relu()?;
     linear("head").forward(&x)
 }

@@ -1,6 +1,7 @@
 //! The state shared by a stage's deferrable ops and its backward functions.
 
-use candle_core::{Tensor, Var};
+use candle_core::{Tensor, TensorId, Var};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// What the backward of a deferrable op computes.
@@ -44,6 +45,10 @@ pub(crate) enum Deferred {
 /// Receives the deferred gradients of weights that are not `Var`s: a wrapped FSDP model
 /// ([`crate::Fsdp::deferred_grad_sink`]) takes those of its gathered parameters, and
 /// reduces a unit's gradients as soon as its last one arrives.
+///
+/// The stage calls [`expect`](Self::expect) once per weight with work deferred since the
+/// last weight pass, however many uses and input passes deferred it, and
+/// [`deposit`](Self::deposit) once per such weight at the weight pass, with the uses summed.
 pub trait DeferredGradSink: Send + Sync {
     /// Whether `weight` is one of the sink's parameters.
     fn owns(&self, weight: &Tensor) -> bool;
@@ -59,6 +64,8 @@ pub(crate) struct State {
     pub mode: PassMode,
     pub sink: Option<Arc<dyn DeferredGradSink>>,
     pub queue: Vec<Deferred>,
+    /// The sink's weights announced to it since the last weight pass (each once).
+    pub announced: HashSet<TensorId>,
     /// Input passes since the last weight pass (0: a weight pass has nothing to work on).
     pub input_passes: usize,
     pub counts: WorkCounts,

@@ -93,7 +93,9 @@ fn defer(ctx: &StageContext, weight: &Tensor) -> Result<Option<Tensor>> {
     let sink = ctx.lock().sink.clone();
     match sink {
         Some(sink) if sink.owns(weight) => {
-            sink.expect(weight).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            if ctx.lock().announced.insert(weight.id()) {
+                sink.expect(weight).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            }
             Ok(Some(weight.zeros_like()?))
         }
         _ => candle_core::bail!(

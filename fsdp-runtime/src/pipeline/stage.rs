@@ -217,7 +217,11 @@ pub fn stage_backward_weight(ctx: &StageContext, acc: &mut GradAccumulator) -> R
             return Err(err);
         }
     };
-    ctx.lock().input_passes = 0;
+    {
+        let mut state = ctx.lock();
+        state.input_passes = 0;
+        state.announced.clear();
+    }
     let sink = ctx.lock().sink.clone();
     for (weight, grad) in &summed {
         match weight {

@@ -50,25 +50,21 @@ struct Gradients {
     arrived: Vec<Option<Tensor>>,
     /// Parameters whose gradient has not arrived yet.
     missing: usize,
-    /// Parameters part of whose gradient a pipeline input pass deferred to its weight pass.
-    deferred: Vec<bool>,
+    /// Parts of gradients announced by a caller outside autograd (a pipeline's weight pass)
+    /// and not delivered yet: the unit waits for them before it reduces.
+    pledged: usize,
     /// Unsharded gradients kept from backward passes run without gradient sync.
     accumulated: Vec<Option<Tensor>>,
 }
 
 impl Gradients {
     fn new(params: usize) -> Self {
-        Self {
-            arrived: vec![None; params],
-            missing: params,
-            deferred: vec![false; params],
-            accumulated: vec![None; params],
-        }
+        Self { arrived: vec![None; params], missing: params, pledged: 0, accumulated: vec![None; params] }
     }
 
-    /// Every gradient of the step has arrived, deferred parts included.
+    /// Every gradient of the step has arrived, pledged parts included.
     fn complete(&self) -> bool {
-        self.missing == 0 && !self.deferred.iter().any(|&d| d)
+        self.missing == 0 && self.pledged == 0
     }
 
     /// Adds `grad` to parameter `param`'s gradient of this step.
@@ -86,7 +82,7 @@ impl Gradients {
     /// Clears the step's gradients; the unsynced accumulation stays.
     fn reset_step(&mut self) {
         self.arrived.iter_mut().for_each(|g| *g = None);
-        self.deferred.iter_mut().for_each(|d| *d = false);
+        self.pledged = 0;
         self.missing = self.arrived.len();
     }
 }
@@ -355,17 +351,22 @@ impl ParamGroup {
         Ok(state.grads.complete())
     }
 
-    /// A pipeline input pass deferred (part of) parameter `param`'s gradient.
-    pub fn expect_deferred(&self, param: usize) {
-        self.state().grads.deferred[param] = true;
+    /// A caller outside autograd will deliver one more part of a gradient this step: the
+    /// unit waits for it before it reduces.
+    pub fn pledge_gradient(&self) {
+        self.state().grads.pledged += 1;
     }
 
-    /// The weight pass's part of parameter `param`'s gradient; `true` when nothing is
-    /// missing any more.
-    pub fn deposit_deferred(&self, param: usize, grad: &Tensor) -> Result<bool> {
+    /// A pledged part of parameter `param`'s gradient; `true` when nothing is missing any
+    /// more.
+    pub fn deposit_pledged(&self, param: usize, grad: &Tensor) -> Result<bool> {
         let mut state = self.state();
         self.check_accepts_gradient(&state, param)?;
-        state.grads.deferred[param] = false;
+        if state.grads.pledged == 0 {
+            let fqn = &self.params[param].fqn;
+            return Err(self.fail(format!("a part of the gradient of `{fqn}` arrived that nothing announced")));
+        }
+        state.grads.pledged -= 1;
         state.grads.add(param, grad)?;
         Ok(state.grads.complete())
     }

@@ -591,8 +591,8 @@ impl DeferredGradSink for RankState {
     }
 
     fn expect(&self, weight: &Tensor) -> Result<()> {
-        let (unit, param) = self.param_of(weight)?;
-        self.groups[unit].expect_deferred(param);
+        let (unit, _) = self.param_of(weight)?;
+        self.groups[unit].pledge_gradient();
         Ok(())
     }
 
@@ -600,7 +600,7 @@ impl DeferredGradSink for RankState {
     /// the unit is reduced at once if nothing else is missing.
     fn deposit(&self, weight: &Tensor, grad: &Tensor) -> Result<()> {
         let (unit, param) = self.param_of(weight)?;
-        let complete = self.groups[unit].deposit_deferred(param, grad)?;
+        let complete = self.groups[unit].deposit_pledged(param, grad)?;
         self.on_gradients_complete(unit, complete)
     }
 }
