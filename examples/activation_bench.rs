@@ -10,7 +10,7 @@
 //! need; the peak during the backward beyond the level before the forward is what the
 //! backward adds at most (activations, gathered parameters, gradients). Step time is the
 //! median over the measured steps, forward + backward + AdamW. Next to them, the plan's
-//! prediction: a step profiled with one sequence per rank (`Fsdp::activation_profile`),
+//! prediction: a step profiled with one sequence per rank (`Diagnostics::activation_profile`),
 //! scaled to the batch by `Plan::with_activations`.
 //!
 //! ```text
@@ -74,12 +74,12 @@ fn measure(args: &Args, world: usize, checkpointing: bool, kernels: Kernels) -> 
         let fsdp = Fsdp::wrap_meta(meta, ctx.comm.clone(), fsdp_config, 1)?;
         let mut optimizer = AdamW::new(fsdp.parameters(), ParamsAdamW { lr: 1e-3, ..ParamsAdamW::default() })?;
         // The plan's prediction: one profiled step with one sequence per rank, scaled.
-        fsdp.set_activation_profiling(true);
+        fsdp.diagnostics().set_activation_profiling(true);
         let (ids, targets) = task.batch(&mut Rng::stream(5, ctx.rank as u64), 1, args.seq_len, &Device::Cpu)?;
         let loss = fsdp.forward(|m| m.loss(&ids, &targets))?;
         drop(fsdp.backward(&loss)?);
-        fsdp.set_activation_profiling(false);
-        let profile = fsdp.activation_profile().expect("a profiled step");
+        fsdp.diagnostics().set_activation_profiling(false);
+        let profile = fsdp.diagnostics().activation_profile().expect("a profiled step");
         let layout = MetaModel::build(DTYPE, &Device::Cpu, |vb| Llama::new(&config, vb))?.layout()?;
         let plan = Plan::new(&layout, PlanConfig::new(world, fsdp_config))?;
         let predicted = plan.with_activations(&profile, args.batch_size as f64).activation_bytes();
@@ -95,7 +95,7 @@ fn measure(args: &Args, world: usize, checkpointing: bool, kernels: Kernels) -> 
             let loss = fsdp.forward(|m| m.loss(&ids, &targets))?;
             ctx.comm.barrier("after the forward")?;
             let after_forward = allocated();
-            let kept = fsdp.memory().gathered_bytes;
+            let kept = fsdp.diagnostics().memory().gathered_bytes;
             ctx.comm.barrier("forward read")?;
             let grads = fsdp.backward(&loss)?;
             ctx.comm.barrier("after the backward")?;

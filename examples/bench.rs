@@ -442,7 +442,13 @@ fn run_fsdp(
             losses.push(global.to_vec1::<f32>()?[0] as f64);
             grad_bytes = common::tensor_bytes(shards.iter().filter_map(|v| grads.get(v.as_tensor())));
         }
-        Ok(RankRun::new(times, &losses, common::var_bytes(&shards), grad_bytes, fsdp.memory().gathered_peak))
+        Ok(RankRun::new(
+            times,
+            &losses,
+            common::var_bytes(&shards),
+            grad_bytes,
+            fsdp.diagnostics().memory().gathered_peak,
+        ))
     })?;
     Ok(runs)
 }

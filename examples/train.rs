@@ -711,7 +711,7 @@ fn train_rank(ctx: RankContext, args: &Args, config: &LlamaConfig, data: &Data) 
                 "loss_scale": scaler.as_ref().map(|s| s.scale()),
                 "eval_loss": eval_loss,
                 "mfu": mfu(ms(step_time)),
-                "gathered_peak_bytes": fsdp.memory().gathered_peak,
+                "gathered_peak_bytes": fsdp.diagnostics().memory().gathered_peak,
                 "resident_bytes": common::resident_bytes(),
             });
             writeln!(file, "{line}").map_err(|e| candle_fsdp::Error::Rank {
@@ -723,7 +723,7 @@ fn train_rank(ctx: RankContext, args: &Args, config: &LlamaConfig, data: &Data) 
         progress.set_message(format!(
             "{global:.4}  {tokens_per_s:.0} tok/s  MFU {:.1}%  gathered peak {}",
             100.0 * mfu(ms(step_time)),
-            Bytes(fsdp.memory().gathered_peak)
+            Bytes(fsdp.diagnostics().memory().gathered_peak)
         ));
         progress.inc(1);
         if ctx.rank == 0 && (step == 1 || step % args.log_every as usize == 0 || step == steps) {
@@ -773,7 +773,7 @@ fn train_rank(ctx: RankContext, args: &Args, config: &LlamaConfig, data: &Data) 
         shard_bytes,
         grad_bytes,
         optimizer_bytes: 2 * shard_bytes,
-        gathered_peak: fsdp.memory().gathered_peak,
+        gathered_peak: fsdp.diagnostics().memory().gathered_peak,
         skipped_steps,
         eval_losses,
         mfu: step_median_mfu,

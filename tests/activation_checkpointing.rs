@@ -52,6 +52,7 @@ fn train<M: ShardableModel>(
             opt.step(&fsdp.backward(&l)?)?;
         }
         let unshards = fsdp
+            .diagnostics()
             .take_trace()
             .into_iter()
             .filter_map(|e| match e {
@@ -338,12 +339,12 @@ fn profile(checkpointing: bool) -> candle_fsdp::ActivationProfile {
         })?;
         let config = FsdpConfig::default().activation_checkpointing(checkpointing);
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), config)?;
-        assert_eq!(fsdp.activation_profile(), None);
-        fsdp.set_activation_profiling(true);
+        assert_eq!(fsdp.diagnostics().activation_profile(), None);
+        fsdp.diagnostics().set_activation_profiling(true);
         let x = common::rand(ctx.rank as u64, &[3, 4]);
         let loss = fsdp.forward(|m| m.layers.iter().try_fold(x.clone(), |x, l| l.forward(&x)))?.sum_all()?;
         fsdp.backward(&loss)?;
-        Ok(fsdp.activation_profile().expect("a profiled step"))
+        Ok(fsdp.diagnostics().activation_profile().expect("a profiled step"))
     })
     .unwrap();
     assert_eq!(profiles[0], profiles[1], "every rank keeps as much");
@@ -406,10 +407,10 @@ fn the_activation_profile_of_nested_units_counts_each_tensor_once() {
     let profiles = launch(LaunchOptions::new(1), |ctx| {
         let (model, _, _) = build(None, DType::F32, fsdp_testkit::fsdp_test_models::NestedWrappedModule::new)?;
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
-        fsdp.set_activation_profiling(true);
+        fsdp.diagnostics().set_activation_profiling(true);
         let x = common::rand(1, &[4, 8]);
         fsdp.backward(&fsdp.forward(|m| m.forward(&x))?.sum_all()?)?;
-        Ok(fsdp.activation_profile().expect("a profiled step"))
+        Ok(fsdp.diagnostics().activation_profile().expect("a profiled step"))
     })
     .unwrap();
     let bytes: Vec<(&str, usize)> = profiles[0].units.iter().map(|u| (u.unit.as_str(), u.bytes)).collect();

@@ -337,7 +337,7 @@ fn unused_forward_output(world: usize, strategy: ShardingStrategy) {
         let (reference, ref_map, _) = build(Some(&snapshot), DType::F32, ctor)?;
         let ref_vars = vars_by_name(&ref_map);
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), config(strategy))?;
-        fsdp.take_trace();
+        fsdp.diagnostics().take_trace();
         let position = shard_position(strategy, ctx.rank, world);
         let mut optim = AdamW::new(fsdp.parameters(), adam())?;
         let mut ref_optim = AdamW::new(ref_map.all_vars(), adam())?;
@@ -376,7 +376,7 @@ fn unused_forward_output(world: usize, strategy: ShardingStrategy) {
                 assert_eq!(grads.get(shard.as_tensor()).is_some(), expect_grad, "{what}: gradient of `{fqn}`");
             }
             // The root (`lin2`) reduces nothing once `out2` is unused; `lin1` every time.
-            let events = fsdp.take_trace();
+            let events = fsdp.diagnostics().take_trace();
             assert_eq!(count(&events, "<root>", is_reduce), usize::from(iter < 3), "{what}: {events:?}");
             assert_eq!(count(&events, "lin1", is_reduce), 1, "{what}: {events:?}");
             check_shards(&what, &fsdp, &ref_vars, position);
@@ -414,7 +414,7 @@ fn unused_forward_module(world: usize, strategy: ShardingStrategy) {
         let (reference, ref_map, _) = build(Some(&snapshot), DType::F32, ctor)?;
         let ref_vars = vars_by_name(&ref_map);
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), config(strategy))?;
-        fsdp.take_trace();
+        fsdp.diagnostics().take_trace();
         let position = shard_position(strategy, ctx.rank, world);
         let mut optim = AdamW::new(fsdp.parameters(), adam())?;
         let mut ref_optim = AdamW::new(ref_map.all_vars(), adam())?;
@@ -445,7 +445,7 @@ fn unused_forward_module(world: usize, strategy: ShardingStrategy) {
             }
             // `lin2` never ran: no all-gather and no reduction for it (PyTorch's post-backward
             // finds no gradient and issues no collective), while `lin1` did both.
-            let events = fsdp.take_trace();
+            let events = fsdp.diagnostics().take_trace();
             assert_eq!(
                 count(&events, "lin2", |e| is_unshard(e) || is_reduce(e)),
                 0,
@@ -497,9 +497,9 @@ fn nontensor_activations<C: ActivationContainer>(container: &str, strategy: Shar
         let (reference, ref_map, _) = build(Some(&snapshot), DType::F32, ctor)?;
         let ref_vars = vars_by_name(&ref_map);
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), config(strategy))?;
-        let units: Vec<String> = fsdp.units().into_iter().map(|(name, _)| name).collect();
+        let units: Vec<String> = fsdp.diagnostics().units().into_iter().map(|(name, _)| name).collect();
         assert_eq!(units, ["<root>", "0", "1", "2", "3", "4"], "{what}: units");
-        fsdp.take_trace();
+        fsdp.diagnostics().take_trace();
         let position = shard_position(strategy, ctx.rank, world);
         let mut optim = AdamW::new(fsdp.parameters(), adam())?;
         let mut ref_optim = AdamW::new(ref_map.all_vars(), adam())?;
@@ -526,7 +526,7 @@ fn nontensor_activations<C: ActivationContainer>(container: &str, strategy: Shar
             // The pre-backward hook fired once for every unit whose outputs require a
             // gradient. `ToContainerType` ("0") packs the raw input, which requires none,
             // so neither PyTorch nor this runtime hooks its outputs.
-            let events = fsdp.take_trace();
+            let events = fsdp.diagnostics().take_trace();
             for unit in ["<root>", "1", "2", "3", "4"] {
                 assert_eq!(count(&events, unit, is_pre_backward), 1, "{what}: pre-backward of `{unit}`: {events:?}");
             }
@@ -800,7 +800,7 @@ fn no_grad(strategy: ShardingStrategy) {
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), config(strategy))?;
         // Without sharding the full parameters are the parameters themselves, counted as
         // gathered for good; sharded, nothing is gathered outside a step.
-        let resident = fsdp.memory().gathered_bytes;
+        let resident = fsdp.diagnostics().memory().gathered_bytes;
         assert_eq!(resident == 0, strategy != ShardingStrategy::NoShard, "{what}: gathered bytes after wrapping");
         let mut optim = SgdMomentum::new(fsdp.parameters(), SGD)?;
         let (src, tgt) = TransformerWithSharedParams::get_input(&Device::Cpu)?;
@@ -808,23 +808,27 @@ fn no_grad(strategy: ShardingStrategy) {
         let grads = fsdp.backward(&TransformerWithSharedParams::get_loss(&tgt, &out)?)?;
         optim.step(&grads)?;
         drop((out, grads));
-        assert_eq!(fsdp.live_backward_hooks(), 0, "{what}: hooks after the training step");
+        assert_eq!(fsdp.diagnostics().live_backward_hooks(), 0, "{what}: hooks after the training step");
 
         let training = fsdp.forward(|m| m.forward(&src, &tgt))?;
-        let hooks = fsdp.live_backward_hooks();
+        let hooks = fsdp.diagnostics().live_backward_hooks();
         assert!(hooks > 0, "{what}: a training forward hooks its outputs");
         let inference = fsdp.forward_inference(|m| m.forward(&src, &tgt))?;
-        assert_eq!(fsdp.live_backward_hooks(), hooks, "{what}: the inference forward attached hooks");
+        assert_eq!(fsdp.diagnostics().live_backward_hooks(), hooks, "{what}: the inference forward attached hooks");
         assert!(!inference.track_op(), "{what}: the inference output is detached");
         assert_eq!(values(&inference), values(&training), "{what}: inference vs training output");
-        assert_eq!(fsdp.memory().gathered_bytes, resident, "{what}: gathered bytes after the inference forward");
+        assert_eq!(
+            fsdp.diagnostics().memory().gathered_bytes,
+            resident,
+            "{what}: gathered bytes after the inference forward"
+        );
         drop(training);
-        assert_eq!(fsdp.live_backward_hooks(), 0, "{what}: hooks after dropping the training output");
+        assert_eq!(fsdp.diagnostics().live_backward_hooks(), 0, "{what}: hooks after dropping the training output");
 
         // Alone, an inference forward leaves no hook and nothing gathered.
         let again = fsdp.forward_inference(|m| m.forward(&src, &tgt))?;
-        assert_eq!(fsdp.live_backward_hooks(), 0, "{what}: hooks while an inference output is alive");
-        assert_eq!(fsdp.memory().gathered_bytes, resident, "{what}: gathered bytes");
+        assert_eq!(fsdp.diagnostics().live_backward_hooks(), 0, "{what}: hooks while an inference output is alive");
+        assert_eq!(fsdp.diagnostics().memory().gathered_bytes, resident, "{what}: gathered bytes");
         assert_eq!(values(&again), values(&inference));
 
         // Training still works afterwards.
@@ -926,29 +930,29 @@ fn training_forward_attaches_one_hook_per_unit_output() {
         // Four units (root, module.1, module.1.0, module.2), each returning one tensor.
         let (model, _, _) = build(Some(&nested_snapshot), DType::F32, nested)?;
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
-        assert_eq!(fsdp.units().len(), 4);
+        assert_eq!(fsdp.diagnostics().units().len(), 4);
         let mut optim = SgdMomentum::new(fsdp.parameters(), SGD)?;
         for step in 0..2 {
-            assert_eq!(fsdp.live_backward_hooks(), 0, "step {step}: before forward");
+            assert_eq!(fsdp.diagnostics().live_backward_hooks(), 0, "step {step}: before forward");
             let out = fsdp.forward(|m| m.forward(&nested_input(ctx.rank)))?;
-            assert_eq!(fsdp.live_backward_hooks(), 4, "step {step}: after forward");
+            assert_eq!(fsdp.diagnostics().live_backward_hooks(), 4, "step {step}: after forward");
             let loss = out.sum_all()?;
             let grads = fsdp.backward(&loss)?;
-            assert_eq!(fsdp.live_backward_hooks(), 4, "step {step}: after backward, outputs alive");
+            assert_eq!(fsdp.diagnostics().live_backward_hooks(), 4, "step {step}: after backward, outputs alive");
             optim.step(&grads)?;
-            assert_eq!(fsdp.live_backward_hooks(), 4, "step {step}: after the optimizer step");
+            assert_eq!(fsdp.diagnostics().live_backward_hooks(), 4, "step {step}: after the optimizer step");
             drop((out, loss, grads));
-            assert_eq!(fsdp.live_backward_hooks(), 0, "step {step}: after dropping the outputs");
+            assert_eq!(fsdp.diagnostics().live_backward_hooks(), 0, "step {step}: after dropping the outputs");
         }
 
         // `DoubleLinear`: the root returns two tensors, `lin1` one.
         let (model, _, _) = build(Some(&double_snapshot), DType::F32, double)?;
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
         let (out1, out2) = fsdp.forward(|m| m.forward(&local_input(&global_input(0, world), ctx.rank)))?;
-        assert_eq!(fsdp.live_backward_hooks(), 3);
+        assert_eq!(fsdp.diagnostics().live_backward_hooks(), 3);
         fsdp.backward(&out1.sum_all()?)?;
         drop((out1, out2));
-        assert_eq!(fsdp.live_backward_hooks(), 0);
+        assert_eq!(fsdp.diagnostics().live_backward_hooks(), 0);
         Ok(())
     })
     .unwrap();
@@ -1121,7 +1125,7 @@ fn delayed_run(snapshot: &Snapshot, strategy: ShardingStrategy, delay: Duration)
             let grads = fsdp.backward(&loss)?;
             optim.step(&grads)?;
         }
-        let reductions = fsdp.trace().iter().filter(|e| is_reduce(e)).count();
+        let reductions = fsdp.diagnostics().trace().iter().filter(|e| is_reduce(e)).count();
         let params = fsdp.full_parameters()?.into_iter().map(|(name, value)| (name, values(&value))).collect();
         Ok((losses, params, reductions))
     })
@@ -1199,7 +1203,7 @@ fn student_teacher(world: usize, strategy: ShardingStrategy) {
         let (reference, ref_map, _) = build(Some(&snapshot), DType::F32, StudentTeacher::new)?;
         let ref_vars = vars_by_name(&ref_map);
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), config(strategy))?;
-        fsdp.take_trace();
+        fsdp.diagnostics().take_trace();
         let position = shard_position(strategy, ctx.rank, world);
         let mut optim = SgdMomentum::new(fsdp.parameters(), SGD)?;
         let mut ref_optim = SgdMomentum::new(ref_map.all_vars(), SGD)?;
@@ -1220,7 +1224,7 @@ fn student_teacher(world: usize, strategy: ShardingStrategy) {
                 &format!("{what}: loss summed over ranks"),
             );
             check_grads(&what, &fsdp, &grads, &ref_vars, &ref_grads, position);
-            let events = fsdp.take_trace();
+            let events = fsdp.diagnostics().take_trace();
             for unit in ["teacher", "student", "head"] {
                 assert_eq!(count(&events, unit, is_reduce), 1, "{what}: reductions of `{unit}`: {events:?}");
             }
@@ -1277,7 +1281,7 @@ fn gradient_accumulation(world: usize, strategy: ShardingStrategy) {
         let (reference, ref_map, _) = build(Some(&snapshot), DType::F32, NestedWrappedModule::new)?;
         let ref_vars = vars_by_name(&ref_map);
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), config(strategy))?;
-        fsdp.take_trace();
+        fsdp.diagnostics().take_trace();
         let position = shard_position(strategy, ctx.rank, world);
         let mut optim = SgdMomentum::new(fsdp.parameters(), SGD)?;
         let mut ref_optim = SgdMomentum::new(ref_map.all_vars(), SGD)?;
@@ -1292,7 +1296,7 @@ fn gradient_accumulation(world: usize, strategy: ShardingStrategy) {
                 let loss = (out.mean_all()? / k as f64)?;
                 local_loss += scalar(&loss);
                 let grads = fsdp.backward(&loss)?;
-                let events = fsdp.take_trace();
+                let events = fsdp.diagnostics().take_trace();
                 let reductions = events.iter().filter(|e| is_reduce(e)).count();
                 let with_grads = fsdp.parameters().iter().filter(|s| grads.get(s.as_tensor()).is_some()).count();
                 if sync {

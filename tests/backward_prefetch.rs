@@ -35,7 +35,7 @@ fn recorded_prefetches(mode: BackwardPrefetch) -> Vec<Vec<Vec<Option<Vec<String>
     launch(LaunchOptions::new(2), |ctx| {
         let (model, _, _) = common::build(Some(&snapshot), DType::F32, |vb| Transformer::new(&config(), vb))?;
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default().backward_prefetch(mode))?;
-        let units = fsdp.units();
+        let units = fsdp.diagnostics().units();
         let fqns_of = |name: &str| units.iter().find(|(n, _)| n == name).map(|(_, f)| f.clone()).unwrap();
         let mut optimizer = SGD::new(fsdp.parameters(), 1e-2)?;
         let seed = ctx.rank as u64 + 1;
@@ -46,6 +46,7 @@ fn recorded_prefetches(mode: BackwardPrefetch) -> Vec<Vec<Vec<Option<Vec<String>
             let loss = fsdp.forward(|m| m.forward(&src, &tgt))?.sum_all()?;
             optimizer.step(&fsdp.backward(&loss)?)?;
             let recorded = fsdp
+                .diagnostics()
                 .take_trace()
                 .into_iter()
                 .filter_map(|event| match event {
@@ -104,6 +105,7 @@ fn backward_pre_gathers_through_prefetch() {
         let loss = fsdp.forward(|m| m.forward(&src, &tgt))?.sum_all()?;
         fsdp.backward(&loss)?;
         Ok(fsdp
+            .diagnostics()
             .take_trace()
             .into_iter()
             .filter_map(|e| match e {

@@ -168,6 +168,7 @@ fn sent_in_one_step(world: usize, group: usize, strategy: ShardingStrategy) -> (
         let after = [comm.bytes("all_gather"), comm.bytes("reduce_scatter"), comm.bytes("all_reduce")];
         let [gathered, scattered, reduced] = [0, 1, 2].map(|i| after[i] - before[i]);
         let shard_bytes: Vec<usize> = fsdp
+            .diagnostics()
             .units()
             .iter()
             .map(|(_, fqns)| fqns.iter().map(|f| snapshot.0[f].elem_count().div_ceil(group) * 4).sum())

@@ -37,9 +37,13 @@ fn measure(strategy: ShardingStrategy, prefetch: BackwardPrefetch, forward_prefe
         let src = common::randn(ctx.rank as u64, &[5, 2, D_MODEL]);
         let tgt = common::randn(ctx.rank as u64 + 10, &[4, 2, D_MODEL]);
         let out = fsdp.forward(|m| m.forward(&src, &tgt))?;
-        let after_forward = fsdp.memory().gathered_bytes;
+        let after_forward = fsdp.diagnostics().memory().gathered_bytes;
         fsdp.backward(&out.sum_all()?)?;
-        Ok(Measured { after_forward, peak: fsdp.memory().gathered_peak, after_backward: fsdp.memory().gathered_bytes })
+        Ok(Measured {
+            after_forward,
+            peak: fsdp.diagnostics().memory().gathered_peak,
+            after_backward: fsdp.diagnostics().memory().gathered_bytes,
+        })
     })
     .unwrap();
     (measured, plan)

@@ -248,7 +248,11 @@ fn one_step_traffic(policy: MixedPrecision) -> (usize, usize, usize) {
         let (gathers, reductions) = (comm.bytes("all_gather"), comm.bytes("reduce_scatter"));
         let loss = fsdp.forward_with(input(ctx.rank), |m, x| m.forward(&x))?.sum_all()?;
         fsdp.backward(&loss)?;
-        Ok((comm.bytes("all_gather") - gathers, comm.bytes("reduce_scatter") - reductions, fsdp.memory().gathered_peak))
+        Ok((
+            comm.bytes("all_gather") - gathers,
+            comm.bytes("reduce_scatter") - reductions,
+            fsdp.diagnostics().memory().gathered_peak,
+        ))
     })
     .unwrap();
     assert_eq!(ranks[0], ranks[1], "both ranks move and hold the same");

@@ -209,7 +209,7 @@ fn the_model_is_reachable_only_with_full_parameters() {
         // Between steps the units are released; inside the scope they are gathered.
         let summoned = fsdp.summon_full_params(|m| m.forward(&input(0)))??;
         let full = fsdp.full_parameters()?;
-        assert_eq!(fsdp.memory().gathered_bytes, 0, "the scope freed what it gathered");
+        assert_eq!(fsdp.diagnostics().memory().gathered_bytes, 0, "the scope freed what it gathered");
 
         // Refused between a forward and its backward, and the step still completes.
         let out = fsdp.forward(|m| m.forward(&input(ctx.rank)))?;

@@ -129,7 +129,7 @@ fn run(strategy: ShardingStrategy, split: bool, snapshot: &Snapshot) -> Vec<Rank
         let stage = StageContext::new();
         let (model, _, _) = build(Some(snapshot), DType::F32, |vb| StageMlp::new(&stage, vb))?;
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default().strategy(strategy))?;
-        stage.set_grad_sink(fsdp.deferred_grad_sink());
+        stage.set_grad_sink(fsdp.pipelining().deferred_grad_sink());
         let x = Var::from_tensor(&input(ctx.rank))?;
         let out = fsdp.forward(|m| m.forward(x.as_tensor()))?;
         let grads = [Some(output_grad(ctx.rank))];
@@ -140,19 +140,19 @@ fn run(strategy: ShardingStrategy, split: bool, snapshot: &Snapshot) -> Vec<Rank
         if split {
             input_grads = stage_backward_input(&stage, &[out], Some(&grads), &inputs)?;
             weight_matmuls_in_input_pass = stage.counts().weight_matmuls;
-            fsdp.finish_input_pass()?;
-            gathered_after_input_pass = fsdp.memory().gathered_bytes;
-            reduced_in_input_pass = reduced_units(fsdp.take_trace());
+            fsdp.pipelining().finish_input_pass()?;
+            gathered_after_input_pass = fsdp.diagnostics().memory().gathered_bytes;
+            reduced_in_input_pass = reduced_units(fsdp.diagnostics().take_trace());
             // The stage output is gone; the weight pass works from what the input pass kept.
             stage_backward_weight(&stage, &mut acc)?;
-            reduced_in_weight_pass = reduced_units(fsdp.take_trace());
+            reduced_in_weight_pass = reduced_units(fsdp.diagnostics().take_trace());
         } else {
             input_grads = stage_backward(&stage, &[out], Some(&grads), &inputs, &mut acc)?;
             weight_matmuls_in_input_pass = 0;
             gathered_after_input_pass = 0;
             reduced_in_input_pass = Vec::new();
         }
-        let store = fsdp.finish_backward()?;
+        let store = fsdp.pipelining().finish_backward()?;
         let shard_grads = fsdp
             .named_parameters()
             .into_iter()

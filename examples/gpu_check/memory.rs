@@ -91,8 +91,8 @@ pub(super) fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<
             );
         }
         sec.check(
-            fsdp.memory().gathered_bytes == 0,
-            format!("the runtime's accounting after wrap: {} gathered", fsdp.memory().gathered_bytes),
+            fsdp.diagnostics().memory().gathered_bytes == 0,
+            format!("the runtime's accounting after wrap: {} gathered", fsdp.diagnostics().memory().gathered_bytes),
         );
 
         let mut optimizer = AdamW::new(fsdp.parameters(), ParamsAdamW::default())?;
@@ -121,7 +121,7 @@ pub(super) fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<
             for block in &m.blocks {
                 x = block.forward(&x)?;
                 let probe = mem(&dev).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
-                probes.push((probe, fsdp.memory().gathered_bytes));
+                probes.push((probe, fsdp.diagnostics().memory().gathered_bytes));
             }
             m.head.forward(&x)
         })?;
@@ -184,14 +184,14 @@ pub(super) fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<
             );
         }
         sec.check(
-            fsdp.memory().gathered_bytes == 0,
+            fsdp.diagnostics().memory().gathered_bytes == 0,
             "after forward_inference nothing is gathered (runtime accounting)",
         );
 
         // Training steps.
         let mut after_steps = Vec::new();
         for step in 1..=3 {
-            fsdp.reset_memory_peak();
+            fsdp.diagnostics().reset_memory_peak();
             let out = fsdp.forward(|m| m.forward(&input))?;
             let loss = out.sqr()?.mean_all()?;
             let m_fwd = mem(&dev)?;
@@ -224,7 +224,7 @@ pub(super) fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<
             ));
             sec.info(format!(
                 "step {step}: gathered peak by the runtime's accounting {} (plan {})",
-                mib(fsdp.memory().gathered_peak as f64),
+                mib(fsdp.diagnostics().memory().gathered_peak as f64),
                 mib(plan.memory.gathered_peak as f64)
             ));
             if step == 1 {
@@ -264,7 +264,10 @@ pub(super) fn memory(sec: &Section, args: &Args, settings: &Settings) -> Result<
                 format!("no growth of the pool's used bytes from step 1 to step 3: {}", signed_mib(p)),
             );
         }
-        sec.check(fsdp.memory().gathered_bytes == 0, "after backward nothing is gathered (runtime accounting)");
+        sec.check(
+            fsdp.diagnostics().memory().gathered_bytes == 0,
+            "after backward nothing is gathered (runtime accounting)",
+        );
         Ok(())
     })
 }

@@ -37,7 +37,8 @@ pub(super) fn prefetch_sequences(sec: &Section, settings: &Settings) -> Result<(
                     let loss = fsdp.forward(|m| m.forward(&src, &tgt))?.sum_all()?;
                     optimizer.step(&fsdp.backward(&loss)?)?;
                     per_iteration.push(
-                        fsdp.take_trace()
+                        fsdp.diagnostics()
+                            .take_trace()
                             .into_iter()
                             .filter_map(|e| match e {
                                 TraceEvent::BackwardPrefetch { target, .. } => Some(target),
@@ -47,7 +48,7 @@ pub(super) fn prefetch_sequences(sec: &Section, settings: &Settings) -> Result<(
                     );
                 }
                 // The FQN lists of the units, for the PyTorch test's comparison.
-                let units = fsdp.units();
+                let units = fsdp.diagnostics().units();
                 Ok(per_iteration
                     .into_iter()
                     .map(|it: Vec<Option<String>>| {
@@ -102,6 +103,7 @@ pub(super) fn prefetch_sequences(sec: &Section, settings: &Settings) -> Result<(
             let loss = fsdp.forward(|m| m.forward(&src, &tgt))?.sum_all()?;
             fsdp.backward(&loss)?;
             Ok(fsdp
+                .diagnostics()
                 .take_trace()
                 .into_iter()
                 .filter_map(|e| match e {

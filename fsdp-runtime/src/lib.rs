@@ -36,8 +36,8 @@ pub use model::table::ShardableModel;
 pub use model::unit::Unit;
 pub use plan::{Bytes, Plan, PlanConfig, RankMemory, UnitPlan};
 pub use runtime::{
-    ActivationProfile, Fsdp, GradScalerConfig, MemoryStats, MetaModel, ScaledStep, ShardedGradScaler, SummonOptions,
-    TraceEvent, UnitActivations, UnshardCause,
+    ActivationProfile, Diagnostics, Fsdp, GradScalerConfig, MemoryStats, MetaModel, Pipelining, ScaledStep,
+    ShardedGradScaler, SummonOptions, TraceEvent, UnitActivations, UnshardCause,
 };
 
 /// Layers candle-nn lacks in a form the runtime can shard.

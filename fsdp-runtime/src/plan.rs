@@ -133,7 +133,7 @@ impl PlanConfig {
 
 impl Plan {
     /// The plan of the model `layout` describes under `config`; fails with
-    /// [`Error::EmptyWorld`] for a world size of 0.
+    /// `Error::Comm(dist::Error::EmptyWorld)` for a world size of 0.
     pub fn new(layout: &Layout, config: PlanConfig) -> Result<Self> {
         if config.world_size == 0 {
             return Err(fsdp_comm::Error::EmptyWorld.into());
@@ -209,7 +209,7 @@ impl Plan {
     }
 
     /// The plan with activations predicted from `profile` (what a profiled step kept,
-    /// [`crate::Fsdp::activation_profile`]) scaled by `scale`: activations grow with the
+    /// [`crate::Diagnostics::activation_profile`]) scaled by `scale`: activations grow with the
     /// sequences per rank, so a profile taken with one sequence per rank, scaled by the
     /// batch, predicts the batch (at the same sequence length, as attention grows faster).
     pub fn with_activations(mut self, profile: &ActivationProfile, scale: f64) -> Self {

@@ -43,7 +43,7 @@ pub(crate) enum Deferred {
 }
 
 /// Receives the deferred gradients of weights that are not `Var`s: a wrapped FSDP model
-/// ([`crate::Fsdp::deferred_grad_sink`]) takes those of its gathered parameters, and
+/// ([`crate::Pipelining::deferred_grad_sink`]) takes those of its gathered parameters, and
 /// reduces a unit's gradients as soon as its last one arrives.
 ///
 /// The stage calls [`expect`](Self::expect) once per weight with work deferred since the

@@ -42,9 +42,9 @@
 //! # FSDP units
 //!
 //! A stage may be made of FSDP units ([`StageLinear`] is `Shardable`): give the stage
-//! context the model's `Fsdp::deferred_grad_sink`, which reduces a unit as soon as the
+//! context the model's `Pipelining::deferred_grad_sink`, which reduces a unit as soon as the
 //! weight pass has delivered its last deferred gradient, and end the input pass with
-//! `Fsdp::finish_input_pass`, which frees the gathered parameters the weight pass does not
+//! `Pipelining::finish_input_pass`, which frees the gathered parameters the weight pass does not
 //! read. The ops are written over candle's backend traits, so they run on the CPU and on
 //! CUDA alike.
 //!

@@ -1,7 +1,7 @@
 //! What each unit's training forward keeps for the backward: the bytes of the tensors its
 //! forward added to the autograd graph (candle keeps every node of the graph until the
 //! graph is dropped), measured during a real step when profiling is on
-//! ([`crate::Fsdp::set_activation_profiling`]).
+//! ([`crate::Diagnostics::set_activation_profiling`]).
 //!
 //! A unit's share is the graph reachable from its outputs (hooked, as the step keeps
 //! them) less the graph reachable from its inputs, less what the units inside it own, less

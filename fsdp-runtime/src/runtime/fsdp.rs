@@ -10,13 +10,12 @@ use super::seeded_init;
 use super::shard_view::{Buffer, BufferView, UnitView};
 use super::sharded_param::ShardedParam;
 use super::storage::Unallocated;
-use super::{ActivationProfile, MemoryStats, TraceEvent};
+
 use crate::config::{FsdpConfig, MixedPrecision};
 use crate::error::{Error, Result};
 use crate::model::{
     Activations, Layout, ParamInfo, Role, Shardable, ShardableModel, UnitCell, UnitHooks, VisitOrder, Visitor,
 };
-use crate::pipeline::DeferredGradSink;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, TensorId, Var};
 use fsdp_comm::Collectives;
@@ -321,20 +320,6 @@ impl<M> Fsdp<M> {
         Ok(outputs.with_tensors(cast)?)
     }
 
-    /// With `true`, every training forward measures what each unit keeps for the
-    /// backward ([`Fsdp::activation_profile`]). It walks the autograd graph at the end of
-    /// every unit: turn it on for a step to plan with, not for a whole run.
-    pub fn set_activation_profiling(&self, on: bool) {
-        self.state.profiling.store(on, Relaxed);
-    }
-
-    /// What the last profiled training forward kept for its backward, unit by unit (the
-    /// root first): the tensors each unit's forward added to the autograd graph, views
-    /// and the gathered parameters left out. `None` before any profiled forward.
-    pub fn activation_profile(&self) -> Option<ActivationProfile> {
-        self.state.last_profile.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
     /// [`Fsdp::forward`] on `inputs`, whose floating-point tensors are cast to the
     /// mixed-precision policy's `param_dtype` first (with `cast_forward_inputs`), as every
     /// unit's inputs are: the way to feed a root that computes on floating-point inputs.
@@ -378,31 +363,7 @@ impl<M> Fsdp<M> {
         error
     }
 
-    /// Ends a backward run outside [`Fsdp::backward`] (a pipeline stage's
-    /// `stage_backward`, or `stage_backward_input` + `stage_backward_weight`): reduces what
-    /// is left, resets the step, and returns the shard gradients.
-    pub fn finish_backward(&self) -> Result<GradStore> {
-        let mut grads = GradStore::default();
-        self.insert_reduced(&mut grads)?;
-        Ok(grads)
-    }
-
-    /// Ends a pipeline stage's input pass (`stage_backward_input`): frees the gathered
-    /// parameters, which the weight pass does not read. Units whose weight gradients were
-    /// deferred are reduced when `stage_backward_weight` delivers them, through
-    /// [`Fsdp::deferred_grad_sink`].
-    pub fn finish_input_pass(&self) -> Result<()> {
-        self.state.finish_input_pass()
-    }
-
-    /// The receiver of deferred weight gradients for this model's parameters: give it to
-    /// the stage's `StageContext::set_grad_sink`. A unit's gradients are reduced as soon
-    /// as the weight pass has delivered the last of them.
-    pub fn deferred_grad_sink(&self) -> Arc<dyn DeferredGradSink> {
-        self.state.clone()
-    }
-
-    fn insert_reduced(&self, grads: &mut GradStore) -> Result<()> {
+    pub(crate) fn insert_reduced(&self, grads: &mut GradStore) -> Result<()> {
         for (unit, param, grad) in self.state.finish_backward()? {
             grads.insert(self.state.groups[unit].params[param].shard.as_tensor(), grad);
         }
@@ -457,12 +418,6 @@ impl<M> Fsdp<M> {
         Err(Error::UnknownParameter { fqn: fqn.to_string() })
     }
 
-    /// How many backward hooks the graphs of earlier forwards still hold: one per hooked
-    /// output tensor of each unit's forward, gone when those outputs are dropped.
-    pub fn live_backward_hooks(&self) -> usize {
-        self.state.live_hooks.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     /// This rank's shards of every trained parameter, in FQN-table order per unit.
     pub fn parameters(&self) -> Vec<Var> {
         self.named_parameters().into_iter().map(|(_, v)| v).collect()
@@ -483,7 +438,7 @@ impl<M> Fsdp<M> {
         Ok(out)
     }
 
-    /// Checkpoints the activations of exactly the units named (by [`Fsdp::units`]' names),
+    /// Checkpoints the activations of exactly the units named (by the names `Fsdp::diagnostics().units()` lists),
     /// instead of all or none ([`FsdpConfig::activation_checkpointing`]): each keeps only
     /// its inputs after its forward and runs the forward again in backward. Refused for a
     /// name that is no unit, the root, or a unit holding other units; between steps only.
@@ -493,7 +448,7 @@ impl<M> Fsdp<M> {
             let group = self.groups().iter().find(|g| g.name == *name).ok_or_else(|| Error::Unit {
                 rank: self.rank(),
                 unit: name.to_string(),
-                message: "the model has no unit of this name (Fsdp::units lists them)".into(),
+                message: "the model has no unit of this name (Fsdp::diagnostics().units() lists them)".into(),
             })?;
             if !group.checkpointable {
                 return Err(Error::Unit {
@@ -507,32 +462,6 @@ impl<M> Fsdp<M> {
             group.checkpointed.store(names.contains(&group.name.as_str()), Relaxed);
         }
         Ok(())
-    }
-
-    /// The units' names and their trained parameters' FQNs, root first.
-    pub fn units(&self) -> Vec<(String, Vec<String>)> {
-        self.state.groups.iter().map(|u| (u.name.clone(), u.params.iter().map(|p| p.fqn.clone()).collect())).collect()
-    }
-
-    /// The most recent events on this rank (at most 65,536), oldest first, leaving them in
-    /// place.
-    pub fn trace(&self) -> Vec<TraceEvent> {
-        self.state.recorders.trace.events()
-    }
-
-    /// As [`Fsdp::trace`], and clears the record.
-    pub fn take_trace(&self) -> Vec<TraceEvent> {
-        self.state.recorders.trace.take()
-    }
-
-    /// This rank's gathered parameter bytes, now and at their peak.
-    pub fn memory(&self) -> MemoryStats {
-        self.state.recorders.memory.stats()
-    }
-
-    /// Starts a new [`MemoryStats::gathered_peak`] from the bytes gathered now.
-    pub fn reset_memory_peak(&self) {
-        self.state.recorders.memory.reset_peak()
     }
 
     /// This rank's position in the communicator the model was wrapped over.

@@ -2,7 +2,7 @@
 
 use std::sync::Mutex;
 
-/// What [`crate::Fsdp::memory`] reports.
+/// What [`crate::Diagnostics::memory`] reports.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryStats {
     /// Gathered parameter bytes alive now.

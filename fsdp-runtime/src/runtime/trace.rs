@@ -29,7 +29,7 @@ impl UnshardCause {
     }
 }
 
-/// One thing the runtime did on a rank, as [`crate::Fsdp::trace`] reports it.
+/// One thing the runtime did on a rank, as [`crate::Diagnostics::trace`] reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TraceEvent {
     /// The unit's parameters were all-gathered.
