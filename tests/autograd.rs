@@ -26,7 +26,8 @@ use candle_fsdp::model::{Layout, Tie};
 use candle_fsdp::models::gpt::{Gpt, GptConfig};
 use candle_fsdp::optim::{SgdMomentum, SgdMomentumConfig, StepLr};
 use candle_fsdp::{
-    launch, Fsdp, FsdpConfig, LaunchOptions, Shardable, ShardingStrategy, TraceEvent, Unit, UnshardCause,
+    launch, Error, Fsdp, FsdpConfig, LaunchOptions, MisuseError, Shardable, ShardingStrategy, TraceEvent, Unit,
+    UnshardCause,
 };
 use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use common::{assert_close, build, rand, randn, Fault, FaultyCollectives, Snapshot, F32_ATOL, F32_RTOL};
@@ -901,7 +902,7 @@ fn second_backward_through_a_finished_step_is_refused() {
             let first = fsdp.backward(&loss)?;
             let error = fsdp.backward(&loss).err().unwrap_or_else(|| panic!("{what}: a second backward ran"));
             assert!(
-                matches!(error, candle_fsdp::Error::BackwardWithoutForward { rank } if rank == ctx.rank),
+                matches!(error, Error::Misuse(MisuseError::BackwardWithoutForward { rank }) if rank == ctx.rank),
                 "{what}: {error}"
             );
             let loss = fsdp.forward(|m| m.forward(&nested_input(ctx.rank)))?.sum_all()?;

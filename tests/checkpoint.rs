@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_fsdp::checkpoint::{self, Checkpointer, ExportOptions, HfIndex, Progress};
 use candle_fsdp::optim::{AdamW, OptimizerState, OptimizerStateDict, ParamsAdamW, SgdMomentum, SgdMomentumConfig};
 use candle_fsdp::{launch, launch_each, Error, Fsdp, FsdpConfig, LaunchOptions, Shardable, ShardingStrategy, Unit};
+use candle_fsdp::{CheckpointError, MisuseError};
 use candle_nn::{Init, Linear, Optimizer, VarBuilder};
 use fsdp_testkit::{self as common, Fault, FaultyCollectives, Snapshot};
 use std::collections::HashMap;
@@ -412,7 +413,9 @@ fn a_rank_failing_during_a_save_fails_every_rank_and_keeps_the_previous_checkpoi
     let own = results[1].as_ref().unwrap_err().to_string();
     assert!(own.contains("went away"), "{own}");
     match &results[0] {
-        Err(Error::CheckpointPeerFailed { rank: 0, failed, kept_previous: true, .. }) => assert_eq!(failed, &[1]),
+        Err(Error::Checkpoint(CheckpointError::CheckpointPeerFailed {
+            rank: 0, failed, kept_previous: true, ..
+        })) => assert_eq!(failed, &[1]),
         other => panic!("rank 0 should name rank 1: {other:?}"),
     }
 
@@ -456,7 +459,7 @@ fn only_the_last_k_checkpoints_are_kept_and_a_save_mid_step_is_refused() {
         let (x, _) = batch(0, ctx.rank, 2);
         let _out = fsdp.forward(|m| m.forward(&x))?;
         match checkpointer.save(&fsdp, None, &Progress::default()) {
-            Err(Error::StepInProgress { .. }) => Ok(()),
+            Err(Error::Misuse(MisuseError::StepInProgress { .. })) => Ok(()),
             other => panic!("a save between forward and backward: {other:?}"),
         }
     })

@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_fsdp::model::{Layout, Role, Tie};
+use candle_fsdp::ConfigError;
 use candle_fsdp::{Error, Shardable, ShardableModel, Unit};
 use candle_nn::{Linear, VarBuilder, VarMap};
 use fsdp_testkit::fsdp_test_models::{
@@ -221,7 +222,7 @@ fn a_tie_across_units_is_refused_naming_both_fqns_and_units() {
     let weight = vb.pp("inner").get((4, 4), "weight").unwrap();
     let model = CrossUnitTie { inner: Unit::new(Linear::new(weight.clone(), None)), head: Linear::new(weight, None) };
     match Layout::of(&model) {
-        Err(Error::TieAcrossUnits { first_fqn, first_unit, second_fqn, second_unit }) => {
+        Err(Error::Config(ConfigError::TieAcrossUnits { first_fqn, first_unit, second_fqn, second_unit })) => {
             assert_eq!(first_fqn, "inner.weight");
             assert_eq!(first_unit, "inner");
             assert_eq!(second_fqn, "head.weight");

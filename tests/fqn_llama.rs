@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_fsdp::model::{Layout, Role};
 use candle_fsdp::models::llama::{Llama, LlamaConfig};
+use candle_fsdp::ConfigError;
 use candle_fsdp::{Error, ShardableModel};
 use candle_nn::{VarBuilder, VarMap};
 
@@ -119,7 +120,7 @@ fn a_wrong_var_map_names_the_extra_and_the_missing_fqn() {
         vars.insert("model.layers.1.mlp.extra_proj.weight".to_string(), extra);
     }
     match layout.check_var_map(&varmap) {
-        Err(Error::VarMapMismatch { mismatches }) => {
+        Err(Error::Config(ConfigError::VarMapMismatch { mismatches })) => {
             assert_eq!(
                 mismatches,
                 [
@@ -142,7 +143,7 @@ fn a_var_map_holding_a_copy_is_refused() {
         vars.insert("model.norm.weight".to_string(), copy);
     }
     match layout.check_var_map(&varmap) {
-        Err(Error::VarMapMismatch { mismatches }) => {
+        Err(Error::Config(ConfigError::VarMapMismatch { mismatches })) => {
             assert_eq!(mismatches, ["model.norm.weight: the VarMap holds a different tensor under this name"]);
         }
         other => panic!("expected VarMapMismatch, got {other:?}"),

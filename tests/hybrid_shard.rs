@@ -8,6 +8,7 @@
 //! a group, then across groups). Then the bytes each rank sends, counted per collective,
 //! against the plan's formula; the gradient norm; checkpoints across layouts; refusals.
 
+use candle_fsdp::ConfigError;
 use fsdp_testkit as common;
 
 use candle_core::{DType, Device, Module, Tensor};
@@ -264,9 +265,12 @@ fn a_shard_group_that_does_not_split_the_world_is_refused() {
     })
     .unwrap();
     for (rank, [three, zero, no_shard]) in errors.iter().enumerate() {
-        assert!(matches!(three, Error::BadShardGroup { world: 4, size: 3, .. }), "rank {rank}: {three}");
+        assert!(
+            matches!(three, Error::Config(ConfigError::BadShardGroup { world: 4, size: 3, .. })),
+            "rank {rank}: {three}"
+        );
         assert!(three.to_string().contains("4 ranks do not split into groups of 3"), "{three}");
-        assert!(matches!(zero, Error::BadShardGroup { size: 0, .. }), "{zero}");
+        assert!(matches!(zero, Error::Config(ConfigError::BadShardGroup { size: 0, .. })), "{zero}");
         assert!(no_shard.to_string().contains("NO_SHARD"), "{no_shard}");
     }
     let (model, _, _) = build(None, DType::F32, NestedWrappedModule::new).unwrap();

@@ -15,6 +15,7 @@ use candle_fsdp::model::Layout;
 use candle_fsdp::models::llama::{Llama, LlamaConfig};
 use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
 use candle_fsdp::optim::{SgdMomentum, SgdMomentumConfig};
+use candle_fsdp::ConfigError;
 use candle_fsdp::{launch, Error, Fsdp, FsdpConfig, LaunchOptions, MetaModel, ShardableModel, ShardingStrategy};
 use candle_nn::Optimizer;
 use fsdp_testkit as common;
@@ -198,7 +199,7 @@ fn a_constructor_that_reads_a_parameter_gets_an_error_naming_it() {
         Ok(total)
     });
     match result {
-        Err(Error::MetaBuild { last: Some(name), .. }) => assert_eq!(name, "scale"),
+        Err(Error::Config(ConfigError::MetaBuild { last: Some(name), .. })) => assert_eq!(name, "scale"),
         Err(other) => panic!("another error: {other}"),
         Ok(_) => panic!("the constructor read a tensor that has no values"),
     }
@@ -268,7 +269,9 @@ fn a_view_of_a_placeholder_is_refused_at_wrap() {
         Fsdp::wrap_meta(meta, ctx.comm.clone(), FsdpConfig::default(), 0).map(|_| ())
     });
     match outcome {
-        Err(Error::MetaView { fqn, placeholder }) => assert_eq!((fqn.as_str(), placeholder.as_str()), ("weight", "w")),
+        Err(Error::Config(ConfigError::MetaView { fqn, placeholder })) => {
+            assert_eq!((fqn.as_str(), placeholder.as_str()), ("weight", "w"))
+        }
         other => panic!("expected the view to be refused, got {:?}", other.map(|_| ())),
     }
 }

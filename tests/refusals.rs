@@ -7,6 +7,7 @@
 use candle_core::{DType, Device, Module, Tensor};
 use candle_fsdp::dist::Error as CommError;
 use candle_fsdp::{launch, launch_each, Error, Fsdp, FsdpConfig, LaunchOptions, Shardable, Unit};
+use candle_fsdp::{ConfigError, MisuseError};
 use candle_nn::{Optimizer, SGD};
 use fsdp_testkit::fsdp_test_models::NestedWrappedModule;
 use std::time::{Duration, Instant};
@@ -89,7 +90,7 @@ fn ranks_with_equal_counts_but_different_shapes_dtypes_or_names_are_refused() {
         assert!(started.elapsed() < FAST, "{case}: took {:?}", started.elapsed());
         for (rank, outcome) in outcomes.iter().enumerate() {
             match outcome {
-                Err(error @ Error::RanksDisagree { rank: r, .. }) if *r == rank => {
+                Err(error @ Error::Config(ConfigError::RanksDisagree { rank: r, .. })) if *r == rank => {
                     let message = error.to_string();
                     assert!(
                         message.contains(rank0_says) && message.contains(rank1_says),
@@ -110,7 +111,7 @@ fn backward_without_a_forward_is_refused_and_the_ranks_stay_in_step() {
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
         let stray = input(ctx.rank).sum_all()?;
         match fsdp.backward(&stray) {
-            Err(Error::BackwardWithoutForward { rank }) => assert_eq!(rank, ctx.rank),
+            Err(Error::Misuse(MisuseError::BackwardWithoutForward { rank })) => assert_eq!(rank, ctx.rank),
             other => panic!("rank {}: expected BackwardWithoutForward, got {other:?}", ctx.rank),
         }
         // No collective was issued: the ranks train on together.
@@ -131,7 +132,7 @@ fn a_loss_that_reaches_no_forward_output_is_refused_at_world_one() {
         let _out = fsdp.forward(|m| m.forward(&input(0)))?;
         fsdp.backward(&input(0).sum_all()?).map(drop)
     });
-    assert!(matches!(outcome, Err(Error::LossReachesNoOutput { rank: 0 })), "{outcome:?}");
+    assert!(matches!(outcome, Err(Error::Misuse(MisuseError::LossReachesNoOutput { rank: 0 }))), "{outcome:?}");
 }
 
 #[test]
@@ -147,7 +148,11 @@ fn a_loss_that_reaches_no_output_on_one_rank_fails_its_peers_at_once_naming_it()
     })
     .unwrap();
     assert!(started.elapsed() < FAST, "took {:?}", started.elapsed());
-    assert!(matches!(outcomes[2], Err(Error::LossReachesNoOutput { rank: 2 })), "{:?}", outcomes[2]);
+    assert!(
+        matches!(outcomes[2], Err(Error::Misuse(MisuseError::LossReachesNoOutput { rank: 2 }))),
+        "{:?}",
+        outcomes[2]
+    );
     for rank in [0, 1] {
         match &outcomes[rank] {
             Err(Error::Comm(CommError::CollectiveAborted { rank: r, reason, .. })) => {
@@ -166,7 +171,7 @@ fn a_loss_that_reaches_no_output_on_one_rank_fails_its_peers_at_once_naming_it()
         fsdp.backward(&loss).map(drop)
     })
     .unwrap_err();
-    assert!(matches!(cause, Error::LossReachesNoOutput { rank: 1 }), "{cause}");
+    assert!(matches!(cause, Error::Misuse(MisuseError::LossReachesNoOutput { rank: 1 })), "{cause}");
 }
 
 /// Rank 1 panics inside its forward while rank 0 waits in the next unit's all-gather:
@@ -214,7 +219,7 @@ fn the_model_is_reachable_only_with_full_parameters() {
         // Refused between a forward and its backward, and the step still completes.
         let out = fsdp.forward(|m| m.forward(&input(ctx.rank)))?;
         match fsdp.summon_full_params(|_| ()) {
-            Err(Error::StepInProgress { rank, .. }) => assert_eq!(rank, ctx.rank),
+            Err(Error::Misuse(MisuseError::StepInProgress { rank, .. })) => assert_eq!(rank, ctx.rank),
             other => panic!("rank {}: expected StepInProgress, got {other:?}", ctx.rank),
         }
         fsdp.backward(&out.sum_all()?)?;
@@ -296,12 +301,12 @@ fn a_rank_closure_brings_in_any_error_with_question_mark_naming_the_rank() {
 
     // Our own errors pass through `anyhow` and back unchanged.
     let ours = launch(options(1), |ctx| {
-        let wrapped: anyhow::Error = Error::BackwardWithoutForward { rank: ctx.rank }.into();
+        let wrapped: anyhow::Error = Error::Misuse(MisuseError::BackwardWithoutForward { rank: ctx.rank }).into();
         Err(wrapped)?;
         Ok(())
     })
     .expect_err("failed");
-    assert!(matches!(ours, Error::BackwardWithoutForward { rank: 0 }), "{ours:?}");
+    assert!(matches!(ours, Error::Misuse(MisuseError::BackwardWithoutForward { rank: 0 })), "{ours:?}");
 }
 
 /// Each thread rank runs on a CPU pool of its own: of its share of the cores (or what

@@ -18,6 +18,7 @@
 //!   (the queue holds per-use activation/gradient pairs), so it has no port.
 //! - Gradients are read from a `GradAccumulator`: candle has no `.grad` field.
 
+use candle_fsdp::MisuseError;
 use fsdp_testkit as common;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
@@ -407,7 +408,7 @@ fn errors() -> Result<()> {
 
     // #15: an output that tracks gradients, output gradients given, its entry missing.
     let err = stage_backward_input(&ctx, std::slice::from_ref(&out), Some(&[None]), &inputs).unwrap_err();
-    assert!(matches!(err, Error::StageOutputGradMissing { index: 0 }), "{err}");
+    assert!(matches!(err, Error::Misuse(MisuseError::StageOutputGradMissing { index: 0 })), "{err}");
     assert!(err.to_string().contains("requires output gradients"), "{err}");
     let err = stage_backward(&ctx, std::slice::from_ref(&out), Some(&[None]), &inputs, &mut GradAccumulator::new())
         .unwrap_err();
@@ -416,9 +417,9 @@ fn errors() -> Result<()> {
     // A gradient whose shape does not match its output; a gradient count that does not.
     let wrong = randn(113, &[BATCH, D_HID / 2]);
     let err = stage_backward_input(&ctx, std::slice::from_ref(&out), Some(&[Some(wrong)]), &inputs).unwrap_err();
-    assert!(matches!(err, Error::StageGradMismatch { index: 0, .. }), "{err}");
+    assert!(matches!(err, Error::Misuse(MisuseError::StageGradMismatch { index: 0, .. })), "{err}");
     let err = stage_backward_input(&ctx, std::slice::from_ref(&out), Some(&[]), &inputs).unwrap_err();
-    assert!(matches!(err, Error::StageGradCount { outputs: 1, grads: 0 }), "{err}");
+    assert!(matches!(err, Error::Misuse(MisuseError::StageGradCount { outputs: 1, grads: 0 })), "{err}");
     // The failed input passes left nothing behind.
     assert_eq!(ctx.queued(), 0);
     assert_eq!(ctx.pending_input_passes(), 0);
@@ -426,7 +427,7 @@ fn errors() -> Result<()> {
     // A weight pass with no input pass before it.
     let mut acc = GradAccumulator::new();
     let err = stage_backward_weight(&ctx, &mut acc).unwrap_err();
-    assert!(matches!(err, Error::StageNoInputPass), "{err}");
+    assert!(matches!(err, Error::Misuse(MisuseError::StageNoInputPass)), "{err}");
 
     // An input pass that ran but deferred nothing (no output tracks gradients): the weight
     // pass is a no-op; a second weight pass has no input pass again.
@@ -435,6 +436,6 @@ fn errors() -> Result<()> {
     assert!(dinputs[0].is_none());
     stage_backward_weight(&ctx, &mut acc).unwrap();
     assert!(acc.is_empty());
-    assert!(matches!(stage_backward_weight(&ctx, &mut acc), Err(Error::StageNoInputPass)));
+    assert!(matches!(stage_backward_weight(&ctx, &mut acc), Err(Error::Misuse(MisuseError::StageNoInputPass))));
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! process does (under every strategy, at 2 and 3 ranks); `rank0_only` runs on rank 0
 //! alone; what cannot work is refused, not hung.
 
+use candle_fsdp::MisuseError;
 use fsdp_testkit as common;
 
 use candle_core::{DType, Module, Tensor};
@@ -137,7 +138,7 @@ fn what_cannot_work_is_refused() {
         let x = input(ctx.rank);
         let loss = fsdp.forward(|m| m.forward(&x))?.sum_all()?;
         let mid_step = fsdp.summon_units(SummonOptions::default(), |_, _| ()).unwrap_err();
-        assert!(matches!(mid_step, Error::StepInProgress { .. }), "{mid_step}");
+        assert!(matches!(mid_step, Error::Misuse(MisuseError::StepInProgress { .. })), "{mid_step}");
         fsdp.backward(&loss)?;
         Ok(refused)
     })

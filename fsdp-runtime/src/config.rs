@@ -1,6 +1,7 @@
 //! How a model is sharded and run: [`FsdpConfig`] and the policies it is made of, small
 //! value types like PyTorch's `ShardingStrategy` and `BackwardPrefetch`.
 
+use crate::error::ConfigError;
 use crate::error::{Error, Result};
 use candle_core::DType;
 use std::fmt;
@@ -78,10 +79,12 @@ macro_rules! named_policy {
             type Err = Error;
 
             fn from_str(s: &str) -> Result<Self> {
-                Self::ALL.into_iter().find(|policy| policy.name() == s).ok_or_else(|| Error::UnknownOption {
-                    what: $what,
-                    value: s.to_string(),
-                    expected: Self::ALL.iter().map(|p| p.name()).collect::<Vec<_>>().join(", "),
+                Self::ALL.into_iter().find(|policy| policy.name() == s).ok_or_else(|| {
+                    Error::Config(ConfigError::UnknownOption {
+                        what: $what,
+                        value: s.to_string(),
+                        expected: Self::ALL.iter().map(|p| p.name()).collect::<Vec<_>>().join(", "),
+                    })
                 })
             }
         }

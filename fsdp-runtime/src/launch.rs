@@ -117,7 +117,8 @@ where
 /// One thread per rank: `connect` makes the rank's context on its own thread (NCCL
 /// communicators are set up by all ranks at once, each on the thread that will use it),
 /// then `f` runs, on a pool of `cpu_threads` threads of the rank's own when given (CPU
-/// ranks; a GPU rank stays on its thread, which its device is bound to). A failing or panicking rank calls `abort` so its peers fail fast.
+/// ranks; a GPU rank stays on its thread, which its device is bound to). A failing or
+/// panicking rank calls `abort` so its peers fail fast.
 fn run_rank_threads<R, F>(
     options: LaunchOptions,
     cpu_threads: Option<usize>,

@@ -27,7 +27,7 @@ mod plan;
 mod runtime;
 
 pub use config::{BackwardPrefetch, FsdpConfig, MixedPrecision, OrderCheck, ShardingStrategy};
-pub use error::{Error, Result};
+pub use error::{CheckpointError, ConfigError, Error, MisuseError, Result};
 pub use fsdp_comm::{Backend, ProcessGroup, RankContext};
 pub use launch::{launch, launch_each, LaunchOptions};
 pub use model::activations::Activations;

@@ -5,6 +5,7 @@
 //! Every figure is computed from the model's tensors; nothing is estimated from names.
 
 use crate::config::{BackwardPrefetch, FsdpConfig, ShardingStrategy};
+use crate::error::ConfigError;
 use crate::error::{Error, Result};
 use crate::model::{Layout, Role};
 use crate::runtime::{backward_prefetch_target, forward_prefetch_target, ActivationProfile, UnitActivations};
@@ -121,12 +122,12 @@ impl PlanConfig {
         match self.fsdp.shard_group_size {
             None => Ok(world),
             Some(size) if size > 0 && world.is_multiple_of(size) && self.fsdp.strategy.shards() => Ok(size),
-            Some(size) => Err(Error::BadShardGroup {
+            Some(size) => Err(Error::Config(ConfigError::BadShardGroup {
                 rank: 0,
                 world,
                 size,
                 problem: "the group size must divide the world, under FULL_SHARD or SHARD_GRAD_OP".into(),
-            }),
+            })),
         }
     }
 }

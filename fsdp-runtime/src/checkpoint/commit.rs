@@ -2,6 +2,7 @@
 //! through a stage before the next begins, and files and directories are synced before
 //! the one rename that makes a checkpoint visible.
 
+use crate::error::CheckpointError;
 use crate::error::{Error, Result};
 use candle_core::{Device, Tensor};
 use fsdp_comm::Collectives;
@@ -10,7 +11,7 @@ use std::path::Path;
 
 /// Ends a stage of a collective save or load: every rank reports whether its `outcome`
 /// is a success. A rank whose own work failed returns its error; the others return
-/// [`Error::CheckpointPeerFailed`] naming the ranks that failed. So no rank goes on to the
+/// [`CheckpointError::CheckpointPeerFailed`] naming the ranks that failed. So no rank goes on to the
 /// next stage (or into training) while another has given up, and none waits for it.
 pub(crate) fn all_ranks_ok<T>(
     comm: &dyn Collectives,
@@ -27,7 +28,12 @@ pub(crate) fn all_ranks_ok<T>(
     if failed.is_empty() {
         return Ok(value);
     }
-    Err(Error::CheckpointPeerFailed { rank: comm.global_rank(), stage: stage.to_string(), failed, kept_previous })
+    Err(Error::Checkpoint(CheckpointError::CheckpointPeerFailed {
+        rank: comm.global_rank(),
+        stage: stage.to_string(),
+        failed,
+        kept_previous,
+    }))
 }
 
 /// Makes `path`'s content (a file) or its entries (a directory) durable.
@@ -37,7 +43,9 @@ pub(crate) fn sync(path: &Path) -> std::io::Result<()> {
 
 /// The error of an I/O operation on `path` by `rank`.
 pub(crate) fn io_error(rank: usize, path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |e| Error::CheckpointFile { rank, path: path.to_path_buf(), problem: e.to_string() }
+    move |e| {
+        Error::Checkpoint(CheckpointError::CheckpointFile { rank, path: path.to_path_buf(), problem: e.to_string() })
+    }
 }
 
 /// Writes `value` as JSON to `path` and syncs it.
@@ -50,9 +58,11 @@ pub(crate) fn write_json(rank: usize, path: &Path, value: &impl serde::Serialize
 /// Reads the JSON file `path` into a `T`, naming the file in the error.
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(rank: usize, path: &Path) -> Result<T> {
     let text = std::fs::read(path).map_err(io_error(rank, path))?;
-    serde_json::from_slice(&text).map_err(|e| Error::CheckpointFile {
-        rank,
-        path: path.to_path_buf(),
-        problem: format!("not valid JSON for this file's format: {e}"),
+    serde_json::from_slice(&text).map_err(|e| {
+        Error::Checkpoint(CheckpointError::CheckpointFile {
+            rank,
+            path: path.to_path_buf(),
+            problem: format!("not valid JSON for this file's format: {e}"),
+        })
     })
 }

@@ -5,6 +5,7 @@
 use super::commit::{all_ranks_ok, io_error, read_json, sync, write_json};
 use super::tensor_files::{PlannedTensor, StreamingWriter, TensorFile};
 use super::{capped, check_world_sharded, device_of};
+use crate::error::CheckpointError;
 use crate::error::{Error, Result};
 use crate::Fsdp;
 use candle_core::{DType, Tensor};
@@ -75,7 +76,8 @@ fn is_export_file(name: &str, options: &ExportOptions) -> bool {
 /// is a new path or an earlier export (nothing in it but what an export writes, which
 /// the new one replaces whole), and its parent folder exists or can be made.
 pub fn check_export_dir(dir: &Path, options: &ExportOptions) -> Result<()> {
-    let fail = |problem: String| Error::CheckpointFile { rank: 0, path: dir.into(), problem };
+    let fail =
+        |problem: String| Error::Checkpoint(CheckpointError::CheckpointFile { rank: 0, path: dir.into(), problem });
     if dir.file_name().is_none() {
         return Err(fail("an export needs a folder of its own, with a name".into()));
     }
@@ -323,16 +325,17 @@ impl FileSequence<'_> {
 /// The sizes an index records against the files: each file's length, the bytes and the
 /// elements of all tensors.
 fn check_index_figures(index: &HfIndex, index_path: &Path, files: &[TensorFile], rank: usize) -> Result<()> {
-    let fail = |problem: String| Error::CheckpointFile { rank, path: index_path.into(), problem };
+    let fail =
+        |problem: String| Error::Checkpoint(CheckpointError::CheckpointFile { rank, path: index_path.into(), problem });
     for (name, &bytes) in &index.metadata.file_sizes {
         let path = index_path.with_file_name(name);
         let found = std::fs::metadata(&path).map_err(io_error(rank, &path))?.len();
         if found != bytes {
-            return Err(Error::CheckpointFile {
+            return Err(Error::Checkpoint(CheckpointError::CheckpointFile {
                 rank,
                 path,
                 problem: format!("{found} bytes, but the index records {bytes}: truncated or replaced"),
-            });
+            }));
         }
     }
     let (mut total_size, mut total_parameters) = (0u64, 0u64);
@@ -375,7 +378,7 @@ impl HfCheckpoint {
                 return Self::single(&path.join(SINGLE_FILE), rank);
             } else {
                 let problem = format!("holds neither {INDEX_FILE} nor {SINGLE_FILE}");
-                return Err(Error::CheckpointFile { rank, path: path.into(), problem });
+                return Err(Error::Checkpoint(CheckpointError::CheckpointFile { rank, path: path.into(), problem }));
             }
         } else if path.extension().is_some_and(|e| e == "json") {
             Some(path.to_path_buf())
@@ -396,7 +399,7 @@ impl HfCheckpoint {
         for (fqn, file) in &index.weight_map {
             let at = names.iter().position(|n| *n == file).expect("listed above");
             if !files[at].names().contains(fqn) {
-                return Err(Error::CheckpointTensor {
+                return Err(Error::Checkpoint(CheckpointError::CheckpointTensor {
                     rank,
                     path: files[at].path().into(),
                     fqn: fqn.clone(),
@@ -404,7 +407,7 @@ impl HfCheckpoint {
                         "the index {} places it here, but the file does not hold it",
                         index_path.display()
                     ),
-                });
+                }));
             }
             routing.insert(fqn.clone(), at);
         }
@@ -484,7 +487,11 @@ fn check_pretrained<M>(fsdp: &Fsdp<M>, path: &Path) -> Result<HfCheckpoint> {
         }
     }
     if !problems.is_empty() {
-        return Err(Error::CheckpointMismatch { rank, path: path.into(), problems: capped(problems) });
+        return Err(Error::Checkpoint(CheckpointError::CheckpointMismatch {
+            rank,
+            path: path.into(),
+            problems: capped(problems),
+        }));
     }
     Ok(checkpoint)
 }

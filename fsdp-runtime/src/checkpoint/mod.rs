@@ -26,6 +26,7 @@ pub use hf::{check_export_dir, export_hf, load_pretrained, ExportOptions, HfInde
 pub use metadata::{CheckpointMetadata, FileEntry, OptimizerEntry, Piece, Progress, TensorEntry, TensorKind};
 pub use sharded::{load, load_with, read_metadata, Checkpointer, LoadOptions, Resumed};
 
+use crate::error::CheckpointError;
 use crate::error::{Error, Result};
 use crate::Fsdp;
 use candle_core::{DType, Device, Tensor};
@@ -42,7 +43,7 @@ fn device_of<M>(fsdp: &Fsdp<M>) -> Device {
 fn check_world_sharded<M>(fsdp: &Fsdp<M>, what: &str) -> Result<()> {
     match fsdp.unit_views().find(|unit| !unit.spans_world(fsdp.world_size())) {
         None => Ok(()),
-        Some(unit) => Err(Error::CheckpointUnsupported {
+        Some(unit) => Err(Error::Checkpoint(CheckpointError::CheckpointUnsupported {
             rank: fsdp.rank(),
             what: format!(
                 "{what} of unit `{}`, which is sharded over a group of {} ranks",
@@ -50,7 +51,7 @@ fn check_world_sharded<M>(fsdp: &Fsdp<M>, what: &str) -> Result<()> {
                 unit.group_size()
             ),
             why: "its values differ between groups, and a checkpoint keeps one value per FQN".into(),
-        }),
+        })),
     }
 }
 

@@ -17,6 +17,7 @@ use super::metadata::{
 };
 use super::tensor_files::{file_checksum, TensorFile};
 use super::{all_finite, capped, check_world_sharded, device_of};
+use crate::error::CheckpointError;
 use crate::error::{Error, Result};
 use crate::optim::{OptimizerState, OptimizerStateDict, VarState};
 use crate::runtime::ParamView;
@@ -172,14 +173,14 @@ impl Checkpointer {
                 return Err(error);
             }
             // Said by the ranks that found the problem (their peers only know that they did).
-            if !matches!(error, Error::CheckpointPeerFailed { .. }) {
+            if !matches!(error, Error::Checkpoint(CheckpointError::CheckpointPeerFailed { .. })) {
                 eprintln!("warning: {} failed its checks and is passed over: {error}", dir.display());
             }
             skipped.push((dir, error.to_string()));
         }
         match skipped.first() {
             None => Ok(None),
-            Some((newest, why)) => Err(Error::CheckpointFile {
+            Some((newest, why)) => Err(Error::Checkpoint(CheckpointError::CheckpointFile {
                 rank: fsdp.rank(),
                 path: self.dir.clone(),
                 problem: format!(
@@ -187,7 +188,7 @@ impl Checkpointer {
                     skipped.len(),
                     newest.display()
                 ),
-            }),
+            })),
         }
     }
 
@@ -303,11 +304,11 @@ fn lock_dir(dir: &Path) -> Result<File> {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
             let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            return Err(Error::CheckpointFile {
+            return Err(Error::Checkpoint(CheckpointError::CheckpointFile {
                 rank: 0,
                 path: dir.into(),
                 problem: format!("another job saves into this directory ({}): give each run its own", holder.trim()),
-            });
+            }));
         }
         Err(std::fs::TryLockError::Error(e)) => return Err(io_error(0, &path)(e)),
     }
@@ -360,7 +361,9 @@ fn gather_file_entries<M>(fsdp: &Fsdp<M>, mine: FileEntry) -> Result<BTreeMap<St
 fn all_ranks_damaged<M>(fsdp: &Fsdp<M>, error: &Error) -> Result<bool> {
     let damaged = matches!(
         error,
-        Error::CheckpointFile { .. } | Error::CheckpointTensor { .. } | Error::CheckpointPeerFailed { .. }
+        Error::Checkpoint(CheckpointError::CheckpointFile { .. })
+            | Error::Checkpoint(CheckpointError::CheckpointTensor { .. })
+            | Error::Checkpoint(CheckpointError::CheckpointPeerFailed { .. })
     );
     let flag = Tensor::new(&[f32::from(u8::from(damaged))], &device_of(fsdp))?;
     let flags = fsdp.comm().all_gather(&flag, "checkpoint load outcome")?.wait()?.to_vec1::<f32>()?;
@@ -465,10 +468,12 @@ impl RankContents {
             (header::STARTS.to_string(), serde_json::to_string(&starts).expect("names and numbers")),
         ]);
         let tensors = self.tensors.iter().map(|(name, _, tensor)| (name.as_str(), tensor));
-        safetensors::serialize_to_file(tensors, Some(metadata), path).map_err(|e| Error::CheckpointFile {
-            rank: identity.rank,
-            path: path.into(),
-            problem: e.to_string(),
+        safetensors::serialize_to_file(tensors, Some(metadata), path).map_err(|e| {
+            Error::Checkpoint(CheckpointError::CheckpointFile {
+                rank: identity.rank,
+                path: path.into(),
+                problem: e.to_string(),
+            })
         })?;
         sync(path).map_err(io_error(identity.rank, path))
     }
@@ -510,7 +515,9 @@ pub fn read_metadata(dir: &Path) -> Result<CheckpointMetadata> {
 }
 
 fn read_metadata_on(rank: usize, dir: &Path) -> Result<CheckpointMetadata> {
-    let fail = |path: &Path, problem: String| Error::CheckpointFile { rank, path: path.into(), problem };
+    let fail = |path: &Path, problem: String| {
+        Error::Checkpoint(CheckpointError::CheckpointFile { rank, path: path.into(), problem })
+    };
     if !dir.is_dir() {
         return Err(fail(dir, "no such checkpoint directory".into()));
     }
@@ -590,7 +597,7 @@ fn read_checked<M>(fsdp: &Fsdp<M>, with_optimizer: bool, dir: &Path, options: &L
     check_fits(fsdp, &metadata, &metadata_path)?;
     if with_optimizer && metadata.optimizer.is_none() {
         let problems = vec!["the checkpoint holds no optimizer state, but an optimizer was given".into()];
-        return Err(Error::CheckpointMismatch { rank, path: metadata_path, problems });
+        return Err(Error::Checkpoint(CheckpointError::CheckpointMismatch { rank, path: metadata_path, problems }));
     }
     let saved_optimizer = metadata.optimizer.as_ref().filter(|_| with_optimizer);
 
@@ -668,7 +675,9 @@ impl Wanted {
         let mut sources = Sources { rank, device, files: BTreeMap::new(), parts: BTreeMap::new() };
         for (name, parts) in self.by_file {
             let path = dir.join(&name);
-            let fail = |problem: String| Error::CheckpointFile { rank, path: path.clone(), problem };
+            let fail = |problem: String| {
+                Error::Checkpoint(CheckpointError::CheckpointFile { rank, path: path.clone(), problem })
+            };
             let Some(recorded) = metadata.files.get(&name) else {
                 return Err(fail("a piece names this file, which the metadata does not list".into()));
             };
@@ -709,8 +718,14 @@ impl Wanted {
             for (key, piece, _) in &parts {
                 let entry = &self.entries[key];
                 let (dtype, shape) = file.info(key)?;
-                let piece_fail =
-                    |problem: String| Error::CheckpointTensor { rank, path: path.clone(), fqn: key.clone(), problem };
+                let piece_fail = |problem: String| {
+                    Error::Checkpoint(CheckpointError::CheckpointTensor {
+                        rank,
+                        path: path.clone(),
+                        fqn: key.clone(),
+                        problem,
+                    })
+                };
                 if shape != [piece.len] || safetensors::Dtype::from(dtype) != entry.dtype {
                     return Err(piece_fail(format!(
                         "the piece is {dtype:?} {shape:?}, the metadata records {:?} [{}]",
@@ -726,12 +741,12 @@ impl Wanted {
                 }
             }
             if let Some(key) = non_finite {
-                return Err(Error::CheckpointTensor {
+                return Err(Error::Checkpoint(CheckpointError::CheckpointTensor {
                     rank,
                     path: path.clone(),
                     fqn: key,
                     problem: "holds NaN or infinite values (LoadOptions::allow_non_finite loads them)".into(),
-                });
+                }));
             }
             for (key, piece, range) in parts {
                 sources.parts.entry(key).or_default().push((range.start, name.clone(), range.start - piece.start));
@@ -838,22 +853,22 @@ fn check_coverage(rank: usize, metadata_path: &Path, key: &str, entry: &TensorEn
     let mut next = 0;
     for piece in &pieces {
         if piece.start != next {
-            return Err(Error::CheckpointTensor {
+            return Err(Error::Checkpoint(CheckpointError::CheckpointTensor {
                 rank,
                 path: metadata_path.into(),
                 fqn: key.into(),
                 problem: format!("pieces leave a gap or overlap at element {next}"),
-            });
+            }));
         }
         next += piece.len;
     }
     if next != numel {
-        return Err(Error::CheckpointTensor {
+        return Err(Error::Checkpoint(CheckpointError::CheckpointTensor {
             rank,
             path: metadata_path.into(),
             fqn: key.into(),
             problem: format!("pieces cover {next} of {numel} elements"),
-        });
+        }));
     }
     Ok(())
 }
@@ -882,10 +897,12 @@ fn load_optimizer<M>(
             });
         };
         let fqn = param.fqn();
-        let names = saved.slots.get(fqn).ok_or_else(|| Error::CheckpointMismatch {
-            rank,
-            path: metadata_path.into(),
-            problems: vec![format!("no optimizer state for `{fqn}`")],
+        let names = saved.slots.get(fqn).ok_or_else(|| {
+            Error::Checkpoint(CheckpointError::CheckpointMismatch {
+                rank,
+                path: metadata_path.into(),
+                problems: vec![format!("no optimizer state for `{fqn}`")],
+            })
         })?;
         let mut slots = BTreeMap::new();
         for name in names {
@@ -895,11 +912,13 @@ fn load_optimizer<M>(
             slots.insert(name.clone(), slot);
         }
         let state = OptimizerStateDict { vars: vec![VarState { var, slots }], scalars: saved.scalars.clone() };
-        optimizer.import_state(state).map_err(|e| Error::CheckpointTensor {
-            rank,
-            path: metadata_path.into(),
-            fqn: fqn.to_string(),
-            problem: format!("the optimizer refused its saved state: {e}"),
+        optimizer.import_state(state).map_err(|e| {
+            Error::Checkpoint(CheckpointError::CheckpointTensor {
+                rank,
+                path: metadata_path.into(),
+                fqn: fqn.to_string(),
+                problem: format!("the optimizer refused its saved state: {e}"),
+            })
         })?;
     }
     Ok(())
@@ -936,5 +955,9 @@ fn check_fits<M>(fsdp: &Fsdp<M>, metadata: &CheckpointMetadata, path: &Path) -> 
     if problems.is_empty() {
         return Ok(());
     }
-    Err(Error::CheckpointMismatch { rank: fsdp.rank(), path: path.into(), problems: capped(problems) })
+    Err(Error::Checkpoint(CheckpointError::CheckpointMismatch {
+        rank: fsdp.rank(),
+        path: path.into(),
+        problems: capped(problems),
+    }))
 }

@@ -6,6 +6,7 @@
 //! a time, into a file whose header is fixed up front (so a full model is written while
 //! only one unit is gathered).
 
+use crate::error::CheckpointError;
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Metadata, TensorInfo};
@@ -34,7 +35,8 @@ impl TensorFile {
     /// its dtype's size times its element count, and end exactly where the file ends, so
     /// a truncated or extended file or a damaged header fails here, naming the file.
     pub fn open(path: &Path, rank: usize) -> Result<Self> {
-        let fail = |problem: String| Error::CheckpointFile { rank, path: path.into(), problem };
+        let fail =
+            |problem: String| Error::Checkpoint(CheckpointError::CheckpointFile { rank, path: path.into(), problem });
         let file = File::open(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => fail("no such file".into()),
             _ => fail(e.to_string()),
@@ -89,7 +91,12 @@ impl TensorFile {
     }
 
     fn tensor_error(&self, fqn: &str, problem: String) -> Error {
-        Error::CheckpointTensor { rank: self.rank, path: self.path.clone(), fqn: fqn.into(), problem }
+        Error::Checkpoint(CheckpointError::CheckpointTensor {
+            rank: self.rank,
+            path: self.path.clone(),
+            fqn: fqn.into(),
+            problem,
+        })
     }
 
     fn tensor_info(&self, name: &str) -> Result<&TensorInfo> {
@@ -168,10 +175,12 @@ impl TensorFile {
                 carried.extend_from_slice(&piece[whole..]);
             }
         })
-        .map_err(|e| Error::CheckpointFile {
-            rank: self.rank,
-            path: self.path.clone(),
-            problem: e.to_string(),
+        .map_err(|e| {
+            Error::Checkpoint(CheckpointError::CheckpointFile {
+                rank: self.rank,
+                path: self.path.clone(),
+                problem: e.to_string(),
+            })
         })?;
         Ok(crc)
     }
@@ -186,7 +195,9 @@ pub(crate) fn to_tensor(bytes: &[u8], file_dtype: DType, dtype: DType, device: &
 
 /// The CRC32C of a whole file.
 pub(crate) fn file_checksum(path: &Path, rank: usize) -> Result<u32> {
-    let io = |e: std::io::Error| Error::CheckpointFile { rank, path: path.into(), problem: e.to_string() };
+    let io = |e: std::io::Error| {
+        Error::Checkpoint(CheckpointError::CheckpointFile { rank, path: path.into(), problem: e.to_string() })
+    };
     let mut crc = 0u32;
     read_through(&File::open(path).map_err(io)?, |_, read| crc = crc32c::crc32c_append(crc, read)).map_err(io)?;
     Ok(crc)
@@ -236,7 +247,9 @@ impl StreamingWriter {
     /// Creates the file and writes its header (safetensors' own `Metadata`, serialized
     /// by the crate), laying the tensors out in `planned` order.
     pub fn create(path: &Path, planned: Vec<PlannedTensor>, metadata: HashMap<String, String>) -> Result<Self> {
-        let io = |e: std::io::Error| Error::CheckpointFile { rank: 0, path: path.into(), problem: e.to_string() };
+        let io = |e: std::io::Error| {
+            Error::Checkpoint(CheckpointError::CheckpointFile { rank: 0, path: path.into(), problem: e.to_string() })
+        };
         let mut offset = 0;
         let infos = planned
             .iter()
@@ -250,10 +263,12 @@ impl StreamingWriter {
                 (t.name.clone(), info)
             })
             .collect();
-        let header = Metadata::new(Some(metadata), infos).map_err(|e| Error::CheckpointFile {
-            rank: 0,
-            path: path.into(),
-            problem: format!("header: {e}"),
+        let header = Metadata::new(Some(metadata), infos).map_err(|e| {
+            Error::Checkpoint(CheckpointError::CheckpointFile {
+                rank: 0,
+                path: path.into(),
+                problem: format!("header: {e}"),
+            })
         })?;
         let mut header = serde_json::to_vec(&header).map_err(|e| io(std::io::Error::other(e)))?;
         // The format pads the header with spaces to a multiple of 8 bytes.
@@ -275,7 +290,7 @@ impl StreamingWriter {
         let uniform = pieces.iter().all(|p| p.dtype() == dtype && p.rank() == 1);
         let fits = uniform && numel == shape.iter().product::<usize>();
         if planned.name != name || planned.dtype != dtype || planned.shape != shape || !fits {
-            return Err(Error::CheckpointTensor {
+            return Err(Error::Checkpoint(CheckpointError::CheckpointTensor {
                 rank: 0,
                 path: self.path.clone(),
                 fqn: name.into(),
@@ -287,14 +302,16 @@ impl StreamingWriter {
                     planned.dtype,
                     planned.shape
                 ),
-            });
+            }));
         }
         for piece in pieces {
             let bytes = View::data(&piece.contiguous()?).into_owned();
-            self.out.write_all(&bytes).map_err(|e| Error::CheckpointFile {
-                rank: 0,
-                path: self.temp.clone(),
-                problem: e.to_string(),
+            self.out.write_all(&bytes).map_err(|e| {
+                Error::Checkpoint(CheckpointError::CheckpointFile {
+                    rank: 0,
+                    path: self.temp.clone(),
+                    problem: e.to_string(),
+                })
             })?;
         }
         self.next += 1;
@@ -308,7 +325,13 @@ impl StreamingWriter {
 
     /// Flushes, syncs and renames the file into place.
     pub fn finish(self) -> Result<PathBuf> {
-        let io = |e: std::io::Error| Error::CheckpointFile { rank: 0, path: self.temp.clone(), problem: e.to_string() };
+        let io = |e: std::io::Error| {
+            Error::Checkpoint(CheckpointError::CheckpointFile {
+                rank: 0,
+                path: self.temp.clone(),
+                problem: e.to_string(),
+            })
+        };
         if !self.is_complete() {
             return Err(io(std::io::Error::other(format!("{} of {} tensors written", self.next, self.planned.len()))));
         }

@@ -8,6 +8,7 @@
 use super::schema::{Role, Shardable, VisitOrder, Visitor, INDEX};
 use super::table::{ShardableModel, StaticTable};
 use super::unit_hooks::UnitCell;
+use crate::error::ConfigError;
 use crate::error::{Error, Result};
 use candle_core::{Tensor, TensorId};
 use std::collections::HashMap;
@@ -104,7 +105,7 @@ impl Layout {
         model.visit(&mut orders, VisitOrder::Forward);
         orders.post.push(0);
         if let Some(detail) = orders.error {
-            return Err(Error::VisitOrderMismatch { detail });
+            return Err(Error::Config(ConfigError::VisitOrderMismatch { detail }));
         }
         if orders.pre.len() != collector.units.len() {
             let missing: Vec<&str> = (1..collector.units.len())
@@ -112,7 +113,7 @@ impl Layout {
                 .map(|u| collector.units[u].display_name())
                 .collect();
             let detail = format!("unit(s) {missing:?} are visited in declaration order but not in forward order");
-            return Err(Error::VisitOrderMismatch { detail });
+            return Err(Error::Config(ConfigError::VisitOrderMismatch { detail }));
         }
         Ok(Self {
             table,
@@ -175,7 +176,7 @@ impl Layout {
             Ok(())
         } else {
             mismatches.sort();
-            Err(Error::VarMapMismatch { mismatches })
+            Err(Error::Config(ConfigError::VarMapMismatch { mismatches }))
         }
     }
 }
@@ -256,21 +257,21 @@ impl Visitor for Collector {
     fn enter_unit(&mut self, cell: &UnitCell) {
         let fqn = self.path.join(".");
         if self.by_cell.insert(cell_key(cell), self.units.len()).is_some() {
-            self.fail(Error::VisitOrderMismatch {
+            self.fail(Error::Config(ConfigError::VisitOrderMismatch {
                 detail: format!("the unit at `{fqn}` is visited twice in declaration order"),
-            });
+            }));
         }
         let template_fqn = self.template_path.join(".");
         let template = match self.unit_template_index.get(&template_fqn) {
             Some(&t) => t,
             None => {
-                self.fail(Error::NotInTable { fqn: fqn.clone(), template: template_fqn });
+                self.fail(Error::Config(ConfigError::NotInTable { fqn: fqn.clone(), template: template_fqn }));
                 0
             }
         };
         let parent = Some(self.current_unit());
         if self.units[self.current_unit()].fqn == fqn {
-            self.fail(Error::UnitInUnit { fqn: fqn.clone() });
+            self.fail(Error::Config(ConfigError::UnitInUnit { fqn: fqn.clone() }));
         }
         let checkpoint = self.checkpoint_depth > 0;
         self.units.push(UnitInfo { fqn, template, parent, params: Vec::new(), checkpoint });
@@ -303,12 +304,12 @@ impl Visitor for Collector {
         if let Some(&first) = self.by_tensor.get(&tensor.id()) {
             let first_unit = self.params[first].unit;
             if first_unit != unit {
-                let error = Error::TieAcrossUnits {
+                let error = Error::Config(ConfigError::TieAcrossUnits {
                     first_fqn: self.params[first].fqn.clone(),
                     first_unit: self.units[first_unit].display_name().to_string(),
                     second_fqn: fqn,
                     second_unit: self.units[unit].display_name().to_string(),
-                };
+                });
                 self.fail(error);
             } else {
                 self.ties.push(Tie { param: first, fqn });
@@ -319,7 +320,7 @@ impl Visitor for Collector {
         let template = match self.template_index.get(&template_fqn) {
             Some(&t) => t,
             None => {
-                self.fail(Error::NotInTable { fqn: fqn.clone(), template: template_fqn });
+                self.fail(Error::Config(ConfigError::NotInTable { fqn: fqn.clone(), template: template_fqn }));
                 return;
             }
         };

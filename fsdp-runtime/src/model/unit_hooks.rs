@@ -2,6 +2,7 @@
 //! rank implements and the [`UnitCell`] each unit holds them in, installed at wrap time.
 //! Nothing here knows a model's schema or a rank's state.
 
+use crate::error::ConfigError;
 use crate::error::Error;
 use candle_core::{Result, Tensor};
 use std::sync::{Arc, OnceLock};
@@ -46,7 +47,7 @@ pub struct UnitCell(OnceLock<(Arc<dyn UnitHooks>, usize)>);
 
 impl UnitCell {
     pub(crate) fn install(&self, hooks: Arc<dyn UnitHooks>, index: usize) -> crate::Result<()> {
-        self.0.set((hooks, index)).map_err(|_| Error::AlreadyWrapped)
+        self.0.set((hooks, index)).map_err(|_| Error::Config(ConfigError::AlreadyWrapped))
     }
 
     /// The installed hooks and the unit's index there; `None` before the model is wrapped.

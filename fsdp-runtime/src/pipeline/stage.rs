@@ -3,6 +3,7 @@
 use super::accumulator::GradAccumulator;
 use super::context::{Deferred, PassMode, StageContext};
 use super::deferred::{bias_grad, weight_grad};
+use crate::error::MisuseError;
 use crate::error::{Error, Result};
 use candle_core::{Tensor, TensorId, Var};
 use std::collections::{HashMap, HashSet};
@@ -37,7 +38,7 @@ impl<'a> From<&'a Var> for StageInput<'a> {
 fn seed(outputs: &[Tensor], output_grads: Option<&[Option<Tensor>]>) -> Result<Option<Tensor>> {
     if let Some(grads) = output_grads {
         if grads.len() != outputs.len() {
-            return Err(Error::StageGradCount { outputs: outputs.len(), grads: grads.len() });
+            return Err(Error::Misuse(MisuseError::StageGradCount { outputs: outputs.len(), grads: grads.len() }));
         }
     }
     let mut root: Option<Tensor> = None;
@@ -49,14 +50,14 @@ fn seed(outputs: &[Tensor], output_grads: Option<&[Option<Tensor>]>) -> Result<O
         let term = match output_grads {
             None => output.sum_all()?,
             Some(grads) => match &grads[index] {
-                None => return Err(Error::StageOutputGradMissing { index }),
+                None => return Err(Error::Misuse(MisuseError::StageOutputGradMissing { index })),
                 Some(grad) => {
                     if grad.shape() != output.shape() || grad.dtype() != output.dtype() {
-                        return Err(Error::StageGradMismatch {
+                        return Err(Error::Misuse(MisuseError::StageGradMismatch {
                             index,
                             output: format!("{:?} {:?}", output.shape(), output.dtype()),
                             grad: format!("{:?} {:?}", grad.shape(), grad.dtype()),
-                        });
+                        }));
                     }
                     (output * grad.detach())?.sum_all()?
                 }
@@ -113,7 +114,7 @@ fn run_backward(root: &Tensor, inputs: &[StageInput]) -> Result<BackwardResult> 
 fn not_in_input_pass(ctx: &StageContext, what: &'static str) -> Result<()> {
     match ctx.mode() {
         PassMode::Full => Ok(()),
-        PassMode::InputOnly => Err(Error::StageReentrant(what)),
+        PassMode::InputOnly => Err(Error::Misuse(MisuseError::StageReentrant(what))),
     }
 }
 
@@ -194,17 +195,17 @@ pub fn stage_backward_input(
 /// of a deferred weight, `dy` summed over the batch per use of a deferred bias — sums the
 /// uses of a shared weight, adds the results to `acc`, and empties the queue.
 ///
-/// Errors with [`Error::StageNoInputPass`] when no input pass ran since the last weight
+/// Errors with [`MisuseError::StageNoInputPass`] when no input pass ran since the last weight
 /// pass; after an input pass that deferred nothing it does nothing. On an error, the queue
 /// and `acc` are left as they were.
 pub fn stage_backward_weight(ctx: &StageContext, acc: &mut GradAccumulator) -> Result<()> {
     let queue = {
         let mut state = ctx.lock();
         if state.mode == PassMode::InputOnly {
-            return Err(Error::StageReentrant("stage_backward_weight"));
+            return Err(Error::Misuse(MisuseError::StageReentrant("stage_backward_weight")));
         }
         if state.input_passes == 0 && state.queue.is_empty() {
-            return Err(Error::StageNoInputPass);
+            return Err(Error::Misuse(MisuseError::StageNoInputPass));
         }
         std::mem::take(&mut state.queue)
     };
@@ -250,7 +251,7 @@ fn check_owners(ctx: &StageContext, summed: Vec<(Tensor, Tensor)>) -> Result<Vec
             } else if sink.as_ref().is_some_and(|s| s.owns(&weight)) {
                 Ok((Owner::Sink(weight), grad))
             } else {
-                Err(Error::StageWeightUnowned { shape: format!("{:?}", weight.shape()) })
+                Err(Error::Misuse(MisuseError::StageWeightUnowned { shape: format!("{:?}", weight.shape()) }))
             }
         })
         .collect()

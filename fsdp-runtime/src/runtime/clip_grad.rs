@@ -3,6 +3,7 @@
 //! (PyTorch's `FullyShardedDataParallel.clip_grad_norm_`).
 
 use super::Fsdp;
+use crate::error::ConfigError;
 use crate::error::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
@@ -25,11 +26,11 @@ impl<M> Fsdp<M> {
     /// order), and nothing is scaled.
     pub fn clip_grad_norm(&self, grads: &mut GradStore, max_norm: f64, norm_type: f64) -> Result<f64> {
         if norm_type.is_nan() || norm_type < 1.0 || max_norm.is_nan() || max_norm < 0.0 {
-            return Err(Error::ClipArgument {
+            return Err(Error::Config(ConfigError::ClipArgument {
                 problem: format!(
                     "norm_type must be at least 1 and max_norm non-negative, not {norm_type} and {max_norm}"
                 ),
-            });
+            }));
         }
         self.check_between_steps("Fsdp::clip_grad_norm")?;
         // This rank's contribution per parameter, Σ|g|^p (or max|g| for the infinity norm)

@@ -12,6 +12,7 @@ use super::sharded_param::ShardedParam;
 use super::storage::Unallocated;
 
 use crate::config::{FsdpConfig, MixedPrecision};
+use crate::error::{ConfigError, MisuseError};
 use crate::error::{Error, Result};
 use crate::model::{
     Activations, Layout, ParamInfo, Role, Shardable, ShardableModel, UnitCell, UnitHooks, VisitOrder, Visitor,
@@ -91,7 +92,7 @@ impl FirstValues<'_> {
         // A layer that holds a view of a placeholder (a transpose, a reshape) holds no
         // values and no initialiser of its own.
         if let Some(name) = self.seeded.and_then(|s| s.storages.get(&storage_address(&param.tensor))) {
-            return Err(Error::MetaView { fqn: param.fqn.clone(), placeholder: name.clone() });
+            return Err(Error::Config(ConfigError::MetaView { fqn: param.fqn.clone(), placeholder: name.clone() }));
         }
         if self.config.sync_module_states && self.config.communicates_over(group.size()) {
             let flat = param.tensor.flatten_all()?.contiguous()?;
@@ -181,7 +182,7 @@ impl<M: ShardableModel> Fsdp<M> {
         let mut unit_comms: Vec<Arc<dyn Collectives>> = vec![shards; layout.units.len()];
         let mut unit_replicas = vec![replicas; layout.units.len()];
         for (name, group) in unit_groups {
-            let index = layout.unit_named(&name).ok_or(Error::UnknownUnit { name })?;
+            let index = layout.unit_named(&name).ok_or(Error::Config(ConfigError::UnknownUnit { name }))?;
             unit_comms[index] = group;
             unit_replicas[index] = None;
         }
@@ -206,13 +207,13 @@ impl<M: ShardableModel> Fsdp<M> {
                     let trained: Vec<_> =
                         unit.params.iter().map(|&p| &layout.params[p]).filter(|p| p.role == Role::Parameter).collect();
                     if let Some(other) = trained.iter().find(|p| p.tensor.dtype() != trained[0].tensor.dtype()) {
-                        return Err(Error::MixedDtypes {
+                        return Err(Error::Config(ConfigError::MixedDtypes {
                             unit: unit.display_name().to_string(),
                             first: trained[0].fqn.clone(),
                             first_dtype: trained[0].tensor.dtype(),
                             other: other.fqn.clone(),
                             other_dtype: other.tensor.dtype(),
-                        });
+                        }));
                     }
                     let compute_dtype = match trained.first() {
                         Some(first) => check_precision(unit.display_name(), first, &config.mixed_precision)?,
@@ -346,11 +347,11 @@ impl<M> Fsdp<M> {
     /// reduce-scatters, which this rank will never issue, and fail at once instead.
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
         if !self.state.training_step_pending() {
-            return Err(Error::BackwardWithoutForward { rank: self.rank() });
+            return Err(Error::Misuse(MisuseError::BackwardWithoutForward { rank: self.rank() }));
         }
         let mut grads = loss.backward()?;
         if !self.state.backward_reached() && !self.parameters().iter().any(|v| grads.get(v.as_tensor()).is_some()) {
-            return Err(self.abort_world(Error::LossReachesNoOutput { rank: self.rank() }));
+            return Err(self.abort_world(Error::Misuse(MisuseError::LossReachesNoOutput { rank: self.rank() })));
         }
         self.insert_reduced(&mut grads)?;
         Ok(grads)
@@ -415,7 +416,7 @@ impl<M> Fsdp<M> {
                 return Ok(());
             }
         }
-        Err(Error::UnknownParameter { fqn: fqn.to_string() })
+        Err(Error::Config(ConfigError::UnknownParameter { fqn: fqn.to_string() }))
     }
 
     /// This rank's shards of every trained parameter, in FQN-table order per unit.
@@ -482,7 +483,7 @@ impl<M> Fsdp<M> {
     /// Refuses `call` between a training forward and its backward.
     pub(crate) fn check_between_steps(&self, call: &'static str) -> Result<()> {
         if self.state.training_step_pending() {
-            return Err(Error::StepInProgress { rank: self.rank(), call });
+            return Err(Error::Misuse(MisuseError::StepInProgress { rank: self.rank(), call }));
         }
         Ok(())
     }
@@ -523,7 +524,9 @@ fn hybrid_groups(world: &Arc<dyn Collectives>, config: &FsdpConfig) -> Result<Un
         return Ok(plain);
     };
     let n = world.size();
-    let refuse = |problem: String| Err(Error::BadShardGroup { rank: world.global_rank(), world: n, size, problem });
+    let refuse = |problem: String| {
+        Err(Error::Config(ConfigError::BadShardGroup { rank: world.global_rank(), world: n, size, problem }))
+    };
     if !config.strategy.shards() {
         return refuse("NO_SHARD shards nothing; hybrid sharding needs FULL_SHARD or SHARD_GRAD_OP".into());
     }
@@ -557,7 +560,9 @@ fn check_precision(unit: &str, first: &ParamInfo, policy: &MixedPrecision) -> Re
     let Some(dtype) = casts else {
         return Ok(None);
     };
-    let refuse = |problem: String| Err(Error::MixedPrecisionPolicy { unit: unit.to_string(), dtype, problem });
+    let refuse = |problem: String| {
+        Err(Error::Config(ConfigError::MixedPrecisionPolicy { unit: unit.to_string(), dtype, problem }))
+    };
     if !dtype.is_float() {
         return refuse("only floating-point dtypes can be computed or reduced in".to_string());
     }

@@ -6,6 +6,7 @@
 //! grows again.
 
 use super::Fsdp;
+use crate::error::ConfigError;
 use crate::error::{Error, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
@@ -65,7 +66,7 @@ pub struct ShardedGradScaler {
 
 impl ShardedGradScaler {
     /// A scaler starting at `config.init_scale`. Fails with
-    /// [`Error::GradScalerArgument`] when the configuration cannot work (see there).
+    /// [`ConfigError::GradScalerArgument`] when the configuration cannot work (see there).
     pub fn new(config: GradScalerConfig) -> Result<Self> {
         let valid = config.init_scale > 0.0
             && config.init_scale.is_finite()
@@ -74,7 +75,7 @@ impl ShardedGradScaler {
             && config.backoff_factor < 1.0
             && config.growth_interval > 0;
         if !valid {
-            return Err(Error::GradScalerArgument { config: format!("{config:?}") });
+            return Err(Error::Config(ConfigError::GradScalerArgument { config: format!("{config:?}") }));
         }
         Ok(Self { config, scale: config.init_scale, good_steps: 0, state: ScalerState::Scaled })
     }
@@ -93,9 +94,9 @@ impl ShardedGradScaler {
     /// Continues from a saved [`ShardedGradScaler::state`].
     pub fn restore(&mut self, (scale, good_steps): (f64, usize)) -> Result<()> {
         if !(scale > 0.0 && scale.is_finite()) || good_steps >= self.config.growth_interval {
-            return Err(Error::GradScalerArgument {
+            return Err(Error::Config(ConfigError::GradScalerArgument {
                 config: format!("a saved state of scale {scale} after {good_steps} good steps"),
-            });
+            }));
         }
         self.scale = scale;
         self.good_steps = good_steps;

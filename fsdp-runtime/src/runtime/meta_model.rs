@@ -9,6 +9,7 @@
 //! its bias, ones for a norm), from which wrapping draws the values.
 
 use super::storage::{released, Unallocated};
+use crate::error::ConfigError;
 use crate::error::{Error, Result};
 use crate::launch::panic_message;
 use crate::model::{Layout, ShardableModel};
@@ -59,7 +60,9 @@ impl<M> MetaModel<M> {
         let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
         let built = catch_unwind(AssertUnwindSafe(|| build(vb)));
         let made = std::mem::take(&mut *made.lock().unwrap_or_else(|p| p.into_inner()));
-        let failure = |message: String| Error::MetaBuild { last: made.last().map(|(p, _)| p.name.clone()), message };
+        let failure = |message: String| {
+            Error::Config(ConfigError::MetaBuild { last: made.last().map(|(p, _)| p.name.clone()), message })
+        };
         let model = match built {
             Ok(Ok(model)) => model,
             Ok(Err(error)) => return Err(failure(error.to_string())),

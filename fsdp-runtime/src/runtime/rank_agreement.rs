@@ -6,6 +6,7 @@
 //! each side has.
 
 use super::seeded_init::fnv1a;
+use crate::error::ConfigError;
 use crate::error::{Error, Result};
 use crate::model::Layout;
 use candle_core::Tensor;
@@ -38,7 +39,7 @@ pub(crate) fn check_ranks_agree(comm: &dyn Collectives, layout: &Layout) -> Resu
         let all = comm.all_gather(&mine, &label)?.wait()?.to_vec1::<f64>()?;
         Ok(all.chunks(values.len()).map(<[f64]>::to_vec).collect())
     };
-    let disagree = |detail: String| Error::RanksDisagree { rank: comm.global_rank(), detail };
+    let disagree = |detail: String| Error::Config(ConfigError::RanksDisagree { rank: comm.global_rank(), detail });
 
     // Counts first: the later exchanges need every rank to send as many values.
     let lines = describe(layout);

@@ -17,6 +17,7 @@ use super::param_group::{ParamGroup, Residency, TrainingState};
 use super::trace::{TraceEvent, UnshardCause};
 use super::{backward_prefetch_target, forward_prefetch_target, Recorders};
 use crate::config::{BackwardPrefetch, FsdpConfig, OrderCheck};
+use crate::error::MisuseError;
 use crate::error::{into_candle, Error, Result};
 use crate::model::{Recompute, UnitHooks};
 use crate::pipeline::DeferredGradSink;
@@ -167,7 +168,7 @@ impl RankState {
             ForwardMode::Inference => "Fsdp::forward_inference",
             ForwardMode::Summoned => "Fsdp::summon_full_params",
         };
-        Err(Error::NestedCall { rank: self.rank(), call, inside })
+        Err(Error::Misuse(MisuseError::NestedCall { rank: self.rank(), call, inside }))
     }
 
     /// Back to training mode.
@@ -225,12 +226,12 @@ impl RankState {
             return Ok(());
         }
         step.order_mismatch_reported = true;
-        let error = Error::OrderViolation {
+        let error = Error::Misuse(MisuseError::OrderViolation {
             rank: self.rank(),
             unit: self.groups[unit].name.clone(),
             position,
             expected: expected.map_or("<none>".to_string(), |u| self.groups[u].name.clone()),
-        };
+        });
         match self.config.order_check {
             OrderCheck::Warn => {
                 tracing::warn!("{error}; prefetching will target the wrong units this step");
@@ -459,7 +460,7 @@ impl RankState {
         let busy =
             self.training_step_pending() || self.groups.iter().any(|g| g.training_state() != TrainingState::Idle);
         if busy {
-            return Err(Error::StepInProgress { rank: self.rank(), call: CALL });
+            return Err(Error::Misuse(MisuseError::StepInProgress { rank: self.rank(), call: CALL }));
         }
         self.enter_mode(ForwardMode::Summoned, CALL)?;
         let gathered = units.into_iter().try_for_each(|unit| self.unshard(unit, UnshardCause::Summon));
