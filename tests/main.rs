@@ -30,5 +30,4 @@ mod summon;
 mod tcp_collectives;
 mod text_data;
 mod torchrun_store;
-mod ui;
 mod world_one;

@@ -1,9 +1,0 @@
-//! Compile-fail tests for the derives: each case in the top-level `ui-tests/` holds exactly
-//! one mistake, and its `.stderr` pins the single error the derive reports for it, at the
-//! offending tokens.
-
-#[test]
-fn ui() {
-    let t = trybuild::TestCases::new();
-    t.compile_fail("ui-tests/*.rs");
-}
