@@ -11,6 +11,7 @@ mod faults;
 mod fqn_fsdp_test_models;
 mod fqn_llama;
 mod fqn_transformer;
+mod frozen_params;
 mod fused_kernels;
 mod hf_llama;
 mod hybrid_shard;

@@ -82,8 +82,8 @@ impl fmt::Display for Config {
 }
 
 /// A model of the parity tests: how to build it, which `VarMap` entries are buffers, and
-/// its losses under FSDP and in the reference.
-trait ParityModel: ShardableModel + Sized {
+/// its losses under FSDP and in the reference (the frozen-parameter tests train them too).
+pub(crate) trait ParityModel: ShardableModel + Sized {
     const NAME: &'static str;
     /// `VarMap` entries that are buffers, not trained parameters.
     const BUFFERS: &'static [&'static str];

@@ -176,6 +176,36 @@ impl MixedPrecision {
     }
 }
 
+/// FQN patterns of frozen parameters ([`FsdpConfig::frozen`]). Each distinct set is
+/// stored once for the life of the process, where a `Copy` configuration can point to it:
+/// so [`FsdpConfig`] stays `Copy`, and a rank's closure can wrap with it on every rank. A
+/// run makes a handful of configurations, so what is kept is a few strings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrozenPatterns(&'static [String]);
+
+impl FrozenPatterns {
+    /// The set of `patterns`, in order.
+    pub fn new<S: Into<String>>(patterns: impl IntoIterator<Item = S>) -> Self {
+        static SETS: std::sync::Mutex<Vec<&'static [String]>> = std::sync::Mutex::new(Vec::new());
+        let patterns: Vec<String> = patterns.into_iter().map(Into::into).collect();
+        if patterns.is_empty() {
+            return Self::default();
+        }
+        let mut sets = SETS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(&known) = sets.iter().find(|&&known| known == patterns.as_slice()) {
+            return Self(known);
+        }
+        let stored: &'static [String] = Box::leak(patterns.into_boxed_slice());
+        sets.push(stored);
+        Self(stored)
+    }
+
+    /// The patterns, in the order given.
+    pub fn patterns(&self) -> &'static [String] {
+        self.0
+    }
+}
+
 /// The options of [`crate::Fsdp::wrap`].
 #[derive(Clone, Copy, Debug)]
 pub struct FsdpConfig {
@@ -211,6 +241,13 @@ pub struct FsdpConfig {
     /// results; for checking the communication path.
     #[doc(hidden)]
     pub collectives_at_world_one: bool,
+    /// FQN patterns of the parameters that are not trained (PyTorch's
+    /// `requires_grad=False`): `*` stands for any run of characters, dots included, and
+    /// `?` for one. A frozen parameter is sharded and gathered as any other, but autograd
+    /// computes no gradient for it, it is never reduced, and it is not among
+    /// [`crate::Fsdp::parameters`], so an optimizer keeps no state for it. A pattern that
+    /// matches no parameter is refused at wrap time.
+    pub frozen: FrozenPatterns,
 }
 
 impl Default for FsdpConfig {
@@ -226,6 +263,7 @@ impl Default for FsdpConfig {
             shard_group_size: None,
             activation_checkpointing: false,
             collectives_at_world_one: false,
+            frozen: FrozenPatterns::default(),
         }
     }
 }
@@ -271,6 +309,13 @@ impl FsdpConfig {
     /// Sets [`FsdpConfig::activation_checkpointing`].
     pub fn activation_checkpointing(mut self, on: bool) -> Self {
         self.activation_checkpointing = on;
+        self
+    }
+
+    /// Adds FQN patterns to [`FsdpConfig::frozen`].
+    pub fn freeze<S: Into<String>>(mut self, patterns: impl IntoIterator<Item = S>) -> Self {
+        let added = patterns.into_iter().map(Into::into);
+        self.frozen = FrozenPatterns::new(self.frozen.patterns().iter().cloned().chain(added));
         self
     }
 

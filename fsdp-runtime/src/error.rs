@@ -243,23 +243,20 @@ pub enum ConfigError {
         /// The FQN as given.
         fqn: String,
     },
-    /// One unit holds parameters of different dtypes; a unit is gathered in one
-    /// collective, so all its parameters share a dtype.
-    #[error(
-        "unit `{unit}` mixes dtypes: `{first}` is {first_dtype:?}, `{other}` is {other_dtype:?}; \
-         one unit is gathered in one collective"
-    )]
-    MixedDtypes {
-        /// The unit's name.
-        unit: String,
-        /// The FQN of the unit's first parameter.
-        first: String,
-        /// The dtype of `first`.
-        first_dtype: candle_core::DType,
-        /// The FQN of a parameter whose dtype differs from `first`'s.
-        other: String,
-        /// The dtype of `other`.
-        other_dtype: candle_core::DType,
+    /// A [`crate::FsdpConfig::frozen`] pattern matches no trained parameter of the model.
+    #[error("the frozen-parameter pattern `{pattern}` matches no trained parameter of the model")]
+    FrozenPatternMatchesNothing {
+        /// The pattern as given.
+        pattern: String,
+    },
+    /// A parameter frozen by [`crate::FsdpConfig::frozen`] was named where only a trained
+    /// one can be (a gradient hook, an optimizer's variables).
+    #[error("`{fqn}` is frozen: it gets no gradient and is not trained ({what})")]
+    FrozenParameter {
+        /// The parameter's FQN.
+        fqn: String,
+        /// What asked for it.
+        what: String,
     },
     /// The [`crate::MixedPrecision`] policy cannot apply to a unit's parameters.
     #[error("unit `{unit}`: the mixed-precision policy casts to {dtype:?}, but {problem}")]

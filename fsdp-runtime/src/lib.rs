@@ -26,7 +26,7 @@ pub mod pipeline;
 mod plan;
 mod runtime;
 
-pub use config::{BackwardPrefetch, FsdpConfig, MixedPrecision, OrderCheck, ShardingStrategy};
+pub use config::{BackwardPrefetch, FrozenPatterns, FsdpConfig, MixedPrecision, OrderCheck, ShardingStrategy};
 pub use error::{CheckpointError, ConfigError, Error, MisuseError, Result};
 pub use fsdp_comm::{Backend, ProcessGroup, RankContext};
 pub use launch::{launch, launch_each, LaunchOptions};

@@ -43,21 +43,28 @@ pub struct UnitPlan {
     pub name: String,
     /// The FQNs of the unit's tensors (parameters and buffers), in flat-parameter order.
     pub fqns: Vec<String>,
-    /// Trained elements (buffers excluded), unpadded.
+    /// Parameter elements (buffers excluded, frozen parameters included), unpadded.
     pub numel: usize,
-    /// Bytes of the unit's trained parameters when gathered, in the compute dtype (the
+    /// Of `numel`, the elements of frozen parameters ([`FsdpConfig::frozen`]): gathered,
+    /// but without gradients, reductions or optimizer state.
+    pub frozen_numel: usize,
+    /// Bytes of the unit's parameters when gathered, in the compute dtype (the
     /// mixed-precision policy's `param_dtype`).
     pub gathered_bytes: usize,
-    /// Bytes of the unit's full gradients before their reduction: in the compute dtype as
-    /// autograd makes them, or in the reduce dtype where that is wider.
+    /// Bytes of the unit's full gradients before their reduction (trained parameters
+    /// only): in the compute dtype as autograd makes them, or in the reduce dtype where
+    /// that is wider.
     pub unreduced_grad_bytes: usize,
     /// Bytes one all-gather of the unit moves, in the compute dtype: each parameter padded
     /// to a multiple of the world size.
     pub collective_bytes: usize,
     /// Bytes one reduction of the unit's gradients moves, in the reduce dtype.
     pub reduce_bytes: usize,
-    /// Bytes of this rank's shard of the unit's trained parameters.
+    /// Bytes of this rank's shard of the unit's parameters.
     pub shard_bytes: usize,
+    /// Bytes of this rank's shard of the unit's trained parameters: what its gradient
+    /// shards and each optimizer state take.
+    pub trained_shard_bytes: usize,
     /// Bytes of the unit's buffers, replicated on every rank.
     pub buffer_bytes: usize,
 }
@@ -67,9 +74,10 @@ pub struct UnitPlan {
 pub struct RankMemory {
     /// Persistent parameter storage (shards, or full replicas without sharding), buffers included.
     pub params: usize,
-    /// Bytes of this rank's gradient shards, in the parameters' dtype.
+    /// Bytes of this rank's gradient shards, in the parameters' dtype (none for frozen ones).
     pub grads: usize,
-    /// Bytes of this rank's optimizer state: `optimizer_states` times the parameter shards.
+    /// Bytes of this rank's optimizer state: `optimizer_states` times the trained
+    /// parameter shards.
     pub optimizer: usize,
     /// The most gathered (unsharded) parameter bytes alive at once, beyond `params`.
     pub gathered_peak: usize,
@@ -142,6 +150,7 @@ impl Plan {
         // Parameters split over the shard group; the rest of the world holds replicas.
         let world = config.shard_group_size()?;
         let shards = config.fsdp.strategy.shards();
+        let frozen = layout.frozen_params(config.fsdp.frozen.patterns())?;
         let units: Vec<UnitPlan> = layout
             .units
             .iter()
@@ -151,11 +160,13 @@ impl Plan {
                     name: unit.display_name().to_string(),
                     fqns: layout.unit_fqns(index).into_iter().map(String::from).collect(),
                     numel: 0,
+                    frozen_numel: 0,
                     gathered_bytes: 0,
                     unreduced_grad_bytes: 0,
                     collective_bytes: 0,
                     reduce_bytes: 0,
                     shard_bytes: 0,
+                    trained_shard_bytes: 0,
                     buffer_bytes: 0,
                 };
                 for &p in &unit.params {
@@ -174,9 +185,14 @@ impl Plan {
                             let moved = if shards { shard * world } else { numel };
                             plan.shard_bytes += shard * size;
                             plan.gathered_bytes += numel * compute;
-                            plan.unreduced_grad_bytes += numel * compute.max(reduce);
                             plan.collective_bytes += moved * compute;
-                            plan.reduce_bytes += moved * reduce;
+                            if frozen[p] {
+                                plan.frozen_numel += numel;
+                            } else {
+                                plan.trained_shard_bytes += shard * size;
+                                plan.unreduced_grad_bytes += numel * compute.max(reduce);
+                                plan.reduce_bytes += moved * reduce;
+                            }
                         }
                     }
                 }
@@ -185,7 +201,7 @@ impl Plan {
             .collect();
 
         let memory = rank_memory(layout, &units, &config);
-        let unsharded_memory = single_process_memory(layout, config.optimizer_states);
+        let unsharded_memory = single_process_memory(layout, &frozen, config.optimizer_states);
         let forward_order = layout.forward_order.iter().map(|&u| units[u].name.clone()).collect();
         let backward_prefetch = layout
             .backward_order()
@@ -230,18 +246,15 @@ impl Plan {
 }
 
 /// One process holding the whole model: no shards, no gathering.
-fn single_process_memory(layout: &Layout, optimizer_states: usize) -> RankMemory {
-    let bytes = |role: Role| -> usize {
-        layout
-            .params
-            .iter()
-            .filter(|p| p.role == role)
-            .map(|p| p.tensor.elem_count() * p.tensor.dtype().size_in_bytes())
-            .sum()
+fn single_process_memory(layout: &Layout, frozen: &[bool], optimizer_states: usize) -> RankMemory {
+    let bytes = |keep: &dyn Fn(usize) -> bool| -> usize {
+        let tensors = layout.params.iter().enumerate().filter(|&(i, _)| keep(i));
+        tensors.map(|(_, p)| p.tensor.elem_count() * p.tensor.dtype().size_in_bytes()).sum()
     };
-    let trained = bytes(Role::Parameter);
+    let is_param = |i: usize| layout.params[i].role == Role::Parameter;
+    let trained = bytes(&|i| is_param(i) && !frozen[i]);
     RankMemory {
-        params: trained + bytes(Role::Buffer),
+        params: bytes(&|_| true),
         grads: trained,
         optimizer: trained * optimizer_states,
         gathered_peak: 0,
@@ -251,6 +264,7 @@ fn single_process_memory(layout: &Layout, optimizer_states: usize) -> RankMemory
 
 fn rank_memory(layout: &Layout, units: &[UnitPlan], config: &PlanConfig) -> RankMemory {
     let shard: usize = units.iter().map(|u| u.shard_bytes).sum();
+    let trained_shard: usize = units.iter().map(|u| u.trained_shard_bytes).sum();
     let buffers: usize = units.iter().map(|u| u.buffer_bytes).sum();
     let gathered_peak = match config.fsdp.strategy {
         ShardingStrategy::NoShard => 0,
@@ -265,8 +279,8 @@ fn rank_memory(layout: &Layout, units: &[UnitPlan], config: &PlanConfig) -> Rank
     };
     RankMemory {
         params: shard + buffers,
-        grads: shard,
-        optimizer: shard * config.optimizer_states,
+        grads: trained_shard,
+        optimizer: trained_shard * config.optimizer_states,
         gathered_peak,
         unreduced_grads_peak,
     }
@@ -364,7 +378,7 @@ impl fmt::Display for Plan {
         let c = &self.config;
         writeln!(
             f,
-            "world size {}, strategy {}, backward prefetch {}, forward prefetch {}, {} optimizer state(s) per parameter",
+            "world size {}, strategy {}, backward prefetch {}, forward prefetch {}, {} optimizer state(s) per trained parameter",
             c.world_size,
             c.fsdp.strategy,
             c.fsdp.backward_prefetch,
@@ -387,12 +401,17 @@ impl fmt::Display for Plan {
         for unit in &self.units {
             writeln!(
                 f,
-                "  {:<28} {:>10} params  gathered {:>11}  shard/rank {:>11}  buffers {:>9}",
+                "  {:<28} {:>10} params  gathered {:>11}  shard/rank {:>11}  buffers {:>9}{}",
                 unit.name,
                 unit.numel,
                 Bytes(unit.gathered_bytes),
                 Bytes(unit.shard_bytes),
-                Bytes(unit.buffer_bytes)
+                Bytes(unit.buffer_bytes),
+                match unit.frozen_numel {
+                    0 => String::new(),
+                    n if n == unit.numel => "  frozen".to_string(),
+                    n => format!("  {n} frozen"),
+                }
             )?;
             for fqn in &unit.fqns {
                 writeln!(f, "      {fqn}")?;

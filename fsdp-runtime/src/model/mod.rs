@@ -8,6 +8,7 @@
 //! the hooks object installed in its [`UnitCell`] at wrap time.
 
 pub(crate) mod activations;
+mod frozen;
 pub(crate) mod group_norm;
 pub(crate) mod layers;
 mod layout;

@@ -7,7 +7,11 @@
 //!   gradients never reach the `GradStore`.
 //! - [`BackwardHook`]: a zero scalar computed from a tensor and added to it. Because it
 //!   consumes the tensor, candle's topological walk runs its backward before any op that
-//!   produced the tensor: on a unit's outputs that is the unit's pre-backward point.
+//!   produced the tensor: on a unit's outputs that is the unit's pre-backward point. And
+//!   because the sum replaces the tensor, the walk runs it only after every op that
+//!   consumed the sum: on a unit's inputs, after the unit's own backward (FSDP2's
+//!   post-backward hook on a module's inputs). Parameter gradients cannot tell that for
+//!   frozen parameters, which have none.
 
 use super::storage::Unallocated;
 use crate::backend::OnBackend;
@@ -23,6 +27,18 @@ pub(crate) trait GradSink: Send + Sync {
     /// The gradient reached unit `unit`'s outputs, hooked by the forward of step
     /// `generation`: its backward is about to start.
     fn pre_backward(&self, unit: usize, generation: u64) -> Result<()>;
+    /// The backward passed one of unit `unit`'s inputs, hooked by the forward of step
+    /// `generation`: nothing computed from that input within the unit is left.
+    fn input_passed(&self, unit: usize, generation: u64) -> Result<()>;
+}
+
+/// Where a [`BackwardHook`] sits, and so what its backward tells the sink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HookPoint {
+    /// On a unit's output: its backward starts.
+    Output,
+    /// On a unit's input: the backward of what the unit computed from it is done.
+    Input,
 }
 
 /// See the module docs. The node starts out released, with the full parameter's shape
@@ -59,6 +75,7 @@ impl CustomOp1 for GatheredParam {
 /// a tensor into another one's history, see `RankState::bind_inputs`).
 pub(crate) struct BackwardHook {
     pub sink: Option<std::sync::Weak<dyn GradSink>>,
+    pub point: HookPoint,
     pub unit: usize,
     /// The step whose forward attached the hook (see `RankState::generation`).
     pub generation: u64,
@@ -100,7 +117,10 @@ impl CustomOp1 for BackwardHook {
         match &self.sink {
             Some(sink) => {
                 if let Some(sink) = sink.upgrade() {
-                    sink.pre_backward(self.unit, self.generation)?;
+                    match self.point {
+                        HookPoint::Output => sink.pre_backward(self.unit, self.generation)?,
+                        HookPoint::Input => sink.input_passed(self.unit, self.generation)?,
+                    }
                 }
                 // A hooked output also feeds the add that carries its real gradient.
                 Ok(None)

@@ -1,6 +1,6 @@
 //! [`Fsdp`]: a model wrapped for fully sharded data parallel training on one rank.
 
-use super::autograd::GradSink;
+use super::autograd::{GatheredParam, GradSink};
 use super::flat_buffer::{pad, ShardSpec};
 use super::meta_model::{storage_address, MetaModel, MetaParam};
 use super::param_group::{ParamGroup, UnitComms};
@@ -175,6 +175,7 @@ impl<M: ShardableModel> Fsdp<M> {
         seeded: Option<Seeded<'_>>,
     ) -> Result<Self> {
         let layout = Layout::of(&model)?;
+        let frozen = layout.frozen_params(config.frozen.patterns())?;
         if config.communicates_over(comm.size()) {
             check_ranks_agree(comm.as_ref(), &layout)?;
         }
@@ -204,34 +205,27 @@ impl<M: ShardableModel> Fsdp<M> {
                 .iter()
                 .enumerate()
                 .map(|(index, unit)| {
-                    let trained: Vec<_> =
-                        unit.params.iter().map(|&p| &layout.params[p]).filter(|p| p.role == Role::Parameter).collect();
-                    if let Some(other) = trained.iter().find(|p| p.tensor.dtype() != trained[0].tensor.dtype()) {
-                        return Err(Error::Config(ConfigError::MixedDtypes {
-                            unit: unit.display_name().to_string(),
-                            first: trained[0].fqn.clone(),
-                            first_dtype: trained[0].tensor.dtype(),
-                            other: other.fqn.clone(),
-                            other_dtype: other.tensor.dtype(),
-                        }));
-                    }
-                    let compute_dtype = match trained.first() {
-                        Some(first) => check_precision(unit.display_name(), first, &config.mixed_precision)?,
-                        None => None,
-                    };
+                    let trained: Vec<(&ParamInfo, bool)> = unit
+                        .params
+                        .iter()
+                        .filter(|&&p| layout.params[p].role == Role::Parameter)
+                        .map(|&p| (&layout.params[p], frozen[p]))
+                        .collect();
                     let group = unit_comms[index].clone();
                     let (shard_rank, shard_world) = if sharded { (group.rank(), group.size()) } else { (0, 1) };
                     let params = trained
                         .iter()
                         .enumerate()
-                        .map(|(i, p)| {
+                        .map(|(i, &(p, frozen))| {
                             let spec = ShardSpec::new(p.tensor.elem_count(), shard_world);
                             let shard = first_values.shard(p, sync_over(index), spec, shard_rank)?;
-                            let gathered = Unallocated {
+                            let compute_dtype = check_precision(unit.display_name(), p, &config.mixed_precision)?;
+                            let released = Unallocated {
                                 shape: p.tensor.shape().clone(),
                                 dtype: compute_dtype.unwrap_or(p.tensor.dtype()),
                             };
-                            Ok(ShardedParam::new(p.fqn.clone(), spec, &shard, gathered, sink.clone(), index, i)?)
+                            let node = GatheredParam { sink: sink.clone(), unit: index, param: i, released };
+                            Ok(ShardedParam::new(p.fqn.clone(), spec, &shard, frozen, node)?)
                         })
                         .collect::<Result<Vec<_>>>()?;
                     let name = unit.display_name().to_string();
@@ -412,6 +406,10 @@ impl<M> Fsdp<M> {
     ) -> Result<()> {
         for unit in &self.state.groups {
             if let Some(param) = unit.params.iter().position(|p| p.fqn == fqn) {
+                if unit.params[param].frozen {
+                    let what = "a post-accumulate-grad hook".to_string();
+                    return Err(Error::Config(ConfigError::FrozenParameter { fqn: fqn.to_string(), what }));
+                }
                 self.state.register_post_accumulate_hook(unit.index, param, Box::new(hook));
                 return Ok(());
             }
@@ -419,18 +417,28 @@ impl<M> Fsdp<M> {
         Err(Error::Config(ConfigError::UnknownParameter { fqn: fqn.to_string() }))
     }
 
-    /// This rank's shards of every trained parameter, in FQN-table order per unit.
+    /// This rank's shards of every trained parameter, in FQN-table order per unit: what
+    /// an optimizer is given. Frozen parameters ([`FsdpConfig::frozen`]) are not among them.
     pub fn parameters(&self) -> Vec<Var> {
         self.named_parameters().into_iter().map(|(_, v)| v).collect()
     }
 
     /// [`Fsdp::parameters`] with each shard's FQN.
     pub fn named_parameters(&self) -> Vec<(String, Var)> {
-        self.state.groups.iter().flat_map(|g| g.params.iter().map(|p| (p.fqn.clone(), p.shard.clone()))).collect()
+        let params = self.state.groups.iter().flat_map(|g| &g.params);
+        params.filter(|p| !p.frozen).map(|p| (p.fqn.clone(), p.shard.clone())).collect()
     }
 
-    /// The full value of every trained parameter, gathered from the shards. A collective:
-    /// every rank must call it.
+    /// This rank's shards of the frozen parameters ([`FsdpConfig::frozen`]), with their
+    /// FQNs: gathered and saved as the others, never trained. Plain tensors, not `Var`s,
+    /// so that no optimizer can be given one.
+    pub fn named_frozen_parameters(&self) -> Vec<(String, Tensor)> {
+        let params = self.state.groups.iter().flat_map(|g| &g.params);
+        params.filter(|p| p.frozen).map(|p| (p.fqn.clone(), p.shard.as_tensor().detach())).collect()
+    }
+
+    /// The full value of every parameter, frozen ones included, gathered from the shards.
+    /// A collective: every rank must call it.
     pub fn full_parameters(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for group in &self.state.groups {
@@ -551,11 +559,11 @@ fn hybrid_groups(world: &Arc<dyn Collectives>, config: &FsdpConfig) -> Result<Un
     Ok(UnitComms { shards, replicas: Some(replicas) })
 }
 
-/// The dtype a unit whose first trained parameter is `first` computes in, when the
-/// policy casts it (`None` when it computes in the model's dtype). A policy casts only
+/// The dtype parameter `param` of unit `unit` is gathered and computed in, when the
+/// policy casts it (`None` when it computes in its own dtype). A policy casts only
 /// floating-point parameters, and only to a floating-point dtype.
-fn check_precision(unit: &str, first: &ParamInfo, policy: &MixedPrecision) -> Result<Option<DType>> {
-    let model = first.tensor.dtype();
+fn check_precision(unit: &str, param: &ParamInfo, policy: &MixedPrecision) -> Result<Option<DType>> {
+    let model = param.tensor.dtype();
     let casts = [policy.param_dtype, policy.reduce_dtype].into_iter().flatten().find(|&d| d != model);
     let Some(dtype) = casts else {
         return Ok(None);
@@ -567,7 +575,7 @@ fn check_precision(unit: &str, first: &ParamInfo, policy: &MixedPrecision) -> Re
         return refuse("only floating-point dtypes can be computed or reduced in".to_string());
     }
     if !model.is_float() {
-        return refuse(format!("`{}` is {model:?}: integer parameters cannot be cast", first.fqn));
+        return refuse(format!("`{}` is {model:?}: integer parameters cannot be cast", param.fqn));
     }
     Ok(Some(policy.param_dtype_for(model)).filter(|&d| d != model))
 }

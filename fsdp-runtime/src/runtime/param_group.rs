@@ -48,8 +48,15 @@ pub(crate) enum TrainingState {
 struct Gradients {
     /// Full gradients handed over by autograd, by parameter.
     arrived: Vec<Option<Tensor>>,
-    /// Parameters whose gradient has not arrived yet.
+    /// How many parameters get a gradient (the frozen ones do not).
+    trained: usize,
+    /// Trained parameters whose gradient has not arrived yet.
     missing: usize,
+    /// Hooked inputs of this step's forwards that the backward has not passed yet. Only
+    /// a unit with frozen parameters hooks its inputs: what it computes from a frozen
+    /// parameter and an input produces no parameter gradient, so only the input tells
+    /// when that computation's backward, which reads the parameter, is done.
+    inputs_pending: usize,
     /// Parts of gradients announced by a caller outside autograd (a pipeline's weight pass)
     /// and not delivered yet: the unit waits for them before it reduces.
     pledged: usize,
@@ -58,13 +65,21 @@ struct Gradients {
 }
 
 impl Gradients {
-    fn new(params: usize) -> Self {
-        Self { arrived: vec![None; params], missing: params, pledged: 0, accumulated: vec![None; params] }
+    fn new(params: usize, trained: usize) -> Self {
+        Self {
+            arrived: vec![None; params],
+            trained,
+            missing: trained,
+            inputs_pending: 0,
+            pledged: 0,
+            accumulated: vec![None; params],
+        }
     }
 
-    /// Every gradient of the step has arrived, pledged parts included.
+    /// Every gradient of the step has arrived, pledged parts included, and the backward
+    /// passed every hooked input.
     fn complete(&self) -> bool {
-        self.missing == 0 && self.pledged == 0
+        self.missing == 0 && self.pledged == 0 && self.inputs_pending == 0
     }
 
     /// Adds `grad` to parameter `param`'s gradient of this step.
@@ -83,7 +98,8 @@ impl Gradients {
     fn reset_step(&mut self) {
         self.arrived.iter_mut().for_each(|g| *g = None);
         self.pledged = 0;
-        self.missing = self.arrived.len();
+        self.inputs_pending = 0;
+        self.missing = self.trained;
     }
 }
 
@@ -91,8 +107,8 @@ struct GroupState {
     residency: Residency,
     training: TrainingState,
     grads: Gradients,
-    /// A prefetch's all-gather, not yet copied into the parameters.
-    prefetched: Option<Work>,
+    /// A prefetch's all-gathers (one per dtype), not yet copied into the parameters.
+    prefetched: Vec<Work>,
 }
 
 /// The ranks a unit talks to: those it is sharded over, and under hybrid sharding those
@@ -129,8 +145,9 @@ pub(crate) struct ParamGroup {
     reshard_after_forward: bool,
     /// Without sharding the full values are never released, only refreshed.
     keeps_full_values: bool,
-    /// What the gradients are reduced in (the mixed-precision policy's `reduce_dtype`).
-    reduce_dtype: DType,
+    /// What each parameter's gradient is reduced in (the mixed-precision policy's
+    /// `reduce_dtype`, or the parameter's own).
+    reduce_dtypes: Vec<DType>,
     state: Mutex<GroupState>,
 }
 
@@ -150,11 +167,10 @@ impl ParamGroup {
         let state = GroupState {
             residency: Residency::Unsharded,
             training: TrainingState::Idle,
-            grads: Gradients::new(params.len()),
-            prefetched: None,
+            grads: Gradients::new(params.len(), params.iter().filter(|p| !p.frozen).count()),
+            prefetched: Vec::new(),
         };
         let strategy = config.strategy;
-        let model_dtype = params.first().map_or(DType::F32, |p| p.shard.dtype());
         Self {
             index,
             name,
@@ -166,7 +182,7 @@ impl ParamGroup {
             checkpointable: false,
             reshard_after_forward: strategy == ShardingStrategy::FullShard && !is_root,
             keeps_full_values: !strategy.shards(),
-            reduce_dtype: config.mixed_precision.reduce_dtype_for(model_dtype),
+            reduce_dtypes: params.iter().map(|p| config.mixed_precision.reduce_dtype_for(p.shard.dtype())).collect(),
             params,
             state: Mutex::new(state),
         }
@@ -255,9 +271,9 @@ impl ParamGroup {
                         return Ok(());
                     }
                     state.residency = Residency::Unsharded;
-                    let prefetched = state.prefetched.take();
+                    let prefetched = std::mem::take(&mut state.prefetched);
                     drop(state);
-                    return prefetched.map_or(Ok(()), |work| self.fill_gathered(work));
+                    return self.fill_gathered(prefetched);
                 }
                 Residency::Sharded => {}
             }
@@ -275,7 +291,7 @@ impl ParamGroup {
             return Ok(());
         }
         self.state().residency = Residency::Unsharded;
-        gathering.map_or(Ok(()), |work| self.fill_gathered(work))
+        self.fill_gathered(gathering)
     }
 
     /// Releases the gathered parameters unless they are released already (without
@@ -287,9 +303,9 @@ impl ParamGroup {
                 return Ok(());
             }
             state.residency = Residency::Sharded;
-            state.prefetched.take()
+            std::mem::take(&mut state.prefetched)
         };
-        if let Some(work) = unused_prefetch {
+        for work in unused_prefetch {
             // The peers joined this all-gather: complete it, and let its output go.
             work.wait()?;
         }
@@ -351,6 +367,30 @@ impl ParamGroup {
         Ok(state.grads.complete())
     }
 
+    /// Whether some of its parameters are frozen: its training forwards hook their inputs
+    /// (see [`ParamGroup::expect_input_pass`]).
+    pub fn has_frozen(&self) -> bool {
+        self.params.iter().any(|p| p.frozen)
+    }
+
+    /// A training forward hooked one of the unit's inputs: the unit reduces only after the
+    /// backward passed it.
+    pub fn expect_input_pass(&self) {
+        self.state().grads.inputs_pending += 1;
+    }
+
+    /// The backward passed a hooked input; `true` when nothing is missing any more. After
+    /// the unit's gradients were reduced (a forward's input the backward reached late, or
+    /// never used) it changes nothing.
+    pub fn input_passed(&self) -> bool {
+        let mut state = self.state();
+        if !matches!(state.training, TrainingState::AwaitingBackward | TrainingState::Backward) {
+            return false;
+        }
+        state.grads.inputs_pending = state.grads.inputs_pending.saturating_sub(1);
+        state.grads.complete()
+    }
+
     /// A caller outside autograd will deliver one more part of a gradient this step: the
     /// unit waits for it before it reduces.
     pub fn pledge_gradient(&self) {
@@ -399,7 +439,7 @@ impl ParamGroup {
             let mut ready = Vec::new();
             for i in 0..self.params.len() {
                 // Summed over steps in the reduce dtype, not the (lower) compute dtype.
-                let arrived = grads.arrived[i].take().map(|g| g.to_dtype(self.reduce_dtype)).transpose()?;
+                let arrived = grads.arrived[i].take().map(|g| g.to_dtype(self.reduce_dtypes[i])).transpose()?;
                 let total = match (grads.accumulated[i].take(), arrived) {
                     (Some(acc), Some(new)) => Some((acc + new)?),
                     (acc, new) => acc.or(new),
@@ -435,25 +475,32 @@ impl ParamGroup {
     /// The full value of every parameter, gathered into fresh tensors (a collective over
     /// the unit's group), leaving the gathered nodes as they are.
     pub fn full_values(&self) -> Result<Vec<Tensor>> {
-        let Some(gathered) = self.gather_full_values()? else {
-            return Ok(Vec::new());
-        };
-        let shapes: Vec<Shape> = self.params.iter().map(|p| p.shape.clone()).collect();
-        Ok(unflatten_gathered(&self.specs(), &shapes, &gathered, self.shard_world)?)
+        let mut values = vec![None; self.params.len()];
+        for (bucket, gathered) in self.gather_full_values()? {
+            let shapes: Vec<Shape> = bucket.iter().map(|&i| self.params[i].shape.clone()).collect();
+            let full = unflatten_gathered(&self.specs_of(&bucket), &shapes, &gathered, self.shard_world)?;
+            for (i, value) in bucket.into_iter().zip(full) {
+                values[i] = Some(value);
+            }
+        }
+        Ok(values.into_iter().map(|v| v.expect("every parameter is in a bucket")).collect())
     }
 
-    /// Every parameter's full value as pieces of one gathered buffer (a collective over
-    /// the unit's group): views, in order, that together hold the parameter's elements.
-    /// No more than the unit's full size is allocated, which lets an export write a unit
-    /// without a second copy of it.
+    /// Every parameter's full value as pieces of the gathered buffers (a collective over
+    /// the unit's group, one per dtype): views, in order, that together hold the
+    /// parameter's elements. No more than the unit's full size is allocated, which lets an
+    /// export write a unit without a second copy of it.
     pub fn full_value_pieces(&self) -> Result<Vec<Vec<Tensor>>> {
-        let Some(gathered) = self.gather_full_values()? else {
-            return Ok(Vec::new());
-        };
-        let pieces = gathered_ranges(&self.specs(), self.shard_world)
-            .into_iter()
-            .map(|ranges| ranges.into_iter().map(|(start, len)| gathered.narrow(0, start, len)).collect())
-            .collect::<candle_core::Result<Vec<Vec<Tensor>>>>()?;
+        let mut pieces = vec![Vec::new(); self.params.len()];
+        for (bucket, gathered) in self.gather_full_values()? {
+            let specs = self.specs_of(&bucket);
+            for (i, ranges) in bucket.into_iter().zip(gathered_ranges(&specs, self.shard_world)) {
+                pieces[i] = ranges
+                    .into_iter()
+                    .map(|(start, len)| gathered.narrow(0, start, len))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+            }
+        }
         Ok(pieces)
     }
 
@@ -476,31 +523,49 @@ impl ParamGroup {
         Ok(())
     }
 
-    /// The rank-major buffer of every rank's shards, fresh (it does not alias the shards
-    /// the optimizer keeps stepping); `None` without parameters.
-    fn gather_full_values(&self) -> Result<Option<Tensor>> {
-        if self.params.is_empty() {
-            return Ok(None);
+    /// Per dtype of the shards, the parameters of that dtype and the rank-major buffer of
+    /// every rank's shards of them, fresh (it does not alias the shards the optimizer
+    /// keeps stepping).
+    fn gather_full_values(&self) -> Result<Vec<(Vec<usize>, Tensor)>> {
+        self.buckets(|p| p.shard.dtype())
+            .into_iter()
+            .map(|(dtype, bucket)| {
+                let flat = self.flat_shards(&bucket, dtype)?;
+                let gathered = if self.gathers_by_collective() {
+                    self.comm.all_gather(&flat, &format!("full parameters of {}", self.label()))?.wait()?
+                } else {
+                    flat.copy()?
+                };
+                Ok((bucket, gathered.detach()))
+            })
+            .collect()
+    }
+
+    /// The parameters grouped by `dtype_of` them, each group in parameter order, the
+    /// groups in the order of their first parameter. A unit whose parameters differ in
+    /// dtype (f32 adapters on a bf16 base) moves each dtype's in a collective of its own.
+    fn buckets(&self, dtype_of: impl Fn(&ShardedParam) -> DType) -> Vec<(DType, Vec<usize>)> {
+        let mut buckets: Vec<(DType, Vec<usize>)> = Vec::new();
+        for (i, param) in self.params.iter().enumerate() {
+            let dtype = dtype_of(param);
+            match buckets.iter_mut().find(|(d, _)| *d == dtype) {
+                Some((_, bucket)) => bucket.push(i),
+                None => buckets.push((dtype, vec![i])),
+            }
         }
-        let flat = self.flat_shards(self.params[0].shard.dtype())?;
-        let gathered = if self.gathers_by_collective() {
-            self.comm.all_gather(&flat, &format!("full parameters of {}", self.label()))?.wait()?
-        } else {
-            flat.copy()?
-        };
-        Ok(Some(gathered.detach()))
+        buckets
     }
 
-    /// An all-gather input: this rank's shards, concatenated, in `dtype` (each cast first,
-    /// so no full-precision copy of the whole is made).
-    fn flat_shards(&self, dtype: DType) -> Result<Tensor> {
-        let shards = self.params.iter().map(|p| p.shard.to_dtype(dtype)).collect::<candle_core::Result<Vec<_>>>()?;
+    fn specs_of(&self, bucket: &[usize]) -> Vec<ShardSpec> {
+        bucket.iter().map(|&i| self.params[i].spec).collect()
+    }
+
+    /// An all-gather input: this rank's shards of `bucket`, concatenated, in `dtype` (each
+    /// cast first, so no full-precision copy of the whole is made).
+    fn flat_shards(&self, bucket: &[usize], dtype: DType) -> Result<Tensor> {
+        let shards =
+            bucket.iter().map(|&i| self.params[i].shard.to_dtype(dtype)).collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&shards, 0)?)
-    }
-
-    /// What the parameters are gathered and computed in.
-    fn compute_dtype(&self) -> DType {
-        self.params[0].gathered.dtype()
     }
 
     /// The parameters are gathered by an all-gather over the group, not copied from the
@@ -509,28 +574,34 @@ impl ParamGroup {
         !self.keeps_full_values && self.communicates
     }
 
-    /// Starts gathering the parameters: issues the all-gather (one collective) and returns
-    /// it, or, when the rank holds them whole, refills the gathered nodes from the shards.
-    fn start_gather(&self) -> Result<Option<Work>> {
-        if self.params.is_empty() {
-            return Ok(None);
-        }
+    /// Starts gathering the parameters: issues the all-gathers (one per compute dtype)
+    /// and returns them, or, when the rank holds them whole, refills the gathered nodes
+    /// from the shards and returns none.
+    fn start_gather(&self) -> Result<Vec<Work>> {
         if !self.gathers_by_collective() {
             for param in &self.params {
                 let dtype = param.gathered.dtype();
                 let fill = Fill { source: param.shard.to_dtype(dtype)?, ranges: vec![(0, param.spec.numel)], dtype };
                 param.gathered.inplace_op1(&fill)?;
             }
-            return Ok(None);
+            return Ok(Vec::new());
         }
-        Ok(Some(self.comm.all_gather(&self.flat_shards(self.compute_dtype())?, &self.label())?))
+        self.buckets(|p| p.gathered.dtype())
+            .into_iter()
+            .map(|(dtype, bucket)| Ok(self.comm.all_gather(&self.flat_shards(&bucket, dtype)?, &self.label())?))
+            .collect()
     }
 
-    /// Refills the gathered nodes from the all-gather `work`, each with one copy.
-    fn fill_gathered(&self, work: Work) -> Result<()> {
-        let full = work.wait()?;
-        for (param, ranges) in self.params.iter().zip(gathered_ranges(&self.specs(), self.shard_world)) {
-            param.gathered.inplace_op1(&Fill { source: full.clone(), ranges, dtype: param.gathered.dtype() })?;
+    /// Refills the gathered nodes from the all-gathers `works` (in the order
+    /// [`ParamGroup::start_gather`] issued them), each node with one copy.
+    fn fill_gathered(&self, works: Vec<Work>) -> Result<()> {
+        for ((_, bucket), work) in self.buckets(|p| p.gathered.dtype()).into_iter().zip(works) {
+            let full = work.wait()?;
+            let ranges = gathered_ranges(&self.specs_of(&bucket), self.shard_world);
+            for (i, ranges) in bucket.into_iter().zip(ranges) {
+                let param = &self.params[i];
+                param.gathered.inplace_op1(&Fill { source: full.clone(), ranges, dtype: param.gathered.dtype() })?;
+            }
         }
         Ok(())
     }
@@ -543,35 +614,46 @@ impl ParamGroup {
     }
 
     /// Averages the gradients (in the reduce dtype, as `post_backward` hands them over)
-    /// over the ranks (one collective, and under hybrid sharding a second across the
-    /// replicas) and returns this rank's shard of each, by parameter index, in the shards'
-    /// dtype. Parameters without a gradient get none, as in a plain backward.
+    /// over the ranks (one collective per reduce dtype, and under hybrid sharding a second
+    /// across the replicas) and returns this rank's shard of each, by parameter index, in
+    /// the shards' dtype. Parameters without a gradient get none, as in a plain backward.
     fn reduce(&self, grads: Vec<(usize, Tensor)>) -> Result<Vec<(usize, Tensor)>> {
         let shard_dtype = |i: usize| self.params[i].shard.dtype();
         if !self.communicates && self.replicas.is_none() {
             // Averaging over one rank changes nothing: no packing, no collective.
             return grads.into_iter().map(|(i, grad)| Ok((i, grad.flatten_all()?.to_dtype(shard_dtype(i))?))).collect();
         }
-        let packed = pack_for_reduce_scatter(&self.specs(), &grads, self.shard_world)?;
-        let params: Vec<usize> = grads.iter().map(|(i, _)| *i).collect();
-        // The full gradients are in the packed buffer now: not two copies during the call.
-        drop(grads);
-        let mut reduced = if !self.communicates {
-            packed
-        } else if self.keeps_full_values {
-            self.comm.all_reduce(&packed, ReduceOp::Avg, &self.label())?.wait()?
-        } else {
-            self.comm.reduce_scatter(&packed, ReduceOp::Avg, &self.label())?.wait()?
-        };
-        if let Some(replicas) = &self.replicas {
-            // Every shard group averaged over equally many ranks: the mean of the means is
-            // the mean over the world.
-            let label = format!("{} across its replicas", self.label());
-            reduced = replicas.all_reduce(&reduced, ReduceOp::Avg, &label)?.wait()?;
+        let mut by_dtype: Vec<Vec<(usize, Tensor)>> = Vec::new();
+        for (i, grad) in grads {
+            match by_dtype.iter_mut().find(|b| b[0].1.dtype() == grad.dtype()) {
+                Some(bucket) => bucket.push((i, grad)),
+                None => by_dtype.push(vec![(i, grad)]),
+            }
         }
-        split_reduced(&self.specs(), &params, &reduced)?
-            .into_iter()
-            .map(|(i, grad)| Ok((i, grad.to_dtype(shard_dtype(i))?)))
-            .collect()
+        let specs = self.specs();
+        let mut out = Vec::new();
+        for bucket in by_dtype {
+            let packed = pack_for_reduce_scatter(&specs, &bucket, self.shard_world)?;
+            let params: Vec<usize> = bucket.iter().map(|(i, _)| *i).collect();
+            // The full gradients are in the packed buffer now: not two copies during the call.
+            drop(bucket);
+            let mut reduced = if !self.communicates {
+                packed
+            } else if self.keeps_full_values {
+                self.comm.all_reduce(&packed, ReduceOp::Avg, &self.label())?.wait()?
+            } else {
+                self.comm.reduce_scatter(&packed, ReduceOp::Avg, &self.label())?.wait()?
+            };
+            if let Some(replicas) = &self.replicas {
+                // Every shard group averaged over equally many ranks: the mean of the means is
+                // the mean over the world.
+                let label = format!("{} across its replicas", self.label());
+                reduced = replicas.all_reduce(&reduced, ReduceOp::Avg, &label)?.wait()?;
+            }
+            for (i, grad) in split_reduced(&specs, &params, &reduced)? {
+                out.push((i, grad.to_dtype(shard_dtype(i))?));
+            }
+        }
+        Ok(out)
     }
 }

@@ -11,7 +11,7 @@
 
 use super::activation_checkpoint;
 use super::activation_profile::{ActivationProfile, Profiler, UnitActivations};
-use super::autograd::{BackwardHook, GradSink, LiveHook};
+use super::autograd::{BackwardHook, GradSink, HookPoint, LiveHook};
 use super::meta_model::storage_address;
 use super::param_group::{ParamGroup, Residency, TrainingState};
 use super::trace::{TraceEvent, UnshardCause};
@@ -270,8 +270,13 @@ impl RankState {
                 }
                 hooked = true;
                 let sink: Weak<dyn GradSink> = self.this.clone();
-                let hook =
-                    BackwardHook { sink: Some(sink), unit, generation, _live: Some(LiveHook::new(&self.live_hooks)) };
+                let hook = BackwardHook {
+                    sink: Some(sink),
+                    point: HookPoint::Output,
+                    unit,
+                    generation,
+                    _live: Some(LiveHook::new(&self.live_hooks)),
+                };
                 Ok(tensor.broadcast_add(&tensor.apply_op1(hook)?)?)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -357,7 +362,7 @@ impl RankState {
         };
         let mut anchor: Option<Tensor> = None;
         for other in rest.iter().filter(|t| t.track_op() && t.id() != first.id()) {
-            let hook = BackwardHook { sink: None, unit: ROOT, generation: 0, _live: None };
+            let hook = BackwardHook { sink: None, point: HookPoint::Output, unit: ROOT, generation: 0, _live: None };
             let zero = other.apply_op1(hook)?.to_dtype(first.dtype())?;
             anchor = Some(match anchor {
                 None => zero,
@@ -368,6 +373,30 @@ impl RankState {
             inputs[0] = inputs[0].broadcast_add(&anchor)?;
         }
         Ok(inputs)
+    }
+
+    /// Hooks the inputs of a training forward of `unit` when it holds frozen parameters
+    /// (see [`ParamGroup::expect_input_pass`]): each input that tracks gradients is
+    /// replaced by itself plus a zero whose backward runs once the unit's backward is
+    /// done with it.
+    fn hook_inputs(&self, unit: usize, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        if self.mode() != ForwardMode::Training || !self.groups[unit].has_frozen() {
+            return Ok(inputs);
+        }
+        let generation = self.generation.load(Ordering::Relaxed);
+        inputs
+            .into_iter()
+            .map(|tensor| {
+                if !tensor.track_op() {
+                    return Ok(tensor);
+                }
+                let sink: Weak<dyn GradSink> = self.this.clone();
+                let hook = BackwardHook { sink: Some(sink), point: HookPoint::Input, unit, generation, _live: None };
+                let hooked = tensor.broadcast_add(&tensor.apply_op1(hook)?)?;
+                self.groups[unit].expect_input_pass();
+                Ok(hooked)
+            })
+            .collect()
     }
 
     /// The unit prefetched in backward after `unit`: the one that ended its forward just
@@ -517,7 +546,7 @@ impl RankState {
 
 impl UnitHooks for RankState {
     fn bind_inputs(&self, unit: usize, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
-        let bound = RankState::bind_inputs(self, self.cast_inputs(inputs)?)?;
+        let bound = self.hook_inputs(unit, RankState::bind_inputs(self, self.cast_inputs(inputs)?)?)?;
         if self.profiling.load(Ordering::Relaxed) {
             if let Some(profiler) = self.profiler.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
                 profiler.started(unit, &bound);
@@ -583,6 +612,15 @@ impl GradSink for RankState {
             }));
         }
         self.run_pre_backward(unit).map_err(into_candle)
+    }
+
+    fn input_passed(&self, unit: usize, generation: u64) -> candle_core::Result<()> {
+        // A stale generation's backward fails at its outputs' hooks first.
+        if generation != self.generation.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let complete = self.groups[unit].input_passed();
+        self.on_gradients_complete(unit, complete).map_err(into_candle)
     }
 }
 
