@@ -243,7 +243,8 @@ pub struct FsdpConfig {
     pub collectives_at_world_one: bool,
     /// FQN patterns of the parameters that are not trained (PyTorch's
     /// `requires_grad=False`): `*` stands for any run of characters, dots included, and
-    /// `?` for one. A frozen parameter is sharded and gathered as any other, but autograd
+    /// `?` for one; a pattern starting with `!` keeps what it matches trained, and the
+    /// last pattern that matches a parameter decides (`["*", "!*.lora_?.weight"]`). A frozen parameter is sharded and gathered as any other, but autograd
     /// computes no gradient for it, it is never reduced, and it is not among
     /// [`crate::Fsdp::parameters`], so an optimizer keeps no state for it. A pattern that
     /// matches no parameter is refused at wrap time.

@@ -69,6 +69,12 @@ impl CustomOp2 for Linear {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !w.track_op() {
+            // A frozen weight: its gradient would be thrown away, so only `dx = dy · w`,
+            // the forward's product with the transposed weight.
+            let dx = dy.contiguous()?.apply_op2_no_bwd(&w.t()?.contiguous()?, &Linear)?;
+            return Ok((Some(dx), None));
+        }
         let grads = x.apply_op3_no_bwd(w, &dy.contiguous()?, &LinearBackward)?;
         let [dx, dw] = flat_outputs(&grads, [x.shape(), w.shape()])?;
         Ok((Some(dx), Some(dw)))
@@ -153,6 +159,17 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    #[test]
+    fn a_weight_that_tracks_no_gradient_gets_none_and_the_input_its_own() -> Result<()> {
+        let x = Var::from_tensor(&randn(6, &[2, 5, 12]))?;
+        let w = randn(7, &[9, 12]);
+        let dy = randn(8, &[2, 5, 9]);
+        let grads = (linear(&x, &w)? * &dy)?.sum_all()?.backward()?;
+        assert!(grads.get(&w).is_none());
+        let expected = dy.reshape((10, 9))?.matmul(&w)?.reshape((2, 5, 12))?;
+        assert_close(grads.get(&x).expect("dx"), &expected, 1e-6, "dx with a frozen weight")
     }
 
     #[test]
