@@ -300,14 +300,14 @@ fn a_pattern_that_freezes_nothing_and_a_hook_on_a_frozen_parameter_are_refused()
     let (model, _, _) = build(None, DType::F32, NestedWrappedModule::construct).unwrap();
     let layout = candle_fsdp::model::Layout::of(&model).unwrap();
     let config = FsdpConfig::default().freeze(["module.2.*", "module.9.*"]);
-    let refused = |e: Error| matches!(e, Error::Config(ConfigError::FrozenPatternMatchesNothing { ref pattern }) if pattern == "module.9.*");
+    let refused = |e: Error| matches!(e, Error::Config(ConfigError::PatternMatchesNothing { ref pattern, .. }) if pattern == "module.9.*");
     assert!(refused(Plan::new(&layout, PlanConfig::new(1, config)).unwrap_err()));
     let error = launch(LaunchOptions::new(1), |ctx| {
         let (model, _, _) = build(None, DType::F32, NestedWrappedModule::construct)?;
         Fsdp::wrap(model, ctx.comm.clone(), config).map(|_| ())
     })
     .unwrap_err();
-    assert!(error.to_string().contains("`module.9.*` matches no trained parameter"), "{error}");
+    assert!(error.to_string().contains("`module.9.*` selecting frozen parameters matches nothing"), "{error}");
 
     launch(LaunchOptions::new(1), |ctx| {
         let (model, _, _) = build(None, DType::F32, NestedWrappedModule::construct)?;

@@ -15,6 +15,7 @@ mod frozen_params;
 mod fused_kernels;
 mod hf_llama;
 mod hybrid_shard;
+mod lora;
 mod main_job;
 mod memory;
 mod meta_init;

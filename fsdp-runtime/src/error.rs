@@ -243,11 +243,14 @@ pub enum ConfigError {
         /// The FQN as given.
         fqn: String,
     },
-    /// A [`crate::FsdpConfig::frozen`] pattern matches no trained parameter of the model.
-    #[error("the frozen-parameter pattern `{pattern}` matches no trained parameter of the model")]
-    FrozenPatternMatchesNothing {
+    /// An FQN pattern selecting tensors ([`crate::FsdpConfig::frozen`], the tensors of an
+    /// export) matches none of the model's.
+    #[error("the pattern `{pattern}` selecting {selecting} matches nothing in the model")]
+    PatternMatchesNothing {
         /// The pattern as given.
         pattern: String,
+        /// What the patterns select.
+        selecting: &'static str,
     },
     /// A parameter frozen by [`crate::FsdpConfig::frozen`] was named where only a trained
     /// one can be (a gradient hook, an optimizer's variables).

@@ -19,6 +19,7 @@ pub mod checkpoint;
 mod config;
 pub mod dist;
 mod error;
+mod fqn_patterns;
 mod launch;
 pub mod model;
 pub mod optim;

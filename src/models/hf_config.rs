@@ -157,8 +157,8 @@ impl HfConfig {
         }
     }
 
-    /// Ends the reading: the keys that do not change the computation go, and any key
-    /// left is refused by name.
+    /// Ends the reading of a transformers `config.json`: the keys that do not change the
+    /// computation go, and any key left is refused by name.
     pub fn finish(mut self) -> Result<()> {
         for (key, default) in AT_DEFAULT {
             if let Some(value) = self.take(key) {
@@ -167,7 +167,13 @@ impl HfConfig {
                 }
             }
         }
-        self.keys.retain(|key, _| !NOT_COMPUTED.contains(&key.as_str()));
+        self.finish_except(NOT_COMPUTED)
+    }
+
+    /// Ends the reading of another file of the format: the keys of `not_computed` go, and
+    /// any key left is refused by name.
+    pub fn finish_except(mut self, not_computed: &[&str]) -> Result<()> {
+        self.keys.retain(|key, _| !not_computed.contains(&key.as_str()));
         let left: Vec<String> = self.keys.keys().map(|k| format!("`{k}`")).collect();
         if left.is_empty() {
             return Ok(());

@@ -25,6 +25,7 @@
 //! weights 1.
 
 use super::hf_config::{HfConfig, HfObject};
+use super::lora::{LoraConfig, LoraLinear};
 use super::{affine, rms_norm, softmax_last_dim, Kernels};
 use crate::{Shardable, Unit};
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -64,6 +65,9 @@ pub struct LlamaConfig {
     pub rope_scaling: Option<RopeScaling>,
     /// The kernels the forward runs on (not part of a Hugging Face config).
     pub kernels: Kernels,
+    /// LoRA adapters on the attention and MLP projections it targets (not part of a
+    /// Hugging Face config; PEFT keeps it in `adapter_config.json`).
+    pub lora: Option<LoraConfig>,
 }
 
 /// Llama 3.1's rotary scaling (Hugging Face `rope_type: "llama3"`): frequencies whose
@@ -172,6 +176,7 @@ impl Default for LlamaConfig {
             tie_word_embeddings: false,
             rope_scaling: None,
             kernels: Kernels::Fused,
+            lora: None,
         }
     }
 }
@@ -235,6 +240,7 @@ impl LlamaConfig {
             tie_word_embeddings: hf.bool("tie_word_embeddings")?.unwrap_or(false),
             rope_scaling,
             kernels: Kernels::default(),
+            lora: None,
         };
         hf.finish()?;
         config.validate()?;
@@ -311,9 +317,13 @@ impl LlamaConfig {
         Ok(())
     }
 
-    fn linear(&self, in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<LinearNoBias> {
-        let init = Init::Randn { mean: 0.0, stdev: self.initializer_range };
-        Ok(LinearNoBias { weight: vb.get_with_hints((out_dim, in_dim), "weight", init)? })
+    fn init(&self) -> Init {
+        Init::Randn { mean: 0.0, stdev: self.initializer_range }
+    }
+
+    /// A projection of the attention or the MLP: LoRA adapters where `lora` targets it.
+    fn projection(&self, in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<LoraLinear> {
+        LoraLinear::new(in_dim, out_dim, self.init(), self.lora.as_ref(), self.kernels, vb)
     }
 
     fn norm(&self, vb: VarBuilder) -> Result<RmsNorm> {
@@ -395,13 +405,13 @@ impl RotaryEmbedding {
 #[derive(Clone, Debug, Shardable)]
 pub struct LlamaAttention {
     /// `(num_attention_heads · head_dim, hidden_size)`.
-    pub q_proj: LinearNoBias,
+    pub q_proj: LoraLinear,
     /// `(num_key_value_heads · head_dim, hidden_size)`.
-    pub k_proj: LinearNoBias,
+    pub k_proj: LoraLinear,
     /// `(num_key_value_heads · head_dim, hidden_size)`.
-    pub v_proj: LinearNoBias,
+    pub v_proj: LoraLinear,
     /// `(hidden_size, num_attention_heads · head_dim)`.
-    pub o_proj: LinearNoBias,
+    pub o_proj: LoraLinear,
     /// The number of query heads.
     pub num_heads: usize,
     /// The number of key/value heads.
@@ -422,10 +432,10 @@ impl LlamaAttention {
         let q_dim = config.num_attention_heads * head_dim;
         let kv_dim = config.num_key_value_heads * head_dim;
         Ok(Self {
-            q_proj: config.linear(hidden, q_dim, vb.pp("q_proj"))?,
-            k_proj: config.linear(hidden, kv_dim, vb.pp("k_proj"))?,
-            v_proj: config.linear(hidden, kv_dim, vb.pp("v_proj"))?,
-            o_proj: config.linear(q_dim, hidden, vb.pp("o_proj"))?,
+            q_proj: config.projection(hidden, q_dim, vb.pp("q_proj"))?,
+            k_proj: config.projection(hidden, kv_dim, vb.pp("k_proj"))?,
+            v_proj: config.projection(hidden, kv_dim, vb.pp("v_proj"))?,
+            o_proj: config.projection(q_dim, hidden, vb.pp("o_proj"))?,
             num_heads: config.num_attention_heads,
             num_kv_heads: config.num_key_value_heads,
             head_dim,
@@ -446,13 +456,12 @@ impl LlamaAttention {
     /// transposes.
     fn forward_fused(&self, x: &Tensor, rotary: &RotaryEmbedding) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let heads =
-            |proj: &LinearNoBias, n: usize| crate::ops::linear(x, &proj.weight)?.reshape((b, s, n, self.head_dim));
+        let heads = |proj: &LoraLinear, n: usize| proj.forward(x)?.reshape((b, s, n, self.head_dim));
         let q = rotary.apply_fused(&heads(&self.q_proj, self.num_heads)?)?;
         let k = rotary.apply_fused(&heads(&self.k_proj, self.num_kv_heads)?)?;
         let v = heads(&self.v_proj, self.num_kv_heads)?;
         let out = crate::ops::causal_attention(&q, &k, &v, 1.0 / (self.head_dim as f64).sqrt())?;
-        crate::ops::linear(&out.reshape((b, s, self.num_heads * self.head_dim))?, &self.o_proj.weight)
+        self.o_proj.forward(&out.reshape((b, s, self.num_heads * self.head_dim))?)
     }
 
     fn forward_composed(&self, x: &Tensor, rotary: &RotaryEmbedding, mask: &Tensor) -> Result<Tensor> {
@@ -490,11 +499,11 @@ impl LlamaAttention {
 #[derive(Clone, Debug, Shardable)]
 pub struct LlamaMlp {
     /// `(intermediate_size, hidden_size)`: the gate, through SiLU.
-    pub gate_proj: LinearNoBias,
+    pub gate_proj: LoraLinear,
     /// `(intermediate_size, hidden_size)`: the gated value.
-    pub up_proj: LinearNoBias,
+    pub up_proj: LoraLinear,
     /// `(hidden_size, intermediate_size)`: the projection back.
-    pub down_proj: LinearNoBias,
+    pub down_proj: LoraLinear,
     /// The kernels the forward runs on.
     #[fsdp(skip)]
     pub kernels: Kernels,
@@ -506,9 +515,9 @@ impl LlamaMlp {
     pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
         let (hidden, inter) = (config.hidden_size, config.intermediate_size);
         Ok(Self {
-            gate_proj: config.linear(hidden, inter, vb.pp("gate_proj"))?,
-            up_proj: config.linear(hidden, inter, vb.pp("up_proj"))?,
-            down_proj: config.linear(inter, hidden, vb.pp("down_proj"))?,
+            gate_proj: config.projection(hidden, inter, vb.pp("gate_proj"))?,
+            up_proj: config.projection(hidden, inter, vb.pp("up_proj"))?,
+            down_proj: config.projection(inter, hidden, vb.pp("down_proj"))?,
             kernels: config.kernels,
         })
     }
@@ -518,9 +527,8 @@ impl Module for LlamaMlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self.kernels {
             Kernels::Fused => {
-                let (gate, up) =
-                    (crate::ops::linear(x, &self.gate_proj.weight)?, crate::ops::linear(x, &self.up_proj.weight)?);
-                crate::ops::linear(&crate::ops::swiglu(&gate, &up)?, &self.down_proj.weight)
+                let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+                self.down_proj.forward(&crate::ops::swiglu(&gate, &up)?)
             }
             Kernels::Composed => {
                 let gate = self.gate_proj.forward(x)?.silu()?;
@@ -610,12 +618,37 @@ impl Llama {
         let lm_head = if config.tie_word_embeddings {
             LinearNoBias { weight: embedding.clone() }
         } else {
-            config.linear(config.hidden_size, config.vocab_size, vb.pp("lm_head"))?
+            let weight =
+                vb.pp("lm_head").get_with_hints((config.vocab_size, config.hidden_size), "weight", config.init())?;
+            LinearNoBias { weight }
         };
         let embed_tokens = candle_nn::Embedding::new(embedding, config.hidden_size);
-        let layers = (0..config.num_hidden_layers)
+        let layers: Vec<Unit<LlamaDecoderLayer>> = (0..config.num_hidden_layers)
             .map(|i| LlamaDecoderLayer::new(config, model.pp("layers").pp(i)).map(Unit::new))
             .collect::<Result<_>>()?;
+        if let Some(lora) = &config.lora {
+            let adapted = (0..config.num_hidden_layers).any(|i| {
+                let layer = format!("model.layers.{i}");
+                [
+                    "self_attn.q_proj",
+                    "self_attn.k_proj",
+                    "self_attn.v_proj",
+                    "self_attn.o_proj",
+                    "mlp.gate_proj",
+                    "mlp.up_proj",
+                    "mlp.down_proj",
+                ]
+                .iter()
+                .any(|p| lora.targets(&format!("{layer}.{p}")))
+            });
+            if !adapted {
+                candle_core::bail!(
+                    "LoRA: the target modules {:?} name none of this Llama's projections (q_proj, k_proj, v_proj, \
+                     o_proj, gate_proj, up_proj, down_proj)",
+                    lora.target_modules
+                )
+            }
+        }
         Ok(Self {
             embed_tokens,
             layers,

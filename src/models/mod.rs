@@ -36,6 +36,8 @@ pub enum Kernels {
 pub mod gpt;
 mod hf_config;
 pub mod llama;
+pub mod lora;
+pub mod peft;
 pub mod transformer;
 
 use candle_core::{DType, Result, Tensor, D};

@@ -5,14 +5,16 @@
 use super::commit::{all_ranks_ok, io_error, read_json, sync, write_json};
 use super::tensor_files::{PlannedTensor, StreamingWriter, TensorFile};
 use super::{capped, check_world_sharded, device_of};
-use crate::error::CheckpointError;
+use crate::error::{CheckpointError, ConfigError};
 use crate::error::{Error, Result};
+use crate::fqn_patterns::select;
 use crate::Fsdp;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+const MODEL_STEM: &str = "model";
 const SINGLE_FILE: &str = "model.safetensors";
 const INDEX_FILE: &str = "model.safetensors.index.json";
 
@@ -54,21 +56,49 @@ pub struct ExportOptions {
     /// Other files of the export, by name (a `config.json`, a tokenizer), written beside
     /// the weights and made visible with them.
     pub files: Vec<(String, Vec<u8>)>,
+    /// FQN patterns of the tensors written, as [`crate::FsdpConfig::frozen`]'s (`*`, `?`,
+    /// `!` to leave out; the last match decides); empty: every tensor. A pattern that
+    /// matches nothing is refused.
+    pub tensors: Vec<String>,
+    /// Put before every FQN in the files (PEFT's `base_model.model.`).
+    pub name_prefix: String,
+    /// The weights files' stem: `{stem}.safetensors`, or `{stem}-0000i-of-0000n.safetensors`
+    /// with `{stem}.safetensors.index.json` (`model`; PEFT's `adapter_model`).
+    pub weights_stem: String,
 }
 
 impl Default for ExportOptions {
     /// One file up to 5 GB, Hugging Face's default, in the trained dtype, no other files.
     fn default() -> Self {
-        Self { max_file_bytes: 5_000_000_000, dtype: None, files: Vec::new() }
+        Self {
+            max_file_bytes: 5_000_000_000,
+            dtype: None,
+            files: Vec::new(),
+            tensors: Vec::new(),
+            name_prefix: String::new(),
+            weights_stem: MODEL_STEM.to_string(),
+        }
+    }
+}
+
+impl ExportOptions {
+    fn single_file(&self) -> String {
+        format!("{}.safetensors", self.weights_stem)
+    }
+
+    fn index_file(&self) -> String {
+        format!("{}.safetensors.index.json", self.weights_stem)
     }
 }
 
 /// Whether `name` is a file an export writes (the weights, the index) or one of
 /// `options.files`.
 fn is_export_file(name: &str, options: &ExportOptions) -> bool {
-    name == SINGLE_FILE
-        || name == INDEX_FILE
-        || (name.starts_with("model-") && name.contains("-of-") && name.ends_with(".safetensors"))
+    name == options.single_file()
+        || name == options.index_file()
+        || (name.strip_prefix(options.weights_stem.as_str()).is_some_and(|rest| rest.starts_with('-'))
+            && name.contains("-of-")
+            && name.ends_with(".safetensors"))
         || options.files.iter().any(|(n, _)| n == name)
 }
 
@@ -125,6 +155,8 @@ fn beside(dir: &Path, what: &str) -> PathBuf {
 /// One tensor of the export, in the order it is gathered and written.
 struct Exported {
     planned: PlannedTensor,
+    /// The model's FQN of it (`planned.name` is the name in the file).
+    fqn: String,
     /// Index into the files.
     file: usize,
 }
@@ -157,7 +189,8 @@ pub fn export_hf<M>(fsdp: &Fsdp<M>, dir: &Path, options: &ExportOptions) -> Resu
     })();
     all_ranks_ok(comm, &device, prepared, "export (preparing)", true)?;
 
-    let (exported, names) = plan_files(fsdp, options);
+    let planned = plan_files(fsdp, options);
+    let (exported, names) = all_ranks_ok(comm, &device, planned, "export (planning)", true)?;
     let cast = |t: &Tensor| -> Result<Tensor> {
         Ok(match options.dtype {
             Some(dtype) if t.dtype().is_float() => t.to_dtype(dtype)?,
@@ -170,7 +203,14 @@ pub fn export_hf<M>(fsdp: &Fsdp<M>, dir: &Path, options: &ExportOptions) -> Resu
     // Rank 0 keeps gathering after a write error, so its peers are not left waiting in a
     // collective; the error is reported at the end.
     let mut write_error: Option<Error> = None;
+    let written_name =
+        |fqn: &str| exported.iter().any(|e| e.fqn == fqn).then(|| format!("{}{fqn}", options.name_prefix));
     for unit in fsdp.unit_views() {
+        let fqns = unit.params().map(|p| p.fqn().to_string()).chain(unit.buffers().map(|b| b.fqn().to_string()));
+        if !fqns.into_iter().any(|fqn| written_name(&fqn).is_some()) {
+            // Nothing of it is written: every rank skips the same units.
+            continue;
+        }
         // Written out of the gathered buffer piece by piece: no second copy of the unit.
         let values = unit.gather_full_values()?;
         if rank != 0 || write_error.is_some() {
@@ -179,7 +219,10 @@ pub fn export_hf<M>(fsdp: &Fsdp<M>, dir: &Path, options: &ExportOptions) -> Resu
         let params = unit.params().zip(values).map(|(p, pieces)| Ok((p.fqn(), p.shape(), pieces)));
         let buffers = unit.buffers().map(|b| Ok((b.fqn(), b.shape(), vec![b.values().flatten_all()?])));
         for tensor in params.chain(buffers) {
-            let written = tensor.and_then(|(fqn, shape, pieces)| writer.write(fqn, shape, &cast_all(&pieces)?));
+            let written = tensor.and_then(|(fqn, shape, pieces)| match written_name(fqn) {
+                Some(name) => writer.write(&name, shape, &cast_all(&pieces)?),
+                None => Ok(()),
+            });
             if let Err(e) = written {
                 write_error = Some(e);
                 break;
@@ -202,7 +245,7 @@ pub fn export_hf<M>(fsdp: &Fsdp<M>, dir: &Path, options: &ExportOptions) -> Resu
     all_ranks_ok(comm, &device, finished, "export (writing)", true)?;
     let mut files: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
     if names.len() > 1 {
-        files.push(dir.join(INDEX_FILE));
+        files.push(dir.join(options.index_file()));
     }
     files.extend(options.files.iter().map(|(n, _)| dir.join(n)));
     Ok(files)
@@ -228,9 +271,9 @@ fn put_in_place(staging: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The tensors in unit order (a unit's parameters, then its buffers) and the files they
-/// go to, split at `max_file_bytes`.
-fn plan_files<M>(fsdp: &Fsdp<M>, options: &ExportOptions) -> (Vec<Exported>, Vec<String>) {
+/// The tensors `options.tensors` selects, in unit order (a unit's parameters, then its
+/// buffers), and the files they go to, split at `max_file_bytes`.
+fn plan_files<M>(fsdp: &Fsdp<M>, options: &ExportOptions) -> Result<(Vec<Exported>, Vec<String>)> {
     let exported_dtype = |dtype: DType| match options.dtype {
         Some(to) if dtype.is_float() => to,
         _ => dtype,
@@ -238,32 +281,39 @@ fn plan_files<M>(fsdp: &Fsdp<M>, options: &ExportOptions) -> (Vec<Exported>, Vec
     let mut planned = Vec::new();
     for unit in fsdp.unit_views() {
         for param in unit.params() {
-            let dtype = exported_dtype(param.dtype());
-            planned.push(PlannedTensor { name: param.fqn().to_string(), dtype, shape: param.shape().to_vec() });
+            planned.push((param.fqn().to_string(), exported_dtype(param.dtype()), param.shape().to_vec()));
         }
         for buffer in unit.buffers() {
-            let dtype = exported_dtype(buffer.dtype());
-            planned.push(PlannedTensor { name: buffer.fqn().to_string(), dtype, shape: buffer.shape().to_vec() });
+            planned.push((buffer.fqn().to_string(), exported_dtype(buffer.dtype()), buffer.shape().to_vec()));
         }
+    }
+    if !options.tensors.is_empty() {
+        let candidates: Vec<Vec<&str>> = planned.iter().map(|(fqn, _, _)| vec![fqn.as_str()]).collect();
+        let selected = select(&options.tensors, &candidates).map_err(|pattern| {
+            Error::Config(ConfigError::PatternMatchesNothing { pattern, selecting: "the tensors of an export" })
+        })?;
+        let mut keep = selected.into_iter();
+        planned.retain(|_| keep.next().expect("one flag per tensor"));
     }
     let mut exported = Vec::with_capacity(planned.len());
     let (mut file, mut in_file) = (0, 0u64);
-    for tensor in planned {
+    for (fqn, dtype, shape) in planned {
+        let tensor = PlannedTensor { name: format!("{}{fqn}", options.name_prefix), dtype, shape };
         let bytes = tensor.bytes() as u64;
         if in_file > 0 && in_file + bytes > options.max_file_bytes {
             file += 1;
             in_file = 0;
         }
         in_file += bytes;
-        exported.push(Exported { planned: tensor, file });
+        exported.push(Exported { planned: tensor, fqn, file });
     }
     let count = exported.last().map_or(1, |e| e.file + 1);
     let names = if count == 1 {
-        vec![SINGLE_FILE.to_string()]
+        vec![options.single_file()]
     } else {
-        (1..=count).map(|i| format!("model-{i:05}-of-{count:05}.safetensors")).collect()
+        (1..=count).map(|i| format!("{}-{i:05}-of-{count:05}.safetensors", options.weights_stem)).collect()
     };
-    (exported, names)
+    Ok((exported, names))
 }
 
 /// Rank 0's writer: opens each file when its first tensor comes, closes it after its last.
@@ -311,7 +361,7 @@ impl FileSequence<'_> {
                 file_sizes.insert(name, bytes);
             }
             let metadata = HfIndexMetadata { total_size, total_parameters: Some(total_parameters), file_sizes };
-            write_json(0, &self.dir.join(INDEX_FILE), &HfIndex { metadata, weight_map })?;
+            write_json(0, &self.dir.join(options.index_file()), &HfIndex { metadata, weight_map })?;
         }
         for (name, bytes) in &options.files {
             let path = self.dir.join(name);
@@ -433,19 +483,35 @@ impl HfCheckpoint {
 /// parameter's second FQN may be absent); the whole checkpoint is checked before any
 /// value changes. A collective: every rank calls it; when one fails, all fail.
 pub fn load_pretrained<M>(fsdp: &Fsdp<M>, path: &Path) -> Result<()> {
+    load_pretrained_part(fsdp, path, &|_| true, &|fqn| fqn.to_string())
+}
+
+/// [`load_pretrained`] for a checkpoint that holds part of the model under names of its
+/// own: a base model without the adapters trained on it, or the adapters alone under
+/// PEFT's names. `holds` says which of the model's FQNs the checkpoint covers (each of
+/// them must be there, and nothing else), `name` what the checkpoint calls one; the
+/// model's other tensors keep their values.
+pub fn load_pretrained_part<M>(
+    fsdp: &Fsdp<M>,
+    path: &Path,
+    holds: &dyn Fn(&str) -> bool,
+    name: &dyn Fn(&str) -> String,
+) -> Result<()> {
     let (comm, device) = (fsdp.comm().as_ref(), device_of(fsdp));
-    let checked = check_pretrained(fsdp, path);
+    let checked = check_pretrained(fsdp, path, holds, name);
     // Every rank has checked the checkpoint against its model before any rank sets a
     // value; then each reads and sets one tensor at a time.
     let checkpoint = all_ranks_ok(comm, &device, checked, "loading pretrained weights (checking)", false)?;
     let set = (|| {
-        for param in fsdp.unit_views().flat_map(|unit| unit.params()) {
-            let file = checkpoint.file(param.fqn());
-            param.fill(|start, len, dtype| file.read_range(param.fqn(), start, len, dtype, &device))?;
+        for param in fsdp.unit_views().flat_map(|unit| unit.params()).filter(|p| holds(p.fqn())) {
+            let key = name(param.fqn());
+            let file = checkpoint.file(&key);
+            param.fill(|start, len, dtype| file.read_range(&key, start, len, dtype, &device))?;
         }
-        for buffer in fsdp.buffer_views() {
-            let (numel, file) = (buffer.values().elem_count(), checkpoint.file(buffer.fqn()));
-            buffer.fill(file.read_range(buffer.fqn(), 0, numel, buffer.dtype(), &device)?)?;
+        for buffer in fsdp.buffer_views().filter(|b| holds(b.fqn())) {
+            let key = name(buffer.fqn());
+            let (numel, file) = (buffer.values().elem_count(), checkpoint.file(&key));
+            buffer.fill(file.read_range(&key, 0, numel, buffer.dtype(), &device)?)?;
         }
         Ok(())
     })();
@@ -453,37 +519,51 @@ pub fn load_pretrained<M>(fsdp: &Fsdp<M>, path: &Path) -> Result<()> {
 }
 
 /// The checkpoint, opened (every file's header read and its length checked) and checked
-/// against the model: every FQN there with its shape, nothing else.
-fn check_pretrained<M>(fsdp: &Fsdp<M>, path: &Path) -> Result<HfCheckpoint> {
+/// against the model: every FQN it `holds` there (by its `name`) with its shape, nothing
+/// else.
+fn check_pretrained<M>(
+    fsdp: &Fsdp<M>,
+    path: &Path,
+    holds: &dyn Fn(&str) -> bool,
+    name: &dyn Fn(&str) -> String,
+) -> Result<HfCheckpoint> {
     let rank = fsdp.rank();
     fsdp.check_between_steps("checkpoint::load_pretrained")?;
     check_world_sharded(fsdp, "loading pretrained weights")?;
     let checkpoint = HfCheckpoint::open(path, rank)?;
 
-    let mut expected: Vec<(&str, DType, &[usize])> = Vec::new();
-    expected.extend(fsdp.unit_views().flat_map(|unit| unit.params()).map(|p| (p.fqn(), p.dtype(), p.shape())));
-    expected.extend(fsdp.buffer_views().map(|b| (b.fqn(), b.dtype(), b.shape())));
+    let mut expected: Vec<(&str, String, DType, &[usize])> = Vec::new();
+    let params = fsdp.unit_views().flat_map(|unit| unit.params());
+    expected.extend(
+        params
+            .map(|p| (p.fqn(), p.dtype(), p.shape()))
+            .filter(|(f, _, _)| holds(f))
+            .map(|(f, d, s)| (f, name(f), d, s)),
+    );
+    let buffers = fsdp.buffer_views().map(|b| (b.fqn(), b.dtype(), b.shape()));
+    expected.extend(buffers.filter(|(f, _, _)| holds(f)).map(|(f, d, s)| (f, name(f), d, s)));
     let mut problems = Vec::new();
-    for &(fqn, dtype, shape) in &expected {
-        if !checkpoint.routing.contains_key(fqn) {
-            problems.push(format!("`{fqn}`: in the model, not in the checkpoint"));
+    for (fqn, key, dtype, shape) in &expected {
+        let shown = if key == fqn { format!("`{fqn}`") } else { format!("`{key}` (the model's `{fqn}`)") };
+        if !checkpoint.routing.contains_key(key) {
+            problems.push(format!("{shown}: in the model, not in the checkpoint"));
             continue;
         }
-        let (file_dtype, file_shape) = checkpoint.file(fqn).info(fqn)?;
-        if file_shape != shape {
-            problems.push(format!("`{fqn}`: shape {shape:?} in the model, {file_shape:?} in the checkpoint"));
+        let (file_dtype, file_shape) = checkpoint.file(key).info(key)?;
+        if file_shape != *shape {
+            problems.push(format!("{shown}: shape {shape:?} in the model, {file_shape:?} in the checkpoint"));
         }
-        if file_dtype != dtype && !(file_dtype.is_float() && dtype.is_float()) {
-            problems.push(format!("`{fqn}`: dtype {dtype:?} in the model, {file_dtype:?} in the checkpoint"));
+        if file_dtype != *dtype && !(file_dtype.is_float() && dtype.is_float()) {
+            problems.push(format!("{shown}: dtype {dtype:?} in the model, {file_dtype:?} in the checkpoint"));
         }
     }
-    for fqn in checkpoint.routing.keys().filter(|f| !expected.iter().any(|(e, _, _)| e == f)) {
-        match fsdp.ties().iter().find(|t| &t.fqn == fqn) {
+    for key in checkpoint.routing.keys().filter(|k| !expected.iter().any(|(_, e, _, _)| e == *k)) {
+        match fsdp.ties().iter().find(|t| holds(&t.fqn) && name(&t.fqn) == *key) {
             Some(tie) => problems.push(format!(
-                "`{fqn}`: this model ties it to `{}`, so the checkpoint must not hold it separately",
+                "`{key}`: this model ties it to `{}`, so the checkpoint must not hold it separately",
                 tie.target
             )),
-            None => problems.push(format!("`{fqn}`: in the checkpoint, not in the model")),
+            None => problems.push(format!("`{key}`: in the checkpoint, not in the model")),
         }
     }
     if !problems.is_empty() {

@@ -22,7 +22,9 @@ mod metadata;
 mod sharded;
 mod tensor_files;
 
-pub use hf::{check_export_dir, export_hf, load_pretrained, ExportOptions, HfIndex, HfIndexMetadata};
+pub use hf::{
+    check_export_dir, export_hf, load_pretrained, load_pretrained_part, ExportOptions, HfIndex, HfIndexMetadata,
+};
 pub use metadata::{CheckpointMetadata, FileEntry, OptimizerEntry, Piece, Progress, TensorEntry, TensorKind};
 pub use sharded::{load, load_with, read_metadata, Checkpointer, LoadOptions, Resumed};
 

@@ -440,9 +440,18 @@ impl<M> Fsdp<M> {
     /// The full value of every parameter, frozen ones included, gathered from the shards.
     /// A collective: every rank must call it.
     pub fn full_parameters(&self) -> Result<Vec<(String, Tensor)>> {
+        self.full_parameters_where(|_| true)
+    }
+
+    /// The full values of the parameters whose FQN `keep` accepts (a model's adapters,
+    /// say), gathered unit by unit: a unit holding none is not gathered, and no rank
+    /// holds more than one unit's other values at a time. A collective: every rank calls
+    /// it with the same `keep`.
+    pub fn full_parameters_where(&self, keep: impl Fn(&str) -> bool) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
-        for group in &self.state.groups {
-            out.extend(group.params.iter().map(|p| p.fqn.clone()).zip(group.full_values()?));
+        for group in self.state.groups.iter().filter(|g| g.params.iter().any(|p| keep(&p.fqn))) {
+            let values = group.params.iter().map(|p| p.fqn.clone()).zip(group.full_values()?);
+            out.extend(values.filter(|(fqn, _)| keep(fqn)));
         }
         Ok(out)
     }
