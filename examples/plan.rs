@@ -6,16 +6,22 @@
 //! ```text
 //! cargo run --release --example plan -- --model llama --world-size 4
 //! cargo run --release --example plan -- --model transformer --strategy shard-grad-op --optimizer sgd
+//! cargo run --release --example plan -- --model llama2-7b --world-size 8 --lora 8
 //! ```
+//!
+//! With `--lora RANK`, the Llama gets LoRA adapters on the projections `--lora-targets` names
+//! and is planned with everything else frozen; the plan of full fine-tuning follows, and the
+//! gradient and optimizer-state bytes per rank of the two side by side.
 
 mod common;
 
 use anyhow::Context;
 use candle_core::Device;
 use candle_fsdp::model::{Layout, Role, StaticTable};
-use candle_fsdp::models::llama::Llama;
+use candle_fsdp::models::llama::{Llama, LlamaConfig};
+use candle_fsdp::models::lora::LoraConfig;
 use candle_fsdp::models::transformer::{Transformer, TransformerConfig};
-use candle_fsdp::{Bytes, Plan, PlanConfig, ShardableModel};
+use candle_fsdp::{Bytes, MetaModel, Plan, PlanConfig, ShardableModel};
 use candle_nn::{VarBuilder, VarMap};
 use clap::{Parser, ValueEnum};
 use common::{human_count, DTYPE};
@@ -33,6 +39,18 @@ struct Args {
     #[arg(long, value_enum, default_value_t = ModelKind::Transformer)]
     model: ModelKind,
 
+    /// LoRA adapters of this rank on the Llama's projections, everything else frozen.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    lora: Option<u64>,
+
+    /// The projections that get adapters (PEFT's `target_modules`).
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
+    lora_targets: Vec<String>,
+
+    /// The adapters' `lora_alpha`.
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+
     #[command(flatten)]
     fsdp: common::FsdpArgs,
 
@@ -46,6 +64,8 @@ struct Args {
 enum ModelKind {
     Transformer,
     Llama,
+    /// Llama 2 7B's shapes, built without values (`MetaModel`): nothing is allocated.
+    Llama2_7b,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -78,8 +98,15 @@ fn transformer_config() -> TransformerConfig {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let plan_config =
-        PlanConfig::new(args.fsdp.world_size, args.fsdp.fsdp_config()).optimizer_states(args.optimizer.states());
+    let lora = args.lora.map(|r| LoraConfig::new(r as usize, args.lora_alpha, args.lora_targets.clone()));
+    if lora.is_some() && args.model == ModelKind::Transformer {
+        anyhow::bail!("--lora adapts the Llama's projections: use it with --model llama or llama2-7b");
+    }
+    let mut fsdp_config = args.fsdp.fsdp_config();
+    if lora.is_some() {
+        fsdp_config = fsdp_config.freeze(LoraConfig::FROZEN);
+    }
+    let plan_config = PlanConfig::new(args.fsdp.world_size, fsdp_config).optimizer_states(args.optimizer.states());
 
     let var_map = VarMap::new();
     let vb = VarBuilder::from_varmap(&var_map, DTYPE, &Device::Cpu);
@@ -99,9 +126,17 @@ fn main() -> anyhow::Result<()> {
             );
             ("Transformer", description, Layout::of(&model)?, <Transformer as ShardableModel>::TABLE)
         }
-        ModelKind::Llama => {
-            let config = common::llama_presets::plan_default();
-            let model = Llama::new(&config, vb).context("building the Llama model")?;
+        ModelKind::Llama | ModelKind::Llama2_7b => {
+            let preset = match args.model {
+                ModelKind::Llama2_7b => common::llama_presets::llama2_7b(),
+                _ => common::llama_presets::plan_default(),
+            };
+            let config = LlamaConfig { lora: lora.clone(), ..preset };
+            let layout = if args.model == ModelKind::Llama2_7b {
+                MetaModel::build(DTYPE, &Device::Cpu, |vb| Llama::new(&config, vb))?.layout()?
+            } else {
+                Layout::of(&Llama::new(&config, vb).context("building the Llama model")?)?
+            };
             let description = format!(
                 "vocab {}, hidden {}, {} layers, {} heads ({} key/value heads), MLP {}",
                 config.vocab_size,
@@ -111,11 +146,13 @@ fn main() -> anyhow::Result<()> {
                 config.num_key_value_heads,
                 config.intermediate_size
             );
-            ("Llama", description, Layout::of(&model)?, <Llama as ShardableModel>::TABLE)
+            ("Llama", description, layout, <Llama as ShardableModel>::TABLE)
         }
     };
     let built_in = started.elapsed();
-    layout.check_var_map(&var_map).context("the model's FQNs disagree with its VarMap")?;
+    if args.model != ModelKind::Llama2_7b {
+        layout.check_var_map(&var_map).context("the model's FQNs disagree with its VarMap")?;
+    }
 
     let plan = Plan::new(&layout, plan_config)?;
 
@@ -137,6 +174,42 @@ fn main() -> anyhow::Result<()> {
 
     println!("\n== sharding plan ==");
     print!("{plan}");
+    if let Some(lora) = &lora {
+        compare_with_full_fine_tuning(&args, lora, &layout, &plan)?;
+    }
+    Ok(())
+}
+
+/// The plan of training every parameter of the model without adapters, and the state
+/// bytes per rank of the two.
+fn compare_with_full_fine_tuning(args: &Args, lora: &LoraConfig, layout: &Layout, plan: &Plan) -> anyhow::Result<()> {
+    let preset = match args.model {
+        ModelKind::Llama2_7b => common::llama_presets::llama2_7b(),
+        _ => common::llama_presets::plan_default(),
+    };
+    let full_layout = MetaModel::build(DTYPE, &Device::Cpu, |vb| Llama::new(&preset, vb))?.layout()?;
+    let full_config =
+        PlanConfig::new(args.fsdp.world_size, args.fsdp.fsdp_config()).optimizer_states(args.optimizer.states());
+    let full = Plan::new(&full_layout, full_config)?;
+    let adapters: usize =
+        layout.params.iter().filter(|p| p.fqn.contains(".lora_")).map(|p| p.tensor.elem_count()).sum();
+    let state = |p: &Plan| p.memory.grads + p.memory.optimizer;
+    println!(
+        "\n== LoRA r={} (alpha {}, on {}) against full fine-tuning ==\n  \
+         adapter parameters {} ({:.3}% of the {} of full fine-tuning)\n  \
+         per rank: gradients + optimizer state {} against {} ({:.3}%); total peak {} against {}",
+        lora.r,
+        lora.alpha,
+        lora.target_modules.join(", "),
+        human_count(adapters),
+        100.0 * adapters as f64 / full.units.iter().map(|u| u.numel).sum::<usize>() as f64,
+        human_count(full.units.iter().map(|u| u.numel).sum::<usize>()),
+        Bytes(state(plan)),
+        Bytes(state(&full)),
+        100.0 * state(plan) as f64 / state(&full) as f64,
+        Bytes(plan.memory.total_peak()),
+        Bytes(full.memory.total_peak()),
+    );
     Ok(())
 }
 

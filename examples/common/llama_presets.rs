@@ -52,3 +52,8 @@ pub fn tiny() -> LlamaConfig {
 pub fn plan_default() -> LlamaConfig {
     llama(32_000, 512, 1376, 8, (8, 4), 2048)
 }
+
+/// Llama 2 7B's shapes (6.74B parameters), for plans only: it is built without values.
+pub fn llama2_7b() -> LlamaConfig {
+    llama(32_000, 4096, 11_008, 32, (32, 32), 4096)
+}
