@@ -39,7 +39,8 @@ use candle_fsdp::dist::DistEnv;
 use candle_fsdp::dist::ReduceOp;
 use candle_fsdp::model::Role;
 use candle_fsdp::models::llama::{Llama, LlamaConfig};
-use candle_fsdp::models::Kernels;
+use candle_fsdp::models::lora::LoraConfig;
+use candle_fsdp::models::{peft, Kernels};
 use candle_fsdp::optim::{AdamW, ParamsAdamW, WarmupCosine};
 use candle_fsdp::{launch, Bytes, Fsdp, LaunchOptions, MetaModel, Plan, PlanConfig, RankContext};
 use candle_fsdp::{Backend, ProcessGroup};
@@ -144,9 +145,33 @@ struct Args {
     #[arg(long, requires = "save_dir")]
     resume: bool,
 
-    /// After training, write the model in the Hugging Face layout (`model.safetensors`) here.
+    /// After training, write the model in the Hugging Face layout (`model.safetensors`) here;
+    /// with `--lora`, the adapters alone in PEFT's (`adapter_model.safetensors`).
     #[arg(long)]
     export: Option<PathBuf>,
+
+    /// Start from this Hugging Face Llama (a folder with `config.json` and its weights): its
+    /// sizes replace the main job's, and its vocabulary must hold the data's.
+    #[arg(long)]
+    from_pretrained: Option<PathBuf>,
+
+    /// Train LoRA adapters of this rank on the projections `--lora-targets` names, and
+    /// nothing else.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    lora: Option<u64>,
+
+    /// The projections that get adapters (PEFT's `target_modules`).
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj", requires = "lora")]
+    lora_targets: Vec<String>,
+
+    /// The adapters' `lora_alpha` (the update is scaled by alpha / rank).
+    #[arg(long, default_value_t = 16.0, requires = "lora")]
+    lora_alpha: f64,
+
+    /// With `--lora`, after training also merge the adapters into the base and write the
+    /// plain model in the Hugging Face layout here.
+    #[arg(long, requires = "lora")]
+    export_merged: Option<PathBuf>,
 
     /// Train on this UTF-8 text (a file, or a folder whose files are read in name order)
     /// instead of the synthetic stream.
@@ -333,10 +358,57 @@ fn check_outputs(args: &Args, config: &LlamaConfig) -> anyhow::Result<()> {
         }
     }
     if let Some(dir) = &args.export {
+        let options = match &config.lora {
+            Some(lora) => peft::adapter_export_options(lora),
+            None => export_options(config),
+        };
+        checkpoint::check_export_dir(dir, &options).with_context(|| format!("--export {}", dir.display()))?;
+    }
+    if let Some(dir) = &args.export_merged {
         checkpoint::check_export_dir(dir, &export_options(config))
-            .with_context(|| format!("--export {}", dir.display()))?;
+            .with_context(|| format!("--export-merged {}", dir.display()))?;
     }
     Ok(())
+}
+
+/// The wrap's configuration: with `--lora`, everything but the adapters frozen.
+fn fsdp_config(args: &Args) -> candle_fsdp::FsdpConfig {
+    let config = args.fsdp.fsdp_config();
+    if args.lora.is_some() {
+        config.freeze(LoraConfig::FROZEN)
+    } else {
+        config
+    }
+}
+
+/// The model: the main job's Llama, or `--from-pretrained`'s, with `--lora`'s adapters.
+fn model_config(args: &Args, vocab: usize, kernels: Kernels) -> anyhow::Result<LlamaConfig> {
+    let mut config = match &args.from_pretrained {
+        None => common::llama_presets::main_job(vocab, args.seq_len as usize),
+        Some(dir) => {
+            let config = LlamaConfig::from_hf_file(&dir.join("config.json"))
+                .with_context(|| format!("--from-pretrained {}", dir.display()))?;
+            if config.vocab_size < vocab {
+                bail!(
+                    "--from-pretrained {}: its vocabulary of {} tokens cannot hold the data's {vocab}",
+                    dir.display(),
+                    config.vocab_size
+                );
+            }
+            if config.max_position_embeddings < args.seq_len as usize {
+                bail!(
+                    "--seq-len {}: --from-pretrained {} takes sequences of at most {}",
+                    args.seq_len,
+                    dir.display(),
+                    config.max_position_embeddings
+                );
+            }
+            config
+        }
+    };
+    config.kernels = kernels;
+    config.lora = args.lora.map(|r| LoraConfig::new(r as usize, args.lora_alpha, args.lora_targets.clone()));
+    Ok(config)
 }
 
 /// The export: the weights, and the model's `config.json` with them.
@@ -384,12 +456,12 @@ fn run() -> anyhow::Result<()> {
         KernelsArg::Fused => Kernels::Fused,
         KernelsArg::Composed => Kernels::Composed,
     };
-    let config = LlamaConfig { kernels, ..common::llama_presets::main_job(vocab, seq_len) };
+    let config = model_config(&args, vocab, kernels)?;
     check_outputs(&args, &config)?;
 
     // The plan needs the shapes only: a model built without values.
     let layout = MetaModel::build(DTYPE, &Device::Cpu, |vb| Llama::new(&config, vb))?.layout()?;
-    let plan = Plan::new(&layout, PlanConfig::new(world, args.fsdp.fsdp_config()).optimizer_states(2))?;
+    let plan = Plan::new(&layout, PlanConfig::new(world, fsdp_config(&args)).optimizer_states(2))?;
     let full_numel: usize =
         layout.params.iter().filter(|p| p.role == Role::Parameter).map(|p| p.tensor.elem_count()).sum();
     let full_bytes = full_numel * DTYPE.size_in_bytes();
@@ -505,7 +577,7 @@ fn run() -> anyhow::Result<()> {
     if reports[0].skipped_steps > 0 {
         println!("f16: {} step(s) skipped because the gradients overflowed", reports[0].skipped_steps);
     }
-    print_memory(&reports, full_bytes, plan.memory.gathered_peak);
+    print_memory(&reports, full_bytes, plan.unsharded_memory.grads, plan.memory.gathered_peak);
 
     // On the synthetic stream, what the loss should reach is known: say how far it got
     // (a report on the demo, not a verdict on the run).
@@ -528,10 +600,17 @@ fn train_rank(ctx: RankContext, args: &Args, config: &LlamaConfig, data: &Data) 
     // Every rank draws its shards from the seed: the same model at any world size.
     let meta = MetaModel::build(DTYPE, &device, |vb| Llama::new(config, vb))?;
     let model_numel: usize = meta.parameters().iter().map(|(_, shape, _)| shape.elem_count()).sum();
-    let fsdp = Fsdp::wrap_meta(meta, ctx.comm.clone(), args.fsdp.fsdp_config(), args.seed)?;
+    let fsdp = Fsdp::wrap_meta(meta, ctx.comm.clone(), fsdp_config(args), args.seed)?;
+    if let Some(dir) = &args.from_pretrained {
+        // The base from the checkpoint; adapters start as drawn (B zero: the pretrained model).
+        checkpoint::load_pretrained_part(&fsdp, dir, &|fqn| !peft::is_adapter(fqn), &|fqn| fqn.to_string())?;
+    }
     let shards = fsdp.parameters();
-    let shard_numel: usize = shards.iter().map(|v| v.elem_count()).sum();
-    let shard_bytes = common::var_bytes(&shards);
+    // Frozen shards (with --lora) are stored as any other, without gradients or state.
+    let frozen: Vec<Tensor> = fsdp.named_frozen_parameters().into_iter().map(|(_, t)| t).collect();
+    let shard_numel: usize = shards.iter().map(|v| v.elem_count()).chain(frozen.iter().map(Tensor::elem_count)).sum();
+    let trained_bytes = common::var_bytes(&shards);
+    let shard_bytes = trained_bytes + common::tensor_bytes(frozen.iter());
     let mut optimizer = AdamW::new(shards.clone(), ParamsAdamW { lr: args.lr, ..ParamsAdamW::default() })?;
     let checkpointer = args.save_dir.as_ref().map(|dir| Checkpointer::new(dir).keep_last(args.keep_last as usize));
     if let Some(checkpointer) = &checkpointer {
@@ -755,11 +834,21 @@ fn train_rank(ctx: RankContext, args: &Args, config: &LlamaConfig, data: &Data) 
         }
     }
     progress.finish();
-    if let Some(dir) = &args.export {
-        let files = checkpoint::export_hf(&fsdp, dir, &export_options(config))?;
+    let say_exported = |files: Vec<PathBuf>| {
         if ctx.rank == 0 {
             println!("exported {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
         }
+    };
+    if let Some(dir) = &args.export {
+        match &config.lora {
+            Some(lora) => say_exported(peft::save_adapters(&fsdp, dir, lora)?),
+            None => say_exported(checkpoint::export_hf(&fsdp, dir, &export_options(config))?),
+        }
+    }
+    if let (Some(dir), Some(lora)) = (&args.export_merged, &config.lora) {
+        peft::merge_adapters(&fsdp, lora)?;
+        let plain = LlamaConfig { lora: None, ..config.clone() };
+        say_exported(peft::export_merged(&fsdp, dir, &export_options(&plain))?);
     }
 
     let step_median_mfu =
@@ -772,7 +861,7 @@ fn train_rank(ctx: RankContext, args: &Args, config: &LlamaConfig, data: &Data) 
         shard_numel,
         shard_bytes,
         grad_bytes,
-        optimizer_bytes: 2 * shard_bytes,
+        optimizer_bytes: 2 * trained_bytes,
         gathered_peak: fsdp.diagnostics().memory().gathered_peak,
         skipped_steps,
         eval_losses,
@@ -929,13 +1018,14 @@ fn gather_reports(ctx: &RankContext, mine: RankReport) -> anyhow::Result<Vec<Ran
         .collect())
 }
 
-fn print_memory(reports: &[RankReport], full_bytes: usize, planned_peak: usize) {
+/// `full_bytes` of parameters, `trained_bytes` of them trained (all but what `--lora` freezes).
+fn print_memory(reports: &[RankReport], full_bytes: usize, trained_bytes: usize, planned_peak: usize) {
     println!("\nmodel-state memory per rank (activations not counted):");
     println!(
         "  {:<22} {:>12} {:>12} {:>12} {:>14} {:>12} {:>7}",
         "", "param shards", "gradients", "AdamW state", "gathered peak", "total", "ratio"
     );
-    let single_total = 4 * full_bytes;
+    let single_total = full_bytes + 3 * trained_bytes;
     for r in reports {
         let total = r.shard_bytes + r.grad_bytes + r.optimizer_bytes + r.gathered_peak;
         println!(
@@ -953,8 +1043,8 @@ fn print_memory(reports: &[RankReport], full_bytes: usize, planned_peak: usize) 
         "  {:<22} {:>12} {:>12} {:>12} {:>14} {:>12} {:>7.3}",
         "one process, no FSDP",
         Bytes(full_bytes),
-        Bytes(full_bytes),
-        Bytes(2 * full_bytes),
+        Bytes(trained_bytes),
+        Bytes(2 * trained_bytes),
         "-",
         Bytes(single_total),
         1.0

@@ -147,3 +147,59 @@ fn every_output_path_is_checked_before_the_first_step() {
     let out = text(&second);
     assert!(!second.status.success() && out.contains("another job saves into this directory"), "{out}");
 }
+
+/// `--from-pretrained` starts from an exported model (its first loss is the trained
+/// model's, far below a fresh one's), `--lora` trains adapters alone, and `--export` /
+/// `--export-merged` write them in PEFT's files and merged as a plain model.
+#[test]
+fn lora_from_a_pretrained_export_saves_peft_adapters_and_a_merged_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, adapters, merged) = (dir.path().join("base"), dir.path().join("adapters"), dir.path().join("merged"));
+    let first = train(&["--steps", "30", "--export", base.to_str().unwrap()]);
+    assert!(first.status.success(), "{}", text(&first));
+    let last_loss = |out: &str| -> f64 {
+        let line = out.lines().filter(|l| l.starts_with("step ")).last().unwrap();
+        line.split("loss ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let first_loss = |out: &str| -> f64 {
+        let line = out.lines().find(|l| l.starts_with("step ")).unwrap();
+        line.split("loss ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let pretrained_loss = last_loss(&text(&first));
+
+    let run = train(&[
+        "--steps",
+        "4",
+        "--from-pretrained",
+        base.to_str().unwrap(),
+        "--lora",
+        "4",
+        "--lora-targets",
+        "q_proj,v_proj,down_proj",
+        "--export",
+        adapters.to_str().unwrap(),
+        "--export-merged",
+        merged.to_str().unwrap(),
+    ]);
+    let out = text(&run);
+    assert!(run.status.success(), "{out}");
+    // A fresh model starts near ln(128) = 4.85; the pretrained one where the first run ended.
+    assert!((first_loss(&out) - pretrained_loss).abs() < 0.5, "{out}");
+    let weights =
+        candle_core::safetensors::load(adapters.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(weights.len(), 4 * 3 * 2, "4 layers, 3 targets, lora_A and lora_B: {:?}", weights.keys());
+    assert!(weights.keys().all(|k| k.starts_with("base_model.model.model.layers.") && k.contains(".lora_")));
+    let config = candle_fsdp::models::lora::LoraConfig::from_peft_dir(&adapters).unwrap();
+    assert_eq!((config.r, config.alpha), (4, 16.0));
+    let plain = candle_fsdp::models::llama::LlamaConfig::from_hf_file(&merged.join("config.json")).unwrap();
+    assert!(plain.lora.is_none());
+    let merged_weights =
+        candle_core::safetensors::load(merged.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let base_weights =
+        candle_core::safetensors::load(base.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let mut names: Vec<&String> = merged_weights.keys().collect();
+    let mut expected: Vec<&String> = base_weights.keys().collect();
+    names.sort();
+    expected.sort();
+    assert_eq!(names, expected, "the merged export holds the base's tensors, no adapters");
+}

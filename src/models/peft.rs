@@ -153,14 +153,20 @@ pub fn load_adapters<M>(fsdp: &Fsdp<M>, dir: &Path) -> crate::Result<()> {
 /// [`checkpoint::export_hf`] writes; returns the files. Only the units holding adapters
 /// are gathered. A collective, between steps.
 pub fn save_adapters<M>(fsdp: &Fsdp<M>, dir: &Path, config: &LoraConfig) -> crate::Result<Vec<PathBuf>> {
-    let options = ExportOptions {
+    checkpoint::export_hf(fsdp, dir, &adapter_export_options(config))
+}
+
+/// What [`save_adapters`] exports: the adapters under PEFT's names and file names, with
+/// `config`'s `adapter_config.json` (also what [`checkpoint::check_export_dir`] checks a
+/// folder against before training).
+pub fn adapter_export_options(config: &LoraConfig) -> ExportOptions {
+    ExportOptions {
         tensors: ADAPTERS.iter().map(|p| p.to_string()).collect(),
         name_prefix: NAME_PREFIX.to_string(),
         weights_stem: WEIGHTS_FILE.trim_end_matches(".safetensors").to_string(),
         files: vec![(CONFIG_FILE.to_string(), config.to_peft_json().into_bytes())],
         ..ExportOptions::default()
-    };
-    checkpoint::export_hf(fsdp, dir, &options)
+    }
 }
 
 /// Folds every adapter into its base weight (`W + scale · B A`, PEFT's
