@@ -157,14 +157,12 @@ fn lora_from_a_pretrained_export_saves_peft_adapters_and_a_merged_model() {
     let (base, adapters, merged) = (dir.path().join("base"), dir.path().join("adapters"), dir.path().join("merged"));
     let first = train(&["--steps", "30", "--export", base.to_str().unwrap()]);
     assert!(first.status.success(), "{}", text(&first));
-    let last_loss = |out: &str| -> f64 {
-        let line = out.lines().filter(|l| l.starts_with("step ")).last().unwrap();
-        line.split("loss ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+    let step_losses = |out: &str| -> Vec<f64> {
+        let steps = out.lines().filter(|l| l.starts_with("step "));
+        steps.map(|l| l.split("loss ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()).collect()
     };
-    let first_loss = |out: &str| -> f64 {
-        let line = out.lines().find(|l| l.starts_with("step ")).unwrap();
-        line.split("loss ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
-    };
+    let last_loss = |out: &str| *step_losses(out).last().unwrap();
+    let first_loss = |out: &str| step_losses(out)[0];
     let pretrained_loss = last_loss(&text(&first));
 
     let run = train(&[
