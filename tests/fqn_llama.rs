@@ -35,14 +35,22 @@ fn build(config: &LlamaConfig) -> (Llama, VarMap) {
 fn static_table_is_the_hugging_face_name_list() {
     let table = Llama::TABLE;
     let names: Vec<String> = table.params.iter().map(|p| p.fqn.to_string()).collect();
-    // Each attention and MLP projection may carry LoRA adapters, under PEFT's names,
-    // listed right after its weight; a model built without them holds HF_NAMES alone.
+    // Each attention and MLP projection may carry a bias and LoRA adapters (PEFT's names)
+    // after its weight, and the attention Qwen3's head norms; a Llama built without them
+    // holds HF_NAMES alone.
     let mut expected = Vec::new();
     for name in HF_NAMES {
         expected.push(name.to_string());
         if let Some(projection) = name.strip_suffix("_proj.weight") {
+            // Qwen2's biases, then the adapters.
+            expected.push(format!("{projection}_proj.bias"));
             expected.push(format!("{projection}_proj.lora_A.weight"));
             expected.push(format!("{projection}_proj.lora_B.weight"));
+        }
+        if name.ends_with("o_proj.weight") {
+            // Qwen3's per-head norms follow the projections.
+            expected.push("model.layers.{index}.self_attn.q_norm.weight".to_string());
+            expected.push("model.layers.{index}.self_attn.k_norm.weight".to_string());
         }
     }
     assert_eq!(names, expected);

@@ -179,9 +179,13 @@ fn settings_the_model_does_not_compute_are_refused_by_key() {
     let gelu = config_json("").replace(r#""hidden_act": "silu""#, r#""hidden_act": "gelu""#);
     let error = LlamaConfig::from_hf_json(&gelu).unwrap_err().to_string();
     assert!(error.contains("`hidden_act` is `gelu`"), "{error}");
+    let gemma = config_json("").replace(r#""model_type": "llama""#, r#""model_type": "gemma""#);
+    let error = LlamaConfig::from_hf_json(&gemma).unwrap_err().to_string();
+    assert!(error.contains("`model_type` is `gemma`"), "{error}");
+    // Another family's type with a Llama's architectures entry disagrees with itself.
     let mistral = config_json("").replace(r#""model_type": "llama""#, r#""model_type": "mistral""#);
     let error = LlamaConfig::from_hf_json(&mistral).unwrap_err().to_string();
-    assert!(error.contains("`model_type` is `mistral`"), "{error}");
+    assert!(error.contains("`architectures`"), "{error}");
     // Settings that change no arithmetic pass, and defaults follow Hugging Face.
     let plain = LlamaConfig::from_hf_json(&config_json(r#", "attention_bias": false, "rope_scaling": null"#)).unwrap();
     assert_eq!((plain.num_key_value_heads, plain.rope_scaling, plain.tie_word_embeddings), (2, None, false));

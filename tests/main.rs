@@ -13,6 +13,7 @@ mod fqn_llama;
 mod fqn_transformer;
 mod frozen_params;
 mod fused_kernels;
+mod hf_families;
 mod hf_llama;
 mod hybrid_shard;
 mod lora;

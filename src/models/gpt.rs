@@ -124,7 +124,7 @@ impl Module for GptAttention {
         let v = heads(self.wv.forward(x)?)?;
         let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (head_dim as f64).sqrt()))?;
         let scores = if self.use_attn_mask {
-            scores.broadcast_add(&causal_mask(s, scores.dtype(), scores.device())?)?
+            scores.broadcast_add(&causal_mask(s, None, scores.dtype(), scores.device())?)?
         } else {
             scores
         };

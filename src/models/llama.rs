@@ -30,6 +30,7 @@ use super::{affine, rms_norm, softmax_last_dim, Kernels};
 use crate::{Shardable, Unit};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Init, RmsNorm, VarBuilder};
+use serde_json::Value;
 use std::path::Path;
 
 /// The hyper-parameters of [`Llama`] (Hugging Face `LlamaConfig` names); `Default` is a
@@ -68,6 +69,56 @@ pub struct LlamaConfig {
     /// LoRA adapters on the attention and MLP projections it targets (not part of a
     /// Hugging Face config; PEFT keeps it in `adapter_config.json`).
     pub lora: Option<LoraConfig>,
+    /// Which Hugging Face architecture of this shape the model is (its `model_type`).
+    pub family: Family,
+    /// Biases on the query, key and value projections (Qwen2's).
+    pub qkv_bias: bool,
+    /// An RMSNorm over each query and key head before the rotation (Qwen3's `q_norm`,
+    /// `k_norm`).
+    pub qk_norm: bool,
+    /// Each position attends to itself and the `sliding_window - 1` before it (Mistral's).
+    pub sliding_window: Option<usize>,
+}
+
+/// The Hugging Face architectures [`Llama`] computes: the same pre-norm decoder with
+/// rotary embeddings, grouped key/value heads and a SiLU-gated MLP, and each family's own
+/// additions ([`LlamaConfig::qkv_bias`], [`LlamaConfig::qk_norm`],
+/// [`LlamaConfig::sliding_window`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Family {
+    /// `LlamaForCausalLM`.
+    #[default]
+    Llama,
+    /// `Qwen2ForCausalLM` (Qwen2 and Qwen2.5): biases on q, k and v.
+    Qwen2,
+    /// `Qwen3ForCausalLM`: a per-head RMSNorm on q and k.
+    Qwen3,
+    /// `MistralForCausalLM`: attention within a sliding window.
+    Mistral,
+}
+
+impl Family {
+    const ALL: [Family; 4] = [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Mistral];
+
+    /// The `model_type` of its `config.json`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+            Family::Mistral => "mistral",
+        }
+    }
+
+    /// The `architectures` entry of its `config.json`.
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Family::Llama => "LlamaForCausalLM",
+            Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Qwen3 => "Qwen3ForCausalLM",
+            Family::Mistral => "MistralForCausalLM",
+        }
+    }
 }
 
 /// Llama 3.1's rotary scaling (Hugging Face `rope_type: "llama3"`): frequencies whose
@@ -177,6 +228,10 @@ impl Default for LlamaConfig {
             rope_scaling: None,
             kernels: Kernels::Fused,
             lora: None,
+            family: Family::Llama,
+            qkv_bias: false,
+            qk_norm: false,
+            sliding_window: None,
         }
     }
 }
@@ -189,21 +244,30 @@ impl LlamaConfig {
         Self::from_hf_json(&text).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))
     }
 
-    /// Parses a Hugging Face Llama `config.json`, written by transformers 4 (top-level
-    /// `rope_theta` and `rope_scaling`) or 5 (both inside `rope_parameters`). It is read
-    /// by allow-list: a setting this model does not compute is refused by its key, never
-    /// loaded into different arithmetic (`attention_bias` or `mlp_bias` true, a
-    /// `hidden_act` other than `silu`, a rotary scaling other than `llama3`, the two
-    /// rotary layouts disagreeing, a `sliding_window`, a `model_type` other than `llama`),
-    /// and so is a key the reader does not know.
+    /// Parses a Hugging Face `config.json` of a [`Family`] (`model_type` `llama`, `qwen2`,
+    /// `qwen3` or `mistral`), written by transformers 4 (top-level `rope_theta` and
+    /// `rope_scaling`) or 5 (both inside `rope_parameters`). It is read by allow-list: a
+    /// setting this model does not compute is refused by its key, never loaded into
+    /// different arithmetic (`attention_bias` or `mlp_bias` true, a `hidden_act` other
+    /// than `silu`, a rotary scaling other than `llama3`, the two rotary layouts
+    /// disagreeing, a Llama's `sliding_window`, Qwen's `use_sliding_window`, another
+    /// `model_type`), and so is a key the reader does not know.
     pub fn from_hf_json(text: &str) -> Result<Self> {
-        let mut hf = HfConfig::parse(text, "Llama")?;
-        if let Some(kind) = hf.string("model_type")?.filter(|k| k != "llama") {
-            return hf.refuse(format!("`model_type` is `{kind}`"));
-        }
+        let mut hf = HfConfig::parse(text, "Llama-family")?;
+        let family = match hf.string("model_type")? {
+            None => Family::Llama,
+            Some(kind) => match Family::ALL.into_iter().find(|f| f.model_type() == kind) {
+                Some(family) => family,
+                None => return hf.refuse(format!("`model_type` is `{kind}` (llama, qwen2, qwen3 or mistral)")),
+            },
+        };
         if let Some(architectures) = hf.take("architectures") {
-            if architectures != serde_json::json!(["LlamaForCausalLM"]) {
-                return hf.refuse(format!("`architectures` is {architectures} (only [\"LlamaForCausalLM\"])"));
+            if architectures != serde_json::json!([family.architecture()]) {
+                let only = family.architecture();
+                return hf.refuse(format!(
+                    "`architectures` is {architectures} (only [\"{only}\"] for `{}`)",
+                    family.model_type()
+                ));
             }
         }
         if let Some(act) = hf.string("hidden_act")?.filter(|a| a != "silu") {
@@ -218,8 +282,26 @@ impl LlamaConfig {
         if let Some(p) = hf.f64("attention_dropout")?.filter(|&p| p != 0.0) {
             return hf.refuse(format!("`attention_dropout` is {p} (the model has no dropout)"));
         }
-        if hf.take("sliding_window").is_some() {
-            return hf.refuse("`sliding_window` is set".into());
+        let sliding_window = match family {
+            Family::Llama => match hf.take("sliding_window") {
+                Some(_) => return hf.refuse("`sliding_window` is set".into()),
+                None => None,
+            },
+            Family::Mistral => hf.usize("sliding_window")?,
+            Family::Qwen2 | Family::Qwen3 => {
+                // Qwen keeps a window size and the layers it would apply to even when the
+                // window is off; only `use_sliding_window` turns it on.
+                hf.only("use_sliding_window", false.into())?;
+                hf.usize("sliding_window")?;
+                hf.usize("max_window_layers")?;
+                None
+            }
+        };
+        if let Some(Value::Array(kinds)) = hf.take("layer_types") {
+            let computed = if sliding_window.is_some() { "sliding_attention" } else { "full_attention" };
+            if let Some(other) = kinds.iter().find(|k| k.as_str() != Some(computed)) {
+                return hf.refuse(format!("`layer_types` holds {other} (only \"{computed}\" here)"));
+            }
         }
         hf.only("pretraining_tp", 1.into())?;
         hf.only("rope_interleaved", false.into())?;
@@ -241,6 +323,10 @@ impl LlamaConfig {
             rope_scaling,
             kernels: Kernels::default(),
             lora: None,
+            family,
+            qkv_bias: family == Family::Qwen2,
+            qk_norm: family == Family::Qwen3,
+            sliding_window,
         };
         hf.finish()?;
         config.validate()?;
@@ -251,11 +337,9 @@ impl LlamaConfig {
     /// reads back, and what Hugging Face and candle-transformers load beside an export).
     pub fn to_hf_json(&self) -> String {
         let mut json = serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [self.family.architecture()],
+            "model_type": self.family.model_type(),
             "hidden_act": "silu",
-            "attention_bias": false,
-            "mlp_bias": false,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -271,6 +355,18 @@ impl LlamaConfig {
         });
         if let Some(head_dim) = self.head_dim {
             json["head_dim"] = head_dim.into();
+        }
+        match self.family {
+            Family::Llama => {
+                json["attention_bias"] = false.into();
+                json["mlp_bias"] = false.into();
+            }
+            Family::Qwen2 => json["use_sliding_window"] = false.into(),
+            Family::Qwen3 => {
+                json["attention_bias"] = false.into();
+                json["use_sliding_window"] = false.into();
+            }
+            Family::Mistral => json["sliding_window"] = self.sliding_window.into(),
         }
         // Both rotary layouts, which agree: transformers 4 (and candle-transformers) read
         // the top-level keys, transformers 5 `rope_parameters`.
@@ -321,9 +417,10 @@ impl LlamaConfig {
         Init::Randn { mean: 0.0, stdev: self.initializer_range }
     }
 
-    /// A projection of the attention or the MLP: LoRA adapters where `lora` targets it.
-    fn projection(&self, in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<LoraLinear> {
-        LoraLinear::new(in_dim, out_dim, self.init(), self.lora.as_ref(), self.kernels, vb)
+    /// A projection of the attention or the MLP, with a bias if `bias`: LoRA adapters
+    /// where `lora` targets it.
+    fn projection(&self, in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<LoraLinear> {
+        LoraLinear::new(in_dim, out_dim, self.init(), bias, self.lora.as_ref(), self.kernels, vb)
     }
 
     fn norm(&self, vb: VarBuilder) -> Result<RmsNorm> {
@@ -412,6 +509,13 @@ pub struct LlamaAttention {
     pub v_proj: LoraLinear,
     /// `(hidden_size, num_attention_heads · head_dim)`.
     pub o_proj: LoraLinear,
+    /// Qwen3's RMSNorm over each query head, `(head_dim)`.
+    pub q_norm: Option<RmsNorm>,
+    /// Qwen3's RMSNorm over each key head, `(head_dim)`.
+    pub k_norm: Option<RmsNorm>,
+    /// Mistral's window: each position attends to itself and the `w - 1` before it.
+    #[fsdp(skip)]
+    pub sliding_window: Option<usize>,
     /// The number of query heads.
     pub num_heads: usize,
     /// The number of key/value heads.
@@ -432,10 +536,19 @@ impl LlamaAttention {
         let q_dim = config.num_attention_heads * head_dim;
         let kv_dim = config.num_key_value_heads * head_dim;
         Ok(Self {
-            q_proj: config.projection(hidden, q_dim, vb.pp("q_proj"))?,
-            k_proj: config.projection(hidden, kv_dim, vb.pp("k_proj"))?,
-            v_proj: config.projection(hidden, kv_dim, vb.pp("v_proj"))?,
-            o_proj: config.projection(q_dim, hidden, vb.pp("o_proj"))?,
+            q_proj: config.projection(hidden, q_dim, config.qkv_bias, vb.pp("q_proj"))?,
+            k_proj: config.projection(hidden, kv_dim, config.qkv_bias, vb.pp("k_proj"))?,
+            v_proj: config.projection(hidden, kv_dim, config.qkv_bias, vb.pp("v_proj"))?,
+            o_proj: config.projection(q_dim, hidden, false, vb.pp("o_proj"))?,
+            q_norm: config
+                .qk_norm
+                .then(|| candle_nn::rms_norm(head_dim, config.rms_norm_eps, vb.pp("q_norm")))
+                .transpose()?,
+            k_norm: config
+                .qk_norm
+                .then(|| candle_nn::rms_norm(head_dim, config.rms_norm_eps, vb.pp("k_norm")))
+                .transpose()?,
+            sliding_window: config.sliding_window,
             num_heads: config.num_attention_heads,
             num_kv_heads: config.num_key_value_heads,
             head_dim,
@@ -447,8 +560,18 @@ impl LlamaAttention {
     /// the attention scores; the fused attention is causal by construction and ignores it.
     pub fn forward(&self, x: &Tensor, rotary: &RotaryEmbedding, mask: &Tensor) -> Result<Tensor> {
         match self.kernels {
-            Kernels::Fused => self.forward_fused(x, rotary),
-            Kernels::Composed => self.forward_composed(x, rotary, mask),
+            // The fused attention is causal without a window: a window shorter than the
+            // sequence takes the composed path, with `mask` holding the window.
+            Kernels::Fused if !windowed(self.sliding_window, x.dim(1)?) => self.forward_fused(x, rotary),
+            _ => self.forward_composed(x, rotary, mask),
+        }
+    }
+
+    /// Qwen3's per-head norm of `heads` (head_dim last), when the model has it.
+    fn head_norm(&self, weights: &Option<RmsNorm>, heads: Tensor) -> Result<Tensor> {
+        match weights {
+            None => Ok(heads),
+            Some(weights) => norm(self.kernels, weights, &heads),
         }
     }
 
@@ -457,8 +580,8 @@ impl LlamaAttention {
     fn forward_fused(&self, x: &Tensor, rotary: &RotaryEmbedding) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let heads = |proj: &LoraLinear, n: usize| proj.forward(x)?.reshape((b, s, n, self.head_dim));
-        let q = rotary.apply_fused(&heads(&self.q_proj, self.num_heads)?)?;
-        let k = rotary.apply_fused(&heads(&self.k_proj, self.num_kv_heads)?)?;
+        let q = rotary.apply_fused(&self.head_norm(&self.q_norm, heads(&self.q_proj, self.num_heads)?)?)?;
+        let k = rotary.apply_fused(&self.head_norm(&self.k_norm, heads(&self.k_proj, self.num_kv_heads)?)?)?;
         let v = heads(&self.v_proj, self.num_kv_heads)?;
         let out = crate::ops::causal_attention(&q, &k, &v, 1.0 / (self.head_dim as f64).sqrt())?;
         self.o_proj.forward(&out.reshape((b, s, self.num_heads * self.head_dim))?)
@@ -469,8 +592,8 @@ impl LlamaAttention {
         let split = |t: Tensor, heads: usize| -> Result<Tensor> {
             t.reshape((b, s, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
         };
-        let q = rotary.apply(&split(self.q_proj.forward(x)?, self.num_heads)?)?;
-        let k = rotary.apply(&split(self.k_proj.forward(x)?, self.num_kv_heads)?)?;
+        let q = rotary.apply(&self.head_norm(&self.q_norm, split(self.q_proj.forward(x)?, self.num_heads)?)?)?;
+        let k = rotary.apply(&self.head_norm(&self.k_norm, split(self.k_proj.forward(x)?, self.num_kv_heads)?)?)?;
         let v = split(self.v_proj.forward(x)?, self.num_kv_heads)?;
         let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
@@ -515,9 +638,9 @@ impl LlamaMlp {
     pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
         let (hidden, inter) = (config.hidden_size, config.intermediate_size);
         Ok(Self {
-            gate_proj: config.projection(hidden, inter, vb.pp("gate_proj"))?,
-            up_proj: config.projection(hidden, inter, vb.pp("up_proj"))?,
-            down_proj: config.projection(inter, hidden, vb.pp("down_proj"))?,
+            gate_proj: config.projection(hidden, inter, false, vb.pp("gate_proj"))?,
+            up_proj: config.projection(hidden, inter, false, vb.pp("up_proj"))?,
+            down_proj: config.projection(inter, hidden, false, vb.pp("down_proj"))?,
             kernels: config.kernels,
         })
     }
@@ -692,10 +815,12 @@ impl Llama {
             )
         }
         let mut x = self.embed_tokens.forward(input_ids)?;
-        // The fused attention is causal by construction: no mask to build.
+        // The fused attention is causal by construction: no mask to build, unless a
+        // sliding window shorter than the sequence sends attention the composed way.
+        let window = self.config.sliding_window;
         let mask = match self.config.kernels {
-            Kernels::Fused => Tensor::zeros((), x.dtype(), x.device())?,
-            Kernels::Composed => causal_mask(seq, x.dtype(), x.device())?,
+            Kernels::Fused if !windowed(window, seq) => Tensor::zeros((), x.dtype(), x.device())?,
+            _ => causal_mask(seq, window, x.dtype(), x.device())?,
         };
         let (cos, sin) = (&self.rotary.cos, &self.rotary.sin);
         for layer in &self.layers {
@@ -717,11 +842,18 @@ fn norm(kernels: Kernels, norm: &RmsNorm, x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// `(seq, seq)`: 0 where key position ≤ query position, −∞ above the diagonal.
-pub(crate) fn causal_mask(seq: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+/// `(seq, seq)`: 0 where key position `j` may be attended from query position `i`
+/// (`j ≤ i`, and `j > i - window` with a window), −∞ elsewhere.
+pub(crate) fn causal_mask(seq: usize, window: Option<usize>, dtype: DType, device: &Device) -> Result<Tensor> {
+    let seen = move |i: usize, j: usize| j <= i && window.is_none_or(|w| j + w > i);
     let mask: Vec<f32> =
-        (0..seq).flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+        (0..seq).flat_map(|i| (0..seq).map(move |j| if seen(i, j) { 0.0 } else { f32::NEG_INFINITY })).collect();
     Tensor::from_vec(mask, (seq, seq), device)?.to_dtype(dtype)
+}
+
+/// Whether a sliding window hides anything from a sequence of `seq` positions.
+fn windowed(window: Option<usize>, seq: usize) -> bool {
+    window.is_some_and(|w| w < seq)
 }
 
 /// f32 for half-precision types and f32 itself; f64 stays f64.

@@ -1,5 +1,5 @@
 //! LoRA: a trained low-rank update beside a frozen linear weight, as PEFT computes and
-//! names it, `y = x Wᵀ + scale · (x Aᵀ) Bᵀ` with `A` (`lora_A.weight`, `r × in`) and `B`
+//! names it, `y = x Wᵀ (+ b) + scale · (x Aᵀ) Bᵀ` with `A` (`lora_A.weight`, `r × in`) and `B`
 //! (`lora_B.weight`, `out × r`) next to the layer's `weight`.
 //!
 //! A model that builds its linear layers as [`LoraLinear`] (the bundled Llama does) gets
@@ -60,6 +60,8 @@ impl LoraConfig {
 pub struct LoraLinear {
     /// `(out_features, in_features)`.
     pub weight: Tensor,
+    /// `(out_features)`, where the layer has one.
+    pub bias: Option<Tensor>,
     /// `(r, in_features)`.
     #[fsdp(rename = "lora_A.weight")]
     pub lora_a: Option<Tensor>,
@@ -74,21 +76,23 @@ pub struct LoraLinear {
 }
 
 impl LoraLinear {
-    /// The layer `in_dim → out_dim` under `vb` (its weight drawn from `init`), with
-    /// adapters when `lora` targets `vb`'s prefix: `lora_A` drawn as PEFT draws it (as
-    /// `nn.Linear` does, uniform in `±1/√in_dim`), `lora_B` zero, so a fresh adapter
-    /// changes nothing.
+    /// The layer `in_dim → out_dim` under `vb` (its weight drawn from `init`, a bias
+    /// starting at zero if `bias`), with adapters when `lora` targets `vb`'s prefix:
+    /// `lora_A` drawn as PEFT draws it (as `nn.Linear` does, uniform in `±1/√in_dim`),
+    /// `lora_B` zero, so a fresh adapter changes nothing.
     pub fn new(
         in_dim: usize,
         out_dim: usize,
         init: Init,
+        bias: bool,
         lora: Option<&LoraConfig>,
         kernels: Kernels,
         vb: VarBuilder,
     ) -> Result<Self> {
         let weight = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
+        let bias = bias.then(|| vb.get_with_hints(out_dim, "bias", Init::Const(0.0))).transpose()?;
         let Some(lora) = lora.filter(|l| l.targets(&vb.prefix())) else {
-            return Ok(Self { weight, lora_a: None, lora_b: None, scale: 0.0, kernels });
+            return Ok(Self { weight, bias, lora_a: None, lora_b: None, scale: 0.0, kernels });
         };
         if lora.r == 0 {
             candle_core::bail!("LoRA: the rank of the adapters on `{}` is 0", vb.prefix())
@@ -96,7 +100,7 @@ impl LoraLinear {
         let bound = 1.0 / (in_dim as f64).sqrt();
         let a = vb.pp("lora_A").get_with_hints((lora.r, in_dim), "weight", Init::Uniform { lo: -bound, up: bound })?;
         let b = vb.pp("lora_B").get_with_hints((out_dim, lora.r), "weight", Init::Const(0.0))?;
-        Ok(Self { weight, lora_a: Some(a), lora_b: Some(b), scale: lora.scale(), kernels })
+        Ok(Self { weight, bias, lora_a: Some(a), lora_b: Some(b), scale: lora.scale(), kernels })
     }
 
     /// The weight with the update folded in, `W + scale · B A` (PEFT's merge), or the
@@ -131,6 +135,10 @@ impl LoraLinear {
 impl Module for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let base = self.product(x, &self.weight)?;
+        let base = match &self.bias {
+            Some(bias) => base.broadcast_add(bias)?,
+            None => base,
+        };
         match self.adapters()? {
             None => Ok(base),
             // The adapters may be of another dtype than the base (f32 on bf16): the
