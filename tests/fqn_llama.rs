@@ -36,16 +36,26 @@ fn static_table_is_the_hugging_face_name_list() {
     let table = Llama::TABLE;
     let names: Vec<String> = table.params.iter().map(|p| p.fqn.to_string()).collect();
     // Each attention and MLP projection may carry a bias and LoRA adapters (PEFT's names)
-    // after its weight, and the attention Qwen3's head norms; a Llama built without them
-    // holds HF_NAMES alone.
+    // after its weight; the attention may hold Qwen3's head norms, and attention and MLP
+    // Phi-3's fused projections. A Llama built without them holds HF_NAMES alone.
     let mut expected = Vec::new();
+    let projection = |expected: &mut Vec<String>, name: &str| {
+        // Its weight, Qwen2's bias, then the adapters.
+        for part in ["weight", "bias", "lora_A.weight", "lora_B.weight"] {
+            expected.push(format!("{name}.{part}"));
+        }
+    };
     for name in HF_NAMES {
-        expected.push(name.to_string());
-        if let Some(projection) = name.strip_suffix("_proj.weight") {
-            // Qwen2's biases, then the adapters.
-            expected.push(format!("{projection}_proj.bias"));
-            expected.push(format!("{projection}_proj.lora_A.weight"));
-            expected.push(format!("{projection}_proj.lora_B.weight"));
+        match name.strip_suffix(".weight").filter(|n| n.ends_with("_proj")) {
+            Some(module) => projection(&mut expected, module),
+            None => expected.push(name.to_string()),
+        }
+        // Phi-3's fused projections follow the ones they stack.
+        if name.ends_with("v_proj.weight") {
+            projection(&mut expected, "model.layers.{index}.self_attn.qkv_proj");
+        }
+        if name.ends_with("up_proj.weight") {
+            projection(&mut expected, "model.layers.{index}.mlp.gate_up_proj");
         }
         if name.ends_with("o_proj.weight") {
             // Qwen3's per-head norms follow the projections.

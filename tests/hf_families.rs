@@ -1,8 +1,9 @@
-//! Qwen2, Qwen3 and Mistral checkpoints written by transformers (`tests/golden/hf_families`,
+//! Qwen2, Qwen3, Mistral and Phi-3 checkpoints written by transformers (`tests/golden/hf_families`,
 //! with the script that makes them) through the public import API, against the logits,
 //! loss and gradients transformers computed: each family's own settings switched on
 //! (Qwen2's q/k/v biases, Qwen3's per-head q/k norms with an explicit head dimension,
-//! Mistral's sliding window shorter than the sequence), on both kernel paths. Trained 2
+//! Mistral's sliding window shorter than the sequence, Phi-3's fused q/k/v and gate/up
+//! projections with a window), on both kernel paths. Trained 2
 //! steps at world 2 and exported, each reads back as the model that was trained.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -38,7 +39,7 @@ fn wrapped(config: &LlamaConfig, comm: std::sync::Arc<dyn candle_fsdp::dist::Col
 }
 
 #[test]
-fn transformers_logits_loss_and_gradients_of_qwen2_qwen3_and_mistral() {
+fn transformers_logits_loss_and_gradients_of_qwen2_qwen3_mistral_and_phi3() {
     for (name, family) in FAMILIES {
         let golden = candle_core::safetensors::load(dir(name).join("golden.safetensors"), &Device::Cpu).unwrap();
         let ids = golden["input_ids"].to_dtype(DType::U32).unwrap();
@@ -160,6 +161,9 @@ fn family_settings_not_computed_here_are_refused_by_key() {
         ("mistral", "layer_types", r#"["full_attention", "full_attention"]"#),
         ("mistral", "architectures", r#"["Qwen2ForCausalLM"]"#),
         ("qwen3", "rope_parameters", r#"{"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}"#),
+        ("phi3", "embd_pdrop", "0.1"),
+        ("phi3", "partial_rotary_factor", "0.5"),
+        ("phi3", "rope_parameters", r#"{"rope_type": "longrope", "rope_theta": 10000.0}"#),
     ] {
         let error = LlamaConfig::from_hf_json(&with(name, key, value)).unwrap_err().to_string();
         assert!(error.contains(key), "{name} with `{key}: {value}`: the error `{error}` does not name it");

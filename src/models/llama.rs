@@ -95,10 +95,13 @@ pub enum Family {
     Qwen3,
     /// `MistralForCausalLM`: attention within a sliding window.
     Mistral,
+    /// `Phi3ForCausalLM`: q, k and v in one projection (`qkv_proj`), gate and up in one
+    /// (`gate_up_proj`), and Mistral's window.
+    Phi3,
 }
 
 impl Family {
-    const ALL: [Family; 4] = [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Mistral];
+    const ALL: [Family; 5] = [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Mistral, Family::Phi3];
 
     /// The `model_type` of its `config.json`.
     pub fn model_type(self) -> &'static str {
@@ -107,6 +110,7 @@ impl Family {
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
             Family::Mistral => "mistral",
+            Family::Phi3 => "phi3",
         }
     }
 
@@ -117,6 +121,7 @@ impl Family {
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Qwen3 => "Qwen3ForCausalLM",
             Family::Mistral => "MistralForCausalLM",
+            Family::Phi3 => "Phi3ForCausalLM",
         }
     }
 }
@@ -188,6 +193,11 @@ fn read_scaling(hf: &HfConfig, mut keys: HfObject) -> Result<(Option<f64>, Optio
         })?),
         None => None,
     };
+    if let Some(factor) = keys.take("partial_rotary_factor") {
+        if factor.as_f64() != Some(1.0) {
+            return hf.refuse(format!("`{}.partial_rotary_factor` is {factor} (only 1.0)", keys.parent()));
+        }
+    }
     // transformers writes `rope_type`; older configs `type`.
     let kind = match keys.string("rope_type")? {
         Some(kind) => Some(kind),
@@ -245,7 +255,7 @@ impl LlamaConfig {
     }
 
     /// Parses a Hugging Face `config.json` of a [`Family`] (`model_type` `llama`, `qwen2`,
-    /// `qwen3` or `mistral`), written by transformers 4 (top-level `rope_theta` and
+    /// `qwen3`, `mistral` or `phi3`), written by transformers 4 (top-level `rope_theta` and
     /// `rope_scaling`) or 5 (both inside `rope_parameters`). It is read by allow-list: a
     /// setting this model does not compute is refused by its key, never loaded into
     /// different arithmetic (`attention_bias` or `mlp_bias` true, a `hidden_act` other
@@ -258,7 +268,7 @@ impl LlamaConfig {
             None => Family::Llama,
             Some(kind) => match Family::ALL.into_iter().find(|f| f.model_type() == kind) {
                 Some(family) => family,
-                None => return hf.refuse(format!("`model_type` is `{kind}` (llama, qwen2, qwen3 or mistral)")),
+                None => return hf.refuse(format!("`model_type` is `{kind}` (llama, qwen2, qwen3, mistral or phi3)")),
             },
         };
         if let Some(architectures) = hf.take("architectures") {
@@ -288,6 +298,16 @@ impl LlamaConfig {
                 None => None,
             },
             Family::Mistral => hf.usize("sliding_window")?,
+            Family::Phi3 => {
+                for dropout in ["embd_pdrop", "resid_pdrop"] {
+                    if let Some(p) = hf.f64(dropout)?.filter(|&p| p != 0.0) {
+                        return hf.refuse(format!("`{dropout}` is {p} (the model has no dropout)"));
+                    }
+                }
+                // The context the long-rope scaling starts from: refused with the scaling.
+                hf.usize("original_max_position_embeddings")?;
+                hf.usize("sliding_window")?
+            }
             Family::Qwen2 | Family::Qwen3 => {
                 // Qwen keeps a window size and the layers it would apply to even when the
                 // window is off; only `use_sliding_window` turns it on.
@@ -302,6 +322,9 @@ impl LlamaConfig {
             if let Some(other) = kinds.iter().find(|k| k.as_str() != Some(computed)) {
                 return hf.refuse(format!("`layer_types` holds {other} (only \"{computed}\" here)"));
             }
+        }
+        if let Some(factor) = hf.f64("partial_rotary_factor")?.filter(|&f| f != 1.0) {
+            return hf.refuse(format!("`partial_rotary_factor` is {factor} (only 1.0)"));
         }
         hf.only("pretraining_tp", 1.into())?;
         hf.only("rope_interleaved", false.into())?;
@@ -366,7 +389,7 @@ impl LlamaConfig {
                 json["attention_bias"] = false.into();
                 json["use_sliding_window"] = false.into();
             }
-            Family::Mistral => json["sliding_window"] = self.sliding_window.into(),
+            Family::Mistral | Family::Phi3 => json["sliding_window"] = self.sliding_window.into(),
         }
         // Both rotary layouts, which agree: transformers 4 (and candle-transformers) read
         // the top-level keys, transformers 5 `rope_parameters`.
@@ -501,12 +524,14 @@ impl RotaryEmbedding {
 /// Causal self-attention with rotary embeddings and grouped key/value heads.
 #[derive(Clone, Debug, Shardable)]
 pub struct LlamaAttention {
-    /// `(num_attention_heads · head_dim, hidden_size)`.
-    pub q_proj: LoraLinear,
-    /// `(num_key_value_heads · head_dim, hidden_size)`.
-    pub k_proj: LoraLinear,
-    /// `(num_key_value_heads · head_dim, hidden_size)`.
-    pub v_proj: LoraLinear,
+    /// `(num_attention_heads · head_dim, hidden_size)` (not in Phi-3).
+    pub q_proj: Option<LoraLinear>,
+    /// `(num_key_value_heads · head_dim, hidden_size)` (not in Phi-3).
+    pub k_proj: Option<LoraLinear>,
+    /// `(num_key_value_heads · head_dim, hidden_size)` (not in Phi-3).
+    pub v_proj: Option<LoraLinear>,
+    /// Phi-3's `q_proj`, `k_proj` and `v_proj` stacked, in that order.
+    pub qkv_proj: Option<LoraLinear>,
     /// `(hidden_size, num_attention_heads · head_dim)`.
     pub o_proj: LoraLinear,
     /// Qwen3's RMSNorm over each query head, `(head_dim)`.
@@ -535,10 +560,17 @@ impl LlamaAttention {
         let head_dim = config.head_dim();
         let q_dim = config.num_attention_heads * head_dim;
         let kv_dim = config.num_key_value_heads * head_dim;
+        let fused = config.family == Family::Phi3;
+        let separate = |dim: usize, name: &str| {
+            (!fused).then(|| config.projection(hidden, dim, config.qkv_bias, vb.pp(name))).transpose()
+        };
         Ok(Self {
-            q_proj: config.projection(hidden, q_dim, config.qkv_bias, vb.pp("q_proj"))?,
-            k_proj: config.projection(hidden, kv_dim, config.qkv_bias, vb.pp("k_proj"))?,
-            v_proj: config.projection(hidden, kv_dim, config.qkv_bias, vb.pp("v_proj"))?,
+            q_proj: separate(q_dim, "q_proj")?,
+            k_proj: separate(kv_dim, "k_proj")?,
+            v_proj: separate(kv_dim, "v_proj")?,
+            qkv_proj: fused
+                .then(|| config.projection(hidden, q_dim + 2 * kv_dim, false, vb.pp("qkv_proj")))
+                .transpose()?,
             o_proj: config.projection(q_dim, hidden, false, vb.pp("o_proj"))?,
             q_norm: config
                 .qk_norm
@@ -567,6 +599,26 @@ impl LlamaAttention {
         }
     }
 
+    /// The projections, in the order of the FQN table.
+    fn projections(&self) -> impl Iterator<Item = &LoraLinear> {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.qkv_proj].into_iter().flatten().chain([&self.o_proj])
+    }
+
+    /// The queries, keys and values of `x`, each `(batch, seq, heads · head_dim)`: three
+    /// products, or Phi-3's one, split.
+    fn qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        match (&self.qkv_proj, &self.q_proj, &self.k_proj, &self.v_proj) {
+            (Some(qkv), None, None, None) => {
+                let (q_dim, kv_dim) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
+                let all = qkv.forward(x)?;
+                let part = |start: usize, len: usize| all.narrow(candle_core::D::Minus1, start, len)?.contiguous();
+                Ok((part(0, q_dim)?, part(q_dim, kv_dim)?, part(q_dim + kv_dim, kv_dim)?))
+            }
+            (None, Some(q), Some(k), Some(v)) => Ok((q.forward(x)?, k.forward(x)?, v.forward(x)?)),
+            _ => candle_core::bail!("LlamaAttention: either q_proj, k_proj and v_proj, or qkv_proj"),
+        }
+    }
+
     /// Qwen3's per-head norm of `heads` (head_dim last), when the model has it.
     fn head_norm(&self, weights: &Option<RmsNorm>, heads: Tensor) -> Result<Tensor> {
         match weights {
@@ -579,10 +631,11 @@ impl LlamaAttention {
     /// transposes.
     fn forward_fused(&self, x: &Tensor, rotary: &RotaryEmbedding) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let heads = |proj: &LoraLinear, n: usize| proj.forward(x)?.reshape((b, s, n, self.head_dim));
-        let q = rotary.apply_fused(&self.head_norm(&self.q_norm, heads(&self.q_proj, self.num_heads)?)?)?;
-        let k = rotary.apply_fused(&self.head_norm(&self.k_norm, heads(&self.k_proj, self.num_kv_heads)?)?)?;
-        let v = heads(&self.v_proj, self.num_kv_heads)?;
+        let heads = |t: Tensor, n: usize| t.reshape((b, s, n, self.head_dim));
+        let (q, k, v) = self.qkv(x)?;
+        let q = rotary.apply_fused(&self.head_norm(&self.q_norm, heads(q, self.num_heads)?)?)?;
+        let k = rotary.apply_fused(&self.head_norm(&self.k_norm, heads(k, self.num_kv_heads)?)?)?;
+        let v = heads(v, self.num_kv_heads)?;
         let out = crate::ops::causal_attention(&q, &k, &v, 1.0 / (self.head_dim as f64).sqrt())?;
         self.o_proj.forward(&out.reshape((b, s, self.num_heads * self.head_dim))?)
     }
@@ -592,9 +645,10 @@ impl LlamaAttention {
         let split = |t: Tensor, heads: usize| -> Result<Tensor> {
             t.reshape((b, s, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
         };
-        let q = rotary.apply(&self.head_norm(&self.q_norm, split(self.q_proj.forward(x)?, self.num_heads)?)?)?;
-        let k = rotary.apply(&self.head_norm(&self.k_norm, split(self.k_proj.forward(x)?, self.num_kv_heads)?)?)?;
-        let v = split(self.v_proj.forward(x)?, self.num_kv_heads)?;
+        let (q, k, v) = self.qkv(x)?;
+        let q = rotary.apply(&self.head_norm(&self.q_norm, split(q, self.num_heads)?)?)?;
+        let k = rotary.apply(&self.head_norm(&self.k_norm, split(k, self.num_kv_heads)?)?)?;
+        let v = split(v, self.num_kv_heads)?;
         let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
@@ -621,10 +675,12 @@ impl LlamaAttention {
 /// The SiLU-gated MLP: `down_proj(silu(gate_proj(x)) · up_proj(x))`.
 #[derive(Clone, Debug, Shardable)]
 pub struct LlamaMlp {
-    /// `(intermediate_size, hidden_size)`: the gate, through SiLU.
-    pub gate_proj: LoraLinear,
-    /// `(intermediate_size, hidden_size)`: the gated value.
-    pub up_proj: LoraLinear,
+    /// `(intermediate_size, hidden_size)`: the gate, through SiLU (not in Phi-3).
+    pub gate_proj: Option<LoraLinear>,
+    /// `(intermediate_size, hidden_size)`: the gated value (not in Phi-3).
+    pub up_proj: Option<LoraLinear>,
+    /// Phi-3's `gate_proj` and `up_proj` stacked, in that order.
+    pub gate_up_proj: Option<LoraLinear>,
     /// `(hidden_size, intermediate_size)`: the projection back.
     pub down_proj: LoraLinear,
     /// The kernels the forward runs on.
@@ -637,26 +693,47 @@ impl LlamaMlp {
     /// `N(0, initializer_range)`.
     pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
         let (hidden, inter) = (config.hidden_size, config.intermediate_size);
+        let fused = config.family == Family::Phi3;
+        let separate = |name: &str| (!fused).then(|| config.projection(hidden, inter, false, vb.pp(name))).transpose();
         Ok(Self {
-            gate_proj: config.projection(hidden, inter, false, vb.pp("gate_proj"))?,
-            up_proj: config.projection(hidden, inter, false, vb.pp("up_proj"))?,
+            gate_proj: separate("gate_proj")?,
+            up_proj: separate("up_proj")?,
+            gate_up_proj: fused
+                .then(|| config.projection(hidden, 2 * inter, false, vb.pp("gate_up_proj")))
+                .transpose()?,
             down_proj: config.projection(inter, hidden, false, vb.pp("down_proj"))?,
             kernels: config.kernels,
         })
     }
 }
 
+impl LlamaMlp {
+    /// The projections, in the order of the FQN table.
+    fn projections(&self) -> impl Iterator<Item = &LoraLinear> {
+        [&self.gate_proj, &self.up_proj, &self.gate_up_proj].into_iter().flatten().chain([&self.down_proj])
+    }
+
+    /// The gate and the gated value of `x`: two products, or Phi-3's one, split.
+    fn gate_up(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        match (&self.gate_up_proj, &self.gate_proj, &self.up_proj) {
+            (Some(both), None, None) => {
+                let all = both.forward(x)?;
+                let half = all.dim(candle_core::D::Minus1)? / 2;
+                let part = |start: usize| all.narrow(candle_core::D::Minus1, start, half)?.contiguous();
+                Ok((part(0)?, part(half)?))
+            }
+            (None, Some(gate), Some(up)) => Ok((gate.forward(x)?, up.forward(x)?)),
+            _ => candle_core::bail!("LlamaMlp: either gate_proj and up_proj, or gate_up_proj"),
+        }
+    }
+}
+
 impl Module for LlamaMlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (gate, up) = self.gate_up(x)?;
         match self.kernels {
-            Kernels::Fused => {
-                let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
-                self.down_proj.forward(&crate::ops::swiglu(&gate, &up)?)
-            }
-            Kernels::Composed => {
-                let gate = self.gate_proj.forward(x)?.silu()?;
-                self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
-            }
+            Kernels::Fused => self.down_proj.forward(&crate::ops::swiglu(&gate, &up)?),
+            Kernels::Composed => self.down_proj.forward(&(gate.silu()? * up)?),
         }
     }
 }
@@ -746,32 +823,19 @@ impl Llama {
             LinearNoBias { weight }
         };
         let embed_tokens = candle_nn::Embedding::new(embedding, config.hidden_size);
-        let layers: Vec<Unit<LlamaDecoderLayer>> = (0..config.num_hidden_layers)
-            .map(|i| LlamaDecoderLayer::new(config, model.pp("layers").pp(i)).map(Unit::new))
+        let layers: Vec<LlamaDecoderLayer> = (0..config.num_hidden_layers)
+            .map(|i| LlamaDecoderLayer::new(config, model.pp("layers").pp(i)))
             .collect::<Result<_>>()?;
         if let Some(lora) = &config.lora {
-            let adapted = (0..config.num_hidden_layers).any(|i| {
-                let layer = format!("model.layers.{i}");
-                [
-                    "self_attn.q_proj",
-                    "self_attn.k_proj",
-                    "self_attn.v_proj",
-                    "self_attn.o_proj",
-                    "mlp.gate_proj",
-                    "mlp.up_proj",
-                    "mlp.down_proj",
-                ]
-                .iter()
-                .any(|p| lora.targets(&format!("{layer}.{p}")))
-            });
-            if !adapted {
+            let mut projections = layers.iter().flat_map(|l| l.self_attn.projections().chain(l.mlp.projections()));
+            if !projections.any(|p| p.lora_a.is_some()) {
                 candle_core::bail!(
-                    "LoRA: the target modules {:?} name none of this Llama's projections (q_proj, k_proj, v_proj, \
-                     o_proj, gate_proj, up_proj, down_proj)",
+                    "LoRA: the target modules {:?} name none of this model's projections",
                     lora.target_modules
                 )
             }
         }
+        let layers = layers.into_iter().map(Unit::new).collect();
         Ok(Self {
             embed_tokens,
             layers,

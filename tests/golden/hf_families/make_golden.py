@@ -1,10 +1,11 @@
 """Writes the golden files `tests/hf_families.rs` reads: tiny random Qwen2, Qwen3 and
 Mistral models saved by transformers itself (`config.json`, `model.safetensors`) and
-`golden.safetensors`: the `input_ids`, the float32 `logits` transformers computed (eager
+`golden.safetensors` (tiny random Phi-3 too): the `input_ids`, the float32 `logits` transformers computed (eager
 attention), the `loss` (mean next-token cross-entropy of `input_ids[:, :-1]` against
 `input_ids[:, 1:]`) and its gradients for a few parameters (`grad.<FQN>`). Each family's
 own settings are switched on: Qwen2's q/k/v biases, Qwen3's per-head q/k norms with an
-explicit head dimension, Mistral's sliding window shorter than the sequence. Run with
+explicit head dimension, Mistral's sliding window shorter than the sequence, Phi-3's fused
+q/k/v and gate/up projections with a window too. Run with
 torch and transformers:
 
     pip install torch transformers; python tests/golden/hf_families/make_golden.py
@@ -16,8 +17,8 @@ import shutil
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import (MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM)
+from transformers import (MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -31,6 +32,8 @@ CASES = [
       "model.layers.0.self_attn.o_proj.weight"]),
     ("mistral", MistralConfig(**SIZES, sliding_window=4), MistralForCausalLM,
      ["model.layers.0.self_attn.v_proj.weight", "model.layers.1.mlp.gate_proj.weight"]),
+    ("phi3", Phi3Config(**SIZES, sliding_window=6, pad_token_id=0, eos_token_id=2), Phi3ForCausalLM,
+     ["model.layers.0.self_attn.qkv_proj.weight", "model.layers.1.mlp.gate_up_proj.weight"]),
 ]
 
 for seed, (folder, config, cls, grads) in enumerate(CASES):
