@@ -36,8 +36,9 @@ fn static_table_is_the_hugging_face_name_list() {
     let table = Llama::TABLE;
     let names: Vec<String> = table.params.iter().map(|p| p.fqn.to_string()).collect();
     // Each attention and MLP projection may carry a bias and LoRA adapters (PEFT's names)
-    // after its weight; the attention may hold Qwen3's head norms, and attention and MLP
-    // Phi-3's fused projections. A Llama built without them holds HF_NAMES alone.
+    // after its weight; the attention may hold Qwen3's head norms, attention and MLP
+    // Phi-3's fused projections, and a layer Mixtral's experts. A Llama built without them
+    // holds HF_NAMES alone.
     let mut expected = Vec::new();
     let projection = |expected: &mut Vec<String>, name: &str| {
         // Its weight, Qwen2's bias, then the adapters.
@@ -56,6 +57,13 @@ fn static_table_is_the_hugging_face_name_list() {
         }
         if name.ends_with("up_proj.weight") {
             projection(&mut expected, "model.layers.{index}.mlp.gate_up_proj");
+        }
+        if name.ends_with("down_proj.weight") {
+            // Mixtral's router and experts, in place of the MLP.
+            projection(&mut expected, "model.layers.{index}.block_sparse_moe.gate");
+            for w in ["w1", "w2", "w3"] {
+                projection(&mut expected, &format!("model.layers.{{index}}.block_sparse_moe.experts.{{index}}.{w}"));
+            }
         }
         if name.ends_with("o_proj.weight") {
             // Qwen3's per-head norms follow the projections.

@@ -1,9 +1,10 @@
-//! Qwen2, Qwen3, Mistral and Phi-3 checkpoints written by transformers (`tests/golden/hf_families`,
+//! Qwen2, Qwen3, Mistral, Phi-3 and Mixtral checkpoints written by transformers (`tests/golden/hf_families`,
 //! with the script that makes them) through the public import API, against the logits,
 //! loss and gradients transformers computed: each family's own settings switched on
 //! (Qwen2's q/k/v biases, Qwen3's per-head q/k norms with an explicit head dimension,
 //! Mistral's sliding window shorter than the sequence, Phi-3's fused q/k/v and gate/up
-//! projections with a window), on both kernel paths. Trained 2
+//! projections with a window, Mixtral's experts with the router's load-balancing loss), on
+//! both kernel paths. Trained 2
 //! steps at world 2 and exported, each reads back as the model that was trained.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -16,8 +17,13 @@ use candle_nn::{Optimizer, VarBuilder, VarMap};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-const FAMILIES: [(&str, Family); 3] =
-    [("qwen2", Family::Qwen2), ("qwen3", Family::Qwen3), ("mistral", Family::Mistral)];
+const FAMILIES: [(&str, Family); 5] = [
+    ("qwen2", Family::Qwen2),
+    ("qwen3", Family::Qwen3),
+    ("mistral", Family::Mistral),
+    ("phi3", Family::Phi3),
+    ("mixtral", Family::Mixtral),
+];
 
 fn dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/hf_families").join(name)
@@ -39,7 +45,7 @@ fn wrapped(config: &LlamaConfig, comm: std::sync::Arc<dyn candle_fsdp::dist::Col
 }
 
 #[test]
-fn transformers_logits_loss_and_gradients_of_qwen2_qwen3_mistral_and_phi3() {
+fn transformers_logits_loss_and_gradients_of_each_family() {
     for (name, family) in FAMILIES {
         let golden = candle_core::safetensors::load(dir(name).join("golden.safetensors"), &Device::Cpu).unwrap();
         let ids = golden["input_ids"].to_dtype(DType::U32).unwrap();
@@ -76,20 +82,24 @@ fn transformers_logits_loss_and_gradients_of_qwen2_qwen3_mistral_and_phi3() {
 }
 
 /// What makes each family differ from a Llama is in effect: without it the logits move
-/// far beyond the tolerance above.
+/// far beyond the tolerance above (Qwen's biases zeroed and head norms set to ones, the
+/// window of Mistral and Phi-3 off, Mixtral's tokens sent to one expert instead of two),
+/// and Mixtral's loss without the router's load-balancing term is another loss.
 #[test]
 fn each_familys_own_setting_changes_the_logits() {
-    for (name, _) in FAMILIES {
+    for (name, family) in FAMILIES {
         let golden = candle_core::safetensors::load(dir(name).join("golden.safetensors"), &Device::Cpu).unwrap();
         let ids = golden["input_ids"].to_dtype(DType::U32).unwrap();
         let read = LlamaConfig::from_hf_file(&dir(name).join("config.json")).unwrap();
-        let without = LlamaConfig { sliding_window: None, ..read.clone() };
+        let mut without = LlamaConfig { sliding_window: None, ..read.clone() };
+        if let Some(moe) = &mut without.moe {
+            moe.top_k = 1;
+        }
         let tensors = candle_core::safetensors::load(dir(name).join("model.safetensors"), &Device::Cpu).unwrap();
         let logits = launch(LaunchOptions::new(1), |ctx| {
             let fsdp = wrapped(&without, ctx.comm.clone());
-            // Qwen's biases and norms zeroed (the rest loaded), or Mistral's window off.
             checkpoint::load_pretrained(&fsdp, &dir(name))?;
-            let zeroed: Vec<(String, Tensor)> = tensors
+            let neutral: Vec<(String, Tensor)> = tensors
                 .iter()
                 .filter(|(fqn, _)| fqn.ends_with("_proj.bias") || (fqn.contains("_norm.") && fqn.contains("self_attn")))
                 .map(|(fqn, t)| {
@@ -98,7 +108,7 @@ fn each_familys_own_setting_changes_the_logits() {
                 .collect();
             fsdp.summon_units(candle_fsdp::SummonOptions { writeback: true, ..Default::default() }, |_, params| {
                 for (fqn, value) in params {
-                    if let Some((_, replacement)) = zeroed.iter().find(|(f, _)| f == fqn) {
+                    if let Some((_, replacement)) = neutral.iter().find(|(f, _)| f == fqn) {
                         value.slice_set(replacement, 0, 0).unwrap();
                     }
                 }
@@ -108,6 +118,18 @@ fn each_familys_own_setting_changes_the_logits() {
         .unwrap();
         let moved = relative_error(&logits[0], &golden["logits"]);
         assert!(moved > 1e-2, "{name}: without its own setting the logits move by only {moved:.2e}");
+        if family == Family::Mixtral {
+            let mut no_aux = read.clone();
+            no_aux.moe.as_mut().unwrap().router_aux_loss_coef = None;
+            let loss = launch(LaunchOptions::new(1), |ctx| {
+                let fsdp = wrapped(&no_aux, ctx.comm.clone());
+                checkpoint::load_pretrained(&fsdp, &dir(name))?;
+                fsdp.forward_inference(|m| m.loss(&ids.i((.., ..9))?, &ids.i((.., 1..))?))
+            })
+            .unwrap();
+            let moved = relative_error(&loss[0].reshape(1).unwrap(), &golden["loss"]);
+            assert!(moved > 1e-3, "mixtral: the load-balancing loss moves the loss by only {moved:.2e}");
+        }
     }
 }
 
@@ -164,8 +186,86 @@ fn family_settings_not_computed_here_are_refused_by_key() {
         ("phi3", "embd_pdrop", "0.1"),
         ("phi3", "partial_rotary_factor", "0.5"),
         ("phi3", "rope_parameters", r#"{"rope_type": "longrope", "rope_theta": 10000.0}"#),
+        ("mixtral", "router_jitter_noise", "0.1"),
+        ("mixtral", "num_local_experts", "null"),
     ] {
         let error = LlamaConfig::from_hf_json(&with(name, key, value)).unwrap_err().to_string();
         assert!(error.contains(key), "{name} with `{key}: {value}`: the error `{error}` does not name it");
+    }
+}
+
+/// A Mixtral block under FSDP where the ranks route to disjoint experts (rank 0's tokens
+/// reach experts 0 and 1 only, rank 1's experts 2 and 3 only): every rank still reduces
+/// every expert (the unused ones with a zero gradient), and one SGD step equals one
+/// process's step on both ranks' tokens, gradients averaged.
+#[test]
+fn experts_no_token_of_a_rank_reaches_still_reduce_in_step() {
+    use candle_fsdp::models::moe::{MoeConfig, SparseMoe};
+    use candle_fsdp::optim::{SgdMomentum, SgdMomentumConfig};
+    use candle_fsdp::{Shardable, Unit};
+
+    #[derive(Debug, Shardable)]
+    struct Block {
+        moe: Unit<SparseMoe>,
+    }
+    impl Block {
+        fn loss(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            let y = self.moe.run_fn(x.clone(), |moe, x| moe.forward(&x).map(|(y, _)| y))?;
+            y.sqr()?.sum_all()
+        }
+    }
+    let config = MoeConfig { num_experts: 4, top_k: 2, router_aux_loss_coef: None };
+    let build = |var_map: &VarMap| -> SparseMoe {
+        let vb = VarBuilder::from_varmap(var_map, DType::F32, &Device::Cpu);
+        let init = candle_nn::Init::Randn { mean: 0.0, stdev: 0.3 };
+        SparseMoe::new(4, 6, &config, init, None, Kernels::Fused, vb).unwrap()
+    };
+    let var_map = VarMap::new();
+    build(&var_map);
+    // The router: experts 0 and 1 score high on positive inputs, 2 and 3 on negative ones.
+    let gate = Tensor::new(
+        &[[1f32, 1., 1., 1.], [0.5, 0.5, 0.5, 0.5], [-1., -1., -1., -1.], [-0.5, -0.5, -0.5, -0.5]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    var_map.data().lock().unwrap()["gate.weight"].set(&gate).unwrap();
+    let input = |rank: usize| {
+        let sign = if rank == 0 { 1.0 } else { -1.0 };
+        (fsdp_testkit::rand(7 + rank as u64, &[1, 5, 4]).affine(1.0, 0.1).unwrap() * sign).unwrap()
+    };
+    let sgd = SgdMomentumConfig { lr: 0.1, momentum: 0.0 };
+
+    // One process: both ranks' losses, gradients averaged.
+    let reference_map = VarMap::new();
+    let reference = Block { moe: Unit::new(build(&reference_map)) };
+    for (name, var) in var_map.data().lock().unwrap().iter() {
+        reference_map.data().lock().unwrap()[name].set(var.as_tensor()).unwrap();
+    }
+    let both = ((reference.loss(&input(0)).unwrap() + reference.loss(&input(1)).unwrap()).unwrap() / 2.0).unwrap();
+    let mut opt = SgdMomentum::new(reference_map.all_vars(), sgd).unwrap();
+    opt.step(&both.backward().unwrap()).unwrap();
+
+    let trained = launch(LaunchOptions::new(2), |ctx| {
+        let map = VarMap::new();
+        let moe = build(&map);
+        for (name, var) in var_map.data().lock().unwrap().iter() {
+            map.data().lock().unwrap()[name].set(var.as_tensor())?;
+        }
+        let fsdp = Fsdp::wrap(Block { moe: Unit::new(moe) }, ctx.comm.clone(), FsdpConfig::default())?;
+        let mut opt = SgdMomentum::new(fsdp.parameters(), sgd)?;
+        let loss = fsdp.forward(|m| m.loss(&input(ctx.rank)))?;
+        let grads = fsdp.backward(&loss)?;
+        assert_eq!(
+            fsdp.parameters().iter().filter(|v| grads.get(v.as_tensor()).is_some()).count(),
+            fsdp.parameters().len()
+        );
+        opt.step(&grads)?;
+        fsdp.full_parameters()
+    })
+    .unwrap();
+    let expected = reference_map.data().lock().unwrap();
+    for (fqn, value) in &trained[0] {
+        let fqn = fqn.strip_prefix("moe.").unwrap();
+        assert_close(value, expected[fqn].as_tensor(), &format!("`{fqn}` after one step"));
     }
 }

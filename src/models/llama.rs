@@ -26,6 +26,7 @@
 
 use super::hf_config::{HfConfig, HfObject};
 use super::lora::{LoraConfig, LoraLinear};
+use super::moe::{load_balancing_loss, MoeConfig, SparseMoe};
 use super::{affine, rms_norm, softmax_last_dim, Kernels};
 use crate::{Shardable, Unit};
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -78,6 +79,8 @@ pub struct LlamaConfig {
     pub qk_norm: bool,
     /// Each position attends to itself and the `sliding_window - 1` before it (Mistral's).
     pub sliding_window: Option<usize>,
+    /// Mixtral's sparse experts in place of the MLP.
+    pub moe: Option<MoeConfig>,
 }
 
 /// The Hugging Face architectures [`Llama`] computes: the same pre-norm decoder with
@@ -98,10 +101,13 @@ pub enum Family {
     /// `Phi3ForCausalLM`: q, k and v in one projection (`qkv_proj`), gate and up in one
     /// (`gate_up_proj`), and Mistral's window.
     Phi3,
+    /// `MixtralForCausalLM`: Mistral with sparse experts in place of the MLP.
+    Mixtral,
 }
 
 impl Family {
-    const ALL: [Family; 5] = [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Mistral, Family::Phi3];
+    const ALL: [Family; 6] =
+        [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Mistral, Family::Phi3, Family::Mixtral];
 
     /// The `model_type` of its `config.json`.
     pub fn model_type(self) -> &'static str {
@@ -111,6 +117,7 @@ impl Family {
             Family::Qwen3 => "qwen3",
             Family::Mistral => "mistral",
             Family::Phi3 => "phi3",
+            Family::Mixtral => "mixtral",
         }
     }
 
@@ -122,6 +129,7 @@ impl Family {
             Family::Qwen3 => "Qwen3ForCausalLM",
             Family::Mistral => "MistralForCausalLM",
             Family::Phi3 => "Phi3ForCausalLM",
+            Family::Mixtral => "MixtralForCausalLM",
         }
     }
 }
@@ -242,6 +250,7 @@ impl Default for LlamaConfig {
             qkv_bias: false,
             qk_norm: false,
             sliding_window: None,
+            moe: None,
         }
     }
 }
@@ -268,7 +277,10 @@ impl LlamaConfig {
             None => Family::Llama,
             Some(kind) => match Family::ALL.into_iter().find(|f| f.model_type() == kind) {
                 Some(family) => family,
-                None => return hf.refuse(format!("`model_type` is `{kind}` (llama, qwen2, qwen3, mistral or phi3)")),
+                None => {
+                    return hf
+                        .refuse(format!("`model_type` is `{kind}` (llama, qwen2, qwen3, mistral, phi3 or mixtral)"))
+                }
             },
         };
         if let Some(architectures) = hf.take("architectures") {
@@ -297,7 +309,7 @@ impl LlamaConfig {
                 Some(_) => return hf.refuse("`sliding_window` is set".into()),
                 None => None,
             },
-            Family::Mistral => hf.usize("sliding_window")?,
+            Family::Mistral | Family::Mixtral => hf.usize("sliding_window")?,
             Family::Phi3 => {
                 for dropout in ["embd_pdrop", "resid_pdrop"] {
                     if let Some(p) = hf.f64(dropout)?.filter(|&p| p != 0.0) {
@@ -316,6 +328,22 @@ impl LlamaConfig {
                 hf.usize("max_window_layers")?;
                 None
             }
+        };
+        let moe = match family {
+            Family::Mixtral => {
+                if let Some(noise) = hf.f64("router_jitter_noise")?.filter(|&n| n != 0.0) {
+                    return hf
+                        .refuse(format!("`router_jitter_noise` is {noise} (the router takes its inputs as they are)"));
+                }
+                let coef = hf.f64("router_aux_loss_coef")?.unwrap_or(0.001);
+                let with_aux_loss = hf.bool("output_router_logits")?.unwrap_or(false);
+                Some(MoeConfig {
+                    num_experts: hf.required_usize("num_local_experts")?,
+                    top_k: hf.usize("num_experts_per_tok")?.unwrap_or(2),
+                    router_aux_loss_coef: with_aux_loss.then_some(coef),
+                })
+            }
+            _ => None,
         };
         if let Some(Value::Array(kinds)) = hf.take("layer_types") {
             let computed = if sliding_window.is_some() { "sliding_attention" } else { "full_attention" };
@@ -350,6 +378,7 @@ impl LlamaConfig {
             qkv_bias: family == Family::Qwen2,
             qk_norm: family == Family::Qwen3,
             sliding_window,
+            moe,
         };
         hf.finish()?;
         config.validate()?;
@@ -390,6 +419,15 @@ impl LlamaConfig {
                 json["use_sliding_window"] = false.into();
             }
             Family::Mistral | Family::Phi3 => json["sliding_window"] = self.sliding_window.into(),
+            Family::Mixtral => {
+                json["sliding_window"] = self.sliding_window.into();
+                if let Some(moe) = &self.moe {
+                    json["num_local_experts"] = moe.num_experts.into();
+                    json["num_experts_per_tok"] = moe.top_k.into();
+                    json["output_router_logits"] = moe.router_aux_loss_coef.is_some().into();
+                    json["router_aux_loss_coef"] = moe.router_aux_loss_coef.unwrap_or(0.001).into();
+                }
+            }
         }
         // Both rotary layouts, which agree: transformers 4 (and candle-transformers) read
         // the top-level keys, transformers 5 `rope_parameters`.
@@ -744,12 +782,14 @@ impl Module for LlamaMlp {
 /// The fields are declared in Hugging Face's registration order (the state-dict order);
 /// `forward_order` records the order the forward uses them.
 #[derive(Clone, Debug, Shardable)]
-#[fsdp(forward_order(input_layernorm, self_attn, post_attention_layernorm, mlp))]
+#[fsdp(forward_order(input_layernorm, self_attn, post_attention_layernorm, mlp, block_sparse_moe))]
 pub struct LlamaDecoderLayer {
     /// The self-attention.
     pub self_attn: LlamaAttention,
-    /// The gated MLP.
-    pub mlp: LlamaMlp,
+    /// The gated MLP (not in Mixtral).
+    pub mlp: Option<LlamaMlp>,
+    /// Mixtral's experts, in place of the MLP.
+    pub block_sparse_moe: Option<SparseMoe>,
     /// The RMSNorm before the attention.
     pub input_layernorm: RmsNorm,
     /// The RMSNorm before the MLP.
@@ -762,21 +802,43 @@ pub struct LlamaDecoderLayer {
 impl LlamaDecoderLayer {
     /// One decoder layer, its parameters under `vb` with the Hugging Face names.
     pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        let (hidden, inter) = (config.hidden_size, config.intermediate_size);
+        let experts = |moe: &MoeConfig| {
+            let vb = vb.pp("block_sparse_moe");
+            SparseMoe::new(hidden, inter, moe, config.init(), config.lora.as_ref(), config.kernels, vb)
+        };
         Ok(Self {
             self_attn: LlamaAttention::new(config, vb.pp("self_attn"))?,
-            mlp: LlamaMlp::new(config, vb.pp("mlp"))?,
+            mlp: config.moe.is_none().then(|| LlamaMlp::new(config, vb.pp("mlp"))).transpose()?,
+            block_sparse_moe: config.moe.as_ref().map(experts).transpose()?,
             input_layernorm: config.norm(vb.pp("input_layernorm"))?,
             post_attention_layernorm: config.norm(vb.pp("post_attention_layernorm"))?,
             kernels: config.kernels,
         })
     }
 
-    /// `x` `(batch, seq, hidden)` to `(batch, seq, hidden)`.
-    pub fn forward(&self, x: &Tensor, rotary: &RotaryEmbedding, mask: &Tensor) -> Result<Tensor> {
+    /// `x` `(batch, seq, hidden)` to `(batch, seq, hidden)`, and with experts the router's
+    /// logits `(batch · seq, num_experts)`.
+    pub fn forward(&self, x: &Tensor, rotary: &RotaryEmbedding, mask: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         let h = self.self_attn.forward(&norm(self.kernels, &self.input_layernorm, x)?, rotary, mask)?;
         let x = (x + h)?;
-        let h = self.mlp.forward(&norm(self.kernels, &self.post_attention_layernorm, &x)?)?;
-        x + h
+        let normed = norm(self.kernels, &self.post_attention_layernorm, &x)?;
+        let (h, router_logits) = match (&self.mlp, &self.block_sparse_moe) {
+            (Some(mlp), None) => (mlp.forward(&normed)?, None),
+            (None, Some(moe)) => {
+                let (h, logits) = moe.forward(&normed)?;
+                (h, Some(logits))
+            }
+            _ => candle_core::bail!("LlamaDecoderLayer: either an MLP or experts"),
+        };
+        Ok(((x + h)?, router_logits))
+    }
+
+    /// Its projections, for the check that LoRA targets something.
+    fn projections(&self) -> impl Iterator<Item = &LoraLinear> {
+        let mlp = self.mlp.iter().flat_map(|m| m.projections());
+        let experts = self.block_sparse_moe.iter().flat_map(|m| m.projections());
+        self.self_attn.projections().chain(mlp).chain(experts)
     }
 }
 
@@ -827,7 +889,7 @@ impl Llama {
             .map(|i| LlamaDecoderLayer::new(config, model.pp("layers").pp(i)))
             .collect::<Result<_>>()?;
         if let Some(lora) = &config.lora {
-            let mut projections = layers.iter().flat_map(|l| l.self_attn.projections().chain(l.mlp.projections()));
+            let mut projections = layers.iter().flat_map(|l| l.projections());
             if !projections.any(|p| p.lora_a.is_some()) {
                 candle_core::bail!(
                     "LoRA: the target modules {:?} name none of this model's projections",
@@ -848,7 +910,7 @@ impl Llama {
 
     /// `input_ids` `(batch, seq)` (u32) to logits `(batch, seq, vocab_size)`.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let x = self.hidden_states(input_ids)?;
+        let (x, _) = self.hidden_states(input_ids)?;
         self.lm_head.forward(&norm(self.config.kernels, &self.norm, &x)?)
     }
 
@@ -856,21 +918,34 @@ impl Llama {
     /// `(batch, seq)` (u32): the loss of [`Llama::forward`]'s logits. With the fused
     /// kernels the output projection and the loss are one op, so the
     /// `batch · seq × vocab_size` logits never exist whole.
+    ///
+    /// With Mixtral's experts and `router_aux_loss_coef`, the router's load-balancing loss
+    /// over every layer, times the coefficient, is added (as `MixtralForCausalLM` does with
+    /// `output_router_logits`).
     pub fn loss(&self, input_ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        let x = norm(self.config.kernels, &self.norm, &self.hidden_states(input_ids)?)?;
+        let (hidden_states, router_logits) = self.hidden_states(input_ids)?;
+        let x = norm(self.config.kernels, &self.norm, &hidden_states)?;
         let (b, s, hidden) = x.dims3()?;
         let (x, targets) = (x.reshape((b * s, hidden))?, targets.reshape(b * s)?);
-        match self.config.kernels {
-            Kernels::Fused => crate::ops::linear_cross_entropy(&x, &self.lm_head.weight, &targets),
+        let loss = match self.config.kernels {
+            Kernels::Fused => crate::ops::linear_cross_entropy(&x, &self.lm_head.weight, &targets)?,
             Kernels::Composed => {
                 let log_probs = super::log_softmax_last_dim(&self.lm_head.forward(&x)?)?;
-                log_probs.gather(&targets.unsqueeze(1)?, 1)?.mean_all()?.neg()
+                log_probs.gather(&targets.unsqueeze(1)?, 1)?.mean_all()?.neg()?
             }
+        };
+        match &self.config.moe {
+            Some(MoeConfig { router_aux_loss_coef: Some(coef), top_k, .. }) => {
+                let aux = (load_balancing_loss(&router_logits, *top_k)? * *coef)?.to_dtype(loss.dtype())?;
+                loss + aux
+            }
+            _ => Ok(loss),
         }
     }
 
-    /// The last decoder layer's output, `(batch, seq, hidden_size)`.
-    fn hidden_states(&self, input_ids: &Tensor) -> Result<Tensor> {
+    /// The last decoder layer's output, `(batch, seq, hidden_size)`, and with experts each
+    /// layer's router logits.
+    fn hidden_states(&self, input_ids: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
         let (_, seq) = input_ids.dims2()?;
         if seq > self.config.max_position_embeddings {
             candle_core::bail!(
@@ -887,14 +962,18 @@ impl Llama {
             _ => causal_mask(seq, window, x.dtype(), x.device())?,
         };
         let (cos, sin) = (&self.rotary.cos, &self.rotary.sin);
+        let mut router_logits = Vec::new();
         for layer in &self.layers {
             // Everything the layer reads comes in as an input, so that a checkpointed layer
             // can run its forward again in backward.
-            x = layer.run_fn((x, mask.clone(), cos.clone(), sin.clone()), |layer, (x, mask, cos, sin)| {
-                layer.forward(&x, &RotaryEmbedding { cos, sin }, &mask)
-            })?;
+            let (out, logits) = layer
+                .run_fn((x, mask.clone(), cos.clone(), sin.clone()), |layer, (x, mask, cos, sin)| {
+                    layer.forward(&x, &RotaryEmbedding { cos, sin }, &mask)
+                })?;
+            x = out;
+            router_logits.extend(logits);
         }
-        Ok(x)
+        Ok((x, router_logits))
     }
 }
 

@@ -37,6 +37,7 @@ pub mod gpt;
 mod hf_config;
 pub mod llama;
 pub mod lora;
+pub mod moe;
 pub mod peft;
 pub mod transformer;
 

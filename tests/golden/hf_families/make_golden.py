@@ -5,7 +5,8 @@ attention), the `loss` (mean next-token cross-entropy of `input_ids[:, :-1]` aga
 `input_ids[:, 1:]`) and its gradients for a few parameters (`grad.<FQN>`). Each family's
 own settings are switched on: Qwen2's q/k/v biases, Qwen3's per-head q/k norms with an
 explicit head dimension, Mistral's sliding window shorter than the sequence, Phi-3's fused
-q/k/v and gate/up projections with a window too. Run with
+q/k/v and gate/up projections with a window too, Mixtral's sparse experts (4, top 2) with
+the router's load-balancing loss in the loss. Run with
 torch and transformers:
 
     pip install torch transformers; python tests/golden/hf_families/make_golden.py
@@ -17,8 +18,8 @@ import shutil
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import (MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Phi3Config,
+                          Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -34,7 +35,29 @@ CASES = [
      ["model.layers.0.self_attn.v_proj.weight", "model.layers.1.mlp.gate_proj.weight"]),
     ("phi3", Phi3Config(**SIZES, sliding_window=6, pad_token_id=0, eos_token_id=2), Phi3ForCausalLM,
      ["model.layers.0.self_attn.qkv_proj.weight", "model.layers.1.mlp.gate_up_proj.weight"]),
+    ("mixtral", MixtralConfig(**SIZES, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                              router_aux_loss_coef=0.05), MixtralForCausalLM,
+     ["model.layers.0.block_sparse_moe.gate.weight", "model.layers.1.block_sparse_moe.experts.2.w1.weight",
+      "model.layers.1.block_sparse_moe.experts.2.w2.weight", "model.layers.0.block_sparse_moe.experts.0.w3.weight"]),
 ]
+
+
+def grad_of(named, fqn):
+    """The gradient of `fqn` as transformers saves it: Mixtral's experts are one 3-D
+    tensor in memory (`mlp.experts.gate_up_proj`, gate then up; `mlp.experts.down_proj`)
+    and per expert in the file (`block_sparse_moe.experts.{e}.w1`, `w3`, `w2`)."""
+    if ".block_sparse_moe." not in fqn:
+        return named[fqn].grad
+    layer, rest = fqn.split(".block_sparse_moe.")
+    if rest == "gate.weight":
+        return named[layer + ".mlp.gate.weight"].grad
+    _, expert, which, _ = rest.split(".")
+    expert = int(expert)
+    if which == "w2":
+        return named[layer + ".mlp.experts.down_proj"].grad[expert]
+    gate_up = named[layer + ".mlp.experts.gate_up_proj"].grad[expert]
+    half = gate_up.shape[0] // 2
+    return gate_up[:half] if which == "w1" else gate_up[half:]
 
 for seed, (folder, config, cls, grads) in enumerate(CASES):
     torch.manual_seed(seed)
@@ -53,12 +76,15 @@ for seed, (folder, config, cls, grads) in enumerate(CASES):
     input_ids = torch.randint(0, SIZES["vocab_size"], (2, 10), generator=generator)
     with torch.no_grad():
         logits = model(input_ids).logits.float().contiguous()
-    short = model(input_ids[:, :-1]).logits
-    loss = torch.nn.functional.cross_entropy(short.reshape(-1, SIZES["vocab_size"]), input_ids[:, 1:].reshape(-1))
+    short = model(input_ids[:, :-1])
+    loss = torch.nn.functional.cross_entropy(short.logits.reshape(-1, SIZES["vocab_size"]), input_ids[:, 1:].reshape(-1))
+    if getattr(short, "aux_loss", None) is not None:
+        # Mixtral's router load-balancing loss, as MixtralForCausalLM adds it.
+        loss = loss + config.router_aux_loss_coef * short.aux_loss
     loss.backward()
     named = dict(model.named_parameters())
     golden = {"input_ids": input_ids, "logits": logits, "loss": loss.detach().reshape(1)}
     for fqn in grads:
-        golden["grad." + fqn] = named[fqn].grad.contiguous()
+        golden["grad." + fqn] = grad_of(named, fqn).contiguous()
     save_file(golden, os.path.join(path, "golden.safetensors"))
     print(f"{folder}: transformers {transformers.__version__}, loss {loss.item():.5f}, logits up to {logits.abs().max():.3f}")
