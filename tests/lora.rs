@@ -239,3 +239,40 @@ fn adapter_settings_not_computed_here_are_refused_by_key() {
         "{error}"
     );
 }
+
+/// On a bf16 base the adapters are f32 (PEFT's `autocast_adapter_dtype`), so one unit
+/// holds both dtypes: the golden logits within bf16's rounding, two steps at world 2 that
+/// move the f32 adapters and leave every bf16 base value as loaded.
+#[test]
+fn adapters_on_a_bf16_base_are_f32_and_train_beside_it() {
+    let config = adapted_config(Kernels::Fused);
+    let golden = golden();
+    let ids = golden["input_ids"].to_dtype(DType::U32).unwrap();
+    launch(LaunchOptions::new(2), |ctx| {
+        let model = Llama::new(&config, VarBuilder::from_varmap(&VarMap::new(), DType::BF16, &Device::Cpu))?;
+        let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default().freeze(LoraConfig::FROZEN))?;
+        checkpoint::load_pretrained_part(&fsdp, &golden_dir().join("base"), &|f| !peft::is_adapter(f), &|f| {
+            f.to_string()
+        })?;
+        peft::load_adapters(&fsdp, &golden_dir().join("adapter"))?;
+        assert!(fsdp.named_parameters().iter().all(|(_, v)| v.dtype() == DType::F32));
+        assert!(fsdp.named_frozen_parameters().iter().all(|(_, t)| t.dtype() == DType::BF16));
+        let logits = fsdp.forward_inference(|m| m.forward(&ids))?.to_dtype(DType::F32)?;
+        let error = max_relative(&logits, &golden["logits"]);
+        assert!(error < 3e-2, "bf16 logits off by {error:.2e} of the largest");
+        let before = fsdp.full_parameters()?;
+        let mut optimizer = AdamW::new(fsdp.parameters(), ParamsAdamW { lr: 1e-2, ..Default::default() })?;
+        let rows = ids.i(ctx.rank..ctx.rank + 1)?;
+        for _ in 0..2 {
+            let loss = fsdp.forward(|m| m.loss(&rows.i((.., ..9))?, &rows.i((.., 1..))?))?;
+            optimizer.step(&fsdp.backward(&loss)?)?;
+        }
+        for ((fqn, old), (_, new)) in before.iter().zip(fsdp.full_parameters()?) {
+            let same =
+                (old.to_dtype(DType::F32)? - new.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0;
+            assert_eq!(same, !peft::is_adapter(fqn), "`{fqn}` ({:?})", new.dtype());
+        }
+        Ok(())
+    })
+    .unwrap();
+}

@@ -10,7 +10,7 @@
 
 use super::{affine, Kernels};
 use crate::Shardable;
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 /// Which linear layers get adapters, of what rank and scale (PEFT's `LoraConfig`).
@@ -79,7 +79,7 @@ impl LoraLinear {
     /// The layer `in_dim → out_dim` under `vb` (its weight drawn from `init`, a bias
     /// starting at zero if `bias`), with adapters when `lora` targets `vb`'s prefix:
     /// `lora_A` drawn as PEFT draws it (as `nn.Linear` does, uniform in `±1/√in_dim`),
-    /// `lora_B` zero, so a fresh adapter changes nothing.
+    /// `lora_B` zero, so a fresh adapter changes nothing; f32 on an f16 or bf16 base.
     pub fn new(
         in_dim: usize,
         out_dim: usize,
@@ -98,22 +98,16 @@ impl LoraLinear {
             candle_core::bail!("LoRA: the rank of the adapters on `{}` is 0", vb.prefix())
         }
         let bound = 1.0 / (in_dim as f64).sqrt();
-        let a = vb.pp("lora_A").get_with_hints((lora.r, in_dim), "weight", Init::Uniform { lo: -bound, up: bound })?;
-        let b = vb.pp("lora_B").get_with_hints((out_dim, lora.r), "weight", Init::Const(0.0))?;
+        // On a half-precision base the adapters are f32, as PEFT keeps them
+        // (`autocast_adapter_dtype`): their small updates would round away in bf16.
+        let dtype = match vb.dtype() {
+            DType::F16 | DType::BF16 => DType::F32,
+            other => other,
+        };
+        let uniform = Init::Uniform { lo: -bound, up: bound };
+        let a = vb.pp("lora_A").get_with_hints_dtype((lora.r, in_dim), "weight", uniform, dtype)?;
+        let b = vb.pp("lora_B").get_with_hints_dtype((out_dim, lora.r), "weight", Init::Const(0.0), dtype)?;
         Ok(Self { weight, bias, lora_a: Some(a), lora_b: Some(b), scale: lora.scale(), kernels })
-    }
-
-    /// The weight with the update folded in, `W + scale · B A` (PEFT's merge), or the
-    /// weight itself without adapters.
-    pub fn merged_weight(&self) -> Result<Tensor> {
-        match self.adapters()? {
-            None => Ok(self.weight.clone()),
-            Some((a, b)) => {
-                let update =
-                    (b.to_dtype(candle_core::DType::F32)?.matmul(&a.to_dtype(candle_core::DType::F32)?)? * self.scale)?;
-                (self.weight.to_dtype(candle_core::DType::F32)? + update)?.to_dtype(self.weight.dtype())
-            }
-        }
     }
 
     fn adapters(&self) -> Result<Option<(&Tensor, &Tensor)>> {
