@@ -322,10 +322,11 @@ fn a_pattern_that_freezes_nothing_and_a_hook_on_a_frozen_parameter_are_refused()
     .unwrap();
 }
 
-/// LoRA's shape: a bf16 base weight, frozen, and an f32 low-rank update, trained, in one
-/// unit: `base(x) + 2 up(down(x))`.
+/// LoRA's shape: a bf16 base weight, frozen (declared on the model), and an f32 low-rank
+/// update, trained, in one unit: `base(x) + 2 up(down(x))`.
 #[derive(Debug, candle_fsdp::Shardable)]
 struct AdaptedLinear {
+    #[fsdp(frozen)]
     base: candle_nn::Linear,
     down: candle_nn::Linear,
     up: candle_nn::Linear,
@@ -394,9 +395,10 @@ fn adapted_input(rank: usize) -> Tensor {
     fsdp_testkit::rand(50 + rank as u64, &[3, ADAPTED_DIM])
 }
 
-/// One unit holding a frozen bf16 base and trained f32 adapters: each dtype is gathered
-/// in a collective of its own (so the adapters keep every f32 bit) and only the adapters
-/// are reduced, against plain candle training the adapters and the head.
+/// One unit holding a frozen bf16 base (frozen by the model's `#[fsdp(frozen)]`) and
+/// trained f32 adapters: each dtype is gathered in a collective of its own (so the
+/// adapters keep every f32 bit) and only the adapters are reduced, against plain candle
+/// training the adapters and the head.
 #[test]
 fn a_unit_mixing_a_frozen_bf16_base_and_trained_f32_adapters() {
     let initial_bases: Vec<Tensor> =
@@ -424,7 +426,7 @@ fn a_unit_mixing_a_frozen_bf16_base_and_trained_f32_adapters() {
             let what = format!("world {world}, {}", strategy.name());
             let runs = launch(LaunchOptions::new(world), |ctx| {
                 let counting = Arc::new(FaultyCollectives::new(ctx.comm.clone(), Fault::None));
-                let config = FsdpConfig::default().strategy(strategy).freeze(["layers.*.base.weight"]);
+                let config = FsdpConfig::default().strategy(strategy);
                 let fsdp = Fsdp::wrap(AdaptedStack::new(false).0, counting.clone(), config)?;
                 let mut opt = SgdMomentum::new(fsdp.parameters(), OPTIMIZER)?;
                 let mut losses = Vec::new();
@@ -472,4 +474,23 @@ fn a_unit_mixing_a_frozen_bf16_base_and_trained_f32_adapters() {
             }
         }
     }
+}
+
+/// A parameter declared frozen on the model is frozen without a pattern, and a `!`
+/// pattern keeps one trained after all.
+#[test]
+fn frozen_declared_on_the_model_and_patterns_on_top_of_it() {
+    let (model, _) = AdaptedStack::new(false);
+    let layout = candle_fsdp::model::Layout::of(&model).unwrap();
+    let frozen = |patterns: &[&str]| -> Vec<String> {
+        let patterns: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
+        let flags = layout.frozen_params(&patterns).unwrap();
+        layout.params.iter().zip(flags).filter(|(_, f)| *f).map(|(p, _)| p.fqn.clone()).collect()
+    };
+    assert_eq!(frozen(&[]), ["layers.0.base.weight", "layers.1.base.weight", "layers.2.base.weight"]);
+    assert_eq!(frozen(&["!layers.1.base.weight"]), ["layers.0.base.weight", "layers.2.base.weight"]);
+    assert_eq!(
+        frozen(&["head.*"]),
+        ["layers.0.base.weight", "layers.1.base.weight", "layers.2.base.weight", "head.weight"]
+    );
 }

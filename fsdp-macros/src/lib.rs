@@ -22,7 +22,8 @@ use syn::{parse_macro_input, DeriveInput};
 /// - on the struct: `rename = "prefix"`, `buffer`, `forward_order(field, ...)`,
 ///   `crate = "path"`;
 /// - on a field: `rename = "name"` (dot-separated segments allowed), `skip`, `buffer`,
-///   `checkpoint` (the units below it that hold no other unit checkpoint their activations).
+///   `checkpoint` (the units below it that hold no other unit checkpoint their activations),
+///   `frozen` (the parameters below it are not trained).
 #[proc_macro_derive(Shardable, attributes(fsdp))]
 pub fn derive_shardable(input: TokenStream) -> TokenStream {
     shardable::derive(&parse_macro_input!(input as DeriveInput)).into()

@@ -78,12 +78,19 @@ fn expand(cont: &Container, krate: &TokenStream) -> TokenStream {
         } else {
             (quote!(), quote!())
         };
+        let (enter_frozen, leave_frozen) = if field.attrs.frozen.is_some() {
+            (quote!(visitor.enter_frozen();), quote!(visitor.leave_frozen();))
+        } else {
+            (quote!(), quote!())
+        };
         quote! {
             #index => {
                 visitor.enter(#name);
                 #enter_buffer
                 #enter_checkpointed
+                #enter_frozen
                 #visit(&self.#member, visitor, order);
+                #leave_frozen
                 #leave_checkpointed
                 #leave_buffer
                 visitor.leave();

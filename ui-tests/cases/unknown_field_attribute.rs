@@ -4,7 +4,7 @@ use candle_nn::Linear;
 
 #[derive(Shardable)]
 struct Model {
-    #[fsdp(frozen)]
+    #[fsdp(trainable)]
     proj: Linear,
 }
 

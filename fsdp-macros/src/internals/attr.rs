@@ -3,10 +3,11 @@
 //! Container: `rename = "prefix"` (a prefix for every field's name), `buffer` (every
 //! tensor is a buffer), `forward_order(a, b, ...)`, `crate = "path"`.
 //! Field: `rename = "name"` (may hold several dot-separated segments), `skip`, `buffer`,
+//! `frozen` (every parameter below is not trained),
 //! `checkpoint` (the units below it that hold no other unit checkpoint their activations).
 //! `#[derive(Activations)]` container: `crate = "path"` only.
 
-use super::symbol::{Symbol, BUFFER, CHECKPOINT, CRATE, FORWARD_ORDER, FSDP, RENAME, SKIP};
+use super::symbol::{Symbol, BUFFER, CHECKPOINT, CRATE, FORWARD_ORDER, FROZEN, FSDP, RENAME, SKIP};
 use super::Ctxt;
 use proc_macro2::{Span, TokenStream};
 use quote::quote;
@@ -55,6 +56,8 @@ pub struct Field {
     pub buffer: bool,
     /// Where `checkpoint` was written, when it was.
     pub checkpoint: Option<Span>,
+    /// `frozen`: every parameter below is frozen (not trained).
+    pub frozen: Option<Span>,
 }
 
 impl Container {
@@ -141,6 +144,7 @@ impl Field {
         let mut skip = Once::new(SKIP);
         let mut buffer = Once::new(BUFFER);
         let mut checkpoint = Once::new(CHECKPOINT);
+        let mut frozen = Once::new(FROZEN);
         for_each_fsdp_meta(cx, &field.attrs, |meta| {
             if meta.path == RENAME {
                 if let Some(name) = parse_name(cx, &meta)? {
@@ -152,6 +156,8 @@ impl Field {
                 buffer.set(cx, &meta, ());
             } else if meta.path == CHECKPOINT {
                 checkpoint.set(cx, &meta, meta.path.span());
+            } else if meta.path == FROZEN {
+                frozen.set(cx, &meta, meta.path.span());
             } else if meta.path == FORWARD_ORDER || meta.path == CRATE {
                 let name = meta.path.get_ident().map(|i| i.to_string()).unwrap_or_default();
                 cx.error_spanned_by(&meta.path, format!("`{name}` is a container attribute; put it on the struct"));
@@ -164,7 +170,7 @@ impl Field {
                     let _: proc_macro2::TokenStream = _content.parse()?;
                 }
             } else {
-                unknown(cx, &meta, &[RENAME, SKIP, BUFFER, CHECKPOINT]);
+                unknown(cx, &meta, &[RENAME, SKIP, BUFFER, CHECKPOINT, FROZEN]);
             }
             Ok(())
         });
@@ -173,6 +179,7 @@ impl Field {
             skip: skip.value.is_some(),
             buffer: buffer.value.is_some(),
             checkpoint: checkpoint.value,
+            frozen: frozen.value,
         }
     }
 }

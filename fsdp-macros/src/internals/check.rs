@@ -37,11 +37,16 @@ fn check_field(cx: &Ctxt, field: &Field) {
         if attrs.buffer {
             cx.error_spanned_by(&field.member, "a field cannot be both `skip` and `buffer`");
         }
+        if let Some(span) = attrs.frozen {
+            cx.syn_error(syn::Error::new(span, "a skipped field holds no parameters to freeze"));
+        }
         if let Some(name) = &attrs.rename {
             cx.syn_error(syn::Error::new(name.span, "a skipped field has no name to rename"));
         }
-    } else if field.is_primitive() && (attrs.buffer || attrs.rename.is_some()) {
-        cx.error_spanned_by(field.ty, "a primitive field holds no tensors: it cannot be a buffer or be renamed");
+    } else if field.is_primitive() && (attrs.buffer || attrs.rename.is_some() || attrs.frozen.is_some()) {
+        cx.error_spanned_by(field.ty, "a primitive field holds no tensors: it cannot be a buffer, frozen or renamed");
+    } else if let (true, Some(span)) = (attrs.buffer, attrs.frozen) {
+        cx.syn_error(syn::Error::new(span, "a buffer is never trained: `frozen` says nothing more"));
     }
 }
 

@@ -12,6 +12,7 @@ pub const RENAME: Symbol = Symbol("rename");
 pub const SKIP: Symbol = Symbol("skip");
 pub const BUFFER: Symbol = Symbol("buffer");
 pub const CHECKPOINT: Symbol = Symbol("checkpoint");
+pub const FROZEN: Symbol = Symbol("frozen");
 pub const FORWARD_ORDER: Symbol = Symbol("forward_order");
 pub const CRATE: Symbol = Symbol("crate");
 

@@ -289,7 +289,7 @@ fn plan_files<M>(fsdp: &Fsdp<M>, options: &ExportOptions) -> Result<(Vec<Exporte
     }
     if !options.tensors.is_empty() {
         let candidates: Vec<Vec<&str>> = planned.iter().map(|(fqn, _, _)| vec![fqn.as_str()]).collect();
-        let selected = select(&options.tensors, &candidates).map_err(|pattern| {
+        let selected = select(&options.tensors, &candidates, vec![false; candidates.len()]).map_err(|pattern| {
             Error::Config(ConfigError::PatternMatchesNothing { pattern, selecting: "the tensors of an export" })
         })?;
         let mut keep = selected.into_iter();

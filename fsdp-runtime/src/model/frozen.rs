@@ -7,11 +7,12 @@ use crate::error::{ConfigError, Error, Result};
 use crate::fqn_patterns::select;
 
 impl Layout {
-    /// For each of [`Layout::params`], whether `patterns` freeze it (see
-    /// [`crate::FsdpConfig::frozen`]). A pattern matches a trained parameter by its FQN or
-    /// by the FQN of a tie to it (a tied parameter is one tensor, frozen at every FQN);
-    /// buffers are never trained and are not matched. A pattern that matches no trained
-    /// parameter is refused, naming it.
+    /// For each of [`Layout::params`], whether it is frozen: declared so on the model
+    /// (`#[fsdp(frozen)]`), then as `patterns` say (see [`crate::FsdpConfig::frozen`]; a
+    /// `!` pattern can keep a declared one trained). A pattern matches a trained parameter
+    /// by its FQN or by the FQN of a tie to it (a tied parameter is one tensor, frozen at
+    /// every FQN); buffers are never trained and are not matched. A pattern that matches
+    /// no trained parameter is refused, naming it.
     pub fn frozen_params(&self, patterns: &[String]) -> Result<Vec<bool>> {
         let candidates: Vec<Vec<&str>> = (0..self.params.len())
             .map(|index| {
@@ -22,7 +23,8 @@ impl Layout {
                 std::iter::once(self.params[index].fqn.as_str()).chain(tied).collect()
             })
             .collect();
-        select(patterns, &candidates).map_err(|pattern| {
+        let declared = self.params.iter().map(|p| p.frozen).collect();
+        select(patterns, &candidates, declared).map_err(|pattern| {
             Error::Config(ConfigError::PatternMatchesNothing { pattern, selecting: "frozen parameters" })
         })
     }

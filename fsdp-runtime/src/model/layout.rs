@@ -25,6 +25,9 @@ pub struct ParamInfo {
     pub unit: usize,
     /// Trained parameter or buffer (every tensor below a `buffer` field is a buffer).
     pub role: Role,
+    /// Declared frozen on the model (below a `#[fsdp(frozen)]` field); see
+    /// [`Layout::frozen_params`] for what else freezes it.
+    pub frozen: bool,
     /// The tensor the built model holds.
     pub tensor: Tensor,
 }
@@ -192,6 +195,7 @@ struct Collector {
     buffer_depth: usize,
     /// How many `#[fsdp(checkpoint)]` fields enclose the current position.
     checkpoint_depth: usize,
+    frozen_depth: usize,
     params: Vec<ParamInfo>,
     units: Vec<UnitInfo>,
     ties: Vec<Tie>,
@@ -222,6 +226,7 @@ impl Collector {
                 checkpoint: false,
             }],
             checkpoint_depth: 0,
+            frozen_depth: 0,
             ties: Vec::new(),
             by_tensor: HashMap::new(),
             by_cell: HashMap::new(),
@@ -298,6 +303,14 @@ impl Visitor for Collector {
         self.checkpoint_depth -= 1;
     }
 
+    fn enter_frozen(&mut self) {
+        self.frozen_depth += 1;
+    }
+
+    fn leave_frozen(&mut self) {
+        self.frozen_depth -= 1;
+    }
+
     fn tensor(&mut self, tensor: &Tensor, role: Role) {
         let fqn = self.path.join(".");
         let unit = self.current_unit();
@@ -328,7 +341,8 @@ impl Visitor for Collector {
         debug_assert_eq!(role, self.table.params[template].role, "visit and table disagree on {fqn}");
         self.by_tensor.insert(tensor.id(), self.params.len());
         self.units[unit].params.push(self.params.len());
-        self.params.push(ParamInfo { fqn, template, unit, role, tensor: tensor.clone() });
+        let frozen = self.frozen_depth > 0 && role == Role::Parameter;
+        self.params.push(ParamInfo { fqn, template, unit, role, frozen, tensor: tensor.clone() });
     }
 }
 

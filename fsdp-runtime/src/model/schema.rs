@@ -122,6 +122,11 @@ pub trait Visitor {
     fn enter_checkpointed(&mut self) {}
     /// Leaving the innermost region [`Visitor::enter_checkpointed`] opened.
     fn leave_checkpointed(&mut self) {}
+    /// Every parameter until the matching [`Visitor::leave_frozen`] is declared frozen
+    /// (`#[fsdp(frozen)]` on the field above it).
+    fn enter_frozen(&mut self) {}
+    /// Leaving the innermost region [`Visitor::enter_frozen`] opened.
+    fn leave_frozen(&mut self) {}
 }
 
 /// Whether `node` holds an FSDP unit anywhere below it (what `#[fsdp(checkpoint)]` needs).
