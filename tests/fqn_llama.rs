@@ -37,8 +37,8 @@ fn static_table_is_the_hugging_face_name_list() {
     let names: Vec<String> = table.params.iter().map(|p| p.fqn.to_string()).collect();
     // Each attention and MLP projection may carry a bias and LoRA adapters (PEFT's names)
     // after its weight; the attention may hold Qwen3's head norms, attention and MLP
-    // Phi-3's fused projections, and a layer Mixtral's experts. A Llama built without them
-    // holds HF_NAMES alone.
+    // Phi-3's fused projections, a layer Mixtral's experts and Gemma's norms around the
+    // MLP. A Llama built without them holds HF_NAMES alone.
     let mut expected = Vec::new();
     let projection = |expected: &mut Vec<String>, name: &str| {
         // Its weight, Qwen2's bias, then the adapters.
@@ -66,9 +66,14 @@ fn static_table_is_the_hugging_face_name_list() {
             }
         }
         if name.ends_with("o_proj.weight") {
-            // Qwen3's per-head norms follow the projections.
+            // Qwen3's and Gemma 3's per-head norms follow the projections.
             expected.push("model.layers.{index}.self_attn.q_norm.weight".to_string());
             expected.push("model.layers.{index}.self_attn.k_norm.weight".to_string());
+        }
+        if name.ends_with("post_attention_layernorm.weight") {
+            // Gemma's norms around the MLP.
+            expected.push("model.layers.{index}.pre_feedforward_layernorm.weight".to_string());
+            expected.push("model.layers.{index}.post_feedforward_layernorm.weight".to_string());
         }
     }
     assert_eq!(names, expected);

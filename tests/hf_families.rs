@@ -1,10 +1,12 @@
-//! Qwen2, Qwen3, Mistral, Phi-3 and Mixtral checkpoints written by transformers (`tests/golden/hf_families`,
+//! Qwen2, Qwen3, Mistral, Phi-3, Mixtral, Gemma 2 and Gemma 3 checkpoints written by transformers (`tests/golden/hf_families`,
 //! with the script that makes them) through the public import API, against the logits,
 //! loss and gradients transformers computed: each family's own settings switched on
 //! (Qwen2's q/k/v biases, Qwen3's per-head q/k norms with an explicit head dimension,
 //! Mistral's sliding window shorter than the sequence, Phi-3's fused q/k/v and gate/up
-//! projections with a window, Mixtral's experts with the router's load-balancing loss), on
-//! both kernel paths. Trained 2
+//! projections with a window, Mixtral's experts with the router's load-balancing loss,
+//! Gemma's `1 + w` norms around attention and MLP, GeGLU, scaled embeddings, soft caps,
+//! alternating windows and rotary bases, and a padding token whose embedding row gets no
+//! gradient), on both kernel paths. Trained 2
 //! steps at world 2 and exported, each reads back as the model that was trained.
 
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -17,12 +19,14 @@ use candle_nn::{Optimizer, VarBuilder, VarMap};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-const FAMILIES: [(&str, Family); 5] = [
+const FAMILIES: [(&str, Family); 7] = [
     ("qwen2", Family::Qwen2),
     ("qwen3", Family::Qwen3),
     ("mistral", Family::Mistral),
     ("phi3", Family::Phi3),
     ("mixtral", Family::Mixtral),
+    ("gemma2", Family::Gemma2),
+    ("gemma3", Family::Gemma3),
 ];
 
 fn dir(name: &str) -> PathBuf {
@@ -187,6 +191,10 @@ fn family_settings_not_computed_here_are_refused_by_key() {
         ("phi3", "partial_rotary_factor", "0.5"),
         ("phi3", "rope_parameters", r#"{"rope_type": "longrope", "rope_theta": 10000.0}"#),
         ("mixtral", "router_jitter_noise", "0.1"),
+        ("gemma2", "hidden_activation", r#""gelu""#),
+        ("gemma2", "layer_types", r#"["sliding_attention", "chunked_attention"]"#),
+        ("gemma3", "use_bidirectional_attention", "true"),
+        ("gemma3", "rope_scaling", r#"{"rope_type": "linear", "factor": 8.0}"#),
         ("mixtral", "num_local_experts", "null"),
     ] {
         let error = LlamaConfig::from_hf_json(&with(name, key, value)).unwrap_err().to_string();

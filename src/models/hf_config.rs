@@ -16,7 +16,6 @@ const NOT_COMPUTED: &[&str] = &[
     "use_cache",
     "bos_token_id",
     "eos_token_id",
-    "pad_token_id",
     "sep_token_id",
     "decoder_start_token_id",
     "tokenizer_class",

@@ -24,6 +24,7 @@
 //! Initialisation follows Hugging Face: `N(0, initializer_range)` for every matrix, norm
 //! weights 1.
 
+use super::gemma::{softcap, GemmaSettings};
 use super::hf_config::{HfConfig, HfObject};
 use super::lora::{LoraConfig, LoraLinear};
 use super::moe::{load_balancing_loss, MoeConfig, SparseMoe};
@@ -81,6 +82,12 @@ pub struct LlamaConfig {
     pub sliding_window: Option<usize>,
     /// Mixtral's sparse experts in place of the MLP.
     pub moe: Option<MoeConfig>,
+    /// Gemma 2's and 3's norms, GeGLU MLP, scalings, soft-capping and per-layer windows
+    /// (see [`super::gemma`]); the window is [`LlamaConfig::sliding_window`].
+    pub gemma: Option<GemmaSettings>,
+    /// The padding token (`pad_token_id`): as `nn.Embedding`'s `padding_idx`, its
+    /// embedding row gets no gradient from the lookup.
+    pub pad_token_id: Option<u32>,
 }
 
 /// The Hugging Face architectures [`Llama`] computes: the same pre-norm decoder with
@@ -103,11 +110,24 @@ pub enum Family {
     Phi3,
     /// `MixtralForCausalLM`: Mistral with sparse experts in place of the MLP.
     Mixtral,
+    /// `Gemma2ForCausalLM` (see [`super::gemma`]).
+    Gemma2,
+    /// `Gemma3ForCausalLM`, `model_type` `gemma3_text`: Gemma 2 with per-head q/k norms,
+    /// no soft-capping and a local rotary base for the sliding layers.
+    Gemma3,
 }
 
 impl Family {
-    const ALL: [Family; 6] =
-        [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Mistral, Family::Phi3, Family::Mixtral];
+    const ALL: [Family; 8] = [
+        Family::Llama,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Mistral,
+        Family::Phi3,
+        Family::Mixtral,
+        Family::Gemma2,
+        Family::Gemma3,
+    ];
 
     /// The `model_type` of its `config.json`.
     pub fn model_type(self) -> &'static str {
@@ -118,6 +138,8 @@ impl Family {
             Family::Mistral => "mistral",
             Family::Phi3 => "phi3",
             Family::Mixtral => "mixtral",
+            Family::Gemma2 => "gemma2",
+            Family::Gemma3 => "gemma3_text",
         }
     }
 
@@ -130,7 +152,13 @@ impl Family {
             Family::Mistral => "MistralForCausalLM",
             Family::Phi3 => "Phi3ForCausalLM",
             Family::Mixtral => "MixtralForCausalLM",
+            Family::Gemma2 => "Gemma2ForCausalLM",
+            Family::Gemma3 => "Gemma3ForCausalLM",
         }
+    }
+
+    fn is_gemma(self) -> bool {
+        matches!(self, Family::Gemma2 | Family::Gemma3)
     }
 }
 
@@ -169,7 +197,7 @@ impl RopeScaling {
 /// The rotary base and scaling from either layout: transformers 5's `rope_parameters`,
 /// or the top-level `rope_theta` and `rope_scaling` of 4.x. Where both are given they
 /// must agree.
-fn read_rope(hf: &mut HfConfig) -> Result<(f64, Option<RopeScaling>)> {
+pub(super) fn read_rope(hf: &mut HfConfig) -> Result<(f64, Option<RopeScaling>)> {
     let flat_theta = hf.f64("rope_theta")?;
     let flat_scaling = match hf.object("rope_scaling")? {
         Some(keys) => Some(read_scaling(hf, HfObject::new("rope_scaling", keys))?),
@@ -194,7 +222,7 @@ fn read_rope(hf: &mut HfConfig) -> Result<(f64, Option<RopeScaling>)> {
 
 /// One rotary description (`rope_scaling`, or `rope_parameters` with its `rope_theta`):
 /// the base it gives, if any, and the scaling, `None` for the plain one.
-fn read_scaling(hf: &HfConfig, mut keys: HfObject) -> Result<(Option<f64>, Option<RopeScaling>)> {
+pub(super) fn read_scaling(hf: &HfConfig, mut keys: HfObject) -> Result<(Option<f64>, Option<RopeScaling>)> {
     let theta = match keys.take("rope_theta") {
         Some(value) => Some(value.as_f64().ok_or_else(|| {
             candle_core::Error::Msg(format!("`{}.rope_theta` is {value}, not a number", keys.parent()))
@@ -251,6 +279,8 @@ impl Default for LlamaConfig {
             qk_norm: false,
             sliding_window: None,
             moe: None,
+            gemma: None,
+            pad_token_id: None,
         }
     }
 }
@@ -278,8 +308,9 @@ impl LlamaConfig {
             Some(kind) => match Family::ALL.into_iter().find(|f| f.model_type() == kind) {
                 Some(family) => family,
                 None => {
-                    return hf
-                        .refuse(format!("`model_type` is `{kind}` (llama, qwen2, qwen3, mistral, phi3 or mixtral)"))
+                    return hf.refuse(format!(
+                        "`model_type` is `{kind}` (llama, qwen2, qwen3, mistral, phi3, mixtral, gemma2 or gemma3_text)"
+                    ))
                 }
             },
         };
@@ -292,9 +323,16 @@ impl LlamaConfig {
                 ));
             }
         }
-        if let Some(act) = hf.string("hidden_act")?.filter(|a| a != "silu") {
-            return hf.refuse(format!("`hidden_act` is `{act}` (only `silu`)"));
+        if !family.is_gemma() {
+            if let Some(act) = hf.string("hidden_act")?.filter(|a| a != "silu") {
+                return hf.refuse(format!("`hidden_act` is `{act}` (only `silu`)"));
+            }
         }
+        let num_hidden_layers = hf.required_usize("num_hidden_layers")?;
+        let gemma = match family.is_gemma() {
+            true => Some(super::gemma::read(&mut hf, family, num_hidden_layers)?),
+            false => None,
+        };
         if hf.bool("attention_bias")? == Some(true) {
             return hf.refuse("`attention_bias` is true".into());
         }
@@ -328,6 +366,7 @@ impl LlamaConfig {
                 hf.usize("max_window_layers")?;
                 None
             }
+            Family::Gemma2 | Family::Gemma3 => gemma.as_ref().map(|(_, _, window)| *window),
         };
         let moe = match family {
             Family::Mixtral => {
@@ -356,29 +395,34 @@ impl LlamaConfig {
         }
         hf.only("pretraining_tp", 1.into())?;
         hf.only("rope_interleaved", false.into())?;
-        let (rope_theta, rope_scaling) = read_rope(&mut hf)?;
+        let (rope_theta, rope_scaling) = match &gemma {
+            Some((_, theta, _)) => (*theta, None),
+            None => read_rope(&mut hf)?,
+        };
         let num_attention_heads = hf.required_usize("num_attention_heads")?;
         let config = Self {
             vocab_size: hf.required_usize("vocab_size")?,
             hidden_size: hf.required_usize("hidden_size")?,
             intermediate_size: hf.required_usize("intermediate_size")?,
-            num_hidden_layers: hf.required_usize("num_hidden_layers")?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads: hf.usize("num_key_value_heads")?.unwrap_or(num_attention_heads),
             max_position_embeddings: hf.usize("max_position_embeddings")?.unwrap_or(2048),
             rms_norm_eps: hf.f64("rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta,
             initializer_range: hf.f64("initializer_range")?.unwrap_or(0.02),
-            head_dim: hf.usize("head_dim")?,
-            tie_word_embeddings: hf.bool("tie_word_embeddings")?.unwrap_or(false),
+            head_dim: hf.usize("head_dim")?.or(family.is_gemma().then_some(256)),
+            tie_word_embeddings: hf.bool("tie_word_embeddings")?.unwrap_or(family.is_gemma()),
             rope_scaling,
             kernels: Kernels::default(),
             lora: None,
             family,
             qkv_bias: family == Family::Qwen2,
-            qk_norm: family == Family::Qwen3,
+            qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
             sliding_window,
             moe,
+            gemma: gemma.map(|(settings, _, _)| settings),
+            pad_token_id: hf.usize("pad_token_id")?.map(|id| id as u32),
         };
         hf.finish()?;
         config.validate()?;
@@ -391,7 +435,6 @@ impl LlamaConfig {
         let mut json = serde_json::json!({
             "architectures": [self.family.architecture()],
             "model_type": self.family.model_type(),
-            "hidden_act": "silu",
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -408,11 +451,18 @@ impl LlamaConfig {
         if let Some(head_dim) = self.head_dim {
             json["head_dim"] = head_dim.into();
         }
+        if let Some(pad) = self.pad_token_id {
+            json["pad_token_id"] = pad.into();
+        }
+        if !self.family.is_gemma() {
+            json["hidden_act"] = "silu".into();
+        }
         match self.family {
             Family::Llama => {
                 json["attention_bias"] = false.into();
                 json["mlp_bias"] = false.into();
             }
+            Family::Gemma2 | Family::Gemma3 => {}
             Family::Qwen2 => json["use_sliding_window"] = false.into(),
             Family::Qwen3 => {
                 json["attention_bias"] = false.into();
@@ -445,6 +495,9 @@ impl LlamaConfig {
             json["rope_scaling"] = scaling;
         }
         json["rope_parameters"] = rope;
+        if let (Some(settings), Some(window)) = (&self.gemma, self.sliding_window) {
+            super::gemma::write(&mut json, settings, self.family, self.rope_theta, window);
+        }
         serde_json::to_string_pretty(&json).expect("a JSON value serializes")
     }
 
@@ -485,7 +538,30 @@ impl LlamaConfig {
     }
 
     fn norm(&self, vb: VarBuilder) -> Result<RmsNorm> {
-        candle_nn::rms_norm(self.hidden_size, self.rms_norm_eps, vb)
+        self.norm_of(self.hidden_size, vb)
+    }
+
+    /// An RMSNorm over `size`: weights 1, or for Gemma weights 0 that scale by `1 + w`.
+    fn norm_of(&self, size: usize, vb: VarBuilder) -> Result<RmsNorm> {
+        let start = if self.gemma.is_some() { 0.0 } else { 1.0 };
+        Ok(RmsNorm::new(vb.get_with_hints(size, "weight", Init::Const(start))?, self.rms_norm_eps))
+    }
+
+    /// What a norm weight `w` is added to before it scales: 1 for Gemma's `1 + w`.
+    fn norm_offset(&self) -> f64 {
+        if self.gemma.is_some() {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
+    /// The window layer `layer` attends within, if any.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        match &self.gemma {
+            Some(gemma) => self.sliding_window.filter(|_| gemma.sliding_layers.get(layer).copied().unwrap_or(false)),
+            None => self.sliding_window,
+        }
     }
 }
 
@@ -520,19 +596,31 @@ impl RotaryEmbedding {
     /// The tables are computed in f32 (as Hugging Face does), or in f64 for an f64 model,
     /// and stored in `dtype`.
     pub fn new(config: &LlamaConfig, dtype: DType, device: &Device) -> Result<Self> {
-        let head_dim = config.head_dim();
+        let (head_dim, scaling) = (config.head_dim(), config.rope_scaling.as_ref());
+        Self::from_base(head_dim, config.rope_theta, scaling, config.max_position_embeddings, dtype, device)
+    }
+
+    /// The tables for heads of `head_dim`, base `theta` (with Llama 3's `scaling`, if
+    /// given) and positions `0..max_positions`.
+    pub fn from_base(
+        head_dim: usize,
+        theta: f64,
+        scaling: Option<&RopeScaling>,
+        max_positions: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let half = head_dim / 2;
         let internal = at_least_f32(dtype);
         let inv_freq: Vec<f64> = (0..half)
             .map(|j| {
-                let inv_freq = 1.0 / config.rope_theta.powf((2 * j) as f64 / head_dim as f64);
-                config.rope_scaling.as_ref().map_or(inv_freq, |scaling| scaling.scale(inv_freq))
+                let inv_freq = 1.0 / theta.powf((2 * j) as f64 / head_dim as f64);
+                scaling.map_or(inv_freq, |scaling| scaling.scale(inv_freq))
             })
             .collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?.to_dtype(internal)?;
-        let positions = Tensor::arange(0u32, config.max_position_embeddings as u32, device)?
-            .to_dtype(internal)?
-            .reshape((config.max_position_embeddings, 1))?;
+        let positions =
+            Tensor::arange(0u32, max_positions as u32, device)?.to_dtype(internal)?.reshape((max_positions, 1))?;
         let freqs = positions.broadcast_mul(&inv_freq)?;
         Ok(Self { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
     }
@@ -579,6 +667,14 @@ pub struct LlamaAttention {
     /// Mistral's window: each position attends to itself and the `w - 1` before it.
     #[fsdp(skip)]
     pub sliding_window: Option<usize>,
+    /// What the scores `q·k` are multiplied by: `head_dim^-1/2`, Gemma's
+    /// `query_pre_attn_scalar^-1/2`.
+    pub scale: f64,
+    /// Gemma 2's soft cap of the scores.
+    #[fsdp(skip)]
+    pub softcap: Option<f64>,
+    /// What the q/k norm weights are added to (1 for Gemma's `1 + w`).
+    pub norm_offset: f64,
     /// The number of query heads.
     pub num_heads: usize,
     /// The number of key/value heads.
@@ -591,9 +687,9 @@ pub struct LlamaAttention {
 }
 
 impl LlamaAttention {
-    /// The projections under `vb` (`q_proj`, `k_proj`, `v_proj`, `o_proj`), initialised
-    /// `N(0, initializer_range)`.
-    pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+    /// The projections of layer `layer` under `vb` (`q_proj`, `k_proj`, `v_proj`,
+    /// `o_proj`), initialised `N(0, initializer_range)`.
+    pub fn new(config: &LlamaConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
         let hidden = config.hidden_size;
         let head_dim = config.head_dim();
         let q_dim = config.num_attention_heads * head_dim;
@@ -610,15 +706,15 @@ impl LlamaAttention {
                 .then(|| config.projection(hidden, q_dim + 2 * kv_dim, false, vb.pp("qkv_proj")))
                 .transpose()?,
             o_proj: config.projection(q_dim, hidden, false, vb.pp("o_proj"))?,
-            q_norm: config
-                .qk_norm
-                .then(|| candle_nn::rms_norm(head_dim, config.rms_norm_eps, vb.pp("q_norm")))
-                .transpose()?,
-            k_norm: config
-                .qk_norm
-                .then(|| candle_nn::rms_norm(head_dim, config.rms_norm_eps, vb.pp("k_norm")))
-                .transpose()?,
-            sliding_window: config.sliding_window,
+            q_norm: config.qk_norm.then(|| config.norm_of(head_dim, vb.pp("q_norm"))).transpose()?,
+            k_norm: config.qk_norm.then(|| config.norm_of(head_dim, vb.pp("k_norm"))).transpose()?,
+            sliding_window: config.layer_window(layer),
+            scale: match &config.gemma {
+                Some(gemma) => gemma.query_pre_attn_scalar.powf(-0.5),
+                None => (head_dim as f64).powf(-0.5),
+            },
+            softcap: config.gemma.as_ref().and_then(|g| g.attn_logit_softcapping),
+            norm_offset: config.norm_offset(),
             num_heads: config.num_attention_heads,
             num_kv_heads: config.num_key_value_heads,
             head_dim,
@@ -630,9 +726,11 @@ impl LlamaAttention {
     /// the attention scores; the fused attention is causal by construction and ignores it.
     pub fn forward(&self, x: &Tensor, rotary: &RotaryEmbedding, mask: &Tensor) -> Result<Tensor> {
         match self.kernels {
-            // The fused attention is causal without a window: a window shorter than the
-            // sequence takes the composed path, with `mask` holding the window.
-            Kernels::Fused if !windowed(self.sliding_window, x.dim(1)?) => self.forward_fused(x, rotary),
+            // The fused attention is causal without a window or a soft cap: a window
+            // shorter than the sequence takes the composed path, with `mask` holding it.
+            Kernels::Fused if self.softcap.is_none() && !windowed(self.sliding_window, x.dim(1)?) => {
+                self.forward_fused(x, rotary)
+            }
             _ => self.forward_composed(x, rotary, mask),
         }
     }
@@ -661,7 +759,7 @@ impl LlamaAttention {
     fn head_norm(&self, weights: &Option<RmsNorm>, heads: Tensor) -> Result<Tensor> {
         match weights {
             None => Ok(heads),
-            Some(weights) => norm(self.kernels, weights, &heads),
+            Some(weights) => norm(self.kernels, weights, self.norm_offset, &heads),
         }
     }
 
@@ -674,7 +772,7 @@ impl LlamaAttention {
         let q = rotary.apply_fused(&self.head_norm(&self.q_norm, heads(q, self.num_heads)?)?)?;
         let k = rotary.apply_fused(&self.head_norm(&self.k_norm, heads(k, self.num_kv_heads)?)?)?;
         let v = heads(v, self.num_kv_heads)?;
-        let out = crate::ops::causal_attention(&q, &k, &v, 1.0 / (self.head_dim as f64).sqrt())?;
+        let out = crate::ops::causal_attention(&q, &k, &v, self.scale)?;
         self.o_proj.forward(&out.reshape((b, s, self.num_heads * self.head_dim))?)
     }
 
@@ -688,8 +786,12 @@ impl LlamaAttention {
         let k = rotary.apply(&self.head_norm(&self.k_norm, split(k, self.num_kv_heads)?)?)?;
         let v = split(v, self.num_kv_heads)?;
         let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * self.scale)?;
+        let scores = match self.softcap {
+            Some(cap) => softcap(&scores, cap)?,
+            None => scores,
+        };
+        let scores = scores.broadcast_add(mask)?;
         // Softmax in at least f32 (Hugging Face computes it in f32 for half-precision
         // activations), then back to the activation dtype.
         let attention = softmax_last_dim(&scores.to_dtype(at_least_f32(v.dtype()))?)?.to_dtype(v.dtype())?;
@@ -721,9 +823,21 @@ pub struct LlamaMlp {
     pub gate_up_proj: Option<LoraLinear>,
     /// `(hidden_size, intermediate_size)`: the projection back.
     pub down_proj: LoraLinear,
+    /// What the gate goes through: SiLU, or Gemma's tanh-approximated GELU.
+    #[fsdp(skip)]
+    pub activation: Activation,
     /// The kernels the forward runs on.
     #[fsdp(skip)]
     pub kernels: Kernels,
+}
+
+/// The gate's activation of a gated MLP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu` (SwiGLU).
+    Silu,
+    /// `gelu_pytorch_tanh` (GeGLU).
+    GeluTanh,
 }
 
 impl LlamaMlp {
@@ -740,6 +854,7 @@ impl LlamaMlp {
                 .then(|| config.projection(hidden, 2 * inter, false, vb.pp("gate_up_proj")))
                 .transpose()?,
             down_proj: config.projection(inter, hidden, false, vb.pp("down_proj"))?,
+            activation: if config.gemma.is_some() { Activation::GeluTanh } else { Activation::Silu },
             kernels: config.kernels,
         })
     }
@@ -769,10 +884,13 @@ impl LlamaMlp {
 impl Module for LlamaMlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (gate, up) = self.gate_up(x)?;
-        match self.kernels {
-            Kernels::Fused => self.down_proj.forward(&crate::ops::swiglu(&gate, &up)?),
-            Kernels::Composed => self.down_proj.forward(&(gate.silu()? * up)?),
-        }
+        let gated = match (self.activation, self.kernels) {
+            (Activation::Silu, Kernels::Fused) => crate::ops::swiglu(&gate, &up)?,
+            (Activation::Silu, Kernels::Composed) => (gate.silu()? * up)?,
+            // candle's `gelu` is the tanh approximation; no fused GeGLU yet.
+            (Activation::GeluTanh, _) => (gate.gelu()? * up)?,
+        };
+        self.down_proj.forward(&gated)
     }
 }
 
@@ -782,7 +900,15 @@ impl Module for LlamaMlp {
 /// The fields are declared in Hugging Face's registration order (the state-dict order);
 /// `forward_order` records the order the forward uses them.
 #[derive(Clone, Debug, Shardable)]
-#[fsdp(forward_order(input_layernorm, self_attn, post_attention_layernorm, mlp, block_sparse_moe))]
+#[fsdp(forward_order(
+    input_layernorm,
+    self_attn,
+    post_attention_layernorm,
+    pre_feedforward_layernorm,
+    mlp,
+    block_sparse_moe,
+    post_feedforward_layernorm
+))]
 pub struct LlamaDecoderLayer {
     /// The self-attention.
     pub self_attn: LlamaAttention,
@@ -792,27 +918,37 @@ pub struct LlamaDecoderLayer {
     pub block_sparse_moe: Option<SparseMoe>,
     /// The RMSNorm before the attention.
     pub input_layernorm: RmsNorm,
-    /// The RMSNorm before the MLP.
+    /// The RMSNorm before the MLP; Gemma's, of the attention's output.
     pub post_attention_layernorm: RmsNorm,
+    /// Gemma's RMSNorm before the MLP.
+    pub pre_feedforward_layernorm: Option<RmsNorm>,
+    /// Gemma's RMSNorm of the MLP's output.
+    pub post_feedforward_layernorm: Option<RmsNorm>,
+    /// What norm weights are added to (1 for Gemma's `1 + w`).
+    pub norm_offset: f64,
     /// The kernels the norms run on.
     #[fsdp(skip)]
     pub kernels: Kernels,
 }
 
 impl LlamaDecoderLayer {
-    /// One decoder layer, its parameters under `vb` with the Hugging Face names.
-    pub fn new(config: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+    /// Decoder layer `layer`, its parameters under `vb` with the Hugging Face names.
+    pub fn new(config: &LlamaConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
         let (hidden, inter) = (config.hidden_size, config.intermediate_size);
+        let gemma = config.gemma.is_some();
         let experts = |moe: &MoeConfig| {
             let vb = vb.pp("block_sparse_moe");
             SparseMoe::new(hidden, inter, moe, config.init(), config.lora.as_ref(), config.kernels, vb)
         };
         Ok(Self {
-            self_attn: LlamaAttention::new(config, vb.pp("self_attn"))?,
+            self_attn: LlamaAttention::new(config, layer, vb.pp("self_attn"))?,
             mlp: config.moe.is_none().then(|| LlamaMlp::new(config, vb.pp("mlp"))).transpose()?,
             block_sparse_moe: config.moe.as_ref().map(experts).transpose()?,
             input_layernorm: config.norm(vb.pp("input_layernorm"))?,
             post_attention_layernorm: config.norm(vb.pp("post_attention_layernorm"))?,
+            pre_feedforward_layernorm: gemma.then(|| config.norm(vb.pp("pre_feedforward_layernorm"))).transpose()?,
+            post_feedforward_layernorm: gemma.then(|| config.norm(vb.pp("post_feedforward_layernorm"))).transpose()?,
+            norm_offset: config.norm_offset(),
             kernels: config.kernels,
         })
     }
@@ -820,9 +956,22 @@ impl LlamaDecoderLayer {
     /// `x` `(batch, seq, hidden)` to `(batch, seq, hidden)`, and with experts the router's
     /// logits `(batch · seq, num_experts)`.
     pub fn forward(&self, x: &Tensor, rotary: &RotaryEmbedding, mask: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-        let h = self.self_attn.forward(&norm(self.kernels, &self.input_layernorm, x)?, rotary, mask)?;
-        let x = (x + h)?;
-        let normed = norm(self.kernels, &self.post_attention_layernorm, &x)?;
+        let norm = |weights: &RmsNorm, x: &Tensor| norm(self.kernels, weights, self.norm_offset, x);
+        let h = self.self_attn.forward(&norm(&self.input_layernorm, x)?, rotary, mask)?;
+        // Gemma normalises the attention's output and the MLP's input and output; the
+        // others the MLP's input only.
+        let (x, normed) = match &self.pre_feedforward_layernorm {
+            Some(pre_feedforward) => {
+                let x = (x + norm(&self.post_attention_layernorm, &h)?)?;
+                let normed = norm(pre_feedforward, &x)?;
+                (x, normed)
+            }
+            None => {
+                let x = (x + h)?;
+                let normed = norm(&self.post_attention_layernorm, &x)?;
+                (x, normed)
+            }
+        };
         let (h, router_logits) = match (&self.mlp, &self.block_sparse_moe) {
             (Some(mlp), None) => (mlp.forward(&normed)?, None),
             (None, Some(moe)) => {
@@ -830,6 +979,10 @@ impl LlamaDecoderLayer {
                 (h, Some(logits))
             }
             _ => candle_core::bail!("LlamaDecoderLayer: either an MLP or experts"),
+        };
+        let h = match &self.post_feedforward_layernorm {
+            Some(post_feedforward) => norm(post_feedforward, &h)?,
+            None => h,
         };
         Ok(((x + h)?, router_logits))
     }
@@ -860,6 +1013,9 @@ pub struct Llama {
     /// Position tables, not parameters.
     #[fsdp(skip)]
     pub rotary: RotaryEmbedding,
+    /// Gemma 3's tables of the sliding layers (their own rotary base).
+    #[fsdp(skip)]
+    pub local_rotary: Option<RotaryEmbedding>,
     /// The hyper-parameters the model was built with.
     #[fsdp(skip)]
     pub config: LlamaConfig,
@@ -886,7 +1042,7 @@ impl Llama {
         };
         let embed_tokens = candle_nn::Embedding::new(embedding, config.hidden_size);
         let layers: Vec<LlamaDecoderLayer> = (0..config.num_hidden_layers)
-            .map(|i| LlamaDecoderLayer::new(config, model.pp("layers").pp(i)))
+            .map(|i| LlamaDecoderLayer::new(config, i, model.pp("layers").pp(i)))
             .collect::<Result<_>>()?;
         if let Some(lora) = &config.lora {
             let mut projections = layers.iter().flat_map(|l| l.projections());
@@ -904,6 +1060,22 @@ impl Llama {
             norm: config.norm(model.pp("norm"))?,
             lm_head,
             rotary: RotaryEmbedding::new(config, vb.dtype(), vb.device())?,
+            local_rotary: config
+                .gemma
+                .as_ref()
+                .filter(|g| g.local_rope_theta != config.rope_theta)
+                .map(|g| {
+                    let positions = config.max_position_embeddings;
+                    RotaryEmbedding::from_base(
+                        config.head_dim(),
+                        g.local_rope_theta,
+                        None,
+                        positions,
+                        vb.dtype(),
+                        vb.device(),
+                    )
+                })
+                .transpose()?,
             config: config.clone(),
         })
     }
@@ -911,7 +1083,16 @@ impl Llama {
     /// `input_ids` `(batch, seq)` (u32) to logits `(batch, seq, vocab_size)`.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (x, _) = self.hidden_states(input_ids)?;
-        self.lm_head.forward(&norm(self.config.kernels, &self.norm, &x)?)
+        self.logits(&norm(self.config.kernels, &self.norm, self.config.norm_offset(), &x)?)
+    }
+
+    /// The head's logits of final hidden states, soft-capped for Gemma 2.
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let logits = self.lm_head.forward(x)?;
+        match self.config.gemma.as_ref().and_then(|g| g.final_logit_softcapping) {
+            Some(cap) => softcap(&logits, cap),
+            None => Ok(logits),
+        }
     }
 
     /// The mean next-token cross-entropy of `input_ids` `(batch, seq)` against `targets`
@@ -924,13 +1105,15 @@ impl Llama {
     /// `output_router_logits`).
     pub fn loss(&self, input_ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let (hidden_states, router_logits) = self.hidden_states(input_ids)?;
-        let x = norm(self.config.kernels, &self.norm, &hidden_states)?;
+        let x = norm(self.config.kernels, &self.norm, self.config.norm_offset(), &hidden_states)?;
         let (b, s, hidden) = x.dims3()?;
         let (x, targets) = (x.reshape((b * s, hidden))?, targets.reshape(b * s)?);
+        let capped = self.config.gemma.as_ref().is_some_and(|g| g.final_logit_softcapping.is_some());
         let loss = match self.config.kernels {
-            Kernels::Fused => crate::ops::linear_cross_entropy(&x, &self.lm_head.weight, &targets)?,
-            Kernels::Composed => {
-                let log_probs = super::log_softmax_last_dim(&self.lm_head.forward(&x)?)?;
+            // The fused head and loss cannot soft-cap the logits between them.
+            Kernels::Fused if !capped => crate::ops::linear_cross_entropy(&x, &self.lm_head.weight, &targets)?,
+            _ => {
+                let log_probs = super::log_softmax_last_dim(&self.logits(&x)?)?;
                 log_probs.gather(&targets.unsqueeze(1)?, 1)?.mean_all()?.neg()?
             }
         };
@@ -954,16 +1137,43 @@ impl Llama {
             )
         }
         let mut x = self.embed_tokens.forward(input_ids)?;
+        if let Some(pad) = self.config.pad_token_id {
+            // `nn.Embedding`'s `padding_idx`: the lookup of the padding token passes no
+            // gradient to its row.
+            let padding = input_ids.eq(pad)?.unsqueeze(2)?.broadcast_as(x.shape())?;
+            x = padding.where_cond(&x.detach(), &x)?;
+        }
+        if self.config.gemma.is_some() {
+            // Gemma scales its embeddings by √hidden_size rounded to their dtype.
+            let scale = Tensor::new((self.config.hidden_size as f64).sqrt(), x.device())?.to_dtype(x.dtype())?;
+            x = (x * scale.to_dtype(DType::F64)?.to_scalar::<f64>()?)?;
+        }
         // The fused attention is causal by construction: no mask to build, unless a
-        // sliding window shorter than the sequence sends attention the composed way.
-        let window = self.config.sliding_window;
-        let mask = match self.config.kernels {
-            Kernels::Fused if !windowed(window, seq) => Tensor::zeros((), x.dtype(), x.device())?,
-            _ => causal_mask(seq, window, x.dtype(), x.device())?,
+        // sliding window shorter than the sequence or a soft cap sends attention the
+        // composed way. Layers differ in their window (Gemma's alternate).
+        let capped = self.config.gemma.as_ref().is_some_and(|g| g.attn_logit_softcapping.is_some());
+        let (dtype, device) = (x.dtype(), x.device().clone());
+        let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
+        let mut mask_of = |window: Option<usize>| -> Result<Tensor> {
+            if let Some((_, mask)) = masks.iter().find(|(w, _)| *w == window) {
+                return Ok(mask.clone());
+            }
+            let mask = match self.config.kernels {
+                Kernels::Fused if !capped && !windowed(window, seq) => Tensor::zeros((), dtype, &device)?,
+                _ => causal_mask(seq, window, dtype, &device)?,
+            };
+            masks.push((window, mask.clone()));
+            Ok(mask)
         };
-        let (cos, sin) = (&self.rotary.cos, &self.rotary.sin);
         let mut router_logits = Vec::new();
-        for layer in &self.layers {
+        for (index, layer) in self.layers.iter().enumerate() {
+            let mask = mask_of(self.config.layer_window(index))?;
+            let local = self.config.gemma.as_ref().is_some_and(|g| g.sliding_layers[index]);
+            let rotary = match (&self.local_rotary, local) {
+                (Some(local_rotary), true) => local_rotary,
+                _ => &self.rotary,
+            };
+            let (cos, sin) = (&rotary.cos, &rotary.sin);
             // Everything the layer reads comes in as an input, so that a checkpointed layer
             // can run its forward again in backward.
             let (out, logits) = layer
@@ -977,8 +1187,15 @@ impl Llama {
     }
 }
 
-/// An RMSNorm on the kernels asked for.
-fn norm(kernels: Kernels, norm: &RmsNorm, x: &Tensor) -> Result<Tensor> {
+/// An RMSNorm on the kernels asked for, its weight plus `offset` (Gemma's `1 + w`).
+fn norm(kernels: Kernels, norm: &RmsNorm, offset: f64, x: &Tensor) -> Result<Tensor> {
+    let shifted;
+    let norm = if offset == 0.0 {
+        norm
+    } else {
+        shifted = RmsNorm::new((norm.weight() + offset)?, norm.eps());
+        &shifted
+    };
     match kernels {
         Kernels::Fused => crate::ops::rms_norm(x, norm.weight(), norm.eps()),
         Kernels::Composed => rms_norm(norm, x),
@@ -995,12 +1212,12 @@ pub(crate) fn causal_mask(seq: usize, window: Option<usize>, dtype: DType, devic
 }
 
 /// Whether a sliding window hides anything from a sequence of `seq` positions.
-fn windowed(window: Option<usize>, seq: usize) -> bool {
+pub(super) fn windowed(window: Option<usize>, seq: usize) -> bool {
     window.is_some_and(|w| w < seq)
 }
 
 /// f32 for half-precision types and f32 itself; f64 stays f64.
-fn at_least_f32(dtype: DType) -> DType {
+pub(super) fn at_least_f32(dtype: DType) -> DType {
     match dtype {
         DType::F64 => DType::F64,
         _ => DType::F32,

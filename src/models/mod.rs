@@ -33,6 +33,7 @@ pub enum Kernels {
     Composed,
 }
 
+pub mod gemma;
 pub mod gpt;
 mod hf_config;
 pub mod llama;

@@ -6,7 +6,9 @@ attention), the `loss` (mean next-token cross-entropy of `input_ids[:, :-1]` aga
 own settings are switched on: Qwen2's q/k/v biases, Qwen3's per-head q/k norms with an
 explicit head dimension, Mistral's sliding window shorter than the sequence, Phi-3's fused
 q/k/v and gate/up projections with a window too, Mixtral's sparse experts (4, top 2) with
-the router's load-balancing loss in the loss. Run with
+the router's load-balancing loss in the loss, Gemma 2 (soft caps, a sliding and a full
+layer, `1 + w` norms around attention and MLP, GeGLU, scaled embeddings, tied head) and
+Gemma 3 (per-head norms, two rotary bases). Run with
 torch and transformers:
 
     pip install torch transformers; python tests/golden/hf_families/make_golden.py
@@ -18,8 +20,9 @@ import shutil
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import (MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Phi3Config,
-                          Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig,
+                          MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -39,6 +42,18 @@ CASES = [
                               router_aux_loss_coef=0.05), MixtralForCausalLM,
      ["model.layers.0.block_sparse_moe.gate.weight", "model.layers.1.block_sparse_moe.experts.2.w1.weight",
       "model.layers.1.block_sparse_moe.experts.2.w2.weight", "model.layers.0.block_sparse_moe.experts.0.w3.weight"]),
+]
+# Gemma: a sliding and a full layer, a window under the sequence, soft caps small enough
+# to bite at this size; Gemma 3 with its two default rotary bases.
+GEMMA = {**SIZES, "tie_word_embeddings": True, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4}
+del GEMMA["rope_theta"]
+CASES += [
+    ("gemma2", Gemma2Config(**GEMMA, attn_logit_softcapping=2.0, final_logit_softcapping=3.0), Gemma2ForCausalLM,
+     ["model.layers.0.pre_feedforward_layernorm.weight", "model.layers.1.post_attention_layernorm.weight",
+      "model.embed_tokens.weight", "model.norm.weight"]),
+    ("gemma3", Gemma3TextConfig(**GEMMA, layer_types=["sliding_attention", "full_attention"]), Gemma3ForCausalLM,
+     ["model.layers.0.self_attn.q_norm.weight", "model.layers.1.post_feedforward_layernorm.weight",
+      "model.layers.1.mlp.gate_proj.weight"]),
 ]
 
 
@@ -66,7 +81,8 @@ for seed, (folder, config, cls, grads) in enumerate(CASES):
     with torch.no_grad():
         # Non-zero biases and norm weights, so that they matter.
         for name, param in model.named_parameters():
-            if name.endswith(".bias") or "_norm" in name:
+            # Gemma's norms start at zero (they scale by 1 + w): all of them drawn too.
+            if name.endswith(".bias") or "_norm" in name or (folder.startswith("gemma") and "norm" in name):
                 param.add_(torch.randn_like(param) * 0.5)
     path = os.path.join(HERE, folder)
     shutil.rmtree(path, ignore_errors=True)
