@@ -7,7 +7,11 @@
 //! cargo run --release --example plan -- --model llama --world-size 4
 //! cargo run --release --example plan -- --model transformer --strategy shard-grad-op --optimizer sgd
 //! cargo run --release --example plan -- --model llama2-7b --world-size 8 --lora 8
+//! cargo run --release --example plan -- --config path/to/config.json --world-size 4
 //! ```
+//!
+//! With `--config`, the model is the one a Hugging Face `config.json` describes (Llama,
+//! Qwen2, Qwen3, Mistral, Phi-3, Mixtral, Gemma 2 or 3), built without values.
 //!
 //! With `--lora RANK`, the Llama gets LoRA adapters on the projections `--lora-targets` names
 //! and is planned with everything else frozen; the plan of full fine-tuning follows, and the
@@ -38,6 +42,10 @@ struct Args {
     /// (about 56M parameters).
     #[arg(long, value_enum, default_value_t = ModelKind::Transformer)]
     model: ModelKind,
+
+    /// Plan the model of this Hugging Face `config.json` instead of `--model`'s.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
 
     /// LoRA adapters of this rank on the Llama's projections, everything else frozen.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -99,7 +107,7 @@ fn transformer_config() -> TransformerConfig {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let lora = args.lora.map(|r| LoraConfig::new(r as usize, args.lora_alpha, args.lora_targets.clone()));
-    if lora.is_some() && args.model == ModelKind::Transformer {
+    if lora.is_some() && args.model == ModelKind::Transformer && args.config.is_none() {
         anyhow::bail!("--lora adapts the Llama's projections: use it with --model llama or llama2-7b");
     }
     let mut fsdp_config = args.fsdp.fsdp_config();
@@ -113,7 +121,7 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     // The layout borrows nothing from the model, so the model can be dropped right after.
     let (name, description, layout, table) = match args.model {
-        ModelKind::Transformer => {
+        ModelKind::Transformer if args.config.is_none() => {
             let config = transformer_config();
             let model = Transformer::new(&config, vb).context("building the transformer")?;
             let description = format!(
@@ -126,19 +134,17 @@ fn main() -> anyhow::Result<()> {
             );
             ("Transformer", description, Layout::of(&model)?, <Transformer as ShardableModel>::TABLE)
         }
-        ModelKind::Llama | ModelKind::Llama2_7b => {
-            let preset = match args.model {
-                ModelKind::Llama2_7b => common::llama_presets::llama2_7b(),
-                _ => common::llama_presets::plan_default(),
-            };
+        _ => {
+            let preset = preset(&args)?;
             let config = LlamaConfig { lora: lora.clone(), ..preset };
-            let layout = if args.model == ModelKind::Llama2_7b {
+            let layout = if args.model == ModelKind::Llama2_7b || args.config.is_some() {
                 MetaModel::build(DTYPE, &Device::Cpu, |vb| Llama::new(&config, vb))?.layout()?
             } else {
                 Layout::of(&Llama::new(&config, vb).context("building the Llama model")?)?
             };
             let description = format!(
-                "vocab {}, hidden {}, {} layers, {} heads ({} key/value heads), MLP {}",
+                "{}: vocab {}, hidden {}, {} layers, {} heads ({} key/value heads), MLP {}",
+                config.family.architecture(),
                 config.vocab_size,
                 config.hidden_size,
                 config.num_hidden_layers,
@@ -150,7 +156,7 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let built_in = started.elapsed();
-    if args.model != ModelKind::Llama2_7b {
+    if args.model != ModelKind::Llama2_7b && args.config.is_none() {
         layout.check_var_map(&var_map).context("the model's FQNs disagree with its VarMap")?;
     }
 
@@ -183,10 +189,7 @@ fn main() -> anyhow::Result<()> {
 /// The plan of training every parameter of the model without adapters, and the state
 /// bytes per rank of the two.
 fn compare_with_full_fine_tuning(args: &Args, lora: &LoraConfig, layout: &Layout, plan: &Plan) -> anyhow::Result<()> {
-    let preset = match args.model {
-        ModelKind::Llama2_7b => common::llama_presets::llama2_7b(),
-        _ => common::llama_presets::plan_default(),
-    };
+    let preset = preset(args)?;
     let full_layout = MetaModel::build(DTYPE, &Device::Cpu, |vb| Llama::new(&preset, vb))?.layout()?;
     let full_config =
         PlanConfig::new(args.fsdp.world_size, args.fsdp.fsdp_config()).optimizer_states(args.optimizer.states());
@@ -211,6 +214,15 @@ fn compare_with_full_fine_tuning(args: &Args, lora: &LoraConfig, layout: &Layout
         Bytes(full.memory.total_peak()),
     );
     Ok(())
+}
+
+/// The Llama-shaped model planned: `--config`'s, or `--model`'s preset.
+fn preset(args: &Args) -> anyhow::Result<LlamaConfig> {
+    Ok(match (&args.config, args.model) {
+        (Some(path), _) => LlamaConfig::from_hf_file(path)?,
+        (None, ModelKind::Llama2_7b) => common::llama_presets::llama2_7b(),
+        (None, _) => common::llama_presets::plan_default(),
+    })
 }
 
 /// The compile-time table: unit templates with their parameter templates (`{index}` stands

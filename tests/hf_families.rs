@@ -200,6 +200,10 @@ fn family_settings_not_computed_here_are_refused_by_key() {
         let error = LlamaConfig::from_hf_json(&with(name, key, value)).unwrap_err().to_string();
         assert!(error.contains(key), "{name} with `{key}: {value}`: the error `{error}` does not name it");
     }
+    // Mistral without a window attends to everything before it, and says so back.
+    let unwindowed = LlamaConfig::from_hf_json(&with("mistral", "sliding_window", "null")).unwrap();
+    assert_eq!(unwindowed.sliding_window, None);
+    assert_eq!(LlamaConfig::from_hf_json(&unwindowed.to_hf_json()).unwrap(), unwindowed);
 }
 
 /// A Mixtral block under FSDP where the ranks route to disjoint experts (rank 0's tokens
