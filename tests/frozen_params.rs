@@ -494,3 +494,63 @@ fn frozen_declared_on_the_model_and_patterns_on_top_of_it() {
         ["layers.0.base.weight", "layers.1.base.weight", "layers.2.base.weight", "head.weight"]
     );
 }
+
+/// Frozen parameters through a checkpoint: saved with the model (the optimizer's momentum
+/// only for the trained ones), loaded into a fresh wrap at the same world size (to the bit)
+/// and at others, another strategy and hybrid sharding (within rounding, since a mean over
+/// 3 ranks rounds differently): the run continues like one that never stopped. SGD with
+/// momentum, since Adam turns a rounding-sized gradient (the key bias's, zero in exact
+/// arithmetic) into a full-size step.
+#[test]
+fn frozen_parameters_checkpoint_and_resume_at_another_world_size() {
+    use candle_fsdp::checkpoint::{self, Checkpointer, Progress};
+    let (_, _, snapshot) = build(None, DType::F32, TransformerWithSharedParams::construct).unwrap();
+    let patterns = <TransformerWithSharedParams as FreezeCase>::PATTERNS;
+    let run = |world: usize, config: FsdpConfig, steps: std::ops::Range<usize>, dir: &std::path::Path| {
+        launch(LaunchOptions::new(world), |ctx| {
+            let (model, _, _) = build(Some(&snapshot), DType::F32, TransformerWithSharedParams::construct)?;
+            let fsdp = Fsdp::wrap(model, ctx.comm.clone(), config.freeze(patterns.iter().copied()))?;
+            let mut opt = SgdMomentum::new(fsdp.parameters(), OPTIMIZER)?;
+            if steps.start > 0 {
+                checkpoint::load(&fsdp, Some(&mut opt), &dir.join(format!("step-{:08}", steps.start)))?;
+            }
+            for _ in steps.clone() {
+                let loss = TransformerWithSharedParams::fsdp_loss(&fsdp, ctx.rank)?;
+                opt.step(&fsdp.backward(&loss)?)?;
+            }
+            if steps.start == 0 {
+                let progress = Progress { step: steps.end as u64, ..Progress::default() };
+                Checkpointer::new(dir).save(&fsdp, Some(&opt), &progress)?;
+            }
+            fsdp.full_parameters()
+        })
+        .unwrap()
+        .remove(0)
+    };
+    let (straight_dir, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let straight = run(2, FsdpConfig::default(), 0..4, straight_dir.path());
+    run(2, FsdpConfig::default(), 0..2, dir.path());
+    let saved = checkpoint::read_metadata(&dir.path().join("step-00000002")).unwrap();
+    // AdamW's state is kept for the trained parameters only.
+    let with_state: Vec<&String> = saved.optimizer.as_ref().unwrap().slots.keys().collect();
+    let frozen = <TransformerWithSharedParams as FreezeCase>::is_frozen;
+    assert!(!with_state.is_empty() && with_state.iter().all(|fqn| !frozen(fqn)), "{with_state:?}");
+    for (world, config) in [
+        (2, FsdpConfig::default()),
+        (3, FsdpConfig::default().strategy(ShardingStrategy::ShardGradOp)),
+        (4, FsdpConfig::default().hybrid_shard(2)),
+    ] {
+        let resumed = run(world, config, 2..4, dir.path());
+        for ((fqn, a), (_, b)) in straight.iter().zip(&resumed) {
+            let (a, b) = (
+                a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            if world == 2 {
+                assert_eq!(worst, 0.0, "world 2: `{fqn}` is not the uninterrupted run's to the bit");
+            }
+            assert!(worst <= 1e-6, "world {world}: `{fqn}` differs by {worst} from the run that never stopped");
+        }
+    }
+}
