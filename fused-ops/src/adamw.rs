@@ -1,6 +1,6 @@
 //! The AdamW update in place: the two moments, then the parameter, each one pass over
 //! its elements with no temporaries (the composed update is a dozen tensor ops, each a
-//! pass and an allocation).
+//! pass and an allocation), split into chunks over the threads of the caller's pool.
 //!
 //! The arithmetic is candle-nn's, operation for operation and in the same order (a
 //! multiplication by a constant adds a zero, as candle's `affine` does: it turns a `-0`
@@ -11,8 +11,14 @@ use crate::cpu::slice;
 use crate::op_error;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, WithDType};
+use rayon::prelude::*;
 
 const OP: &str = "adamw";
+
+/// Elements one task updates: large enough that splitting costs nothing, small enough
+/// that a shard keeps every thread of the rank's pool busy. Each element is computed the
+/// same way whatever the split, so the result does not depend on it.
+const CHUNK: usize = 1 << 15;
 
 /// Updates `theta` and its moments `m` and `v` in place from the gradient `grad`: `m =
 /// β₁m + (1 − β₁)g`, `v = β₂v + (1 − β₂)g²`, then `θ = θ(1 − lr·wd) − lr · m·scale_m /
@@ -57,12 +63,8 @@ impl InplaceOp2 for Moment {
     fn cpu_fwd(&self, s: &mut CpuStorage, ls: &Layout, g: &CpuStorage, lg: &Layout) -> Result<()> {
         let (start, end) = ls.contiguous_offsets().ok_or_else(|| op_error(OP, "a strided moment".into()))?;
         match s {
-            CpuStorage::F32(values) => {
-                moment(&mut values[start..end], slice::<f32>(OP, g, lg)?, self.beta, self.squared)
-            }
-            CpuStorage::F64(values) => {
-                moment(&mut values[start..end], slice::<f64>(OP, g, lg)?, self.beta, self.squared)
-            }
+            CpuStorage::F32(values) => moments(&mut values[start..end], slice::<f32>(OP, g, lg)?, self),
+            CpuStorage::F64(values) => moments(&mut values[start..end], slice::<f64>(OP, g, lg)?, self),
             other => return Err(crate::unsupported_dtype(OP, other.dtype())),
         }
         Ok(())
@@ -80,8 +82,19 @@ impl InplaceOp2 for Moment {
     }
 }
 
+/// [`moment`] over `s` in chunks on the pool's threads.
+fn moments<T: WithDType>(s: &mut [T], g: &[T], op: &Moment) {
+    s.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(s, g)| moment(s, g, op.beta, op.squared));
+}
+
 /// The parameter's update from the updated moments.
 struct Parameter(AdamWStep);
+
+/// [`parameter`] over `theta` in chunks on the pool's threads.
+fn parameters<T: WithDType + num_traits::Float>(theta: &mut [T], m: &[T], v: &[T], step: &AdamWStep) {
+    let chunks = theta.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK));
+    chunks.for_each(|((theta, m), v)| parameter(theta, m, v, step));
+}
 
 #[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
 fn parameter<T: WithDType + num_traits::Float>(theta: &mut [T], m: &[T], v: &[T], step: &AdamWStep) {
@@ -113,10 +126,10 @@ impl InplaceOp3 for Parameter {
         let (start, end) = lt.contiguous_offsets().ok_or_else(|| op_error(OP, "a strided parameter".into()))?;
         match theta {
             CpuStorage::F32(values) => {
-                parameter(&mut values[start..end], slice::<f32>(OP, m, lm)?, slice::<f32>(OP, v, lv)?, &self.0)
+                parameters(&mut values[start..end], slice::<f32>(OP, m, lm)?, slice::<f32>(OP, v, lv)?, &self.0)
             }
             CpuStorage::F64(values) => {
-                parameter(&mut values[start..end], slice::<f64>(OP, m, lm)?, slice::<f64>(OP, v, lv)?, &self.0)
+                parameters(&mut values[start..end], slice::<f64>(OP, m, lm)?, slice::<f64>(OP, v, lv)?, &self.0)
             }
             other => return Err(crate::unsupported_dtype(OP, other.dtype())),
         }
@@ -171,6 +184,36 @@ mod tests {
             let bits = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>();
             assert_eq!(bits(&ours)?, bits(&theirs)?, "{dtype:?}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_shard_of_many_chunks_updates_as_one_pass_would() -> Result<()> {
+        // Several chunks and a ragged last one, on a pool of 3 threads: each element as the
+        // sequential loops compute it.
+        let n = 3 * CHUNK + 17;
+        let (theta, grad) = (randn(3, &[n]), randn(4, &[n]));
+        let step = AdamWStep {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            scale_m: 10.0,
+            scale_v: 100.0,
+        };
+        let (mut t, mut m, mut v) = (theta.to_vec1::<f32>()?, vec![0.1f32; n], vec![0.2f32; n]);
+        let g = grad.to_vec1::<f32>()?;
+        moment(&mut m, &g, step.beta1, false);
+        moment(&mut v, &g, step.beta2, true);
+        parameter(&mut t, &m, &v, &step);
+        let ours = theta.copy()?;
+        let (om, ov) =
+            (Tensor::full(0.1f32, n, &candle_core::Device::Cpu)?, Tensor::full(0.2f32, n, &candle_core::Device::Cpu)?);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("a pool");
+        pool.install(|| adamw_update(&ours, &om, &ov, &grad, &step))?;
+        assert_eq!(ours.to_vec1::<f32>()?, t);
+        assert_eq!((om.to_vec1::<f32>()?, ov.to_vec1::<f32>()?), (m, v));
         Ok(())
     }
 
