@@ -276,3 +276,56 @@ fn adapters_on_a_bf16_base_are_f32_and_train_beside_it() {
     })
     .unwrap();
 }
+
+/// LoRA with the rest of the training recipe: bf16 compute over f32 shards, gradients
+/// accumulated over two micro-batches without sync, and activation checkpointing, which
+/// must change no bit (the frozen units' input hooks run on the recomputed graph too).
+#[test]
+fn adapters_train_alike_with_and_without_activation_checkpointing_under_bf16_and_accumulation() {
+    use candle_fsdp::MixedPrecision;
+    let config = adapted_config(Kernels::Fused);
+    let golden = golden();
+    let ids = golden["input_ids"].to_dtype(DType::U32).unwrap();
+    let train = |checkpointed: bool| {
+        launch(LaunchOptions::new(2), |ctx| {
+            let model = Llama::new(&config, VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu))?;
+            let fsdp_config = FsdpConfig::default()
+                .freeze(LoraConfig::FROZEN)
+                .mixed_precision(MixedPrecision::compute_in(DType::BF16))
+                .activation_checkpointing(checkpointed);
+            let fsdp = Fsdp::wrap(model, ctx.comm.clone(), fsdp_config)?;
+            checkpoint::load_pretrained_part(&fsdp, &golden_dir().join("base"), &|f| !peft::is_adapter(f), &|f| {
+                f.to_string()
+            })?;
+            peft::load_adapters(&fsdp, &golden_dir().join("adapter"))?;
+            let mut optimizer = AdamW::new(fsdp.parameters(), ParamsAdamW { lr: 1e-2, ..Default::default() })?;
+            let rows = ids.i(ctx.rank..ctx.rank + 1)?;
+            for _ in 0..2 {
+                for micro in 0..2 {
+                    fsdp.set_requires_gradient_sync(micro == 1);
+                    let (start, len) = (micro * 4, 5);
+                    let loss = fsdp.forward(|m| {
+                        m.loss(&rows.i((.., start..start + len))?, &rows.i((.., start + 1..start + 1 + len))?)
+                    })?;
+                    let grads = fsdp.backward(&loss)?;
+                    if micro == 1 {
+                        optimizer.step(&grads)?;
+                    }
+                }
+            }
+            fsdp.full_parameters()
+        })
+        .unwrap()
+        .remove(0)
+    };
+    let (plain, checkpointed) = (train(false), train(true));
+    let start =
+        candle_core::safetensors::load(golden_dir().join("adapter").join(peft::WEIGHTS_FILE), &Device::Cpu).unwrap();
+    for ((fqn, a), (_, b)) in plain.iter().zip(&checkpointed) {
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(bits(a), bits(b), "`{fqn}` differs with activation checkpointing");
+        if let Some(loaded) = start.get(&format!("{}{fqn}", peft::NAME_PREFIX)) {
+            assert!(max_relative(a, loaded) > 1e-4, "`{fqn}` did not train");
+        }
+    }
+}

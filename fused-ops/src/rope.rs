@@ -115,6 +115,16 @@ impl CustomOp3 for Rope {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The tables are constants here: a table that tracks a gradient would get none,
+        // which candle's backward cannot take (it panics on a tracked node without one).
+        if cos.track_op() || sin.track_op() {
+            return Err(op_error(
+                OP,
+                "the cos/sin tables track a gradient, which the fused rope does not compute; detach them, or \
+                 rotate on the composed ops"
+                    .into(),
+            ));
+        }
         let dx = dy.contiguous()?.apply_op3_no_bwd(cos, sin, &Rope { inverse: !self.inverse })?;
         Ok((Some(dx), None, None))
     }
@@ -125,6 +135,17 @@ mod tests {
     use super::*;
     use crate::testing::{assert_close, grads_of, randn};
     use candle_core::{DType, Var};
+
+    #[test]
+    fn tables_that_track_a_gradient_are_an_error_not_a_panic() -> Result<()> {
+        let x = candle_core::Var::from_tensor(&randn(1, &[1, 4, 2, 8]))?;
+        let (cos, sin) = (candle_core::Var::from_tensor(&randn(2, &[6, 4]))?, randn(3, &[6, 4]));
+        // A view of a variable: a tracked node of candle's graph that would get no gradient.
+        let y = rope(&x, &cos.as_tensor().narrow(0, 0, 4)?, &sin.narrow(0, 0, 4)?)?;
+        let error = y.sum_all()?.backward().unwrap_err().to_string();
+        assert!(error.contains("rope") && error.contains("cos/sin"), "{error}");
+        Ok(())
+    }
 
     #[test]
     fn forward_and_gradient_equal_the_slice_and_concatenate_chain() -> Result<()> {

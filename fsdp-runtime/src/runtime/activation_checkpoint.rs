@@ -24,6 +24,10 @@ struct Checkpoint {
     recompute: Recompute,
     /// The unit's inputs, detached: the recompute runs on copies of these.
     inputs: Vec<Tensor>,
+    /// Which inputs tracked a gradient in the first forward: only those become variables
+    /// of the recompute (a constant, a mask or a position table, stays one, as ops that
+    /// take constants return no gradient for them).
+    tracked: Vec<bool>,
     state: Mutex<CheckpointState>,
 }
 
@@ -44,12 +48,13 @@ impl Checkpoint {
     /// through it; the inputs' gradients wait in the state for their taps.
     fn backward(&self) -> candle_core::Result<()> {
         let delivered = std::mem::take(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()).outputs);
-        // Copies the recomputed graph starts from: floating inputs as variables, so their
-        // gradients are computed; the others as they are.
+        // Copies the recomputed graph starts from: the inputs that tracked a gradient as
+        // variables, so their gradients are computed; the others as they are.
         let vars: Vec<Option<Var>> = self
             .inputs
             .iter()
-            .map(|t| if t.dtype().is_float() { Var::from_tensor(t).map(Some) } else { Ok(None) })
+            .zip(&self.tracked)
+            .map(|(t, &tracked)| if tracked { Var::from_tensor(t).map(Some) } else { Ok(None) })
             .collect::<candle_core::Result<_>>()?;
         let inputs =
             vars.iter().zip(&self.inputs).map(|(v, t)| v.as_ref().map_or(t.clone(), |v| v.as_tensor().clone()));
@@ -217,6 +222,7 @@ pub(crate) fn attach(
         rank,
         recompute,
         inputs: inputs.iter().map(Tensor::detach).collect(),
+        tracked: inputs.iter().map(|t| t.dtype().is_float() && t.track_op()).collect(),
         state: Mutex::new(CheckpointState { outputs: vec![None; outputs.len()], input_grads: Vec::new() }),
     });
     // The anchor is tracked even when no input is (a variable of its own), so that the
