@@ -281,3 +281,39 @@ fn experts_no_token_of_a_rank_reaches_still_reduce_in_step() {
         assert_close(value, expected[fqn].as_tensor(), &format!("`{fqn}` after one step"));
     }
 }
+
+/// Every family trains to the same bits with its layers checkpointed, at world 2, with
+/// bf16 compute over f32 shards: windows, soft caps, experts and the router's term all
+/// recompute as they first ran.
+#[test]
+fn each_family_trains_alike_with_activation_checkpointing_under_bf16() {
+    for (name, _) in FAMILIES {
+        let config = LlamaConfig::from_hf_file(&dir(name).join("config.json")).unwrap();
+        let golden = candle_core::safetensors::load(dir(name).join("golden.safetensors"), &Device::Cpu).unwrap();
+        let ids = golden["input_ids"].to_dtype(DType::U32).unwrap();
+        let train = |checkpointed: bool| {
+            launch(LaunchOptions::new(2), |ctx| {
+                let model = Llama::new(&config, VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu))?;
+                let fsdp_config = FsdpConfig::default()
+                    .mixed_precision(candle_fsdp::MixedPrecision::compute_in(DType::BF16))
+                    .activation_checkpointing(checkpointed);
+                let fsdp = Fsdp::wrap(model, ctx.comm.clone(), fsdp_config)?;
+                checkpoint::load_pretrained(&fsdp, &dir(name))?;
+                let mut optimizer = AdamW::new(fsdp.parameters(), ParamsAdamW { lr: 1e-2, ..Default::default() })?;
+                let rows = ids.i(ctx.rank..ctx.rank + 1)?;
+                for _ in 0..2 {
+                    let loss = fsdp.forward(|m| m.loss(&rows.i((.., ..7))?, &rows.i((.., 1..8))?))?;
+                    optimizer.step(&fsdp.backward(&loss)?)?;
+                }
+                fsdp.full_parameters()
+            })
+            .unwrap_or_else(|e| panic!("{name}, checkpointed {checkpointed}: {e}"))
+            .remove(0)
+        };
+        let (plain, checkpointed) = (train(false), train(true));
+        for ((fqn, a), (_, b)) in plain.iter().zip(&checkpointed) {
+            let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(bits(a), bits(b), "{name}: `{fqn}` differs with activation checkpointing");
+        }
+    }
+}

@@ -329,3 +329,51 @@ fn adapters_train_alike_with_and_without_activation_checkpointing_under_bf16_and
         }
     }
 }
+
+/// Adapters on other families' projections train alone under FSDP: Phi-3's fused
+/// `qkv_proj` and `gate_up_proj`, Mixtral's experts (`w1`, `w2`, `w3`), Gemma 2's
+/// projections beside its soft caps; the base keeps every value, every adapter moves.
+#[test]
+fn adapters_on_fused_projections_experts_and_gemma_train_alone() {
+    let families = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/hf_families");
+    for (name, targets) in [
+        ("phi3", vec!["qkv_proj", "gate_up_proj"]),
+        ("mixtral", vec!["w1", "w2", "w3"]),
+        ("gemma2", vec!["q_proj", "down_proj"]),
+    ] {
+        let dir = families.join(name);
+        let mut config = LlamaConfig::from_hf_file(&dir.join("config.json")).unwrap();
+        config.lora = Some(LoraConfig::new(2, 4.0, targets.clone()));
+        let golden = candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
+        let ids = golden["input_ids"].to_dtype(DType::U32).unwrap();
+        let base = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        launch(LaunchOptions::new(2), |ctx| {
+            let model = Llama::new(&config, VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu))?;
+            let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default().freeze(LoraConfig::FROZEN))?;
+            checkpoint::load_pretrained_part(&fsdp, &dir, &|f| !peft::is_adapter(f), &|f| f.to_string())?;
+            let adapters: Vec<String> = fsdp.named_parameters().into_iter().map(|(n, _)| n).collect();
+            assert!(!adapters.is_empty() && adapters.iter().all(|n| peft::is_adapter(n)), "{name}: {adapters:?}");
+            assert!(adapters.iter().all(|n| targets.iter().any(|t| n.contains(&format!(".{t}.lora_")))), "{name}");
+            let before = fsdp.full_parameters()?;
+            let mut optimizer = AdamW::new(fsdp.parameters(), ParamsAdamW { lr: 1e-2, ..Default::default() })?;
+            let rows = ids.i(ctx.rank..ctx.rank + 1)?;
+            for _ in 0..2 {
+                let loss = fsdp.forward(|m| m.loss(&rows.i((.., ..9))?, &rows.i((.., 1..))?))?;
+                optimizer.step(&fsdp.backward(&loss)?)?;
+            }
+            for ((fqn, old), (_, new)) in before.iter().zip(fsdp.full_parameters()?) {
+                let moved = (old - &new)?.abs()?.max_all()?.to_scalar::<f32>()? > 0.0;
+                assert_eq!(moved, peft::is_adapter(fqn), "{name}: `{fqn}`");
+                if let Some(loaded) = base.get(fqn) {
+                    assert_eq!(
+                        loaded.flatten_all()?.to_vec1::<f32>()?,
+                        new.flatten_all()?.to_vec1::<f32>()?,
+                        "{name}: `{fqn}`"
+                    );
+                }
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
