@@ -83,7 +83,8 @@ pub(crate) struct Fill {
 }
 
 impl Fill {
-    fn fill<S: OnBackend>(&self, storage: &mut S) -> Result<()> {
+    /// Fills the storage of a tensor of `layout` (contiguous, from its start).
+    fn fill<S: OnBackend>(&self, storage: &mut S, layout: &Layout) -> Result<()> {
         let (source, source_layout) = self.source.storage_and_layout();
         let (Some(source), true) = (S::pick(&source), source_layout.is_contiguous()) else {
             candle_core::bail!("fill: the source must be a contiguous tensor on the parameter's device");
@@ -93,7 +94,17 @@ impl Fill {
         }
         let base = source_layout.start_offset();
         let total: usize = self.ranges.iter().map(|(_, len)| len).sum();
-        // Every element is written by the copies below before anyone reads it.
+        let source_len = source_layout.shape().elem_count();
+        if total != layout.shape().elem_count() || layout.start_offset() != 0 {
+            candle_core::bail!("fill: {total} elements for a tensor of {:?}", layout.shape());
+        }
+        if let Some((start, len)) = self.ranges.iter().find(|&&(start, len)| start + len > source_len) {
+            candle_core::bail!("fill: elements {start}..{} of a source of {source_len}", start + len);
+        }
+        // SAFETY: the storage is only read through the tensor, whose `total` elements (checked
+        // above) the copies below write, from ranges inside the source (checked above),
+        // before the storage is handed over; an error drops it unread. The `SMALLEST`
+        // elements allocated for an empty tensor are never read.
         let mut filled = unsafe { storage.device().alloc_uninit(&Shape::from(total.max(S::SMALLEST)), self.dtype)? };
         let mut written = 0;
         for run in strided_runs(&self.ranges) {
@@ -139,18 +150,30 @@ impl InplaceOp1 for Fill {
         "fsdp-fill"
     }
 
-    fn cpu_fwd(&self, storage: &mut CpuStorage, _layout: &Layout) -> Result<()> {
-        self.fill(storage)
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        self.fill(storage, layout)
     }
 
-    fn cuda_fwd(&self, storage: &mut CudaStorage, _layout: &Layout) -> Result<()> {
-        self.fill(storage)
+    fn cuda_fwd(&self, storage: &mut CudaStorage, layout: &Layout) -> Result<()> {
+        self.fill(storage, layout)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fill_that_would_leave_elements_unwritten_or_read_past_its_source_is_refused() -> Result<()> {
+        let source = Tensor::arange(0f32, 6., &candle_core::Device::Cpu)?;
+        let target = Tensor::zeros(4, DType::F32, &candle_core::Device::Cpu)?;
+        let fill = |ranges: Vec<(usize, usize)>| Fill { source: source.clone(), ranges, dtype: DType::F32 };
+        assert!(target.inplace_op1(&fill(vec![(0, 3)])).is_err(), "3 of 4 elements");
+        assert!(target.inplace_op1(&fill(vec![(0, 2), (5, 2)])).is_err(), "past the source");
+        target.inplace_op1(&fill(vec![(4, 2), (0, 2)]))?;
+        assert_eq!(target.to_vec1::<f32>()?, [4., 5., 0., 1.]);
+        Ok(())
+    }
 
     #[test]
     fn equal_ranges_at_one_stride_are_one_run() {
