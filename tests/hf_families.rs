@@ -200,6 +200,23 @@ fn family_settings_not_computed_here_are_refused_by_key() {
         let error = LlamaConfig::from_hf_json(&with(name, key, value)).unwrap_err().to_string();
         assert!(error.contains(key), "{name} with `{key}: {value}`: the error `{error}` does not name it");
     }
+    // A missing key takes transformers' default for the family; null means none.
+    let without = |name: &str, key: &str| {
+        let mut config: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text(name)).unwrap();
+        config.remove(key);
+        LlamaConfig::from_hf_json(&serde_json::to_string(&config).unwrap()).unwrap()
+    };
+    assert_eq!(without("mistral", "sliding_window").sliding_window, Some(4096));
+    let gemma2 = without("gemma2", "attn_logit_softcapping").gemma.unwrap();
+    assert_eq!(gemma2.attn_logit_softcapping, Some(50.0));
+    let gemma2 = LlamaConfig::from_hf_json(&with("gemma2", "final_logit_softcapping", "null")).unwrap().gemma.unwrap();
+    assert_eq!(gemma2.final_logit_softcapping, None);
+    assert_eq!(without("gemma3", "final_logit_softcapping").gemma.unwrap().final_logit_softcapping, None);
+    // Gemma 3's pattern is read beside the layer list, and must agree with it.
+    let error = LlamaConfig::from_hf_json(&with("gemma3", "sliding_window_pattern", "1")).unwrap_err().to_string();
+    assert!(error.contains("sliding_window_pattern"), "{error}");
+    let gemma3 = without("gemma3", "layer_types").gemma.unwrap();
+    assert_eq!(gemma3.sliding_layers, [true, true], "every sixth layer full, from `_sliding_window_pattern`");
     // Mistral without a window attends to everything before it, and says so back.
     let unwindowed = LlamaConfig::from_hf_json(&with("mistral", "sliding_window", "null")).unwrap();
     assert_eq!(unwindowed.sliding_window, None);

@@ -42,29 +42,45 @@ pub(super) fn read(hf: &mut HfConfig, family: Family, layers: usize) -> Result<(
         }
     }
     hf.only("use_bidirectional_attention", false.into())?;
-    let window = hf.required_usize("sliding_window")?;
-    let sliding_layers = match hf.take("layer_types") {
-        Some(Value::Array(kinds)) => kinds
-            .iter()
-            .map(|k| match k.as_str() {
-                Some("sliding_attention") => Ok(true),
-                Some("full_attention") => Ok(false),
-                _ => hf.refuse(format!("`layer_types` holds {k} (only sliding_attention and full_attention)")),
-            })
-            .collect::<Result<Vec<bool>>>()?,
-        Some(other) => candle_core::bail!("`layer_types` is {other}, not a list"),
-        // transformers' defaults: Gemma 2 alternates, starting with a sliding layer;
-        // Gemma 3 has one full layer in every `sliding_window_pattern`.
-        None => {
-            let pattern = match family {
-                Family::Gemma2 => 2,
-                _ => hf.usize("sliding_window_pattern")?.unwrap_or(6),
-            };
-            (0..layers).map(|i| (i + 1) % pattern != 0).collect()
-        }
+    // A missing key takes transformers' default for the family.
+    let window = hf.usize("sliding_window")?.unwrap_or(4096);
+    let default_caps = match family {
+        Family::Gemma2 => (Some(50.0), Some(30.0)),
+        _ => (None, None),
     };
-    // Derived from `layer_types` by transformers 5; the list above is what is computed.
-    hf.usize("_sliding_window_pattern")?;
+    let sliding_layers = match hf.take("layer_types") {
+        Some(Value::Array(kinds)) => Some(
+            kinds
+                .iter()
+                .map(|k| match k.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => hf.refuse(format!("`layer_types` holds {k} (only sliding_attention and full_attention)")),
+                })
+                .collect::<Result<Vec<bool>>>()?,
+        ),
+        Some(other) => candle_core::bail!("`layer_types` is {other}, not a list"),
+        None => None,
+    };
+    // transformers' defaults: Gemma 2 alternates, starting with a sliding layer; Gemma 3
+    // has one full layer in every `sliding_window_pattern`. Given beside `layer_types`,
+    // that must agree with it; transformers 5's `_sliding_window_pattern` is a leftover it
+    // writes whatever the list says, used only without one.
+    let (pattern, leftover) = match family {
+        Family::Gemma2 => (None, None),
+        _ => (hf.usize("sliding_window_pattern")?, hf.usize("_sliding_window_pattern")?),
+    };
+    let from_pattern = |pattern: usize| (0..layers).map(|i| (i + 1) % pattern.max(1) != 0).collect::<Vec<bool>>();
+    let sliding_layers = match (sliding_layers, pattern) {
+        (Some(listed), Some(pattern)) if listed != from_pattern(pattern) => {
+            return hf.refuse(format!("`layer_types` and a `sliding_window_pattern` of {pattern} disagree"));
+        }
+        (Some(listed), _) => listed,
+        (None, pattern) => from_pattern(pattern.or(leftover).unwrap_or(match family {
+            Family::Gemma2 => 2,
+            _ => 6,
+        })),
+    };
     if sliding_layers.len() != layers {
         candle_core::bail!("`layer_types` lists {} layers for {layers}", sliding_layers.len())
     }
@@ -77,8 +93,8 @@ pub(super) fn read(hf: &mut HfConfig, family: Family, layers: usize) -> Result<(
     };
     let settings = GemmaSettings {
         query_pre_attn_scalar: hf.f64("query_pre_attn_scalar")?.unwrap_or(256.0),
-        attn_logit_softcapping: hf.f64("attn_logit_softcapping")?,
-        final_logit_softcapping: hf.f64("final_logit_softcapping")?,
+        attn_logit_softcapping: hf.nullable_f64("attn_logit_softcapping", default_caps.0)?,
+        final_logit_softcapping: hf.nullable_f64("final_logit_softcapping", default_caps.1)?,
         sliding_layers,
         local_rope_theta: local_theta,
     };

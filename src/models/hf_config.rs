@@ -129,6 +129,32 @@ impl HfConfig {
         self.typed(key, value, Value::as_f64, "a number")
     }
 
+    /// `key` where null means "none" and a missing key means the model class's default
+    /// `absent` (as transformers reads `sliding_window` or a soft cap).
+    fn nullable<T>(
+        &mut self,
+        key: &str,
+        absent: Option<T>,
+        read: impl Fn(&Value) -> Option<T>,
+        kind: &str,
+    ) -> Result<Option<T>> {
+        match self.keys.remove(key) {
+            None => Ok(absent),
+            Some(Value::Null) => Ok(None),
+            Some(value) => self.typed(key, Some(value), read, kind),
+        }
+    }
+
+    /// A non-negative integer, null for none, `absent` when missing.
+    pub fn nullable_usize(&mut self, key: &str, absent: Option<usize>) -> Result<Option<usize>> {
+        self.nullable(key, absent, |v| v.as_u64().map(|n| n as usize), "a non-negative integer or null")
+    }
+
+    /// A number, null for none, `absent` when missing.
+    pub fn nullable_f64(&mut self, key: &str, absent: Option<f64>) -> Result<Option<f64>> {
+        self.nullable(key, absent, Value::as_f64, "a number or null")
+    }
+
     /// A boolean, if given.
     pub fn bool(&mut self, key: &str) -> Result<Option<bool>> {
         let value = self.take(key);

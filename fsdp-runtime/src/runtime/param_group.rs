@@ -148,6 +148,10 @@ pub(crate) struct ParamGroup {
     /// What each parameter's gradient is reduced in (the mixed-precision policy's
     /// `reduce_dtype`, or the parameter's own).
     reduce_dtypes: Vec<DType>,
+    /// The parameters by the dtype they are gathered in, and by their shards' dtype (the
+    /// full values): one collective each (see [`buckets`]).
+    gather_buckets: Vec<(DType, Vec<usize>)>,
+    shard_buckets: Vec<(DType, Vec<usize>)>,
     state: Mutex<GroupState>,
 }
 
@@ -183,6 +187,8 @@ impl ParamGroup {
             reshard_after_forward: strategy == ShardingStrategy::FullShard && !is_root,
             keeps_full_values: !strategy.shards(),
             reduce_dtypes: params.iter().map(|p| config.mixed_precision.reduce_dtype_for(p.shard.dtype())).collect(),
+            gather_buckets: buckets(&params, |p| p.gathered.dtype()),
+            shard_buckets: buckets(&params, |p| p.shard.dtype()),
             params,
             state: Mutex::new(state),
         }
@@ -527,33 +533,18 @@ impl ParamGroup {
     /// every rank's shards of them, fresh (it does not alias the shards the optimizer
     /// keeps stepping).
     fn gather_full_values(&self) -> Result<Vec<(Vec<usize>, Tensor)>> {
-        self.buckets(|p| p.shard.dtype())
-            .into_iter()
+        self.shard_buckets
+            .iter()
             .map(|(dtype, bucket)| {
-                let flat = self.flat_shards(&bucket, dtype)?;
+                let flat = self.flat_shards(bucket, *dtype)?;
                 let gathered = if self.gathers_by_collective() {
                     self.comm.all_gather(&flat, &format!("full parameters of {}", self.label()))?.wait()?
                 } else {
                     flat.copy()?
                 };
-                Ok((bucket, gathered.detach()))
+                Ok((bucket.clone(), gathered.detach()))
             })
             .collect()
-    }
-
-    /// The parameters grouped by `dtype_of` them, each group in parameter order, the
-    /// groups in the order of their first parameter. A unit whose parameters differ in
-    /// dtype (f32 adapters on a bf16 base) moves each dtype's in a collective of its own.
-    fn buckets(&self, dtype_of: impl Fn(&ShardedParam) -> DType) -> Vec<(DType, Vec<usize>)> {
-        let mut buckets: Vec<(DType, Vec<usize>)> = Vec::new();
-        for (i, param) in self.params.iter().enumerate() {
-            let dtype = dtype_of(param);
-            match buckets.iter_mut().find(|(d, _)| *d == dtype) {
-                Some((_, bucket)) => bucket.push(i),
-                None => buckets.push((dtype, vec![i])),
-            }
-        }
-        buckets
     }
 
     fn specs_of(&self, bucket: &[usize]) -> Vec<ShardSpec> {
@@ -586,19 +577,19 @@ impl ParamGroup {
             }
             return Ok(Vec::new());
         }
-        self.buckets(|p| p.gathered.dtype())
-            .into_iter()
-            .map(|(dtype, bucket)| Ok(self.comm.all_gather(&self.flat_shards(&bucket, dtype)?, &self.label())?))
+        self.gather_buckets
+            .iter()
+            .map(|(dtype, bucket)| Ok(self.comm.all_gather(&self.flat_shards(bucket, *dtype)?, &self.label())?))
             .collect()
     }
 
     /// Refills the gathered nodes from the all-gathers `works` (in the order
     /// [`ParamGroup::start_gather`] issued them), each node with one copy.
     fn fill_gathered(&self, works: Vec<Work>) -> Result<()> {
-        for ((_, bucket), work) in self.buckets(|p| p.gathered.dtype()).into_iter().zip(works) {
+        for ((_, bucket), work) in self.gather_buckets.iter().zip(works) {
             let full = work.wait()?;
-            let ranges = gathered_ranges(&self.specs_of(&bucket), self.shard_world);
-            for (i, ranges) in bucket.into_iter().zip(ranges) {
+            let ranges = gathered_ranges(&self.specs_of(bucket), self.shard_world);
+            for (&i, ranges) in bucket.iter().zip(ranges) {
                 let param = &self.params[i];
                 param.gathered.inplace_op1(&Fill { source: full.clone(), ranges, dtype: param.gathered.dtype() })?;
             }
@@ -656,4 +647,19 @@ impl ParamGroup {
         }
         Ok(out)
     }
+}
+
+/// The parameters grouped by `dtype_of` them, each group in parameter order, the groups in
+/// the order of their first parameter. A unit whose parameters differ in dtype (f32
+/// adapters on a bf16 base) moves each dtype's in a collective of its own.
+fn buckets(params: &[ShardedParam], dtype_of: impl Fn(&ShardedParam) -> DType) -> Vec<(DType, Vec<usize>)> {
+    let mut buckets: Vec<(DType, Vec<usize>)> = Vec::new();
+    for (i, param) in params.iter().enumerate() {
+        let dtype = dtype_of(param);
+        match buckets.iter_mut().find(|(d, _)| *d == dtype) {
+            Some((_, bucket)) => bucket.push(i),
+            None => buckets.push((dtype, vec![i])),
+        }
+    }
+    buckets
 }

@@ -324,7 +324,9 @@ impl LlamaConfig {
                 Some(_) => return hf.refuse("`sliding_window` is set".into()),
                 None => None,
             },
-            Family::Mistral | Family::Mixtral => hf.usize("sliding_window")?,
+            // transformers' defaults when the key is missing: Mistral 4096, Mixtral none.
+            Family::Mistral => hf.nullable_usize("sliding_window", Some(4096))?,
+            Family::Mixtral => hf.nullable_usize("sliding_window", None)?,
             Family::Phi3 => {
                 for dropout in ["embd_pdrop", "resid_pdrop"] {
                     if let Some(p) = hf.f64(dropout)?.filter(|&p| p != 0.0) {
@@ -354,7 +356,10 @@ impl LlamaConfig {
                 let coef = hf.f64("router_aux_loss_coef")?.unwrap_or(0.001);
                 let with_aux_loss = hf.bool("output_router_logits")?.unwrap_or(false);
                 Some(MoeConfig {
-                    num_experts: hf.required_usize("num_local_experts")?,
+                    // transformers' default when missing; null names no count.
+                    num_experts: hf
+                        .nullable_usize("num_local_experts", Some(8))?
+                        .ok_or_else(|| candle_core::Error::Msg("`num_local_experts` is null".into()))?,
                     top_k: hf.usize("num_experts_per_tok")?.unwrap_or(2),
                     router_aux_loss_coef: with_aux_loss.then_some(coef),
                 })
