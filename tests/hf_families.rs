@@ -207,6 +207,14 @@ fn family_settings_not_computed_here_are_refused_by_key() {
         LlamaConfig::from_hf_json(&serde_json::to_string(&config).unwrap()).unwrap()
     };
     assert_eq!(without("mistral", "sliding_window").sliding_window, Some(4096));
+    let mut bare: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text("mixtral")).unwrap();
+    for key in ["rms_norm_eps", "rope_parameters", "num_key_value_heads"] {
+        bare.remove(key);
+    }
+    // Mixtral's 8 key/value heads by default, so heads a multiple of 8.
+    bare.insert("num_attention_heads".into(), 16.into());
+    let mixtral = LlamaConfig::from_hf_json(&serde_json::to_string(&bare).unwrap()).unwrap();
+    assert_eq!((mixtral.rms_norm_eps, mixtral.rope_theta, mixtral.num_key_value_heads), (1e-5, 1e6, 8));
     let gemma2 = without("gemma2", "attn_logit_softcapping").gemma.unwrap();
     assert_eq!(gemma2.attn_logit_softcapping, Some(50.0));
     let gemma2 = LlamaConfig::from_hf_json(&with("gemma2", "final_logit_softcapping", "null")).unwrap().gemma.unwrap();

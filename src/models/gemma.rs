@@ -85,7 +85,7 @@ pub(super) fn read(hf: &mut HfConfig, family: Family, layers: usize) -> Result<(
         candle_core::bail!("`layer_types` lists {} layers for {layers}", sliding_layers.len())
     }
     let (global_theta, local_theta) = match family {
-        Family::Gemma2 => match read_rope(hf)? {
+        Family::Gemma2 => match read_rope(hf, 10_000.0)? {
             (theta, None) => (theta, theta),
             (_, Some(_)) => return hf.refuse("Gemma 2 with a rotary scaling".into()),
         },

@@ -134,6 +134,32 @@ impl Family {
         }
     }
 
+    /// transformers' `rms_norm_eps` of the family's config class, for a config without one.
+    fn default_rms_norm_eps(self) -> f64 {
+        match self {
+            Family::Phi3 | Family::Mixtral => 1e-5,
+            _ => 1e-6,
+        }
+    }
+
+    /// transformers' rotary base of the family's config class, for a config without one.
+    fn default_rope_theta(self) -> f64 {
+        match self {
+            Family::Mixtral => 1e6,
+            _ => 10_000.0,
+        }
+    }
+
+    /// transformers' `num_key_value_heads` of the family's config class where it is not
+    /// `num_attention_heads`, for a config without one.
+    fn default_kv_heads(self) -> Option<usize> {
+        match self {
+            Family::Mistral | Family::Mixtral => Some(8),
+            Family::Gemma2 | Family::Gemma3 => Some(4),
+            _ => None,
+        }
+    }
+
     pub(super) fn is_gemma(self) -> bool {
         matches!(self, Family::Gemma2 | Family::Gemma3)
     }
@@ -173,8 +199,8 @@ impl RopeScaling {
 
 /// The rotary base and scaling from either layout: transformers 5's `rope_parameters`,
 /// or the top-level `rope_theta` and `rope_scaling` of 4.x. Where both are given they
-/// must agree.
-pub(crate) fn read_rope(hf: &mut HfConfig) -> Result<(f64, Option<RopeScaling>)> {
+/// must agree; `default_theta` when neither gives a base.
+pub(crate) fn read_rope(hf: &mut HfConfig, default_theta: f64) -> Result<(f64, Option<RopeScaling>)> {
     let flat_theta = hf.f64("rope_theta")?;
     let flat_scaling = match hf.object("rope_scaling")? {
         Some(keys) => Some(read_scaling(hf, HfObject::new("rope_scaling", keys))?),
@@ -182,10 +208,10 @@ pub(crate) fn read_rope(hf: &mut HfConfig) -> Result<(f64, Option<RopeScaling>)>
     };
     let Some(nested) = hf.object("rope_parameters")? else {
         let (inner_theta, scaling) = flat_scaling.unwrap_or((None, None));
-        return Ok((flat_theta.or(inner_theta).unwrap_or(10_000.0), scaling));
+        return Ok((flat_theta.or(inner_theta).unwrap_or(default_theta), scaling));
     };
     let (theta, scaling) = read_scaling(hf, HfObject::new("rope_parameters", nested))?;
-    let theta = theta.or(flat_theta).unwrap_or(10_000.0);
+    let theta = theta.or(flat_theta).unwrap_or(default_theta);
     if let Some(flat) = flat_theta.filter(|&flat| flat != theta) {
         return hf.refuse(format!("`rope_theta` is {flat} but `rope_parameters.rope_theta` is {theta}"));
     }
@@ -379,7 +405,7 @@ impl LlamaConfig {
         hf.only("rope_interleaved", false.into())?;
         let (rope_theta, rope_scaling) = match &gemma {
             Some((_, theta, _)) => (*theta, None),
-            None => read_rope(&mut hf)?,
+            None => read_rope(&mut hf, family.default_rope_theta())?,
         };
         let num_attention_heads = hf.required_usize("num_attention_heads")?;
         let config = Self {
@@ -388,9 +414,12 @@ impl LlamaConfig {
             intermediate_size: hf.required_usize("intermediate_size")?,
             num_hidden_layers,
             num_attention_heads,
-            num_key_value_heads: hf.usize("num_key_value_heads")?.unwrap_or(num_attention_heads),
+            num_key_value_heads: hf
+                .usize("num_key_value_heads")?
+                .or(family.default_kv_heads())
+                .unwrap_or(num_attention_heads),
             max_position_embeddings: hf.usize("max_position_embeddings")?.unwrap_or(2048),
-            rms_norm_eps: hf.f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rms_norm_eps: hf.f64("rms_norm_eps")?.unwrap_or(family.default_rms_norm_eps()),
             rope_theta,
             initializer_range: hf.f64("initializer_range")?.unwrap_or(0.02),
             head_dim: hf.usize("head_dim")?.or(family.is_gemma().then_some(256)),
