@@ -212,11 +212,15 @@ fn adapter_settings_not_computed_here_are_refused_by_key() {
         ("modules_to_save", "[\"lm_head\"]"),
         ("target_modules", "\".*q_proj\""),
         ("peft_type", "\"IA3\""),
+        ("init_lora_weights", "\"pissa\""),
+        ("loftq_config", "{\"loftq_bits\": 4}"),
         ("some_future_setting", "1"),
     ] {
         let error = LoraConfig::from_peft_json(&peft_config_with(key, value)).unwrap_err().to_string();
         assert!(error.contains(key), "`{key}: {value}` refused naming it: {error}");
     }
+    // How fresh adapters were drawn, when it leaves the base alone, changes nothing.
+    LoraConfig::from_peft_json(&peft_config_with("init_lora_weights", "\"gaussian\"")).unwrap();
     let rslora = LoraConfig::from_peft_json(&peft_config_with("use_rslora", "true")).unwrap();
     assert_eq!(rslora.scale(), 4.0, "alpha / sqrt(r)");
 

@@ -28,8 +28,6 @@ const NOT_COMPUTED: &[&str] = &[
     "peft_version",
     "task_type",
     "auto_mapping",
-    "init_lora_weights",
-    "loftq_config",
     "megatron_core",
     "qalora_group_size",
 ];
@@ -97,6 +95,22 @@ impl LoraConfig {
         for (key, default) in AT_DEFAULT {
             let value: Value = serde_json::from_str(default).expect("a JSON literal");
             peft.only(key, value)?;
+        }
+        // How fresh adapters were drawn changes nothing once they are trained, unless the
+        // method also rewrote the base weights (PiSSA, OLoRA, LoftQ, EVA, CorDA): such
+        // adapters belong to another base than the checkpoint's.
+        match peft.take("init_lora_weights") {
+            None | Some(Value::Bool(_)) => {}
+            Some(Value::String(kind)) if kind == "gaussian" => {}
+            Some(other) => {
+                return peft.refuse(format!("`init_lora_weights` is {other} (which changes the base weights)"))
+            }
+        }
+        match peft.take("loftq_config") {
+            Some(Value::Object(keys)) if !keys.is_empty() => {
+                return peft.refuse("`loftq_config` is set (LoftQ changes the base weights)".into())
+            }
+            _ => {}
         }
         peft.finish_except(NOT_COMPUTED)?;
         if r == 0 {

@@ -203,11 +203,11 @@ pub fn export_hf<M>(fsdp: &Fsdp<M>, dir: &Path, options: &ExportOptions) -> Resu
     // Rank 0 keeps gathering after a write error, so its peers are not left waiting in a
     // collective; the error is reported at the end.
     let mut write_error: Option<Error> = None;
-    let written_name =
-        |fqn: &str| exported.iter().any(|e| e.fqn == fqn).then(|| format!("{}{fqn}", options.name_prefix));
+    // The name in the file of each FQN the export writes.
+    let file_names: HashMap<&str, &str> = exported.iter().map(|e| (e.fqn.as_str(), e.planned.name.as_str())).collect();
     for unit in fsdp.unit_views() {
         let fqns = unit.params().map(|p| p.fqn().to_string()).chain(unit.buffers().map(|b| b.fqn().to_string()));
-        if !fqns.into_iter().any(|fqn| written_name(&fqn).is_some()) {
+        if !fqns.into_iter().any(|fqn| file_names.contains_key(fqn.as_str())) {
             // Nothing of it is written: every rank skips the same units.
             continue;
         }
@@ -219,8 +219,8 @@ pub fn export_hf<M>(fsdp: &Fsdp<M>, dir: &Path, options: &ExportOptions) -> Resu
         let params = unit.params().zip(values).map(|(p, pieces)| Ok((p.fqn(), p.shape(), pieces)));
         let buffers = unit.buffers().map(|b| Ok((b.fqn(), b.shape(), vec![b.values().flatten_all()?])));
         for tensor in params.chain(buffers) {
-            let written = tensor.and_then(|(fqn, shape, pieces)| match written_name(fqn) {
-                Some(name) => writer.write(&name, shape, &cast_all(&pieces)?),
+            let written = tensor.and_then(|(fqn, shape, pieces)| match file_names.get(fqn) {
+                Some(name) => writer.write(name, shape, &cast_all(&pieces)?),
                 None => Ok(()),
             });
             if let Err(e) = written {
