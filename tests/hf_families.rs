@@ -225,6 +225,11 @@ fn family_settings_not_computed_here_are_refused_by_key() {
     assert!(error.contains("sliding_window_pattern"), "{error}");
     let gemma3 = without("gemma3", "layer_types").gemma.unwrap();
     assert_eq!(gemma3.sliding_layers, [true, true], "every sixth layer full, from `_sliding_window_pattern`");
+    // Settings built by hand that do not fit the model are an error, not a panic later.
+    let mut short = LlamaConfig::from_hf_file(&dir("gemma2").join("config.json")).unwrap();
+    short.gemma.as_mut().unwrap().sliding_layers.pop();
+    let error = Llama::new(&short, VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu)).unwrap_err();
+    assert!(error.to_string().contains("sliding_layers"), "{error}");
     // Mistral without a window attends to everything before it, and says so back.
     let unwindowed = LlamaConfig::from_hf_json(&with("mistral", "sliding_window", "null")).unwrap();
     assert_eq!(unwindowed.sliding_window, None);

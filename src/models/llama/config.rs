@@ -535,6 +535,13 @@ impl LlamaConfig {
         if !self.head_dim().is_multiple_of(2) {
             candle_core::bail!("Llama: the head dimension ({}) must be even for rotary embeddings", self.head_dim())
         }
+        if let Some(gemma) = self.gemma.as_ref().filter(|g| g.sliding_layers.len() != self.num_hidden_layers) {
+            candle_core::bail!(
+                "Gemma: sliding_layers lists {} layers for num_hidden_layers {}",
+                gemma.sliding_layers.len(),
+                self.num_hidden_layers
+            )
+        }
         Ok(())
     }
 

@@ -235,7 +235,7 @@ impl Llama {
         let mut router_logits = Vec::new();
         for (index, layer) in self.layers.iter().enumerate() {
             let mask = mask_of(self.config.layer_window(index))?;
-            let local = self.config.gemma.as_ref().is_some_and(|g| g.sliding_layers[index]);
+            let local = self.config.gemma.as_ref().is_some_and(|g| g.sliding_layers.get(index) == Some(&true));
             let rotary = match (&self.local_rotary, local) {
                 (Some(local_rotary), true) => local_rotary,
                 _ => &self.rotary,
