@@ -33,16 +33,6 @@ fn dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/hf_families").join(name)
 }
 
-fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
-    let diff = (actual - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    (diff / expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()) as f64
-}
-
-fn assert_close(actual: &Tensor, expected: &Tensor, what: &str) {
-    let error = relative_error(actual, expected);
-    assert!(error <= 1e-4, "{what}: off by {error:.2e} of its largest value");
-}
-
 fn wrapped(config: &LlamaConfig, comm: std::sync::Arc<dyn candle_fsdp::dist::Collectives>) -> Fsdp<Llama> {
     let model = Llama::new(config, VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu)).unwrap();
     Fsdp::wrap(model, comm, FsdpConfig::default()).unwrap()
@@ -63,20 +53,20 @@ fn transformers_logits_loss_and_gradients_of_each_family() {
             launch(LaunchOptions::new(1), |ctx| {
                 let fsdp = wrapped(&config, ctx.comm.clone());
                 checkpoint::load_pretrained(&fsdp, &dir(name))?;
-                assert_close(
+                assert_close_1e4(
                     &fsdp.forward_inference(|m| m.forward(&ids))?,
                     &golden["logits"],
                     &format!("{what}: logits"),
                 );
                 let loss = fsdp.forward(|m| m.loss(&inputs, &targets))?;
-                assert_close(&loss.reshape(1)?, &golden["loss"], &format!("{what}: loss"));
+                assert_close_1e4(&loss.reshape(1)?, &golden["loss"], &format!("{what}: loss"));
                 let grads = fsdp.backward(&loss)?;
                 let params: HashMap<String, candle_core::Var> = fsdp.named_parameters().into_iter().collect();
                 for (key, expected) in golden.iter().filter(|(k, _)| k.starts_with("grad.")) {
                     let fqn = &key["grad.".len()..];
                     let grad = grads.get(params[fqn].as_tensor()).expect("a gradient");
                     let grad = grad.narrow(0, 0, expected.elem_count())?.reshape(expected.shape())?;
-                    assert_close(&grad, expected, &format!("{what}: gradient of `{fqn}`"));
+                    assert_close_1e4(&grad, expected, &format!("{what}: gradient of `{fqn}`"));
                 }
                 Ok(())
             })
@@ -120,7 +110,7 @@ fn each_familys_own_setting_changes_the_logits() {
             fsdp.forward_inference(|m| m.forward(&ids))
         })
         .unwrap();
-        let moved = relative_error(&logits[0], &golden["logits"]);
+        let moved = fsdp_testkit::error_of_largest(&logits[0], &golden["logits"]);
         assert!(moved > 1e-2, "{name}: without its own setting the logits move by only {moved:.2e}");
         if family == Family::Mixtral {
             let mut no_aux = read.clone();
@@ -131,7 +121,7 @@ fn each_familys_own_setting_changes_the_logits() {
                 fsdp.forward_inference(|m| m.loss(&ids.i((.., ..9))?, &ids.i((.., 1..))?))
             })
             .unwrap();
-            let moved = relative_error(&loss[0].reshape(1).unwrap(), &golden["loss"]);
+            let moved = fsdp_testkit::error_of_largest(&loss[0].reshape(1).unwrap(), &golden["loss"]);
             assert!(moved > 1e-3, "mixtral: the load-balancing loss moves the loss by only {moved:.2e}");
         }
     }
@@ -159,7 +149,10 @@ fn trained_at_world_2_each_family_exports_and_reads_back() {
             fsdp.forward_inference(|m| m.forward(&ids))
         })
         .unwrap();
-        assert!(relative_error(&trained[0], &golden["logits"]) > 1e-3, "{name}: training moved the logits");
+        assert!(
+            fsdp_testkit::error_of_largest(&trained[0], &golden["logits"]) > 1e-3,
+            "{name}: training moved the logits"
+        );
         let reread = LlamaConfig::from_hf_file(&export.join("config.json")).unwrap();
         assert_eq!(reread, config, "{name}: the exported config.json");
         let reloaded = launch(LaunchOptions::new(1), |ctx| {
@@ -168,7 +161,7 @@ fn trained_at_world_2_each_family_exports_and_reads_back() {
             fsdp.forward_inference(|m| m.forward(&ids))
         })
         .unwrap();
-        assert_close(&reloaded[0], &trained[0], &format!("{name}: the export's logits"));
+        assert_close_1e4(&reloaded[0], &trained[0], &format!("{name}: the export's logits"));
     }
 }
 
@@ -308,7 +301,7 @@ fn experts_no_token_of_a_rank_reaches_still_reduce_in_step() {
     let expected = reference_map.data().lock().unwrap();
     for (fqn, value) in &trained[0] {
         let fqn = fqn.strip_prefix("moe.").unwrap();
-        assert_close(value, expected[fqn].as_tensor(), &format!("`{fqn}` after one step"));
+        assert_close_1e4(value, expected[fqn].as_tensor(), &format!("`{fqn}` after one step"));
     }
 }
 
@@ -346,4 +339,9 @@ fn each_family_trains_alike_with_activation_checkpointing_under_bf16() {
             assert_eq!(bits(a), bits(b), "{name}: `{fqn}` differs with activation checkpointing");
         }
     }
+}
+
+/// The golden comparison: within 1e-4 of the largest value.
+fn assert_close_1e4(actual: &Tensor, expected: &Tensor, what: &str) {
+    fsdp_testkit::assert_within_of_largest(actual, expected, 1e-4, what);
 }

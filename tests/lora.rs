@@ -49,32 +49,24 @@ fn wrapped(
     fsdp
 }
 
-fn max_relative(actual: &Tensor, expected: &Tensor) -> f64 {
-    let diff = (actual - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let scale = expected.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    (diff / scale) as f64
-}
-
-fn assert_close(actual: &Tensor, expected: &Tensor, what: &str) {
-    let error = max_relative(actual, expected);
-    assert!(error <= 1e-4, "{what}: off by {error:.2e} of its largest value");
-}
-
 #[test]
 fn peft_adapters_give_peft_logits_loss_and_adapter_gradients() {
     let golden = golden();
     let ids = &golden["input_ids"].to_dtype(DType::U32).unwrap();
     let (inputs, targets) = (ids.i((.., ..9)).unwrap(), ids.i((.., 1..)).unwrap());
-    assert!(max_relative(&golden["logits"], &golden["base_logits"]) > 0.1, "the adapters change the logits");
+    assert!(
+        fsdp_testkit::error_of_largest(&golden["logits"], &golden["base_logits"]) > 0.1,
+        "the adapters change the logits"
+    );
     for kernels in [Kernels::Fused, Kernels::Composed] {
         let what = format!("{kernels:?} kernels");
         let config = adapted_config(kernels);
         launch(LaunchOptions::new(1), |ctx| {
             let fsdp = wrapped(&config, ctx.comm.clone(), &golden_dir().join("adapter"));
             let logits = fsdp.forward_inference(|m| m.forward(ids))?;
-            assert_close(&logits, &golden["logits"], &format!("{what}: logits"));
+            assert_close_1e4(&logits, &golden["logits"], &format!("{what}: logits"));
             let loss = fsdp.forward(|m| m.loss(&inputs, &targets))?;
-            assert_close(&loss.reshape(1)?, &golden["loss"], &format!("{what}: loss"));
+            assert_close_1e4(&loss.reshape(1)?, &golden["loss"], &format!("{what}: loss"));
             let grads = fsdp.backward(&loss)?;
             let trained: HashMap<String, candle_core::Var> = fsdp.named_parameters().into_iter().collect();
             // Three targets in each of two layers, two adapter weights each: nothing else.
@@ -84,7 +76,7 @@ fn peft_adapters_give_peft_logits_loss_and_adapter_gradients() {
                 let fqn = &name["grad.".len()..];
                 let grad = grads.get(trained[fqn].as_tensor()).expect("a gradient for every adapter");
                 let grad = grad.narrow(0, 0, expected.elem_count())?.reshape(expected.shape())?;
-                assert_close(&grad, expected, &format!("{what}: gradient of `{fqn}`"));
+                assert_close_1e4(&grad, expected, &format!("{what}: gradient of `{fqn}`"));
             }
             Ok(())
         })
@@ -122,11 +114,11 @@ fn adapters_trained_at_world_2_save_in_peft_layout_reload_and_merge() {
             }
         }
         let trained = fsdp.forward_inference(|m| m.forward(&ids))?;
-        assert!(max_relative(&trained, &golden["logits"]) > 1e-3, "two steps moved the logits");
+        assert!(fsdp_testkit::error_of_largest(&trained, &golden["logits"]) > 1e-3, "two steps moved the logits");
         peft::save_adapters(&fsdp, &saved, config.lora.as_ref().unwrap())?;
         peft::merge_adapters(&fsdp, config.lora.as_ref().unwrap())?;
         let after_merge = fsdp.forward_inference(|m| m.forward(&ids))?;
-        assert_close(&after_merge, &trained, "the merged model's logits");
+        assert_close_1e4(&after_merge, &trained, "the merged model's logits");
         let config_json = config.to_hf_json().into_bytes();
         let options = ExportOptions { files: vec![("config.json".into(), config_json)], ..ExportOptions::default() };
         peft::export_merged(&fsdp, &merged, &options)?;
@@ -153,7 +145,7 @@ fn adapters_trained_at_world_2_save_in_peft_layout_reload_and_merge() {
     // Reloaded at world 1, the saved adapters give the trained model's logits.
     launch(LaunchOptions::new(1), |ctx| {
         let fsdp = wrapped(&config, ctx.comm.clone(), &saved);
-        assert_close(&fsdp.forward_inference(|m| m.forward(&ids))?, &logits[0], "reloaded adapters' logits");
+        assert_close_1e4(&fsdp.forward_inference(|m| m.forward(&ids))?, &logits[0], "reloaded adapters' logits");
         Ok(())
     })
     .unwrap();
@@ -167,7 +159,7 @@ fn adapters_trained_at_world_2_save_in_peft_layout_reload_and_merge() {
         let model = Llama::new(&plain, VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu))?;
         let fsdp = Fsdp::wrap(model, ctx.comm.clone(), FsdpConfig::default())?;
         checkpoint::load_pretrained(&fsdp, &merged)?;
-        assert_close(&fsdp.forward_inference(|m| m.forward(&ids))?, &logits[0], "the merged export's logits");
+        assert_close_1e4(&fsdp.forward_inference(|m| m.forward(&ids))?, &logits[0], "the merged export's logits");
         Ok(())
     })
     .unwrap();
@@ -182,7 +174,7 @@ fn merging_peft_adapters_gives_peft_merged_logits() {
     launch(LaunchOptions::new(2), |ctx| {
         let fsdp = wrapped(&config, ctx.comm.clone(), &golden_dir().join("adapter"));
         peft::merge_adapters(&fsdp, config.lora.as_ref().unwrap())?;
-        assert_close(&fsdp.forward_inference(|m| m.forward(&ids))?, &golden["merged_logits"], "merged logits");
+        assert_close_1e4(&fsdp.forward_inference(|m| m.forward(&ids))?, &golden["merged_logits"], "merged logits");
         Ok(())
     })
     .unwrap();
@@ -262,7 +254,7 @@ fn adapters_on_a_bf16_base_are_f32_and_train_beside_it() {
         assert!(fsdp.named_parameters().iter().all(|(_, v)| v.dtype() == DType::F32));
         assert!(fsdp.named_frozen_parameters().iter().all(|(_, t)| t.dtype() == DType::BF16));
         let logits = fsdp.forward_inference(|m| m.forward(&ids))?.to_dtype(DType::F32)?;
-        let error = max_relative(&logits, &golden["logits"]);
+        let error = fsdp_testkit::error_of_largest(&logits, &golden["logits"]);
         assert!(error < 3e-2, "bf16 logits off by {error:.2e} of the largest");
         let before = fsdp.full_parameters()?;
         let mut optimizer = AdamW::new(fsdp.parameters(), ParamsAdamW { lr: 1e-2, ..Default::default() })?;
@@ -329,7 +321,7 @@ fn adapters_train_alike_with_and_without_activation_checkpointing_under_bf16_and
         let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(bits(a), bits(b), "`{fqn}` differs with activation checkpointing");
         if let Some(loaded) = start.get(&format!("{}{fqn}", peft::NAME_PREFIX)) {
-            assert!(max_relative(a, loaded) > 1e-4, "`{fqn}` did not train");
+            assert!(fsdp_testkit::error_of_largest(a, loaded) > 1e-4, "`{fqn}` did not train");
         }
     }
 }
@@ -380,4 +372,9 @@ fn adapters_on_fused_projections_experts_and_gemma_train_alone() {
         })
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
+}
+
+/// The golden comparison: within 1e-4 of the largest value.
+fn assert_close_1e4(actual: &Tensor, expected: &Tensor, what: &str) {
+    fsdp_testkit::assert_within_of_largest(actual, expected, 1e-4, what);
 }

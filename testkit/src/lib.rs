@@ -43,6 +43,21 @@ pub fn build<M>(
     Ok((model, var_map, snapshot))
 }
 
+/// The largest `|actual - expected|` as a share of the largest `|expected|`: how golden
+/// logits and gradients of a reference library are compared.
+pub fn error_of_largest(actual: &Tensor, expected: &Tensor) -> f64 {
+    let largest =
+        |t: &Tensor| t.abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+    let diff = (actual.to_dtype(DType::F32).unwrap() - expected.to_dtype(DType::F32).unwrap()).unwrap();
+    largest(&diff) / largest(expected)
+}
+
+/// Fails unless [`error_of_largest`] is at most `tolerance`, naming `what`.
+pub fn assert_within_of_largest(actual: &Tensor, expected: &Tensor, tolerance: f64, what: &str) {
+    let error = error_of_largest(actual, expected);
+    assert!(error <= tolerance, "{what}: off by {error:.2e} of its largest value (tolerance {tolerance:.0e})");
+}
+
 /// `|a - b| <= atol + rtol * |b|` elementwise (PyTorch's `assert_close`), with the worst
 /// offender in the message.
 pub fn assert_close(actual: &Tensor, expected: &Tensor, atol: f64, rtol: f64, what: &str) {
