@@ -123,36 +123,15 @@ fn main() -> anyhow::Result<()> {
     if args.kernels {
         return compare_kernels(&args);
     }
-    println!(
-        "  {:<7} {:>22} {:>22} {:>8} {:>22} {:>22} {:>10}",
-        "world",
-        "activations (plain)",
-        "activations (ckpt)",
-        "ratio",
-        "backward peak (plain)",
-        "backward peak (ckpt)",
-        "step time"
-    );
     let mut predictions = Vec::new();
+    print_header(("plain", "ckpt"));
     for &world in &args.worlds {
         let plain = measure(&args, world, false, Kernels::Fused)?;
         let checkpointed = measure(&args, world, true, Kernels::Fused)?;
-        println!(
-            "  {:<7} {:>22} {:>22} {:>8.3} {:>22} {:>22} {:>9.2}x",
-            world,
-            Bytes(plain.activations).to_string(),
-            Bytes(checkpointed.activations).to_string(),
-            checkpointed.activations as f64 / plain.activations.max(1) as f64,
-            Bytes(plain.backward_peak).to_string(),
-            Bytes(checkpointed.backward_peak).to_string(),
-            checkpointed.step_ms / plain.step_ms
-        );
+        print_row(world, &plain, &checkpointed);
         predictions.push((world, plain, checkpointed));
     }
-    println!(
-        "  (per rank; activations: bytes alive at the end of the forward less the gathered parameters kept; backward \
-         peak: above the level before the forward; step time: checkpointed / plain, medians)"
-    );
+    print_footer("checkpointed / plain");
     println!("the plan's prediction (a step profiled with 1 sequence per rank, x {}):", args.batch_size);
     for (world, plain, checkpointed) in &predictions {
         let row = |m: &Measured| {
@@ -166,33 +145,47 @@ fn main() -> anyhow::Result<()> {
 
 /// Activations and step time on the composed kernels against the fused ones.
 fn compare_kernels(args: &Args) -> anyhow::Result<()> {
-    println!(
-        "  {:<7} {:>22} {:>22} {:>8} {:>24} {:>22} {:>10}",
-        "world",
-        "activations (composed)",
-        "activations (fused)",
-        "ratio",
-        "backward peak (composed)",
-        "backward peak (fused)",
-        "step time"
-    );
+    print_header(("composed", "fused"));
     for &world in &args.worlds {
         let composed = measure(args, world, false, Kernels::Composed)?;
         let fused = measure(args, world, false, Kernels::Fused)?;
-        println!(
-            "  {:<7} {:>22} {:>22} {:>8.3} {:>24} {:>22} {:>9.2}x",
-            world,
-            Bytes(composed.activations).to_string(),
-            Bytes(fused.activations).to_string(),
-            fused.activations as f64 / composed.activations.max(1) as f64,
-            Bytes(composed.backward_peak).to_string(),
-            Bytes(fused.backward_peak).to_string(),
-            fused.step_ms / composed.step_ms
-        );
+        print_row(world, &composed, &fused);
     }
+    print_footer("fused / composed");
+    Ok(())
+}
+
+/// The header of a table setting a baseline run (`names.0`) against another (`names.1`).
+fn print_header(names: (&str, &str)) {
+    let column = |what: &str, name: &str| format!("{what} ({name})");
+    println!(
+        "  {:<7} {:>22} {:>22} {:>8} {:>24} {:>24} {:>10}",
+        "world",
+        column("activations", names.0),
+        column("activations", names.1),
+        "ratio",
+        column("backward peak", names.0),
+        column("backward peak", names.1),
+        "step time"
+    );
+}
+
+fn print_row(world: usize, base: &Measured, other: &Measured) {
+    println!(
+        "  {:<7} {:>22} {:>22} {:>8.3} {:>24} {:>24} {:>9.2}x",
+        world,
+        Bytes(base.activations).to_string(),
+        Bytes(other.activations).to_string(),
+        other.activations as f64 / base.activations.max(1) as f64,
+        Bytes(base.backward_peak).to_string(),
+        Bytes(other.backward_peak).to_string(),
+        other.step_ms / base.step_ms
+    );
+}
+
+fn print_footer(step_time: &str) {
     println!(
         "  (per rank; activations: bytes alive at the end of the forward less the gathered parameters kept; backward \
-         peak: above the level before the forward; step time: fused / composed, medians)"
+         peak: above the level before the forward; step time: {step_time}, medians)"
     );
-    Ok(())
 }
