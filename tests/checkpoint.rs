@@ -491,6 +491,7 @@ fn train_and_export(
 
 /// The plain model built by candle-nn's `VarBuilder` from the exported files.
 fn plain_from(files: &[std::path::PathBuf], dtype: DType) -> Net {
+    // SAFETY: the mapped files belong to this test and nothing writes them while mapped.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, &Device::Cpu) }.unwrap();
     Net::new(DIMS, 0.0, vb).unwrap()
 }

@@ -87,6 +87,7 @@ fn reference_logits(dir: &Path, input: &Tensor) -> Tensor {
     let config: reference::LlamaConfig = serde_json::from_str(&text).unwrap();
     let config = config.into_config(false);
     let files = [dir.join("model.safetensors")];
+    // SAFETY: committed golden files, which nothing writes while the tests map them.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &Device::Cpu) }.unwrap();
     let model = reference::Llama::load(vb, &config).unwrap();
     let mut cache = reference::Cache::new(false, DType::F32, &config, &Device::Cpu).unwrap();
